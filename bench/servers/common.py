@@ -1,0 +1,27 @@
+"""Helpers shared by the Starlette-based servers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import uvicorn
+
+#: Every Starlette stack runs under the same uvicorn configuration: uvloop, httptools and uvicorn's
+#: default WebSocket implementation, one worker, no access log.
+UVICORN_OPTIONS: dict[str, Any] = {
+    "loop": "uvloop",
+    "http": "httptools",
+    "ws": "auto",
+    "log_level": "warning",
+    "access_log": False,
+    "backlog": 16384,
+    "lifespan": "on",
+    "timeout_graceful_shutdown": 3,
+    # The load generator keeps its publisher connections open across trials of other stacks.
+    "timeout_keep_alive": 600,
+}
+
+
+def run_uvicorn(app: Any, port: int) -> None:
+    """Serve ``app`` on 127.0.0.1:``port`` until SIGTERM/SIGINT."""
+    uvicorn.run(app, host="127.0.0.1", port=port, **UVICORN_OPTIONS)

@@ -1,0 +1,28 @@
+"""The target: a small Starlette app on rtbroadcast's public API, memory or Redis backend."""
+
+from __future__ import annotations
+
+from rtbroadcast.starlette import lifespan, websocket_route
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from rtbroadcast import Broadcaster
+
+
+def make_app(url: str) -> Starlette:
+    broadcaster = Broadcaster(url)
+
+    async def publish(request: Request) -> JSONResponse:
+        text = (await request.body()).decode()
+        seq = await broadcaster.publish_json(request.path_params["channel"], text)
+        return JSONResponse({"seq": seq})
+
+    return Starlette(
+        routes=[
+            websocket_route("/ws", broadcaster, channel=lambda conn: conn.query_params["channel"]),
+            Route("/publish/{channel}", publish, methods=["POST"]),
+        ],
+        lifespan=lifespan(broadcaster),
+    )
