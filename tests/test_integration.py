@@ -114,3 +114,19 @@ async def test_slow_client_is_dropped_while_others_keep_up() -> None:
         await fast.close()
         slow.close()
         await _until(lambda: broadcaster.connection_count() == 0)
+
+
+async def test_dead_peer_is_closed_by_server_pings_and_unregistered() -> None:
+    # Protocol-level pings are the ASGI server's job (uvicorn's ws_ping_interval / ws_ping_timeout); the
+    # endpoint must notice the resulting disconnect and clean up.
+    broadcaster = Broadcaster("memory://")
+    async with serve(make_app(broadcaster), ws_ping_interval=0.2, ws_ping_timeout=0.3) as host:
+        dead = await StalledClient.open(host, "/ws?room=a")
+        alive = await connect(f"ws://{host}/ws?room=a")
+        await recv_json(alive)
+        await _until(lambda: broadcaster.connection_count() == 2)
+        await _until(lambda: broadcaster.connection_count() == 1)
+        await broadcaster.publish("room:a", ItemChanged(room="a", n=1))
+        assert (await recv_json(alive))["n"] == 1
+        await alive.close()
+        dead.close()
