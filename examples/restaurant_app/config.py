@@ -12,6 +12,7 @@ DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./restaurant.db"
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +49,7 @@ class Settings:
             heartbeat_interval=_positive(env, "HEARTBEAT_INTERVAL", 25.0),
             heartbeat_timeout=_positive(env, "HEARTBEAT_TIMEOUT", 10.0),
             demo=_flag(env, "DEMO", False),
-            log_level=(env.get("LOG_LEVEL") or "INFO").upper(),
+            log_level=_log_level(env),
         )
 
 
@@ -63,6 +64,13 @@ def _positive(env: Mapping[str, str], name: str, default: float) -> float:
     if value <= 0:
         raise ValueError(f"{name} must be positive, not {raw!r}")
     return value
+
+
+def _log_level(env: Mapping[str, str]) -> str:
+    level = (env.get("LOG_LEVEL") or "INFO").upper()
+    if level not in _LOG_LEVELS:
+        raise ValueError(f"LOG_LEVEL must be one of {', '.join(_LOG_LEVELS)}, not {env.get('LOG_LEVEL')!r}")
+    return level
 
 
 def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
