@@ -40,8 +40,7 @@ async def serve(app: Any, **config: Any) -> AsyncIterator[str]:
         await asyncio.wait_for(task, 15)
 
 
-# A per-call timeout reads better in tests than an asyncio.timeout() block around every receive.
-async def recv_json(ws: ClientConnection, timeout: float = 5.0) -> dict[str, Any]:  # noqa: ASYNC109
+async def recv_json(ws: ClientConnection, timeout: float = 5.0) -> dict[str, Any]:
     """Receive one text frame and parse it, failing the test after ``timeout`` seconds."""
     raw = await asyncio.wait_for(ws.recv(), timeout)
     data: dict[str, Any] = json.loads(raw)

@@ -24,7 +24,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from rtbroadcast import Broadcaster
-from support import serve
+from tests.support import serve
 
 POSTGRES_CANDIDATES = (
     "postgresql+asyncpg://postgres@127.0.0.1:5432/test",

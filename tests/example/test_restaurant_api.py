@@ -13,13 +13,13 @@ from typing import Any
 
 import httpx
 import pytest
-from restaurant_support import assert_nothing_queued, strip_envelope, welcome
 from websockets.exceptions import ConnectionClosed
 
-from conftest import Running, StartService
 from rtbroadcast import BackendUnavailable, Broadcaster, StreamPosition
 from rtbroadcast.backends.memory import MemoryBackend
-from support import connect, recv_json
+from tests.example.conftest import Running, StartService
+from tests.example.restaurant_support import assert_nothing_queued, strip_envelope, welcome
+from tests.support import connect, recv_json
 
 pytestmark = pytest.mark.anyio
 

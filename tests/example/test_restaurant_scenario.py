@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from restaurant_support import TIMESTAMP, assert_nothing_queued, strip_envelope, welcome
 
-from conftest import Running
-from support import connect, recv_json
+from tests.example.conftest import Running
+from tests.example.restaurant_support import TIMESTAMP, assert_nothing_queued, strip_envelope, welcome
+from tests.support import connect, recv_json
 
 pytestmark = pytest.mark.anyio
 
