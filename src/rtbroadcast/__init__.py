@@ -1,0 +1,67 @@
+"""rtbroadcast: realtime broadcasting for Python backends.
+
+Publish typed events on channels; every subscriber of a channel receives them in order, each with a
+``seq``, and resumes after a reconnect without gaps.
+"""
+
+from ._version import __version__
+from .backends import Backend, BackendListener, Envelope, History, StreamPosition, load_backend
+from .broadcaster import Broadcaster, BroadcasterState, Received, Subscription
+from .connection import Connection, QueueLimits
+from .errors import (
+    BackendError,
+    BackendUnavailable,
+    ConfigurationError,
+    ConnectionLimitReached,
+    FrameTooLarge,
+    InvalidEvent,
+    InvalidFrame,
+    MalformedFrame,
+    ProtocolError,
+    RTBroadcastError,
+    StateError,
+    SubscriptionClosed,
+    UnknownMessageType,
+)
+from .events import Event, EventRegistry, decode_event, format_timestamp, registry, utc_now
+from .protocol import CloseCode, ResumePoint, ResyncReason, ResyncRequired, Welcome
+
+__all__ = [
+    "Backend",
+    "BackendError",
+    "BackendListener",
+    "BackendUnavailable",
+    "Broadcaster",
+    "BroadcasterState",
+    "CloseCode",
+    "ConfigurationError",
+    "Connection",
+    "ConnectionLimitReached",
+    "Envelope",
+    "Event",
+    "EventRegistry",
+    "FrameTooLarge",
+    "History",
+    "InvalidEvent",
+    "InvalidFrame",
+    "MalformedFrame",
+    "ProtocolError",
+    "QueueLimits",
+    "RTBroadcastError",
+    "Received",
+    "ResumePoint",
+    "ResyncReason",
+    "ResyncRequired",
+    "StateError",
+    "StreamPosition",
+    "Subscription",
+    "SubscriptionClosed",
+    "UnknownMessageType",
+    "Welcome",
+    "__version__",
+    "decode_event",
+    "format_timestamp",
+    "load_backend",
+    "registry",
+    "utc_now",
+]

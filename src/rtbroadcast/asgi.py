@@ -1,0 +1,434 @@
+"""A framework-agnostic ASGI endpoint: WebSocket, with Server-Sent Events as the fallback transport.
+
+:class:`BroadcastEndpoint` is a plain ASGI application; it imports no web framework. Mount it in Starlette or
+FastAPI with :mod:`rtbroadcast.starlette`, or route to it from any ASGI server or framework.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any, TypeAlias
+from urllib.parse import parse_qsl
+
+from .broadcaster import Broadcaster
+from .connection import Connection
+from .errors import BackendUnavailable, ConnectionLimitReached, ProtocolError, StateError
+from .events import format_timestamp, utc_now
+from .protocol import (
+    DEFAULT_MAX_FRAME_SIZE,
+    CloseCode,
+    ErrorFrame,
+    Ping,
+    Pong,
+    ResumePoint,
+    decode_client_frame,
+    encode_server_frame,
+    parse_resume_point,
+)
+
+__all__ = [
+    "BroadcastEndpoint",
+    "ChannelResolver",
+    "ConnectionRequest",
+    "Deny",
+    "channel_from_query",
+]
+
+logger = logging.getLogger("rtbroadcast.asgi")
+
+Scope: TypeAlias = MutableMapping[str, Any]
+Message: TypeAlias = MutableMapping[str, Any]
+Receive: TypeAlias = Callable[[], Awaitable[Message]]
+Send: TypeAlias = Callable[[Message], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionRequest:
+    """What a client asked for when it connected, as the channel resolver and ``authorize`` hook see it.
+
+    ``query`` keeps the last value of each parameter; ``headers`` have lower-case names.
+    """
+
+    scope: Scope
+    transport: str
+    path: str
+    query: Mapping[str, str]
+    headers: Mapping[str, str]
+    client: tuple[str, int] | None
+    subprotocols: tuple[str, ...] = ()
+    path_params: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_scope(cls, scope: Scope) -> ConnectionRequest:
+        """Build from an ASGI ``websocket`` or ``http`` scope."""
+        raw_query = scope.get("query_string", b"").decode("latin-1")
+        headers: dict[str, str] = {}
+        for name, value in scope.get("headers", ()):
+            headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+        client = scope.get("client")
+        return cls(
+            scope=scope,
+            transport="websocket" if scope["type"] == "websocket" else "sse",
+            path=scope.get("path", ""),
+            query=dict(parse_qsl(raw_query, keep_blank_values=True)),
+            headers=headers,
+            client=(client[0], client[1]) if client else None,
+            subprotocols=tuple(scope.get("subprotocols", ())),
+            path_params=dict(scope.get("path_params", {})),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Deny:
+    """Returned by an ``authorize`` hook to refuse a connection; ``reason`` goes to the client."""
+
+    reason: str = "forbidden"
+
+
+#: Maps a connection request to its channel; returns ``None`` (or raises ``KeyError``/``ValueError``)
+#: when the request names no valid channel. May be a coroutine function.
+ChannelResolver: TypeAlias = Callable[[ConnectionRequest], "str | Awaitable[str | None] | None"]
+#: Decides whether a request may subscribe to a channel: ``True`` allows, ``False`` or :class:`Deny` refuses.
+Authorizer: TypeAlias = Callable[[ConnectionRequest, str], "bool | Deny | Awaitable[bool | Deny]"]
+
+
+def channel_from_query(
+    name: str, *, prefix: str = "", pattern: str | None = None
+) -> Callable[[ConnectionRequest], str | None]:
+    """Make a channel resolver that reads query parameter ``name``, e.g. ``?restaurant_id=abc``.
+
+    Args:
+        name: the query parameter.
+        prefix: prepended to the value to form the channel name (``"restaurant:"``).
+        pattern: a regular expression the whole value must match; otherwise the request is refused.
+    """
+    import re
+
+    compiled = re.compile(pattern) if pattern is not None else None
+
+    def resolve(request: ConnectionRequest) -> str | None:
+        value = request.query.get(name)
+        if not value or (compiled is not None and compiled.fullmatch(value) is None):
+            return None
+        return prefix + value
+
+    return resolve
+
+
+async def _maybe_await(value: Any) -> Any:
+    if inspect.isawaitable(value):
+        return await value
+    return value
+
+
+class _Refused(Exception):
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+class BroadcastEndpoint:
+    """ASGI application that subscribes each WebSocket (or SSE request) to one channel.
+
+    Args:
+        broadcaster: the broadcaster to attach connections to.
+        channel: resolves the request to its channel name (see :func:`channel_from_query`).
+        authorize: optional hook deciding whether the request may subscribe to the channel.
+        allowed_origins: if given, WebSocket requests whose ``Origin`` header is not in it are refused
+            (code 4003); requests without an Origin (native apps) are allowed.
+        max_frame_size: largest client frame accepted, in bytes; larger ones get an ``error`` frame.
+        max_messages_per_second: client frames accepted per second (burst of the same size); past it the
+            connection is closed with 4008.
+        idle_timeout: close a connection (4002) that sent nothing for this many seconds; ``None`` leaves
+            dead-peer detection to the server's WebSocket pings (uvicorn's ``ws_ping_interval``).
+        sse: whether plain HTTP GET requests get a Server-Sent Events stream.
+    """
+
+    def __init__(
+        self,
+        broadcaster: Broadcaster,
+        channel: ChannelResolver,
+        *,
+        authorize: Authorizer | None = None,
+        allowed_origins: Iterable[str] | None = None,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        max_messages_per_second: float = 20.0,
+        idle_timeout: float | None = None,
+        sse: bool = True,
+    ) -> None:
+        self.broadcaster = broadcaster
+        self.resolve_channel = channel
+        self.authorize = authorize
+        self.allowed_origins = frozenset(allowed_origins) if allowed_origins is not None else None
+        self.max_frame_size = max_frame_size
+        self.max_messages_per_second = max_messages_per_second
+        self.idle_timeout = idle_timeout
+        self.sse = sse
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            await self._websocket(scope, receive, send)
+        elif scope["type"] == "http" and self.sse:
+            await self._sse(scope, receive, send)
+        elif scope["type"] == "http":
+            await _plain_response(send, 404, "not found")
+        else:
+            raise RuntimeError(f"BroadcastEndpoint does not handle ASGI scope type {scope['type']!r}")
+
+    async def _admit(self, request: ConnectionRequest) -> tuple[str, ResumePoint | None]:
+        """Check origin, channel, resume point and authorization; raise :class:`_Refused` if any fails."""
+        if self.allowed_origins is not None and request.transport == "websocket":
+            origin = request.headers.get("origin")
+            if origin is not None and origin not in self.allowed_origins:
+                raise _Refused(CloseCode.FORBIDDEN, "origin not allowed")
+        try:
+            channel = await _maybe_await(self.resolve_channel(request))
+        except (KeyError, ValueError):
+            channel = None
+        if not channel:
+            raise _Refused(CloseCode.BAD_REQUEST, "no valid channel in the request")
+        try:
+            resume = parse_resume_point(request.query)
+            if resume is None and request.transport == "sse":
+                resume = _parse_last_event_id(request.headers.get("last-event-id"))
+        except ProtocolError as exc:
+            raise _Refused(CloseCode.BAD_REQUEST, exc.message) from None
+        if self.authorize is not None:
+            decision = await _maybe_await(self.authorize(request, channel))
+            if decision is not True:
+                reason = decision.reason if isinstance(decision, Deny) else "forbidden"
+                raise _Refused(CloseCode.FORBIDDEN, reason)
+        return channel, resume
+
+    async def _attach(self, connection: Connection, resume: ResumePoint | None) -> None:
+        try:
+            await self.broadcaster.attach(connection, resume)
+        except ConnectionLimitReached as exc:
+            raise _Refused(CloseCode.TRY_AGAIN_LATER, str(exc)) from None
+        except (BackendUnavailable, StateError) as exc:
+            logger.warning("cannot attach a connection to %r: %s", connection.channel, exc)
+            raise _Refused(CloseCode.TRY_AGAIN_LATER, "service unavailable, retry later") from None
+
+    # -- WebSocket --------------------------------------------------------------------------------
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        message = await receive()
+        if message["type"] != "websocket.connect":
+            return
+        request = ConnectionRequest.from_scope(scope)
+        connection: Connection | None = None
+        try:
+            channel, resume = await self._admit(request)
+            await send({"type": "websocket.accept"})
+            connection = Connection(channel, limits=self.broadcaster.queue_limits)
+            await self._attach(connection, resume)
+        except _Refused as refused:
+            if connection is None:
+                await send({"type": "websocket.accept"})
+            await send({"type": "websocket.close", "code": int(refused.code), "reason": refused.reason})
+            logger.info("refused %s connection: %s (%d)", request.path, refused.reason, refused.code)
+            return
+        session = _WebSocketSession(connection, send)
+        session.start()
+        try:
+            await self._read(connection, receive)
+        finally:
+            session.client_gone = connection.close_code is None
+            connection.close(CloseCode.NORMAL, "client disconnected")
+            await session.finish()
+
+    async def _read(self, connection: Connection, receive: Receive) -> None:
+        """Read client frames until the client disconnects or the connection is closed."""
+        rate = self.max_messages_per_second
+        tokens = rate
+        last = time.monotonic()
+        while True:
+            if self.idle_timeout is None:
+                message = await receive()
+            else:
+                try:
+                    async with asyncio.timeout(self.idle_timeout):
+                        message = await receive()
+                except TimeoutError:
+                    connection.close(CloseCode.HEARTBEAT_TIMEOUT, "no message within the idle timeout")
+                    return
+            kind = message["type"]
+            if kind == "websocket.disconnect":
+                return
+            if kind != "websocket.receive" or connection.closed:
+                continue
+            now = time.monotonic()
+            tokens = min(rate, tokens + (now - last) * rate)
+            last = now
+            if tokens < 1:
+                connection.close(CloseCode.RATE_LIMITED, "too many messages")
+                continue
+            tokens -= 1
+            data = message.get("text")
+            if data is None:
+                data = message.get("bytes") or b""
+            try:
+                frame = decode_client_frame(data, max_size=self.max_frame_size)
+            except ProtocolError as exc:
+                connection.push_frame(encode_server_frame(ErrorFrame(exc.code, exc.message)))
+                continue
+            if isinstance(frame, Ping):
+                connection.push_frame(encode_server_frame(Pong(format_timestamp(utc_now()))))
+
+    # -- Server-Sent Events -----------------------------------------------------------------------
+
+    async def _sse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope.get("method", "GET") != "GET":
+            await _plain_response(send, 405, "method not allowed")
+            return
+        request = ConnectionRequest.from_scope(scope)
+        connection = None
+        try:
+            channel, resume = await self._admit(request)
+            connection = Connection(channel, limits=self.broadcaster.queue_limits)
+            await self._attach(connection, resume)
+        except _Refused as refused:
+            status = _SSE_STATUS.get(refused.code, 400)
+            await _plain_response(send, status, refused.reason)
+            return
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"text/event-stream; charset=utf-8"),
+                    (b"cache-control", b"no-cache"),
+                    (b"x-accel-buffering", b"no"),
+                ],
+            }
+        )
+        watcher = asyncio.get_running_loop().create_task(_watch_disconnect(receive, connection))
+        interval = self.broadcaster.heartbeat_interval
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(interval):
+                        item = await connection.get()
+                except TimeoutError:
+                    await send({"type": "http.response.body", "body": b": ping\n\n", "more_body": True})
+                    continue
+                if item is None:
+                    break
+                if isinstance(item, str):
+                    chunk = f"data: {item}\n\n"
+                else:
+                    chunk = f"id: {item.epoch}:{item.seq}\ndata: {item.data}\n\n"
+                await send({"type": "http.response.body", "body": chunk.encode(), "more_body": True})
+                connection.sent += 1
+        except OSError:
+            pass  # the client went away mid-write
+        finally:
+            connection.close(CloseCode.NORMAL, "stream ended")
+            watcher.cancel()
+            try:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            except OSError:
+                pass  # already gone
+
+
+class _WebSocketSession:
+    """Owns the writer task of one WebSocket connection."""
+
+    __slots__ = ("client_gone", "connection", "send", "writer")
+
+    def __init__(self, connection: Connection, send: Send) -> None:
+        self.connection = connection
+        self.send = send
+        self.client_gone = False
+        self.writer: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.writer = asyncio.get_running_loop().create_task(self._write())
+        self.connection.add_close_callback(self._on_close)
+
+    def _on_close(self, connection: Connection) -> None:
+        # The writer may be blocked in send() on a client that stopped reading: cancel it, so that the
+        # close frame goes out (or the transport is dropped) without waiting for that client.
+        if self.writer is not None and not self.writer.done():
+            self.writer.cancel()
+
+    async def _write(self) -> None:
+        connection = self.connection
+        send = self.send
+        get = connection.get
+        try:
+            while (item := await get()) is not None:
+                text = item if isinstance(item, str) else item.data
+                await send({"type": "websocket.send", "text": text})
+                connection.sent += 1
+        except asyncio.CancelledError:
+            if not connection.closed:
+                raise
+        except Exception as exc:  # the transport failed: the client is gone
+            logger.debug("websocket send failed on #%d: %r", connection.id, exc)
+            self.client_gone = True
+            connection.close(CloseCode.NORMAL, "client gone")
+            return
+        if self.client_gone or connection.close_code == CloseCode.NORMAL:
+            return
+        try:
+            await send(
+                {
+                    "type": "websocket.close",
+                    "code": connection.close_code or CloseCode.NORMAL,
+                    "reason": connection.close_reason[:120],
+                }
+            )
+        except Exception as exc:
+            logger.debug("websocket close failed on #%d: %r", connection.id, exc)
+
+    async def finish(self) -> None:
+        writer = self.writer
+        if writer is not None and not writer.done():
+            writer.cancel()
+        if writer is not None:
+            try:
+                await writer
+            except asyncio.CancelledError:
+                if asyncio.current_task() is not None and asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                    raise
+
+
+#: HTTP status of an SSE request refused with a close code.
+_SSE_STATUS: dict[int, int] = {CloseCode.FORBIDDEN: 403, CloseCode.TRY_AGAIN_LATER: 503}
+
+
+async def _watch_disconnect(receive: Receive, connection: Connection) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            connection.close(CloseCode.NORMAL, "client disconnected")
+            return
+
+
+def _parse_last_event_id(value: str | None) -> ResumePoint | None:
+    if not value:
+        return None
+    epoch, _, seq = value.rpartition(":")
+    return parse_resume_point({"epoch": epoch, "last_seq": seq})
+
+
+async def _plain_response(send: Send, status: int, text: str) -> None:
+    body = text.encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"text/plain; charset=utf-8"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

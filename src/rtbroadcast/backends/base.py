@@ -1,0 +1,142 @@
+"""The contract every backend fulfils.
+
+A backend owns the channels' streams: it assigns each published event its ``seq`` (atomically, so that no
+two publishes on a channel share one), keeps recent history for resume, and delivers every published
+envelope to the listener of each process that subscribed to the channel.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+__all__ = ["Backend", "BackendListener", "Envelope", "History", "StreamPosition"]
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """One published event as it travels: its channel, its place in the stream, and its wire text.
+
+    ``data`` is the JSON text clients receive, ``seq`` included. It is encoded once per publish and the same
+    ``str`` is handed to every connection.
+    """
+
+    channel: str
+    seq: int
+    epoch: str
+    data: str
+
+
+@dataclass(frozen=True, slots=True)
+class StreamPosition:
+    """The top of a channel's stream: its ``epoch`` and the ``seq`` of the last event published (0: none)."""
+
+    epoch: str
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class History:
+    """Events after a given seq, read from a channel's history.
+
+    ``complete`` is true when ``envelopes`` holds every event from ``since + 1`` up to ``position.seq``;
+    false when history no longer reaches back that far (then a client must resync).
+    """
+
+    position: StreamPosition
+    envelopes: tuple[Envelope, ...]
+    complete: bool
+
+
+class BackendListener(Protocol):
+    """What a backend calls back into; the :class:`~rtbroadcast.Broadcaster` implements it.
+
+    Both methods are called on the event loop and must not block.
+    """
+
+    def on_envelope(self, envelope: Envelope) -> None:
+        """Take one envelope published on a channel this process subscribed to."""
+
+    def on_interruption(self, channels: Collection[str], reason: str) -> None:
+        """Hear that envelopes on ``channels`` may have been missed (say, after a reconnect)."""
+
+
+class Backend(ABC):
+    """Abstract base class of backends.
+
+    The broadcaster calls :meth:`connect` once before anything else and :meth:`disconnect` once at the end.
+    It reference-counts local subscribers itself: :meth:`subscribe` is called for the first local subscriber
+    of a channel and :meth:`unsubscribe` after the last one left.
+    """
+
+    #: The URL scheme(s) this backend serves, for messages and stats.
+    name: str = "backend"
+
+    @abstractmethod
+    async def connect(self, listener: BackendListener) -> None:
+        """Open connections and start delivering envelopes to ``listener``.
+
+        Raises:
+            BackendUnavailable: the backend cannot be reached.
+        """
+
+    @abstractmethod
+    async def disconnect(self) -> None:
+        """Stop delivering, cancel background tasks and close connections. Never raises."""
+
+    @abstractmethod
+    async def publish(self, channel: str, payload: str, *, idempotency_key: str | None = None) -> Envelope:
+        """Append ``payload`` (a JSON object's text, without ``seq``) to ``channel``'s stream.
+
+        Assigns the next ``seq`` atomically, stores the envelope in history and delivers it to every
+        subscribed process. With an ``idempotency_key`` seen recently on this channel, nothing is published
+        again and the envelope of the first publish is returned.
+
+        Returns:
+            The envelope as delivered, with its ``seq`` and ``epoch``.
+
+        Raises:
+            BackendUnavailable: the backend cannot be reached within the configured timeout; nothing was
+                published.
+        """
+
+    @abstractmethod
+    async def subscribe(self, channel: str) -> None:
+        """Start delivering ``channel``'s envelopes to the listener; returns once delivery is active.
+
+        Raises:
+            BackendUnavailable: the backend cannot be reached.
+        """
+
+    @abstractmethod
+    async def unsubscribe(self, channel: str) -> None:
+        """Stop delivering ``channel``'s envelopes. Never raises."""
+
+    @abstractmethod
+    async def position(self, channel: str) -> StreamPosition:
+        """Return the top of ``channel``'s stream. A channel never published to has seq 0.
+
+        Raises:
+            BackendUnavailable: the backend cannot be reached.
+        """
+
+    @abstractmethod
+    async def history(self, channel: str, since: int, *, limit: int) -> History:
+        """Return the envelopes of ``channel`` with seq greater than ``since``, oldest first.
+
+        At most ``limit`` envelopes are returned; when more were missed, the result is not ``complete``.
+
+        Raises:
+            BackendUnavailable: the backend cannot be reached.
+        """
+
+    def stats(self) -> Mapping[str, object]:
+        """Return backend-specific figures for health endpoints (JSON-serialisable)."""
+        return {"backend": self.name}
+
+    @property
+    def available(self) -> bool:
+        """Whether the backend is reachable, as far as this process knows."""
+        return True

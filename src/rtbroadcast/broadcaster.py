@@ -1,0 +1,497 @@
+"""The :class:`Broadcaster`: publish events, and keep every subscriber of a channel in order."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import re
+from collections.abc import Collection
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Generic, Self, TypeVar
+
+from .backends import Backend, Envelope, load_backend
+from .connection import DEFAULT_LIMITS, Connection, QueueLimits, item_text
+from .errors import (
+    BackendUnavailable,
+    ConfigurationError,
+    InvalidEvent,
+    StateError,
+    SubscriptionClosed,
+)
+from .events import Event, decode_event
+from .protocol import (
+    CloseCode,
+    ResumePoint,
+    ResyncReason,
+    ResyncRequired,
+    Welcome,
+    decode_server_frame,
+    encode_server_frame,
+)
+from .registry import ConnectionRegistry
+
+__all__ = ["Broadcaster", "BroadcasterState", "Received", "Subscription"]
+
+logger = logging.getLogger("rtbroadcast")
+
+E = TypeVar("E", bound=Event)
+
+_CHANNEL_RE = re.compile(r"[^\x00-\x1f\x7f]{1,256}")
+
+#: Most events a resume or gap repair reads from history; beyond it the client resyncs.
+DEFAULT_MAX_RESUME = 1000
+
+
+class BroadcasterState(enum.Enum):
+    """Lifecycle of a :class:`Broadcaster`: NEW -> CONNECTING -> CONNECTED -> DISCONNECTING -> CLOSED."""
+
+    NEW = "new"
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    DISCONNECTING = "disconnecting"
+    CLOSED = "closed"
+
+
+class Broadcaster:
+    """Publish events to channels and fan them out to every subscriber, in order.
+
+    Args:
+        url: backend URL, ``memory://`` (the default) or ``redis://host:port/db``.
+        backend: a backend instance, instead of ``url``.
+        queue_limits: bounds of each connection's outbound queue.
+        heartbeat_interval: seconds between heartbeats, announced to clients in the welcome frame.
+        max_resume: most events a resume may replay from history; past it the client resyncs.
+        max_connections: connections allowed in this process (``None``: unlimited).
+        max_connections_per_channel: connections allowed on one channel (``None``: unlimited).
+
+    Use it as an async context manager, or call :meth:`connect` and :meth:`disconnect`::
+
+        async with Broadcaster("memory://") as broadcaster:
+            seq = await broadcaster.publish("room:1", MyEvent(...))
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        backend: Backend | None = None,
+        queue_limits: QueueLimits = DEFAULT_LIMITS,
+        heartbeat_interval: float = 25.0,
+        max_resume: int = DEFAULT_MAX_RESUME,
+        max_connections: int | None = None,
+        max_connections_per_channel: int | None = None,
+    ) -> None:
+        if url is not None and backend is not None:
+            raise ConfigurationError("pass either a backend URL or a backend instance, not both")
+        if heartbeat_interval <= 0:
+            raise ConfigurationError(f"heartbeat_interval must be positive, not {heartbeat_interval}")
+        if max_resume < 0:
+            raise ConfigurationError(f"max_resume must be >= 0, not {max_resume}")
+        self.backend: Backend = backend if backend is not None else load_backend(url or "memory://")
+        self.queue_limits = queue_limits
+        self.heartbeat_interval = heartbeat_interval
+        self.max_resume = max_resume
+        self.registry = ConnectionRegistry(
+            max_connections=max_connections, max_connections_per_channel=max_connections_per_channel
+        )
+        self._state = BroadcasterState.NEW
+        self._subscribed: set[str] = set()
+        self._channel_locks: dict[str, asyncio.Lock] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._published = 0
+        self._interruptions = 0
+        self._repairs = 0
+        self._resyncs = 0
+
+    def __repr__(self) -> str:
+        return f"<Broadcaster {self.backend.name} {self._state.value}>"
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> BroadcasterState:
+        """The lifecycle state."""
+        return self._state
+
+    async def connect(self) -> None:
+        """Connect the backend; after this, :meth:`publish` and subscriptions work.
+
+        Raises:
+            StateError: the broadcaster is already connected or connecting.
+            BackendUnavailable: the backend cannot be reached (the state returns to what it was).
+        """
+        if self._state not in (BroadcasterState.NEW, BroadcasterState.CLOSED):
+            raise StateError(
+                f"cannot connect a broadcaster that is {self._state.value}; "
+                "connect() once, then disconnect() before connecting again"
+            )
+        previous, self._state = self._state, BroadcasterState.CONNECTING
+        try:
+            await self.backend.connect(self)
+        except BaseException:
+            self._state = previous
+            raise
+        self._state = BroadcasterState.CONNECTED
+        logger.debug("broadcaster connected to %s backend", self.backend.name)
+
+    async def disconnect(self) -> None:
+        """Close every connection (code 1001), stop background work and disconnect the backend.
+
+        Calling it on a broadcaster that is not connected does nothing.
+        """
+        if self._state is not BroadcasterState.CONNECTED:
+            return
+        self._state = BroadcasterState.DISCONNECTING
+        try:
+            for connection in list(self.registry):
+                connection.close(CloseCode.GOING_AWAY, "server shutting down")
+            tasks = list(self._tasks)
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+            self._subscribed.clear()
+            self._channel_locks.clear()
+            await self.backend.disconnect()
+        finally:
+            self._state = BroadcasterState.CLOSED
+
+    async def __aenter__(self) -> Self:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.disconnect()
+
+    def _require_connected(self, action: str) -> None:
+        if self._state is not BroadcasterState.CONNECTED:
+            raise StateError(
+                f"cannot {action}: the broadcaster is {self._state.value}; "
+                "use 'async with broadcaster:' or 'await broadcaster.connect()' first"
+            )
+
+    # -- publishing -------------------------------------------------------------------------------
+
+    async def publish(self, channel: str, event: Event, *, idempotency_key: str | None = None) -> int:
+        """Publish ``event`` on ``channel`` and return the ``seq`` the backend assigned to it.
+
+        The event is serialised once; every subscriber receives the same text plus ``"seq"``. With an
+        ``idempotency_key`` already used recently on this channel, nothing is published again and the first
+        publish's seq is returned.
+
+        Raises:
+            StateError: the broadcaster is not connected.
+            InvalidEvent: ``event`` is not an :class:`Event`.
+            ConfigurationError: ``channel`` is not a valid channel name.
+            BackendUnavailable: the backend cannot be reached; nothing was published.
+        """
+        if not isinstance(event, Event):
+            raise InvalidEvent(f"publish() takes an Event, not {type(event).__name__}")
+        return await self.publish_json(channel, event.to_json(), idempotency_key=idempotency_key)
+
+    async def publish_json(self, channel: str, payload: str, *, idempotency_key: str | None = None) -> int:
+        """Publish ``payload``, the text of a JSON object with a string ``type``, as it is.
+
+        For events that are already serialised (an outbox row, a relay). The text is not parsed; it must
+        be a JSON object without a ``seq`` field.
+
+        Raises:
+            StateError: the broadcaster is not connected.
+            InvalidEvent: ``payload`` does not look like a JSON object.
+            ConfigurationError: ``channel`` is not a valid channel name.
+            BackendUnavailable: the backend cannot be reached; nothing was published.
+        """
+        self._require_connected("publish")
+        validate_channel(channel)
+        stripped = payload.strip()
+        if not (stripped.startswith("{") and stripped.endswith("}")):
+            raise InvalidEvent("payload must be the text of a JSON object")
+        envelope = await self.backend.publish(channel, stripped, idempotency_key=idempotency_key)
+        self._published += 1
+        return envelope.seq
+
+    # -- backend listener -------------------------------------------------------------------------
+
+    def on_envelope(self, envelope: Envelope) -> None:
+        """Fan an envelope out to this process's connections of its channel (called by the backend)."""
+        for connection in self.registry.fanout(envelope.channel):
+            connection.push(envelope)
+
+    def on_interruption(self, channels: Collection[str], reason: str) -> None:
+        """Bring every connection of ``channels`` up to date after the backend may have lost envelopes."""
+        self._interruptions += 1
+        logger.warning(
+            "backend interruption (%s): checking %d channel(s) for missed events", reason, len(channels)
+        )
+        for channel in channels:
+            for connection in self.registry.fanout(channel):
+                if not connection.closed and not connection.buffering:
+                    connection.begin_buffering()
+                    self._spawn(self._repair(connection))
+
+    # -- connections ------------------------------------------------------------------------------
+
+    async def attach(self, connection: Connection, resume: ResumePoint | None = None) -> None:
+        """Register ``connection`` and queue its welcome frame, its missed events, then live ones.
+
+        With ``resume``, the events after ``resume.seq`` are replayed from history when possible; otherwise
+        a ``resync_required`` frame follows the welcome. Live events published meanwhile are held back and
+        merged by seq, so nothing is missed or doubled.
+
+        Raises:
+            StateError: the broadcaster is not connected.
+            ConnectionLimitReached: a connection limit would be passed.
+            BackendUnavailable: the backend cannot be reached (the connection is not registered).
+        """
+        self._require_connected("attach a connection")
+        validate_channel(connection.channel)
+        connection.begin_buffering()
+        self.registry.add(connection)
+        connection.add_close_callback(self.detach)
+        connection.set_gap_handler(self._on_gap)
+        try:
+            await self._ensure_subscribed(connection.channel)
+            await self._bring_up_to_date(connection, resume, welcome=True)
+        except BaseException:
+            self.detach(connection)
+            raise
+
+    def detach(self, connection: Connection) -> None:
+        """Unregister ``connection``; the backend subscription ends with the channel's last connection."""
+        connection.set_gap_handler(None)
+        if self.registry.remove(connection) and self._state is BroadcasterState.CONNECTED:
+            self._spawn(self._release(connection.channel))
+
+    def connection_count(self, channel: str | None = None) -> int:
+        """Return how many connections this process has, on ``channel`` or in all."""
+        return self.registry.count(channel)
+
+    async def _ensure_subscribed(self, channel: str) -> None:
+        async with self._lock(channel):
+            if channel not in self._subscribed:
+                await self.backend.subscribe(channel)
+                self._subscribed.add(channel)
+
+    async def _release(self, channel: str) -> None:
+        async with self._lock(channel):
+            if channel in self._subscribed and not self.registry.count(channel):
+                self._subscribed.discard(channel)
+                await self.backend.unsubscribe(channel)
+        if not self.registry.count(channel):
+            self._channel_locks.pop(channel, None)
+
+    def _lock(self, channel: str) -> asyncio.Lock:
+        lock = self._channel_locks.get(channel)
+        if lock is None:
+            lock = self._channel_locks[channel] = asyncio.Lock()
+        return lock
+
+    def _on_gap(self, connection: Connection, envelope: Envelope) -> None:
+        logger.debug(
+            "gap on %r: connection #%d at %s/%d got %s/%d",
+            connection.channel,
+            connection.id,
+            connection.epoch,
+            connection.last_seq,
+            envelope.epoch,
+            envelope.seq,
+        )
+        self._spawn(self._repair(connection))
+
+    async def _repair(self, connection: Connection) -> None:
+        self._repairs += 1
+        try:
+            await self._bring_up_to_date(
+                connection, ResumePoint(connection.epoch, connection.last_seq), welcome=False
+            )
+        except BackendUnavailable as exc:
+            logger.warning("cannot repair connection #%d on %r: %s", connection.id, connection.channel, exc)
+            connection.close(CloseCode.INTERNAL_ERROR, "backend unavailable; reconnect and resume")
+
+    async def _bring_up_to_date(
+        self, connection: Connection, resume: ResumePoint | None, *, welcome: bool
+    ) -> None:
+        """Queue what ``connection`` missed since ``resume`` (buffering live envelopes meanwhile)."""
+        channel = connection.channel
+        if resume is None:
+            position = await self.backend.position(channel)
+            connection.set_position(position.epoch, position.seq)
+            if welcome:
+                connection.push_frame(self._welcome(channel, position.epoch, position.seq, False))
+            connection.end_buffering()
+            return
+        history = await self.backend.history(channel, resume.seq, limit=self.max_resume)
+        position = history.position
+        if position.epoch != resume.epoch:
+            reason: str | None = ResyncReason.EPOCH_CHANGED
+        elif resume.seq > position.seq:
+            reason = ResyncReason.SEQ_AHEAD
+        elif not history.complete:
+            reason = ResyncReason.HISTORY_TRIMMED
+        else:
+            reason = None
+        if reason is None:
+            if welcome:
+                connection.push_frame(self._welcome(channel, resume.epoch, resume.seq, True))
+            connection.set_position(resume.epoch, resume.seq)
+            for envelope in history.envelopes:
+                connection.deliver_history(envelope)
+        else:
+            self._resyncs += 1
+            if welcome:
+                connection.push_frame(self._welcome(channel, position.epoch, position.seq, False))
+            connection.push_frame(encode_server_frame(ResyncRequired(reason, position.epoch, position.seq)))
+            connection.set_position(position.epoch, position.seq)
+        connection.end_buffering()
+
+    def _welcome(self, channel: str, epoch: str, seq: int, resumed: bool) -> str:
+        return encode_server_frame(Welcome(channel, epoch, seq, self.heartbeat_interval, resumed))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("broadcaster background task failed", exc_info=task.exception())
+
+    # -- in-process subscriptions -----------------------------------------------------------------
+
+    def subscribe(
+        self,
+        channel: str,
+        *,
+        resume: ResumePoint | None = None,
+        model: type[E] = Event,  # type: ignore[assignment]
+    ) -> Subscription[E]:
+        """Subscribe this process to ``channel``: ``async with broadcaster.subscribe(ch) as sub:``.
+
+        Iterating the subscription yields a :class:`Received` per event, in seq order, and a
+        :class:`~rtbroadcast.protocol.ResyncRequired` where events could not be replayed. Events decode into
+        their registered models; ``model`` is the class every event on the channel is expected to be.
+        """
+        validate_channel(channel)
+        return Subscription(self, channel, resume=resume, model=model)
+
+    # -- stats ------------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, object]:
+        """Return counters for health endpoints (JSON-serialisable)."""
+        return {
+            "state": self._state.value,
+            "backend": dict(self.backend.stats()),
+            "backend_available": self.backend.available,
+            "published": self._published,
+            "interruptions": self._interruptions,
+            "repairs": self._repairs,
+            "resyncs": self._resyncs,
+            **self.registry.stats().as_dict(),
+        }
+
+
+def validate_channel(channel: str) -> None:
+    """Check a channel name: 1 to 256 characters, no control characters.
+
+    Raises:
+        ConfigurationError: the name is invalid.
+    """
+    if not isinstance(channel, str) or _CHANNEL_RE.fullmatch(channel) is None:
+        raise ConfigurationError(
+            f"invalid channel name {channel!r}: use 1 to 256 characters, no control characters"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Received(Generic[E]):
+    """An event received by an in-process subscription, with its place in the stream."""
+
+    channel: str
+    seq: int
+    event: E
+
+
+class Subscription(Generic[E]):
+    """An in-process subscription to one channel, with the same order and resume guarantees as a socket.
+
+    Created by :meth:`Broadcaster.subscribe`; enter it with ``async with``, then iterate.
+    """
+
+    def __init__(
+        self,
+        broadcaster: Broadcaster,
+        channel: str,
+        *,
+        resume: ResumePoint | None,
+        model: type[E],
+    ) -> None:
+        self._broadcaster = broadcaster
+        self._resume = resume
+        self._model = model
+        self.connection = Connection(channel, limits=broadcaster.queue_limits)
+        self.welcome: Welcome | None = None
+
+    @property
+    def channel(self) -> str:
+        """The channel subscribed to."""
+        return self.connection.channel
+
+    @property
+    def position(self) -> ResumePoint:
+        """The stream position reached so far; pass it as ``resume`` to continue later."""
+        return ResumePoint(self.connection.epoch, self.connection.last_seq)
+
+    async def __aenter__(self) -> Self:
+        await self._broadcaster.attach(self.connection, self._resume)
+        first = self.connection.get_nowait()
+        if first is not None:
+            frame = decode_server_frame(item_text(first))
+            if isinstance(frame, Welcome):
+                self.welcome = frame
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.connection.close(CloseCode.NORMAL, "unsubscribed")
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> Received[E] | ResyncRequired:
+        """Return the next event, or a resync notice.
+
+        Raises:
+            SubscriptionClosed: the subscription fell behind its queue bound or the broadcaster shut down.
+            InvalidEvent: an event does not decode into ``model``.
+        """
+        item = await self.connection.get()
+        if item is None:
+            code = self.connection.close_code
+            if code == CloseCode.NORMAL:
+                raise StopAsyncIteration
+            reason = "slow_consumer" if code == CloseCode.SLOW_CONSUMER else "shutdown"
+            raise SubscriptionClosed(reason)
+        if isinstance(item, str):
+            frame = decode_server_frame(item)
+            if isinstance(frame, ResyncRequired):
+                return frame
+            return await self.__anext__()
+        event, _ = decode_event(item.data)
+        if not isinstance(event, self._model):
+            raise InvalidEvent(
+                f"event of type {item.data[:64]!r}... on {item.channel!r} is not a "
+                f"{self._model.__qualname__}; subscribe with the base class of every event on the channel"
+            )
+        return Received(item.channel, item.seq, event)

@@ -1,0 +1,255 @@
+"""One subscriber's bounded outbound queue and its place in a channel's stream.
+
+A :class:`Connection` is what the broadcaster fans out to: a WebSocket, an SSE response or an in-process
+subscription. Fan-out only appends to its queue (no await, no encoding); the connection's own writer
+drains the queue at whatever pace its transport allows. A connection that falls behind past its bound is
+closed, so one slow reader never holds up the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
+
+from .errors import ConfigurationError
+from .protocol import CloseCode
+
+if TYPE_CHECKING:
+    from .backends.base import Envelope
+
+__all__ = ["DEFAULT_LIMITS", "Connection", "QueueLimits", "item_text"]
+
+_ids = itertools.count(1)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueLimits:
+    """Bounds of one connection's outbound queue; past either, the connection is closed.
+
+    Args:
+        max_messages: frames waiting to be written.
+        max_size: characters of JSON text waiting to be written (about bytes for ASCII payloads).
+    """
+
+    max_messages: int = 4096
+    max_size: int = 1024 * 1024
+
+    def __post_init__(self) -> None:
+        if self.max_messages < 1 or self.max_size < 1:
+            raise ConfigurationError("queue limits must be positive")
+
+
+DEFAULT_LIMITS: Final = QueueLimits()
+
+
+class Connection:
+    """A subscriber of one channel: its bounded queue, its stream position and its counters.
+
+    The broadcaster pushes; the owner of the connection (a transport writer or an in-process iterator)
+    awaits :meth:`get`. Both run on one event loop; nothing here is thread-safe.
+    """
+
+    __slots__ = (
+        "_buffer",
+        "_closed",
+        "_limits",
+        "_on_close",
+        "_on_gap",
+        "_queue",
+        "_size",
+        "_waiter",
+        "channel",
+        "close_code",
+        "close_reason",
+        "dropped",
+        "epoch",
+        "high_water",
+        "id",
+        "last_seq",
+        "sent",
+    )
+
+    def __init__(self, channel: str, *, limits: QueueLimits = DEFAULT_LIMITS) -> None:
+        self.id = next(_ids)
+        self.channel = channel
+        self.epoch = ""
+        self.last_seq = 0
+        self.sent = 0
+        self.dropped = 0
+        self.high_water = 0
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self._limits = limits
+        self._queue: deque[Envelope | str] = deque()
+        self._size = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._closed = False
+        # While a connection is being brought up to date (attach, resume, gap repair), live envelopes wait
+        # here and are merged by seq afterwards.
+        self._buffer: list[Envelope] | None = []
+        self._on_close: list[Callable[[Connection], None]] = []
+        self._on_gap: Callable[[Connection, Envelope], None] | None = None
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<Connection #{self.id} {self.channel!r} seq={self.last_seq} {state}>"
+
+    @property
+    def closed(self) -> bool:
+        """Whether the connection was closed; nothing more is queued or delivered."""
+        return self._closed
+
+    @property
+    def queued(self) -> int:
+        """Frames waiting to be written."""
+        return len(self._queue)
+
+    @property
+    def buffering(self) -> bool:
+        """Whether live events are held back while the connection is being brought up to date."""
+        return self._buffer is not None
+
+    # -- broadcaster side -----------------------------------------------------------------------
+
+    def push(self, envelope: Envelope) -> None:
+        """Queue ``envelope`` if it is the next one in this connection's stream.
+
+        A duplicate (already delivered) is ignored; a gap or an epoch change is handed to the gap handler,
+        which brings the connection up to date from history or tells the client to resync.
+        """
+        if self._buffer is not None:
+            self._buffer.append(envelope)
+            return
+        seq = envelope.seq
+        if seq != self.last_seq + 1 or envelope.epoch != self.epoch:
+            if envelope.epoch == self.epoch and seq <= self.last_seq:
+                return
+            if self._on_gap is not None and not self._closed:
+                self._buffer = [envelope]
+                self._on_gap(self, envelope)
+            return
+        self.last_seq = seq
+        self._enqueue(envelope, len(envelope.data))
+
+    def push_frame(self, text: str) -> None:
+        """Queue a protocol frame (welcome, pong, error, resync_required) ahead of nothing, in order."""
+        self._enqueue(text, len(text))
+
+    def _enqueue(self, item: Envelope | str, size: int) -> None:
+        if self._closed:
+            return
+        queue = self._queue
+        queue.append(item)
+        self._size += size
+        depth = len(queue)
+        if depth > self.high_water:
+            self.high_water = depth
+        limits = self._limits
+        if depth > limits.max_messages or self._size > limits.max_size:
+            self.dropped += depth
+            self.close(CloseCode.SLOW_CONSUMER, "fell behind its outbound queue bound")
+            return
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def begin_buffering(self) -> None:
+        """Hold live envelopes back until :meth:`end_buffering`."""
+        if self._buffer is None:
+            self._buffer = []
+
+    def end_buffering(self) -> None:
+        """Release held-back envelopes in seq order, skipping those already delivered."""
+        buffered = self._buffer
+        self._buffer = None
+        if buffered:
+            buffered.sort(key=_seq_of)
+            for envelope in buffered:
+                if self._buffer is not None:  # a new gap started buffering again
+                    self._buffer.append(envelope)
+                else:
+                    self.push(envelope)
+
+    def take_buffer(self) -> list[Envelope]:
+        """Return what is held back so far (the caller decides what to keep)."""
+        return list(self._buffer or ())
+
+    def set_position(self, epoch: str, seq: int) -> None:
+        """Set the stream position the connection has reached."""
+        self.epoch = epoch
+        self.last_seq = seq
+
+    def deliver_history(self, envelope: Envelope) -> None:
+        """Queue an envelope read from history (the connection is buffering live ones meanwhile)."""
+        if envelope.epoch == self.epoch and envelope.seq == self.last_seq + 1:
+            self.last_seq = envelope.seq
+            self._enqueue(envelope, len(envelope.data))
+
+    def set_gap_handler(self, handler: Callable[[Connection, Envelope], None] | None) -> None:
+        """Call ``handler(connection, envelope)`` when a live envelope does not follow the last one."""
+        self._on_gap = handler
+
+    def add_close_callback(self, callback: Callable[[Connection], None]) -> None:
+        """Call ``callback(connection)`` once, when the connection closes (right away if it has)."""
+        if self._closed:
+            callback(self)
+        else:
+            self._on_close.append(callback)
+
+    def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        """Close the connection: drop what is queued, wake the writer, run the close callbacks.
+
+        Closing twice keeps the first code and reason.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self.close_code = int(code)
+        self.close_reason = reason
+        self._queue.clear()
+        self._size = 0
+        self._buffer = None
+        waiter = self._waiter
+        self._waiter = None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        callbacks, self._on_close = self._on_close, []
+        for callback in callbacks:
+            callback(self)
+
+    # -- writer side ----------------------------------------------------------------------------
+
+    async def get(self) -> Envelope | str | None:
+        """Wait for the next frame to write; ``None`` once the connection is closed."""
+        queue = self._queue
+        while not queue:
+            if self._closed:
+                return None
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            await waiter
+        item = queue.popleft()
+        self._size -= len(item) if isinstance(item, str) else len(item.data)
+        return item
+
+    def get_nowait(self) -> Envelope | str | None:
+        """Return the next frame if one is queued, else ``None``."""
+        if not self._queue:
+            return None
+        item = self._queue.popleft()
+        self._size -= len(item) if isinstance(item, str) else len(item.data)
+        return item
+
+
+def _seq_of(envelope: Envelope) -> int:
+    return envelope.seq
+
+
+def item_text(item: Envelope | str) -> str:
+    """Return the wire text of a queued item."""
+    return item if isinstance(item, str) else item.data

@@ -1,0 +1,332 @@
+"""The wire protocol, sans I/O: decode client frames, encode server frames, decide how a client resumes.
+
+Nothing here awaits or touches a socket: frames go in as ``str``/``bytes`` and come out as dataclasses,
+and the other way round. The adapters in :mod:`rtbroadcast.asgi` only move the results over a transport.
+
+Server -> client frames are JSON text. Application events keep the shape their model declares plus ``seq``;
+the protocol's own frames are :class:`Welcome`, :class:`Pong`, :class:`ErrorFrame` and
+:class:`ResyncRequired`. Client -> server frames are :class:`Ping` only; resume points travel as query
+parameters (``epoch`` and ``last_seq``) when the connection opens.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any, Final, TypeAlias
+
+from .errors import FrameTooLarge, InvalidFrame, MalformedFrame, UnknownMessageType
+
+__all__ = [
+    "DEFAULT_MAX_FRAME_SIZE",
+    "PROTOCOL_VERSION",
+    "ClientFrame",
+    "CloseCode",
+    "ErrorFrame",
+    "EventFrame",
+    "Ping",
+    "Pong",
+    "ResumePoint",
+    "ResyncReason",
+    "ResyncRequired",
+    "ServerFrame",
+    "Welcome",
+    "decode_client_frame",
+    "decode_server_frame",
+    "encode_client_frame",
+    "encode_server_frame",
+    "parse_resume_point",
+]
+
+#: Version of the wire protocol, sent in every :class:`Welcome`.
+PROTOCOL_VERSION: Final = 1
+#: Default limit on the size of one client frame, in bytes (text is measured as UTF-8).
+DEFAULT_MAX_FRAME_SIZE: Final = 16 * 1024
+
+
+class CloseCode(IntEnum):
+    """WebSocket close codes the server uses, and what a client should do about each."""
+
+    #: The connection ended normally.
+    NORMAL = 1000
+    #: The server is shutting down or restarting: reconnect with resume.
+    GOING_AWAY = 1001
+    #: A client frame exceeded the size limit.
+    MESSAGE_TOO_BIG = 1009
+    #: An unexpected server error: reconnect with resume, with backoff.
+    INTERNAL_ERROR = 1011
+    #: A connection limit (per channel or per process) is reached: reconnect later, with backoff.
+    TRY_AGAIN_LATER = 1013
+    #: The client fell behind its outbound queue bound: reconnect with resume.
+    SLOW_CONSUMER = 4001
+    #: Nothing was heard from the client within the heartbeat timeout: reconnect with resume.
+    HEARTBEAT_TIMEOUT = 4002
+    #: Not allowed: the ``authorize`` hook denied the channel, or the Origin is not allowed. Do not retry
+    #: with the same credentials.
+    FORBIDDEN = 4003
+    #: The connection request is invalid (no channel, bad resume parameters). Do not retry unchanged.
+    BAD_REQUEST = 4004
+    #: The client sent more messages per second than allowed: reconnect with resume, with backoff.
+    RATE_LIMITED = 4008
+
+
+class ResyncReason:
+    """Why a :class:`ResyncRequired` was sent. Plain strings on the wire."""
+
+    #: The stream's epoch differs from the client's: history was lost (backend restarted or keys expired).
+    EPOCH_CHANGED: Final = "epoch_changed"
+    #: The events after the client's ``last_seq`` are no longer in history (trimmed by size or age).
+    HISTORY_TRIMMED: Final = "history_trimmed"
+    #: The client's ``last_seq`` is ahead of the stream: it belongs to some other stream.
+    SEQ_AHEAD: Final = "seq_ahead"
+    #: The server lost contact with the backend and may have missed events.
+    BACKEND_INTERRUPTED: Final = "backend_interrupted"
+
+
+# -- client -> server -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """``{"type": "ping"}``: the client checks the connection; the server answers with :class:`Pong`."""
+
+
+ClientFrame: TypeAlias = Ping
+
+
+def decode_client_frame(data: str | bytes, *, max_size: int = DEFAULT_MAX_FRAME_SIZE) -> ClientFrame:
+    """Decode one frame received from a client.
+
+    Args:
+        data: the frame's payload; ``bytes`` must be UTF-8.
+        max_size: the largest payload accepted, in bytes.
+
+    Raises:
+        FrameTooLarge: the payload is longer than ``max_size``.
+        MalformedFrame: it is not a UTF-8 JSON object with a string ``type``.
+        UnknownMessageType: the ``type`` is not one a client may send.
+    """
+    size = len(data) if isinstance(data, bytes) else _utf8_size(data, max_size)
+    if size > max_size:
+        raise FrameTooLarge(f"frame of {size} bytes exceeds the limit of {max_size} bytes")
+    obj = _load_object(data)
+    frame_type = obj["type"]
+    if frame_type == "ping":
+        return Ping()
+    raise UnknownMessageType(f"unknown message type {_short(frame_type)}; clients may send: ping")
+
+
+def encode_client_frame(frame: ClientFrame) -> str:
+    """Encode a client frame (used by clients and tests)."""
+    if isinstance(frame, Ping):
+        return '{"type":"ping"}'
+    raise TypeError(f"not a client frame: {frame!r}")
+
+
+def _utf8_size(text: str, limit: int) -> int:
+    # A str is at most 4 bytes per character in UTF-8: skip encoding when it cannot matter.
+    if len(text) * 4 <= limit:
+        return len(text)
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        return len(text.encode("utf-8", "surrogatepass"))
+
+
+def _load_object(data: str | bytes) -> dict[str, Any]:
+    try:
+        obj = json.loads(data)
+    except UnicodeDecodeError:
+        raise MalformedFrame("frame is not valid UTF-8") from None
+    except RecursionError:
+        raise MalformedFrame("frame is nested too deeply") from None
+    except ValueError as exc:
+        raise MalformedFrame(f"frame is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise MalformedFrame(f"frame must be a JSON object, not {type(obj).__name__}")
+    if not isinstance(obj.get("type"), str):
+        raise MalformedFrame("frame must have a string 'type'")
+    return obj
+
+
+def _short(value: str, limit: int = 64) -> str:
+    return repr(value if len(value) <= limit else value[:limit] + "...")
+
+
+# -- server -> client -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    """First frame on every connection: where the client stands in the channel's stream.
+
+    ``seq`` is the last event the client has (or, without resume, the channel's current seq): every event
+    that follows has a higher one. ``resumed`` is true when a requested resume succeeded.
+    """
+
+    channel: str
+    epoch: str
+    seq: int
+    heartbeat_interval: float
+    resumed: bool = False
+    protocol: int = PROTOCOL_VERSION
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    """Answer to a client's :class:`Ping`; ``timestamp`` is the server's clock."""
+
+    timestamp: str
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorFrame:
+    """A client frame was rejected; the connection stays open unless a close frame follows."""
+
+    code: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class ResyncRequired:
+    """The client cannot be brought up to date by events: reload the snapshot, then continue.
+
+    Events that follow have seqs after ``seq`` in ``epoch``.
+    """
+
+    reason: str
+    epoch: str
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class EventFrame:
+    """An application event as a client sees it: its ``type``, its ``seq`` and all its fields."""
+
+    type: str
+    seq: int
+    data: dict[str, Any]
+
+
+ServerFrame: TypeAlias = Welcome | Pong | ErrorFrame | ResyncRequired | EventFrame
+
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+def encode_server_frame(frame: ServerFrame) -> str:
+    """Encode a server frame as JSON text."""
+    if isinstance(frame, Welcome):
+        return _dumps(
+            {
+                "type": "welcome",
+                "channel": frame.channel,
+                "epoch": frame.epoch,
+                "seq": frame.seq,
+                "heartbeat_interval": frame.heartbeat_interval,
+                "resumed": frame.resumed,
+                "protocol": frame.protocol,
+            }
+        )
+    if isinstance(frame, Pong):
+        return _dumps({"type": "pong", "timestamp": frame.timestamp})
+    if isinstance(frame, ErrorFrame):
+        return _dumps({"type": "error", "code": frame.code, "message": frame.message})
+    if isinstance(frame, ResyncRequired):
+        return _dumps(
+            {"type": "resync_required", "reason": frame.reason, "epoch": frame.epoch, "seq": frame.seq}
+        )
+    if isinstance(frame, EventFrame):
+        return _dumps({**frame.data, "type": frame.type, "seq": frame.seq})
+    raise TypeError(f"not a server frame: {frame!r}")
+
+
+def decode_server_frame(data: str | bytes) -> ServerFrame:
+    """Decode a frame received from the server (for clients, tools and tests).
+
+    Raises:
+        MalformedFrame: it is not a JSON object with a string ``type``.
+        InvalidFrame: a protocol frame or an event lacks a field or has one of the wrong type.
+    """
+    obj = _load_object(data)
+    frame_type = obj["type"]
+    if frame_type == "welcome":
+        return Welcome(
+            channel=_field(obj, "channel", str),
+            epoch=_field(obj, "epoch", str),
+            seq=_int_field(obj, "seq"),
+            heartbeat_interval=float(_field(obj, "heartbeat_interval", (int, float))),
+            resumed=_field(obj, "resumed", bool),
+            protocol=_int_field(obj, "protocol"),
+        )
+    if frame_type == "pong":
+        return Pong(timestamp=_field(obj, "timestamp", str))
+    if frame_type == "error":
+        return ErrorFrame(code=_field(obj, "code", str), message=_field(obj, "message", str))
+    if frame_type == "resync_required":
+        return ResyncRequired(
+            reason=_field(obj, "reason", str),
+            epoch=_field(obj, "epoch", str),
+            seq=_int_field(obj, "seq"),
+        )
+    seq = _int_field(obj, "seq")
+    data_fields = {k: v for k, v in obj.items() if k not in ("type", "seq")}
+    return EventFrame(type=frame_type, seq=seq, data=data_fields)
+
+
+def _field(obj: Mapping[str, Any], name: str, kind: type[Any] | tuple[type[Any], ...]) -> Any:
+    value = obj.get(name)
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise InvalidFrame(f"{obj['type']!r} frame needs {name!r} of type {_kind_name(kind)}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InvalidFrame(f"{obj['type']!r} frame needs a finite {name!r}")
+    return value
+
+
+def _int_field(obj: Mapping[str, Any], name: str) -> int:
+    value: int = _field(obj, name, int)
+    return value
+
+
+def _kind_name(kind: type[Any] | tuple[type[Any], ...]) -> str:
+    if isinstance(kind, tuple):
+        return " or ".join(k.__name__ for k in kind)
+    return kind.__name__
+
+
+# -- resume ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ResumePoint:
+    """Where a reconnecting client left off: the stream's ``epoch`` and the last ``seq`` it applied."""
+
+    epoch: str
+    seq: int
+
+
+#: Largest seq a client may claim; bigger numbers are certainly not ours (and would cost to parse).
+_MAX_SEQ: Final = 2**63 - 1
+
+
+def parse_resume_point(query: Mapping[str, str]) -> ResumePoint | None:
+    """Read the resume point from connection query parameters ``epoch`` and ``last_seq``.
+
+    Both absent means a fresh connection (``None``).
+
+    Raises:
+        InvalidFrame: only one of them is given, or ``last_seq`` is not a non-negative integer.
+    """
+    epoch = query.get("epoch")
+    last_seq = query.get("last_seq")
+    if epoch is None and last_seq is None:
+        return None
+    if not epoch or last_seq is None:
+        raise InvalidFrame("resume needs both 'epoch' and 'last_seq' query parameters")
+    if not (last_seq.isascii() and last_seq.isdigit()) or len(last_seq) > 19 or int(last_seq) > _MAX_SEQ:
+        raise InvalidFrame(f"'last_seq' must be a non-negative integer, not {_short(last_seq)}")
+    if len(epoch) > 128:
+        raise InvalidFrame("'epoch' is longer than 128 characters")
+    return ResumePoint(epoch=epoch, seq=int(last_seq))

@@ -1,0 +1,144 @@
+"""Which connections listen to which channel, with the counters health endpoints report."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from .connection import Connection
+from .errors import ConfigurationError, ConnectionLimitReached
+
+__all__ = ["ConnectionRegistry", "RegistryStats"]
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryStats:
+    """A snapshot of the registry's counters.
+
+    ``messages_sent`` and ``messages_dropped`` count frames over the process's lifetime, including those of
+    connections that have since closed; ``queue_high_water`` is the deepest any queue has been.
+    """
+
+    connections: int
+    channels: dict[str, int] = field(default_factory=dict)
+    messages_sent: int = 0
+    messages_dropped: int = 0
+    queue_high_water: int = 0
+    slow_consumers_closed: int = 0
+
+    def as_dict(self) -> dict[str, object]:
+        """Return the counters as a JSON-serialisable dict."""
+        return {
+            "connections": self.connections,
+            "channels": dict(self.channels),
+            "messages_sent": self.messages_sent,
+            "messages_dropped": self.messages_dropped,
+            "queue_high_water": self.queue_high_water,
+            "slow_consumers_closed": self.slow_consumers_closed,
+        }
+
+
+class ConnectionRegistry:
+    """Per-channel sets of connections, kept with a ready tuple for fan-out.
+
+    Args:
+        max_connections: connections allowed in this process (``None``: unlimited).
+        max_connections_per_channel: connections allowed on one channel (``None``: unlimited).
+    """
+
+    def __init__(
+        self, *, max_connections: int | None = None, max_connections_per_channel: int | None = None
+    ) -> None:
+        for name, value in (
+            ("max_connections", max_connections),
+            ("max_connections_per_channel", max_connections_per_channel),
+        ):
+            if value is not None and value < 1:
+                raise ConfigurationError(f"{name} must be positive or None, not {value}")
+        self.max_connections = max_connections
+        self.max_connections_per_channel = max_connections_per_channel
+        self._channels: dict[str, set[Connection]] = {}
+        # Fan-out iterates a tuple, so that a connection closing mid-loop cannot disturb the iteration.
+        self._fanout: dict[str, tuple[Connection, ...]] = {}
+        self._count = 0
+        self._sent_closed = 0
+        self._dropped_closed = 0
+        self._high_water = 0
+        self._slow_closed = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[Connection]:
+        for connections in list(self._channels.values()):
+            yield from list(connections)
+
+    def add(self, connection: Connection) -> None:
+        """Register ``connection`` under its channel.
+
+        Raises:
+            ConnectionLimitReached: a per-process or per-channel limit would be passed.
+        """
+        channel = connection.channel
+        members = self._channels.get(channel)
+        if self.max_connections is not None and self._count >= self.max_connections:
+            raise ConnectionLimitReached("per-process", self.max_connections)
+        limit = self.max_connections_per_channel
+        if limit is not None and members is not None and len(members) >= limit:
+            raise ConnectionLimitReached("per-channel", limit)
+        if members is None:
+            members = self._channels[channel] = set()
+        if connection not in members:
+            members.add(connection)
+            self._count += 1
+            self._fanout[channel] = tuple(members)
+
+    def remove(self, connection: Connection) -> bool:
+        """Unregister ``connection``; return whether its channel has no connection left."""
+        channel = connection.channel
+        members = self._channels.get(channel)
+        if members is None or connection not in members:
+            return False
+        members.remove(connection)
+        self._count -= 1
+        self._sent_closed += connection.sent
+        self._dropped_closed += connection.dropped
+        self._high_water = max(self._high_water, connection.high_water)
+        if connection.close_code == 4001:
+            self._slow_closed += 1
+        if members:
+            self._fanout[channel] = tuple(members)
+            return False
+        del self._channels[channel]
+        del self._fanout[channel]
+        return True
+
+    def fanout(self, channel: str) -> tuple[Connection, ...]:
+        """Return the connections of ``channel`` (an empty tuple if none)."""
+        return self._fanout.get(channel, ())
+
+    def channels(self) -> list[str]:
+        """Return the channels that have at least one connection."""
+        return list(self._channels)
+
+    def count(self, channel: str | None = None) -> int:
+        """Return the number of connections, on ``channel`` or in all."""
+        if channel is None:
+            return self._count
+        return len(self._channels.get(channel, ()))
+
+    def stats(self) -> RegistryStats:
+        """Return a snapshot of the counters."""
+        sent, dropped, high = self._sent_closed, self._dropped_closed, self._high_water
+        for connection in self:
+            sent += connection.sent
+            dropped += connection.dropped
+            high = max(high, connection.high_water)
+        return RegistryStats(
+            connections=self._count,
+            channels={channel: len(members) for channel, members in self._channels.items()},
+            messages_sent=sent,
+            messages_dropped=dropped,
+            queue_high_water=high,
+            slow_consumers_closed=self._slow_closed,
+        )

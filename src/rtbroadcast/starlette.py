@@ -1,0 +1,87 @@
+"""Starlette and FastAPI integration: routes for the broadcast endpoint, and a lifespan helper.
+
+This is the only module of rtbroadcast that imports Starlette (install ``rtbroadcast[starlette]``)::
+
+    from starlette.applications import Starlette
+    from rtbroadcast import Broadcaster
+    from rtbroadcast.starlette import broadcast_routes, lifespan
+
+    broadcaster = Broadcaster("memory://")
+    app = Starlette(
+        routes=broadcast_routes("/realtime", broadcaster, channel=channel_from_query("room")),
+        lifespan=lifespan(broadcaster),
+    )
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any, TypeVar
+
+from starlette.routing import BaseRoute, Route, WebSocketRoute
+
+from .asgi import Authorizer, BroadcastEndpoint, ChannelResolver
+from .broadcaster import Broadcaster
+
+__all__ = ["broadcast_routes", "lifespan", "websocket_route"]
+
+AppT = TypeVar("AppT")
+
+
+def websocket_route(
+    path: str,
+    broadcaster: Broadcaster,
+    *,
+    channel: ChannelResolver,
+    authorize: Authorizer | None = None,
+    name: str | None = None,
+    **options: Any,
+) -> WebSocketRoute:
+    """Return a WebSocket route that subscribes each connection to the channel ``channel`` resolves.
+
+    ``options`` are passed to :class:`~rtbroadcast.asgi.BroadcastEndpoint` (``allowed_origins``,
+    ``max_frame_size``, ``max_messages_per_second``, ``idle_timeout``).
+    """
+    endpoint = BroadcastEndpoint(broadcaster, channel, authorize=authorize, sse=False, **options)
+    return WebSocketRoute(path, endpoint, name=name)
+
+
+def broadcast_routes(
+    path: str,
+    broadcaster: Broadcaster,
+    *,
+    channel: ChannelResolver,
+    authorize: Authorizer | None = None,
+    sse_path: str | None = None,
+    **options: Any,
+) -> list[BaseRoute]:
+    """Return the WebSocket route at ``path`` and the Server-Sent Events route at ``sse_path``.
+
+    ``sse_path`` defaults to ``path + "/sse"``; both share one endpoint, so they resolve, authorize and
+    resume alike.
+    """
+    endpoint = BroadcastEndpoint(broadcaster, channel, authorize=authorize, **options)
+    return [
+        WebSocketRoute(path, endpoint),
+        Route(sse_path or path.rstrip("/") + "/sse", endpoint, methods=["GET"]),
+    ]
+
+
+def lifespan(
+    broadcaster: Broadcaster, *, also: Iterable[Callable[[AppT], Any]] = ()
+) -> Callable[[AppT], contextlib.AbstractAsyncContextManager[None]]:
+    """Return a lifespan function that connects ``broadcaster`` at startup and disconnects it at shutdown.
+
+    ``also`` takes further lifespan functions (``app -> async context manager``) entered inside it, so
+    your own startup work can publish.
+    """
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(app: AppT) -> AsyncIterator[None]:
+        async with broadcaster, contextlib.AsyncExitStack() as stack:
+            for other in also:
+                await stack.enter_async_context(other(app))
+            yield
+
+    return _lifespan
