@@ -94,9 +94,7 @@ class LoadConfig:
     slow_read_period: float = 1.0
 
     def __post_init__(self) -> None:
-        self.targets = [
-            t if isinstance(t, TargetConfig) else TargetConfig(**t) for t in self.targets
-        ]
+        self.targets = [t if isinstance(t, TargetConfig) else TargetConfig(**t) for t in self.targets]
 
 
 class Bucket:
@@ -149,7 +147,6 @@ class Subscriber(WSListener):
         self.ready = False
         self.disconnected = False
         self.close_code: int | None = None
-        self.heartbeat: float | None = None
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
@@ -213,12 +210,8 @@ class Subscriber(WSListener):
                 self.target.fill_received += 1
         elif kind == "probe":
             self.ready = True
-        elif kind == "welcome":
-            if seq is not None:
-                self.seq_last = seq
-            interval = m.get("heartbeat_interval")
-            if isinstance(interval, int | float) and interval > 0:
-                self.heartbeat = float(interval)
+        elif kind == "welcome" and seq is not None:
+            self.seq_last = seq
 
     # -- slow reader ----------------------------------------------------------------------------
 
@@ -425,9 +418,7 @@ class Target:
         for i in range(self.load.publishers):
             if i < len(self.http) and not self.http[i].lost:
                 continue
-            _, proto = await loop.create_connection(
-                HttpConnection, "127.0.0.1", self.config.http_port
-            )
+            _, proto = await loop.create_connection(HttpConnection, "127.0.0.1", self.config.http_port)
             if i < len(self.http):
                 self.http_reconnects += 1
                 self.http[i] = proto
@@ -478,9 +469,7 @@ class Target:
         deadline = perf_counter() + load.connect_timeout
         rounds = 0
         while perf_counter() < deadline and rounds < 300:
-            deaf = sorted(
-                {s.channel for s in self.subscribers if not s.ready and not s.disconnected}
-            )
+            deaf = sorted({s.channel for s in self.subscribers if not s.ready and not s.disconnected})
             if not deaf:
                 break
             await self.post_each(deaf, b'{"type":"probe"}', deadline)
@@ -570,9 +559,7 @@ class Target:
                 count += 1
 
         try:
-            await self.trial(
-                "saturation", bucket, [publisher(i) for i in range(k)], load.sat_seconds
-            )
+            await self.trial("saturation", bucket, [publisher(i) for i in range(k)], load.sat_seconds)
         finally:
             timer.cancel()
 
@@ -659,9 +646,7 @@ class Target:
                 summary["target_rate"] = self.load.rate
                 sent = sum(t["sent"] for t in trials)
                 summary["achieved_rate"] = round(sent / (self.load.rate_seconds * len(trials)), 1)
-                summary["each_device_ms"] = percentiles(
-                    [x for b in buckets for x in (b.each or ())]
-                )
+                summary["each_device_ms"] = percentiles([x for b in buckets for x in (b.each or ())])
             self.result[kind] = summary
 
     def integrity(self) -> dict[str, Any]:
@@ -703,9 +688,7 @@ class Target:
         self.result["rss"] = self.rss
         connected = len(self.subscribers) - self.connect_errors
         grown = self.rss.get("idle", self.rss.get("connected", 0)) - self.rss.get("base", 0)
-        self.result["kib_per_connection"] = (
-            round(grown / 1024 / connected, 2) if connected else None
-        )
+        self.result["kib_per_connection"] = round(grown / 1024 / connected, 2) if connected else None
         return self.result
 
     def close(self) -> None:
@@ -751,18 +734,6 @@ class Driver:
                 t.rss_peak = max(t.rss_peak, t.memory())
             await asyncio.sleep(0.1)
 
-    async def heartbeat(self) -> None:
-        """Answer protocols that expect client pings (rtbroadcast's welcome names an interval)."""
-        while not self.stop:
-            subs = [s for t in self.targets for s in t.subscribers if s.heartbeat]
-            if not subs:
-                await asyncio.sleep(1.0)
-                continue
-            await asyncio.sleep(min(s.heartbeat or 1.0 for s in subs) / 3)
-            for s in subs:
-                if s.transport is not None and not s.disconnected:
-                    s.transport.send(_TEXT, b'{"type":"ping"}')
-
     async def slow_reading(self, slow: list[Subscriber]) -> None:
         """Slow readers read one small receive buffer per period until :attr:`stop_slow`."""
         for s in slow:
@@ -778,7 +749,6 @@ class Driver:
     async def run(self) -> dict[str, Any]:
         cfg = self.config
         monitor = asyncio.ensure_future(self.monitor())
-        heartbeat = asyncio.ensure_future(self.heartbeat())
         try:
             if cfg.idle_seconds:
                 await self.run_idle()
@@ -787,7 +757,6 @@ class Driver:
         finally:
             self.stop = True
             monitor.cancel()
-            heartbeat.cancel()
         return {t.name: t.result for t in self.targets}
 
     async def run_idle(self) -> None:

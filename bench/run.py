@@ -69,13 +69,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--stacks", help=f"comma-separated subset of: {', '.join(STACKS)}")
     parser.add_argument("--scenarios", help="comma-separated scenario names (see bench/README.md)")
     parser.add_argument("--server-cpu", type=int, default=0, help="core for the server (default 0)")
-    parser.add_argument(
-        "--loadgen-cpu", type=int, default=1, help="core for the load generator (default 1)"
-    )
+    parser.add_argument("--loadgen-cpu", type=int, default=1, help="core for the load generator (default 1)")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
-    parser.add_argument(
-        "--rounds", type=int, help="interleaved rounds of trials per stack (full 3, quick 1)"
-    )
+    parser.add_argument("--rounds", type=int, help="interleaved rounds of trials per stack (full 3, quick 1)")
     parser.add_argument("--rate-seconds", type=float, help="length of one fixed-rate latency trial")
     parser.add_argument("--sat-seconds", type=float, help="length of one saturation trial")
     parser.add_argument("--out", type=Path, help="JSON output path (default bench/results/...)")
@@ -161,9 +157,7 @@ def cpu_noise(cores: list[int], seconds: float = 2.0) -> dict[str, dict[str, int
     differences.
     """
     procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", _SPIN, str(core), str(seconds)], stdout=subprocess.PIPE
-        )
+        subprocess.Popen([sys.executable, "-c", _SPIN, str(core), str(seconds)], stdout=subprocess.PIPE)
         for core in cores
     ]
     result = {}
@@ -265,9 +259,7 @@ def run_scenario(
     try:
         ports: dict[str, tuple[int, int]] = {}
         for stack in stacks:
-            server, port, http_port = start_server(
-                stack, args, logs / f"{scenario.name}-{stack}.log"
-            )
+            server, port, http_port = start_server(stack, args, logs / f"{scenario.name}-{stack}.log")
             servers[stack] = server
             ports[stack] = (port, http_port)
         for stack in stacks:
@@ -363,9 +355,7 @@ def select(names: str | None, available: dict[str, Any] | list[str], what: str) 
     chosen = [n.strip() for n in names.split(",") if n.strip()]
     unknown = [n for n in chosen if n not in available]
     if unknown:
-        raise SystemExit(
-            f"unknown {what}: {', '.join(unknown)}; choose from {', '.join(available)}"
-        )
+        raise SystemExit(f"unknown {what}: {', '.join(unknown)}; choose from {', '.join(available)}")
     return chosen
 
 
@@ -476,8 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         for record in run_scenario(scenario, stacks, args, timing, run_id, redis, logs):
             if record["status"] != "ok":
                 print(
-                    f"  ERROR {record['stack']}: {record.get('error')}\n"
-                    f"{record.get('server_log', '')}",
+                    f"  ERROR {record['stack']}: {record.get('error')}\n{record.get('server_log', '')}",
                     file=sys.stderr,
                 )
             runs.append(record)

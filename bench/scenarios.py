@@ -54,9 +54,7 @@ def _window(subs_per_channel: int, channels: int) -> int:
 FULL: tuple[Scenario, ...] = (
     Scenario("fanout-10", "1 channel x 10 subscribers", 1, 10, rate=500, window=_window(10, 1)),
     Scenario("fanout-100", "1 channel x 100 subscribers", 1, 100, rate=100, window=_window(100, 1)),
-    Scenario(
-        "fanout-1000", "1 channel x 1000 subscribers", 1, 1000, rate=20, window=_window(1000, 1)
-    ),
+    Scenario("fanout-1000", "1 channel x 1000 subscribers", 1, 1000, rate=20, window=_window(1000, 1)),
     Scenario(
         "channels-1000x5",
         "1000 channels x 5 subscribers",

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from rtbroadcast.starlette import lifespan, websocket_route
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from rtbroadcast import Broadcaster
+from rtbroadcast.starlette import lifespan, websocket_route
 
 
 def make_app(url: str) -> Starlette:
@@ -21,7 +21,7 @@ def make_app(url: str) -> Starlette:
 
     return Starlette(
         routes=[
-            websocket_route("/ws", broadcaster, channel=lambda conn: conn.query_params["channel"]),
+            websocket_route("/ws", broadcaster, channel=lambda req: req.query["channel"]),
             Route("/publish/{channel}", publish, methods=["POST"]),
         ],
         lifespan=lifespan(broadcaster),
