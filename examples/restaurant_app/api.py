@@ -254,4 +254,11 @@ async def health(request: Request, service: Service) -> JSONResponse:
             "messages_dropped": stats.get("messages_dropped", 0),
         },
     }
+    outbox = getattr(request.app.state, "outbox", None)
+    if outbox is not None:
+        body["outbox"] = {
+            "pending": await outbox.pending(),
+            "published": outbox.published,
+            "backend_outage": outbox.outage_since is not None,
+        }
     return JSONResponse(body, status_code=503 if status == "unhealthy" else 200)

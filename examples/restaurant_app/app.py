@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,8 +19,9 @@ from rtbroadcast.starlette import broadcast_routes, lifespan
 from . import api
 from .config import Settings
 from .db import create_engine, create_schema
+from .outbox import TransactionalOutbox
 from .schemas import RESTAURANT_ID_PATTERN, TableCreate
-from .service import CHANNEL_PREFIX, NotFound, RestaurantService
+from .service import CHANNEL_PREFIX, NotFound, RestaurantService, channel_for
 
 __all__ = ["DEMO_RESTAURANT_ID", "DEMO_TABLES", "create_app"]
 
@@ -51,12 +54,14 @@ def create_app(
     database = engine if engine is not None else create_engine(settings.database_url)
     if broadcaster is None:
         broadcaster = Broadcaster(settings.broadcast_url, heartbeat_interval=settings.heartbeat_interval)
-    service = RestaurantService(database, broadcaster)
+    outbox = TransactionalOutbox(database, broadcaster, channel_for=channel_for) if settings.outbox else None
+    service = RestaurantService(database, broadcaster, dispatcher=outbox)
 
     @asynccontextmanager
     async def storage(app: FastAPI) -> AsyncIterator[None]:
         # Entered after the broadcaster connected, so that seeding can broadcast.
         await create_schema(database)
+        relay = asyncio.get_running_loop().create_task(outbox.run()) if outbox is not None else None
         if settings.demo:
             created = await service.seed_tables(
                 DEMO_RESTAURANT_ID, (TableCreate(name=name, capacity=size) for name, size in DEMO_TABLES)
@@ -65,6 +70,10 @@ def create_app(
         try:
             yield
         finally:
+            if relay is not None:
+                relay.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await relay
             if owns_engine:
                 await database.dispose()
 
@@ -75,6 +84,7 @@ def create_app(
     )
     app.state.service = service
     app.state.broadcaster = broadcaster
+    app.state.outbox = outbox
     app.include_router(api.router)
     app.add_exception_handler(NotFound, _not_found)
     app.router.routes.extend(

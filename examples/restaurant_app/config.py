@@ -25,6 +25,8 @@ class Settings:
         heartbeat_interval: seconds between WebSocket pings, also announced in the welcome frame.
         heartbeat_timeout: seconds to wait for a pong before the server drops a dead connection.
         demo: seed the demo restaurant at startup.
+        outbox: write events to a transactional outbox relayed to the broadcaster (the default); off
+            publishes right after each commit, and an event whose publish fails is lost.
         log_level: level of the root logger when started with ``python -m examples.restaurant_app``.
     """
 
@@ -33,6 +35,7 @@ class Settings:
     heartbeat_interval: float = 25.0
     heartbeat_timeout: float = 10.0
     demo: bool = False
+    outbox: bool = True
     log_level: str = "INFO"
 
     @classmethod
@@ -49,6 +52,7 @@ class Settings:
             heartbeat_interval=_positive(env, "HEARTBEAT_INTERVAL", 25.0),
             heartbeat_timeout=_positive(env, "HEARTBEAT_TIMEOUT", 10.0),
             demo=_flag(env, "DEMO", False),
+            outbox=_flag(env, "OUTBOX", True),
             log_level=_log_level(env),
         )
 

@@ -407,7 +407,7 @@ class SwitchableBackend(MemoryBackend):
         return await super().position(channel)
 
 
-async def test_a_failed_broadcast_is_logged_and_the_write_stands(
+async def test_a_failed_broadcast_is_deferred_and_the_write_stands(
     start_service: StartService, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="examples.restaurant_app")
@@ -424,24 +424,34 @@ async def test_a_failed_broadcast_is_logged_and_the_write_stands(
 
         backend.down = True
         guest = await _guest(service, name="During")
-        failures = [
-            r for r in caplog.records if r.levelno == logging.ERROR and "guest_created" in r.getMessage()
+        deferred = [
+            r
+            for r in caplog.records
+            if r.levelno == logging.WARNING and "deferred to the outbox relay" in r.getMessage()
         ]
-        assert len(failures) == 1
-        assert RID in failures[0].getMessage()
+        assert len(deferred) == 1
         # The snapshot still serves (the polling fallback), without a stream position, with a new ETag.
         listed = await http.get(f"/restaurants/{RID}/guests", headers={"If-None-Match": etag})
         assert listed.status_code == 200
         assert listed.json()["seq"] is None
         assert "x-stream-seq" not in listed.headers
         assert [g["guestName"] for g in listed.json()["guests"]] == ["Before", "During"]
-        assert (await http.get("/health")).json()["status"] == "degraded"
+        health = (await http.get("/health")).json()
+        assert health["status"] == "degraded"
+        assert health["outbox"]["pending"] == 1
 
         backend.down = False
+        # Nothing was lost: the outbox relays the deferred event first, then what follows, in order.
+        during, during_seq = strip_envelope(await recv_json(ws, timeout=15))
+        assert (during["type"], during["data"]["guestName"], during_seq) == (
+            "guest_created",
+            "During",
+            seq + 1,
+        )
         await http.put(f"/restaurants/{RID}/guests/{guest['id']}", json={"status": "notified"})
         updated, next_seq = strip_envelope(await recv_json(ws))
         assert updated["guest_id"] == guest["id"]
-        assert next_seq == seq + 1
+        assert next_seq == seq + 2
     assert (await http.get("/health")).json()["status"] == "ok"
 
 
