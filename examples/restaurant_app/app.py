@@ -9,13 +9,14 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.routing import Route, WebSocketRoute
 
 from rtbroadcast import Broadcaster
-from rtbroadcast.asgi import channel_from_query
-from rtbroadcast.starlette import broadcast_routes, lifespan
+from rtbroadcast.asgi import BroadcastEndpoint, channel_from_query
+from rtbroadcast.starlette import lifespan
 
 from . import api
-from .auth import AccessPolicy
+from .auth import AccessPolicy, CloseOnTokenExpiry
 from .config import Settings
 from .db import create_engine, create_schema
 from .schemas import RESTAURANT_ID_PATTERN, TableCreate
@@ -85,14 +86,18 @@ def create_app(
     app.state.access = access
     app.include_router(api.router)
     app.add_exception_handler(NotFound, _not_found)
-    app.router.routes.extend(
-        broadcast_routes(
-            "/realtime",
+    # The library's endpoint, wrapped so that a connection ends when its token expires.
+    realtime = CloseOnTokenExpiry(
+        BroadcastEndpoint(
             broadcaster,
-            channel=channel_from_query("restaurant_id", prefix=CHANNEL_PREFIX, pattern=RESTAURANT_ID_PATTERN),
+            channel_from_query("restaurant_id", prefix=CHANNEL_PREFIX, pattern=RESTAURANT_ID_PATTERN),
             authorize=access.authorize,
             allowed_origins=settings.allowed_origins,
-        )
+        ),
+        access,
+    )
+    app.router.routes.extend(
+        [WebSocketRoute("/realtime", realtime), Route("/realtime/sse", realtime, methods=["GET"])]
     )
     return app
 

@@ -9,6 +9,7 @@ without a valid token, 403 with a token for another restaurant).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import secrets
@@ -17,7 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import jwt
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from rtbroadcast import CloseCode
 from rtbroadcast.asgi import ConnectionRequest, Deny
 
 from .config import Settings
@@ -27,6 +30,7 @@ from .service import CHANNEL_PREFIX
 __all__ = [
     "ALGORITHM",
     "AccessPolicy",
+    "CloseOnTokenExpiry",
     "DeviceClaims",
     "Forbidden",
     "TokenError",
@@ -202,7 +206,7 @@ class AccessPolicy:
 
     def authorize(self, request: ConnectionRequest, channel: str) -> bool | Deny:
         """The realtime endpoints' ``authorize`` hook: the token from ``?token=`` or ``Authorization``."""
-        token = request.query.get("token") or bearer_token(request.headers.get("authorization"))
+        token = realtime_token(request)
         restaurant_id = channel.removeprefix(CHANNEL_PREFIX)
         try:
             device = self.check(token, restaurant_id)
@@ -223,6 +227,72 @@ class AccessPolicy:
                 _client(request),
             )
         return True
+
+    def token_deadline(self, request: ConnectionRequest) -> float | None:
+        """When the valid token of a realtime request stops being accepted (Unix time), else ``None``."""
+        token = realtime_token(request)
+        if self._secret is None or token is None:
+            return None
+        try:
+            return verify_token(self._secret, token).expires_at + LEEWAY
+        except TokenError:
+            return None  # the endpoint's authorize hook refuses it
+
+
+class CloseOnTokenExpiry:
+    """ASGI wrapper of the realtime endpoint: ends a connection when the token it opened with expires.
+
+    The endpoint checks the token once, when the connection opens; without this wrapper an open WebSocket or
+    SSE stream would outlive its token. At the deadline the endpoint is told that the client left, and the
+    WebSocket is closed with 4003 ``token expired``; the device reconnects (and resumes) with a fresh token.
+    """
+
+    def __init__(self, app: ASGIApp, policy: AccessPolicy) -> None:
+        self.app = app
+        self.policy = policy
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("websocket", "http"):
+            await self.app(scope, receive, send)
+            return
+        deadline = self.policy.token_deadline(ConnectionRequest.from_scope(scope))
+        if deadline is None:
+            await self.app(scope, receive, send)
+            return
+        websocket = scope["type"] == "websocket"
+        gone: Message = (
+            {"type": "websocket.disconnect", "code": int(CloseCode.FORBIDDEN)}
+            if websocket
+            else {"type": "http.disconnect"}
+        )
+        expired = False
+
+        async def receive_until_deadline() -> Message:
+            nonlocal expired
+            if expired:
+                return gone
+            loop = asyncio.get_running_loop()
+            try:
+                async with asyncio.timeout_at(loop.time() + deadline - time.time()):
+                    return await receive()
+            except TimeoutError:
+                expired = True
+                return gone
+
+        await self.app(scope, receive_until_deadline, send)
+        if expired and websocket:
+            logger.info("closing %s: token expired", scope.get("path", ""))
+            try:
+                await send(
+                    {"type": "websocket.close", "code": int(CloseCode.FORBIDDEN), "reason": "token expired"}
+                )
+            except Exception as exc:  # already closed, or the client is gone
+                logger.debug("closing an expired connection failed: %r", exc)
+
+
+def realtime_token(request: ConnectionRequest) -> str | None:
+    """The token of a realtime request: ``?token=`` (browsers), else ``Authorization: Bearer``."""
+    return request.query.get("token") or bearer_token(request.headers.get("authorization"))
 
 
 def require_restaurant(device: DeviceClaims | None, restaurant_id: str) -> None:

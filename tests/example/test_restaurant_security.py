@@ -17,6 +17,7 @@ import pytest
 from examples.restaurant_app import Settings, create_app
 from examples.restaurant_app.__main__ import RedactTokens, main
 from examples.restaurant_app.auth import (
+    LEEWAY,
     MAX_TOKEN_LENGTH,
     AccessPolicy,
     TokenError,
@@ -207,6 +208,31 @@ async def test_sse_needs_a_token_for_its_restaurant(service: Running) -> None:
                 assert line.startswith("data: "), line
                 assert json.loads(line.removeprefix("data: "))["type"] == "welcome"
                 break
+
+
+@pytest.mark.anyio
+async def test_connections_end_when_their_token_expires(service: Running) -> None:
+    # Accepted now (within the leeway), no longer accepted 1.5 s from now.
+    token = service.token(VICTIM, ttl=60, now=time.time() - 60 - LEEWAY + 1.5)
+    async with await connect(service.ws_url(VICTIM)) as lasting:
+        await welcome(lasting)
+        async with await connect(service.ws_url(VICTIM, token=token)) as expiring:
+            await welcome(expiring)
+            started = time.monotonic()
+            with pytest.raises(ConnectionClosed) as closed:
+                await recv_json(expiring, timeout=10)
+            assert closed.value.rcvd is not None
+            assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4003, "token expired")
+            assert 0.5 < time.monotonic() - started < 5
+        anonymous = httpx.AsyncClient(base_url=f"http://{service.address}", timeout=10)
+        token = service.token(VICTIM, ttl=60, now=time.time() - 60 - LEEWAY + 1.5)
+        params = {"restaurant_id": VICTIM, "token": token}
+        async with anonymous, anonymous.stream("GET", "/realtime/sse", params=params) as stream:
+            lines = [line async for line in stream.aiter_lines() if line]  # ends at expiry
+            assert len(lines) == 1 and json.loads(lines[0].removeprefix("data: "))["type"] == "welcome"
+        # The connection opened with a lasting token is untouched.
+        await assert_nothing_queued(lasting)
+        await assert_refused(service.ws_url(VICTIM, token=token), "token expired")
 
 
 # -- HTTP -------------------------------------------------------------------------------------------------
