@@ -51,6 +51,8 @@ MAX_TOKEN_LENGTH = 4096
 LEEWAY = 10.0
 
 _RESTAURANT_ID = re.compile(RESTAURANT_ID_PATTERN)
+#: ``iat`` and ``exp`` beyond this (2**40 s: year 36812) are refused, so that they convert to floats.
+_MAX_TIMESTAMP = 2**40
 
 
 class TokenError(Exception):
@@ -101,8 +103,8 @@ def mint_token(
     """
     if _RESTAURANT_ID.fullmatch(restaurant_id) is None:
         raise ValueError(f"not a valid restaurant id: {restaurant_id!r}")
-    if ttl <= 0:
-        raise ValueError(f"ttl must be positive, not {ttl!r}")
+    if not 0 < ttl < _MAX_TIMESTAMP:
+        raise ValueError(f"ttl must be a positive number of seconds, not {ttl!r}")
     issued = int(time.time() if now is None else now)
     claims: dict[str, Any] = {
         "sub": device_id or f"device-{secrets.token_hex(8)}",
@@ -135,13 +137,15 @@ def verify_token(secret: str, token: str) -> DeviceClaims:
         logger.debug("token refused: %s", exc)
         raise TokenError("invalid token") from None
     subject, restaurant_id = claims["sub"], claims["restaurant_id"]
+    issued_at, expires_at = int(claims["iat"]), int(claims["exp"])  # PyJWT checked that they are numbers
     if (
         not isinstance(subject, str)
         or not isinstance(restaurant_id, str)
         or _RESTAURANT_ID.fullmatch(restaurant_id) is None
+        or not 0 <= issued_at <= expires_at <= _MAX_TIMESTAMP
     ):
         raise TokenError("invalid token")
-    return DeviceClaims(subject, restaurant_id, int(claims["iat"]), int(claims["exp"]))
+    return DeviceClaims(subject, restaurant_id, issued_at, expires_at)
 
 
 def bearer_token(authorization: str | None) -> str | None:

@@ -25,6 +25,8 @@ from examples.restaurant_app.auth import (
     mint_token,
     verify_token,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed
 
 from tests.example.conftest import TEST_SECRET, Running, StartService
@@ -394,6 +396,14 @@ def test_tokens_carry_the_device_and_its_restaurant() -> None:
         mint_token(TEST_SECRET, "bad id!")
     with pytest.raises(ValueError, match="ttl"):
         mint_token(TEST_SECRET, VICTIM, ttl=0)
+    with pytest.raises(ValueError, match="ttl"):
+        mint_token(TEST_SECRET, VICTIM, ttl=float("inf"))
+    for iat, exp in ((0, 10**400), (1, 2**41), (-5, 2**35)):
+        odd = jwt.PyJWS().encode(
+            json.dumps({"sub": "d", "restaurant_id": VICTIM, "iat": iat, "exp": exp}).encode(), TEST_SECRET
+        )
+        with pytest.raises(TokenError, match="invalid token"):
+            verify_token(TEST_SECRET, odd)
 
 
 def test_bearer_header_parsing() -> None:
@@ -463,3 +473,51 @@ def test_tokens_are_redacted_from_logged_urls() -> None:
     assert record.getMessage() == (
         '127.0.0.1:5000 - "WebSocket /realtime?restaurant_id=r1&token=***&epoch=e" [accepted]'
     )
+
+
+# -- hostile tokens (property-based) ----------------------------------------------------------------------
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3)
+    ),
+    max_leaves=8,
+)
+_claim_values = st.one_of(_json_values, st.just(VICTIM), st.integers(0, 2**40))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    claims=st.dictionaries(
+        st.sampled_from(["sub", "restaurant_id", "iat", "exp", "nbf", "aud", "iss", "x"]), _claim_values
+    )
+)
+def test_any_claims_signed_with_the_secret_verify_or_raise_token_error(claims: dict[str, Any]) -> None:
+    """Even a token signed with the secret, with claims of any type and value, never crashes the check."""
+    # Signed as raw JSON: jwt.encode would refuse some of these claims before signing them.
+    token = jwt.PyJWS().encode(json.dumps(claims).encode(), TEST_SECRET, algorithm="HS256")
+    try:
+        device = verify_token(TEST_SECRET, token)
+    except TokenError:
+        return
+    assert device.restaurant_id == claims["restaurant_id"] == VICTIM
+
+
+@settings(max_examples=300, deadline=None)
+@given(position=st.integers(min_value=0), replacement=st.characters(codec="ascii"), data=st.data())
+def test_an_altered_token_is_refused_or_unchanged(
+    position: int, replacement: str, data: st.DataObject
+) -> None:
+    """Changing any character of a valid token either breaks it or (base64 padding bits) changes nothing."""
+    token = mint_token(TEST_SECRET, VICTIM, device_id="d1")
+    index = position % len(token)
+    altered = token[:index] + replacement + token[index + 1 :]
+    try:
+        device = verify_token(TEST_SECRET, altered)
+    except TokenError:
+        return
+    assert device == verify_token(TEST_SECRET, token)
+    garbage = data.draw(st.text(max_size=200))
+    with pytest.raises(TokenError):
+        verify_token(TEST_SECRET, garbage)
