@@ -117,6 +117,8 @@ def serve_command(argv: list[str]) -> None:
     print(f"  realtime   {ws}/realtime?{urlencode(query, safe='<>')}")
     print(f"  guests     {http}/restaurants/{restaurant}/guests")
     print(f"  tables     {http}/restaurants/{restaurant}/tables")
+    if settings.token_secret is not None and not generated_secret:
+        print(f"  tokens     python -m examples.restaurant_app token --restaurant {restaurant}")
     if settings.demo:
         header = f"-H 'authorization: Bearer {token}' " if token else ""
         body = '{"guestName": "John Doe", "partySize": 4}'

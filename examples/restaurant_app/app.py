@@ -106,8 +106,9 @@ def _log_access_mode(settings: Settings) -> None:
     mode = settings.auth_mode
     if mode == "open":
         logger.warning(
-            "AUTHENTICATION DISABLED: no RESTAURANT_TOKEN_SECRET and RESTAURANT_ALLOW_LEGACY_UNAUTHENTICATED "
-            "is set; anyone who can reach this service can read and change every restaurant's data"
+            "AUTHENTICATION DISABLED: RESTAURANT_ALLOW_LEGACY_UNAUTHENTICATED is set and no "
+            "RESTAURANT_TOKEN_SECRET; anyone who can reach this service can read and change every "
+            "restaurant's data"
         )
     elif mode == "tokens+legacy":
         logger.warning(
