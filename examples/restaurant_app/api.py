@@ -67,7 +67,7 @@ def _unauthorized(reason: str) -> HTTPException:
     return HTTPException(401, reason, headers={"WWW-Authenticate": challenge})
 
 
-def _device(
+async def _device(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> DeviceClaims | None:
@@ -93,7 +93,7 @@ def _check_restaurant(device: DeviceClaims | None, restaurant_id: str) -> None:
         raise HTTPException(403, exc.reason) from None
 
 
-def _restaurant_access(request: Request, device: Device) -> None:
+async def _restaurant_access(request: Request, device: Device) -> None:
     """Refuse (403) a token bound to another restaurant than the path's ``restaurant_id``.
 
     A malformed id names no restaurant: it is left to the path's validation (422).
