@@ -11,12 +11,14 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.routing import Route, WebSocketRoute
 
 from rtbroadcast import Broadcaster
-from rtbroadcast.asgi import channel_from_query
-from rtbroadcast.starlette import broadcast_routes, lifespan
+from rtbroadcast.asgi import BroadcastEndpoint, channel_from_query
+from rtbroadcast.starlette import lifespan
 
 from . import api
+from .auth import AccessPolicy, CloseOnTokenExpiry
 from .config import Settings
 from .db import create_engine, create_schema
 from .outbox import TransactionalOutbox
@@ -48,8 +50,14 @@ def create_app(
         broadcaster: a broadcaster to use instead of one built from ``settings.broadcast_url``.
 
     With uvicorn directly: ``uvicorn --factory examples.restaurant_app:create_app``.
+
+    Raises:
+        ValueError: the settings configure neither ``token_secret`` nor ``allow_legacy_unauthenticated``
+            (``python -m examples.restaurant_app --demo`` generates a secret when none is set).
     """
     settings = settings or Settings.from_env()
+    access = AccessPolicy(settings)
+    _log_access_mode(settings)
     owns_engine = engine is None
     database = engine if engine is not None else create_engine(settings.database_url)
     if broadcaster is None:
@@ -85,16 +93,43 @@ def create_app(
     app.state.service = service
     app.state.broadcaster = broadcaster
     app.state.outbox = outbox
+    app.state.access = access
     app.include_router(api.router)
     app.add_exception_handler(NotFound, _not_found)
-    app.router.routes.extend(
-        broadcast_routes(
-            "/realtime",
+    # The library's endpoint, wrapped so that a connection ends when its token expires.
+    realtime = CloseOnTokenExpiry(
+        BroadcastEndpoint(
             broadcaster,
-            channel=channel_from_query("restaurant_id", prefix=CHANNEL_PREFIX, pattern=RESTAURANT_ID_PATTERN),
-        )
+            channel_from_query("restaurant_id", prefix=CHANNEL_PREFIX, pattern=RESTAURANT_ID_PATTERN),
+            authorize=access.authorize,
+            allowed_origins=settings.allowed_origins,
+        ),
+        access,
+    )
+    app.router.routes.extend(
+        [WebSocketRoute("/realtime", realtime), Route("/realtime/sse", realtime, methods=["GET"])]
     )
     return app
+
+
+def _log_access_mode(settings: Settings) -> None:
+    mode = settings.auth_mode
+    if mode == "open":
+        logger.warning(
+            "AUTHENTICATION DISABLED: RESTAURANT_ALLOW_LEGACY_UNAUTHENTICATED is set and no "
+            "RESTAURANT_TOKEN_SECRET; anyone who can reach this service can read and change every "
+            "restaurant's data"
+        )
+    elif mode == "tokens+legacy":
+        logger.warning(
+            "RESTAURANT_ALLOW_LEGACY_UNAUTHENTICATED is set: requests WITHOUT a device token are accepted "
+            "(bare /realtime?restaurant_id=... URLs); anyone who knows a restaurant id can read and change "
+            "its data. Turn it off once every device sends a token"
+        )
+    else:
+        logger.info("device tokens required on /realtime and /restaurants/...")
+    if settings.allowed_origins is not None:
+        logger.info("WebSocket origins allowed: %s", ", ".join(settings.allowed_origins))
 
 
 async def _not_found(request: Request, exc: Exception) -> JSONResponse:

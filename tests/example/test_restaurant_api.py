@@ -465,10 +465,26 @@ def _free_port() -> int:
         return port
 
 
+async def _read_banner(stream: asyncio.StreamReader) -> dict[str, str]:
+    """Read the demo's banner up to its ``try`` line: ``{"realtime": url, "token": token, ...}``."""
+    banner: dict[str, str] = {}
+    while "try" not in banner:
+        line = (await asyncio.wait_for(stream.readline(), 20)).decode()
+        assert line, f"the service exited; banner so far: {banner}"
+        name, _, value = line.strip().partition(" ")
+        if line.startswith("  ") and name and value:
+            banner.setdefault(name, value.strip())
+    return banner
+
+
 @pytest.mark.slow
 async def test_main_command_starts_the_demo(tmp_path: Path) -> None:
+    """``make run``: a generated secret, and the printed WebSocket URL and bearer token work as printed;
+    the access log does not show the token."""
     port = _free_port()
-    env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path / 'demo.db'}", "LOG_LEVEL": "WARNING"}
+    env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path / 'demo.db'}", "LOG_LEVEL": "INFO"}
+    for name in ("RESTAURANT_TOKEN_SECRET", "RESTAURANT_ALLOW_LEGACY_UNAUTHENTICATED"):
+        env.pop(name, None)
     process = await asyncio.create_subprocess_exec(
         *(
             sys.executable,
@@ -485,7 +501,16 @@ async def test_main_command_starts_the_demo(tmp_path: Path) -> None:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
+    assert process.stdout is not None
     try:
+        banner = await _read_banner(process.stdout)
+        token = banner["token"]
+        assert banner["auth"] == "tokens"
+        assert banner["realtime"] == (
+            f"ws://127.0.0.1:{port}/realtime?restaurant_id=test-restaurant-1&token={token}"
+        )
+        assert f"Bearer {token}" in banner["try"]
+        assert banner["secret"].startswith("RESTAURANT_TOKEN_SECRET=")
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
             for _ in range(100):
                 try:
@@ -497,12 +522,35 @@ async def test_main_command_starts_the_demo(tmp_path: Path) -> None:
             else:
                 pytest.fail("the service did not answer within 10 s")
             assert health.json()["status"] == "ok"
-            tables = (await http.get("/restaurants/test-restaurant-1/tables")).json()["tables"]
+            assert health.json()["auth"] == "tokens"
+            tables_url = "/restaurants/test-restaurant-1/tables"
+            assert (await http.get(tables_url)).status_code == 401
+            authorized = {"authorization": f"Bearer {token}"}
+            tables = (await http.get(tables_url, headers=authorized)).json()["tables"]
             assert len(tables) == 6
+        async with await connect(banner["realtime"]) as ws:
+            assert (await welcome(ws))["channel"] == "restaurant:test-restaurant-1"
     finally:
         if process.returncode is None:
             process.terminate()
         stdout, _ = await asyncio.wait_for(process.communicate(), 10)
-    output = stdout.decode()
-    assert f"ws://127.0.0.1:{port}/realtime?restaurant_id=test-restaurant-1" in output
-    assert f"http://127.0.0.1:{port}/health" in output
+    log = [line for line in stdout.decode().splitlines() if not line.startswith(" ")]
+    assert any("/realtime?restaurant_id=test-restaurant-1&token=***" in line for line in log), log
+    assert not [line for line in log if token in line], "the token must not appear in the logs"
+    assert banner["health"] == f"http://127.0.0.1:{port}/health"
+
+
+async def test_main_command_refuses_to_start_without_a_secret(tmp_path: Path) -> None:
+    env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}"}
+    for name in ("RESTAURANT_TOKEN_SECRET", "RESTAURANT_ALLOW_LEGACY_UNAUTHENTICATED"):
+        env.pop(name, None)
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "examples.restaurant_app", "--port", str(_free_port())),
+        cwd=ROOT,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    stdout, _ = await asyncio.wait_for(process.communicate(), 20)
+    assert process.returncode == 2
+    assert "RESTAURANT_TOKEN_SECRET" in stdout.decode()
