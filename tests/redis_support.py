@@ -46,7 +46,8 @@ def ping(host: str, port: int, *, password: str | None = None, timeout: float = 
     try:
         with socket.create_connection((host, port), timeout=timeout) as sock:
             if password is not None:
-                sock.sendall(f"AUTH {password}\r\n".encode())
+                secret = password.encode()
+                sock.sendall(b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n" % (len(secret), secret))
                 if not sock.recv(64).startswith(b"+OK"):
                     return False
             sock.sendall(b"PING\r\n")

@@ -352,6 +352,7 @@ class RedisBackend(Backend):
         self._pubsub_suffix = ""
         # The PUB/SUB connection while it is up and subscribed; None while reconnecting.
         self._conn: AbstractConnection | None = None
+        self._handover: AbstractConnection | None = None
         # Channels this process wants (channel -> PUB/SUB name), and the way back.
         self._channels: dict[str, str] = {}
         self._names: dict[str, str] = {}
@@ -385,11 +386,11 @@ class RedisBackend(Backend):
         """
         redis_url, ours = _split_url(url)
         options: dict[str, Any] = {}
-        try:
-            for key, value in ours.items():
+        for key, value in ours.items():
+            try:
                 options[key] = _URL_OPTIONS[key](value)
-        except ValueError as exc:
-            raise ConfigurationError(f"invalid option in Redis URL: {exc}") from None
+            except ValueError:
+                raise ConfigurationError(f"invalid value {value!r} for {key} in the Redis URL") from None
         return cls(redis_url, **options)
 
     # -- naming -------------------------------------------------------------------------------------
@@ -458,9 +459,9 @@ class RedisBackend(Backend):
             raise
         self._listener = listener
         self._state = _State.CONNECTED
-        self._task = asyncio.get_running_loop().create_task(
-            self._listen(conn), name="rtbroadcast-redis-listener"
-        )
+        # Held here until the task takes it, so that a disconnect() before the task ever ran closes it.
+        self._handover = conn
+        self._task = asyncio.get_running_loop().create_task(self._listen(), name="rtbroadcast-redis-listener")
         self._task.add_done_callback(self._listener_done)
         logger.debug("connected to Redis at %s", self._where())
 
@@ -475,9 +476,10 @@ class RedisBackend(Backend):
             # wait() neither raises the task's exception nor swallows a cancellation of disconnect() itself.
             await asyncio.wait([task])
         self._fail_waiters(StateError("the Redis backend was disconnected"))
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            await _close(conn)
+        for conn in (self._conn, self._handover):
+            if conn is not None:
+                await _close(conn)
+        self._conn = self._handover = None
         self._channels.clear()
         self._names.clear()
         self._listener = None
@@ -725,8 +727,9 @@ class RedisBackend(Backend):
             raise
         return conn
 
-    async def _listen(self, conn: AbstractConnection | None) -> None:
+    async def _listen(self) -> None:
         """Keep a PUB/SUB connection up, subscribed to every wanted channel, and deliver its messages."""
+        conn, self._handover = self._handover, None
         reconnected = False
         while True:
             if conn is None:
