@@ -536,8 +536,14 @@ class RedisBackend(Backend):
             detail = str(exc) or type(exc).__name__
         return BackendUnavailable(f"cannot {action} on Redis at {self._where()}: {detail}")
 
-    async def _run(self, script: str, keys: list[str], args: list[str | int], action: str) -> Any:
+    async def _run(
+        self, script: str, keys: list[str], args: list[str | int], action: str, *, retry: bool = False
+    ) -> Any:
         """Run one of the scripts within the timeout, translating Redis errors.
+
+        With ``retry``, a connection error is retried once (within the same timeout): a pooled connection
+        may have died with a Redis restart that nobody used it through yet. Only scripts that may run
+        twice (reads) retry; a publish must not, since its first attempt may have been applied.
 
         Raises:
             BackendUnavailable: Redis cannot be reached, or answered "not now" (memory full, loading).
@@ -546,7 +552,12 @@ class RedisBackend(Backend):
         client = self._require(action)
         try:
             async with asyncio.timeout(self._timeout):
-                return await self._scripts[script](keys=keys, args=args, client=client)
+                try:
+                    return await self._scripts[script](keys=keys, args=args, client=client)
+                except RedisConnectionError:
+                    if not retry:
+                        raise
+                    return await self._scripts[script](keys=keys, args=args, client=client)
         except (*_UNREACHABLE, RedisError) as exc:
             raise self._translate(exc, action) from exc
 
@@ -599,6 +610,7 @@ class RedisBackend(Backend):
             [f"{base}:meta", f"{base}:stream"],
             [secrets.token_hex(8), self._meta_ms],
             "read position",
+            retry=True,
         )
         return StreamPosition(_text(epoch), int(seq))
 
@@ -615,6 +627,7 @@ class RedisBackend(Backend):
             [f"{base}:meta", f"{base}:stream"],
             [secrets.token_hex(8), self._meta_ms, since, limit, self._history_ms],
             "read history",
+            retry=True,
         )
         epoch = _text(epoch_raw)
         top = int(top)
@@ -734,6 +747,7 @@ class RedisBackend(Backend):
         while True:
             if conn is None:
                 conn = await self._reconnect()
+                await self._drop_idle_connections()
             try:
                 await self._serve(conn, announce=reconnected)
             except asyncio.CancelledError:
@@ -755,6 +769,17 @@ class RedisBackend(Backend):
             self._down_since = time.monotonic()
             if self._state is _State.CONNECTED:
                 self._state = _State.RECONNECTING
+
+    async def _drop_idle_connections(self) -> None:
+        """Close the client pool's idle connections: after an outage they may lead to a dead server."""
+        # Without this, the first commands after a Redis restart (the broadcaster's history reads that
+        # repair its connections) could be sent on sockets of the previous server process and fail.
+        if self._client is None:
+            return
+        try:
+            await self._client.connection_pool.disconnect(inuse_connections=False)
+        except Exception as exc:
+            logger.debug("closing idle Redis connections failed: %r", exc)
 
     async def _reconnect(self) -> AbstractConnection:
         """Open a new connection, waiting with capped exponential backoff and jitter between attempts.
