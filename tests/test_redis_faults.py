@@ -20,8 +20,8 @@ from .support import connect, recv_json, serve
 pytestmark = [pytest.mark.anyio, pytest.mark.redis, pytest.mark.slow]
 
 
-class Tick(Event):
-    type: Literal["tick"] = "tick"
+class Beat(Event):
+    type: Literal["redis_fault_beat"] = "redis_fault_beat"
     n: int
 
 
@@ -56,7 +56,7 @@ async def test_redis_killed_mid_stream_then_restarted(redis_server: RedisServer)
             while not stop.is_set():
                 started = time.monotonic()
                 try:
-                    await broadcaster.publish("room:a", Tick(n=n))
+                    await broadcaster.publish("room:a", Beat(n=n))
                     outcomes.append(("ok", time.monotonic() - started))
                 except BackendUnavailable:
                     outcomes.append(("unavailable", time.monotonic() - started))
@@ -96,7 +96,7 @@ async def test_redis_killed_mid_stream_then_restarted(redis_server: RedisServer)
                 message = await recv_json(ws, 5.0)
                 if message["type"] == "resync_required":
                     break
-                assert message["type"] == "tick"
+                assert message["type"] == "redis_fault_beat"
                 seqs.append(message["seq"])
             assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) >= 20
             assert message["reason"] == "epoch_changed" and message["epoch"] != old_epoch
@@ -104,16 +104,16 @@ async def test_redis_killed_mid_stream_then_restarted(redis_server: RedisServer)
             after: list[int] = []
             while len(seqs) + len(after) + resync_seq < published_after:
                 message = await recv_json(ws, 5.0)
-                assert message["type"] == "tick"
+                assert message["type"] == "redis_fault_beat"
                 after.append(message["seq"])
             assert after == list(range(resync_seq + 1, resync_seq + 1 + len(after)))
 
         # And a publish after the dust settled reaches everyone, in the new epoch.
-        seq = await broadcaster.publish("room:a", Tick(n=-1))
+        seq = await broadcaster.publish("room:a", Beat(n=-1))
         assert (await backend.position("room:a")).epoch == new_epoch
         for ws in clients:
             message = await recv_json(ws)
-            assert (message["type"], message["n"], message["seq"]) == ("tick", -1, seq)
+            assert (message["type"], message["n"], message["seq"]) == ("redis_fault_beat", -1, seq)
         stats = broadcaster.stats()
         assert stats["backend"]["reconnects"] == 1  # type: ignore[index]
         assert stats["interruptions"] >= 1 and stats["resyncs"] >= 3  # type: ignore[operator]
