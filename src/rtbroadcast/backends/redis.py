@@ -766,7 +766,8 @@ class RedisBackend(Backend):
                 await _close(conn)
             conn = None
             reconnected = True
-            self._down_since = time.monotonic()
+            if self._down_since is None:
+                self._down_since = time.monotonic()
             if self._state is _State.CONNECTED:
                 self._state = _State.RECONNECTING
 
@@ -788,9 +789,10 @@ class RedisBackend(Backend):
             _ListenerGaveUp: ``max_reconnect_attempts`` failed in a row.
         """
         first, most = self._reconnect_delay
-        self._attempts = 0
+        # The count goes back to 0 only once a connection is fully restored (_restored), so a connection
+        # that opens but fails at once (say, an ACL refusing SUBSCRIBE) still backs off, and can give up.
         while True:
-            delay = min(most, first * 2**self._attempts)
+            delay = min(most, first * 2 ** min(self._attempts, 32))  # the exponent is capped: no overflow
             # Jitter spreads the reconnects of many processes after a Redis restart.
             await asyncio.sleep(random.uniform(delay / 2, delay))
             self._attempts += 1
@@ -875,7 +877,7 @@ class RedisBackend(Backend):
         down = self._down_since
         self._down_since = None
         self._attempts = 0
-        logger.warning(
+        logger.info(
             "reconnected to Redis at %s after %.1f s; resubscribed %d channel(s)",
             self._where(),
             0.0 if down is None else time.monotonic() - down,
