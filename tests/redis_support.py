@@ -57,7 +57,11 @@ def ping(host: str, port: int, *, password: str | None = None, timeout: float = 
 
 
 class RedisServer:
-    """A ``redis-server`` process of the test's own, on a fixed port so that it can be killed and restarted."""
+    """A ``redis-server`` of the test's own, on a fixed port so that it can be killed and restarted.
+
+    It keeps nothing by default; pass ``args=["--appendonly", "yes"]`` for a server whose data survives
+    :meth:`stop` and :meth:`start` (later options override the defaults).
+    """
 
     def __init__(self, binary: str, *, port: int | None = None, args: Sequence[str] = ()) -> None:
         self.binary = binary
@@ -112,6 +116,13 @@ class RedisServer:
         """Kill the server at once (SIGKILL): no shutdown, connections drop, every key is lost."""
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGKILL)
+            self.process.wait(10)
+        self.process = None
+
+    def stop(self) -> None:
+        """Stop the server gracefully (SIGTERM): with persistence configured, it saves before exiting."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
             self.process.wait(10)
         self.process = None
 

@@ -11,18 +11,32 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 import redis.asyncio
 
-from rtbroadcast import BackendUnavailable, Broadcaster, ConfigurationError, Envelope, load_backend
+from rtbroadcast import (
+    BackendUnavailable,
+    Broadcaster,
+    ConfigurationError,
+    Envelope,
+    Event,
+    Received,
+    load_backend,
+)
 from rtbroadcast.backends.redis import RedisBackend
 
 from .redis_support import RedisServer, free_port, redis_server_binary
 from .test_backends import Recorder, payload
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
+
+
+class Noted(Event):
+    type: Literal["redis_test_noted"] = "redis_test_noted"
+    n: int
+
 
 # Short enough that fault tests run in seconds, long enough not to flake on a busy machine.
 FAST = {"timeout": 1.0, "reconnect_delay": (0.05, 0.2)}
@@ -197,7 +211,7 @@ def test_stats_never_show_the_password() -> None:
 async def test_a_password_in_the_url_works(redis_server: RedisServer) -> None:
     redis_server.args += ["--requirepass", "s3cret w0rd"]
     redis_server.password = "s3cret w0rd"
-    redis_server.restart()
+    await asyncio.to_thread(redis_server.restart)
     backend, recorder = await connected(f"redis://:s3cret%20w0rd@127.0.0.1:{redis_server.port}/0")
     try:
         await backend.subscribe("c")
@@ -237,7 +251,7 @@ async def test_rediss_connects_over_tls(tls_cert: tuple[Path, Path]) -> None:
     )  # fmt: skip
     try:
         try:
-            server.start()
+            await asyncio.to_thread(server.start)
         except RuntimeError as exc:
             pytest.skip(f"this redis-server has no TLS support: {exc}")
         backend, recorder = await connected(f"rediss://127.0.0.1:{tls_port}/0?ssl_ca_certs={cert}")
@@ -269,13 +283,13 @@ async def test_an_injected_client_stays_open(redis_url: str, redis_prefix: str) 
 
 async def test_connecting_to_nothing_fails_fast_and_can_be_retried(redis_server: RedisServer) -> None:
     backend = RedisBackend(f"redis://127.0.0.1:{redis_server.port}/0", **FAST)  # type: ignore[arg-type]
-    redis_server.kill()
+    await asyncio.to_thread(redis_server.kill)
     started = time.monotonic()
     with pytest.raises(BackendUnavailable):
         await backend.connect(Recorder())
     assert time.monotonic() - started < 1.5
     assert not backend.available and backend.stats()["state"] == "closed"
-    redis_server.start()
+    await asyncio.to_thread(redis_server.start)
     await backend.connect(Recorder())
     assert backend.available
     await backend.disconnect()
@@ -324,6 +338,37 @@ async def test_a_dropped_connection_is_restored_and_reported(redis_server: Redis
         await backend.disconnect()
 
 
+async def test_after_a_restart_that_kept_the_data_clients_catch_up_without_resync() -> None:
+    binary = redis_server_binary()
+    if binary is None:
+        pytest.skip("needs redis-server")
+    server = RedisServer(binary, args=["--appendonly", "yes", "--appendfsync", "always"])
+    await asyncio.to_thread(server.start)
+    # This process reconnects slowly, so that another process publishes before it is back.
+    broadcaster = Broadcaster(backend=RedisBackend(server.url, timeout=1.0, reconnect_delay=(1.0, 1.0)))
+    other, _ = await connected(server.url)
+    try:
+        async with broadcaster, broadcaster.subscribe("c") as subscription:
+            epoch = subscription.position.epoch
+            for n in range(3):
+                await other.publish("c", Noted(n=n).to_json())
+            received = [await anext(subscription) for _ in range(3)]
+            await asyncio.to_thread(server.stop)
+            await asyncio.to_thread(server.start)
+            for n in range(3, 6):
+                await other.publish("c", Noted(n=n).to_json())  # while this process is still away
+            async with asyncio.timeout(5):
+                received += [await anext(subscription) for _ in range(3)]
+            assert all(isinstance(r, Received) for r in received)
+            assert [(r.seq, r.event.n) for r in received] == [(n + 1, n) for n in range(6)]  # type: ignore[union-attr]
+            assert subscription.position.epoch == epoch
+            stats = broadcaster.stats()
+            assert stats["interruptions"] == 1 and stats["resyncs"] == 0
+    finally:
+        await other.disconnect()
+        server.close()
+
+
 async def test_a_stalled_connection_is_detected_by_ping(redis_server: RedisServer) -> None:
     backend, recorder = await connected(redis_server.url, ping_interval=0.2, **FAST)  # type: ignore[arg-type]
     admin = redis.asyncio.Redis.from_url(redis_server.url)
@@ -346,7 +391,7 @@ async def test_publish_fails_fast_and_subscribe_waits_while_redis_is_down(redis_
     backend, recorder = await connected(redis_server.url, **FAST)  # type: ignore[arg-type]
     try:
         await backend.subscribe("a")
-        redis_server.kill()
+        await asyncio.to_thread(redis_server.kill)
         started = time.monotonic()
         with pytest.raises(BackendUnavailable):
             await backend.publish("a", payload(1))
@@ -360,7 +405,7 @@ async def test_publish_fails_fast_and_subscribe_waits_while_redis_is_down(redis_
         # A subscribe made during the outage completes once the listener is back.
         pending = asyncio.create_task(backend.subscribe("c"))
         await asyncio.sleep(0.1)
-        redis_server.start()
+        await asyncio.to_thread(redis_server.start)
         await asyncio.wait_for(pending, 2)
         await recorder.wait_for(lambda: bool(recorder.interruptions))
         assert recorder.interruptions[0][1] == "backend_reconnected"
@@ -378,7 +423,7 @@ async def test_a_listener_that_gives_up_says_so(
     backend = RedisBackend(redis_server.url, max_reconnect_attempts=3, **FAST)  # type: ignore[arg-type]
     broadcaster = Broadcaster(backend=backend)
     async with broadcaster, broadcaster.subscribe("c"):
-        redis_server.kill()
+        await asyncio.to_thread(redis_server.kill)
         with caplog.at_level(logging.ERROR, logger="rtbroadcast.redis"):
             await until(lambda: backend.stats()["state"] == "failed")
         assert any("listener stopped" in r.getMessage() for r in caplog.records)
@@ -386,7 +431,7 @@ async def test_a_listener_that_gives_up_says_so(
         assert stats["backend_available"] is False and stats["interruptions"] == 1
         assert stats["backend"]["state"] == "failed" and stats["backend"]["listener"] == "failed"  # type: ignore[index]
         assert stats["backend"]["reconnect_attempts"] == 3  # type: ignore[index]
-        redis_server.start()  # too late: the listener gave up, and subscribing says so
+        await asyncio.to_thread(redis_server.start)  # too late: the listener gave up, and subscribing says so
         with pytest.raises(BackendUnavailable, match="gave up"):
             await backend.subscribe("d")
     assert backend.stats()["state"] == "closed"

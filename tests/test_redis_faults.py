@@ -66,7 +66,7 @@ async def test_redis_killed_mid_stream_then_restarted(redis_server: RedisServer)
         publisher = asyncio.create_task(publish_continuously())
         try:
             await until(lambda: len(outcomes) >= 20)
-            redis_server.kill()
+            await asyncio.to_thread(redis_server.kill)
             await until(lambda: not broadcaster.backend.available)
             # Stay down long enough for the reconnect backoff to grow (0.1, 0.2, 0.4, 0.8, 1.6 s...).
             await asyncio.sleep(2.0)
@@ -75,7 +75,7 @@ async def test_redis_killed_mid_stream_then_restarted(redis_server: RedisServer)
             assert stats["backend_available"] is False
             assert stats["backend"]["state"] == "reconnecting"  # type: ignore[index]
             restarted = time.monotonic()
-            redis_server.start()
+            await asyncio.to_thread(redis_server.start)
             await until(lambda: broadcaster.backend.available, timeout=5)
             listener_back = time.monotonic() - restarted
             await until(lambda: outcomes[-1][0] == "ok")

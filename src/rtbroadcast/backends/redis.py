@@ -433,12 +433,15 @@ class RedisBackend(Backend):
         if self._client is None:
             assert self._url is not None
             # No retries inside redis-py: a retried publish could be applied twice, and a retry loop would
-            # outlast the timeout. The listener reconnects on its own schedule.
+            # outlast the timeout. The listener reconnects on its own schedule. RESP2 unless the URL says
+            # otherwise: redis-py 8.1.0 over RESP3 hands out pooled connections the server has closed, so
+            # the first commands after a Redis restart fail (redis/redis-py#4252).
             self._client = Redis.from_url(
                 self._url,
                 retry=Retry(NoBackoff(), 0),
                 socket_timeout=self._timeout,
                 socket_connect_timeout=self._timeout,
+                protocol=2,
             )
         client = self._client
         db = int(client.connection_pool.connection_kwargs.get("db", 0) or 0)
@@ -559,6 +562,10 @@ class RedisBackend(Backend):
                         raise
                     return await self._scripts[script](keys=keys, args=args, client=client)
         except (*_UNREACHABLE, RedisError) as exc:
+            if isinstance(exc, RedisConnectionError):
+                # The pool's other idle connections most likely lead to the same dead server: close them,
+                # so that one failed command, not one per pooled connection, pays for the outage.
+                await self._drop_idle_connections()
             raise self._translate(exc, action) from exc
 
     # -- publishing and reading ---------------------------------------------------------------------
