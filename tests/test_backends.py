@@ -172,14 +172,13 @@ async def test_channels_are_independent_whatever_their_names(harness: Harness) -
     for round_ in range(3):
         for name in names:
             assert (await backend.publish(name, payload(round_))).seq == round_ + 1
-    epochs = set()
+    # Whether channels share an epoch is the backend's business (memory: one per backend; Redis: one per
+    # channel); their seqs and histories are always their own.
     for name in names:
         history = await backend.history(name, 0, limit=10)
         assert history.complete
         assert [e.seq for e in history.envelopes] == [1, 2, 3]
         assert all(e.channel == name for e in history.envelopes)
-        epochs.add(history.position.epoch)
-    assert len(epochs) == len(names)
 
 
 async def test_history_returns_what_was_missed(harness: Harness) -> None:

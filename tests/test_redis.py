@@ -116,6 +116,33 @@ async def test_ttls_follow_the_options(redis_url: str, redis_prefix: str, raw: r
         await backend.disconnect()
 
 
+async def test_reading_a_channel_nobody_published_to_costs_little_for_long(
+    redis_url: str, redis_prefix: str, raw: redis.asyncio.Redis
+) -> None:
+    backend, _ = await connected(redis_url, key_prefix=redis_prefix, meta_ttl=None, unpublished_ttl=60)
+    try:
+        meta = backend.keys("ghost")["meta"]
+        epoch = (await backend.position("ghost")).epoch
+        assert 59_000 < await raw.pttl(meta) <= 60_000
+        assert (await backend.history("ghost", 0, limit=10)).position == (await backend.position("ghost"))
+        assert await raw.exists(backend.keys("ghost")["stream"]) == 0
+        # The first publish keeps the epoch that readers were given, and keeps the channel for good.
+        assert (await backend.publish("ghost", payload(1))).epoch == epoch
+        assert await raw.pttl(meta) == -1
+        await backend.position("ghost")
+        assert await raw.pttl(meta) == -1
+    finally:
+        await backend.disconnect()
+    brief, _ = await connected(redis_url, key_prefix=redis_prefix, unpublished_ttl=0.2)
+    try:
+        for n in range(20):
+            await brief.position(f"random-{n}")
+        await asyncio.sleep(0.3)
+        assert await raw.keys(f"{redis_prefix}:{{random-*") == []
+    finally:
+        await brief.disconnect()
+
+
 async def test_a_lost_meta_hash_starts_a_new_epoch_without_the_old_history(
     backend: RedisBackend, raw: redis.asyncio.Redis
 ) -> None:

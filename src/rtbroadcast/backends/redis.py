@@ -47,6 +47,7 @@ logger = logging.getLogger("rtbroadcast.redis")
 
 DEFAULT_HISTORY_SIZE: Final = 1000
 DEFAULT_META_TTL: Final = 30 * 24 * 3600.0
+DEFAULT_UNPUBLISHED_TTL: Final = 24 * 3600.0
 DEFAULT_IDEMPOTENCY_TTL: Final = 3600.0
 DEFAULT_TIMEOUT: Final = 5.0
 DEFAULT_PING_INTERVAL: Final = 10.0
@@ -85,6 +86,17 @@ local function ensure_epoch(meta, stream, candidate)
   redis.call('DEL', stream)
   redis.call('HSET', meta, 'epoch', candidate, 'seq', 0)
   return candidate
+end
+-- Keep a channel that is read alive, and return its seq. A channel nobody published to lives only
+-- unpublished_ms after its last read, so that reading random channel names costs little for long.
+local function touch(meta, meta_ms, unpublished_ms)
+  local seq = tonumber(redis.call('HGET', meta, 'seq'))
+  if seq == 0 then
+    redis.call('PEXPIRE', meta, unpublished_ms)
+  elseif meta_ms > 0 then
+    redis.call('PEXPIRE', meta, meta_ms)
+  end
+  return seq
 end
 local function now_ms()
   local now = redis.call('TIME')
@@ -140,6 +152,8 @@ if size > 0 then
 end
 if meta_ms > 0 then
   redis.call('PEXPIRE', meta, meta_ms)
+else
+  redis.call('PERSIST', meta)  -- a read may have created it with the shorter ttl of unpublished channels
 end
 if #KEYS == 3 then
   redis.call('SET', KEYS[3], epoch .. ':' .. seq, 'PX', ARGV[7])
@@ -150,34 +164,27 @@ return {seq, epoch, 0, false}
 )
 
 # KEYS: meta, stream
-# ARGV: candidate epoch, meta ttl ms (0: none)
+# ARGV: candidate epoch, meta ttl ms (0: none), unpublished ttl ms
 # Returns {epoch, seq}.
 _POSITION = (
     _ENSURE_EPOCH
     + """
 local epoch = ensure_epoch(KEYS[1], KEYS[2], ARGV[1])
-local meta_ms = tonumber(ARGV[2])
-if meta_ms > 0 then
-  redis.call('PEXPIRE', KEYS[1], meta_ms)
-end
-return {epoch, tonumber(redis.call('HGET', KEYS[1], 'seq'))}
+local seq = touch(KEYS[1], tonumber(ARGV[2]), tonumber(ARGV[3]))
+return {epoch, seq}
 """
 )
 
 # KEYS: meta, stream
-# ARGV: candidate epoch, meta ttl ms (0: none), since, limit, history ttl ms (0: none)
+# ARGV: candidate epoch, meta ttl ms (0: none), unpublished ttl ms, since, limit, history ttl ms (0: none)
 # Returns {epoch, seq, {id, data, id, data, ...}}: the entries after since, at most limit, none expired.
 _HISTORY = (
     _ENSURE_EPOCH
     + """
 local meta, stream = KEYS[1], KEYS[2]
 local epoch = ensure_epoch(meta, stream, ARGV[1])
-local meta_ms, since, limit = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local history_ms = tonumber(ARGV[5])
-if meta_ms > 0 then
-  redis.call('PEXPIRE', meta, meta_ms)
-end
-local top = tonumber(redis.call('HGET', meta, 'seq'))
+local top = touch(meta, tonumber(ARGV[2]), tonumber(ARGV[3]))
+local since, limit, history_ms = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local out = {}
 if top > since and limit > 0 then
   if since < 0 then
@@ -270,8 +277,11 @@ class RedisBackend(Backend):
             so a few more may be kept); 0 disables history.
         history_ttl: seconds an event stays in history; ``None`` keeps it until pushed out by size (and
             until the channel's ``meta_ttl`` runs out).
-        meta_ttl: seconds a channel's epoch and seq outlive its last use; ``None`` keeps them forever.
-            When they expire the channel starts a new epoch, and its clients resync.
+        meta_ttl: seconds a channel's epoch and seq outlive its last publish or read; ``None`` keeps them
+            forever. When they expire the channel starts a new epoch, and its clients resync.
+        unpublished_ttl: seconds the epoch of a channel nobody published to outlives its last read. Reads
+            create it, so that a client connecting before the first publish keeps its epoch; this bounds
+            what reading random channel names costs (a small hash each, for this long).
         idempotency_ttl: seconds an idempotency key is remembered.
         timeout: seconds a publish, read, subscribe or connect may take before
             :class:`~rtbroadcast.BackendUnavailable` is raised.
@@ -294,6 +304,7 @@ class RedisBackend(Backend):
         history_size: int = DEFAULT_HISTORY_SIZE,
         history_ttl: float | None = None,
         meta_ttl: float | None = DEFAULT_META_TTL,
+        unpublished_ttl: float = DEFAULT_UNPUBLISHED_TTL,
         idempotency_ttl: float = DEFAULT_IDEMPOTENCY_TTL,
         timeout: float = DEFAULT_TIMEOUT,
         ping_interval: float = DEFAULT_PING_INTERVAL,
@@ -312,6 +323,7 @@ class RedisBackend(Backend):
             if value is not None and value <= 0:
                 raise ConfigurationError(f"{label} must be positive or None, not {value}")
         for label, value in (
+            ("unpublished_ttl", unpublished_ttl),
             ("idempotency_ttl", idempotency_ttl),
             ("timeout", timeout),
             ("ping_interval", ping_interval),
@@ -340,6 +352,7 @@ class RedisBackend(Backend):
         self._history_size = history_size
         self._history_ms = _ms(history_ttl)
         self._meta_ms = _ms(meta_ttl)
+        self._unpublished_ms = _ms(unpublished_ttl)
         self._idempotency_ms = _ms(idempotency_ttl)
         self._timeout = timeout
         self._ping_interval = ping_interval
@@ -615,7 +628,7 @@ class RedisBackend(Backend):
         epoch, seq = await self._run(
             "position",
             [f"{base}:meta", f"{base}:stream"],
-            [secrets.token_hex(8), self._meta_ms],
+            [secrets.token_hex(8), self._meta_ms, self._unpublished_ms],
             "read position",
             retry=True,
         )
@@ -632,7 +645,7 @@ class RedisBackend(Backend):
         epoch_raw, top, flat = await self._run(
             "history",
             [f"{base}:meta", f"{base}:stream"],
-            [secrets.token_hex(8), self._meta_ms, since, limit, self._history_ms],
+            [secrets.token_hex(8), self._meta_ms, self._unpublished_ms, since, limit, self._history_ms],
             "read history",
             retry=True,
         )
@@ -983,6 +996,7 @@ _URL_OPTIONS: dict[str, Any] = {
     "history_size": int,
     "history_ttl": _seconds_or_none,
     "meta_ttl": _seconds_or_none,
+    "unpublished_ttl": float,
     "idempotency_ttl": float,
     "timeout": float,
     "ping_interval": float,
