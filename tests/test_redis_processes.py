@@ -22,23 +22,21 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @contextlib.asynccontextmanager
-async def uvicorn_process(redis_url: str, prefix: str) -> AsyncIterator[str]:
-    """Run ``tests.redis_app`` in its own uvicorn process; yield its ``host:port`` once it serves."""
+async def server_process(*args: str, env: dict[str, str], health: str = "/health") -> AsyncIterator[str]:
+    """Run ``python <args> --port <free port>`` from the repository root; yield ``host:port`` once it serves."""
     port = free_port()
-    env = {**os.environ, "RTB_REDIS_URL": redis_url, "RTB_KEY_PREFIX": prefix}
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "uvicorn", "tests.redis_app:app",
-        "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
-        cwd=ROOT, env=env,
+        sys.executable, *args, "--host", "127.0.0.1", "--port", str(port),
+        cwd=ROOT, env={**os.environ, **env}, stdout=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
     host = f"127.0.0.1:{port}"
     try:
-        async with httpx.AsyncClient() as http, asyncio.timeout(15):
+        async with httpx.AsyncClient() as http, asyncio.timeout(20):
             while True:
                 if process.returncode is not None:
-                    raise RuntimeError(f"uvicorn exited with {process.returncode}")
+                    raise RuntimeError(f"{' '.join(args)} exited with {process.returncode}")
                 with contextlib.suppress(httpx.TransportError):
-                    if (await http.get(f"http://{host}/health")).status_code == 200:
+                    if (await http.get(f"http://{host}{health}")).status_code == 200:
                         break
                 await asyncio.sleep(0.05)
         yield host
@@ -50,6 +48,14 @@ async def uvicorn_process(redis_url: str, prefix: str) -> AsyncIterator[str]:
             except TimeoutError:
                 process.kill()
                 await process.wait()
+
+
+def uvicorn_process(redis_url: str, prefix: str) -> contextlib.AbstractAsyncContextManager[str]:
+    """Run the small test app ``tests.redis_app`` under uvicorn."""
+    return server_process(
+        "-m", "uvicorn", "tests.redis_app:app", "--log-level", "warning",
+        env={"RTB_REDIS_URL": redis_url, "RTB_KEY_PREFIX": prefix},
+    )  # fmt: skip
 
 
 async def test_a_write_through_one_process_reaches_clients_of_the_other(
@@ -103,3 +109,41 @@ async def test_a_write_through_one_process_reaches_clients_of_the_other(
         assert stats["backend"]["state"] == "connected" and stats["backend"]["subscribed"] == 1
         for ws in (on_two, on_one, resumed):
             await ws.close()
+
+
+async def test_two_processes_of_the_example_service_share_a_restaurant(
+    redis_url: str, redis_prefix: str, tmp_path: Path
+) -> None:
+    separator = "&" if "?" in redis_url else "?"
+    env = {
+        "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'restaurant.db'}",
+        "BROADCAST_URL": f"{redis_url}{separator}key_prefix={redis_prefix}",
+        "LOG_LEVEL": "WARNING",
+    }
+    rid = "redis-test-restaurant"
+    # Entered one after the other: the first process creates the schema before the second starts.
+    async with (
+        server_process("-m", "examples.restaurant_app", env=env) as one,
+        server_process("-m", "examples.restaurant_app", env=env) as two,
+        httpx.AsyncClient() as http,
+    ):
+        device = await connect(f"ws://{two}/realtime?restaurant_id={rid}")
+        welcome = await recv_json(device)
+        assert welcome["type"] == "welcome" and welcome["seq"] == 0
+        names = [f"Guest {n}" for n in range(12)]
+        for n, name in enumerate(names):
+            host = (one, two)[n % 2]
+            reply = await http.post(
+                f"http://{host}/restaurants/{rid}/guests", json={"guestName": name, "partySize": 2}
+            )
+            assert reply.status_code == 201, reply.text
+        events = [await recv_json(device) for _ in names]
+        assert [e["type"] for e in events] == ["guest_created"] * len(names)
+        assert [e["data"]["guestName"] for e in events] == names
+        assert [e["seq"] for e in events] == list(range(1, len(names) + 1))
+        # A snapshot from either process names the same stream position the device reached.
+        for host in (one, two):
+            snapshot = await http.get(f"http://{host}/restaurants/{rid}/guests")
+            assert snapshot.headers["x-stream-epoch"] == welcome["epoch"]
+            assert snapshot.headers["x-stream-seq"] == str(len(names))
+        await device.close()
