@@ -1,7 +1,8 @@
 """The load generator: picows subscribers and keep-alive HTTP publishers in one uvloop process.
 
-Run by :mod:`bench.run` as ``python -m bench.loadgen CONFIG_JSON``; it prints progress on stderr
-and one JSON object (results per target) on the last line of stdout.
+Run by :mod:`bench.run` as ``python -m bench.loadgen -`` with the JSON config on stdin (or as the
+argument instead of ``-``); it prints progress on stderr and one JSON object (results per target) on
+the last line of stdout.
 
 How it measures
 ---------------
@@ -348,7 +349,7 @@ class Target:
     def memory(self) -> int:
         try:
             return self.server.memory_info().rss if self.server is not None else 0
-        except psutil.Error:
+        except (psutil.Error, OSError):
             return 0
 
     def cpu(self) -> tuple[float, float]:
@@ -360,7 +361,7 @@ class Target:
             if self.redis is not None:
                 t = self.redis.cpu_times()
                 redis = t.user + t.system
-        except psutil.Error:
+        except (psutil.Error, OSError):
             pass
         return server, redis
 
@@ -591,6 +592,7 @@ class Target:
         load = self.load
         await self.ensure_http()
         cpu0, redis0 = self.cpu()
+        cores0 = core_times()
         own0 = time.process_time()
         wall0 = perf_counter()
         tasks = [asyncio.ensure_future(p) for p in publishers]
@@ -600,6 +602,7 @@ class Target:
         drained = await drain([bucket], load.trial_drain_timeout)
         wall = perf_counter() - wall0
         cpu1, redis1 = self.cpu()
+        cores1 = core_times()
         own1 = time.process_time()
         if stuck:
             self.stalled = True
@@ -612,6 +615,7 @@ class Target:
             "stalled_publishers": len(stuck),
             "server_cpu": round(100 * (cpu1 - cpu0) / wall, 1),
             "loadgen_cpu": round(100 * (own1 - own0) / wall, 1),
+            "core_busy": core_busy(cores0, cores1),
         }
         if self.redis is not None:
             trial["redis_cpu"] = round(100 * (redis1 - redis0) / wall, 1)
@@ -639,6 +643,10 @@ class Target:
                 "deliveries_per_s_max": max(rates),
                 "server_cpu": statistics.median(t["server_cpu"] for t in trials),
                 "loadgen_cpu": statistics.median(t["loadgen_cpu"] for t in trials),
+                "core_busy": {
+                    core: statistics.median(t["core_busy"].get(core, 0.0) for t in trials)
+                    for core in trials[0]["core_busy"]
+                },
                 "last_device_ms": percentiles([x for b in buckets for x in b.latency]),
                 "stalled": self.stalled,
             }
@@ -836,6 +844,32 @@ def percentiles(samples_ns: list[int]) -> dict[str, float]:
     }
 
 
+def core_times() -> dict[int, tuple[int, int]]:
+    """(busy, total) clock ticks of every core from ``/proc/stat``; busy includes softirq time, which
+    loopback networking spends outside any process."""
+    result: dict[int, tuple[int, int]] = {}
+    try:
+        with open("/proc/stat") as stat:
+            for line in stat:
+                if line.startswith("cpu") and line[3].isdigit():
+                    name, *values = line.split()
+                    ticks = [int(v) for v in values[:8]]
+                    idle = ticks[3] + ticks[4]
+                    result[int(name[3:])] = (sum(ticks) - idle, sum(ticks))
+    except OSError:
+        pass
+    return result
+
+
+def core_busy(before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]]) -> dict[str, float]:
+    busy = {}
+    for core, (b1, t1) in after.items():
+        b0, t0 = before.get(core, (0, 0))
+        if t1 > t0:
+            busy[str(core)] = round(100 * (b1 - b0) / (t1 - t0), 1)
+    return busy
+
+
 def log(message: str) -> None:
     print(f"  [loadgen] {message}", file=sys.stderr, flush=True)
 
@@ -854,7 +888,8 @@ async def main_async(config: LoadConfig) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
-    config = LoadConfig(**json.loads(args[0]))
+    text = args[0] if args and args[0] != "-" else sys.stdin.read()
+    config = LoadConfig(**json.loads(text))
     raise_fd_limit()
     result = uvloop.run(main_async(config))
     sys.stdout.write(json.dumps({"loadgen_pid": os.getpid(), "targets": result}) + "\n")

@@ -32,8 +32,8 @@ class Scenario:
     rate: float = 0.0
     #: Hold the connections idle this long, then measure memory and publish one event per channel.
     idle_seconds: float = 0.0
-    #: Concurrent HTTP publisher connections.
-    publishers: int = 4
+    #: Concurrent HTTP publisher connections (each waits for its answer before its next POST).
+    publishers: int = 8
     #: Most events published but not yet received by every (normal) subscriber, in saturation.
     window: int = 64
 
@@ -61,7 +61,6 @@ FULL: tuple[Scenario, ...] = (
         1000,
         5,
         rate=500,
-        publishers=8,
         window=_window(5, 1000),
     ),
     Scenario(
@@ -85,7 +84,6 @@ QUICK: tuple[Scenario, ...] = (
         100,
         5,
         rate=500,
-        publishers=8,
         window=_window(5, 100),
     ),
     Scenario(
