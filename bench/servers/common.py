@@ -7,7 +7,7 @@ from typing import Any
 import uvicorn
 
 #: Every Starlette stack runs under the same uvicorn configuration: uvloop, httptools and uvicorn's
-#: default WebSocket implementation, one worker, no access log.
+#: default WebSocket implementation, one worker, no access log, no WebSocket keepalive pings.
 UVICORN_OPTIONS: dict[str, Any] = {
     "loop": "uvloop",
     "http": "httptools",
@@ -19,6 +19,9 @@ UVICORN_OPTIONS: dict[str, Any] = {
     "timeout_graceful_shutdown": 3,
     # The load generator keeps its publisher connections open across trials of other stacks.
     "timeout_keep_alive": 600,
+    # No keepalive pings, on every stack: a slow reader would otherwise be closed by uvicorn's ping
+    # timeout (1011) before the library under test shows what it does about it.
+    "ws_ping_interval": None,
 }
 
 

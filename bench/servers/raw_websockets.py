@@ -85,7 +85,8 @@ async def main(port: int, http_port: int) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set_result, None)
     http_server = await loop.create_server(PublishProtocol, "127.0.0.1", http_port, backlog=16384)
-    async with serve(subscriber, "127.0.0.1", port, compression=None, backlog=16384):
+    # No keepalive pings, as for the uvicorn stacks (see bench/servers/common.py).
+    async with serve(subscriber, "127.0.0.1", port, compression=None, ping_interval=None, backlog=16384):
         await stop
     http_server.close()
 
