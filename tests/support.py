@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
+import os
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -47,3 +50,40 @@ async def recv_json(ws: ClientConnection, timeout: float = 5.0) -> dict[str, Any
 async def connect(url: str, **kwargs: Any) -> ClientConnection:
     """Open a WebSocket client connection (a thin wrapper so tests read alike)."""
     return await websockets.connect(url, open_timeout=5, **kwargs)
+
+
+class StalledClient:
+    """A WebSocket client that completes the handshake and then never reads: the slowest reader possible.
+
+    Its socket's receive buffer is kept small, so the server feels the backpressure soon.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    @classmethod
+    async def open(cls, host: str, path: str) -> StalledClient:
+        address, port = host.rsplit(":", 1)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(sock, (address, int(port)))
+        key = base64.b64encode(os.urandom(16)).decode()
+        request = (
+            f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        await loop.sock_sendall(sock, request.encode())
+        response = b""
+        while b"\r\n\r\n" not in response:
+            chunk = await asyncio.wait_for(loop.sock_recv(sock, 1), 5)
+            if not chunk:
+                raise ConnectionError("server closed during the handshake")
+            response += chunk
+        if not response.startswith(b"HTTP/1.1 101"):
+            raise ConnectionError(f"handshake refused: {response!r}")
+        return cls(sock)
+
+    def close(self) -> None:
+        self.sock.close()

@@ -1,0 +1,148 @@
+"""The broadcaster on the memory backend: lifecycle, in-process subscriptions, resume and gaps."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Literal
+
+import pytest
+
+from rtbroadcast import (
+    Broadcaster,
+    BroadcasterState,
+    ConfigurationError,
+    Event,
+    InvalidEvent,
+    QueueLimits,
+    Received,
+    ResumePoint,
+    ResyncRequired,
+    StateError,
+    SubscriptionClosed,
+)
+from rtbroadcast.backends.memory import MemoryBackend
+
+pytestmark = pytest.mark.anyio
+
+
+class Tick(Event):
+    type: Literal["tick"] = "tick"
+    n: int
+
+
+async def test_lifecycle_states_and_misuse() -> None:
+    broadcaster = Broadcaster()
+    assert broadcaster.state is BroadcasterState.NEW
+    with pytest.raises(StateError, match="async with broadcaster"):
+        await broadcaster.publish("c", Tick(n=1))
+    async with broadcaster:
+        assert broadcaster.state is BroadcasterState.CONNECTED
+        with pytest.raises(StateError, match="connect\\(\\) once"):
+            await broadcaster.connect()
+    assert broadcaster.state is BroadcasterState.CLOSED
+    with pytest.raises(StateError):
+        await broadcaster.publish("c", Tick(n=1))
+    # A closed broadcaster can be connected again (tests and reloaders do this).
+    async with broadcaster:
+        assert await broadcaster.publish("c", Tick(n=1)) == 1
+
+
+async def test_bad_arguments_fail_loudly() -> None:
+    with pytest.raises(ConfigurationError, match="unknown backend"):
+        Broadcaster("kafka://x")
+    with pytest.raises(ConfigurationError, match="not both"):
+        Broadcaster("memory://", backend=MemoryBackend())
+    with pytest.raises(ConfigurationError, match="history_size"):
+        Broadcaster("memory://?history_size=-1")
+    async with Broadcaster() as broadcaster:
+        with pytest.raises(ConfigurationError, match="channel"):
+            await broadcaster.publish("", Tick(n=1))
+        with pytest.raises(ConfigurationError, match="channel"):
+            await broadcaster.publish("a\nb", Tick(n=1))
+        with pytest.raises(InvalidEvent):
+            await broadcaster.publish("c", {"type": "tick"})  # type: ignore[arg-type]
+        with pytest.raises(InvalidEvent):
+            await broadcaster.publish_json("c", "[1]")
+
+
+async def test_publish_returns_contiguous_seqs_per_channel() -> None:
+    async with Broadcaster() as broadcaster:
+        assert [await broadcaster.publish("a", Tick(n=i)) for i in range(3)] == [1, 2, 3]
+        assert await broadcaster.publish("b", Tick(n=0)) == 1
+        assert await broadcaster.publish("a", Tick(n=9), idempotency_key="k") == 4
+        assert await broadcaster.publish("a", Tick(n=9), idempotency_key="k") == 4
+
+
+async def test_subscription_yields_typed_events_in_order() -> None:
+    async with Broadcaster() as broadcaster:
+        async with broadcaster.subscribe("c", model=Tick) as sub:
+            assert sub.welcome is not None
+            assert sub.welcome.seq == 0
+            for i in range(5):
+                await broadcaster.publish("c", Tick(n=i))
+            got = [await anext(sub) for _ in range(5)]
+        assert all(isinstance(item, Received) for item in got)
+        received = [item for item in got if isinstance(item, Received)]
+        assert [r.event.n for r in received] == [0, 1, 2, 3, 4]
+        assert [r.seq for r in received] == [1, 2, 3, 4, 5]
+        assert broadcaster.connection_count() == 0
+
+
+async def test_resume_replays_exactly_what_was_missed() -> None:
+    async with Broadcaster() as broadcaster:
+        async with broadcaster.subscribe("c") as sub:
+            await broadcaster.publish("c", Tick(n=1))
+            await anext(sub)
+            position = sub.position
+        for i in range(2, 6):
+            await broadcaster.publish("c", Tick(n=i))
+        async with broadcaster.subscribe("c", resume=position, model=Tick) as sub:
+            assert sub.welcome is not None and sub.welcome.resumed
+            await broadcaster.publish("c", Tick(n=6))
+            got = [await anext(sub) for _ in range(5)]
+        assert [g.event.n for g in got if isinstance(g, Received)] == [2, 3, 4, 5, 6]
+
+
+async def test_resume_that_cannot_be_served_says_resync() -> None:
+    async with Broadcaster("memory://?history_size=3") as broadcaster:
+        epoch = (await broadcaster.backend.position("c")).epoch
+        for i in range(10):
+            await broadcaster.publish("c", Tick(n=i))
+        cases = {
+            ResumePoint(epoch, 2): "history_trimmed",
+            ResumePoint("other-epoch", 2): "epoch_changed",
+            ResumePoint(epoch, 99): "seq_ahead",
+        }
+        for point, reason in cases.items():
+            top = (await broadcaster.backend.position("c")).seq
+            async with broadcaster.subscribe("c", resume=point, model=Tick) as sub:
+                assert sub.welcome is not None and not sub.welcome.resumed
+                first = await anext(sub)
+                assert first == ResyncRequired(reason, epoch, top)
+                await broadcaster.publish("c", Tick(n=100))
+                after = await anext(sub)
+                assert isinstance(after, Received)
+                assert after.event.n == 100
+
+
+async def test_slow_in_process_subscriber_is_closed_not_unbounded() -> None:
+    async with Broadcaster(queue_limits=QueueLimits(max_messages=10)) as broadcaster:
+        async with broadcaster.subscribe("c") as slow, broadcaster.subscribe("c") as fast:
+            for i in range(11):
+                await broadcaster.publish("c", Tick(n=i))
+                await anext(fast)
+            with pytest.raises(SubscriptionClosed, match="slow_consumer"):
+                await anext(slow)
+        assert broadcaster.stats()["slow_consumers_closed"] == 1
+
+
+async def test_disconnect_ends_subscriptions_and_tasks() -> None:
+    broadcaster = Broadcaster()
+    await broadcaster.connect()
+    before = len(asyncio.all_tasks())
+    sub = broadcaster.subscribe("c")
+    await sub.__aenter__()
+    await broadcaster.disconnect()
+    with pytest.raises(SubscriptionClosed, match="shutdown"):
+        await anext(sub)
+    assert len(asyncio.all_tasks()) <= before

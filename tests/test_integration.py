@@ -1,0 +1,132 @@
+"""End to end over real sockets: uvicorn on a loopback port, real WebSocket clients."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any, Literal
+
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from rtbroadcast import Broadcaster, Event
+from rtbroadcast.asgi import channel_from_query
+from rtbroadcast.starlette import broadcast_routes, lifespan
+
+from .support import StalledClient, connect, recv_json, serve
+
+pytestmark = pytest.mark.anyio
+
+
+class ItemChanged(Event):
+    type: Literal["item_changed"] = "item_changed"
+    room: str
+    n: int
+
+
+def make_app(broadcaster: Broadcaster, **options: Any) -> Starlette:
+    async def publish(request: Request) -> JSONResponse:
+        body = await request.json()
+        seq = await broadcaster.publish(f"room:{body['room']}", ItemChanged(room=body["room"], n=body["n"]))
+        return JSONResponse({"seq": seq})
+
+    return Starlette(
+        routes=[
+            *broadcast_routes(
+                "/ws", broadcaster, channel=channel_from_query("room", prefix="room:"), **options
+            ),
+            Route("/publish", publish, methods=["POST"]),
+        ],
+        lifespan=lifespan(broadcaster),
+    )
+
+
+async def test_clients_receive_their_channel_in_order() -> None:
+    broadcaster = Broadcaster("memory://")
+    async with serve(make_app(broadcaster)) as host:
+        tasks_before = len(asyncio.all_tasks())
+        a1 = await connect(f"ws://{host}/ws?room=a")
+        a2 = await connect(f"ws://{host}/ws?room=a")
+        b1 = await connect(f"ws://{host}/ws?room=b")
+        for ws, room in ((a1, "a"), (a2, "a"), (b1, "b")):
+            welcome = await recv_json(ws)
+            assert welcome["type"] == "welcome"
+            assert welcome["channel"] == f"room:{room}"
+            assert welcome["seq"] == 0
+        for n in range(50):
+            room = "a" if n % 3 else "b"
+            await broadcaster.publish(f"room:{room}", ItemChanged(room=room, n=n))
+        expected_a = [n for n in range(50) if n % 3]
+        expected_b = [n for n in range(50) if not n % 3]
+        for ws, expected in ((a1, expected_a), (a2, expected_a), (b1, expected_b)):
+            got = [await recv_json(ws) for _ in expected]
+            assert [m["n"] for m in got] == expected
+            assert [m["seq"] for m in got] == list(range(1, len(expected) + 1))
+            assert all(m["type"] == "item_changed" for m in got)
+        # Nothing else is pending: a ping is answered next, proving no stray event was queued.
+        for ws in (a1, a2, b1):
+            await ws.send('{"type":"ping"}')
+            assert (await recv_json(ws))["type"] == "pong"
+        assert broadcaster.connection_count() == 3
+        for ws in (a1, a2, b1):
+            await ws.close()
+        await _until(lambda: broadcaster.connection_count() == 0)
+        assert broadcaster.registry.channels() == []
+        # Every per-connection task (uvicorn's handlers, our writers, channel releases) has ended.
+        await _until(lambda: len(asyncio.all_tasks()) <= tasks_before)
+        assert broadcaster.backend.stats()["subscribed"] == 0
+
+
+async def _until(condition: Any, timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+async def test_slow_client_is_dropped_while_others_keep_up() -> None:
+    from rtbroadcast import QueueLimits
+
+    broadcaster = Broadcaster("memory://", queue_limits=QueueLimits(max_messages=50, max_size=64 * 1024))
+    payload = "x" * 16000
+    async with serve(make_app(broadcaster)) as host:
+        slow = await StalledClient.open(host, "/ws?room=a")
+        fast = await connect(f"ws://{host}/ws?room=a")
+        await recv_json(fast)
+        received: list[int] = []
+
+        async def read_fast() -> None:
+            while len(received) < 2000:
+                message = await recv_json(fast)
+                received.append(message["seq"])
+
+        reader = asyncio.create_task(read_fast())
+        for _ in range(2000):
+            await broadcaster.publish_json("room:a", json.dumps({"type": "blob", "blob": payload}))
+            await asyncio.sleep(0)
+        await asyncio.wait_for(reader, 20)
+        assert received == list(range(1, 2001))
+        await _until(lambda: broadcaster.connection_count("room:a") == 1)
+        stats = broadcaster.stats()
+        assert stats["slow_consumers_closed"] == 1
+        await fast.close()
+        slow.close()
+        await _until(lambda: broadcaster.connection_count() == 0)
+
+
+async def test_dead_peer_is_closed_by_server_pings_and_unregistered() -> None:
+    # Protocol-level pings are the ASGI server's job (uvicorn's ws_ping_interval / ws_ping_timeout); the
+    # endpoint must notice the resulting disconnect and clean up.
+    broadcaster = Broadcaster("memory://")
+    async with serve(make_app(broadcaster), ws_ping_interval=0.2, ws_ping_timeout=0.3) as host:
+        dead = await StalledClient.open(host, "/ws?room=a")
+        alive = await connect(f"ws://{host}/ws?room=a")
+        await recv_json(alive)
+        await _until(lambda: broadcaster.connection_count() == 2)
+        await _until(lambda: broadcaster.connection_count() == 1)
+        await broadcaster.publish("room:a", ItemChanged(room="a", n=1))
+        assert (await recv_json(alive))["n"] == 1
+        await alive.close()
+        dead.close()

@@ -1,0 +1,153 @@
+"""The sans-I/O wire protocol: round trips, and any input gives a frame or the documented error."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from rtbroadcast import FrameTooLarge, InvalidFrame, MalformedFrame, ProtocolError, UnknownMessageType
+from rtbroadcast.protocol import (
+    CloseCode,
+    ErrorFrame,
+    EventFrame,
+    Ping,
+    Pong,
+    ResumePoint,
+    ResyncRequired,
+    Welcome,
+    decode_client_frame,
+    decode_server_frame,
+    encode_client_frame,
+    encode_server_frame,
+    parse_resume_point,
+)
+
+text = st.text(max_size=40)
+seqs = st.integers(min_value=0, max_value=2**63 - 1)
+json_scalars = (
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | text
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(text, children, max_size=4),
+    max_leaves=12,
+)
+reserved = {"welcome", "pong", "error", "resync_required", "ping"}
+event_types = text.filter(lambda t: t not in reserved)
+
+server_frames = st.one_of(
+    st.builds(
+        Welcome,
+        channel=text,
+        epoch=text,
+        seq=seqs,
+        heartbeat_interval=st.floats(min_value=0.001, max_value=1e6),
+        resumed=st.booleans(),
+        protocol=st.integers(min_value=1, max_value=100),
+    ),
+    st.builds(Pong, timestamp=text),
+    st.builds(ErrorFrame, code=text, message=text),
+    st.builds(ResyncRequired, reason=text, epoch=text, seq=seqs),
+    st.builds(
+        EventFrame,
+        type=event_types,
+        seq=seqs,
+        data=st.dictionaries(text.filter(lambda k: k not in ("type", "seq")), json_values, max_size=5),
+    ),
+)
+
+
+@given(server_frames)
+def test_server_frames_round_trip(frame: object) -> None:
+    assert decode_server_frame(encode_server_frame(frame)) == frame  # type: ignore[arg-type]
+
+
+def test_client_frames_round_trip() -> None:
+    assert decode_client_frame(encode_client_frame(Ping())) == Ping()
+
+
+@given(st.binary(max_size=200) | st.text(max_size=200))
+def test_arbitrary_input_gives_a_frame_or_a_protocol_error(data: bytes | str) -> None:
+    try:
+        frame = decode_client_frame(data)
+    except ProtocolError as exc:
+        assert exc.code in {"malformed_frame", "frame_too_large", "unknown_type", "invalid_frame"}
+    else:
+        assert frame == Ping()
+
+
+@given(json_values)
+def test_arbitrary_json_gives_a_frame_or_a_protocol_error(value: object) -> None:
+    try:
+        decode_client_frame(json.dumps(value))
+    except (MalformedFrame, UnknownMessageType):
+        pass
+
+
+def test_errors_are_typed_and_coded() -> None:
+    with pytest.raises(MalformedFrame, match="not valid JSON"):
+        decode_client_frame("{")
+    with pytest.raises(MalformedFrame, match="JSON object"):
+        decode_client_frame("[]")
+    with pytest.raises(MalformedFrame, match="string 'type'"):
+        decode_client_frame('{"type": 3}')
+    with pytest.raises(MalformedFrame, match="UTF-8"):
+        decode_client_frame(b'{"type": "\xff"}')
+    with pytest.raises(UnknownMessageType, match="subscribe") as info:
+        decode_client_frame('{"type": "subscribe"}')
+    assert info.value.code == "unknown_type"
+    with pytest.raises(FrameTooLarge) as too_large:
+        decode_client_frame('{"type":"ping","pad":"' + "x" * 20000 + '"}')
+    assert too_large.value.code == "frame_too_large"
+    # Multi-byte characters count as bytes, not characters.
+    with pytest.raises(FrameTooLarge):
+        decode_client_frame('{"type":"ping","pad":"' + "é" * 5000 + '"}', max_size=8000)
+
+
+def test_deep_nesting_is_rejected_not_crashing() -> None:
+    with pytest.raises(MalformedFrame, match="nested too deeply"):
+        decode_client_frame("[" * 8000 + "]" * 8000)
+
+
+def test_decode_server_frame_checks_fields() -> None:
+    with pytest.raises(InvalidFrame, match="'seq'"):
+        decode_server_frame('{"type": "welcome", "channel": "c", "epoch": "e", "seq": "1"}')
+    with pytest.raises(InvalidFrame, match="'seq'"):
+        decode_server_frame('{"type": "guest_created"}')
+    with pytest.raises(InvalidFrame):
+        decode_server_frame('{"type": "resync_required", "reason": "x", "epoch": "e", "seq": true}')
+
+
+def test_resume_point_parsing() -> None:
+    assert parse_resume_point({}) is None
+    assert parse_resume_point({"epoch": "abc", "last_seq": "12"}) == ResumePoint("abc", 12)
+    for bad in (
+        {"epoch": "abc"},
+        {"last_seq": "1"},
+        {"epoch": "a", "last_seq": "-1"},
+        {"epoch": "a", "last_seq": "1e3"},
+        {"epoch": "a", "last_seq": "9" * 30},
+        {"epoch": "a" * 200, "last_seq": "1"},
+        {"epoch": "a", "last_seq": "١"},
+    ):
+        with pytest.raises(InvalidFrame):
+            parse_resume_point(bad)
+
+
+def test_close_codes_are_stable() -> None:
+    # Clients hard-code these numbers: changing one is a breaking change of the wire protocol.
+    assert {c.name: c.value for c in CloseCode} == {
+        "NORMAL": 1000,
+        "GOING_AWAY": 1001,
+        "MESSAGE_TOO_BIG": 1009,
+        "INTERNAL_ERROR": 1011,
+        "TRY_AGAIN_LATER": 1013,
+        "SLOW_CONSUMER": 4001,
+        "HEARTBEAT_TIMEOUT": 4002,
+        "FORBIDDEN": 4003,
+        "BAD_REQUEST": 4004,
+        "RATE_LIMITED": 4008,
+    }
