@@ -24,7 +24,8 @@ from rtbroadcast import Broadcaster, CloseCode, Event
 from rtbroadcast._cli import EXIT_ERROR, EXIT_OK, EXIT_REFUSED, EXIT_UNREACHABLE, main
 from rtbroadcast.asgi import ConnectionRequest, Deny, channel_from_query
 from rtbroadcast.starlette import broadcast_routes
-from support import serve
+
+from .support import serve
 
 pytestmark = pytest.mark.anyio
 

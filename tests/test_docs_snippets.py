@@ -16,10 +16,11 @@ import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed
 
-from asyncapi_support import asyncapi_errors
 from rtbroadcast import CloseCode
 from rtbroadcast.protocol import decode_client_frame, decode_server_frame
-from support import recv_json, serve
+
+from .asyncapi_support import asyncapi_errors
+from .support import recv_json, serve
 
 ROOT = Path(__file__).parent.parent
 DOCS = ROOT / "docs"
@@ -236,7 +237,7 @@ async def test_resume_client_follows_resumes_and_resyncs() -> None:
 
     async def until(condition: Any) -> None:
         async with asyncio.timeout(10):
-            while not condition():  # noqa: ASYNC110 - the follower has no event to wait on
+            while not condition():
                 await asyncio.sleep(0.01)
 
     def close_all(code: int) -> None:

@@ -9,7 +9,6 @@ import jsonschema
 import pytest
 from pydantic import BaseModel
 
-from asyncapi_support import ASYNCAPI_SCHEMA, asyncapi_errors
 from rtbroadcast import Broadcaster, ConfigurationError, Event
 from rtbroadcast.events import with_seq
 from rtbroadcast.protocol import (
@@ -29,6 +28,8 @@ from rtbroadcast.schema import (
     event_schemas,
     protocol_schemas,
 )
+
+from .asyncapi_support import ASYNCAPI_SCHEMA, asyncapi_errors
 
 
 class Line(BaseModel):
