@@ -187,7 +187,7 @@ async def test_starlette_app_authorizes(path: str, headers: dict[str, str], allo
 def test_subscribe_in_process(capsys: pytest.CaptureFixture[str]) -> None:
     asyncio.run(snippet("subscribe_in_process").main())
     lines = capsys.readouterr().out.splitlines()
-    assert lines[:2] == ["1 A-7 1999", "2 B-2 450"]
+    assert lines[:2] == ["1 A-7 12", "2 B-2 0"]
     assert re.fullmatch(r"resume later from ResumePoint\(epoch='\w+', seq=2\)", lines[2])
 
 

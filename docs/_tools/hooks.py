@@ -39,7 +39,7 @@ def commented_members(cls: type) -> list[tuple[str, str]]:
 
 
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|")
+    return text.replace("``", "`").replace("|", "\\|")
 
 
 def close_codes_table() -> str:
@@ -65,7 +65,7 @@ def error_codes_table() -> str:
     while pending:
         cls = pending.pop(0)
         doc = (cls.__doc__ or "").strip().splitlines()[0]
-        rows.append(f"| `{cls.code}` | {_cell(doc.replace('``', '`'))} |")
+        rows.append(f"| `{cls.code}` | {_cell(doc)} |")
         pending.extend(cls.__subclasses__())
     return "\n".join(rows)
 

@@ -6,22 +6,22 @@ from typing import Literal
 from rtbroadcast import Broadcaster, Event, Received
 
 
-class PriceChanged(Event):
-    type: Literal["price_changed"] = "price_changed"
+class StockChanged(Event):
+    type: Literal["stock_changed"] = "stock_changed"
     sku: str
-    cents: int
+    quantity: int
 
 
 async def main() -> None:
     broadcaster = Broadcaster("memory://")
-    async with broadcaster, broadcaster.subscribe("prices", model=PriceChanged) as prices:
-        await broadcaster.publish("prices", PriceChanged(sku="A-7", cents=1999))
-        await broadcaster.publish("prices", PriceChanged(sku="B-2", cents=450))
+    async with broadcaster, broadcaster.subscribe("stock", model=StockChanged) as stock:
+        await broadcaster.publish("stock", StockChanged(sku="A-7", quantity=12))
+        await broadcaster.publish("stock", StockChanged(sku="B-2", quantity=0))
         for _ in range(2):
-            item = await anext(prices)
+            item = await anext(stock)
             if isinstance(item, Received):  # otherwise a ResyncRequired: reload your state
-                print(item.seq, item.event.sku, item.event.cents)
-        print("resume later from", prices.position)
+                print(item.seq, item.event.sku, item.event.quantity)
+        print("resume later from", stock.position)
 
 
 if __name__ == "__main__":
