@@ -1,0 +1,1 @@
+"""Example services built on rtbroadcast's public API (run them from the repository root)."""

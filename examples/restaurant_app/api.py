@@ -1,0 +1,257 @@
+"""HTTP routes: guests, tables, atomic transactions and health. Writes go through the service layer."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Path, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from rtbroadcast import Broadcaster, BroadcasterState, StreamPosition
+
+from .schemas import (
+    RESTAURANT_ID_PATTERN,
+    AtomicRequest,
+    AtomicResult,
+    Guest,
+    GuestCreate,
+    GuestList,
+    GuestStatus,
+    GuestUpdate,
+    Table,
+    TableCreate,
+    TableList,
+    TableUpdate,
+)
+from .service import CHANNEL_PREFIX, RestaurantService, Snapshot
+
+__all__ = ["router"]
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter()
+
+
+def _service(request: Request) -> RestaurantService:
+    service = request.app.state.service
+    assert isinstance(service, RestaurantService), "create_app() sets app.state.service"
+    return service
+
+
+def _broadcaster(request: Request) -> Broadcaster:
+    broadcaster = request.app.state.broadcaster
+    assert isinstance(broadcaster, Broadcaster), "create_app() sets app.state.broadcaster"
+    return broadcaster
+
+
+Service = Annotated[RestaurantService, Depends(_service)]
+RestaurantId = Annotated[
+    str, Path(pattern=f"^{RESTAURANT_ID_PATTERN}$", description="Letters, digits, '_' and '-'; 1 to 64.")
+]
+IfNoneMatch = Annotated[str | None, Header(description="ETag of the list the client already has.")]
+
+_SNAPSHOT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    304: {"description": "The list has not changed since the ETag in If-None-Match."}
+}
+
+
+# -- snapshots: ETag, If-None-Match and the stream position they reflect ----------------------------
+
+
+def _position_headers(position: StreamPosition | None) -> dict[str, str]:
+    if position is None:
+        return {}
+    return {"X-Stream-Epoch": position.epoch, "X-Stream-Seq": str(position.seq)}
+
+
+def _etag_matches(header: str | None, etag: str) -> bool:
+    """Weak comparison, as RFC 9110 prescribes for If-None-Match."""
+    if header is None:
+        return False
+    if header.strip() == "*":
+        return True
+    return any(candidate.strip().removeprefix("W/") == etag for candidate in header.split(","))
+
+
+def _snapshot_response(snapshot: Snapshot[Any], if_none_match: str | None, body: BaseModel) -> Response:
+    headers = {
+        "ETag": snapshot.etag,
+        # Caches may keep the list but must revalidate it every time: it changes whenever anyone writes.
+        "Cache-Control": "no-cache",
+        **_position_headers(snapshot.position),
+    }
+    if _etag_matches(if_none_match, snapshot.etag):
+        return Response(status_code=304, headers=headers)
+    return JSONResponse(body.model_dump(mode="json", by_alias=True), headers=headers)
+
+
+# -- guests -----------------------------------------------------------------------------------------
+
+
+@router.post("/restaurants/{restaurant_id}/guests", status_code=201, tags=["guests"])
+async def create_guest(restaurant_id: RestaurantId, body: GuestCreate, service: Service) -> Guest:
+    """Add a guest to the waitlist (status ``waiting``); broadcasts ``guest_created``."""
+    return await service.create_guest(restaurant_id, body)
+
+
+@router.get(
+    "/restaurants/{restaurant_id}/guests",
+    response_model=GuestList,
+    responses=_SNAPSHOT_RESPONSES,
+    tags=["guests"],
+)
+async def list_guests(
+    restaurant_id: RestaurantId,
+    service: Service,
+    status: GuestStatus | None = None,
+    if_none_match: IfNoneMatch = None,
+) -> Response:
+    """List the guests, oldest first; ``epoch`` and ``seq`` say which stream position the list reflects."""
+    snapshot = await service.list_guests(restaurant_id, status)
+    position = snapshot.position
+    body = GuestList(
+        restaurant_id=restaurant_id,
+        epoch=position.epoch if position else None,
+        seq=position.seq if position else None,
+        guests=snapshot.items,
+    )
+    return _snapshot_response(snapshot, if_none_match, body)
+
+
+@router.get("/restaurants/{restaurant_id}/guests/{guest_id}", tags=["guests"])
+async def get_guest(
+    restaurant_id: RestaurantId, guest_id: str, service: Service, response: Response
+) -> Guest:
+    """Return one guest."""
+    guest, position = await service.get_guest(restaurant_id, guest_id)
+    response.headers.update(_position_headers(position))
+    return guest
+
+
+@router.put("/restaurants/{restaurant_id}/guests/{guest_id}", tags=["guests"])
+async def update_guest(
+    restaurant_id: RestaurantId, guest_id: str, body: GuestUpdate, service: Service
+) -> Guest:
+    """Change the fields sent; broadcasts ``guest_updated`` when something changed."""
+    return await service.update_guest(restaurant_id, guest_id, body)
+
+
+@router.delete("/restaurants/{restaurant_id}/guests/{guest_id}", status_code=204, tags=["guests"])
+async def delete_guest(restaurant_id: RestaurantId, guest_id: str, service: Service) -> Response:
+    """Remove a guest; broadcasts ``guest_deleted`` (and ``table_updated`` for a table it was at)."""
+    await service.delete_guest(restaurant_id, guest_id)
+    return Response(status_code=204)
+
+
+# -- tables -----------------------------------------------------------------------------------------
+
+
+@router.post("/restaurants/{restaurant_id}/tables", status_code=201, tags=["tables"])
+async def create_table(restaurant_id: RestaurantId, body: TableCreate, service: Service) -> Table:
+    """Add a table (status ``available``); broadcasts ``table_created``."""
+    return await service.create_table(restaurant_id, body)
+
+
+@router.get(
+    "/restaurants/{restaurant_id}/tables",
+    response_model=TableList,
+    responses=_SNAPSHOT_RESPONSES,
+    tags=["tables"],
+)
+async def list_tables(
+    restaurant_id: RestaurantId, service: Service, if_none_match: IfNoneMatch = None
+) -> Response:
+    """List the tables, oldest first; ``epoch`` and ``seq`` say which stream position the list reflects."""
+    snapshot = await service.list_tables(restaurant_id)
+    position = snapshot.position
+    body = TableList(
+        restaurant_id=restaurant_id,
+        epoch=position.epoch if position else None,
+        seq=position.seq if position else None,
+        tables=snapshot.items,
+    )
+    return _snapshot_response(snapshot, if_none_match, body)
+
+
+@router.get("/restaurants/{restaurant_id}/tables/{table_id}", tags=["tables"])
+async def get_table(
+    restaurant_id: RestaurantId, table_id: str, service: Service, response: Response
+) -> Table:
+    """Return one table."""
+    table, position = await service.get_table(restaurant_id, table_id)
+    response.headers.update(_position_headers(position))
+    return table
+
+
+@router.put("/restaurants/{restaurant_id}/tables/{table_id}", tags=["tables"])
+async def update_table(
+    restaurant_id: RestaurantId, table_id: str, body: TableUpdate, service: Service
+) -> Table:
+    """Change the fields sent; broadcasts ``table_updated`` when something changed."""
+    return await service.update_table(restaurant_id, table_id, body)
+
+
+# -- atomic transactions ------------------------------------------------------------------------------
+
+
+@router.post("/transactions/atomic", tags=["transactions"])
+async def atomic_transaction(body: AtomicRequest, service: Service) -> AtomicResult:
+    """Apply the operations in one database transaction, all or none.
+
+    Broadcasts one ``atomic_transaction_complete`` on success. An operation naming an unknown id fails
+    the whole transaction with 404 and its ``operation_index``; nothing is written or broadcast.
+    """
+    return await service.run_atomic(body.restaurant_id, body.operations)
+
+
+# -- health -------------------------------------------------------------------------------------------
+
+
+@router.get("/health", tags=["operations"])
+async def health(request: Request, service: Service) -> JSONResponse:
+    """Report the database, the broadcast backend and the realtime connections.
+
+    ``status`` is ``ok``, ``degraded`` (the broadcast backend is down: writes still succeed, clients
+    miss events until it is back) or ``unhealthy`` (the database is down; HTTP 503).
+    """
+    broadcaster = _broadcaster(request)
+    stats = broadcaster.stats()
+    database: dict[str, object] = {"status": "ok", "dialect": service.engine.dialect.name}
+    try:
+        async with asyncio.timeout(5):
+            await service.check_database()
+    except Exception as exc:  # any failure means the same thing here: the database cannot serve
+        logger.warning("health check: database unavailable: %r", exc)
+        database.update(status="error", error=f"{type(exc).__name__}: {exc}"[:300])
+    backend_up = bool(stats.get("backend_available")) and broadcaster.state is BroadcasterState.CONNECTED
+    channels = stats.get("channels")
+    restaurants = {
+        channel.removeprefix(CHANNEL_PREFIX): count
+        for channel, count in (channels.items() if isinstance(channels, dict) else ())
+        if isinstance(channel, str) and channel.startswith(CHANNEL_PREFIX)
+    }
+    if database["status"] != "ok":
+        status = "unhealthy"
+    elif not backend_up:
+        status = "degraded"
+    else:
+        status = "ok"
+    body = {
+        "status": status,
+        "backend": {
+            "name": broadcaster.backend.name,
+            "available": backend_up,
+            "state": broadcaster.state.value,
+        },
+        "database": database,
+        "websocket": {
+            "total_connections": stats.get("connections", 0),
+            "restaurants": restaurants,
+            "messages_sent": stats.get("messages_sent", 0),
+            "messages_dropped": stats.get("messages_dropped", 0),
+        },
+    }
+    return JSONResponse(body, status_code=503 if status == "unhealthy" else 200)

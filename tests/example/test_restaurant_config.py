@@ -1,0 +1,37 @@
+"""Configuration of the example service from environment variables."""
+
+from __future__ import annotations
+
+import pytest
+from examples.restaurant_app import Settings
+from examples.restaurant_app.config import DEFAULT_DATABASE_URL
+from examples.restaurant_app.db import normalize_database_url
+
+
+def test_defaults_and_overrides() -> None:
+    assert Settings.from_env({}) == Settings()
+    assert Settings().database_url == DEFAULT_DATABASE_URL
+    settings = Settings.from_env(
+        {
+            "DATABASE_URL": "postgresql://app@db/restaurants",
+            "BROADCAST_URL": "redis://cache:6379/0",
+            "HEARTBEAT_INTERVAL": "15",
+            "DEMO": "yes",
+            "LOG_LEVEL": "debug",
+        }
+    )
+    assert settings.broadcast_url == "redis://cache:6379/0"
+    assert settings.heartbeat_interval == 15.0
+    assert settings.demo is True
+    assert settings.log_level == "DEBUG"
+    assert normalize_database_url(settings.database_url).drivername == "postgresql+asyncpg"
+    assert normalize_database_url("sqlite:///x.db").drivername == "sqlite+aiosqlite"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("HEARTBEAT_INTERVAL", "soon"), ("HEARTBEAT_TIMEOUT", "-1"), ("DEMO", "maybe"), ("LOG_LEVEL", "LOUD")],
+)
+def test_bad_values_are_refused_with_the_variable_named(name: str, value: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        Settings.from_env({name: value})
