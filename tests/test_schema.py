@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Any, Literal, NotRequired
 
 import jsonschema
 import pytest
 from pydantic import BaseModel
+from typing_extensions import TypedDict
 
 from rtbroadcast import Broadcaster, ConfigurationError, Event
 from rtbroadcast.events import with_seq
@@ -46,10 +47,15 @@ class ParcelShipped(Event):
     note: str | None = None
 
 
+class LossDetails(TypedDict):
+    where: str
+    insured: NotRequired[bool]
+
+
 class ParcelLost(Event):
     type: Literal["schema_test.parcel_lost"] = "schema_test.parcel_lost"
     parcel_id: str
-    details: dict[str, Any] = {}
+    details: LossDetails
 
 
 EVENTS = [ParcelShipped, ParcelLost]
@@ -174,6 +180,14 @@ def test_event_schema_matches_what_clients_receive() -> None:
         assert list(validator.iter_errors(broken)), broken
     # Unknown fields are allowed: a service may add fields without breaking clients.
     assert list(validator.iter_errors({**frame, "added_later": 1})) == []
+
+
+def test_typed_dict_keys_that_are_not_required_stay_optional() -> None:
+    schema = event_schema(ParcelLost)
+    assert schema["$defs"]["LossDetails"]["required"] == ["where"]
+    validator = jsonschema.Draft202012Validator(schema)
+    frame = json.loads(with_seq(ParcelLost(parcel_id="p", details={"where": "depot"}).to_json(), 1))
+    assert list(validator.iter_errors(frame)) == []
 
 
 def test_event_schemas_are_keyed_by_type() -> None:

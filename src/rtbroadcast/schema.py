@@ -100,14 +100,15 @@ class ChannelSpec:
 
 
 class _WireSchema(GenerateJsonSchema):
-    """Mark every serialised field required: ``Event.to_json`` always writes all of them."""
+    """Mark every serialised model field required: ``Event.to_json`` always writes all of them."""
 
     def field_is_required(
         self,
         field: core_schema.ModelField | core_schema.DataclassField | core_schema.TypedDictField,
         total: bool,
     ) -> bool:
-        if self.mode == "serialization":
+        # A TypedDict's NotRequired keys may be absent from the JSON, so those keep their own rule.
+        if self.mode == "serialization" and field["type"] != "typed-dict-field":
             return field.get("serialization_exclude_if") is None
         return super().field_is_required(field, total)
 
