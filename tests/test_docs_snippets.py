@@ -28,7 +28,8 @@ SNIPPETS = DOCS / "snippets"
 sys.path.insert(0, str(SNIPPETS))  # the snippets import each other as top-level modules, as a reader's would
 
 
-def _hooks() -> ModuleType:
+def docs_hooks() -> ModuleType:
+    """Import docs/_tools/hooks.py, the docs build's hooks."""
     if "rtbroadcast_docs_hooks" not in sys.modules:
         spec = importlib.util.spec_from_file_location("rtbroadcast_docs_hooks", DOCS / "_tools" / "hooks.py")
         assert spec is not None
@@ -41,7 +42,7 @@ def _hooks() -> ModuleType:
 
 def snippet(name: str) -> Any:
     """Import ``docs/snippets/<name>.py`` as the top-level module ``name``, as the docs build does."""
-    module: Any = _hooks().load_snippet(name)
+    module: Any = docs_hooks().load_snippet(name)
     return module
 
 
@@ -277,7 +278,7 @@ async def test_resume_client_follows_resumes_and_resyncs() -> None:
 
 
 def test_close_code_table_lists_every_close_code() -> None:
-    hooks = _hooks()
+    hooks = docs_hooks()
     page = (DOCS / "reference" / "protocol.md").read_text()
     assert "<!-- rtbroadcast:close-codes -->" in page
     rows = [line for line in hooks.close_codes_table().splitlines()[2:]]

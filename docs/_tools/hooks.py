@@ -2,7 +2,7 @@
 
 A page writes a marker such as ``<!-- rtbroadcast:close-codes -->`` on a line of its own; the build
 replaces it with a table built from :class:`rtbroadcast.CloseCode` and the ``#:`` comments above each
-member. The build also adds ``asyncapi/tutorial.json``, the AsyncAPI document of the tutorial's app.
+member. The build also adds the AsyncAPI documents of the tutorial's app and of the example service.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any
 from rtbroadcast import CloseCode, ProtocolError, ResyncReason
 
 SNIPPETS = Path(__file__).parent.parent / "snippets"
+ROOT = Path(__file__).parent.parent.parent
 _ASSIGNMENT = re.compile(r"^\s*([A-Z][A-Z0-9_]*)\s*(?::[^=]+)?=\s*(.+?)\s*$")
 
 
@@ -89,8 +90,9 @@ def load_snippet(name: str) -> Any:
     """Import ``docs/snippets/<name>.py`` once, as module ``name`` (its events register once)."""
     if name in sys.modules:
         return sys.modules[name]
-    if str(SNIPPETS) not in sys.path:
-        sys.path.insert(0, str(SNIPPETS))  # snippets import each other as top-level modules
+    for folder in (ROOT, SNIPPETS):  # snippets import each other, and the example service, as a reader would
+        if str(folder) not in sys.path:
+            sys.path.insert(0, str(folder))
     spec = importlib.util.spec_from_file_location(name, SNIPPETS / f"{name}.py")
     assert spec is not None
     assert spec.loader is not None
@@ -104,10 +106,18 @@ def on_page_markdown(markdown: str, **kwargs: Any) -> str:
     return expand(markdown)
 
 
+#: Generated files of the site: path -> the snippet whose ``document()`` they hold.
+GENERATED = {"asyncapi/tutorial.json": "asyncapi_export", "asyncapi/restaurant.json": "restaurant_asyncapi"}
+
+
+def generated(path: str) -> str:
+    """Return the content of a generated file of the site."""
+    return json.dumps(load_snippet(GENERATED[path]).document(), indent=2, ensure_ascii=False) + "\n"
+
+
 def on_files(files: Any, config: Any, **kwargs: Any) -> Any:
     from mkdocs.structure.files import File
 
-    document = load_snippet("asyncapi_export").document()
-    content = json.dumps(document, indent=2, ensure_ascii=False) + "\n"
-    files.append(File.generated(config, "asyncapi/tutorial.json", content=content))
+    for path in GENERATED:
+        files.append(File.generated(config, path, content=generated(path)))
     return files
