@@ -18,6 +18,7 @@ from rtbroadcast import (
     ResumePoint,
     ResyncRequired,
     StateError,
+    StreamPosition,
     SubscriptionClosed,
 )
 from rtbroadcast.backends.memory import MemoryBackend
@@ -146,3 +147,18 @@ async def test_disconnect_ends_subscriptions_and_tasks() -> None:
     with pytest.raises(SubscriptionClosed, match="shutdown"):
         await anext(sub)
     assert len(asyncio.all_tasks()) <= before
+
+
+async def test_naming_channels_does_not_grow_the_memory_backend() -> None:
+    async with Broadcaster() as broadcaster:
+        backend = broadcaster.backend
+        for i in range(1000):
+            await backend.position(f"nobody:{i}")
+            await backend.history(f"nobody:{i}", 0, limit=10)
+            async with broadcaster.subscribe(f"nobody:{i}"):
+                pass
+        assert backend.stats()["channels"] == 0
+        epoch = (await backend.position("later")).epoch
+        await broadcaster.publish("later", Tick(n=1))
+        # The first publish keeps the epoch a client saw before it: no spurious resync.
+        assert await backend.position("later") == StreamPosition(epoch, 1)

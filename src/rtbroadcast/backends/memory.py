@@ -19,10 +19,9 @@ _DEFAULT_IDEMPOTENCY_KEYS = 1000
 
 
 class _Stream:
-    __slots__ = ("epoch", "history", "keys", "seq", "stamps")
+    __slots__ = ("history", "keys", "seq", "stamps")
 
     def __init__(self, history_size: int) -> None:
-        self.epoch = secrets.token_hex(8)
         self.seq = 0
         self.history: deque[Envelope] = deque(maxlen=history_size)
         self.stamps: deque[float] = deque(maxlen=history_size)
@@ -32,8 +31,10 @@ class _Stream:
 class MemoryBackend(Backend):
     """Keep every channel's stream in this process.
 
-    Each channel has its own ``epoch``, chosen at random when the process first uses the channel, so a
-    client that resumes against a restarted process is told to resync rather than given a wrong stream.
+    All channels share one ``epoch``, chosen at random when the backend is created: history lives and dies
+    with the process, so a client that resumes against a restarted process is told to resync rather than
+    given a wrong stream. A channel's stream is created by its first publish; asking about a channel that
+    was never published to costs nothing, so clients cannot grow memory by naming random channels.
 
     Args:
         history_size: events kept per channel for resume (0 disables history).
@@ -57,6 +58,7 @@ class MemoryBackend(Backend):
         self._history_size = history_size
         self._history_ttl = history_ttl
         self._idempotency_keys = idempotency_keys
+        self._epoch = secrets.token_hex(8)
         self._streams: dict[str, _Stream] = {}
         self._subscribed: set[str] = set()
         self._listener: BackendListener | None = None
@@ -76,11 +78,10 @@ class MemoryBackend(Backend):
             raise ConfigurationError(f"invalid memory:// option: {exc}") from None
         return cls(history_size=size, history_ttl=ttl)
 
-    def _stream(self, channel: str) -> _Stream:
-        stream = self._streams.get(channel)
-        if stream is None:
-            stream = self._streams[channel] = _Stream(self._history_size)
-        return stream
+    @property
+    def epoch(self) -> str:
+        """The epoch of every stream of this backend."""
+        return self._epoch
 
     async def connect(self, listener: BackendListener) -> None:
         self._listener = listener
@@ -93,13 +94,16 @@ class MemoryBackend(Backend):
         listener = self._listener
         if listener is None:
             raise StateError("the memory backend is not connected; call connect() first")
-        stream = self._stream(channel)
+        stream = self._streams.get(channel)
+        if stream is None:
+            stream = self._streams[channel] = _Stream(self._history_size)
+        epoch = self._epoch
         if idempotency_key is not None:
             seen = stream.keys.get(idempotency_key)
             if seen is not None:
                 return seen
         stream.seq += 1
-        envelope = Envelope(channel, stream.seq, stream.epoch, with_seq(payload, stream.seq))
+        envelope = Envelope(channel, stream.seq, epoch, with_seq(payload, stream.seq))
         if self._history_size:
             stream.history.append(envelope)
             stream.stamps.append(time.monotonic())
@@ -118,14 +122,14 @@ class MemoryBackend(Backend):
         self._subscribed.discard(channel)
 
     async def position(self, channel: str) -> StreamPosition:
-        stream = self._stream(channel)
-        return StreamPosition(stream.epoch, stream.seq)
+        stream = self._streams.get(channel)
+        return StreamPosition(self._epoch, stream.seq if stream is not None else 0)
 
     async def history(self, channel: str, since: int, *, limit: int) -> History:
-        stream = self._stream(channel)
-        position = StreamPosition(stream.epoch, stream.seq)
-        missed = stream.seq - since
-        if missed <= 0:
+        stream = self._streams.get(channel)
+        position = StreamPosition(self._epoch, stream.seq if stream is not None else 0)
+        missed = position.seq - since
+        if stream is None or missed <= 0:
             return History(position, (), complete=True)
         kept = list(stream.history)
         if self._history_ttl is not None:
