@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Literal
+from typing import Any, Literal
 
 import pytest
 
@@ -21,6 +21,7 @@ from rtbroadcast import (
     StreamPosition,
     SubscriptionClosed,
 )
+from rtbroadcast.backends import Envelope
 from rtbroadcast.backends.memory import MemoryBackend
 
 pytestmark = pytest.mark.anyio
@@ -162,3 +163,48 @@ async def test_naming_channels_does_not_grow_the_memory_backend() -> None:
         await broadcaster.publish("later", Tick(n=1))
         # The first publish keeps the epoch a client saw before it: no spurious resync.
         assert await backend.position("later") == StreamPosition(epoch, 1)
+
+
+class LossyMemoryBackend(MemoryBackend):
+    """A memory backend whose delivery to subscribers loses chosen seqs, as a dropped PUB/SUB message would.
+
+    History keeps them, as a Redis Stream written by the same script does.
+    """
+
+    def __init__(self, lose: set[int]) -> None:
+        super().__init__()
+        self.lose = lose
+
+    async def connect(self, listener: Any) -> None:
+        lossy = self
+
+        class Filter:
+            def on_envelope(self, envelope: Envelope) -> None:
+                if envelope.seq not in lossy.lose:
+                    listener.on_envelope(envelope)
+
+            def on_interruption(self, channels: Any, reason: str) -> None:
+                listener.on_interruption(channels, reason)
+
+        await super().connect(Filter())
+
+
+async def test_a_gap_while_live_is_filled_from_history() -> None:
+    async with Broadcaster(backend=LossyMemoryBackend(lose={2, 3})) as broadcaster:
+        async with broadcaster.subscribe("c", model=Tick) as sub:
+            for i in range(1, 5):
+                await broadcaster.publish("c", Tick(n=i))
+            got = [await asyncio.wait_for(anext(sub), 2) for _ in range(4)]
+        assert [(g.seq, g.event.n) for g in got if isinstance(g, Received)] == [(i, i) for i in range(1, 5)]
+        assert broadcaster.stats()["repairs"] == 1
+
+
+async def test_a_lost_last_message_is_caught_by_the_position_check() -> None:
+    backend = LossyMemoryBackend(lose={2})
+    async with Broadcaster(backend=backend, position_check_interval=0.05) as broadcaster:
+        async with broadcaster.subscribe("c", model=Tick) as sub:
+            await broadcaster.publish("c", Tick(n=1))
+            await broadcaster.publish("c", Tick(n=2))
+            got = [await asyncio.wait_for(anext(sub), 2) for _ in range(2)]
+        assert [g.seq for g in got if isinstance(g, Received)] == [1, 2]
+        assert broadcaster.stats()["lost_detected"] == 1

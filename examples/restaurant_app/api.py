@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Path, Request, Response
+from fastapi import APIRouter, Depends, Header, HTTPException, Path, Request, Response
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 
 from rtbroadcast import Broadcaster, BroadcasterState, StreamPosition
 
+from .auth import AccessPolicy, DeviceClaims, Forbidden, TokenError, require_restaurant
 from .schemas import (
     RESTAURANT_ID_PATTERN,
     AtomicRequest,
@@ -48,6 +51,65 @@ def _broadcaster(request: Request) -> Broadcaster:
 
 
 Service = Annotated[RestaurantService, Depends(_service)]
+
+
+# -- authorization: a device token bound to the restaurant ----------------------------------------------
+
+_RESTAURANT_ID = re.compile(RESTAURANT_ID_PATTERN)
+_bearer = HTTPBearer(
+    auto_error=False,
+    description="A device token (`python -m examples.restaurant_app token --restaurant RID`).",
+)
+
+
+def _unauthorized(reason: str) -> HTTPException:
+    challenge = 'Bearer error="invalid_token"' if reason != "token required" else "Bearer"
+    return HTTPException(401, reason, headers={"WWW-Authenticate": challenge})
+
+
+async def _device(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> DeviceClaims | None:
+    """The device the request's ``Authorization: Bearer`` token names (``None``: the mode needs none).
+
+    Runs before the body is validated, so an unauthenticated request learns nothing but 401.
+    """
+    policy = request.app.state.access
+    assert isinstance(policy, AccessPolicy), "create_app() sets app.state.access"
+    try:
+        return policy.authenticate(credentials.credentials if credentials is not None else None)
+    except TokenError as exc:
+        raise _unauthorized(exc.reason) from None
+
+
+Device = Annotated[DeviceClaims | None, Depends(_device)]
+
+
+def _check_restaurant(device: DeviceClaims | None, restaurant_id: str) -> None:
+    try:
+        require_restaurant(device, restaurant_id)
+    except Forbidden as exc:
+        raise HTTPException(403, exc.reason) from None
+
+
+async def _restaurant_access(request: Request, device: Device) -> None:
+    """Refuse (403) a token bound to another restaurant than the path's ``restaurant_id``.
+
+    A malformed id names no restaurant: it is left to the path's validation (422).
+    """
+    restaurant_id = request.path_params["restaurant_id"]
+    if _RESTAURANT_ID.fullmatch(restaurant_id) is not None:
+        _check_restaurant(device, restaurant_id)
+
+
+_AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"description": "No token, or an invalid or expired one (when a secret is configured)."},
+    403: {"description": "The token is bound to another restaurant."},
+}
+#: Every route under ``/restaurants/{restaurant_id}``, reads included (the lists hold guests' names and
+#: phone numbers); included into ``router`` at the end of the module.
+restaurants = APIRouter(dependencies=[Depends(_restaurant_access)], responses=_AUTH_RESPONSES)
 RestaurantId = Annotated[
     str, Path(pattern=f"^{RESTAURANT_ID_PATTERN}$", description="Letters, digits, '_' and '-'; 1 to 64.")
 ]
@@ -91,13 +153,13 @@ def _snapshot_response(snapshot: Snapshot[Any], if_none_match: str | None, body:
 # -- guests -----------------------------------------------------------------------------------------
 
 
-@router.post("/restaurants/{restaurant_id}/guests", status_code=201, tags=["guests"])
+@restaurants.post("/restaurants/{restaurant_id}/guests", status_code=201, tags=["guests"])
 async def create_guest(restaurant_id: RestaurantId, body: GuestCreate, service: Service) -> Guest:
     """Add a guest to the waitlist (status ``waiting``); broadcasts ``guest_created``."""
     return await service.create_guest(restaurant_id, body)
 
 
-@router.get(
+@restaurants.get(
     "/restaurants/{restaurant_id}/guests",
     response_model=GuestList,
     responses=_SNAPSHOT_RESPONSES,
@@ -121,7 +183,7 @@ async def list_guests(
     return _snapshot_response(snapshot, if_none_match, body)
 
 
-@router.get("/restaurants/{restaurant_id}/guests/{guest_id}", tags=["guests"])
+@restaurants.get("/restaurants/{restaurant_id}/guests/{guest_id}", tags=["guests"])
 async def get_guest(
     restaurant_id: RestaurantId, guest_id: str, service: Service, response: Response
 ) -> Guest:
@@ -131,7 +193,7 @@ async def get_guest(
     return guest
 
 
-@router.put("/restaurants/{restaurant_id}/guests/{guest_id}", tags=["guests"])
+@restaurants.put("/restaurants/{restaurant_id}/guests/{guest_id}", tags=["guests"])
 async def update_guest(
     restaurant_id: RestaurantId, guest_id: str, body: GuestUpdate, service: Service
 ) -> Guest:
@@ -139,7 +201,7 @@ async def update_guest(
     return await service.update_guest(restaurant_id, guest_id, body)
 
 
-@router.delete("/restaurants/{restaurant_id}/guests/{guest_id}", status_code=204, tags=["guests"])
+@restaurants.delete("/restaurants/{restaurant_id}/guests/{guest_id}", status_code=204, tags=["guests"])
 async def delete_guest(restaurant_id: RestaurantId, guest_id: str, service: Service) -> Response:
     """Remove a guest; broadcasts ``guest_deleted`` (and ``table_updated`` for a table it was at)."""
     await service.delete_guest(restaurant_id, guest_id)
@@ -149,13 +211,13 @@ async def delete_guest(restaurant_id: RestaurantId, guest_id: str, service: Serv
 # -- tables -----------------------------------------------------------------------------------------
 
 
-@router.post("/restaurants/{restaurant_id}/tables", status_code=201, tags=["tables"])
+@restaurants.post("/restaurants/{restaurant_id}/tables", status_code=201, tags=["tables"])
 async def create_table(restaurant_id: RestaurantId, body: TableCreate, service: Service) -> Table:
     """Add a table (status ``available``); broadcasts ``table_created``."""
     return await service.create_table(restaurant_id, body)
 
 
-@router.get(
+@restaurants.get(
     "/restaurants/{restaurant_id}/tables",
     response_model=TableList,
     responses=_SNAPSHOT_RESPONSES,
@@ -176,7 +238,7 @@ async def list_tables(
     return _snapshot_response(snapshot, if_none_match, body)
 
 
-@router.get("/restaurants/{restaurant_id}/tables/{table_id}", tags=["tables"])
+@restaurants.get("/restaurants/{restaurant_id}/tables/{table_id}", tags=["tables"])
 async def get_table(
     restaurant_id: RestaurantId, table_id: str, service: Service, response: Response
 ) -> Table:
@@ -186,7 +248,7 @@ async def get_table(
     return table
 
 
-@router.put("/restaurants/{restaurant_id}/tables/{table_id}", tags=["tables"])
+@restaurants.put("/restaurants/{restaurant_id}/tables/{table_id}", tags=["tables"])
 async def update_table(
     restaurant_id: RestaurantId, table_id: str, body: TableUpdate, service: Service
 ) -> Table:
@@ -194,16 +256,20 @@ async def update_table(
     return await service.update_table(restaurant_id, table_id, body)
 
 
+router.include_router(restaurants)
+
+
 # -- atomic transactions ------------------------------------------------------------------------------
 
 
-@router.post("/transactions/atomic", tags=["transactions"])
-async def atomic_transaction(body: AtomicRequest, service: Service) -> AtomicResult:
+@router.post("/transactions/atomic", tags=["transactions"], responses=_AUTH_RESPONSES)
+async def atomic_transaction(body: AtomicRequest, service: Service, device: Device) -> AtomicResult:
     """Apply the operations in one database transaction, all or none.
 
     Broadcasts one ``atomic_transaction_complete`` on success. An operation naming an unknown id fails
     the whole transaction with 404 and its ``operation_index``; nothing is written or broadcast.
     """
+    _check_restaurant(device, body.restaurant_id)
     return await service.run_atomic(body.restaurant_id, body.operations)
 
 
@@ -239,8 +305,10 @@ async def health(request: Request, service: Service) -> JSONResponse:
         status = "degraded"
     else:
         status = "ok"
+    access = request.app.state.access
     body = {
         "status": status,
+        "auth": access.mode if isinstance(access, AccessPolicy) else None,
         "backend": {
             "name": broadcaster.backend.name,
             "available": backend_up,
@@ -254,4 +322,11 @@ async def health(request: Request, service: Service) -> JSONResponse:
             "messages_dropped": stats.get("messages_dropped", 0),
         },
     }
+    outbox = getattr(request.app.state, "outbox", None)
+    if outbox is not None:
+        body["outbox"] = {
+            "pending": await outbox.pending(),
+            "published": outbox.published,
+            "backend_outage": outbox.outage_since is not None,
+        }
     return JSONResponse(body, status_code=503 if status == "unhealthy" else 200)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -9,16 +11,19 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.routing import Route, WebSocketRoute
 
 from rtbroadcast import Broadcaster
-from rtbroadcast.asgi import channel_from_query
-from rtbroadcast.starlette import broadcast_routes, lifespan
+from rtbroadcast.asgi import BroadcastEndpoint, channel_from_query
+from rtbroadcast.starlette import lifespan
 
 from . import api
+from .auth import AccessPolicy, CloseOnTokenExpiry
 from .config import Settings
 from .db import create_engine, create_schema
+from .outbox import TransactionalOutbox
 from .schemas import RESTAURANT_ID_PATTERN, TableCreate
-from .service import CHANNEL_PREFIX, NotFound, RestaurantService
+from .service import CHANNEL_PREFIX, NotFound, RestaurantService, channel_for
 
 __all__ = ["DEMO_RESTAURANT_ID", "DEMO_TABLES", "create_app"]
 
@@ -45,18 +50,26 @@ def create_app(
         broadcaster: a broadcaster to use instead of one built from ``settings.broadcast_url``.
 
     With uvicorn directly: ``uvicorn --factory examples.restaurant_app:create_app``.
+
+    Raises:
+        ValueError: the settings configure neither ``token_secret`` nor ``allow_legacy_unauthenticated``
+            (``python -m examples.restaurant_app --demo`` generates a secret when none is set).
     """
     settings = settings or Settings.from_env()
+    access = AccessPolicy(settings)
+    _log_access_mode(settings)
     owns_engine = engine is None
     database = engine if engine is not None else create_engine(settings.database_url)
     if broadcaster is None:
         broadcaster = Broadcaster(settings.broadcast_url, heartbeat_interval=settings.heartbeat_interval)
-    service = RestaurantService(database, broadcaster)
+    outbox = TransactionalOutbox(database, broadcaster, channel_for=channel_for) if settings.outbox else None
+    service = RestaurantService(database, broadcaster, dispatcher=outbox)
 
     @asynccontextmanager
     async def storage(app: FastAPI) -> AsyncIterator[None]:
         # Entered after the broadcaster connected, so that seeding can broadcast.
         await create_schema(database)
+        relay = asyncio.get_running_loop().create_task(outbox.run()) if outbox is not None else None
         if settings.demo:
             created = await service.seed_tables(
                 DEMO_RESTAURANT_ID, (TableCreate(name=name, capacity=size) for name, size in DEMO_TABLES)
@@ -65,6 +78,10 @@ def create_app(
         try:
             yield
         finally:
+            if relay is not None:
+                relay.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await relay
             if owns_engine:
                 await database.dispose()
 
@@ -75,16 +92,44 @@ def create_app(
     )
     app.state.service = service
     app.state.broadcaster = broadcaster
+    app.state.outbox = outbox
+    app.state.access = access
     app.include_router(api.router)
     app.add_exception_handler(NotFound, _not_found)
-    app.router.routes.extend(
-        broadcast_routes(
-            "/realtime",
+    # The library's endpoint, wrapped so that a connection ends when its token expires.
+    realtime = CloseOnTokenExpiry(
+        BroadcastEndpoint(
             broadcaster,
-            channel=channel_from_query("restaurant_id", prefix=CHANNEL_PREFIX, pattern=RESTAURANT_ID_PATTERN),
-        )
+            channel_from_query("restaurant_id", prefix=CHANNEL_PREFIX, pattern=RESTAURANT_ID_PATTERN),
+            authorize=access.authorize,
+            allowed_origins=settings.allowed_origins,
+        ),
+        access,
+    )
+    app.router.routes.extend(
+        [WebSocketRoute("/realtime", realtime), Route("/realtime/sse", realtime, methods=["GET"])]
     )
     return app
+
+
+def _log_access_mode(settings: Settings) -> None:
+    mode = settings.auth_mode
+    if mode == "open":
+        logger.warning(
+            "AUTHENTICATION DISABLED: RESTAURANT_ALLOW_LEGACY_UNAUTHENTICATED is set and no "
+            "RESTAURANT_TOKEN_SECRET; anyone who can reach this service can read and change every "
+            "restaurant's data"
+        )
+    elif mode == "tokens+legacy":
+        logger.warning(
+            "RESTAURANT_ALLOW_LEGACY_UNAUTHENTICATED is set: requests WITHOUT a device token are accepted "
+            "(bare /realtime?restaurant_id=... URLs); anyone who knows a restaurant id can read and change "
+            "its data. Turn it off once every device sends a token"
+        )
+    else:
+        logger.info("device tokens required on /realtime and /restaurants/...")
+    if settings.allowed_origins is not None:
+        logger.info("WebSocket origins allowed: %s", ", ".join(settings.allowed_origins))
 
 
 async def _not_found(request: Request, exc: Exception) -> JSONResponse:

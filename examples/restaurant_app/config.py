@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-__all__ = ["DEFAULT_DATABASE_URL", "Settings"]
+__all__ = ["DEFAULT_DATABASE_URL", "MIN_SECRET_BYTES", "Settings"]
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./restaurant.db"
+#: Shortest token secret accepted: HS256 keys shorter than the hash (RFC 7518 section 3.2) are refused.
+MIN_SECRET_BYTES = 32
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -25,7 +27,14 @@ class Settings:
         heartbeat_interval: seconds between WebSocket pings, also announced in the welcome frame.
         heartbeat_timeout: seconds to wait for a pong before the server drops a dead connection.
         demo: seed the demo restaurant at startup.
+        outbox: write events to a transactional outbox relayed to the broadcaster (the default); off
+            publishes right after each commit, and an event whose publish fails is lost.
         log_level: level of the root logger when started with ``python -m examples.restaurant_app``.
+        token_secret: HS256 secret of the device tokens (at least 32 bytes). When set, every request for
+            a restaurant's data needs a token bound to that restaurant. Never shown in ``repr``.
+        allow_legacy_unauthenticated: also accept requests that carry no token at all (the reference's
+            bare ``/realtime?restaurant_id=...``). Without a secret it runs the service open.
+        allowed_origins: if set, WebSocket requests whose ``Origin`` is not listed are refused (4003).
     """
 
     database_url: str = DEFAULT_DATABASE_URL
@@ -33,7 +42,25 @@ class Settings:
     heartbeat_interval: float = 25.0
     heartbeat_timeout: float = 10.0
     demo: bool = False
+    outbox: bool = True
     log_level: str = "INFO"
+    token_secret: str | None = field(default=None, repr=False)
+    allow_legacy_unauthenticated: bool = False
+    allowed_origins: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.token_secret is not None and len(self.token_secret.encode()) < MIN_SECRET_BYTES:
+            raise ValueError(
+                f"RESTAURANT_TOKEN_SECRET must be at least {MIN_SECRET_BYTES} bytes long "
+                '(e.g. python -c "import secrets; print(secrets.token_urlsafe(32))")'
+            )
+
+    @property
+    def auth_mode(self) -> str:
+        """``tokens``, ``tokens+legacy`` (tokens, and requests without one), ``open``, or ``unconfigured``."""
+        if self.token_secret is not None:
+            return "tokens+legacy" if self.allow_legacy_unauthenticated else "tokens"
+        return "open" if self.allow_legacy_unauthenticated else "unconfigured"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -49,8 +76,27 @@ class Settings:
             heartbeat_interval=_positive(env, "HEARTBEAT_INTERVAL", 25.0),
             heartbeat_timeout=_positive(env, "HEARTBEAT_TIMEOUT", 10.0),
             demo=_flag(env, "DEMO", False),
+            outbox=_flag(env, "OUTBOX", True),
             log_level=_log_level(env),
+            token_secret=env.get("RESTAURANT_TOKEN_SECRET") or None,
+            allow_legacy_unauthenticated=_flag(env, "RESTAURANT_ALLOW_LEGACY_UNAUTHENTICATED", False),
+            allowed_origins=_origins(env),
         )
+
+
+def _origins(env: Mapping[str, str]) -> tuple[str, ...] | None:
+    raw = env.get("RESTAURANT_ALLOWED_ORIGINS")
+    if not raw or not raw.strip():
+        return None
+    origins = tuple(origin.strip().rstrip("/") for origin in raw.split(",") if origin.strip())
+    for origin in origins:
+        scheme, sep, host = origin.partition("://")
+        if not sep or scheme not in ("http", "https") or not host or "/" in host:
+            raise ValueError(
+                f"RESTAURANT_ALLOWED_ORIGINS takes comma-separated origins like https://app.example.com, "
+                f"not {origin!r}"
+            )
+    return origins
 
 
 def _positive(env: Mapping[str, str], name: str, default: float) -> float:

@@ -65,6 +65,9 @@ class Broadcaster:
         max_resume: most events a resume may replay from history; past it the client resyncs.
         max_connections: connections allowed in this process (``None``: unlimited).
         max_connections_per_channel: connections allowed on one channel (``None``: unlimited).
+        position_check_interval: seconds between checks of every subscribed channel's stream top against
+            what its connections have received, catching a lost last message that no later event would
+            reveal as a gap (``None`` disables the check).
 
     Use it as an async context manager, or call :meth:`connect` and :meth:`disconnect`::
 
@@ -82,17 +85,23 @@ class Broadcaster:
         max_resume: int = DEFAULT_MAX_RESUME,
         max_connections: int | None = None,
         max_connections_per_channel: int | None = None,
+        position_check_interval: float | None = 10.0,
     ) -> None:
         if url is not None and backend is not None:
             raise ConfigurationError("pass either a backend URL or a backend instance, not both")
         if heartbeat_interval <= 0:
             raise ConfigurationError(f"heartbeat_interval must be positive, not {heartbeat_interval}")
+        if position_check_interval is not None and position_check_interval <= 0:
+            raise ConfigurationError(
+                f"position_check_interval must be positive or None, not {position_check_interval}"
+            )
         if max_resume < 0:
             raise ConfigurationError(f"max_resume must be >= 0, not {max_resume}")
         self.backend: Backend = backend if backend is not None else load_backend(url or "memory://")
         self.queue_limits = queue_limits
         self.heartbeat_interval = heartbeat_interval
         self.max_resume = max_resume
+        self.position_check_interval = position_check_interval
         self.registry = ConnectionRegistry(
             max_connections=max_connections, max_connections_per_channel=max_connections_per_channel
         )
@@ -103,6 +112,7 @@ class Broadcaster:
         self._published = 0
         self._interruptions = 0
         self._repairs = 0
+        self._lost_detected = 0
         self._resyncs = 0
 
     def __repr__(self) -> str:
@@ -134,6 +144,8 @@ class Broadcaster:
             self._state = previous
             raise
         self._state = BroadcasterState.CONNECTED
+        if self.position_check_interval is not None:
+            self._spawn(self._check_positions_forever(self.position_check_interval))
         logger.debug("broadcaster connected to %s backend", self.backend.name)
 
     async def disconnect(self) -> None:
@@ -351,6 +363,44 @@ class Broadcaster:
             connection.set_position(position.epoch, position.seq)
         connection.end_buffering()
 
+    async def _check_positions_forever(self, interval: float) -> None:
+        # A connection still behind the stream top at the same seq one interval later did not merely race
+        # an in-flight publish: its event was lost on the way (a PUB/SUB message dropped during a
+        # reconnect, say). Bring it up to date from history like any other gap.
+        behind: dict[int, tuple[str, int]] = {}
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                behind = await self.check_positions(behind)
+            except Exception:
+                logger.exception("position check failed; retrying in %.1f s", interval)
+
+    async def check_positions(self, behind: dict[int, tuple[str, int]]) -> dict[int, tuple[str, int]]:
+        """Compare each subscribed channel's top with its connections; repair those behind twice running.
+
+        ``behind`` maps connection ids to the position they were behind at in the previous check; the
+        result is the same for this check. Runs by itself every ``position_check_interval`` seconds.
+        """
+        still_behind: dict[int, tuple[str, int]] = {}
+        for channel in list(self._subscribed):
+            try:
+                top = await self.backend.position(channel)
+            except BackendUnavailable:
+                continue
+            for connection in self.registry.fanout(channel):
+                if connection.closed or connection.buffering:
+                    continue
+                here = (connection.epoch, connection.last_seq)
+                if here == (top.epoch, top.seq) or (here[0] == top.epoch and here[1] > top.seq):
+                    continue
+                if behind.get(connection.id) == here:
+                    self._lost_detected += 1
+                    connection.begin_buffering()
+                    self._spawn(self._repair(connection))
+                else:
+                    still_behind[connection.id] = here
+        return still_behind
+
     def _welcome(self, channel: str, epoch: str, seq: int, resumed: bool) -> str:
         return encode_server_frame(Welcome(channel, epoch, seq, self.heartbeat_interval, resumed))
 
@@ -393,6 +443,7 @@ class Broadcaster:
             "published": self._published,
             "interruptions": self._interruptions,
             "repairs": self._repairs,
+            "lost_detected": self._lost_detected,
             "resyncs": self._resyncs,
             **self.registry.stats().as_dict(),
         }

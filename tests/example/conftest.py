@@ -1,5 +1,9 @@
 """Fixtures of the example service's suite: every test runs once on SQLite and once on PostgreSQL.
 
+The service runs with a token secret, as in production: ``Running.http`` and ``Running.ws_url`` add a valid
+token for the restaurant each request names, so the contract tests exercise the authenticated path; the
+security tests send their own (or no) credentials.
+
 PostgreSQL is taken from ``RTB_TEST_POSTGRES_URL``, else ``127.0.0.1:5432/test`` as ``postgres`` or
 ``root`` (trust auth). Each test gets its own schema, dropped afterwards. When PostgreSQL is not reachable
 its tests are skipped, unless ``CI=true``: then they fail.
@@ -8,16 +12,20 @@ its tests are skipped, unless ``CI=true``: then they fail.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlencode
 
 import httpx
 import pytest
 from examples.restaurant_app import Settings, create_app
+from examples.restaurant_app.auth import mint_token
 from examples.restaurant_app.db import create_engine
 from fastapi import FastAPI
 from sqlalchemy import text
@@ -30,6 +38,11 @@ POSTGRES_CANDIDATES = (
     "postgresql+asyncpg://postgres@127.0.0.1:5432/test",
     "postgresql+asyncpg://root@127.0.0.1:5432/test",
 )
+
+#: The token secret of the test services.
+TEST_SECRET = "test-secret-0123456789abcdef0123456789abcdef"
+#: Restaurant a token is minted for when a request names none (an atomic body without ``restaurant_id``).
+FALLBACK_RESTAURANT = "r1"
 
 _postgres_probe: dict[str, str | None] = {}
 
@@ -87,18 +100,76 @@ async def engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
         await admin.dispose()
 
 
+_RESTAURANT_PATH = re.compile(r"^/restaurants/([^/]+)")
+
+
+def restaurant_of(request: httpx.Request) -> str | None:
+    """The restaurant an HTTP request is about: from its path, or the atomic transaction's body."""
+    match = _RESTAURANT_PATH.match(request.url.path)
+    if match:
+        return match.group(1)
+    if request.url.path == "/transactions/atomic":
+        try:
+            body = json.loads(request.content)
+        except ValueError:
+            return FALLBACK_RESTAURANT
+        restaurant = body.get("restaurant_id") if isinstance(body, dict) else None
+        return restaurant if isinstance(restaurant, str) else FALLBACK_RESTAURANT
+    return None
+
+
+class DeviceAuth(httpx.Auth):
+    """Adds ``Authorization: Bearer`` with a token for the restaurant the request names, unless the
+    request sets its own ``Authorization`` header."""
+
+    requires_request_body = True
+
+    def __init__(self, secret: str) -> None:
+        self.secret = secret
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        restaurant = restaurant_of(request)
+        if restaurant is not None and "authorization" not in request.headers:
+            try:
+                token = mint_token(self.secret, restaurant)
+            except ValueError:  # not a valid restaurant id: any token will do, the route refuses it
+                token = mint_token(self.secret, FALLBACK_RESTAURANT)
+            request.headers["Authorization"] = f"Bearer {token}"
+        yield request
+
+
+_AUTO: Any = object()
+
+
 @dataclass
 class Running:
-    """A running service: its address, the app, and an HTTP client on it."""
+    """A running service: its address, the app, its settings, and an HTTP client on it."""
 
     address: str
     app: FastAPI
     http: httpx.AsyncClient
+    settings: Settings
 
-    def ws_url(self, restaurant_id: str | None, **params: str | int) -> str:
-        """URL of the realtime endpoint for ``restaurant_id`` (and resume parameters)."""
+    def token(self, restaurant_id: str, **options: Any) -> str:
+        """A valid device token for ``restaurant_id`` (``mint_token`` options: ``ttl``, ``now``...)."""
+        assert self.settings.token_secret is not None, "this service has no token secret"
+        return mint_token(self.settings.token_secret, restaurant_id, **options)
+
+    def ws_url(self, restaurant_id: str | None, *, token: str | None = _AUTO, **params: str | int) -> str:
+        """URL of the realtime endpoint for ``restaurant_id`` (and resume parameters).
+
+        ``token`` defaults to a valid one for ``restaurant_id`` when the service has a secret; ``None``
+        leaves it out.
+        """
         query = {"restaurant_id": restaurant_id} if restaurant_id is not None else {}
         query.update({name: str(value) for name, value in params.items()})
+        if token is _AUTO:
+            token = None
+            if self.settings.token_secret is not None and restaurant_id is not None:
+                with contextlib.suppress(ValueError):  # an invalid id: the endpoint refuses it first
+                    token = self.token(restaurant_id)
+        if token is not None:
+            query["token"] = token
         return f"ws://{self.address}/realtime?{urlencode(query)}"
 
 
@@ -113,17 +184,19 @@ async def start_service(engine: AsyncEngine) -> AsyncIterator[StartService]:
         async def start(
             *, broadcaster: Broadcaster | None = None, settings: Settings | None = None
         ) -> Running:
-            app = create_app(settings or Settings(), engine=engine, broadcaster=broadcaster)
+            settings = settings or Settings(token_secret=TEST_SECRET)
+            app = create_app(settings, engine=engine, broadcaster=broadcaster)
             address = await stack.enter_async_context(serve(app))
+            auth = DeviceAuth(settings.token_secret) if settings.token_secret is not None else None
             http = await stack.enter_async_context(
-                httpx.AsyncClient(base_url=f"http://{address}", timeout=10)
+                httpx.AsyncClient(base_url=f"http://{address}", timeout=10, auth=auth)
             )
-            return Running(address, app, http)
+            return Running(address, app, http, settings)
 
         yield start
 
 
 @pytest.fixture
 async def service(start_service: StartService) -> Running:
-    """The service on its default settings (memory backend) and the test's database."""
+    """The service on its default settings (memory backend), a token secret, and the test's database."""
     return await start_service()

@@ -407,7 +407,7 @@ class SwitchableBackend(MemoryBackend):
         return await super().position(channel)
 
 
-async def test_a_failed_broadcast_is_logged_and_the_write_stands(
+async def test_a_failed_broadcast_is_deferred_and_the_write_stands(
     start_service: StartService, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="examples.restaurant_app")
@@ -424,24 +424,34 @@ async def test_a_failed_broadcast_is_logged_and_the_write_stands(
 
         backend.down = True
         guest = await _guest(service, name="During")
-        failures = [
-            r for r in caplog.records if r.levelno == logging.ERROR and "guest_created" in r.getMessage()
+        deferred = [
+            r
+            for r in caplog.records
+            if r.levelno == logging.WARNING and "deferred to the outbox relay" in r.getMessage()
         ]
-        assert len(failures) == 1
-        assert RID in failures[0].getMessage()
+        assert len(deferred) == 1
         # The snapshot still serves (the polling fallback), without a stream position, with a new ETag.
         listed = await http.get(f"/restaurants/{RID}/guests", headers={"If-None-Match": etag})
         assert listed.status_code == 200
         assert listed.json()["seq"] is None
         assert "x-stream-seq" not in listed.headers
         assert [g["guestName"] for g in listed.json()["guests"]] == ["Before", "During"]
-        assert (await http.get("/health")).json()["status"] == "degraded"
+        health = (await http.get("/health")).json()
+        assert health["status"] == "degraded"
+        assert health["outbox"]["pending"] == 1
 
         backend.down = False
+        # Nothing was lost: the outbox relays the deferred event first, then what follows, in order.
+        during, during_seq = strip_envelope(await recv_json(ws, timeout=15))
+        assert (during["type"], during["data"]["guestName"], during_seq) == (
+            "guest_created",
+            "During",
+            seq + 1,
+        )
         await http.put(f"/restaurants/{RID}/guests/{guest['id']}", json={"status": "notified"})
         updated, next_seq = strip_envelope(await recv_json(ws))
         assert updated["guest_id"] == guest["id"]
-        assert next_seq == seq + 1
+        assert next_seq == seq + 2
     assert (await http.get("/health")).json()["status"] == "ok"
 
 
@@ -455,10 +465,26 @@ def _free_port() -> int:
         return port
 
 
+async def _read_banner(stream: asyncio.StreamReader) -> dict[str, str]:
+    """Read the demo's banner up to its ``try`` line: ``{"realtime": url, "token": token, ...}``."""
+    banner: dict[str, str] = {}
+    while "try" not in banner:
+        line = (await asyncio.wait_for(stream.readline(), 20)).decode()
+        assert line, f"the service exited; banner so far: {banner}"
+        name, _, value = line.strip().partition(" ")
+        if line.startswith("  ") and name and value:
+            banner.setdefault(name, value.strip())
+    return banner
+
+
 @pytest.mark.slow
 async def test_main_command_starts_the_demo(tmp_path: Path) -> None:
+    """``make run``: a generated secret, and the printed WebSocket URL and bearer token work as printed;
+    the access log does not show the token."""
     port = _free_port()
-    env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path / 'demo.db'}", "LOG_LEVEL": "WARNING"}
+    env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path / 'demo.db'}", "LOG_LEVEL": "INFO"}
+    for name in ("RESTAURANT_TOKEN_SECRET", "RESTAURANT_ALLOW_LEGACY_UNAUTHENTICATED"):
+        env.pop(name, None)
     process = await asyncio.create_subprocess_exec(
         *(
             sys.executable,
@@ -475,7 +501,16 @@ async def test_main_command_starts_the_demo(tmp_path: Path) -> None:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
+    assert process.stdout is not None
     try:
+        banner = await _read_banner(process.stdout)
+        token = banner["token"]
+        assert banner["auth"] == "tokens"
+        assert banner["realtime"] == (
+            f"ws://127.0.0.1:{port}/realtime?restaurant_id=test-restaurant-1&token={token}"
+        )
+        assert f"Bearer {token}" in banner["try"]
+        assert banner["secret"].startswith("RESTAURANT_TOKEN_SECRET=")
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
             for _ in range(100):
                 try:
@@ -487,12 +522,35 @@ async def test_main_command_starts_the_demo(tmp_path: Path) -> None:
             else:
                 pytest.fail("the service did not answer within 10 s")
             assert health.json()["status"] == "ok"
-            tables = (await http.get("/restaurants/test-restaurant-1/tables")).json()["tables"]
+            assert health.json()["auth"] == "tokens"
+            tables_url = "/restaurants/test-restaurant-1/tables"
+            assert (await http.get(tables_url)).status_code == 401
+            authorized = {"authorization": f"Bearer {token}"}
+            tables = (await http.get(tables_url, headers=authorized)).json()["tables"]
             assert len(tables) == 6
+        async with await connect(banner["realtime"]) as ws:
+            assert (await welcome(ws))["channel"] == "restaurant:test-restaurant-1"
     finally:
         if process.returncode is None:
             process.terminate()
         stdout, _ = await asyncio.wait_for(process.communicate(), 10)
-    output = stdout.decode()
-    assert f"ws://127.0.0.1:{port}/realtime?restaurant_id=test-restaurant-1" in output
-    assert f"http://127.0.0.1:{port}/health" in output
+    log = [line for line in stdout.decode().splitlines() if not line.startswith(" ")]
+    assert any("/realtime?restaurant_id=test-restaurant-1&token=***" in line for line in log), log
+    assert not [line for line in log if token in line], "the token must not appear in the logs"
+    assert banner["health"] == f"http://127.0.0.1:{port}/health"
+
+
+async def test_main_command_refuses_to_start_without_a_secret(tmp_path: Path) -> None:
+    env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}"}
+    for name in ("RESTAURANT_TOKEN_SECRET", "RESTAURANT_ALLOW_LEGACY_UNAUTHENTICATED"):
+        env.pop(name, None)
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "examples.restaurant_app", "--port", str(_free_port())),
+        cwd=ROOT,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    stdout, _ = await asyncio.wait_for(process.communicate(), 20)
+    assert process.returncode == 2
+    assert "RESTAURANT_TOKEN_SECRET" in stdout.decode()

