@@ -6,6 +6,7 @@ apply events in seq order, resume after every drop, reload on resync_required.
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -15,9 +16,17 @@ Entity = dict[str, Any]
 
 
 class RestaurantClient:
-    def __init__(self, base_url: str, restaurant_id: str) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        restaurant_id: str,
+        token: str,
+        renew_token: Callable[[], Awaitable[str]] | None = None,
+    ) -> None:
         self.base_url = base_url  # "http://127.0.0.1:8000"
         self.restaurant_id = restaurant_id
+        self.token = token  # the device token for this restaurant
+        self.renew_token = renew_token  # gets a fresh token when this one expires
         self.guests: dict[str, Entity] = {}
         self.tables: dict[str, Entity] = {}
         self.epoch = ""
@@ -69,18 +78,23 @@ class RestaurantClient:
 
     # -- 2. and 4. connecting, resuming, resyncing ------------------------------------------------------
 
+    def _auth(self, request: httpx.Request) -> httpx.Request:
+        request.headers["Authorization"] = f"Bearer {self.token}"
+        return request
+
     async def run(self) -> None:
         ws_base = self.base_url.replace("http", "ws", 1)
         delay = 0.5
-        async with httpx.AsyncClient(base_url=self.base_url, timeout=10) as http:
+        async with httpx.AsyncClient(base_url=self.base_url, timeout=10, auth=self._auth) as http:
             await self.load_snapshot(http)
             while True:
                 url = (
                     f"{ws_base}/realtime?restaurant_id={self.restaurant_id}"
                     f"&epoch={self.epoch}&last_seq={self.seq}"
                 )
+                headers = {"Authorization": f"Bearer {self.token}"}  # or &token=... in the URL
                 try:
-                    async with websockets.connect(url) as ws:
+                    async with websockets.connect(url, additional_headers=headers) as ws:
                         async for text in ws:
                             frame = json.loads(text)
                             kind = frame["type"]
@@ -96,6 +110,9 @@ class RestaurantClient:
                                 await self.apply(http, frame)
                             else:
                                 break  # a gap (a correct server never sends one): reconnect and resume
+                    if ws.close_code == 4003 and ws.close_reason == "token expired" and self.renew_token:
+                        self.token = await self.renew_token()  # then reconnect and resume: nothing is lost
+                        continue
                     if ws.close_code in (4003, 4004):
                         raise PermissionError(f"refused: {ws.close_code} {ws.close_reason}")
                 except (OSError, websockets.ConnectionClosedError):
