@@ -45,11 +45,16 @@ DEFAULT_MAX_RESUME = 1000
 
 
 class BroadcasterState(enum.Enum):
-    """Lifecycle of a :class:`Broadcaster`: NEW -> CONNECTING -> CONNECTED -> DISCONNECTING -> CLOSED."""
+    """Lifecycle of a :class:`Broadcaster`: NEW -> CONNECTING -> CONNECTED -> DISCONNECTING -> CLOSED.
+
+    ``FAILED`` replaces ``CONNECTED`` when the backend gave up for good (see :attr:`Backend.failed`):
+    publishes and new subscriptions fail until :meth:`Broadcaster.disconnect` and a new connect.
+    """
 
     NEW = "new"
     CONNECTING = "connecting"
     CONNECTED = "connected"
+    FAILED = "failed"
     DISCONNECTING = "disconnecting"
     CLOSED = "closed"
 
@@ -122,7 +127,9 @@ class Broadcaster:
 
     @property
     def state(self) -> BroadcasterState:
-        """The lifecycle state."""
+        """The lifecycle state (``FAILED`` while connected to a backend that gave up)."""
+        if self._state is BroadcasterState.CONNECTED and self.backend.failed:
+            return BroadcasterState.FAILED
         return self._state
 
     async def connect(self) -> None:
@@ -437,7 +444,7 @@ class Broadcaster:
     def stats(self) -> dict[str, object]:
         """Return counters for health endpoints (JSON-serialisable)."""
         return {
-            "state": self._state.value,
+            "state": self.state.value,
             "backend": dict(self.backend.stats()),
             "backend_available": self.backend.available,
             "published": self._published,

@@ -140,3 +140,12 @@ class Backend(ABC):
     def available(self) -> bool:
         """Whether the backend is reachable, as far as this process knows."""
         return True
+
+    @property
+    def failed(self) -> bool:
+        """Whether the backend gave up for good (say, a listener out of reconnect attempts).
+
+        A failed backend does not recover by itself; the broadcaster reports
+        :attr:`~rtbroadcast.BroadcasterState.FAILED` until it is disconnected.
+        """
+        return False
