@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 from urllib.parse import parse_qsl
 
-from .broadcaster import Broadcaster
+from .broadcaster import Broadcaster, is_valid_channel
 from .connection import Connection
 from .errors import BackendUnavailable, ConnectionLimitReached, ProtocolError, StateError
 from .events import format_timestamp, utc_now
@@ -191,7 +191,7 @@ class BroadcastEndpoint:
             channel = await _maybe_await(self.resolve_channel(request))
         except (KeyError, ValueError):
             channel = None
-        if not channel:
+        if not channel or not is_valid_channel(channel):
             raise _Refused(CloseCode.BAD_REQUEST, "no valid channel in the request")
         try:
             resume = parse_resume_point(request.query)

@@ -456,13 +456,18 @@ class Broadcaster:
         }
 
 
+def is_valid_channel(channel: object) -> bool:
+    """Return whether ``channel`` is a valid channel name (see :func:`validate_channel`)."""
+    return isinstance(channel, str) and _CHANNEL_RE.fullmatch(channel) is not None
+
+
 def validate_channel(channel: str) -> None:
     """Check a channel name: 1 to 256 characters, no control characters.
 
     Raises:
         ConfigurationError: the name is invalid.
     """
-    if not isinstance(channel, str) or _CHANNEL_RE.fullmatch(channel) is None:
+    if not is_valid_channel(channel):
         raise ConfigurationError(
             f"invalid channel name {channel!r}: use 1 to 256 characters, no control characters"
         )
