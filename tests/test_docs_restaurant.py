@@ -193,3 +193,14 @@ def test_restaurant_page_examples_match_the_event_models() -> None:
             models[frame["type"]].model_validate(body)
             found.add(frame["type"])
     assert found == set(models)
+
+
+async def test_the_service_serves_its_asyncapi_document(running: tuple[str, Broadcaster]) -> None:
+    base, _ = running
+    async with httpx.AsyncClient(base_url=base, timeout=10) as http:
+        response = await http.get("/asyncapi.json")
+    assert response.status_code == 200
+    served = response.json()
+    assert asyncapi_errors(served) == []
+    assert served["servers"]["local"]["host"] == base.removeprefix("http://")
+    assert set(served["components"]["messages"]) >= {"guest_created", "atomic_transaction_complete"}
