@@ -209,7 +209,8 @@ class Broadcaster:
             StateError: the broadcaster is not connected.
             InvalidEvent: ``event`` is not an :class:`Event`.
             ConfigurationError: ``channel`` is not a valid channel name.
-            BackendUnavailable: the backend cannot be reached; nothing was published.
+            BackendUnavailable: the backend cannot be reached; the event was not published (or, if the
+                backend timed out mid-request, may have been: retry with the same ``idempotency_key``).
         """
         if not isinstance(event, Event):
             raise InvalidEvent(f"publish() takes an Event, not {type(event).__name__}")
@@ -225,7 +226,8 @@ class Broadcaster:
             StateError: the broadcaster is not connected.
             InvalidEvent: ``payload`` does not look like a JSON object.
             ConfigurationError: ``channel`` is not a valid channel name.
-            BackendUnavailable: the backend cannot be reached; nothing was published.
+            BackendUnavailable: the backend cannot be reached; the event was not published (or, if the
+                backend timed out mid-request, may have been: retry with the same ``idempotency_key``).
         """
         self._require_connected("publish")
         validate_channel(channel)

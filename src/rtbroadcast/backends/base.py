@@ -98,8 +98,10 @@ class Backend(ABC):
             The envelope as delivered, with its ``seq`` and ``epoch``.
 
         Raises:
-            BackendUnavailable: the backend cannot be reached within the configured timeout; nothing was
-                published.
+            BackendUnavailable: the backend could not be reached, or did not answer, within the configured
+                timeout. The event was almost certainly not published, but a request that reached the
+                server just before the timeout may still have been applied: retry with the same
+                ``idempotency_key`` to publish exactly once.
         """
 
     @abstractmethod
