@@ -374,3 +374,53 @@ async def test_screenshot(browser: Browser, engine: AsyncEngine, tmp_path: Path)
             if configured:
                 await anyio.Path(configured).parent.mkdir(parents=True, exist_ok=True)
                 await anyio.Path(configured).write_bytes(await anyio.Path(target).read_bytes())
+
+
+async def test_the_page_is_served(engine: AsyncEngine) -> None:
+    # No browser needed: the routes, the redirect that keeps the query, and the content types.
+    async with (
+        serve(create_app(Settings(), engine=engine)) as address,
+        httpx.AsyncClient(base_url=f"http://{address}", timeout=10) as http,
+    ):
+        response = await http.get("/?restaurant_id=r-1&token=t")
+        assert response.status_code == 307
+        assert response.headers["location"] == "/host-stand/?restaurant_id=r-1&token=t"
+        response = await http.get("/host-stand/?restaurant_id=r-1")
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/html")
+        assert '<script src="host-stand.js" defer></script>' in response.text
+        for asset, kind in [("host-stand.js", "javascript"), ("host-stand.css", "text/css")]:
+            response = await http.get(f"/host-stand/{asset}")
+            assert response.status_code == 200 and kind in response.headers["content-type"], asset
+        # The page is not part of the API's schema.
+        paths = (await http.get("/openapi.json")).json()["paths"]
+        assert "/" not in paths and not any(path.startswith("/host-stand") for path in paths)
+
+
+async def test_a_token_in_the_page_url_is_passed_on(browser: Browser, engine: AsyncEngine) -> None:
+    # The service does not check tokens unless configured to; the page passes one on whenever it has it.
+    async with serve(create_app(Settings(demo=True), engine=engine)) as address:
+        context = await browser.new_context()
+        try:
+            page = await context.new_page()
+            sockets: list[str] = []
+            authorizations: list[str | None] = []
+            page.on("websocket", lambda ws: sockets.append(ws.url))
+            page.on(
+                "request",
+                lambda request: (
+                    authorizations.append(request.headers.get("authorization"))
+                    if "/restaurants/" in request.url or "/transactions/" in request.url
+                    else None
+                ),
+            )
+            device = Device(page, "with token")
+            await page.goto(f"http://{address}/host-stand/?restaurant_id={RID}&token=s3cr%2Bt")
+            await device.wait_live()
+            await device.add_walk_in("Barbara Liskov", 2)
+            await device.guest_row("Barbara Liskov").wait_for(timeout=WAIT_MS)
+            device.check_no_errors()
+        finally:
+            await context.close()
+    assert len(sockets) == 1 and "token=s3cr%2Bt" in sockets[0], sockets
+    assert len(authorizations) >= 3 and set(authorizations) == {"Bearer s3cr+t"}, authorizations
