@@ -424,3 +424,26 @@ async def test_a_token_in_the_page_url_is_passed_on(browser: Browser, engine: As
             await context.close()
     assert len(sockets) == 1 and "token=s3cr%2Bt" in sockets[0], sockets
     assert len(authorizations) >= 3 and set(authorizations) == {"Bearer s3cr+t"}, authorizations
+
+
+async def test_a_refused_restaurant_id_stops_with_the_reason(browser: Browser, engine: AsyncEngine) -> None:
+    async with serve(create_app(Settings(), engine=engine)) as address:
+        context = await browser.new_context()
+        try:
+            page = await context.new_page()
+            device = Device(page, "bad id")
+            await page.goto(f"http://{address}/host-stand/?restaurant_id=no%20spaces%20allowed")
+            await page.locator('#connection[data-state="error"]').wait_for(timeout=WAIT_MS)
+            assert "422" in await page.locator("#message").inner_text()
+            await page.wait_for_timeout(1000)  # and it stays stopped: no retries
+            assert await device.stats() == {
+                "snapshots": 0,
+                "connects": 0,
+                "welcomes": 0,
+                "resumed": 0,
+                "resyncs": 0,
+                "applied": 0,
+            }
+            device.check_no_errors()
+        finally:
+            await context.close()

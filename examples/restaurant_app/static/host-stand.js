@@ -37,8 +37,9 @@
   const BACKOFF_INITIAL_MS = 250;
   const BACKOFF_MAX_MS = 8000;
   const REQUEST_TIMEOUT_MS = 10000;
-  // Close codes after which retrying cannot help (bad restaurant id or resume parameters).
-  const FATAL_CLOSE_CODES = new Set([4004]);
+  // Close codes after which retrying unchanged cannot help: 4003 forbidden (the token or the Origin was
+  // refused), 4004 bad request (bad restaurant id or resume parameters). Reload the page to try again.
+  const FATAL_CLOSE_CODES = new Set([4003, 4004]);
 
   const params = new URLSearchParams(window.location.search);
   const restaurantId = params.get("restaurant_id") || "test-restaurant-1";
@@ -215,7 +216,14 @@
       },
       (error) => {
         console.warn("host stand: snapshot failed:", error.message);
-        if (generation === link.generation) scheduleReconnect();
+        if (generation !== link.generation) return;
+        if (error.status >= 400 && error.status < 500 && error.status !== 408 && error.status !== 429) {
+          // Refused (bad restaurant id, not allowed): asking again unchanged cannot help.
+          setState("error", `(${error.status})`);
+          showMessage(error.message);
+          return;
+        }
+        scheduleReconnect();
       },
     );
   }
