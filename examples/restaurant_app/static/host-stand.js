@@ -459,7 +459,7 @@
     row.dataset.status = guest.status;
     parts.cells[0].textContent = guest.guestName ?? "…";
     parts.cells[1].textContent = guest.partySize ?? "";
-    if (document.activeElement !== parts.status) parts.status.value = guest.status;
+    parts.status.value = guest.status; // a choice shows once its event is back (or reverts if refused)
     const waiting = WAITLIST.has(guest.status);
     parts.seatCell.hidden = !waiting;
     parts.tableName.hidden = waiting;
@@ -561,6 +561,14 @@
 
   document.addEventListener("DOMContentLoaded", () => {
     $("walk-in-form").addEventListener("submit", addWalkIn);
+    // Back online: retry now rather than at the end of the current backoff.
+    window.addEventListener("online", () => {
+      if (link.retryTimer === null) return;
+      clearTimeout(link.retryTimer);
+      link.retryTimer = null;
+      if (model.epoch == null) start();
+      else connect();
+    });
     setState("connecting");
     render();
     start();
