@@ -13,12 +13,14 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import anyio
 import httpx
 import pytest
 from examples.restaurant_app import Settings, create_app
 from examples.restaurant_app.app import DEMO_RESTAURANT_ID
+from examples.restaurant_app.auth import mint_token
 from playwright.async_api import Browser, Locator, Page
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -33,6 +35,18 @@ LATENCY_BOUND_S = 2.0
 WAIT_MS = 5_000
 #: Set to a path (docs/images/host-stand.png) to write the screenshot there as well.
 SCREENSHOT_ENV = "HOST_STAND_SCREENSHOT"
+#: The services run with device tokens, as in production; the pages get theirs in the URL.
+SECRET = "host-stand-browser-tests-" + "s" * 32
+
+
+def settings(**changes: Any) -> Settings:
+    """The service's settings for these tests: a token secret, and ``changes``."""
+    return Settings(token_secret=SECRET, **changes)
+
+
+def token(restaurant_id: str = RID, **options: Any) -> str:
+    """A device token for ``restaurant_id`` (``mint_token`` options: ``ttl``, ``now``, ``device_id``)."""
+    return mint_token(SECRET, restaurant_id, **options)
 
 
 class Device:
@@ -76,14 +90,27 @@ class Device:
 
 
 @contextlib.asynccontextmanager
-async def open_device(browser: Browser, address: str, name: str, **query: str) -> AsyncIterator[Device]:
+async def open_device(
+    browser: Browser,
+    address: str,
+    name: str,
+    query: dict[str, str] | None = None,
+    *,
+    live: bool = True,
+    listen: Callable[[Page], None] | None = None,
+) -> AsyncIterator[Device]:
+    """Open the host stand in a new browser context; by default for ``RID`` with a valid token, and live."""
     context = await browser.new_context(viewport={"width": 1280, "height": 860})
     try:
         page = await context.new_page()
         device = Device(page, name)
-        params = "&".join(f"{key}={value}" for key, value in {"restaurant_id": RID, **query}.items())
-        await page.goto(f"http://{address}/host-stand/?{params}")
-        await device.wait_live()
+        if listen is not None:
+            listen(page)
+        if query is None:
+            query = {"restaurant_id": RID, "token": token(device_id=f"stand-{name}")}
+        await page.goto(f"http://{address}/host-stand/?{urlencode(query)}")
+        if live:
+            await device.wait_live()
         yield device
         device.check_no_errors()
     finally:
@@ -161,7 +188,7 @@ async def timed(
 async def test_an_action_on_a_shows_on_b(
     browser: Browser, engine: AsyncEngine, latencies: list[tuple[str, float, float]]
 ) -> None:
-    app = create_app(Settings(demo=True), engine=engine)
+    app = create_app(settings(demo=True), engine=engine)
     async with (
         serve(app) as address,
         open_device(browser, address, "A") as a,
@@ -227,10 +254,10 @@ async def test_b_reconnects_after_its_server_restarts_and_catches_up(
     broadcaster = Broadcaster("memory://")
 
     def app_b() -> Any:
-        return create_app(Settings(), engine=engine, broadcaster=broadcaster)
+        return create_app(settings(), engine=engine, broadcaster=broadcaster)
 
     async with (
-        serve(create_app(Settings(demo=True), engine=engine, broadcaster=broadcaster)) as address_a,
+        serve(create_app(settings(demo=True), engine=engine, broadcaster=broadcaster)) as address_a,
         contextlib.AsyncExitStack() as server_b,
     ):
         address_b = await server_b.enter_async_context(serve(app_b(), lifespan="off"))
@@ -282,13 +309,15 @@ async def test_b_reloads_its_snapshot_when_the_history_is_gone(browser: Browser,
     # Server B comes back with a new broadcaster (a new memory backend: a new epoch, no history), as a
     # single-process deployment does after a restart. Page B cannot resume: it gets resync_required,
     # reloads its snapshot, and follows the new stream from there.
+    # Without the outbox: each process's relay publishes any pending row to its own broadcaster, and with
+    # two broadcasters on one database (something only this test builds) B's writes could reach A's.
     shared = Broadcaster("memory://")
     async with (
-        serve(create_app(Settings(demo=True), engine=engine, broadcaster=shared)) as address_a,
+        serve(create_app(settings(demo=True, outbox=False), engine=engine, broadcaster=shared)) as address_a,
         contextlib.AsyncExitStack() as server_b,
     ):
         address_b = await server_b.enter_async_context(
-            serve(create_app(Settings(), engine=engine, broadcaster=shared), lifespan="off")
+            serve(create_app(settings(outbox=False), engine=engine, broadcaster=shared), lifespan="off")
         )
         port_b = int(address_b.rsplit(":", 1)[1])
         async with open_device(browser, address_a, "A") as a, open_device(browser, address_b, "B") as b:
@@ -302,7 +331,7 @@ async def test_b_reloads_its_snapshot_when_the_history_is_gone(browser: Browser,
                 timeout=WAIT_MS
             )
 
-            fresh = create_app(Settings(), engine=engine, broadcaster=Broadcaster("memory://"))
+            fresh = create_app(settings(outbox=False), engine=engine, broadcaster=Broadcaster("memory://"))
             async with serve(fresh, port=port_b):
                 await b.page.locator('#done tr[data-status="seated"]', has_text="Katherine Johnson").wait_for(
                     timeout=15_000
@@ -323,8 +352,13 @@ async def test_screenshot(browser: Browser, engine: AsyncEngine, tmp_path: Path)
 
     ``HOST_STAND_SCREENSHOT=docs/images/host-stand.png pytest tests/browser -k screenshot`` refreshes it.
     """
-    app = create_app(Settings(demo=True), engine=engine)
-    async with serve(app) as address, httpx.AsyncClient(base_url=f"http://{address}", timeout=10) as http:
+    app = create_app(settings(demo=True), engine=engine)
+    async with (
+        serve(app) as address,
+        httpx.AsyncClient(
+            base_url=f"http://{address}", headers={"Authorization": f"Bearer {token()}"}, timeout=10
+        ) as http,
+    ):
         tables = {t["name"]: t["id"] for t in (await http.get(f"/restaurants/{RID}/tables")).json()["tables"]}
         guests = {}
         for name, size in [
@@ -379,13 +413,13 @@ async def test_screenshot(browser: Browser, engine: AsyncEngine, tmp_path: Path)
 async def test_the_page_is_served(engine: AsyncEngine) -> None:
     # No browser needed: the routes, the redirect that keeps the query, and the content types.
     async with (
-        serve(create_app(Settings(), engine=engine)) as address,
+        serve(create_app(settings(), engine=engine)) as address,
         httpx.AsyncClient(base_url=f"http://{address}", timeout=10) as http,
     ):
         response = await http.get("/?restaurant_id=r-1&token=t")
         assert response.status_code == 307
         assert response.headers["location"] == "/host-stand/?restaurant_id=r-1&token=t"
-        response = await http.get("/host-stand/?restaurant_id=r-1")
+        response = await http.get("/host-stand/?restaurant_id=r-1")  # the page itself needs no token
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/html")
         assert '<script src="host-stand.js" defer></script>' in response.text
@@ -397,45 +431,73 @@ async def test_the_page_is_served(engine: AsyncEngine) -> None:
         assert "/" not in paths and not any(path.startswith("/host-stand") for path in paths)
 
 
-async def test_a_token_in_the_page_url_is_passed_on(browser: Browser, engine: AsyncEngine) -> None:
-    # The service does not check tokens unless configured to; the page passes one on whenever it has it.
-    async with serve(create_app(Settings(demo=True), engine=engine)) as address:
-        context = await browser.new_context()
-        try:
-            page = await context.new_page()
-            sockets: list[str] = []
-            authorizations: list[str | None] = []
-            page.on("websocket", lambda ws: sockets.append(ws.url))
-            page.on(
-                "request",
-                lambda request: (
-                    authorizations.append(request.headers.get("authorization"))
-                    if "/restaurants/" in request.url or "/transactions/" in request.url
-                    else None
-                ),
-            )
-            device = Device(page, "with token")
-            await page.goto(f"http://{address}/host-stand/?restaurant_id={RID}&token=s3cr%2Bt")
-            await device.wait_live()
-            await device.add_walk_in("Barbara Liskov", 2)
-            await device.guest_row("Barbara Liskov").wait_for(timeout=WAIT_MS)
-            device.check_no_errors()
-        finally:
-            await context.close()
-    assert len(sockets) == 1 and "token=s3cr%2Bt" in sockets[0], sockets
-    assert len(authorizations) >= 3 and set(authorizations) == {"Bearer s3cr+t"}, authorizations
+async def test_the_page_sends_its_token_on_every_request(browser: Browser, engine: AsyncEngine) -> None:
+    device_token = token(device_id="stand-1")
+    sockets: list[str] = []
+    authorizations: list[str | None] = []
+
+    def listen(page: Page) -> None:
+        page.on("websocket", lambda ws: sockets.append(ws.url))
+        page.on(
+            "request",
+            lambda request: (
+                authorizations.append(request.headers.get("authorization"))
+                if "/restaurants/" in request.url or "/transactions/" in request.url
+                else None
+            ),
+        )
+
+    async with (
+        serve(create_app(settings(demo=True), engine=engine)) as address,
+        open_device(
+            browser, address, "1", {"restaurant_id": RID, "token": device_token}, listen=listen
+        ) as device,
+    ):
+        await device.add_walk_in("Barbara Liskov", 2)
+        await device.guest_row("Barbara Liskov").wait_for(timeout=WAIT_MS)
+        await device.seat("Barbara Liskov", "T1 (2)")
+        await (
+            device.table_card("T1")
+            .and_(device.page.locator('[data-status="occupied"]', has_text="Barbara Liskov"))
+            .wait_for(timeout=WAIT_MS)
+        )
+    assert len(sockets) == 1 and f"token={device_token}" in sockets[0], sockets
+    # Two snapshot reads, the walk-in, the atomic transaction and the two entities it changed.
+    assert len(authorizations) >= 6 and set(authorizations) == {f"Bearer {device_token}"}, authorizations
 
 
-async def test_a_refused_restaurant_id_stops_with_the_reason(browser: Browser, engine: AsyncEngine) -> None:
-    async with serve(create_app(Settings(), engine=engine)) as address:
-        context = await browser.new_context()
-        try:
-            page = await context.new_page()
-            device = Device(page, "bad id")
-            await page.goto(f"http://{address}/host-stand/?restaurant_id=no%20spaces%20allowed")
-            await page.locator('#connection[data-state="error"]').wait_for(timeout=WAIT_MS)
-            assert "422" in await page.locator("#message").inner_text()
-            await page.wait_for_timeout(1000)  # and it stays stopped: no retries
+@pytest.mark.parametrize(
+    ("case", "query"),
+    [
+        pytest.param("no token", {"restaurant_id": RID}, id="no-token"),
+        pytest.param("another restaurant's token", {"restaurant_id": RID, "token": "other"}, id="other"),
+        pytest.param("expired token", {"restaurant_id": RID, "token": "expired"}, id="expired"),
+        pytest.param("invalid restaurant id", {"restaurant_id": "no spaces", "token": "own"}, id="bad-id"),
+    ],
+)
+async def test_a_refused_page_stops_with_the_reason(
+    browser: Browser, engine: AsyncEngine, case: str, query: dict[str, str]
+) -> None:
+    tokens = {
+        "other": token("another-restaurant"),
+        "expired": token(ttl=60, now=time.time() - 3600),
+        "own": token(),
+    }
+    if "token" in query:
+        query = {**query, "token": tokens[query["token"]]}
+    async with (
+        serve(create_app(settings(), engine=engine)) as address,
+        httpx.AsyncClient(base_url=f"http://{address}", timeout=10) as http,
+    ):
+        headers = {"Authorization": f"Bearer {query['token']}"} if "token" in query else {}
+        expected = (
+            await http.get(f"/restaurants/{query['restaurant_id']}/guests", headers=headers)
+        ).status_code
+        assert expected in (401, 403, 422), (case, expected)
+        async with open_device(browser, address, case, query, live=False) as device:
+            await device.page.locator('#connection[data-state="error"]').wait_for(timeout=WAIT_MS)
+            assert str(expected) in await device.page.locator("#message").inner_text()
+            await device.page.wait_for_timeout(1000)  # and it stays stopped: no retries
             assert await device.stats() == {
                 "snapshots": 0,
                 "connects": 0,
@@ -443,7 +505,19 @@ async def test_a_refused_restaurant_id_stops_with_the_reason(browser: Browser, e
                 "resumed": 0,
                 "resyncs": 0,
                 "applied": 0,
-            }
-            device.check_no_errors()
-        finally:
-            await context.close()
+            }, case
+
+
+async def test_an_expiring_token_stops_the_page(browser: Browser, engine: AsyncEngine) -> None:
+    # The service closes a connection with 4003 "token expired" when its token expires (after a leeway
+    # of 10 s): retrying with the same token cannot help, so the page stops and says why.
+    expiring = token(ttl=60, now=time.time() - 60 - 8)  # accepted for about 2 s more
+    async with (
+        serve(create_app(settings(demo=True), engine=engine)) as address,
+        open_device(browser, address, "expiring", {"restaurant_id": RID, "token": expiring}) as device,
+    ):
+        badge = device.page.locator("#connection")
+        await device.page.locator('#connection[data-state="error"]').wait_for(timeout=WAIT_MS)
+        assert "4003" in await badge.inner_text() and "token expired" in await badge.inner_text()
+        stats = await device.stats()
+        assert stats["connects"] == 1 and stats["welcomes"] == 1, stats
