@@ -252,15 +252,36 @@ async def test_b_reconnects_after_its_server_restarts_and_catches_up(
     # backend's history lives in the Broadcaster object, so it outlives server B's restart. Server A's
     # lifespan connects the broadcaster and creates the schema; server B runs without a lifespan.
     broadcaster = Broadcaster("memory://")
+    await restart_scenario(
+        browser,
+        create_app(settings(demo=True), engine=engine, broadcaster=broadcaster),
+        lambda: create_app(settings(), engine=engine, broadcaster=broadcaster),
+        lifespan="off",
+    )
 
-    def app_b() -> Any:
-        return create_app(settings(), engine=engine, broadcaster=broadcaster)
 
-    async with (
-        serve(create_app(settings(demo=True), engine=engine, broadcaster=broadcaster)) as address_a,
-        contextlib.AsyncExitStack() as server_b,
-    ):
-        address_b = await server_b.enter_async_context(serve(app_b(), lifespan="off"))
+@pytest.mark.redis
+async def test_on_redis_b_reconnects_after_its_server_restarts_and_catches_up(
+    browser: Browser, engine: AsyncEngine, redis_url: str, redis_prefix: str
+) -> None:
+    # The same on Redis, where nothing is shared in memory: each server has its own broadcaster (and its
+    # outbox relay), and server B's is disconnected with it and built anew on restart. The history B
+    # resumes from is the one in Redis.
+    separator = "&" if "?" in redis_url else "?"
+    broadcast_url = f"{redis_url}{separator}key_prefix={redis_prefix}"
+    await restart_scenario(
+        browser,
+        create_app(settings(demo=True, broadcast_url=broadcast_url), engine=engine),
+        lambda: create_app(settings(broadcast_url=broadcast_url), engine=engine),
+    )
+
+
+async def restart_scenario(
+    browser: Browser, app_a: Any, make_app_b: Callable[[], Any], **serve_b: Any
+) -> None:
+    """Page A on server A, page B on server B; stop B, change things on A, restart B on the same port."""
+    async with serve(app_a) as address_a, contextlib.AsyncExitStack() as server_b:
+        address_b = await server_b.enter_async_context(serve(make_app_b(), **serve_b))
         port_b = int(address_b.rsplit(":", 1)[1])
         async with open_device(browser, address_a, "A") as a, open_device(browser, address_b, "B") as b:
             await a.add_walk_in("Grace Hopper", 2)
@@ -285,7 +306,7 @@ async def test_b_reconnects_after_its_server_restarts_and_catches_up(
             assert await b.page.locator("#connection").get_attribute("data-state") == "reconnecting"
 
             # Server B comes back on the same port: page B reconnects by itself and resumes.
-            async with serve(app_b(), lifespan="off", port=port_b):
+            async with serve(make_app_b(), port=port_b, **serve_b):
                 await b.page.locator('#done tr[data-status="seated"]', has_text="Alan Turing").wait_for(
                     timeout=15_000  # the page's backoff decides when it tries again
                 )
