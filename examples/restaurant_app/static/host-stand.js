@@ -561,13 +561,18 @@
 
   document.addEventListener("DOMContentLoaded", () => {
     $("walk-in-form").addEventListener("submit", addWalkIn);
-    // Back online: retry now rather than at the end of the current backoff.
-    window.addEventListener("online", () => {
+    // Back online, or back in front of someone (browsers slow down timers in background tabs): retry now
+    // rather than at the end of the current backoff.
+    const retryNow = () => {
       if (link.retryTimer === null) return;
       clearTimeout(link.retryTimer);
       link.retryTimer = null;
       if (model.epoch == null) start();
       else connect();
+    };
+    window.addEventListener("online", retryNow);
+    document.addEventListener("visibilitychange", () => {
+      if (document.visibilityState === "visible") retryNow();
     });
     setState("connecting");
     render();
