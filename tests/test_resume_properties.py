@@ -10,13 +10,14 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import pytest
-import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rtbroadcast import Backend, Broadcaster, Event, Received, ResumePoint, ResyncRequired, Subscription
 from rtbroadcast.backends.memory import MemoryBackend
 from rtbroadcast.backends.redis import RedisBackend
+
+from .redis_support import delete_keys
 
 HISTORY = 5
 CHANNEL = "prop"
@@ -150,10 +151,4 @@ def test_every_subscriber_sees_the_exact_stream_on_redis(
             run(ops, RedisBackend(redis_url, key_prefix=prefix, history_size=HISTORY), exact_trim=False)
         )
     finally:
-        client = redis.Redis.from_url(redis_url)
-        try:
-            keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
-            if keys:
-                client.delete(*keys)
-        finally:
-            client.close()
+        delete_keys(redis_url, prefix)
