@@ -8,9 +8,8 @@ from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 import pytest
-import redis
 
-from .redis_support import RedisServer, ping, throwaway_server
+from .redis_support import RedisServer, delete_keys, ping, throwaway_server
 
 
 @pytest.fixture
@@ -49,13 +48,7 @@ def redis_url() -> Iterator[str]:
 def redis_prefix(redis_url: str) -> Iterator[str]:
     prefix = f"rtbtest-{uuid.uuid4().hex[:12]}"
     yield prefix
-    client = redis.Redis.from_url(redis_url)
-    try:
-        stale = list(client.scan_iter(match=f"{prefix}:*", count=1000))
-        if stale:
-            client.delete(*stale)
-    finally:
-        client.close()
+    delete_keys(redis_url, prefix)
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
+import redis
 
 
 def redis_server_binary() -> str | None:
@@ -164,3 +165,14 @@ def throwaway_server(args: Sequence[str] = ()) -> Iterator[RedisServer]:
         yield server
     finally:
         server.close()
+
+
+def delete_keys(redis_url: str, prefix: str) -> None:
+    """Delete every key under ``prefix:`` (a test's own keys; nothing else is ever flushed)."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()

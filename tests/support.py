@@ -87,3 +87,32 @@ class StalledClient:
 
     def close(self) -> None:
         self.sock.close()
+
+    async def read_text_frames(self, count: int, timeout: float = 10.0) -> list[str]:
+        """Read ``count`` unfragmented text frames (the server never masks nor fragments its frames)."""
+        loop = asyncio.get_running_loop()
+        buffer = b""
+
+        async def need(size: int) -> bytes:
+            nonlocal buffer
+            while len(buffer) < size:
+                chunk = await loop.sock_recv(self.sock, 65536)
+                if not chunk:
+                    raise ConnectionError("server closed the connection")
+                buffer += chunk
+            head, buffer = buffer[:size], buffer[size:]
+            return head
+
+        frames: list[str] = []
+        async with asyncio.timeout(timeout):
+            while len(frames) < count:
+                first, second = await need(2)
+                length = second & 0x7F
+                if length == 126:
+                    length = int.from_bytes(await need(2), "big")
+                elif length == 127:
+                    length = int.from_bytes(await need(8), "big")
+                payload = await need(length)
+                if first & 0x0F == 0x1:
+                    frames.append(payload.decode())
+        return frames

@@ -32,11 +32,18 @@ def deny_room_b(request: ConnectionRequest, channel: str) -> bool | Deny:
     return Deny("room b is private") if channel == "room:b" else True
 
 
+def room_or_raw(request: ConnectionRequest) -> str | None:
+    # ``raw`` passes the value through unchecked, as a careless resolver would.
+    return request.query.get("raw") or channel_from_query("room", prefix="room:", pattern=r"[a-z]{1,8}")(
+        request
+    )
+
+
 def app_for(broadcaster: Broadcaster, **options: Any) -> Starlette:
     routes = broadcast_routes(
         "/ws",
         broadcaster,
-        channel=channel_from_query("room", prefix="room:", pattern=r"[a-z]{1,8}"),
+        channel=room_or_raw,
         authorize=deny_room_b,
         **options,
     )
@@ -58,6 +65,8 @@ async def test_refusals_have_documented_close_codes() -> None:
         assert "channel" in await expect_close(f"ws://{host}/ws", CloseCode.BAD_REQUEST)
         await expect_close(f"ws://{host}/ws?room=NOT-VALID", CloseCode.BAD_REQUEST)
         await expect_close(f"ws://{host}/ws?room=a&epoch=x", CloseCode.BAD_REQUEST)
+        await expect_close(f"ws://{host}/ws?raw=%0A", CloseCode.BAD_REQUEST)
+        await expect_close(f"ws://{host}/ws?raw=" + "x" * 300, CloseCode.BAD_REQUEST)
         assert await expect_close(f"ws://{host}/ws?room=b", CloseCode.FORBIDDEN) == "room b is private"
         assert await expect_close(f"ws://{host}/ws?room=a&token=bad", CloseCode.FORBIDDEN) == "forbidden"
         ws = await connect(f"ws://{host}/ws?room=a", origin="https://evil.example")  # type: ignore[arg-type]

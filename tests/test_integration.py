@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from rtbroadcast import Broadcaster, Event
+from rtbroadcast import Broadcaster, Event, QueueLimits
 from rtbroadcast.asgi import channel_from_query
 from rtbroadcast.starlette import broadcast_routes, lifespan
 
@@ -87,7 +87,6 @@ async def _until(condition: Any, timeout: float = 5.0) -> None:
 
 
 async def test_slow_client_is_dropped_while_others_keep_up() -> None:
-    from rtbroadcast import QueueLimits
 
     broadcaster = Broadcaster("memory://", queue_limits=QueueLimits(max_messages=50, max_size=64 * 1024))
     payload = "x" * 16000
@@ -130,3 +129,23 @@ async def test_dead_peer_is_closed_by_server_pings_and_unregistered() -> None:
         assert (await recv_json(alive))["n"] == 1
         await alive.close()
         dead.close()
+
+
+async def test_a_reader_that_pauses_and_catches_up_loses_nothing() -> None:
+    # While the client does not read, the server's sends hit TCP backpressure and wait in the writer;
+    # once it reads again, everything arrives, in order, once.
+    broadcaster = Broadcaster("memory://", queue_limits=QueueLimits(max_messages=5000, max_size=64 * 2**20))
+    payload = "y" * 8000
+    async with serve(make_app(broadcaster)) as host:
+        client = await StalledClient.open(host, "/ws?room=a")
+        for _ in range(1500):
+            await broadcaster.publish_json("room:a", json.dumps({"type": "blob", "blob": payload}))
+            await asyncio.sleep(0)
+        await asyncio.sleep(0.2)
+        (connection,) = broadcaster.registry.fanout("room:a")
+        assert connection.queued > 0  # the transport pushed back: frames wait in the queue
+        frames = await client.read_text_frames(1501)
+        assert json.loads(frames[0])["type"] == "welcome"
+        assert [json.loads(f)["seq"] for f in frames[1:]] == list(range(1, 1501))
+        assert broadcaster.stats()["slow_consumers_closed"] == 0
+        client.close()

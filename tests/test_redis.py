@@ -510,3 +510,18 @@ async def test_disconnect_leaves_no_task_and_no_connection(redis_server: RedisSe
                 await asyncio.sleep(0.02)
     finally:
         await admin.aclose()
+
+
+async def test_a_listener_that_gives_up_shows_in_the_broadcaster_state(redis_server: RedisServer) -> None:
+    from rtbroadcast import Broadcaster, BroadcasterState
+
+    backend = RedisBackend(redis_server.url, max_reconnect_attempts=1, timeout=0.5)
+    async with Broadcaster(backend=backend) as broadcaster, broadcaster.subscribe("c"):
+        assert broadcaster.state is BroadcasterState.CONNECTED
+        redis_server.kill()
+        async with asyncio.timeout(15):
+            while broadcaster.state is not BroadcasterState.FAILED:
+                await asyncio.sleep(0.05)
+        assert broadcaster.stats()["state"] == "failed"
+        assert broadcaster.stats()["backend_available"] is False
+    assert broadcaster.state is BroadcasterState.CLOSED

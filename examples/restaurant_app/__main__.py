@@ -115,6 +115,7 @@ def serve_command(argv: list[str]) -> None:
     if token is None and settings.token_secret is not None:
         query["token"] = "<token>"
     print(f"  realtime   {ws}/realtime?{urlencode(query, safe='<>')}")
+    print(f"  host stand {http}/host-stand/?{urlencode(query, safe='<>')}")
     print(f"  guests     {http}/restaurants/{restaurant}/guests")
     print(f"  tables     {http}/restaurants/{restaurant}/tables")
     if settings.token_secret is not None and not generated_secret:

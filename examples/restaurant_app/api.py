@@ -14,6 +14,7 @@ from pydantic import BaseModel
 
 from rtbroadcast import Broadcaster, BroadcasterState, StreamPosition
 
+from .asyncapi import document as asyncapi_document
 from .auth import AccessPolicy, DeviceClaims, Forbidden, TokenError, require_restaurant
 from .schemas import (
     RESTAURANT_ID_PATTERN,
@@ -274,6 +275,13 @@ async def atomic_transaction(body: AtomicRequest, service: Service, device: Devi
 
 
 # -- health -------------------------------------------------------------------------------------------
+
+
+@router.get("/asyncapi.json", tags=["operations"])
+async def asyncapi(request: Request) -> JSONResponse:
+    """Return the AsyncAPI 3.0 document of the realtime channel: every message, with JSON Schemas."""
+    scheme = "wss" if request.url.scheme == "https" else "ws"
+    return JSONResponse(asyncapi_document(f"{scheme}://{request.url.netloc}"))
 
 
 @router.get("/health", tags=["operations"])

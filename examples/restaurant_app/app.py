@@ -7,9 +7,11 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.routing import Route, WebSocketRoute
 
@@ -33,6 +35,8 @@ logger = logging.getLogger(__name__)
 DEMO_RESTAURANT_ID = "test-restaurant-1"
 #: Its tables: (name, capacity).
 DEMO_TABLES: tuple[tuple[str, int], ...] = (("T1", 2), ("T2", 2), ("T3", 4), ("T4", 4), ("T5", 6), ("T6", 8))
+#: The host-stand page's HTML, CSS and JavaScript, served under ``/host-stand/``.
+STATIC_DIR = Path(__file__).parent / "static"
 
 
 def create_app(
@@ -96,6 +100,8 @@ def create_app(
     app.state.access = access
     app.include_router(api.router)
     app.add_exception_handler(NotFound, _not_found)
+    app.add_api_route("/", _to_host_stand, include_in_schema=False)
+    app.mount("/host-stand", StaticFiles(directory=STATIC_DIR, html=True), name="host-stand")
     # The library's endpoint, wrapped so that a connection ends when its token expires.
     realtime = CloseOnTokenExpiry(
         BroadcastEndpoint(
@@ -130,6 +136,12 @@ def _log_access_mode(settings: Settings) -> None:
         logger.info("device tokens required on /realtime and /restaurants/...")
     if settings.allowed_origins is not None:
         logger.info("WebSocket origins allowed: %s", ", ".join(settings.allowed_origins))
+
+
+async def _to_host_stand(request: Request) -> RedirectResponse:
+    # The host-stand page reads ?restaurant_id= (and ?token=) itself: keep the query.
+    query = request.url.query
+    return RedirectResponse(f"/host-stand/{'?' + query if query else ''}", status_code=307)
 
 
 async def _not_found(request: Request, exc: Exception) -> JSONResponse:

@@ -10,12 +10,13 @@ import asyncio
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 from urllib.parse import parse_qsl
 
-from .broadcaster import Broadcaster
+from .backends import Envelope
+from .broadcaster import Broadcaster, is_valid_channel
 from .connection import Connection
 from .errors import BackendUnavailable, ConnectionLimitReached, ProtocolError, StateError
 from .events import format_timestamp, utc_now
@@ -191,7 +192,7 @@ class BroadcastEndpoint:
             channel = await _maybe_await(self.resolve_channel(request))
         except (KeyError, ValueError):
             channel = None
-        if not channel:
+        if not channel or not is_valid_channel(channel):
             raise _Refused(CloseCode.BAD_REQUEST, "no valid channel in the request")
         try:
             resume = parse_resume_point(request.query)
@@ -338,19 +339,22 @@ class BroadcastEndpoint:
 
 
 class _WebSocketSession:
-    """Owns the writer task of one WebSocket connection."""
+    """Writes one WebSocket connection's frames: synchronously when it can, else from a writer task."""
 
-    __slots__ = ("client_gone", "connection", "send", "writer")
+    __slots__ = ("client_gone", "connection", "inflight", "send", "writer")
 
     def __init__(self, connection: Connection, send: Send) -> None:
         self.connection = connection
         self.send = send
         self.client_gone = False
         self.writer: asyncio.Task[None] | None = None
+        # A send() that suspended half-way through send_now(), for the writer task to finish.
+        self.inflight: tuple[Generator[Any, None, None], Any] | None = None
 
     def start(self) -> None:
         self.writer = asyncio.get_running_loop().create_task(self._write())
         self.connection.add_close_callback(self._on_close)
+        self.connection.set_send_now(self._send_now)
 
     def _on_close(self, connection: Connection) -> None:
         # The writer may be blocked in send() on a client that stopped reading: cancel it, so that the
@@ -358,12 +362,45 @@ class _WebSocketSession:
         if self.writer is not None and not self.writer.done():
             self.writer.cancel()
 
+    def _send_now(self, item: Envelope | str) -> bool:
+        """Run the ASGI send to completion right here if it does not need to wait (the usual case).
+
+        Fan-out then costs no task switch per connection. A send that must wait (the transport's buffer is
+        full) is handed to the writer task, which finishes it before writing anything else.
+        """
+        text = item if isinstance(item, str) else item.data
+        coroutine = self.send({"type": "websocket.send", "text": text}).__await__()
+        try:
+            awaiting = coroutine.send(None)
+        except StopIteration:
+            self.connection.sent += 1
+            return True
+        except Exception as exc:  # the transport failed: the client is gone
+            logger.debug("websocket send failed on #%d: %r", self.connection.id, exc)
+            self.client_gone = True
+            self.connection.close(CloseCode.NORMAL, "client gone")
+            return True
+        self.inflight = (coroutine, awaiting)
+        self.connection.wake()
+        return True
+
     async def _write(self) -> None:
         connection = self.connection
         send = self.send
-        get = connection.get
         try:
-            while (item := await get()) is not None:
+            while True:
+                if self.inflight is not None:
+                    coroutine, awaiting = self.inflight
+                    self.inflight = None
+                    await _finish(coroutine, awaiting)
+                    connection.sent += 1
+                    continue
+                item = connection.get_nowait()
+                if item is None:
+                    if connection.closed:
+                        break
+                    await connection.wait()
+                    continue
                 text = item if isinstance(item, str) else item.data
                 await send({"type": "websocket.send", "text": text})
                 connection.sent += 1
@@ -375,6 +412,10 @@ class _WebSocketSession:
             self.client_gone = True
             connection.close(CloseCode.NORMAL, "client gone")
             return
+        finally:
+            if self.inflight is not None:
+                self.inflight[0].close()
+                self.inflight = None
         if self.client_gone or connection.close_code == CloseCode.NORMAL:
             return
         try:
@@ -402,6 +443,29 @@ class _WebSocketSession:
 
 #: HTTP status of an SSE request refused with a close code.
 _SSE_STATUS: dict[int, int] = {CloseCode.FORBIDDEN: 403, CloseCode.TRY_AGAIN_LATER: 503}
+
+
+async def _finish(coroutine: Generator[Any, None, None], awaiting: Any) -> None:
+    """Drive a coroutine that suspended on ``awaiting`` to its end, as an asyncio task would."""
+    while True:
+        try:
+            if awaiting is None:  # a bare yield: give the loop one turn
+                await asyncio.sleep(0)
+            else:
+                # What a task does with a future its coroutine yields: clear the flag that the yield set,
+                # then wait for it.
+                awaiting._asyncio_future_blocking = False
+                await awaiting
+        except BaseException as exc:
+            try:
+                awaiting = coroutine.throw(exc)
+            except StopIteration:
+                return
+            continue
+        try:
+            awaiting = coroutine.send(None)
+        except StopIteration:
+            return
 
 
 async def _watch_disconnect(receive: Receive, connection: Connection) -> None:

@@ -45,11 +45,16 @@ DEFAULT_MAX_RESUME = 1000
 
 
 class BroadcasterState(enum.Enum):
-    """Lifecycle of a :class:`Broadcaster`: NEW -> CONNECTING -> CONNECTED -> DISCONNECTING -> CLOSED."""
+    """Lifecycle of a :class:`Broadcaster`: NEW -> CONNECTING -> CONNECTED -> DISCONNECTING -> CLOSED.
+
+    ``FAILED`` replaces ``CONNECTED`` when the backend gave up for good (see :attr:`Backend.failed`):
+    publishes and new subscriptions fail until :meth:`Broadcaster.disconnect` and a new connect.
+    """
 
     NEW = "new"
     CONNECTING = "connecting"
     CONNECTED = "connected"
+    FAILED = "failed"
     DISCONNECTING = "disconnecting"
     CLOSED = "closed"
 
@@ -122,7 +127,9 @@ class Broadcaster:
 
     @property
     def state(self) -> BroadcasterState:
-        """The lifecycle state."""
+        """The lifecycle state (``FAILED`` while connected to a backend that gave up)."""
+        if self._state is BroadcasterState.CONNECTED and self.backend.failed:
+            return BroadcasterState.FAILED
         return self._state
 
     async def connect(self) -> None:
@@ -202,7 +209,8 @@ class Broadcaster:
             StateError: the broadcaster is not connected.
             InvalidEvent: ``event`` is not an :class:`Event`.
             ConfigurationError: ``channel`` is not a valid channel name.
-            BackendUnavailable: the backend cannot be reached; nothing was published.
+            BackendUnavailable: the backend cannot be reached; the event was not published (or, if the
+                backend timed out mid-request, may have been: retry with the same ``idempotency_key``).
         """
         if not isinstance(event, Event):
             raise InvalidEvent(f"publish() takes an Event, not {type(event).__name__}")
@@ -218,7 +226,8 @@ class Broadcaster:
             StateError: the broadcaster is not connected.
             InvalidEvent: ``payload`` does not look like a JSON object.
             ConfigurationError: ``channel`` is not a valid channel name.
-            BackendUnavailable: the backend cannot be reached; nothing was published.
+            BackendUnavailable: the backend cannot be reached; the event was not published (or, if the
+                backend timed out mid-request, may have been: retry with the same ``idempotency_key``).
         """
         self._require_connected("publish")
         validate_channel(channel)
@@ -437,7 +446,7 @@ class Broadcaster:
     def stats(self) -> dict[str, object]:
         """Return counters for health endpoints (JSON-serialisable)."""
         return {
-            "state": self._state.value,
+            "state": self.state.value,
             "backend": dict(self.backend.stats()),
             "backend_available": self.backend.available,
             "published": self._published,
@@ -449,13 +458,18 @@ class Broadcaster:
         }
 
 
+def is_valid_channel(channel: object) -> bool:
+    """Return whether ``channel`` is a valid channel name (see :func:`validate_channel`)."""
+    return isinstance(channel, str) and _CHANNEL_RE.fullmatch(channel) is not None
+
+
 def validate_channel(channel: str) -> None:
     """Check a channel name: 1 to 256 characters, no control characters.
 
     Raises:
         ConfigurationError: the name is invalid.
     """
-    if not isinstance(channel, str) or _CHANNEL_RE.fullmatch(channel) is None:
+    if not is_valid_channel(channel):
         raise ConfigurationError(
             f"invalid channel name {channel!r}: use 1 to 256 characters, no control characters"
         )

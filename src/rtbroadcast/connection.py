@@ -60,6 +60,7 @@ class Connection:
         "_on_close",
         "_on_gap",
         "_queue",
+        "_send_now",
         "_size",
         "_waiter",
         "channel",
@@ -93,6 +94,7 @@ class Connection:
         self._buffer: list[Envelope] | None = []
         self._on_close: list[Callable[[Connection], None]] = []
         self._on_gap: Callable[[Connection, Envelope], None] | None = None
+        self._send_now: Callable[[Envelope | str], bool] | None = None
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -143,6 +145,10 @@ class Connection:
         if self._closed:
             return
         queue = self._queue
+        # The writer is idle and nothing is queued: the transport may take the frame right here, with no
+        # task switch (what websockets' broadcast() does). Order holds: nothing is queued or in flight.
+        if not queue and self._waiter is not None and self._send_now is not None and self._send_now(item):
+            return
         queue.append(item)
         self._size += size
         depth = len(queue)
@@ -153,11 +159,7 @@ class Connection:
             self.dropped += depth
             self.close(CloseCode.SLOW_CONSUMER, "fell behind its outbound queue bound")
             return
-        waiter = self._waiter
-        if waiter is not None:
-            self._waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
+        self.wake()
 
     def begin_buffering(self) -> None:
         """Hold live envelopes back until :meth:`end_buffering`."""
@@ -191,6 +193,14 @@ class Connection:
             self.last_seq = envelope.seq
             self._enqueue(envelope, len(envelope.data))
 
+    def set_send_now(self, send_now: Callable[[Envelope | str], bool] | None) -> None:
+        """Let the transport write a frame synchronously when the writer is idle.
+
+        ``send_now(item)`` returns true when it took the frame (written, or handed to the writer to
+        finish); false leaves the frame to be queued. It must not await.
+        """
+        self._send_now = send_now
+
     def set_gap_handler(self, handler: Callable[[Connection, Envelope], None] | None) -> None:
         """Call ``handler(connection, envelope)`` when a live envelope does not follow the last one."""
         self._on_gap = handler
@@ -215,10 +225,8 @@ class Connection:
         self._queue.clear()
         self._size = 0
         self._buffer = None
-        waiter = self._waiter
-        self._waiter = None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._send_now = None
+        self.wake()
         callbacks, self._on_close = self._on_close, []
         for callback in callbacks:
             callback(self)
@@ -227,15 +235,30 @@ class Connection:
 
     async def get(self) -> Envelope | str | None:
         """Wait for the next frame to write; ``None`` once the connection is closed."""
-        queue = self._queue
-        while not queue:
+        while not self._queue:
             if self._closed:
                 return None
-            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            await self.wait()
+        return self.get_nowait()
+
+    async def wait(self) -> None:
+        """Wait until a frame is queued, the connection closes, or :meth:`wake` is called."""
+        if self._queue or self._closed:
+            return
+        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        try:
             await waiter
-        item = queue.popleft()
-        self._size -= len(item) if isinstance(item, str) else len(item.data)
-        return item
+        finally:
+            if self._waiter is waiter:
+                self._waiter = None
+
+    def wake(self) -> None:
+        """Wake the writer waiting in :meth:`wait`, if any."""
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
 
     def get_nowait(self) -> Envelope | str | None:
         """Return the next frame if one is queued, else ``None``."""

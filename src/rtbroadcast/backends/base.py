@@ -98,8 +98,10 @@ class Backend(ABC):
             The envelope as delivered, with its ``seq`` and ``epoch``.
 
         Raises:
-            BackendUnavailable: the backend cannot be reached within the configured timeout; nothing was
-                published.
+            BackendUnavailable: the backend could not be reached, or did not answer, within the configured
+                timeout. The event was almost certainly not published, but a request that reached the
+                server just before the timeout may still have been applied: retry with the same
+                ``idempotency_key`` to publish exactly once.
         """
 
     @abstractmethod
@@ -140,3 +142,12 @@ class Backend(ABC):
     def available(self) -> bool:
         """Whether the backend is reachable, as far as this process knows."""
         return True
+
+    @property
+    def failed(self) -> bool:
+        """Whether the backend gave up for good (say, a listener out of reconnect attempts).
+
+        A failed backend does not recover by itself; the broadcaster reports
+        :attr:`~rtbroadcast.BroadcasterState.FAILED` until it is disconnected.
+        """
+        return False

@@ -514,6 +514,11 @@ class RedisBackend(Backend):
         """Whether the PUB/SUB connection is up."""
         return self._state is _State.CONNECTED
 
+    @property
+    def failed(self) -> bool:
+        """Whether the listener gave up reconnecting (only with ``max_reconnect_attempts``)."""
+        return self._state is _State.FAILED
+
     def stats(self) -> Mapping[str, object]:
         """Return the connection state, reconnect counters and the last error (JSON-serialisable)."""
         down = self._down_since

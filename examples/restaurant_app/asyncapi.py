@@ -1,0 +1,44 @@
+"""The service's AsyncAPI 3.0 document: every realtime message a device may receive or send."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rtbroadcast import Event
+from rtbroadcast.schema import ChannelSpec, asyncapi_document
+
+from .events import (
+    AtomicTransactionComplete,
+    GuestCreated,
+    GuestDeleted,
+    GuestUpdated,
+    TableCreated,
+    TableUpdated,
+)
+
+__all__ = ["EVENTS", "document"]
+
+EVENTS: list[type[Event]] = [
+    GuestCreated,
+    GuestUpdated,
+    GuestDeleted,
+    TableCreated,
+    TableUpdated,
+    AtomicTransactionComplete,
+]
+
+
+def document(server: str = "ws://127.0.0.1:8000") -> dict[str, Any]:
+    """Build the document, naming ``server`` as where devices connect."""
+    return asyncapi_document(
+        ChannelSpec(
+            "/realtime?restaurant_id={restaurant_id}",
+            name="restaurant",
+            title="A restaurant's devices",
+            parameters={"restaurant_id": "The restaurant: 1 to 64 characters from `A-Z a-z 0-9 _ -`."},
+        ),
+        events=EVENTS,
+        title="Restaurant service events",
+        version="1.0.0",
+        servers={"local": server},
+    )

@@ -1,0 +1,477 @@
+"""The ``rtbroadcast`` command: listen to a channel like a client would, or print an AsyncAPI document.
+
+    rtbroadcast listen 'ws://127.0.0.1:8000/realtime?room=lobby'
+    rtbroadcast schema myapp.realtime:broadcaster
+
+``listen`` prints every event on stdout with its seq and latency, and what happens to the connection on
+stderr (welcome, pongs, gaps, resyncs, closes and reconnects). It resumes after a reconnect with the
+``epoch`` and ``last_seq`` query parameters, as a client should.
+
+Exit codes: 0 clean end (the server closed with 1000, ``--count`` reached, or Ctrl-C); 1 an error (bad
+command line, a module that does not import); 2 the server refused the connection (close code 4003/4004, or
+HTTP 403/404 on the handshake); 3 the server stayed unreachable after ``--max-retries`` attempts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import json
+import random
+import sys
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Final, NoReturn, TextIO
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from .errors import ProtocolError
+from .protocol import (
+    CloseCode,
+    ErrorFrame,
+    EventFrame,
+    Ping,
+    Pong,
+    ResyncRequired,
+    ServerFrame,
+    Welcome,
+    decode_server_frame,
+    encode_client_frame,
+)
+
+if TYPE_CHECKING:
+    from websockets.asyncio.client import ClientConnection
+
+__all__ = ["EXIT_ERROR", "EXIT_OK", "EXIT_REFUSED", "EXIT_UNREACHABLE", "main"]
+
+EXIT_OK: Final = 0
+EXIT_ERROR: Final = 1
+EXIT_REFUSED: Final = 2
+EXIT_UNREACHABLE: Final = 3
+
+#: Close codes after which retrying with the same request cannot help.
+_REFUSED_CODES: Final = frozenset({CloseCode.FORBIDDEN, CloseCode.BAD_REQUEST})
+#: HTTP statuses of a refused handshake (the endpoint exists but will not have us, or does not exist).
+_REFUSED_STATUSES: Final = frozenset({403, 404})
+_MAX_DELAY: Final = 10.0
+
+
+class _Refused(Exception):
+    """The server refused the connection; retrying unchanged will not help."""
+
+
+class Listener:
+    """Connect to a broadcast endpoint, print what arrives, and reconnect with resume.
+
+    Args:
+        url: the endpoint's ``ws://`` or ``wss://`` URL, channel parameters included.
+        epoch: resume from this epoch (with ``last_seq``).
+        last_seq: resume after this seq (with ``epoch``).
+        ping_interval: seconds between JSON pings; ``None`` follows the welcome's heartbeat interval, 0
+            sends none.
+        max_retries: failed connection attempts in a row before giving up.
+        retry_delay: the first delay between attempts; it doubles up to 10 s, with jitter.
+        count: stop after this many events.
+        headers: extra HTTP headers for the handshake.
+        out: where events go.
+        err: where connection news goes.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        epoch: str | None = None,
+        last_seq: int | None = None,
+        ping_interval: float | None = None,
+        max_retries: int = 8,
+        retry_delay: float = 0.5,
+        count: int | None = None,
+        headers: Sequence[tuple[str, str]] = (),
+        out: TextIO = sys.stdout,
+        err: TextIO = sys.stderr,
+    ) -> None:
+        self.url = url
+        self.epoch = epoch
+        self.last_seq = last_seq
+        self.ping_interval = ping_interval
+        self.max_retries = max_retries
+        self.retry_delay = retry_delay
+        self.count = count
+        self.headers = list(headers)
+        self.out = out
+        self.err = err
+        self.received = 0
+        self._ping_sent: float | None = None
+
+    def _say(self, text: str) -> None:
+        print(text, file=self.err, flush=True)
+
+    def resume_url(self) -> str:
+        """Return the URL to connect to: ``url`` with ``epoch`` and ``last_seq`` when there is a position."""
+        if self.epoch is None or self.last_seq is None:
+            return self.url
+        parts = urlsplit(self.url)
+        query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in _RESUME_KEYS]
+        query += [("epoch", self.epoch), ("last_seq", str(self.last_seq))]
+        return urlunsplit(parts._replace(query=urlencode(query)))
+
+    async def run(self) -> int:
+        """Listen until a clean end, a refusal, or too many failed attempts; return the exit code."""
+        from websockets.asyncio.client import connect
+        from websockets.exceptions import InvalidHandshake, InvalidStatus
+
+        failures = 0
+        delay = self.retry_delay
+        while True:
+            url = self.resume_url()
+            self._say(f"connecting to {url}")
+            welcomed = False
+            try:
+                async with connect(
+                    url, additional_headers=self.headers, open_timeout=10, max_size=None, compression=None
+                ) as ws:
+                    welcomed, code = await self._session(ws)
+                if code is not None:
+                    return code
+            except InvalidStatus as exc:
+                status = exc.response.status_code
+                if status in _REFUSED_STATUSES:
+                    self._say(f"refused: the server answered HTTP {status} to the WebSocket handshake")
+                    return EXIT_REFUSED
+                self._say(f"handshake failed: HTTP {status}")
+            except _Refused as exc:
+                self._say(f"refused: {exc}")
+                return EXIT_REFUSED
+            except (OSError, TimeoutError, InvalidHandshake) as exc:
+                self._say(f"cannot connect: {exc or type(exc).__name__}")
+            if welcomed:
+                failures, delay = 0, self.retry_delay
+            else:
+                failures += 1
+                if failures > self.max_retries:
+                    self._say(f"giving up: {failures} attempt(s) in a row failed")
+                    return EXIT_UNREACHABLE
+            pause = delay * (0.5 + random.random() / 2)  # jitter, not cryptography
+            position = "" if self.epoch is None else f" (resume from epoch {self.epoch} seq {self.last_seq})"
+            self._say(f"reconnecting in {pause:.2f} s{position}")
+            await asyncio.sleep(pause)
+            delay = min(delay * 2, _MAX_DELAY)
+
+    async def _session(self, ws: ClientConnection) -> tuple[bool, int | None]:
+        """Read one connection; return whether it was welcomed, and an exit code to stop with, if any."""
+        from websockets.exceptions import ConnectionClosed
+
+        welcomed = False
+        pinger: asyncio.Task[None] | None = None
+        try:
+            async for message in ws:
+                frame = self._decode(message)
+                if isinstance(frame, Welcome):
+                    welcomed = True
+                    self._on_welcome(frame)
+                    interval = frame.heartbeat_interval if self.ping_interval is None else self.ping_interval
+                    if interval > 0 and pinger is None:
+                        pinger = asyncio.get_running_loop().create_task(self._ping(ws, interval))
+                elif isinstance(frame, EventFrame):
+                    self._on_event(frame, message)
+                    if self.count is not None and self.received >= self.count:
+                        return welcomed, EXIT_OK
+                elif isinstance(frame, Pong):
+                    self._on_pong(frame)
+                elif isinstance(frame, ResyncRequired):
+                    self._on_resync(frame)
+                elif isinstance(frame, ErrorFrame):
+                    self._say(f"error from server: {frame.code}: {frame.message}")
+        except ConnectionClosed:
+            pass
+        finally:
+            if pinger is not None:
+                pinger.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await pinger
+        code = ws.close_code
+        reason = ws.close_reason or ""
+        self._say(f"closed: {_describe_close(code)}{f' {reason!r}' if reason else ''}")
+        if code in _REFUSED_CODES:
+            raise _Refused(f"close code {code} {_close_name(code)}{f': {reason}' if reason else ''}")
+        if code == CloseCode.NORMAL:
+            return welcomed, EXIT_OK
+        return welcomed, None
+
+    def _decode(self, message: str | bytes) -> ServerFrame | None:
+
+        try:
+            return decode_server_frame(message)
+        except ProtocolError as exc:
+            text = message if isinstance(message, str) else repr(message)
+            self._say(f"unreadable frame ({exc}): {text[:200]}")
+            return None
+
+    def _on_welcome(self, frame: Welcome) -> None:
+        requested = self.epoch is not None
+        self._say(
+            f"welcome: channel {frame.channel!r}, epoch {frame.epoch}, seq {frame.seq}, "
+            f"heartbeat {frame.heartbeat_interval:g} s"
+            + (f", resumed: {'yes' if frame.resumed else 'no'}" if requested else "")
+        )
+        # Resumed: seq is where we asked to resume from. Not resumed: seq is the channel's current one, and
+        # a resync_required follows if we had asked to resume. Either way the next event follows it.
+        self.epoch, self.last_seq = frame.epoch, frame.seq
+
+    def _on_event(self, frame: EventFrame, text: str | bytes) -> None:
+        if self.last_seq is not None:
+            expected = self.last_seq + 1
+            if frame.seq > expected:
+                self._say(f"gap: expected seq {expected}, got {frame.seq} ({frame.seq - expected} missing)")
+            elif frame.seq < expected:
+                self._say(f"out of order: seq {frame.seq} after {self.last_seq}")
+        self.last_seq = frame.seq
+        self.received += 1
+        latency = _latency_ms(frame.data.get("timestamp"))
+        shown = f"latency {latency:.1f} ms" if latency is not None else "latency ?"
+        body = text if isinstance(text, str) else text.decode("utf-8", "replace")
+        print(f"seq {frame.seq} {frame.type} ({shown}) {body}", file=self.out, flush=True)
+
+    def _on_pong(self, frame: Pong) -> None:
+        sent, self._ping_sent = self._ping_sent, None
+        rtt = f"round trip {(time.monotonic() - sent) * 1000:.1f} ms" if sent is not None else "unsolicited"
+        self._say(f"pong: {rtt}, server time {frame.timestamp}")
+
+    def _on_resync(self, frame: ResyncRequired) -> None:
+        self._say(
+            f"resync_required: {frame.reason}; continuing from epoch {frame.epoch} seq {frame.seq} "
+            "(an app would reload its snapshot now)"
+        )
+        self.epoch, self.last_seq = frame.epoch, frame.seq
+
+    async def _ping(self, ws: ClientConnection, interval: float) -> None:
+        from websockets.exceptions import ConnectionClosed
+
+        ping = encode_client_frame(Ping())
+        try:
+            while True:
+                await asyncio.sleep(interval)
+                self._ping_sent = time.monotonic()
+                await ws.send(ping)
+        except ConnectionClosed:
+            return
+
+
+_RESUME_KEYS: Final = frozenset({"epoch", "last_seq"})
+
+
+def _latency_ms(timestamp: object) -> float | None:
+    if not isinstance(timestamp, str):
+        return None
+    try:
+        sent = datetime.fromisoformat(timestamp)
+    except ValueError:
+        return None
+    if sent.tzinfo is None:
+        sent = sent.replace(tzinfo=UTC)
+    return (datetime.now(UTC) - sent).total_seconds() * 1000
+
+
+def _close_name(code: int | None) -> str:
+    if code is None:
+        return "(no close frame)"
+    try:
+        return CloseCode(code).name
+    except ValueError:
+        return "(not an rtbroadcast code)"
+
+
+def _describe_close(code: int | None) -> str:
+    if code is None or code == 1006:
+        return "the connection dropped without a close frame"
+    return f"code {code} {_close_name(code)}"
+
+
+# -- schema ----------------------------------------------------------------------------------------
+
+
+def _load(target: str) -> Any:
+    """Import ``MODULE:ATTR`` (``ATTR`` may be dotted) from the current directory or ``sys.path``.
+
+    Raises:
+        ValueError: ``target`` is not ``MODULE:ATTR``.
+        ImportError: the module does not import.
+        AttributeError: the attribute does not exist.
+    """
+    module_name, sep, attribute = target.partition(":")
+    if not sep or not module_name or not attribute:
+        raise ValueError(f"expected MODULE:ATTR, like myapp.realtime:broadcaster, not {target!r}")
+    if "" not in sys.path:
+        sys.path.insert(0, "")
+    obj: Any = importlib.import_module(module_name)
+    for name in attribute.split("."):
+        obj = getattr(obj, name)
+    return obj
+
+
+def _schema_document(obj: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from .broadcaster import Broadcaster
+    from .schema import ChannelSpec, asyncapi_document
+
+    if callable(obj) and not isinstance(obj, (type, Broadcaster, ChannelSpec)):
+        obj = obj()
+    if isinstance(obj, dict):
+        return obj
+    specs_given = isinstance(obj, (list, tuple)) and obj and all(isinstance(x, ChannelSpec) for x in obj)
+    if not (isinstance(obj, (Broadcaster, ChannelSpec)) or specs_given):
+        raise TypeError(
+            f"{args.target} is a {type(obj).__name__}; point at a Broadcaster, a ChannelSpec (or a list of "
+            "them), an AsyncAPI document (dict), or a function returning one of these"
+        )
+    servers = dict(_server_option(value) for value in args.server)
+    return asyncapi_document(obj, title=args.title, version=args.api_version, servers=servers or None)
+
+
+def _server_option(value: str) -> tuple[str, str]:
+    name, sep, url = value.partition("=")
+    if not sep or not name or not url:
+        raise argparse.ArgumentTypeError(f"--server takes NAME=URL, not {value!r}")
+    return name, url
+
+
+# -- command line ----------------------------------------------------------------------------------
+
+
+def _header(value: str) -> tuple[str, str]:
+    name, sep, text = value.partition(":")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"a header looks like 'Name: value', not {value!r}")
+    return name.strip(), text.strip()
+
+
+class _Parser(argparse.ArgumentParser):
+    """Exit with 1 on a usage error: exit code 2 means the server refused the connection."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {message}\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="rtbroadcast",
+        description="Listen to an rtbroadcast channel, or print the AsyncAPI document of a broadcaster.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    listen = commands.add_parser(
+        "listen",
+        help="connect to a broadcast endpoint and print its events",
+        description="Connect to a broadcast endpoint and print each event with its seq and latency. "
+        "Reconnects with resume. Exit codes: 0 clean end or Ctrl-C, 2 refused, 3 unreachable.",
+    )
+    listen.add_argument(
+        "url", help="the endpoint's ws:// or wss:// URL, e.g. 'ws://host/realtime?room=lobby'"
+    )
+    listen.add_argument("--epoch", help="resume from this epoch (needs --last-seq)")
+    listen.add_argument("--last-seq", type=int, metavar="N", help="resume after this seq (needs --epoch)")
+    listen.add_argument(
+        "--ping-interval",
+        type=float,
+        metavar="SECONDS",
+        help="seconds between JSON pings (default: the welcome's heartbeat interval; 0: none)",
+    )
+    listen.add_argument(
+        "--max-retries",
+        type=int,
+        default=8,
+        metavar="N",
+        help="failed connection attempts in a row before giving up with exit code 3 (default: 8)",
+    )
+    listen.add_argument(
+        "--retry-delay",
+        type=float,
+        default=0.5,
+        metavar="SECONDS",
+        help="first delay between attempts; doubles up to 10 s (default: 0.5)",
+    )
+    listen.add_argument("--count", type=int, metavar="N", help="exit after N events")
+    listen.add_argument(
+        "-H",
+        "--header",
+        type=_header,
+        action="append",
+        default=[],
+        metavar="'NAME: VALUE'",
+        help="an extra handshake header, e.g. 'Authorization: Bearer ...' (repeatable)",
+    )
+
+    schema = commands.add_parser(
+        "schema",
+        help="print the AsyncAPI 3.0 document of a broadcaster",
+        description="Import MODULE and print the AsyncAPI 3.0 document of ATTR: a Broadcaster, a "
+        "ChannelSpec or a list of them, an AsyncAPI document, or a function returning one of these.",
+    )
+    schema.add_argument("target", metavar="MODULE:ATTR", help="e.g. myapp.realtime:broadcaster")
+    schema.add_argument("--title", default="rtbroadcast events", help="the document's title")
+    schema.add_argument("--api-version", default="1.0.0", metavar="VERSION", help="the API's version")
+    schema.add_argument(
+        "--server",
+        action="append",
+        default=[],
+        metavar="NAME=URL",
+        help="a server, e.g. local=ws://127.0.0.1:8000 (repeatable)",
+    )
+    schema.add_argument("--indent", type=int, default=2, help="JSON indentation (default: 2)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``rtbroadcast`` command line; return the exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "schema":
+        return _schema_command(args)
+    return _listen_command(parser, args)
+
+
+def _schema_command(args: argparse.Namespace) -> int:
+    try:
+        document = _schema_document(_load(args.target), args)
+        text = json.dumps(document, indent=args.indent or None, ensure_ascii=False)
+    except Exception as exc:  # a user's module can fail in any way: report it, don't dump a traceback
+        print(f"rtbroadcast schema: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    print(text)
+    return EXIT_OK
+
+
+def _listen_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if (args.epoch is None) != (args.last_seq is None):
+        parser.error("--epoch and --last-seq go together")
+    if args.last_seq is not None and args.last_seq < 0:
+        parser.error("--last-seq must be >= 0")
+    if urlsplit(args.url).scheme not in ("ws", "wss"):
+        parser.error(f"the URL must start with ws:// or wss://, not {args.url!r}")
+    try:
+        import websockets  # noqa: F401
+    except ImportError:
+        print("rtbroadcast listen needs websockets: pip install 'rtbroadcast[cli]'", file=sys.stderr)
+        return EXIT_ERROR
+    listener = Listener(
+        args.url,
+        epoch=args.epoch,
+        last_seq=args.last_seq,
+        ping_interval=args.ping_interval,
+        max_retries=max(args.max_retries, 0),
+        retry_delay=max(args.retry_delay, 0.0),
+        count=args.count,
+        headers=args.header,
+    )
+    try:
+        return asyncio.run(listener.run())
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,592 @@
+"""JSON Schema and AsyncAPI 3.0 documents for what clients receive: the events and the protocol frames.
+
+Client developers generate models from these, or read them in an AsyncAPI viewer::
+
+    from rtbroadcast.schema import ChannelSpec, asyncapi_document
+
+    document = asyncapi_document(
+        ChannelSpec(
+            "/realtime?restaurant_id={restaurant_id}",
+            parameters={"restaurant_id": "The restaurant whose events to receive."},
+        ),
+        events=[GuestCreated, GuestUpdated],
+        title="Restaurant events",
+        servers={"local": "ws://127.0.0.1:8000"},
+    )
+
+An event's schema is its pydantic model's serialisation schema plus the ``seq`` field the server adds, with
+every field required (the server always sends every field). Unknown fields are not forbidden: a later
+version of a service may add fields, and clients should ignore those they do not know.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Final, TypeAlias
+from urllib.parse import urlsplit
+
+from pydantic.json_schema import GenerateJsonSchema, models_json_schema
+from pydantic_core import core_schema
+
+from ._version import __version__
+from .broadcaster import Broadcaster
+from .errors import ConfigurationError, ProtocolError
+from .events import Event, EventRegistry, registry
+from .protocol import (
+    PROTOCOL_VERSION,
+    CloseCode,
+    ErrorFrame,
+    Ping,
+    Pong,
+    ResyncReason,
+    ResyncRequired,
+    Welcome,
+    encode_client_frame,
+    encode_server_frame,
+)
+
+__all__ = [
+    "ASYNCAPI_VERSION",
+    "JSON_SCHEMA_DIALECT",
+    "ChannelSpec",
+    "asyncapi_document",
+    "event_schema",
+    "event_schemas",
+    "protocol_schemas",
+]
+
+#: The AsyncAPI version of the documents :func:`asyncapi_document` produces.
+ASYNCAPI_VERSION: Final = "3.0.0"
+#: The JSON Schema dialect of :func:`event_schema` and :func:`protocol_schemas`.
+JSON_SCHEMA_DIALECT: Final = "https://json-schema.org/draft/2020-12/schema"
+
+#: The regular expression every event and pong ``timestamp`` matches.
+TIMESTAMP_PATTERN: Final = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z$"
+
+_EXAMPLE_TIMESTAMP: Final = "2025-08-16T07:21:27.177385Z"
+_EXAMPLE_EPOCH: Final = "9f1c2b7a4d3e5f60"
+
+#: Events to document: explicit models, a registry, or ``None`` for every model in the default registry.
+Events: TypeAlias = Iterable[type[Event]] | EventRegistry | None
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelSpec:
+    """Describe one broadcast endpoint (one channel family) of an AsyncAPI document.
+
+    Args:
+        address: where clients connect, relative to the server: a path that may hold ``{parameters}``, and
+            query parameters that name the channel, e.g. ``"/realtime?restaurant_id={restaurant_id}"``.
+            ``None`` documents a channel whose address is not known up front.
+        name: the channel's key in the document.
+        parameters: a description of each ``{parameter}`` in ``address``.
+        query: further query parameters clients send (name -> description), e.g. an access token.
+        events: the events sent on this channel; ``None`` means the document's ``events``.
+        title: a human-friendly title.
+        description: a longer description (CommonMark).
+    """
+
+    address: str | None
+    name: str = "broadcast"
+    parameters: Mapping[str, str] = field(default_factory=dict)
+    query: Mapping[str, str] = field(default_factory=dict)
+    events: Sequence[type[Event]] | None = None
+    title: str | None = None
+    description: str | None = None
+
+
+class _WireSchema(GenerateJsonSchema):
+    """Mark every serialised model field required: ``Event.to_json`` always writes all of them."""
+
+    def field_is_required(
+        self,
+        field: core_schema.ModelField | core_schema.DataclassField | core_schema.TypedDictField,
+        total: bool,
+    ) -> bool:
+        # A TypedDict's NotRequired keys may be absent from the JSON, so those keep their own rule.
+        if self.mode == "serialization" and field["type"] != "typed-dict-field":
+            return field.get("serialization_exclude_if") is None
+        return super().field_is_required(field, total)
+
+
+def _models(events: Events) -> list[type[Event]]:
+    if events is None:
+        events = registry
+    if isinstance(events, EventRegistry):
+        return list(events.types().values())
+    models = list(events)
+    for model in models:
+        if not (isinstance(model, type) and issubclass(model, Event)):
+            raise ConfigurationError(f"events must be Event subclasses, not {model!r}")
+    return models
+
+
+def _event_type(model: type[Event]) -> str:
+    default = model.model_fields["type"].default
+    if not isinstance(default, str):
+        raise ConfigurationError(
+            f"{model.__qualname__} declares no default for 'type'; declare "
+            "type: Literal['my_event'] = 'my_event' so clients can tell its events apart"
+        )
+    return default
+
+
+def _wire_schemas(models: Sequence[type[Event]], ref_template: str) -> tuple[list[str], dict[str, Any]]:
+    """Return each model's definition name and every definition, with the wire changes applied."""
+    keys, top = models_json_schema(
+        [(model, "serialization") for model in models],
+        ref_template=ref_template,
+        schema_generator=_WireSchema,
+    )
+    definitions: dict[str, Any] = top.get("$defs", {})
+    prefix = ref_template.split("{model}")[0]
+    names: list[str] = []
+    for model in models:
+        ref = keys[(model, "serialization")]["$ref"]
+        name = ref[len(prefix) :]
+        names.append(name)
+        _to_wire(definitions[name], model)
+    return names, definitions
+
+
+def _to_wire(schema: dict[str, Any], model: type[Event]) -> None:
+    """Turn a model's serialisation schema into the schema of the JSON a client receives."""
+    # Clients must ignore fields they do not know, so that a service can add fields without breaking them.
+    schema.pop("additionalProperties", None)
+    properties: dict[str, Any] = schema.setdefault("properties", {})
+    event_type = _event_type(model)
+    properties["type"] = {"const": event_type, "type": "string", "description": "The event type."}
+    stamp = model.model_fields.get("timestamp")
+    if "timestamp" in properties and stamp is not None and stamp.annotation is datetime:
+        # Event's serializer writes every ``timestamp`` datetime in the one documented format.
+        properties["timestamp"] = _timestamp_schema("When the event was created (UTC).")
+    properties["seq"] = {
+        "type": "integer",
+        "minimum": 1,
+        "description": "The event's position in its channel's stream: 1 for the first event, then +1 each.",
+    }
+    required: list[str] = schema.setdefault("required", [])
+    for name in ("type", "seq"):
+        if name not in required:
+            required.append(name)
+    schema.setdefault("title", model.__name__)
+
+
+def _timestamp_schema(description: str) -> dict[str, Any]:
+    return {
+        "type": "string",
+        "format": "date-time",
+        "pattern": TIMESTAMP_PATTERN,
+        "description": f"{description} Always UTC, microseconds, and a 'Z'.",
+        "examples": [_EXAMPLE_TIMESTAMP],
+    }
+
+
+def event_schema(model: type[Event]) -> dict[str, Any]:
+    """Return the JSON Schema (2020-12) of ``model``'s events as clients receive them, ``seq`` included.
+
+    Raises:
+        ConfigurationError: ``model`` is not an :class:`~rtbroadcast.Event` with a ``type`` default.
+    """
+    _models([model])
+    names, definitions = _wire_schemas([model], "#/$defs/{model}")
+    schema = definitions.pop(names[0])
+    document: dict[str, Any] = {"$schema": JSON_SCHEMA_DIALECT, **schema}
+    if definitions:
+        document["$defs"] = definitions
+    return document
+
+
+def event_schemas(events: Events = None) -> dict[str, dict[str, Any]]:
+    """Return :func:`event_schema` of every event, keyed by event ``type``.
+
+    Args:
+        events: the event models; by default every model registered so far.
+
+    Raises:
+        ConfigurationError: an item is not an :class:`~rtbroadcast.Event` with a ``type`` default.
+    """
+    return {_event_type(model): event_schema(model) for model in _models(events)}
+
+
+# -- protocol frames -------------------------------------------------------------------------------
+
+
+def _protocol_error_codes() -> list[str]:
+    codes: list[str] = []
+    pending: list[type[ProtocolError]] = [ProtocolError]
+    while pending:
+        cls = pending.pop(0)
+        if cls.code not in codes and cls is not ProtocolError:
+            codes.append(cls.code)
+        pending.extend(cls.__subclasses__())
+    return codes
+
+
+def _resync_reasons() -> list[str]:
+    return [value for name, value in vars(ResyncReason).items() if name.isupper() and isinstance(value, str)]
+
+
+def _frame(frame_type: str, title: str, description: str, properties: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "title": title,
+        "description": description,
+        "properties": {"type": {"const": frame_type, "type": "string"}, **properties},
+        "required": ["type", *properties],
+    }
+
+
+def _epoch(description: str) -> dict[str, Any]:
+    return {"type": "string", "minLength": 1, "maxLength": 128, "description": description}
+
+
+def _protocol_frame_schemas() -> dict[str, dict[str, Any]]:
+    reasons = ", ".join(f"`{r}`" for r in _resync_reasons())
+    codes = ", ".join(f"`{c}`" for c in _protocol_error_codes())
+    return {
+        "welcome": _frame(
+            "welcome",
+            "Welcome",
+            "First frame on every connection: where the client stands in the channel's stream. Every "
+            "event that follows has a higher seq.",
+            {
+                "channel": {"type": "string", "description": "The channel this connection receives."},
+                "epoch": _epoch("The stream's epoch; it changes when the stream's history is lost."),
+                "seq": {
+                    "type": "integer",
+                    "minimum": 0,
+                    "description": "The last seq the client has: the resumed-from seq after a successful "
+                    "resume, otherwise the channel's current seq (0: nothing published yet).",
+                },
+                "heartbeat_interval": {
+                    "type": "number",
+                    "exclusiveMinimum": 0,
+                    "description": "Seconds between heartbeats; send a ping at about this interval.",
+                },
+                "resumed": {
+                    "type": "boolean",
+                    "description": "True when the requested resume succeeded: the missed events follow.",
+                },
+                "protocol": {
+                    "type": "integer",
+                    "minimum": 1,
+                    "description": f"The wire protocol version (currently {PROTOCOL_VERSION}).",
+                },
+            },
+        ),
+        "pong": _frame(
+            "pong",
+            "Pong",
+            "The answer to a client's ping.",
+            {"timestamp": _timestamp_schema("The server's clock when it answered.")},
+        ),
+        "error": _frame(
+            "error",
+            "Error",
+            "A client frame was rejected. The connection stays open unless a close frame follows.",
+            {
+                "code": {
+                    "type": "string",
+                    "description": f"Machine-readable error code: {codes}. Treat unknown codes alike.",
+                    "examples": _protocol_error_codes(),
+                },
+                "message": {"type": "string", "description": "A human-readable explanation."},
+            },
+        ),
+        "resync_required": _frame(
+            "resync_required",
+            "ResyncRequired",
+            "The missed events cannot be replayed: reload the snapshot over HTTP, then apply the events "
+            "that follow (their seqs continue after this frame's seq, in this frame's epoch).",
+            {
+                "reason": {
+                    "type": "string",
+                    "description": f"Why: {reasons}. Treat unknown reasons alike.",
+                    "examples": _resync_reasons(),
+                },
+                "epoch": _epoch("The stream's current epoch; remember it for the next resume."),
+                "seq": {
+                    "type": "integer",
+                    "minimum": 0,
+                    "description": "The channel's current seq; the next event has a higher one.",
+                },
+            },
+        ),
+        "ping": _frame(
+            "ping",
+            "Ping",
+            "Sent by the client to check the connection; the server answers with a pong.",
+            {},
+        ),
+    }
+
+
+def protocol_schemas() -> dict[str, dict[str, Any]]:
+    """Return the JSON Schema (2020-12) of each protocol frame, keyed by its ``type``.
+
+    The server sends ``welcome``, ``pong``, ``error`` and ``resync_required``; the client sends ``ping``.
+    """
+    return {
+        name: {"$schema": JSON_SCHEMA_DIALECT, **schema} for name, schema in _protocol_frame_schemas().items()
+    }
+
+
+def _protocol_examples(heartbeat_interval: float) -> dict[str, list[dict[str, Any]]]:
+    """Return examples of each protocol frame, encoded by the protocol module itself."""
+
+    def example(name: str, text: str) -> dict[str, Any]:
+        return {"name": name, "payload": json.loads(text)}
+
+    return {
+        "welcome": [
+            example("fresh", encode_server_frame(Welcome("room:1", _EXAMPLE_EPOCH, 41, heartbeat_interval))),
+            example(
+                "resumed",
+                encode_server_frame(Welcome("room:1", _EXAMPLE_EPOCH, 37, heartbeat_interval, resumed=True)),
+            ),
+        ],
+        "pong": [example("pong", encode_server_frame(Pong(_EXAMPLE_TIMESTAMP)))],
+        "error": [
+            example(
+                "unknown_type",
+                encode_server_frame(
+                    ErrorFrame("unknown_type", "unknown message type 'hello'; clients may send: ping")
+                ),
+            )
+        ],
+        "resync_required": [
+            example(reason, encode_server_frame(ResyncRequired(reason, _EXAMPLE_EPOCH, 41)))
+            for reason in _resync_reasons()
+        ],
+        "ping": [example("ping", encode_client_frame(Ping()))],
+    }
+
+
+# -- AsyncAPI --------------------------------------------------------------------------------------
+
+_KEY_RE = re.compile(r"[^\w.\-]")
+_PARAM_RE = re.compile(r"\{([^{}]+)\}")
+_PROTOCOL_SERVER_FRAMES: Final = ("welcome", "pong", "error", "resync_required")
+_PROTOCOL_SCHEMA_PREFIX: Final = "rtbroadcast."
+_FRAME_SUMMARIES: Final = {
+    "welcome": "First frame on every connection: the client's place in the stream.",
+    "pong": "The answer to a ping.",
+    "error": "A client frame was rejected.",
+    "resync_required": "Missed events cannot be replayed: reload the snapshot.",
+    "ping": "The client checks the connection.",
+}
+
+
+def _component_key(name: str, taken: Iterable[str]) -> str:
+    key = _KEY_RE.sub("_", name) or "_"
+    taken = set(taken)
+    candidate, n = key, 2
+    while candidate in taken:
+        candidate, n = f"{key}_{n}", n + 1
+    return candidate
+
+
+def _summary(model: type[Event]) -> str | None:
+    doc = model.__doc__
+    if not doc or doc is Event.__doc__:
+        return None
+    return doc.strip().splitlines()[0]
+
+
+def _server(url: str) -> dict[str, Any]:
+    parts = urlsplit(url)
+    if parts.scheme not in ("ws", "wss") or not parts.netloc:
+        raise ConfigurationError(f"server URL must look like ws://host:port or wss://host, not {url!r}")
+    server: dict[str, Any] = {"host": parts.netloc, "protocol": parts.scheme}
+    if parts.path and parts.path != "/":
+        server["pathname"] = parts.path
+    return server
+
+
+def _channel(
+    spec: ChannelSpec, message_keys: Sequence[str], heartbeat_interval: float | None
+) -> dict[str, Any]:
+    channel: dict[str, Any] = {"address": spec.address}
+    if spec.title:
+        channel["title"] = spec.title
+    description = spec.description or (
+        "A WebSocket connection subscribed to one rtbroadcast channel. The server sends `welcome` first, "
+        "then the channel's events in `seq` order, with `pong`, `error` and `resync_required` frames as "
+        "needed; the client sends `ping`. Resume after a reconnect with the `epoch` and `last_seq` query "
+        "parameters."
+    )
+    if heartbeat_interval is not None:
+        description += f" Heartbeat interval: {heartbeat_interval:g} s."
+    channel["description"] = description
+    address_query: dict[str, str] = {}
+    if spec.address is not None:
+        names = _PARAM_RE.findall(spec.address)
+        unknown = set(spec.parameters) - set(names)
+        if unknown:
+            raise ConfigurationError(
+                f"parameters {sorted(unknown)} do not appear in the address {spec.address!r}"
+            )
+        if names:
+            channel["parameters"] = {
+                name: {"description": spec.parameters[name]} if name in spec.parameters else {}
+                for name in names
+            }
+        _, _, query_part = spec.address.partition("?")
+        for pair in filter(None, query_part.split("&")):
+            key, _, value = pair.partition("=")
+            match = _PARAM_RE.fullmatch(value)
+            address_query[key] = spec.parameters.get(match.group(1), "") if match else f"Always `{value}`."
+    channel["messages"] = {key: {"$ref": f"#/components/messages/{key}"} for key in message_keys}
+    query: dict[str, Any] = {
+        name: {"type": "string", **({"description": text} if text else {})}
+        for name, text in {**address_query, **spec.query}.items()
+    }
+    query["epoch"] = {
+        "type": "string",
+        "description": "Resume: the epoch of the last event the client applied (from `welcome`, an "
+        "event's stream, or `resync_required`). Send together with `last_seq`.",
+    }
+    query["last_seq"] = {
+        "type": "string",
+        "pattern": r"^\d{1,19}$",
+        "description": "Resume: the seq of the last event the client applied, in decimal. Send together "
+        "with `epoch`.",
+    }
+    channel["bindings"] = {
+        "ws": {
+            "method": "GET",
+            "query": {"type": "object", "properties": query},
+            "bindingVersion": "0.1.0",
+        }
+    }
+    return channel
+
+
+def asyncapi_document(
+    channels: Broadcaster | ChannelSpec | Sequence[ChannelSpec],
+    events: Events = None,
+    *,
+    title: str = "rtbroadcast events",
+    version: str = "1.0.0",
+    description: str | None = None,
+    servers: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Return an AsyncAPI 3.0 document describing the channels, their events and the wire protocol.
+
+    The document describes the server: it *sends* the events and the protocol frames ``welcome``,
+    ``pong``, ``error`` and ``resync_required``, and *receives* the client's ``ping``. Serialise it with
+    :func:`json.dumps`.
+
+    Args:
+        channels: one or more :class:`ChannelSpec`; or a :class:`~rtbroadcast.Broadcaster`, which documents
+            one channel whose address is left unknown and uses the broadcaster's heartbeat interval.
+        events: the event models; by default every model registered so far.
+        title: the document's title.
+        version: the version of the API described (not of rtbroadcast).
+        description: a longer description (CommonMark).
+        servers: server names mapped to WebSocket base URLs, e.g. ``{"local": "ws://127.0.0.1:8000"}``.
+
+    Raises:
+        ConfigurationError: a model, channel or server URL cannot be documented.
+    """
+    heartbeat: float | None = None
+    if isinstance(channels, Broadcaster):
+        heartbeat = channels.heartbeat_interval
+        specs: list[ChannelSpec] = [ChannelSpec(None)]
+    elif isinstance(channels, ChannelSpec):
+        specs = [channels]
+    else:
+        specs = list(channels)
+    if not specs:
+        raise ConfigurationError("document at least one channel")
+    names = [spec.name for spec in specs]
+    if len(set(names)) != len(names):
+        raise ConfigurationError(f"channel names must be unique, not {names}")
+
+    document_models = _models(events)
+    all_models: list[type[Event]] = []
+    for model in [*document_models, *(m for spec in specs for m in _models(spec.events or ()))]:
+        if model not in all_models:
+            all_models.append(model)
+    schema_names, schemas = _wire_schemas(all_models, "#/components/schemas/{model}")
+
+    messages: dict[str, Any] = {}
+    model_keys: dict[type[Event], str] = {}
+    for model, schema_name in zip(all_models, schema_names, strict=True):
+        event_type = _event_type(model)
+        key = _component_key(event_type, messages)
+        model_keys[model] = key
+        message: dict[str, Any] = {
+            "name": event_type,
+            "title": model.__name__,
+            "contentType": "application/json",
+            "payload": {"$ref": f"#/components/schemas/{schema_name}"},
+        }
+        summary = _summary(model)
+        if summary:
+            message["summary"] = summary
+        messages[key] = message
+
+    examples = _protocol_examples(heartbeat if heartbeat is not None else 25.0)
+    for frame_type, schema in _protocol_frame_schemas().items():
+        schema_name = _component_key(_PROTOCOL_SCHEMA_PREFIX + schema["title"], schemas)
+        schemas[schema_name] = schema
+        key = _component_key(frame_type, messages)
+        if key != frame_type:  # pragma: no cover - event types may not use protocol names
+            raise ConfigurationError(f"message name {frame_type!r} is taken by an event")
+        messages[key] = {
+            "name": frame_type,
+            "title": schema["title"],
+            "summary": _FRAME_SUMMARIES[frame_type],
+            "contentType": "application/json",
+            "payload": {"$ref": f"#/components/schemas/{schema_name}"},
+            "examples": examples[frame_type],
+            "tags": [{"name": "protocol"}],
+        }
+
+    document_channels: dict[str, Any] = {}
+    operations: dict[str, Any] = {}
+    for spec in specs:
+        channel_models = _models(spec.events) if spec.events is not None else document_models
+        event_keys = [model_keys[m] for m in channel_models]
+        server_keys = [*event_keys, *_PROTOCOL_SERVER_FRAMES]
+        document_channels[spec.name] = _channel(spec, [*server_keys, "ping"], heartbeat)
+        channel_ref = {"$ref": f"#/channels/{spec.name}"}
+        operations[f"{spec.name}.send"] = {
+            "action": "send",
+            "channel": channel_ref,
+            "summary": "Send the channel's events in seq order, and the protocol's own frames.",
+            "messages": [{"$ref": f"#/channels/{spec.name}/messages/{key}"} for key in server_keys],
+        }
+        operations[f"{spec.name}.receivePing"] = {
+            "action": "receive",
+            "channel": channel_ref,
+            "summary": "Receive a client's ping and answer it with a pong.",
+            "messages": [{"$ref": f"#/channels/{spec.name}/messages/ping"}],
+        }
+
+    info: dict[str, Any] = {
+        "title": title,
+        "version": version,
+        "description": description
+        or "Events and protocol frames of an rtbroadcast server. This document describes the server: it "
+        "sends the events, and receives the client's pings.",
+    }
+    document: dict[str, Any] = {"asyncapi": ASYNCAPI_VERSION, "info": info}
+    if servers:
+        document["servers"] = {name: _server(url) for name, url in servers.items()}
+    document["defaultContentType"] = "application/json"
+    document["channels"] = document_channels
+    document["operations"] = operations
+    document["components"] = {"schemas": schemas, "messages": messages}
+    document["x-rtbroadcast"] = {
+        "version": __version__,
+        "protocol": PROTOCOL_VERSION,
+        "close_codes": {str(int(code)): code.name for code in CloseCode},
+    }
+    return document

@@ -1,0 +1,307 @@
+"""The ``rtbroadcast`` command line, run as a real subprocess against real uvicorn servers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, Literal
+
+import pytest
+from starlette.applications import Starlette
+from starlette.responses import Response
+from starlette.routing import WebSocketRoute
+from starlette.websockets import WebSocket
+from websockets.asyncio.server import ServerConnection
+from websockets.asyncio.server import serve as ws_serve
+
+from rtbroadcast import Broadcaster, CloseCode, Event
+from rtbroadcast._cli import EXIT_ERROR, EXIT_OK, EXIT_REFUSED, EXIT_UNREACHABLE, main
+from rtbroadcast.asgi import ConnectionRequest, Deny, channel_from_query
+from rtbroadcast.starlette import broadcast_routes
+
+from .support import serve
+
+pytestmark = pytest.mark.anyio
+
+SNIPPETS = Path(__file__).parent.parent / "docs" / "snippets"
+
+
+class Beep(Event):
+    type: Literal["cli_test.beep"] = "cli_test.beep"
+    n: int
+
+
+class Cli:
+    """A running ``rtbroadcast`` subprocess whose output the test reads line by line."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+        self.err_lines: list[str] = []
+
+    async def wait_for(self, text: str) -> str:
+        """Read stderr until a line contains ``text``; return that line."""
+        assert self.process.stderr is not None
+        async with asyncio.timeout(10):
+            while True:
+                raw = await self.process.stderr.readline()
+                if not raw:
+                    raise AssertionError(f"{text!r} never came; stderr so far: {self.err_lines}")
+                line = raw.decode().rstrip("\n")
+                self.err_lines.append(line)
+                if text in line:
+                    return line
+
+    async def finish(self) -> tuple[int, list[str], list[str]]:
+        """Wait for the exit; return the exit code, the stdout lines and all stderr lines."""
+        async with asyncio.timeout(10):
+            out, err = await self.process.communicate()
+        self.err_lines += err.decode().splitlines()
+        assert self.process.returncode is not None
+        return self.process.returncode, out.decode().splitlines(), self.err_lines
+
+
+@contextlib.asynccontextmanager
+async def cli(*args: str, cwd: Path | None = None) -> AsyncIterator[Cli]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "rtbroadcast",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=cwd,
+    )
+    try:
+        yield Cli(process)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+def _app(broadcaster: Broadcaster, **options: Any) -> Starlette:
+    return Starlette(
+        routes=broadcast_routes("/realtime", broadcaster, channel=channel_from_query("room"), **options)
+    )
+
+
+async def test_listen_prints_the_events_of_a_publish() -> None:
+    async with (
+        Broadcaster() as broadcaster,
+        serve(_app(broadcaster)) as host,
+        cli("listen", f"ws://{host}/realtime?room=lobby", "--count", "3") as proc,
+    ):
+        welcome = await proc.wait_for("welcome")
+        assert "channel 'lobby'" in welcome
+        assert "seq 0" in welcome
+        for n in range(3):
+            await broadcaster.publish("lobby", Beep(n=n))
+        await broadcaster.publish("elsewhere", Beep(n=99))
+        code, out, _ = await proc.finish()
+    assert code == EXIT_OK
+    assert len(out) == 3
+    for seq, line in enumerate(out, start=1):
+        assert line.startswith(f"seq {seq} cli_test.beep (latency ")
+        assert " ms) " in line
+        assert json.loads(line.split(" ms) ", 1)[1]) == {
+            "type": "cli_test.beep",
+            "timestamp": json.loads(line.split(" ms) ", 1)[1])["timestamp"],
+            "n": seq - 1,
+            "seq": seq,
+        }
+
+
+async def test_listen_answers_with_pings_and_shows_pongs() -> None:
+    async with (
+        Broadcaster() as broadcaster,
+        serve(_app(broadcaster)) as host,
+        cli("listen", f"ws://{host}/realtime?room=lobby", "--ping-interval", "0.05") as proc,
+    ):
+        line = await proc.wait_for("pong")
+        assert "round trip" in line
+        assert "server time" in line
+        proc.process.send_signal(signal.SIGINT)
+        code, _, err = await proc.finish()
+    assert code == EXIT_OK  # Ctrl-C is a clean end
+    assert err[-1] == "interrupted"
+
+
+async def test_listen_reconnects_and_resumes_without_gap_or_duplicate() -> None:
+    async with Broadcaster() as broadcaster, serve(_app(broadcaster)) as host:
+        url = f"ws://{host}/realtime?room=lobby"
+        async with cli("listen", url, "--count", "4", "--retry-delay", "0.05") as proc:
+            await proc.wait_for("welcome")
+            await broadcaster.publish("lobby", Beep(n=1))
+            await asyncio.sleep(0.2)
+            for connection in list(broadcaster.registry):
+                connection.close(CloseCode.SLOW_CONSUMER, "test: fell behind")
+            # Published while the listener is away: it must get them from history when it resumes.
+            await broadcaster.publish("lobby", Beep(n=2))
+            await broadcaster.publish("lobby", Beep(n=3))
+            await proc.wait_for("closed: code 4001 SLOW_CONSUMER")
+            line = await proc.wait_for("connecting to")
+            assert "epoch=" in line
+            assert "last_seq=1" in line
+            assert "room=lobby" in line
+            assert "resumed: yes" in await proc.wait_for("welcome")
+            await broadcaster.publish("lobby", Beep(n=4))
+            code, out, err = await proc.finish()
+    assert code == EXIT_OK
+    assert [line.split(" ")[1] for line in out] == ["1", "2", "3", "4"]
+    assert not [line for line in err if "gap" in line or "out of order" in line]
+
+
+async def test_listen_resumes_from_the_command_line() -> None:
+    async with Broadcaster() as broadcaster, serve(_app(broadcaster)) as host:
+        for n in range(5):
+            await broadcaster.publish("lobby", Beep(n=n))
+        position = await broadcaster.backend.position("lobby")
+        url = f"ws://{host}/realtime?room=lobby"
+        args = ("--epoch", position.epoch, "--last-seq", "3", "--count", "2")
+        async with cli("listen", url, *args) as proc:
+            code, out, err = await proc.finish()
+        assert code == EXIT_OK
+        assert [line.split(" ")[1] for line in out] == ["4", "5"]
+        assert any("resumed: yes" in line for line in err)
+
+        async with cli("listen", url, "--epoch", "not-this-one", "--last-seq", "3", "--count", "1") as proc:
+            await proc.wait_for("resync_required: epoch_changed")
+            await broadcaster.publish("lobby", Beep(n=6))
+            code, out, _ = await proc.finish()
+        assert code == EXIT_OK
+        assert out[0].startswith("seq 6 ")
+
+
+@pytest.mark.parametrize(
+    ("url_suffix", "expected"),
+    [
+        ("/realtime", "close code 4004 BAD_REQUEST"),  # no channel
+        ("/realtime?room=secret", "close code 4003 FORBIDDEN: members only"),  # authorize denies
+        ("/nowhere?room=lobby", "HTTP 403"),  # no such WebSocket route: Starlette refuses with 403
+        ("/gone?room=lobby", "HTTP 404"),  # an endpoint that answers the handshake with 404
+    ],
+)
+async def test_listen_exits_2_when_refused(url_suffix: str, expected: str) -> None:
+    def authorize(request: ConnectionRequest, channel: str) -> bool | Deny:
+        return Deny("members only") if channel == "secret" else True
+
+    async def gone(websocket: WebSocket) -> None:
+        await websocket.send_denial_response(Response("gone", status_code=404))
+
+    async with Broadcaster() as broadcaster:
+        app = _app(broadcaster, authorize=authorize)
+        app.router.routes.append(WebSocketRoute("/gone", gone))
+        async with (
+            serve(app) as host,
+            cli("listen", f"ws://{host}{url_suffix}", "--retry-delay", "0.01") as proc,
+        ):
+            code, out, err = await proc.finish()
+    assert code == EXIT_REFUSED, err
+    assert out == []
+    assert any(expected in line for line in err), err
+    assert not [line for line in err if "reconnecting" in line]
+
+
+async def test_listen_exits_3_when_unreachable() -> None:
+    with socket.socket() as sock:  # a port that nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = ("--max-retries", "2", "--retry-delay", "0.01")
+    async with cli("listen", f"ws://127.0.0.1:{port}/realtime?room=lobby", *args) as proc:
+        code, _out, err = await proc.finish()
+    assert code == EXIT_UNREACHABLE
+    assert sum("connecting to" in line for line in err) == 3  # the first attempt and two retries
+    assert err[-1] == "giving up: 3 attempt(s) in a row failed"
+
+
+async def test_listen_shows_gaps_resyncs_errors_and_a_clean_end() -> None:
+    """Against a scripted server that misbehaves on purpose: what a correct server never sends."""
+
+    async def script(ws: ServerConnection) -> None:
+        frames: list[dict[str, Any]] = [
+            {"type": "welcome", "channel": "c", "epoch": "e1", "seq": 0, "heartbeat_interval": 30,
+             "resumed": False, "protocol": 1},
+            {"type": "x", "seq": 1},
+            {"type": "x", "seq": 4},
+            {"type": "x", "seq": 4},
+            {"type": "error", "code": "unknown_type", "message": "nope"},
+            {"type": "resync_required", "reason": "history_trimmed", "epoch": "e2", "seq": 10},
+            {"type": "x", "seq": 11, "timestamp": "2025-08-16T07:21:27.177385Z"},
+        ]  # fmt: skip
+        for frame in frames:
+            await ws.send(json.dumps(frame))
+        await ws.send("not json")
+        await ws.close(1000, "done")
+
+    async with ws_serve(script, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        async with cli("listen", f"ws://127.0.0.1:{port}/") as proc:
+            code, out, err = await proc.finish()
+    assert code == EXIT_OK
+    assert [line.split(" (")[0] for line in out] == ["seq 1 x", "seq 4 x", "seq 4 x", "seq 11 x"]
+    assert "latency ?" in out[0]
+    assert "latency ?" not in out[3]
+    text = "\n".join(err)
+    assert "gap: expected seq 2, got 4 (2 missing)" in text
+    assert "out of order: seq 4 after 4" in text
+    assert "error from server: unknown_type: nope" in text
+    assert "resync_required: history_trimmed; continuing from epoch e2 seq 10" in text
+    assert "unreadable frame" in text
+    assert "closed: code 1000 NORMAL 'done'" in text
+
+
+def test_listen_rejects_a_bad_command_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert _exit_code(["listen", "http://example.com/"]) == EXIT_ERROR
+    assert _exit_code(["listen", "ws://example.com/", "--epoch", "e"]) == EXIT_ERROR
+    assert "go together" in capsys.readouterr().err
+
+
+def _exit_code(argv: list[str]) -> int | str | None:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    return info.value.code
+
+
+def test_schema_prints_the_asyncapi_document(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    module = "cli_schema_target"
+    assert (
+        main(["schema", f"{module}:broadcaster", "--title", "Beeps", "--server", "local=ws://127.0.0.1:8000"])
+        == 0
+    )
+    document = json.loads(capsys.readouterr().out)
+    assert document["asyncapi"] == "3.0.0"
+    assert document["info"]["title"] == "Beeps"
+    assert document["servers"]["local"]["host"] == "127.0.0.1:8000"
+    assert "cli_target.ping_pong" in document["components"]["messages"]
+
+    assert main(["schema", f"{module}:make_document"]) == 0
+    assert json.loads(capsys.readouterr().out)["channels"]["beeps"]["address"] == "/beeps?room={room}"
+
+    assert main(["schema", f"{module}:SPEC"]) == 0
+    assert json.loads(capsys.readouterr().out)["channels"]["beeps"]["address"] == "/beeps?room={room}"
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ("no_colon", "expected MODULE:ATTR"),
+        ("no_such_module_here:x", "ModuleNotFoundError"),
+        ("cli_schema_target:missing", "AttributeError"),
+        ("cli_schema_target:NOT_A_SOURCE", "point at a Broadcaster"),
+    ],
+)
+def test_schema_reports_a_bad_target(
+    target: str, message: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    assert main(["schema", target]) == EXIT_ERROR
+    assert message in capsys.readouterr().err

@@ -1,0 +1,241 @@
+"""JSON Schema and AsyncAPI export: valid against the official AsyncAPI 3.0.0 schema, true to the wire."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal, NotRequired
+
+import jsonschema
+import pytest
+from pydantic import BaseModel
+from typing_extensions import TypedDict
+
+from rtbroadcast import Broadcaster, ConfigurationError, Event
+from rtbroadcast.events import with_seq
+from rtbroadcast.protocol import (
+    ErrorFrame,
+    Pong,
+    ResyncRequired,
+    Welcome,
+    decode_client_frame,
+    decode_server_frame,
+    encode_server_frame,
+)
+from rtbroadcast.schema import (
+    ASYNCAPI_VERSION,
+    ChannelSpec,
+    asyncapi_document,
+    event_schema,
+    event_schemas,
+    protocol_schemas,
+)
+
+from .asyncapi_support import ASYNCAPI_SCHEMA, asyncapi_errors
+
+
+class Line(BaseModel):
+    sku: str
+    quantity: int = 1
+
+
+class ParcelShipped(Event):
+    """A parcel left the warehouse."""
+
+    type: Literal["schema_test.parcel_shipped"] = "schema_test.parcel_shipped"
+    parcel_id: str
+    lines: list[Line]
+    note: str | None = None
+
+
+class LossDetails(TypedDict):
+    where: str
+    insured: NotRequired[bool]
+
+
+class ParcelLost(Event):
+    type: Literal["schema_test.parcel_lost"] = "schema_test.parcel_lost"
+    parcel_id: str
+    details: LossDetails
+
+
+EVENTS = [ParcelShipped, ParcelLost]
+
+
+def _refs(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        found = [node["$ref"]] if isinstance(node.get("$ref"), str) else []
+        return found + [r for value in node.values() for r in _refs(value)]
+    if isinstance(node, list):
+        return [r for value in node for r in _refs(value)]
+    return []
+
+
+def _resolve(document: dict[str, Any], ref: str) -> Any:
+    assert ref.startswith("#/"), ref
+    node: Any = document
+    for part in ref[2:].split("/"):
+        node = node[part.replace("~1", "/").replace("~0", "~")]
+    return node
+
+
+def _documents() -> list[dict[str, Any]]:
+    return [
+        asyncapi_document(
+            ChannelSpec(
+                "/realtime?shop_id={shop_id}",
+                name="shop",
+                parameters={"shop_id": "The shop whose parcels to follow."},
+                query={"token": "A signed device token."},
+                title="Shop events",
+            ),
+            events=EVENTS,
+            title="Parcels",
+            version="2.1.0",
+            servers={"local": "ws://127.0.0.1:8000", "production": "wss://example.com/api"},
+        ),
+        asyncapi_document(Broadcaster("memory://", heartbeat_interval=10), events=EVENTS),
+        asyncapi_document(
+            [ChannelSpec("/a/{x}", name="a", events=[ParcelShipped]), ChannelSpec(None, name="b")],
+            events=EVENTS,
+        ),
+    ]
+
+
+def test_the_vendored_schema_is_asyncapi_3_0_0() -> None:
+    assert json.loads(ASYNCAPI_SCHEMA.read_text())["properties"]["asyncapi"]["const"] == ASYNCAPI_VERSION
+
+
+@pytest.mark.parametrize("document", _documents(), ids=["spec", "broadcaster", "two-channels"])
+def test_asyncapi_document_is_valid_asyncapi_3(document: dict[str, Any]) -> None:
+    assert asyncapi_errors(document) == []
+    # The official schema does not follow $refs inside the document; check that every one resolves.
+    for ref in _refs(document):
+        assert _resolve(document, ref) is not None
+    for operation in document["operations"].values():
+        channel_ref = operation["channel"]["$ref"]
+        for message in operation["messages"]:
+            assert message["$ref"].startswith(channel_ref + "/messages/")
+    json.dumps(document)  # serialisable as is
+
+
+def test_the_validator_rejects_a_broken_document() -> None:
+    document = _documents()[0]
+    document["operations"]["shop.send"]["action"] = "publish"  # AsyncAPI 2 spelling
+    document["channels"]["shop"]["bindings"]["ws"]["method"] = "PUT"
+    assert len(asyncapi_errors(document)) == 2
+
+
+def test_asyncapi_document_describes_channels_messages_and_operations() -> None:
+    document = _documents()[0]
+    channel = document["channels"]["shop"]
+    assert channel["address"] == "/realtime?shop_id={shop_id}"
+    assert channel["parameters"] == {"shop_id": {"description": "The shop whose parcels to follow."}}
+    assert set(channel["bindings"]["ws"]["query"]["properties"]) == {"shop_id", "token", "epoch", "last_seq"}
+    assert set(channel["messages"]) == {
+        "schema_test.parcel_shipped",
+        "schema_test.parcel_lost",
+        "welcome",
+        "pong",
+        "error",
+        "resync_required",
+        "ping",
+    }
+    assert document["operations"]["shop.send"]["action"] == "send"
+    assert document["operations"]["shop.receivePing"]["action"] == "receive"
+    assert document["servers"]["production"] == {"host": "example.com", "protocol": "wss", "pathname": "/api"}
+    assert document["x-rtbroadcast"]["close_codes"]["4001"] == "SLOW_CONSUMER"
+    shipped = document["components"]["messages"]["schema_test.parcel_shipped"]
+    assert shipped["summary"] == "A parcel left the warehouse."
+    assert "summary" not in document["components"]["messages"]["schema_test.parcel_lost"]
+
+
+def test_broadcaster_document_leaves_the_address_unknown() -> None:
+    document = _documents()[1]
+    assert document["channels"]["broadcast"]["address"] is None
+    assert document["components"]["messages"]["welcome"]["examples"][0]["payload"]["heartbeat_interval"] == 10
+
+
+def test_a_channel_may_restrict_its_events() -> None:
+    document = _documents()[2]
+    assert "schema_test.parcel_lost" not in document["channels"]["a"]["messages"]
+    assert "schema_test.parcel_lost" in document["channels"]["b"]["messages"]
+    assert document["channels"]["a"]["parameters"] == {"x": {}}
+
+
+def test_event_schema_matches_what_clients_receive() -> None:
+    schema = event_schema(ParcelShipped)
+    jsonschema.Draft202012Validator.check_schema(schema)
+    event = ParcelShipped(parcel_id="p-1", lines=[Line(sku="A-7")])
+    frame = json.loads(with_seq(event.to_json(), 3))
+    validator = jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker())
+    assert list(validator.iter_errors(frame)) == []
+    assert set(schema["required"]) == {"type", "timestamp", "parcel_id", "lines", "note", "seq"}
+    assert schema["properties"]["timestamp"]["format"] == "date-time"
+    # Missing seq, a wrong type and a badly formatted timestamp are all caught.
+    for broken in (
+        {k: v for k, v in frame.items() if k != "seq"},
+        {**frame, "type": "schema_test.parcel_lost"},
+        {**frame, "timestamp": "2025-08-16 07:21:27"},
+    ):
+        assert list(validator.iter_errors(broken)), broken
+    # Unknown fields are allowed: a service may add fields without breaking clients.
+    assert list(validator.iter_errors({**frame, "added_later": 1})) == []
+
+
+def test_typed_dict_keys_that_are_not_required_stay_optional() -> None:
+    schema = event_schema(ParcelLost)
+    assert schema["$defs"]["LossDetails"]["required"] == ["where"]
+    validator = jsonschema.Draft202012Validator(schema)
+    frame = json.loads(with_seq(ParcelLost(parcel_id="p", details={"where": "depot"}).to_json(), 1))
+    assert list(validator.iter_errors(frame)) == []
+
+
+def test_event_schemas_are_keyed_by_type() -> None:
+    schemas = event_schemas(EVENTS)
+    assert list(schemas) == ["schema_test.parcel_shipped", "schema_test.parcel_lost"]
+    assert schemas["schema_test.parcel_shipped"]["$defs"]["Line"]["required"] == ["sku", "quantity"]
+    assert "schema_test.parcel_lost" in event_schemas()  # the default registry holds every model defined
+
+
+def test_protocol_schemas_accept_what_the_protocol_module_encodes() -> None:
+    schemas = protocol_schemas()
+    assert set(schemas) == {"welcome", "pong", "error", "resync_required", "ping"}
+    frames = {
+        "welcome": Welcome("room:1", "e1", 0, 25.0),
+        "pong": Pong("2025-08-16T07:21:27.177385Z"),
+        "error": ErrorFrame("malformed_frame", "frame is not valid JSON"),
+        "resync_required": ResyncRequired("history_trimmed", "e1", 12),
+    }
+    for name, frame in frames.items():
+        validator = jsonschema.Draft202012Validator(schemas[name], format_checker=jsonschema.FormatChecker())
+        assert list(validator.iter_errors(json.loads(encode_server_frame(frame)))) == [], name
+    ping = {"type": "ping"}
+    decode_client_frame(json.dumps(ping))
+    assert list(jsonschema.Draft202012Validator(schemas["ping"]).iter_errors(ping)) == []
+
+
+def test_protocol_message_examples_decode_and_validate() -> None:
+    document = _documents()[0]
+    for name in ("welcome", "pong", "error", "resync_required", "ping"):
+        message = document["components"]["messages"][name]
+        schema = _resolve(document, message["payload"]["$ref"])
+        for example in message["examples"]:
+            assert list(jsonschema.Draft202012Validator(schema).iter_errors(example["payload"])) == []
+            text = json.dumps(example["payload"])
+            if name == "ping":
+                decode_client_frame(text)
+            else:
+                decode_server_frame(text)
+
+
+def test_bad_input_is_a_configuration_error() -> None:
+    with pytest.raises(ConfigurationError, match="server URL"):
+        asyncapi_document(ChannelSpec("/x"), events=EVENTS, servers={"bad": "http://example.com"})
+    with pytest.raises(ConfigurationError, match="do not appear"):
+        asyncapi_document(ChannelSpec("/x", parameters={"y": "?"}), events=EVENTS)
+    with pytest.raises(ConfigurationError, match="unique"):
+        asyncapi_document([ChannelSpec("/x"), ChannelSpec("/y")], events=EVENTS)
+    with pytest.raises(ConfigurationError, match="Event subclasses"):
+        asyncapi_document(ChannelSpec("/x"), events=[dict])  # type: ignore[list-item]
+    with pytest.raises(ConfigurationError, match="no default for 'type'"):
+        event_schema(Event)
