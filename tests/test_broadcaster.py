@@ -208,3 +208,34 @@ async def test_a_lost_last_message_is_caught_by_the_position_check() -> None:
             got = [await asyncio.wait_for(anext(sub), 2) for _ in range(2)]
         assert [g.seq for g in got if isinstance(g, Received)] == [1, 2]
         assert broadcaster.stats()["lost_detected"] == 1
+
+
+class CountingMemoryBackend(MemoryBackend):
+    """The memory backend, counting history reads."""
+
+    history_reads = 0
+
+    async def history(self, channel: str, since: int, *, limit: int) -> Any:
+        self.history_reads += 1
+        await asyncio.sleep(0.01)  # a round trip, so that concurrent repairs overlap as they would on Redis
+        return await super().history(channel, since, limit=limit)
+
+
+async def test_an_interruption_repairs_a_channel_with_one_history_read() -> None:
+    backend = CountingMemoryBackend()
+    async with Broadcaster(backend=backend, position_check_interval=None) as broadcaster:
+        subscriptions = [broadcaster.subscribe("c", model=Tick) for _ in range(50)]
+        for sub in subscriptions:
+            await sub.__aenter__()
+        await broadcaster.publish("c", Tick(n=1))
+        for sub in subscriptions:
+            assert isinstance(await anext(sub), Received)
+        broadcaster.on_interruption(["c"], "test")
+        await broadcaster.publish("c", Tick(n=2))
+        for sub in subscriptions:
+            item = await asyncio.wait_for(anext(sub), 2)
+            assert isinstance(item, Received)
+            assert item.seq == 2
+            await sub.__aexit__(None, None, None)
+        assert backend.history_reads == 1
+        assert broadcaster.stats()["repairs"] == 50

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Generic, Self, TypeVar
 
-from .backends import Backend, Envelope, load_backend
+from .backends import Backend, Envelope, History, load_backend
 from .connection import DEFAULT_LIMITS, Connection, QueueLimits, item_text
 from .errors import (
     BackendUnavailable,
@@ -113,6 +113,7 @@ class Broadcaster:
         self._state = BroadcasterState.NEW
         self._subscribed: set[str] = set()
         self._channel_locks: dict[str, asyncio.Lock] = {}
+        self._history_reads: dict[tuple[str, int], asyncio.Future[History]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._published = 0
         self._interruptions = 0
@@ -348,7 +349,7 @@ class Broadcaster:
                 connection.push_frame(self._welcome(channel, position.epoch, position.seq, False))
             connection.end_buffering()
             return
-        history = await self.backend.history(channel, resume.seq, limit=self.max_resume)
+        history = await self._history(channel, resume.seq)
         position = history.position
         if position.epoch != resume.epoch:
             reason: str | None = ResyncReason.EPOCH_CHANGED
@@ -409,6 +410,26 @@ class Broadcaster:
                 else:
                     still_behind[connection.id] = here
         return still_behind
+
+    async def _history(self, channel: str, since: int) -> History:
+        """Read history once for every connection that needs the same range at the same time.
+
+        After a backend interruption every connection of a channel is repaired at once, and they mostly
+        stand at the same seq: one read serves them all instead of one per connection.
+        """
+        key = (channel, since)
+        shared = self._history_reads.get(key)
+        if shared is None:
+            shared = asyncio.ensure_future(self.backend.history(channel, since, limit=self.max_resume))
+            self._history_reads[key] = shared
+            shared.add_done_callback(lambda done: self._history_read_done(key, done))
+        return await asyncio.shield(shared)
+
+    def _history_read_done(self, key: tuple[str, int], done: asyncio.Future[History]) -> None:
+        if self._history_reads.get(key) is done:
+            del self._history_reads[key]
+        if not done.cancelled():
+            done.exception()  # retrieved here: every waiter may have been cancelled meanwhile
 
     def _welcome(self, channel: str, epoch: str, seq: int, resumed: bool) -> str:
         return encode_server_frame(Welcome(channel, epoch, seq, self.heartbeat_interval, resumed))
