@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable, Sequence
 from datetime import datetime
 
-from sqlalchemy import DateTime, Index, Integer, String, Text, select, text, update
+from sqlalchemy import DateTime, Index, Integer, String, Text, func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -119,9 +119,9 @@ class TransactionalOutbox:
         """Return how many events wait to be published."""
         async with self.engine.connect() as connection:
             result = await connection.execute(
-                select(OutboxRow.id).where(OutboxRow.published_seq.is_(None)).limit(10_000)
+                select(func.count()).select_from(OutboxRow).where(OutboxRow.published_seq.is_(None))
             )
-            return len(result.all())
+            return int(result.scalar_one())
 
     async def run(self) -> None:
         """Relay until cancelled; never dies on an error (it logs and retries)."""

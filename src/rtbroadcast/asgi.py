@@ -437,7 +437,9 @@ class _WebSocketSession:
             try:
                 await writer
             except asyncio.CancelledError:
-                if asyncio.current_task() is not None and asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                # Swallow the writer's own cancellation, never ours.
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
                     raise
 
 

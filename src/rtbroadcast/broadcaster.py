@@ -255,8 +255,7 @@ class Broadcaster:
         for channel in channels:
             for connection in self.registry.fanout(channel):
                 if not connection.closed and not connection.buffering:
-                    connection.begin_buffering()
-                    self._spawn(self._repair(connection))
+                    self._schedule_repair(connection)
 
     # -- connections ------------------------------------------------------------------------------
 
@@ -325,6 +324,11 @@ class Broadcaster:
             envelope.epoch,
             envelope.seq,
         )
+        self._schedule_repair(connection)
+
+    def _schedule_repair(self, connection: Connection) -> None:
+        """Hold the connection's live envelopes back and bring it up to date from history."""
+        connection.begin_buffering()
         self._spawn(self._repair(connection))
 
     async def _repair(self, connection: Connection) -> None:
@@ -400,13 +404,12 @@ class Broadcaster:
             for connection in self.registry.fanout(channel):
                 if connection.closed or connection.buffering:
                     continue
-                here = (connection.epoch, connection.last_seq)
-                if here == (top.epoch, top.seq) or (here[0] == top.epoch and here[1] > top.seq):
+                if connection.epoch == top.epoch and connection.last_seq >= top.seq:
                     continue
+                here = (connection.epoch, connection.last_seq)
                 if behind.get(connection.id) == here:
                     self._lost_detected += 1
-                    connection.begin_buffering()
-                    self._spawn(self._repair(connection))
+                    self._schedule_repair(connection)
                 else:
                     still_behind[connection.id] = here
         return still_behind

@@ -178,10 +178,6 @@ class Connection:
                 else:
                     self.push(envelope)
 
-    def take_buffer(self) -> list[Envelope]:
-        """Return what is held back so far (the caller decides what to keep)."""
-        return list(self._buffer or ())
-
     def set_position(self, epoch: str, seq: int) -> None:
         """Set the stream position the connection has reached."""
         self.epoch = epoch

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from .connection import Connection
 from .errors import ConfigurationError, ConnectionLimitReached
+from .protocol import CloseCode
 
 __all__ = ["ConnectionRegistry", "RegistryStats"]
 
@@ -104,7 +105,7 @@ class ConnectionRegistry:
         self._sent_closed += connection.sent
         self._dropped_closed += connection.dropped
         self._high_water = max(self._high_water, connection.high_water)
-        if connection.close_code == 4001:
+        if connection.close_code == CloseCode.SLOW_CONSUMER:
             self._slow_closed += 1
         if members:
             self._fanout[channel] = tuple(members)
