@@ -47,8 +47,14 @@ async def recv_json(ws: ClientConnection, timeout: float = 5.0) -> dict[str, Any
     return data
 
 
+#: What :func:`connect` offers the server unless told otherwise: ``"deflate"`` (permessage-deflate, so
+#: uvicorn sends every frame through ASGI) or ``None`` (no extension: frames go straight to the transport).
+client_compression: str | None = "deflate"
+
+
 async def connect(url: str, **kwargs: Any) -> ClientConnection:
     """Open a WebSocket client connection (a thin wrapper so tests read alike)."""
+    kwargs.setdefault("compression", client_compression)
     return await websockets.connect(url, open_timeout=5, **kwargs)
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 from urllib.parse import parse_qsl
 
+from ._direct import DirectWriter, find_direct_writer, text_frame
 from .backends import Envelope
 from .broadcaster import Broadcaster, is_valid_channel
 from .connection import Connection
@@ -149,6 +150,10 @@ class BroadcastEndpoint:
         idle_timeout: close a connection (4002) that sent nothing for this many seconds; ``None`` leaves
             dead-peer detection to the server's WebSocket pings (uvicorn's ``ws_ping_interval``).
         sse: whether plain HTTP GET requests get a Server-Sent Events stream.
+        direct_write: under uvicorn's default WebSocket implementation, write each frame straight to the
+            connection's transport (encoded once per event for all connections) instead of through one
+            ASGI ``send`` per connection; connections that negotiated compression, and other servers,
+            always use ASGI. ``False`` sends everything through ASGI. See the performance page.
     """
 
     def __init__(
@@ -162,6 +167,7 @@ class BroadcastEndpoint:
         max_messages_per_second: float = 20.0,
         idle_timeout: float | None = None,
         sse: bool = True,
+        direct_write: bool = True,
     ) -> None:
         self.broadcaster = broadcaster
         self.resolve_channel = channel
@@ -171,6 +177,7 @@ class BroadcastEndpoint:
         self.max_messages_per_second = max_messages_per_second
         self.idle_timeout = idle_timeout
         self.sse = sse
+        self.direct_write = direct_write
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
@@ -235,7 +242,8 @@ class BroadcastEndpoint:
             await send({"type": "websocket.close", "code": int(refused.code), "reason": refused.reason})
             logger.info("refused %s connection: %s (%d)", request.path, refused.reason, refused.code)
             return
-        session = _WebSocketSession(connection, send)
+        direct = find_direct_writer(scope, send) if self.direct_write else None
+        session = _WebSocketSession(connection, send, direct)
         session.start()
         try:
             await self._read(connection, receive)
@@ -341,11 +349,13 @@ class BroadcastEndpoint:
 class _WebSocketSession:
     """Writes one WebSocket connection's frames: synchronously when it can, else from a writer task."""
 
-    __slots__ = ("client_gone", "connection", "inflight", "send", "writer")
+    __slots__ = ("client_gone", "connection", "direct", "inflight", "send", "writer")
 
-    def __init__(self, connection: Connection, send: Send) -> None:
+    def __init__(self, connection: Connection, send: Send, direct: DirectWriter | None = None) -> None:
         self.connection = connection
         self.send = send
+        self.direct = direct
+        connection.direct = direct is not None
         self.client_gone = False
         self.writer: asyncio.Task[None] | None = None
         # A send() that suspended half-way through send_now(), for the writer task to finish.
@@ -366,8 +376,13 @@ class _WebSocketSession:
         """Run the ASGI send to completion right here if it does not need to wait (the usual case).
 
         Fan-out then costs no task switch per connection. A send that must wait (the transport's buffer is
-        full) is handed to the writer task, which finishes it before writing anything else.
+        full) is handed to the writer task, which finishes it before writing anything else. Where the
+        server allows it, the frame goes straight to the transport (see :mod:`rtbroadcast._direct`).
         """
+        direct = self.direct
+        if direct is not None and direct.write(_frame_of(item)):
+            self.connection.sent += 1
+            return True
         text = item if isinstance(item, str) else item.data
         coroutine = self.send({"type": "websocket.send", "text": text}).__await__()
         try:
@@ -401,8 +416,9 @@ class _WebSocketSession:
                         break
                     await connection.wait()
                     continue
-                text = item if isinstance(item, str) else item.data
-                await send({"type": "websocket.send", "text": text})
+                if self.direct is None or not self.direct.write(_frame_of(item)):
+                    text = item if isinstance(item, str) else item.data
+                    await send({"type": "websocket.send", "text": text})
                 connection.sent += 1
         except asyncio.CancelledError:
             if not connection.closed:
@@ -441,6 +457,29 @@ class _WebSocketSession:
                 current = asyncio.current_task()
                 if current is not None and current.cancelling():
                     raise
+
+
+class _FrameCache:
+    """The wire frame of the envelope being fanned out: encoded once, written to every connection."""
+
+    __slots__ = ("envelope", "frame")
+
+    def __init__(self) -> None:
+        self.envelope: Envelope | None = None
+        self.frame = b""
+
+
+_frame_cache = _FrameCache()
+
+
+def _frame_of(item: Envelope | str) -> bytes:
+    if isinstance(item, str):
+        return text_frame(item.encode())
+    cache = _frame_cache
+    if cache.envelope is not item:
+        cache.frame = text_frame(item.data.encode())
+        cache.envelope = item
+    return cache.frame
 
 
 #: HTTP status of an SSE request refused with a close code.

@@ -66,6 +66,7 @@ class Connection:
         "channel",
         "close_code",
         "close_reason",
+        "direct",
         "dropped",
         "epoch",
         "high_water",
@@ -84,6 +85,8 @@ class Connection:
         self.high_water = 0
         self.close_code: int | None = None
         self.close_reason = ""
+        #: Whether the transport writes frames straight to the server's socket (see BroadcastEndpoint).
+        self.direct = False
         self._limits = limits
         self._queue: deque[Envelope | str] = deque()
         self._size = 0

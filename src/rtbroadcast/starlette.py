@@ -41,7 +41,7 @@ def websocket_route(
     """Return a WebSocket route that subscribes each connection to the channel ``channel`` resolves.
 
     ``options`` are passed to :class:`~rtbroadcast.asgi.BroadcastEndpoint` (``allowed_origins``,
-    ``max_frame_size``, ``max_messages_per_second``, ``idle_timeout``).
+    ``max_frame_size``, ``max_messages_per_second``, ``idle_timeout``, ``direct_write``).
     """
     endpoint = BroadcastEndpoint(broadcaster, channel, authorize=authorize, sse=False, **options)
     return WebSocketRoute(path, endpoint, name=name)
