@@ -347,38 +347,41 @@ class BroadcastEndpoint:
 
 
 class _WebSocketSession:
-    """Writes one WebSocket connection's frames: synchronously when it can, else from a writer task."""
+    """Writes one WebSocket connection's frames: synchronously when it can, else from a writer task.
 
-    __slots__ = ("client_gone", "connection", "direct", "inflight", "send", "writer")
+    Most of the time a connection has no task of its own: fan-out writes each frame right away. Only a
+    send that has to wait (the transport's buffer is full) starts a writer task, which finishes that send,
+    drains what queued up behind it and ends.
+    """
+
+    __slots__ = ("client_gone", "closer", "connection", "direct", "send", "writer")
 
     def __init__(self, connection: Connection, send: Send, direct: DirectWriter | None = None) -> None:
         self.connection = connection
         self.send = send
         self.direct = direct
-        connection.direct = direct is not None
         self.client_gone = False
         self.writer: asyncio.Task[None] | None = None
-        # A send() that suspended half-way through send_now(), for the writer task to finish.
-        self.inflight: tuple[Generator[Any, None, None], Any] | None = None
+        self.closer: asyncio.Task[None] | None = None
+        connection.direct = direct is not None
 
     def start(self) -> None:
-        self.writer = asyncio.get_running_loop().create_task(self._write())
-        self.connection.add_close_callback(self._on_close)
-        self.connection.set_send_now(self._send_now)
-
-    def _on_close(self, connection: Connection) -> None:
-        # The writer may be blocked in send() on a client that stopped reading: cancel it, so that the
-        # close frame goes out (or the transport is dropped) without waiting for that client.
-        if self.writer is not None and not self.writer.done():
-            self.writer.cancel()
+        connection = self.connection
+        connection.add_close_callback(self._on_close)
+        connection.set_send_now(self._send_now)
+        if connection.queued:  # the welcome, and what history the attach brought
+            self.writer = asyncio.get_running_loop().create_task(self._write(None, None))
 
     def _send_now(self, item: Envelope | str) -> bool:
-        """Run the ASGI send to completion right here if it does not need to wait (the usual case).
+        """Write ``item`` right here if the transport takes it without waiting (the usual case).
 
-        Fan-out then costs no task switch per connection. A send that must wait (the transport's buffer is
-        full) is handed to the writer task, which finishes it before writing anything else. Where the
-        server allows it, the frame goes straight to the transport (see :mod:`rtbroadcast._direct`).
+        Fan-out then costs no task switch per connection. Where the server allows it, the frame goes
+        straight to the transport (see :mod:`rtbroadcast._direct`); otherwise the ASGI send runs here until
+        it completes or has to wait, and a send that waits is finished by a writer task. Returns false while
+        that writer is busy, so the frame queues behind the ones in flight.
         """
+        if self.writer is not None:
+            return False
         direct = self.direct
         if direct is not None and direct.write(_frame_of(item)):
             self.connection.sent += 1
@@ -391,51 +394,54 @@ class _WebSocketSession:
             self.connection.sent += 1
             return True
         except Exception as exc:  # the transport failed: the client is gone
-            logger.debug("websocket send failed on #%d: %r", self.connection.id, exc)
-            self.client_gone = True
-            self.connection.close(CloseCode.NORMAL, "client gone")
+            self._gone(exc)
             return True
-        self.inflight = (coroutine, awaiting)
-        self.connection.wake()
+        self.writer = asyncio.get_running_loop().create_task(self._write(coroutine, awaiting))
         return True
 
-    async def _write(self) -> None:
+    async def _write(self, coroutine: Generator[Any, None, None] | None, awaiting: Any) -> None:
+        """Finish the send that had to wait (if any), then write what queued up meanwhile, then end."""
         connection = self.connection
-        send = self.send
         try:
-            while True:
-                if self.inflight is not None:
-                    coroutine, awaiting = self.inflight
-                    self.inflight = None
-                    await _finish(coroutine, awaiting)
-                    connection.sent += 1
-                    continue
-                item = connection.get_nowait()
-                if item is None:
-                    if connection.closed:
-                        break
-                    await connection.wait()
-                    continue
-                if self.direct is None or not self.direct.write(_frame_of(item)):
+            if coroutine is not None:
+                await _finish(coroutine, awaiting)
+                connection.sent += 1
+            while (item := connection.get_nowait()) is not None:
+                direct = self.direct
+                if direct is None or not direct.write(_frame_of(item)):
                     text = item if isinstance(item, str) else item.data
-                    await send({"type": "websocket.send", "text": text})
+                    await self.send({"type": "websocket.send", "text": text})
                 connection.sent += 1
         except asyncio.CancelledError:
             if not connection.closed:
                 raise
         except Exception as exc:  # the transport failed: the client is gone
-            logger.debug("websocket send failed on #%d: %r", connection.id, exc)
-            self.client_gone = True
-            connection.close(CloseCode.NORMAL, "client gone")
-            return
+            self._gone(exc)
         finally:
-            if self.inflight is not None:
-                self.inflight[0].close()
-                self.inflight = None
-        if self.client_gone or connection.close_code == CloseCode.NORMAL:
-            return
+            if coroutine is not None:
+                coroutine.close()
+            self.writer = None
+
+    def _gone(self, exc: Exception) -> None:
+        logger.debug("websocket send failed on #%d: %r", self.connection.id, exc)
+        self.client_gone = True
+        self.connection.close(CloseCode.NORMAL, "client gone")
+
+    def _on_close(self, connection: Connection) -> None:
+        # The writer may be blocked in send() on a client that stopped reading: cancel it, so that the
+        # close frame goes out (or the transport is dropped) without waiting for that client.
+        writer = self.writer
+        if writer is not None:
+            writer.cancel()
+        if not self.client_gone and connection.close_code != CloseCode.NORMAL:
+            self.closer = asyncio.get_running_loop().create_task(self._send_close(writer))
+
+    async def _send_close(self, writer: asyncio.Task[None] | None) -> None:
+        if writer is not None:
+            await asyncio.wait([writer])
+        connection = self.connection
         try:
-            await send(
+            await self.send(
                 {
                     "type": "websocket.close",
                     "code": connection.close_code or CloseCode.NORMAL,
@@ -446,17 +452,13 @@ class _WebSocketSession:
             logger.debug("websocket close failed on #%d: %r", connection.id, exc)
 
     async def finish(self) -> None:
+        """Wait for the writer (cancelled) and the close frame, once the client has gone."""
         writer = self.writer
-        if writer is not None and not writer.done():
-            writer.cancel()
         if writer is not None:
-            try:
-                await writer
-            except asyncio.CancelledError:
-                # Swallow the writer's own cancellation, never ours.
-                current = asyncio.current_task()
-                if current is not None and current.cancelling():
-                    raise
+            writer.cancel()
+        pending = [task for task in (writer, self.closer) if task is not None]
+        if pending:
+            await asyncio.wait(pending)
 
 
 class _FrameCache:

@@ -148,9 +148,9 @@ class Connection:
         if self._closed:
             return
         queue = self._queue
-        # The writer is idle and nothing is queued: the transport may take the frame right here, with no
-        # task switch (what websockets' broadcast() does). Order holds: nothing is queued or in flight.
-        if not queue and self._waiter is not None and self._send_now is not None and self._send_now(item):
+        # Nothing is queued: the transport may take the frame right here, with no task switch (what
+        # websockets' broadcast() does). It declines while an earlier frame is still in flight.
+        if not queue and self._send_now is not None and self._send_now(item):
             return
         queue.append(item)
         self._size += size
@@ -193,10 +193,11 @@ class Connection:
             self._enqueue(envelope, len(envelope.data))
 
     def set_send_now(self, send_now: Callable[[Envelope | str], bool] | None) -> None:
-        """Let the transport write a frame synchronously when the writer is idle.
+        """Let the transport write a frame synchronously when nothing is queued.
 
-        ``send_now(item)`` returns true when it took the frame (written, or handed to the writer to
-        finish); false leaves the frame to be queued. It must not await.
+        ``send_now(item)`` returns true when it took the frame (written, or handed to a writer to
+        finish); false leaves the frame to be queued, e.g. while an earlier frame is still in flight.
+        Whoever writes the frames in flight then drains the queue (:meth:`get_nowait`). It must not await.
         """
         self._send_now = send_now
 
