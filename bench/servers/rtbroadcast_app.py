@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import Response
 from starlette.routing import Route
 
 from rtbroadcast import Broadcaster
@@ -14,10 +14,11 @@ from rtbroadcast.starlette import lifespan, websocket_route
 def make_app(url: str) -> Starlette:
     broadcaster = Broadcaster(url)
 
-    async def publish(request: Request) -> JSONResponse:
+    async def publish(request: Request) -> Response:
         text = (await request.body()).decode()
         seq = await broadcaster.publish_json(request.path_params["channel"], text)
-        return JSONResponse({"seq": seq})
+        # A plain Response, like the naive reference's (JSONResponse's json.dumps costs ~6% here).
+        return Response(b'{"seq":%d}' % seq, media_type="application/json")
 
     return Starlette(
         routes=[
