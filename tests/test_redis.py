@@ -414,6 +414,17 @@ async def test_a_stalled_connection_is_detected_by_ping(redis_server: RedisServe
         await backend.disconnect()
 
 
+async def test_a_burst_of_commands_waits_for_pooled_connections(redis_url: str, redis_prefix: str) -> None:
+    # Thousands of clients attaching at once read as many positions: past the pool's size they wait for a
+    # connection instead of failing (redis-py's default pool raises "Too many connections" past 100).
+    backend, _ = await connected(f"{redis_url}?max_connections=8", key_prefix=redis_prefix)
+    try:
+        positions = await asyncio.gather(*(backend.position(f"burst-{n}") for n in range(400)))
+        assert all(p.seq == 0 for p in positions)
+    finally:
+        await backend.disconnect()
+
+
 async def test_publish_fails_fast_and_subscribe_waits_while_redis_is_down(redis_server: RedisServer) -> None:
     backend, recorder = await connected(redis_server.url, **FAST)  # type: ignore[arg-type]
     try:

@@ -30,7 +30,7 @@ from typing import Any, Final
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from redis.asyncio import Redis
-from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.connection import AbstractConnection, BlockingConnectionPool
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
@@ -52,6 +52,8 @@ DEFAULT_IDEMPOTENCY_TTL: Final = 3600.0
 DEFAULT_TIMEOUT: Final = 5.0
 DEFAULT_PING_INTERVAL: Final = 10.0
 DEFAULT_RECONNECT_DELAY: Final = (0.1, 3.0)
+#: Command connections per process (the PUB/SUB connection is extra); more commands wait for one.
+DEFAULT_MAX_CONNECTIONS: Final = 50
 
 #: The reason given to the listener after the PUB/SUB connection was re-established.
 RECONNECTED: Final = "backend_reconnected"
@@ -449,13 +451,19 @@ class RedisBackend(Backend):
             # outlast the timeout. The listener reconnects on its own schedule. RESP2 unless the URL says
             # otherwise: redis-py 8.1.0 over RESP3 hands out pooled connections the server has closed, so
             # the first commands after a Redis restart fail (redis/redis-py#4252).
-            self._client = Redis.from_url(
+            # A blocking pool: a burst of commands (thousands of clients attaching at once) waits for one of
+            # its connections instead of failing with "Too many connections" past redis-py's default of 100.
+            # `?max_connections=N` in the URL sets the size.
+            pool = BlockingConnectionPool.from_url(
                 self._url,
+                max_connections=DEFAULT_MAX_CONNECTIONS,
+                timeout=self._timeout,
                 retry=Retry(NoBackoff(), 0),
                 socket_timeout=self._timeout,
                 socket_connect_timeout=self._timeout,
                 protocol=2,
             )
+            self._client = Redis(connection_pool=pool)
         client = self._client
         db = int(client.connection_pool.connection_kwargs.get("db", 0) or 0)
         self._pubsub_suffix = f":db{db}" if db else ""
@@ -506,6 +514,7 @@ class RedisBackend(Backend):
             client, self._client = self._client, None
             try:
                 await client.aclose()
+                await client.connection_pool.disconnect()
             except Exception as exc:
                 logger.debug("closing the Redis client failed: %r", exc)
 
