@@ -18,7 +18,7 @@ from urllib.parse import parse_qsl
 from ._direct import DirectWriter, find_direct_writer, text_frame
 from .backends import Envelope
 from .broadcaster import Broadcaster, is_valid_channel
-from .connection import Connection
+from .connection import Connection, item_text
 from .errors import BackendUnavailable, ConnectionLimitReached, ProtocolError, StateError
 from .events import format_timestamp, utc_now
 from .protocol import (
@@ -382,12 +382,10 @@ class _WebSocketSession:
         """
         if self.writer is not None:
             return False
-        direct = self.direct
-        if direct is not None and direct.write(_frame_of(item)):
+        if self._write_direct(item):
             self.connection.sent += 1
             return True
-        text = item if isinstance(item, str) else item.data
-        coroutine = self.send({"type": "websocket.send", "text": text}).__await__()
+        coroutine = self.send({"type": "websocket.send", "text": item_text(item)}).__await__()
         try:
             awaiting = coroutine.send(None)
         except StopIteration:
@@ -407,10 +405,8 @@ class _WebSocketSession:
                 await _finish(coroutine, awaiting)
                 connection.sent += 1
             while (item := connection.get_nowait()) is not None:
-                direct = self.direct
-                if direct is None or not direct.write(_frame_of(item)):
-                    text = item if isinstance(item, str) else item.data
-                    await self.send({"type": "websocket.send", "text": text})
+                if not self._write_direct(item):
+                    await self.send({"type": "websocket.send", "text": item_text(item)})
                 connection.sent += 1
         except asyncio.CancelledError:
             if not connection.closed:
@@ -421,6 +417,11 @@ class _WebSocketSession:
             if coroutine is not None:
                 coroutine.close()
             self.writer = None
+
+    def _write_direct(self, item: Envelope | str) -> bool:
+        """Write ``item`` straight to the transport if this connection may; false: send it through ASGI."""
+        direct = self.direct
+        return direct is not None and direct.write(_frame_of(item))
 
     def _gone(self, exc: Exception) -> None:
         logger.debug("websocket send failed on #%d: %r", self.connection.id, exc)
