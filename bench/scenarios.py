@@ -51,6 +51,17 @@ def _window(subs_per_channel: int, channels: int) -> int:
     return max(8, min(64 * channels, -(-8192 // subs_per_channel)))
 
 
+#: In both plans: one slow reader among 100 (the other 99 are measured).
+SLOW_1_OF_100 = Scenario(
+    "slow-1-of-100",
+    "1 channel x 100 subscribers, 1 of them a slow reader",
+    1,
+    99,
+    slow_per_channel=1,
+    rate=100,
+    window=_window(99, 1),
+)
+
 FULL: tuple[Scenario, ...] = (
     Scenario("fanout-10", "1 channel x 10 subscribers", 1, 10, rate=500, window=_window(10, 1)),
     Scenario("fanout-100", "1 channel x 100 subscribers", 1, 100, rate=100, window=_window(100, 1)),
@@ -63,15 +74,7 @@ FULL: tuple[Scenario, ...] = (
         rate=500,
         window=_window(5, 1000),
     ),
-    Scenario(
-        "slow-1-of-100",
-        "1 channel x 100 subscribers, 1 of them a slow reader",
-        1,
-        99,
-        slow_per_channel=1,
-        rate=100,
-        window=_window(99, 1),
-    ),
+    SLOW_1_OF_100,
     Scenario("idle-10k", "10,000 idle connections (100 channels x 100)", 100, 100, idle_seconds=3),
 )
 
@@ -86,15 +89,7 @@ QUICK: tuple[Scenario, ...] = (
         rate=500,
         window=_window(5, 100),
     ),
-    Scenario(
-        "slow-1-of-100",
-        "1 channel x 100 subscribers, 1 of them a slow reader",
-        1,
-        99,
-        slow_per_channel=1,
-        rate=100,
-        window=_window(99, 1),
-    ),
+    SLOW_1_OF_100,
     Scenario("idle-1k", "1,000 idle connections (10 channels x 100)", 10, 100, idle_seconds=1),
 )
 

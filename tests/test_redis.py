@@ -63,6 +63,13 @@ async def backend(redis_url: str, redis_prefix: str) -> AsyncIterator[RedisBacke
     await backend.disconnect()
 
 
+async def round_trip(backend: RedisBackend, recorder: Recorder) -> None:
+    """Subscribe channel ``c``, publish one event and wait until the listener delivers it as seq 1."""
+    await backend.subscribe("c")
+    await backend.publish("c", payload(1))
+    await recorder.wait_for(lambda: recorder.seqs("c") == [1])
+
+
 async def connected(url: str, **options: Any) -> tuple[RedisBackend, Recorder]:
     backend = RedisBackend(url, **options)
     recorder = Recorder()
@@ -241,9 +248,7 @@ async def test_a_password_in_the_url_works(redis_server: RedisServer) -> None:
     await asyncio.to_thread(redis_server.restart)
     backend, recorder = await connected(f"redis://:s3cret%20w0rd@127.0.0.1:{redis_server.port}/0")
     try:
-        await backend.subscribe("c")
-        await backend.publish("c", payload(1))
-        await recorder.wait_for(lambda: recorder.seqs("c") == [1])
+        await round_trip(backend, recorder)
     finally:
         await backend.disconnect()
     wrong = RedisBackend(f"redis://:nope@127.0.0.1:{redis_server.port}/0")
@@ -283,9 +288,7 @@ async def test_rediss_connects_over_tls(tls_cert: tuple[Path, Path]) -> None:
             pytest.skip(f"this redis-server has no TLS support: {exc}")
         backend, recorder = await connected(f"rediss://127.0.0.1:{tls_port}/0?ssl_ca_certs={cert}")
         try:
-            await backend.subscribe("c")
-            await backend.publish("c", payload(1))
-            await recorder.wait_for(lambda: recorder.seqs("c") == [1])
+            await round_trip(backend, recorder)
         finally:
             await backend.disconnect()
     finally:
