@@ -1,4 +1,4 @@
-"""Frames written straight to uvicorn's transport: when that path is taken, and that it is byte-exact."""
+"""Frames written straight to uvicorn's transport (rtbroadcast.uvicorn): when that path is taken, byte-exact."""
 
 from __future__ import annotations
 
@@ -13,13 +13,17 @@ from starlette.applications import Starlette
 from websockets.frames import Frame, Opcode
 
 from rtbroadcast import Broadcaster, Connection, QueueLimits
-from rtbroadcast._direct import text_frame
+from rtbroadcast._websocket import text_frame
 from rtbroadcast.asgi import BroadcastEndpoint, channel_from_query
 from rtbroadcast.starlette import lifespan, websocket_route
 
 from .support import StalledClient, connect, recv_json, serve
 
 pytestmark = pytest.mark.anyio
+
+#: The opt-in protocol class, as a service names it in uvicorn's ``ws`` setting.
+DIRECT = "rtbroadcast.uvicorn:WebSocketProtocol"
+DEFLATE = "rtbroadcast.uvicorn:DeflateWebSocketProtocol"
 
 BOUNDARY_SIZES = [0, 1, 125, 126, 127, 65535, 65536, 70000]
 
@@ -74,7 +78,7 @@ async def _only_connection(broadcaster: Broadcaster, channel: str) -> Connection
 async def test_uncompressed_clients_get_direct_writes_with_every_size(mount: str) -> None:
     broadcaster = Broadcaster("memory://")
     app = starlette_app(broadcaster) if mount == "starlette" else bare_endpoint(broadcaster)
-    async with serve(app) as host:
+    async with serve(app, ws=DIRECT) as host:
         ws = await connect(f"ws://{host}/ws?room=r", compression=None, max_size=None)
         assert (await recv_json(ws))["type"] == "welcome"
         assert (await _only_connection(broadcaster, "r")).direct
@@ -92,6 +96,7 @@ async def test_uncompressed_clients_get_direct_writes_with_every_size(mount: str
 
 
 async def test_compressed_clients_and_opt_out_use_asgi_send() -> None:
+    # DeflateWebSocketProtocol accepts permessage-deflate: those connections need their own compressor.
     broadcaster = Broadcaster("memory://")
     app = Starlette(
         routes=[
@@ -100,7 +105,7 @@ async def test_compressed_clients_and_opt_out_use_asgi_send() -> None:
         ],
         lifespan=lifespan(broadcaster),
     )
-    async with serve(app) as host:
+    async with serve(app, ws=DEFLATE) as host:
         deflate = await connect(f"ws://{host}/ws?room=deflate", compression="deflate")
         await recv_json(deflate)
         assert not (await _only_connection(broadcaster, "deflate")).direct
@@ -113,9 +118,24 @@ async def test_compressed_clients_and_opt_out_use_asgi_send() -> None:
             await ws.close()
 
 
-async def test_other_websocket_implementations_use_asgi_send() -> None:
+async def test_browser_style_compression_offers_are_declined_by_default() -> None:
     broadcaster = Broadcaster("memory://")
-    async with serve(starlette_app(broadcaster), ws="wsproto") as host:
+    async with serve(starlette_app(broadcaster), ws=DIRECT) as host:
+        ws = await connect(f"ws://{host}/ws?room=b", compression="deflate")
+        assert ws.response is not None
+        assert "sec-websocket-extensions" not in ws.response.headers
+        await recv_json(ws)
+        assert (await _only_connection(broadcaster, "b")).direct
+        await broadcaster.publish_json("b", '{"type":"x"}')
+        assert (await recv_json(ws))["seq"] == 1
+        await ws.close()
+
+
+@pytest.mark.parametrize("ws_option", ["auto", "websockets-sansio", "wsproto"])
+async def test_other_websocket_implementations_use_asgi_send(ws_option: str) -> None:
+    # Without the opt-in protocol class nothing is written past ASGI, whatever the implementation.
+    broadcaster = Broadcaster("memory://")
+    async with serve(starlette_app(broadcaster), ws=ws_option) as host:
         ws = await connect(f"ws://{host}/ws?room=w", compression=None)
         await recv_json(ws)
         assert not (await _only_connection(broadcaster, "w")).direct
@@ -128,7 +148,7 @@ async def test_direct_writes_stop_at_flow_control_and_the_queue_bound_applies() 
     # A client that never reads: once the transport pauses, frames queue up, and past the bound the
     # connection is closed (4001) while a reading client gets everything.
     broadcaster = Broadcaster("memory://", queue_limits=QueueLimits(max_messages=20, max_size=2**20))
-    async with serve(starlette_app(broadcaster)) as host:
+    async with serve(starlette_app(broadcaster), ws=DIRECT) as host:
         stalled = await StalledClient.open(host, "/ws?room=s")
         reader = await connect(f"ws://{host}/ws?room=s", compression=None, max_queue=None)
         await recv_json(reader)
@@ -153,3 +173,36 @@ async def test_direct_writes_stop_at_flow_control_and_the_queue_bound_applies() 
         assert broadcaster.stats()["slow_consumers_closed"] == 1
         await reader.close()
         stalled.close()
+
+
+@pytest.mark.parametrize("version", ["0.49.2", "0.55.0", "1.0.0", "dev"])
+def test_unsupported_uvicorn_versions_are_refused_by_name(version: str) -> None:
+    from rtbroadcast.errors import ConfigurationError
+    from rtbroadcast.uvicorn import _check_version
+
+    with pytest.raises(ConfigurationError, match=r"supports uvicorn >=0\.50, <0\.55 \(found uvicorn"):
+        _check_version(version)
+
+
+def test_the_installed_uvicorn_is_supported() -> None:
+    import uvicorn
+
+    from rtbroadcast.uvicorn import _check_version
+
+    _check_version(uvicorn.__version__)
+
+
+@pytest.mark.parametrize(("ws_max_size", "warned"), [(16 * 1024 * 1024, True), (16 * 1024, False)])
+async def test_a_server_frame_limit_above_the_endpoint_s_warns_once(
+    ws_max_size: int, warned: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    broadcaster = Broadcaster("memory://")
+    async with serve(starlette_app(broadcaster), ws=DIRECT, ws_max_size=ws_max_size) as host:
+        for room in ("a", "b"):
+            ws = await connect(f"ws://{host}/ws?room={room}", compression=None)
+            await recv_json(ws)
+            await ws.close()
+    warnings = [
+        r for r in caplog.records if r.name == "rtbroadcast.asgi" and "ws_max_size=16384" in r.message
+    ]
+    assert len(warnings) == (1 if warned else 0)
