@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .scenarios import REFERENCE, SLOW_BASELINE
+from .scenarios import DEFLATE_BASELINE, REFERENCE, SLOW_BASELINE
 
 MiB = 1024 * 1024
 
@@ -175,8 +175,53 @@ def markdown(meta: dict[str, Any], runs: list[dict[str, Any]]) -> str:
             "the same group (the raw row shows the first group).",
         ]
     lines += _slow_table(scenarios, runs, by_key)
+    lines += _deflate_table(scenarios, runs, by_key)
     lines += _idle_table(scenarios, runs, by_key)
     return "\n".join(lines)
+
+
+def _deflate_table(
+    scenarios: list[dict[str, Any]],
+    runs: list[dict[str, Any]],
+    by_key: dict[tuple[str, str], dict[str, Any]],
+) -> list[str]:
+    names = [s["name"] for s in scenarios if s.get("deflate") and s["name"] in DEFLATE_BASELINE]
+    if not names:
+        return []
+    lines = [
+        "",
+        "Compression: the same fan-out with subscribers that offer permessage-deflate, as browsers do, "
+        "next to the run without. `Accepted` counts the subscribers whose offer the server accepted.",
+        "",
+        "| Subscribers | Stack | Deliveries/s plain | offering deflate | with/without | vs raw plain "
+        "| vs raw offering | KiB/conn plain | offering | Accepted |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in names:
+        base = DEFLATE_BASELINE[name]
+
+        def sat(scenario: str, stack: str) -> float | None:
+            value: float | None = (
+                by_key.get((scenario, stack), {}).get("saturation", {}).get("deliveries_per_s")
+            )
+            return value
+
+        for run in runs:
+            if run["scenario"] != name or run["status"] != "ok":
+                continue
+            stack = run["stack"]
+            result = run["result"]
+            plain = by_key.get((base, stack), {})
+            with_, without = sat(name, stack), sat(base, stack)
+            connect = result.get("connect", {})
+            lines.append(
+                f"| {connect.get('subscribers', '')} | {stack} | {_num(without)} | {_num(with_)} "
+                f"| {_ratio(with_, without)} | {_ratio(without, sat(base, REFERENCE))} "
+                f"| {_ratio(with_, sat(name, REFERENCE))} "
+                f"| {_num(plain.get('kib_per_connection'), 1)} | {_num(result.get('kib_per_connection'), 1)} "
+                f"| {_num(connect.get('deflate_accepted'))} |"
+            )
+    return lines
 
 
 def _slow_table(

@@ -42,9 +42,10 @@ def main() -> None:
 
         run_uvicorn(make_app(backend_url), args.port)
     else:
+        from .rtbroadcast_app import UVICORN_OVERRIDES
         from .rtbroadcast_app import make_app as make_rtbroadcast_app
 
-        run_uvicorn(make_rtbroadcast_app(backend_url), args.port)
+        run_uvicorn(make_rtbroadcast_app(backend_url), args.port, **UVICORN_OVERRIDES)
 
 
 if __name__ == "__main__":
