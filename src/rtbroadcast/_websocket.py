@@ -109,9 +109,9 @@ class WebSocketSession:
         "closer",
         "connection",
         "direct",
-        "frames",
         "owner",
         "send",
+        "write_frame",
         "writer",
     )
 
@@ -127,15 +127,17 @@ class WebSocketSession:
         self.send = send
         #: Closes the connection ahead of flow control (any connection the server offers it for).
         self.direct = direct
-        #: Writes frames directly (only connections that negotiated no extension).
-        self.frames = write_frames and direct is not None and direct.frames_allowed
+        #: Writes one frame directly, if this connection may (it negotiated no extension).
+        self.write_frame = (
+            direct.write if write_frames and direct is not None and direct.frames_allowed else None
+        )
         self.client_gone = False
         #: The task serving the connection, cancelled if the close frame cannot be sent (``abandoned``).
         self.owner: asyncio.Task[Any] | None = None
         self.abandoned = False
         self.writer: asyncio.Task[None] | None = None
         self.closer: asyncio.Task[None] | None = None
-        connection.direct = self.frames
+        connection.direct = self.write_frame is not None
 
     def start(self) -> None:
         """Write what is queued (the welcome, history from the attach) and take frames from fan-out."""
@@ -153,7 +155,8 @@ class WebSocketSession:
         """
         if self.writer is not None:
             return False
-        if self.frames and self.direct is not None and self.direct.write(_frame_of(item)):
+        write_frame = self.write_frame
+        if write_frame is not None and write_frame(_frame_of(item)):
             self.connection.sent += 1
             return True
         self._start_writer(item)
@@ -167,10 +170,11 @@ class WebSocketSession:
     async def _write(self, first: Envelope | str | None) -> None:
         """Send ``first`` (if any) and what queues up meanwhile, then end."""
         connection = self.connection
+        write_frame = self.write_frame
         try:
             item = first if first is not None else connection.get_nowait()
             while item is not None:
-                if not (self.frames and self.direct is not None and self.direct.write(_frame_of(item))):
+                if write_frame is None or not write_frame(_frame_of(item)):
                     await self.send({"type": "websocket.send", "text": item_text(item)})
                 connection.sent += 1
                 item = connection.get_nowait()

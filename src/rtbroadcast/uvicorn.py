@@ -51,6 +51,7 @@ __all__ = ["SUPPORTED_UVICORN", "DeflateWebSocketProtocol", "DirectWriter", "Web
 
 #: The uvicorn releases this module was written against (lowest included, highest excluded).
 SUPPORTED_UVICORN = ((0, 50), (0, 55))
+_OPEN = State.OPEN
 #: Key of the ASGI scope extension; the value is a :class:`DirectWriter`.
 EXTENSION = "rtbroadcast.direct"
 
@@ -106,10 +107,14 @@ class DirectWriter:
     closing or closed they do nothing and return false.
     """
 
-    __slots__ = ("_protocol",)
+    __slots__ = ("_conn", "_protocol", "_transport", "_writable")
 
     def __init__(self, protocol: DeflateWebSocketProtocol) -> None:
         self._protocol = protocol
+        # Fixed for the connection's life; read once, as fan-out calls write() for every connection.
+        self._conn = protocol.conn
+        self._transport = protocol.transport
+        self._writable = protocol.writable
 
     @property
     def max_message_size(self) -> int | None:
@@ -120,28 +125,25 @@ class DirectWriter:
     @property
     def frames_allowed(self) -> bool:
         """Whether :meth:`write` may be used on this connection: it negotiated no extension."""
-        return not self._protocol.conn.extensions
+        return not self._conn.extensions
 
     def write(self, frame: bytes) -> bool:
         """Write one whole, unmasked, uncompressed frame and return true; or write nothing and return false.
 
-        False means: the transport is paused by flow control, the connection is not open (or is closing),
-        or it negotiated an extension. The caller then sends through ASGI, which waits as the server
-        decides, so that frames never overtake each other.
+        False means: the transport is paused by flow control, or the connection is not open (or is
+        closing). The caller then sends through ASGI, which waits as the server decides, so that frames
+        never overtake each other. Only for connections with :attr:`frames_allowed`.
         """
         protocol = self._protocol
         if (
-            protocol.conn.state is not State.OPEN
-            or protocol.conn.extensions
-            or not protocol.writable.is_set()
+            self._conn.state is not _OPEN
+            or not self._writable.is_set()
             or protocol.close_sent
             or protocol.disconnected
+            or self._transport.is_closing()
         ):
             return False
-        transport = protocol.transport
-        if transport.is_closing():
-            return False
-        transport.write(frame)
+        self._transport.write(frame)
         return True
 
     def close(self, code: int, reason: str) -> bool:
