@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import zlib
 from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from starlette.applications import Starlette
+from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFactory
 from websockets.frames import Frame, Opcode
 
 from rtbroadcast import Broadcaster, Connection, QueueLimits
-from rtbroadcast._websocket import text_frame
+from rtbroadcast._websocket import deflated_text_frame, text_frame
 from rtbroadcast.asgi import BroadcastEndpoint, channel_from_query
 from rtbroadcast.starlette import lifespan, websocket_route
 
@@ -95,27 +98,81 @@ async def test_uncompressed_clients_get_direct_writes_with_every_size(mount: str
         await ws.close()
 
 
-async def test_compressed_clients_and_opt_out_use_asgi_send() -> None:
-    # DeflateWebSocketProtocol accepts permessage-deflate: those connections need their own compressor.
+def _deflate_client(server_max_window_bits: int | None) -> ClientPerMessageDeflateFactory:
+    return ClientPerMessageDeflateFactory(
+        server_max_window_bits=server_max_window_bits, client_max_window_bits=True
+    )
+
+
+@pytest.mark.parametrize("server_max_window_bits", [None, 10])
+async def test_deflate_clients_share_one_compressed_frame_per_event(
+    server_max_window_bits: int | None,
+) -> None:
+    # DeflateWebSocketProtocol accepts permessage-deflate without server context takeover: the frame is
+    # compressed once per event (per window size) and the client's own decoder must read it.
+    broadcaster = Broadcaster("memory://")
+    async with serve(starlette_app(broadcaster), ws=DEFLATE) as host:
+        ws = await connect(
+            f"ws://{host}/ws?room=z",
+            compression=None,
+            extensions=[_deflate_client(server_max_window_bits)],
+            max_size=None,
+        )
+        assert ws.response is not None
+        assert "server_no_context_takeover" in ws.response.headers["sec-websocket-extensions"]
+        assert (await recv_json(ws))["type"] == "welcome"
+        assert (await _only_connection(broadcaster, "z")).direct
+        random_pad = os.urandom(3000).hex()  # compresses badly: goes out uncompressed
+        pads = ["a" * size for size in BOUNDARY_SIZES] + [random_pad, "ab" * 40000]
+        for pad in pads:
+            await broadcaster.publish_json("z", json.dumps({"type": "x", "pad": pad}))
+        for seq, pad in enumerate(pads, start=1):
+            message = await recv_json(ws)
+            assert (message["seq"], message["pad"]) == (seq, pad)
+        await ws.send(json.dumps({"type": "ping"}))
+        assert (await recv_json(ws))["type"] == "pong"
+        await ws.close()
+
+
+def _split(frame: bytes) -> tuple[int, bytes]:
+    """The first byte and the payload of one unmasked frame."""
+    length, offset = frame[1] & 0x7F, 2
+    if length == 126:
+        length, offset = int.from_bytes(frame[2:4], "big"), 4
+    elif length == 127:
+        length, offset = int.from_bytes(frame[2:10], "big"), 10
+    assert len(frame) == offset + length
+    return frame[0], frame[offset:]
+
+
+@given(
+    st.one_of(st.binary(max_size=3000), st.text(max_size=40000).map(str.encode)), st.sampled_from([9, 12, 15])
+)
+def test_deflated_frames_inflate_to_the_payload(payload: bytes, bits: int) -> None:
+    first, data = _split(deflated_text_frame(payload, bits))
+    if first == 0xC1:  # FIN, RSV1 (compressed), text
+        inflater = zlib.decompressobj(-bits)
+        assert inflater.decompress(data + b"\x00\x00\xff\xff") == payload
+        assert len(data) < len(payload)
+    else:
+        assert (first, data) == (0x81, payload)
+
+
+async def test_opt_out_uses_asgi_send() -> None:
     broadcaster = Broadcaster("memory://")
     app = Starlette(
         routes=[
-            websocket_route("/ws", broadcaster, channel=channel_from_query("room")),
             websocket_route("/plain", broadcaster, channel=channel_from_query("room"), direct_write=False),
         ],
         lifespan=lifespan(broadcaster),
     )
-    async with serve(app, ws=DEFLATE) as host:
-        deflate = await connect(f"ws://{host}/ws?room=deflate", compression="deflate")
-        await recv_json(deflate)
-        assert not (await _only_connection(broadcaster, "deflate")).direct
+    async with serve(app, ws=DIRECT) as host:
         plain = await connect(f"ws://{host}/plain?room=plain", compression=None)
         await recv_json(plain)
         assert not (await _only_connection(broadcaster, "plain")).direct
-        for channel, ws in (("deflate", deflate), ("plain", plain)):
-            await broadcaster.publish_json(channel, '{"type":"x"}')
-            assert (await recv_json(ws))["seq"] == 1
-            await ws.close()
+        await broadcaster.publish_json("plain", '{"type":"x"}')
+        assert (await recv_json(plain))["seq"] == 1
+        await plain.close()
 
 
 async def test_browser_style_compression_offers_are_declined_by_default() -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import zlib
 from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
 from typing import Any, Protocol, TypeAlias
 
@@ -27,7 +28,14 @@ from .backends import Envelope
 from .connection import Connection, item_text
 from .protocol import CloseCode
 
-__all__ = ["EXTENSION", "DirectTransport", "WebSocketSession", "direct_transport", "text_frame"]
+__all__ = [
+    "EXTENSION",
+    "DirectTransport",
+    "WebSocketSession",
+    "deflated_text_frame",
+    "direct_transport",
+    "text_frame",
+]
 
 logger = logging.getLogger("rtbroadcast.asgi")
 
@@ -51,7 +59,11 @@ class DirectTransport(Protocol):
 
     @property
     def frames_allowed(self) -> bool:
-        """Whether :meth:`write` may be used for this connection (it negotiated no extension)."""
+        """Whether :meth:`write` may be used for this connection (no extension, or shareable deflate)."""
+
+    @property
+    def deflate_window_bits(self) -> int | None:
+        """The window of permessage-deflate without server context takeover; ``None``: plain frames."""
 
     def write(self, frame: bytes) -> bool:
         """Write a whole unmasked frame now and return true, or write nothing and return false."""
@@ -67,16 +79,35 @@ def direct_transport(scope: MutableMapping[str, Any]) -> DirectTransport | None:
     return direct
 
 
-def text_frame(payload: bytes) -> bytes:
-    """Return the bytes of one unmasked, unfragmented WebSocket text frame (RFC 6455, section 5.2)."""
+def text_frame(payload: bytes, *, first_byte: int = 0x81) -> bytes:
+    """Return the bytes of one unmasked, unfragmented WebSocket text frame (RFC 6455, section 5.2).
+
+    ``first_byte`` is FIN and the opcode (text); 0xC1 also sets RSV1, the mark of a compressed message.
+    """
     length = len(payload)
     if length < 126:
-        header = bytes((0x81, length))
+        header = bytes((first_byte, length))
     elif length < 65536:
-        header = bytes((0x81, 126)) + length.to_bytes(2, "big")
+        header = bytes((first_byte, 126)) + length.to_bytes(2, "big")
     else:
-        header = bytes((0x81, 127)) + length.to_bytes(8, "big")
+        header = bytes((first_byte, 127)) + length.to_bytes(8, "big")
     return header + payload
+
+
+def deflated_text_frame(payload: bytes, window_bits: int) -> bytes:
+    """Return one text frame of ``payload`` compressed on its own (RFC 7692, no context takeover).
+
+    Without context takeover each message is compressed from a fresh state, so the same bytes serve
+    every connection that negotiated the same window, as Go's gorilla/websocket ``PreparedMessage``
+    does. A payload that compression would not shrink is sent uncompressed (RSV1 clear), which the
+    extension allows message by message.
+    """
+    compressor = zlib.compressobj(wbits=-window_bits, memLevel=5)
+    data = compressor.compress(payload) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    data = data[:-4]  # the sync flush ends with 00 00 ff ff, which the receiver adds back
+    if len(data) >= len(payload):
+        return text_frame(payload)
+    return text_frame(data, first_byte=0xC1)
 
 
 if sys.version_info >= (3, 12):
@@ -109,6 +140,7 @@ class WebSocketSession:
         "closer",
         "connection",
         "direct",
+        "frame_of",
         "owner",
         "send",
         "write_frame",
@@ -127,10 +159,15 @@ class WebSocketSession:
         self.send = send
         #: Closes the connection ahead of flow control (any connection the server offers it for).
         self.direct = direct
-        #: Writes one frame directly, if this connection may (it negotiated no extension).
-        self.write_frame = (
-            direct.write if write_frames and direct is not None and direct.frames_allowed else None
-        )
+        #: Writes one frame directly, if this connection may (no extension, or shareable deflate).
+        self.write_frame: Callable[[bytes], bool] | None = None
+        #: Builds (once per event for all connections alike) the frame this connection needs.
+        self.frame_of: Callable[[Envelope | str], bytes] = _frame_of
+        if write_frames and direct is not None and direct.frames_allowed:
+            self.write_frame = direct.write
+            bits = direct.deflate_window_bits
+            if bits is not None:
+                self.frame_of = _DEFLATERS.setdefault(bits, _Deflater(bits))
         self.client_gone = False
         #: The task serving the connection, cancelled if the close frame cannot be sent (``abandoned``).
         self.owner: asyncio.Task[Any] | None = None
@@ -156,7 +193,7 @@ class WebSocketSession:
         if self.writer is not None:
             return False
         write_frame = self.write_frame
-        if write_frame is not None and write_frame(_frame_of(item)):
+        if write_frame is not None and write_frame(self.frame_of(item)):
             self.connection.sent += 1
             return True
         self._start_writer(item)
@@ -171,10 +208,11 @@ class WebSocketSession:
         """Send ``first`` (if any) and what queues up meanwhile, then end."""
         connection = self.connection
         write_frame = self.write_frame
+        frame_of = self.frame_of
         try:
             item = first if first is not None else connection.get_nowait()
             while item is not None:
-                if write_frame is None or not write_frame(_frame_of(item)):
+                if write_frame is None or not write_frame(frame_of(item)):
                     await self.send({"type": "websocket.send", "text": item_text(item)})
                 connection.sent += 1
                 item = connection.get_nowait()
@@ -256,3 +294,25 @@ def _frame_of(item: Envelope | str) -> bytes:
         cache.frame = text_frame(item.data.encode())
         cache.envelope = item
     return cache.frame
+
+
+class _Deflater:
+    """The compressed frame of the envelope being fanned out, for one window size: built once."""
+
+    __slots__ = ("envelope", "frame", "window_bits")
+
+    def __init__(self, window_bits: int) -> None:
+        self.window_bits = window_bits
+        self.envelope: Envelope | None = None
+        self.frame = b""
+
+    def __call__(self, item: Envelope | str) -> bytes:
+        if isinstance(item, str):
+            return deflated_text_frame(item.encode(), self.window_bits)
+        if self.envelope is not item:
+            self.frame = deflated_text_frame(item.data.encode(), self.window_bits)
+            self.envelope = item
+        return self.frame
+
+
+_DEFLATERS: dict[int, _Deflater] = {}

@@ -42,6 +42,7 @@ from typing import Any, cast
 
 import uvicorn
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.extensions.permessage_deflate import PerMessageDeflate, ServerPerMessageDeflateFactory
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
@@ -124,11 +125,27 @@ class DirectWriter:
 
     @property
     def frames_allowed(self) -> bool:
-        """Whether :meth:`write` may be used on this connection: it negotiated no extension."""
-        return not self._conn.extensions
+        """Whether :meth:`write` may be used: no extension, or permessage-deflate that can share frames."""
+        extensions = self._conn.extensions
+        return not extensions or self.deflate_window_bits is not None
+
+    @property
+    def deflate_window_bits(self) -> int | None:
+        """The compression window, if the connection negotiated permessage-deflate without server context
+        takeover (so one compressed frame serves every such connection); else ``None``."""
+        extensions = self._conn.extensions
+        if len(extensions) != 1:
+            return None
+        (extension,) = extensions
+        if isinstance(extension, PerMessageDeflate) and extension.local_no_context_takeover:
+            bits: int = extension.local_max_window_bits
+            return bits
+        return None
 
     def write(self, frame: bytes) -> bool:
-        """Write one whole, unmasked, uncompressed frame and return true; or write nothing and return false.
+        """Write one whole, unmasked frame and return true; or write nothing and return false.
+
+        The frame is plain, or compressed on its own if :attr:`deflate_window_bits` says so.
 
         False means: the transport is paused by flow control, or the connection is not open (or is
         closing). The caller then sends through ASGI, which waits as the server decides, so that frames
@@ -161,14 +178,17 @@ class DirectWriter:
 class DeflateWebSocketProtocol(WebSocketsSansIOProtocol):
     """uvicorn's sans-I/O WebSocket protocol, offering :class:`DirectWriter` in the ASGI scope.
 
-    permessage-deflate is negotiated as uvicorn does (``ws_per_message_deflate``); connections that
-    negotiated it send their frames through ASGI.
+    permessage-deflate is accepted when a client offers it and uvicorn's ``ws_per_message_deflate`` is on
+    (the default), with uvicorn's parameters plus ``server_no_context_takeover``: each server message is
+    compressed on its own, so the endpoint compresses each event once and shares the frame among all
+    such connections. Clients still compress with context takeover if they offered to.
     """
 
     _checked = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._build_conn()
         cls = type(self)
         if not cls._checked:
             missing = [name for name in _ATTRIBUTES if not hasattr(self, name) and name != "scope"]
@@ -177,6 +197,24 @@ class DeflateWebSocketProtocol(WebSocketsSansIOProtocol):
             if not isinstance(self.writable, asyncio.Event) or not isinstance(self.conn, ServerProtocol):
                 raise _unsupported(f"uvicorn {uvicorn.__version__} changed its WebSocket protocol")
             cls._checked = True
+
+    def _build_conn(self) -> None:
+        # The server-side protocol object uvicorn builds, with the extension offer changed.
+        extensions = []
+        if self.config.ws_per_message_deflate:
+            extensions = [
+                ServerPerMessageDeflateFactory(
+                    server_no_context_takeover=True,
+                    server_max_window_bits=12,
+                    client_max_window_bits=12,
+                    compress_settings={"memLevel": 5},
+                )
+            ]
+        self.conn = ServerProtocol(
+            extensions=extensions,
+            max_size=self.config.ws_max_size,
+            logger=logging.getLogger("uvicorn.error"),
+        )
 
     async def run_asgi(self) -> None:
         # The scope exists once the handshake request is parsed; the application has not seen it yet.
@@ -214,12 +252,9 @@ class WebSocketProtocol(DeflateWebSocketProtocol):
     The recommended choice for broadcast services; see the module docstring for the trade-off.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        if self.config.ws_per_message_deflate:
-            # The server-side protocol object uvicorn builds, with no extension to offer.
-            self.conn = ServerProtocol(
-                extensions=[],
-                max_size=self.config.ws_max_size,
-                logger=logging.getLogger("uvicorn.error"),
-            )
+    def _build_conn(self) -> None:
+        self.conn = ServerProtocol(
+            extensions=[],
+            max_size=self.config.ws_max_size,
+            logger=logging.getLogger("uvicorn.error"),
+        )
