@@ -75,3 +75,19 @@ async def test_a_reader_that_never_resumes_is_cut_off_after_the_grace() -> None:
         closed = await client.read_until_close(timeout=5)
         client.close()
     assert closed is None
+
+
+async def test_without_the_protocol_class_a_stalled_reader_is_let_go_after_the_grace(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The ASGI path (ws="auto", other servers): the close frame waits behind flow control. The endpoint
+    # waits for it a bounded time, then returns; the server ends the connection without a close frame
+    # (1006), as the docs say. Before, the handler waited for this client forever.
+    monkeypatch.setattr("rtbroadcast._websocket.CLOSE_GRACE", 0.5)
+    broadcaster = Broadcaster("memory://", queue_limits=QueueLimits(max_messages=20, max_size=2**20))
+    async with serve(make_app(broadcaster), ws="auto", ws_ping_interval=None) as host:
+        client = await _stall_until_closed(broadcaster, host)
+        await asyncio.sleep(1.5)
+        closed = await client.read_until_close(timeout=5)
+        client.close()
+    assert closed is None

@@ -155,9 +155,10 @@ class BroadcastEndpoint:
         sse: whether plain HTTP GET requests get a Server-Sent Events stream.
         direct_write: where the server offers it (uvicorn with
             ``ws="rtbroadcast.uvicorn:WebSocketProtocol"``), write each frame straight to the
-            connection's transport (encoded once per event for all connections) instead of through one
-            ASGI ``send`` per connection; connections that negotiated compression, and other servers,
-            always use ASGI. ``False`` sends every frame through ASGI. See the performance page.
+            connection's transport (encoded, or compressed, once per event for all connections) instead
+            of through one ASGI ``send`` per connection; other servers always use ASGI. ``False`` sends
+            every frame through ASGI (the slow-consumer close still goes out ahead of flow control where
+            the server offers it). See the performance page.
     """
 
     def __init__(
@@ -273,10 +274,10 @@ class BroadcastEndpoint:
         self._limit_checked = True
         if server_limit is None or server_limit > self.max_frame_size:
             logger.warning(
-                "the ASGI server accepts WebSocket messages up to %s bytes, this endpoint only %d: a "
+                "the ASGI server accepts WebSocket messages of %s, this endpoint only of %d bytes: a "
                 "larger frame is held in memory whole before it is refused; set the server's limit to "
                 "max_frame_size (uvicorn: ws_max_size=%d, --ws-max-size %d) to refuse it unread (1009)",
-                "any number of" if server_limit is None else server_limit,
+                "any size" if server_limit is None else f"up to {server_limit} bytes",
                 self.max_frame_size,
                 self.max_frame_size,
                 self.max_frame_size,
