@@ -17,6 +17,7 @@ from typing import Any, Final, TypeAlias
 from urllib.parse import parse_qsl
 
 from ._direct import DirectWriter, find_direct_writer, text_frame
+from ._shutdown import drain_on_signals
 from .backends import Envelope
 from .broadcaster import Broadcaster, BroadcasterState, is_valid_channel
 from .connection import Connection, item_text
@@ -40,6 +41,7 @@ __all__ = [
     "ConnectionRequest",
     "Deny",
     "channel_from_query",
+    "drain_on_signals",
 ]
 
 logger = logging.getLogger("rtbroadcast.asgi")
