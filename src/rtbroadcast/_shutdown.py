@@ -44,9 +44,11 @@ def drain_on_signals(
     """While inside, drain ``broadcaster`` on the first stop signal before the server's own handler runs.
 
     Only signals whose handler is a Python function the server installed with :func:`signal.signal`
-    (uvicorn does) are chained; outside the main thread, or where the server uses
-    :meth:`asyncio.loop.add_signal_handler` or no handler at all, nothing is installed and the server
-    behaves as without it. Leaving restores each handler that is still this one.
+    (uvicorn does, in the main thread) are chained; outside the main thread, or where no server installed
+    a handler (the default action, Python's ``KeyboardInterrupt``), nothing is installed. A server that
+    uses :meth:`asyncio.loop.add_signal_handler` instead (hypercorn) hears of the signal at once, from
+    the event loop: the drain then runs alongside its own shutdown. Leaving restores each handler that is
+    still this one.
 
     Args:
         broadcaster: drained with :meth:`Broadcaster.drain`.

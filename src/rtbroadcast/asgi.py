@@ -335,7 +335,7 @@ class BroadcastEndpoint:
         except OSError:
             pass  # the client went away mid-write
         except asyncio.CancelledError:
-            if self.broadcaster.state is BroadcasterState.CONNECTED:
+            if self.broadcaster.state not in _STOPPING:
                 raise
             # The server is stopping and cancels what still runs once its graceful-shutdown time is up (a
             # reader that stopped reading holds its last write): the stream is over, not failed, and one
@@ -503,6 +503,11 @@ def _frame_of(item: Envelope | str) -> bytes:
         cache.envelope = item
     return cache.frame
 
+
+#: The broadcaster's states once the process has begun to stop.
+_STOPPING: Final = frozenset(
+    {BroadcasterState.DRAINING, BroadcasterState.DISCONNECTING, BroadcasterState.CLOSED}
+)
 
 #: HTTP status of an SSE request refused with a close code.
 _SSE_STATUS: dict[int, int] = {

@@ -121,7 +121,7 @@ class Broadcaster:
         self._history_reads: dict[tuple[str, int], asyncio.Future[History]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._serving = 0
-        self._served: asyncio.Event | None = None
+        self._drained: asyncio.Future[None] | None = None
         self._published = 0
         self._interruptions = 0
         self._repairs = 0
@@ -187,13 +187,15 @@ class Broadcaster:
         connections = list(self.registry)
         for connection in connections:
             connection.close(CloseCode.GOING_AWAY, "server shutting down")
-        served = self._served
-        if served is not None and not served.is_set():
+        if self._serving:
+            drained = self._drained = asyncio.get_running_loop().create_future()
             try:
                 async with asyncio.timeout(timeout):
-                    await served.wait()
+                    await drained
             except TimeoutError:
                 logger.info("drain: %d connection(s) still open after %.1f s", self._serving, timeout)
+            finally:
+                self._drained = None
         logger.debug("drained %d connection(s)", len(connections))
 
     @contextlib.contextmanager
@@ -202,16 +204,14 @@ class Broadcaster:
 
         For ASGI adapters: :class:`~rtbroadcast.asgi.BroadcastEndpoint` wraps every request in it.
         """
-        if self._served is None:
-            self._served = asyncio.Event()
         self._serving += 1
-        self._served.clear()
         try:
             yield
         finally:
             self._serving -= 1
-            if not self._serving:
-                self._served.set()
+            drained = self._drained
+            if not self._serving and drained is not None and not drained.done():
+                drained.set_result(None)
 
     async def disconnect(self) -> None:
         """Close every connection (code 1001), stop background work and disconnect the backend.
