@@ -2,10 +2,12 @@
 
 It mounts the broadcast WebSocket at ``/ws?room=...`` and its Server-Sent Events stream at ``/ws/sse?room=...``
 on the memory backend, publishes with ``POST /publish {"room", "n"}`` and answers ``GET /health``.
+``RTB_DRAIN=0`` in the environment turns the lifespan helper's drain on SIGTERM off.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 from starlette.applications import Starlette
@@ -42,5 +44,5 @@ app = Starlette(
         Route("/publish", publish, methods=["POST"]),
         Route("/health", health),
     ],
-    lifespan=lifespan(broadcaster),
+    lifespan=lifespan(broadcaster, drain_on_signal=os.environ.get("RTB_DRAIN", "1") != "0"),
 )

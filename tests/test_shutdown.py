@@ -26,8 +26,8 @@ from starlette.applications import Starlette
 from websockets.asyncio.client import ClientConnection
 
 from rtbroadcast import Broadcaster, BroadcasterState, CloseCode, Event, StateError
-from rtbroadcast._shutdown import drain_on_signals
-from rtbroadcast.asgi import channel_from_query
+from rtbroadcast.asgi import channel_from_query, drain_on_signals
+from rtbroadcast.protocol import ObservedCloseCode
 from rtbroadcast.starlette import broadcast_routes, lifespan
 
 from .redis_support import free_port
@@ -168,6 +168,18 @@ async def check_sigterm(server: ServerProcess, ws_path: str, sse_path: str) -> N
 async def test_sigterm_ends_sse_streams_and_closes_websockets_with_1001(options: list[str]) -> None:
     async with server_process("-m", "uvicorn", "tests.shutdown_app:app", *options) as server:
         await check_sigterm(server, "/ws?room=1", "/ws/sse?room=1")
+
+
+async def test_without_the_drain_websocket_clients_get_1012_from_uvicorn() -> None:
+    """The close-code table's 1012 row: what uvicorn sends on its own when nothing drained first."""
+    async with server_process("-m", "uvicorn", "tests.shutdown_app:app", env={"RTB_DRAIN": "0"}) as server:
+        sockets = [await connect(f"ws://{server.host}/ws?room=1") for _ in range(2)]
+        for ws in sockets:
+            assert (await recv_json(ws))["type"] == "welcome"
+        closes = asyncio.gather(*(close_code(ws) for ws in sockets))
+        elapsed = await server.stop()
+        assert await closes == [ObservedCloseCode.SERVICE_RESTART] * 2, server.log()
+    assert elapsed < EXIT_BOUND, server.log()
 
 
 async def test_the_example_service_stops_at_once_on_sigterm(tmp_path: Path) -> None:

@@ -32,11 +32,6 @@ SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT)
 _Handler = Callable[[int, FrameType | None], Any]
 
 
-def _chainable(handler: object) -> bool:
-    """Whether ``handler`` is a Python function a server installed (not a default, not Python's own)."""
-    return callable(handler) and handler is not signal.default_int_handler
-
-
 @contextlib.contextmanager
 def drain_on_signals(
     broadcaster: Broadcaster, *, timeout: float = 2.0, signals: tuple[signal.Signals, ...] = SIGNALS
@@ -93,8 +88,9 @@ def drain_on_signals(
 
     for signum in signals:
         current = signal.getsignal(signum)
-        if _chainable(current):
-            previous[signum] = current  # type: ignore[assignment]
+        # A Python function a server installed; not the default action, nor Python's KeyboardInterrupt.
+        if callable(current) and current is not signal.default_int_handler:
+            previous[signum] = current
             signal.signal(signum, handle)
     try:
         yield
