@@ -124,3 +124,12 @@ async def test_50_oversized_frames_cost_no_memory_and_no_latency(frame_size: int
     assert len(late) > 20
     # 50 ms on a quiet machine; on a busy one, the attack may add at most that to what the host costs.
     assert p99_ms < 50 + quiet_p99_ms
+
+
+def test_the_example_service_runs_uvicorn_with_the_endpoint_s_frame_limit() -> None:
+    from examples.restaurant_app.__main__ import uvicorn_options
+    from examples.restaurant_app.config import Settings
+
+    options = uvicorn_options(Settings())
+    assert options["ws_max_size"] == DEFAULT_MAX_FRAME_SIZE
+    assert options["ws"] == "rtbroadcast.uvicorn:WebSocketProtocol"
