@@ -41,14 +41,14 @@ async def _stall_until_closed(broadcaster: Broadcaster, host: str) -> StalledCli
 
 
 async def test_a_stalled_reader_that_resumes_finds_a_4001_close_frame() -> None:
-    # Keepalive pings on, as in production: before, the 4001 close waited behind flow control, and the
-    # client saw uvicorn's ping timeout (1011) instead; a client with a shorter read pause saw 1006.
+    # Keepalive pings on, as in production: before, the 4001 close waited behind flow control, so a client
+    # that stayed stalled got uvicorn's keepalive ping timeout (1011) instead.
     broadcaster = Broadcaster("memory://", queue_limits=QueueLimits(max_messages=20, max_size=2**20))
     async with serve(
-        make_app(broadcaster), ws=WS_PROTOCOL, ws_ping_interval=0.2, ws_ping_timeout=0.3
+        make_app(broadcaster), ws=WS_PROTOCOL, ws_ping_interval=1.0, ws_ping_timeout=1.0
     ) as host:
         client = await _stall_until_closed(broadcaster, host)
-        await asyncio.sleep(1.0)  # the reader stays stalled past the server's ping timeout
+        await asyncio.sleep(3)  # the reader stays stalled past the server's ping timeout (2 s)
         closed = await client.read_until_close()
         client.close()
     assert closed is not None, "the server ended the connection without a close frame (1006)"
@@ -69,7 +69,7 @@ async def test_a_reader_that_never_resumes_is_cut_off_after_the_grace() -> None:
     broadcaster = Broadcaster("memory://", queue_limits=QueueLimits(max_messages=20, max_size=2**20))
     async with serve(make_app(broadcaster), ws=ShortGrace, ws_ping_interval=None) as host:
         client = await _stall_until_closed(broadcaster, host)
-        await asyncio.sleep(1.5)
+        await asyncio.sleep(3)  # the grace (0.5 s) with slack for a busy host
         # The server dropped its buffer (close frame included) and reset the connection: reading now
         # ends at once, where before it waited for a server that waited for this client.
         closed = await client.read_until_close(timeout=5)
@@ -87,7 +87,7 @@ async def test_without_the_protocol_class_a_stalled_reader_is_let_go_after_the_g
     broadcaster = Broadcaster("memory://", queue_limits=QueueLimits(max_messages=20, max_size=2**20))
     async with serve(make_app(broadcaster), ws="auto", ws_ping_interval=None) as host:
         client = await _stall_until_closed(broadcaster, host)
-        await asyncio.sleep(1.5)
+        await asyncio.sleep(3)  # the grace (0.5 s) with slack for a busy host
         closed = await client.read_until_close(timeout=5)
         client.close()
     assert closed is None

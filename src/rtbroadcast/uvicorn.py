@@ -22,11 +22,11 @@ limit is larger than its own ``max_frame_size`` (the server's limit is the one t
 out of memory).
 
 **Compression.** :class:`WebSocketProtocol` declines permessage-deflate, which browsers always offer: a
-broadcast frame is then built once for all connections, where compression costs a compressor and its
-window per connection and one compression per frame per connection. :class:`DeflateWebSocketProtocol`
-keeps uvicorn's behaviour (accept it when ``ws_per_message_deflate`` is on, the default); connections
-that negotiated it get the close that does not wait, but their frames go through ASGI. Both classes serve
-every WebSocket route of the server, not only the broadcast ones.
+broadcast frame is then built once for all connections, where uvicorn's own compression costs a compressor
+and its window per connection and one compression per frame per connection. :class:`DeflateWebSocketProtocol`
+accepts it (when ``ws_per_message_deflate`` is on, the default) without server context takeover, so that
+the endpoint compresses each event once and writes the same compressed frame to every such connection.
+Both classes serve every WebSocket route of the server, not only the broadcast ones.
 
 The subclass relies on uvicorn internals that its releases may change, so it checks them: importing this
 module with a uvicorn outside :data:`SUPPORTED_UVICORN`, or a protocol object without the attributes it
