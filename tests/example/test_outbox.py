@@ -6,14 +6,16 @@ import asyncio
 from typing import Any
 
 import pytest
-from examples.restaurant_app.db import create_schema, session_factory
+from examples.restaurant_app.db import RestaurantRow, create_engine, create_schema, session_factory
 from examples.restaurant_app.events import GuestCreated
 from examples.restaurant_app.outbox import OutboxRow, TransactionalOutbox
-from examples.restaurant_app.service import channel_for
-from sqlalchemy import func, select
+from examples.restaurant_app.schemas import GuestCreate
+from examples.restaurant_app.service import RestaurantService, channel_for
+from sqlalchemy import func, select, text, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from rtbroadcast import Broadcaster, Received
+from rtbroadcast import Broadcaster, Received, utc_now
 
 pytestmark = pytest.mark.anyio
 
@@ -71,3 +73,77 @@ async def test_rolled_back_writes_leave_no_event(engine: AsyncEngine) -> None:
         assert await outbox.pending() == 0
         assert await outbox.relay_once() == 0
         assert (await broadcaster.backend.position(channel_for("r1"))).seq == 0
+
+
+async def test_relays_go_on_with_other_channels_when_one_fails(engine: AsyncEngine) -> None:
+    await create_schema(engine)
+    async with Broadcaster() as broadcaster:
+        outbox = TransactionalOutbox(engine, broadcaster, channel_for=channel_for)
+        async with session_factory(engine)() as session:
+            # A row the broadcaster refuses (not an event: no "type"), then a good one on another channel.
+            session.add(
+                OutboxRow(
+                    restaurant_id="bad",
+                    channel=channel_for("bad"),
+                    event_type="x",
+                    payload="[]",
+                    created_at=utc_now(),
+                )
+            )
+            await session.commit()
+        await stage(outbox, engine, [guest_event(1)])
+        assert await outbox.relay_once() == 1
+        assert (await broadcaster.backend.position(channel_for("r1"))).seq == 1
+        assert await outbox.pending() == 1
+
+
+async def test_a_write_stalled_in_its_transaction_holds_up_the_restaurant_for_half_a_second(
+    engine: AsyncEngine,
+) -> None:
+    """PostgreSQL ends a session idle in its transaction after 0.5 s, freeing the restaurant's row lock."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("SQLite has a single process, and no session timeouts")
+    await create_schema(engine)
+    async with Broadcaster() as broadcaster:
+        outbox = TransactionalOutbox(engine, broadcaster, channel_for=channel_for)
+        service = RestaurantService(engine, broadcaster, dispatcher=outbox)
+        await service.create_guest("r1", GuestCreate(guestName="First", partySize=2))
+        async with broadcaster.subscribe(channel_for("r1"), model=GuestCreated) as sub:
+            async with session_factory(engine)() as stalled:
+                # What a process frozen inside a write holds: the restaurant's row lock, and nothing happens.
+                await stalled.execute(
+                    update(RestaurantRow)
+                    .where(RestaurantRow.id == "r1")
+                    .values(version=RestaurantRow.version + 1)
+                )
+                loop = asyncio.get_running_loop()
+                started = loop.time()
+                async with asyncio.timeout(5):
+                    await service.create_guest("r1", GuestCreate(guestName="Second", partySize=2))
+                waited = loop.time() - started
+                assert 0.3 < waited < 1.0
+                with pytest.raises(DBAPIError):  # its session was ended: the stalled write is rolled back
+                    await stalled.execute(select(func.count()).select_from(RestaurantRow))
+            got = await asyncio.wait_for(anext(sub), 2)
+            assert isinstance(got, Received) and got.event.data["guestName"] == "Second"
+        async with engine.connect() as connection:
+            version = (await connection.execute(select(RestaurantRow.version))).scalar_one()
+            assert version == 2  # the two writes that committed
+
+
+async def test_postgresql_sessions_get_the_timeouts_and_the_url_s_settings(engine: AsyncEngine) -> None:
+    if engine.dialect.name != "postgresql":
+        pytest.skip("PostgreSQL session settings")
+    async with engine.connect() as connection:
+        assert (
+            await connection.execute(text("SHOW idle_in_transaction_session_timeout"))
+        ).scalar_one() == "500ms"
+        assert (await connection.execute(text("SHOW lock_timeout"))).scalar_one() == "2s"
+    url = engine.url.set(query={"application_name": "outbox-test", "lock_timeout": "750"})
+    configured = create_engine(url.render_as_string(hide_password=False))
+    try:
+        async with configured.connect() as connection:
+            assert (await connection.execute(text("SHOW application_name"))).scalar_one() == "outbox-test"
+            assert (await connection.execute(text("SHOW lock_timeout"))).scalar_one() == "750ms"
+    finally:
+        await configured.dispose()
