@@ -287,6 +287,19 @@ async def test_a_frozen_process_delays_neither_the_writes_nor_the_events_of_anot
                     await asyncio.sleep(0.1)
             for task in device_tasks:
                 task.cancel()
+            # A device of either process resuming from the start gets the same events from the history.
+            replayed = {}
+            for label, host in (("a", a), ("b", b)):
+                ws = await connect(
+                    f"ws://{host}/realtime?restaurant_id={RID}&epoch={devices[label].epoch}&last_seq=0"
+                )
+                assert (await recv_json(ws))["resumed"] is True
+                replayed[label] = [(await recv_json(ws))["data"]["id"] for _ in range(committed)]
+                await ws.close()
+            report.append(
+                f"A's writes not answered 201: {[(w.name, w.status) for w in writes['a'] if w.status != 201]}; "
+                f"device reconnects: a={devices['a'].reconnects}, b={devices['b'].reconnects}"
+            )
 
         async with admin.connect() as connection:
             rows = await connection.execute(text(f'SELECT id, guest_name FROM "{schema}".guests'))
@@ -324,6 +337,7 @@ async def test_a_frozen_process_delays_neither_the_writes_nor_the_events_of_anot
         ids = [frame["data"]["id"] for _, frame in device.events]
         assert seqs == list(range(1, len(guests) + 1)), f"device of {label}: gaps or repeats"
         assert sorted(ids) == sorted(guests), f"device of {label}: not one event per committed write"
+        assert replayed[label] == ids, f"resuming on {label} from the start: not the same events"
         # Each writer's writes, made one after the other, reach every device in the order they were made.
         seen = [frame["data"]["guestName"] for _, frame in device.events]
         for writer, load in writes.items():
