@@ -147,3 +147,53 @@ async def test_postgresql_sessions_get_the_timeouts_and_the_url_s_settings(engin
             assert (await connection.execute(text("SHOW lock_timeout"))).scalar_one() == "750ms"
     finally:
         await configured.dispose()
+
+
+class StallingBroadcaster(Broadcaster):
+    """A real broadcaster whose publishes wait at ``gate`` while it is closed: a relay frozen mid-batch."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.gate = asyncio.Event()
+        self.stalled = asyncio.Event()
+        self.calls = 0
+
+    async def publish_json(self, channel: str, payload: str, *, idempotency_key: str | None = None) -> int:
+        self.calls += 1
+        self.stalled.set()
+        await self.gate.wait()
+        return await super().publish_json(channel, payload, idempotency_key=idempotency_key)
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("stall", [0.1, 1.0], ids=["within-the-lease", "past-the-lease"])
+async def test_a_relay_stalled_mid_batch_holds_up_no_other_relay_and_sends_nothing_twice(
+    engine: AsyncEngine, redis_url: str, redis_prefix: str, stall: float
+) -> None:
+    """Two processes' relays on one Redis; the first stops after reading its batch, the second goes on."""
+    await create_schema(engine)
+    separator = "&" if "?" in redis_url else "?"
+    url = f"{redis_url}{separator}key_prefix={redis_prefix}"
+    async with StallingBroadcaster(url) as frozen, Broadcaster(url) as other:
+        stalled = TransactionalOutbox(engine, frozen, channel_for=channel_for, lease=0.5)
+        outbox = TransactionalOutbox(engine, other, channel_for=channel_for)
+        async with other.subscribe(channel_for("r1"), model=GuestCreated) as sub:
+            await stage(outbox, engine, [guest_event(n) for n in range(1, 4)])
+            stuck = asyncio.create_task(stalled.relay_channel(channel_for("r1")))
+            await asyncio.wait_for(frozen.stalled.wait(), 5)  # it read rows 1-3 and is publishing row 1
+            async with asyncio.timeout(1):
+                assert await outbox.relay_channel(channel_for("r1")) == 3
+                await stage(outbox, engine, [guest_event(4)])
+                assert await outbox.relay_channel(channel_for("r1")) == 1
+            await asyncio.sleep(stall)
+            frozen.gate.set()  # it thaws, holding rows 1-3
+            assert await asyncio.wait_for(stuck, 5) == 0  # it recorded none: the other had
+            # Within the lease it publishes the rows it holds again (each a no-op, by its key); past the
+            # lease it publishes the one it was in the middle of and reads again for the rest.
+            assert frozen.calls == (3 if stall < stalled.lease else 1)
+            got = [await asyncio.wait_for(anext(sub), 2) for _ in range(4)]
+            assert [(g.seq, g.event.guest_id) for g in got if isinstance(g, Received)] == [
+                (n, f"g{n}") for n in range(1, 5)
+            ]
+            assert await outbox.pending() == 0
+            assert (await other.backend.position(channel_for("r1"))).seq == 4
