@@ -136,9 +136,10 @@ class TransactionalOutbox:
         )
 
     async def committed(self, restaurant_id: str, events: Sequence[RestaurantEvent]) -> None:
-        """Relay right away, so that the response follows the broadcast; leave failures to the relay task.
+        """Relay the restaurant's channel right away, so that the response follows the broadcast.
 
-        During a known outage the request does not wait for the backend: the relay task retries.
+        Failures are left to the relay task. During a known outage the request does not wait for the
+        backend: the relay task retries.
         """
         if self.outage_since is None:
             try:
