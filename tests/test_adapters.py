@@ -18,8 +18,6 @@ from rtbroadcast.starlette import broadcast_routes, lifespan, websocket_route
 
 from .support import connect, recv_json, serve
 
-pytestmark = pytest.mark.anyio
-
 
 class Note(Event):
     type: Literal["note"] = "note"

@@ -21,7 +21,7 @@ from rtbroadcast.backends.memory import MemoryBackend
 from rtbroadcast.backends.redis import RedisBackend
 from rtbroadcast.events import with_seq
 
-pytestmark = pytest.mark.anyio
+pytestmark = pytest.mark.asyncio_only
 
 BACKENDS = ["memory", pytest.param("redis", marks=pytest.mark.redis)]
 

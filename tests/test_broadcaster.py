@@ -24,7 +24,7 @@ from rtbroadcast import (
 from rtbroadcast.backends import Envelope
 from rtbroadcast.backends.memory import MemoryBackend
 
-pytestmark = pytest.mark.anyio
+pytestmark = pytest.mark.asyncio_only
 
 
 class Tick(Event):

@@ -27,8 +27,6 @@ from rtbroadcast.starlette import broadcast_routes
 
 from .support import serve
 
-pytestmark = pytest.mark.anyio
-
 SNIPPETS = Path(__file__).parent.parent / "docs" / "snippets"
 
 

@@ -19,8 +19,6 @@ from rtbroadcast.starlette import lifespan, websocket_route
 
 from .support import StalledClient, connect, recv_json, serve
 
-pytestmark = pytest.mark.anyio
-
 BOUNDARY_SIZES = [0, 1, 125, 126, 127, 65535, 65536, 70000]
 
 

@@ -23,8 +23,6 @@ from .asyncapi_support import asyncapi_errors
 from .support import connect, recv_json, serve
 from .test_docs_snippets import DOCS, docs_hooks, snippet
 
-pytestmark = pytest.mark.anyio
-
 RID = "docs-restaurant"
 SECRET = "docs-test-secret-that-is-at-least-32-bytes-long"
 TOKEN = mint_token(SECRET, RID, device_id="docs-test")

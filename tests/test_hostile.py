@@ -122,15 +122,15 @@ async def scenario(frames: list[str | bytes]) -> None:
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(hostile_frames, min_size=1, max_size=30))
-def test_hostile_traffic_does_not_disturb_others(frames: list[str | bytes]) -> None:
-    asyncio.run(scenario(frames))
+async def test_hostile_traffic_does_not_disturb_others(frames: list[str | bytes]) -> None:
+    await scenario(frames)
 
 
-def test_ping_flood_is_closed_and_others_unaffected() -> None:
-    asyncio.run(scenario(['{"type":"ping"}'] * 500))
+async def test_ping_flood_is_closed_and_others_unaffected() -> None:
+    await scenario(['{"type":"ping"}'] * 500)
 
 
-async def _connection_flood() -> None:
+async def test_connection_floods_are_refused_cleanly() -> None:
     broadcaster = Broadcaster(max_connections=8, max_connections_per_channel=5)
     async with serve(make_app(broadcaster)) as host:
         room_a = [await connect(f"ws://{host}/ws?room=a") for _ in range(5)]
@@ -158,7 +158,3 @@ async def _connection_flood() -> None:
             assert (await recv_json(ws))["n"] == 1
         for ws in room_a + room_b:
             await ws.close()
-
-
-def test_connection_floods_are_refused_cleanly() -> None:
-    asyncio.run(_connection_flood())

@@ -20,8 +20,6 @@ from rtbroadcast.starlette import broadcast_routes, lifespan
 from . import support
 from .support import StalledClient, connect, recv_json, serve
 
-pytestmark = pytest.mark.anyio
-
 
 @pytest.fixture(autouse=True, params=["deflate", None], ids=["asgi-send", "direct-write"])
 def client_compression(request: pytest.FixtureRequest) -> Iterator[None]:

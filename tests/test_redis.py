@@ -30,7 +30,7 @@ from rtbroadcast.backends.redis import RedisBackend
 from .redis_support import RedisServer, free_port, redis_server_binary
 from .test_backends import Recorder, payload
 
-pytestmark = [pytest.mark.anyio, pytest.mark.redis]
+pytestmark = pytest.mark.redis
 
 
 class Noted(Event):

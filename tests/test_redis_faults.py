@@ -17,7 +17,7 @@ from rtbroadcast.starlette import lifespan, websocket_route
 from .redis_support import RedisServer
 from .support import connect, recv_json, serve
 
-pytestmark = [pytest.mark.anyio, pytest.mark.redis, pytest.mark.slow]
+pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
 
 class Beat(Event):

@@ -16,7 +16,7 @@ import pytest
 from .redis_support import free_port
 from .support import connect, recv_json
 
-pytestmark = [pytest.mark.anyio, pytest.mark.redis, pytest.mark.slow]
+pytestmark = [pytest.mark.asyncio_only, pytest.mark.redis, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
 

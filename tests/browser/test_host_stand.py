@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from rtbroadcast import Broadcaster
 from tests.support import serve
 
-pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+pytestmark = [pytest.mark.asyncio_only, pytest.mark.slow]
 
 RID = DEMO_RESTAURANT_ID
 #: A loose bound on click-to-change: the point is the report, not a benchmark on a shared machine.

@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from rtbroadcast import Broadcaster, Received
 
-pytestmark = pytest.mark.anyio
+pytestmark = pytest.mark.asyncio_only
 
 
 def guest_event(n: int) -> GuestCreated:

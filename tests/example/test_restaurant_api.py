@@ -21,8 +21,6 @@ from tests.example.conftest import Running, StartService
 from tests.example.restaurant_support import assert_nothing_queued, strip_envelope, welcome
 from tests.support import connect, recv_json
 
-pytestmark = pytest.mark.anyio
-
 RID = "r1"
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -477,7 +475,9 @@ async def _read_banner(stream: asyncio.StreamReader) -> dict[str, str]:
     return banner
 
 
+# The service runs in a subprocess (on uvloop there, as uvicorn picks it): this loop only runs the client.
 @pytest.mark.slow
+@pytest.mark.asyncio_only
 async def test_main_command_starts_the_demo(tmp_path: Path) -> None:
     """``make run``: a generated secret, and the printed WebSocket URL and bearer token work as printed;
     the access log does not show the token."""
@@ -540,6 +540,7 @@ async def test_main_command_starts_the_demo(tmp_path: Path) -> None:
     assert banner["health"] == f"http://127.0.0.1:{port}/health"
 
 
+@pytest.mark.asyncio_only
 async def test_main_command_refuses_to_start_without_a_secret(tmp_path: Path) -> None:
     env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}"}
     for name in ("RESTAURANT_TOKEN_SECRET", "RESTAURANT_ALLOW_LEGACY_UNAUTHENTICATED"):
