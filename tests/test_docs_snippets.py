@@ -21,7 +21,7 @@ from rtbroadcast import CloseCode
 from rtbroadcast.protocol import decode_client_frame, decode_server_frame
 
 from .asyncapi_support import asyncapi_errors
-from .support import recv_json, serve
+from .support import MS, recv_json, serve, until
 
 ROOT = Path(__file__).parent.parent
 DOCS = ROOT / "docs"
@@ -116,7 +116,7 @@ async def test_tutorial_cli_commands() -> None:
             stderr=asyncio.subprocess.PIPE,
         )
         assert process.stderr is not None
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(10_000 * MS):
             while b"welcome" not in await process.stderr.readline():
                 pass
             await _publish_over_http(
@@ -211,7 +211,7 @@ async def test_asyncapi_export_is_valid_and_the_cli_prints_it() -> None:
         cwd=SNIPPETS,
         stdout=asyncio.subprocess.PIPE,
     )
-    out, _ = await asyncio.wait_for(process.communicate(), 30)
+    out, _ = await asyncio.wait_for(process.communicate(), 30_000 * MS)
     assert process.returncode == 0
     assert json.loads(out) == document
 
@@ -237,11 +237,6 @@ async def test_resume_client_follows_resumes_and_resyncs() -> None:
                 continue
             raise AssertionError("publish suspended")
 
-    async def until(condition: Any) -> None:
-        async with asyncio.timeout(10):
-            while not condition():
-                await asyncio.sleep(0.01)
-
     def close_all(code: int) -> None:
         for connection in list(tutorial.broadcaster.registry):
             if connection.channel == channel:
@@ -254,20 +249,20 @@ async def test_resume_client_follows_resumes_and_resyncs() -> None:
         follower = follower_module.RoomFollower(base, room)
         task = asyncio.get_running_loop().create_task(follower.run())
         try:
-            await until(lambda: tutorial.broadcaster.connection_count(channel) == 1)
+            await until(lambda: tutorial.broadcaster.connection_count(channel) == 1, 10_000 * MS)
             await _publish_over_http(base, f"/rooms/{room}/messages", {"author": "bob", "text": "three"})
-            await until(lambda: follower.seq == 3)
+            await until(lambda: follower.seq == 3, 10_000 * MS)
 
             close_all(CloseCode.SLOW_CONSUMER)  # dropped: it resumes, and gets what it missed from history
             post_directly(2)
-            await until(lambda: follower.seq == 5)
+            await until(lambda: follower.seq == 5, 10_000 * MS)
             assert follower.snapshots == 1
 
             close_all(CloseCode.GOING_AWAY)  # more than history holds happens while it is away: resync
             post_directly(1001)
-            await until(lambda: follower.seq == 1006 and follower.snapshots == 2)
+            await until(lambda: follower.seq == 1006 and follower.snapshots == 2, 10_000 * MS)
             await _publish_over_http(base, f"/rooms/{room}/messages", {"author": "ada", "text": "last"})
-            await until(lambda: follower.seq == 1007)
+            await until(lambda: follower.seq == 1007, 10_000 * MS)
             assert follower.messages == tutorial.messages[room]
         finally:
             task.cancel()

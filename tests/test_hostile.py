@@ -14,9 +14,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from rtbroadcast import Broadcaster, CloseCode, Event
 from rtbroadcast.asgi import channel_from_query
-from rtbroadcast.starlette import broadcast_routes, lifespan
 
-from .support import connect, recv_json, serve
+from .support import MS, broadcast_app, connect, recv_json, serve
 
 DOCUMENTED_CLOSES = {int(code) for code in CloseCode}
 ERROR_CODES = {"malformed_frame", "frame_too_large", "unknown_type", "invalid_frame"}
@@ -56,12 +55,7 @@ hostile_frames = st.one_of(
 
 
 def make_app(broadcaster: Broadcaster) -> Starlette:
-    return Starlette(
-        routes=broadcast_routes(
-            "/ws", broadcaster, channel=channel_from_query("room"), max_messages_per_second=50
-        ),
-        lifespan=lifespan(broadcaster),
-    )
+    return broadcast_app(broadcaster, channel=channel_from_query("room"), max_messages_per_second=50)
 
 
 async def hostile(host: str, frames: list[str | bytes]) -> None:
@@ -84,7 +78,7 @@ async def hostile(host: str, frames: list[str | bytes]) -> None:
         # Everything we get back is a documented frame; the socket ends, if it does, with a documented code.
         while True:
             try:
-                reply = await recv_json(ws, timeout=0.5)
+                reply = await recv_json(ws, timeout=500 * MS)
             except TimeoutError:
                 break
             assert reply["type"] in {"pong", "error", "beat"}, reply

@@ -4,6 +4,7 @@ stream, broadcast failures, and the command that starts it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -19,7 +20,7 @@ from rtbroadcast import BackendUnavailable, Broadcaster, StreamPosition
 from rtbroadcast.backends.memory import MemoryBackend
 from tests.example.conftest import Running, StartService
 from tests.example.restaurant_support import assert_nothing_queued, strip_envelope, welcome
-from tests.support import connect, recv_json
+from tests.support import MS, connect, recv_json, until
 
 RID = "r1"
 ROOT = Path(__file__).resolve().parents[2]
@@ -440,7 +441,7 @@ async def test_a_failed_broadcast_is_deferred_and_the_write_stands(
 
         backend.down = False
         # Nothing was lost: the outbox relays the deferred event first, then what follows, in order.
-        during, during_seq = strip_envelope(await recv_json(ws, timeout=15))
+        during, during_seq = strip_envelope(await recv_json(ws, timeout=15_000 * MS))
         assert (during["type"], during["data"]["guestName"], during_seq) == (
             "guest_created",
             "During",
@@ -467,7 +468,7 @@ async def _read_banner(stream: asyncio.StreamReader) -> dict[str, str]:
     """Read the demo's banner up to its ``try`` line: ``{"realtime": url, "token": token, ...}``."""
     banner: dict[str, str] = {}
     while "try" not in banner:
-        line = (await asyncio.wait_for(stream.readline(), 20)).decode()
+        line = (await asyncio.wait_for(stream.readline(), 20_000 * MS)).decode()
         assert line, f"the service exited; banner so far: {banner}"
         name, _, value = line.strip().partition(" ")
         if line.startswith("  ") and name and value:
@@ -512,15 +513,15 @@ async def test_main_command_starts_the_demo(tmp_path: Path) -> None:
         assert f"Bearer {token}" in banner["try"]
         assert banner["secret"].startswith("RESTAURANT_TOKEN_SECRET=")
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
-            for _ in range(100):
-                try:
-                    health = await http.get("/health")
-                    break
-                except httpx.TransportError:
-                    assert process.returncode is None, "the service exited"
-                    await asyncio.sleep(0.1)
-            else:
-                pytest.fail("the service did not answer within 10 s")
+
+            async def answers() -> bool:
+                assert process.returncode is None, "the service exited"
+                with contextlib.suppress(httpx.TransportError):
+                    return (await http.get("/health")).status_code == 200
+                return False
+
+            await until(answers, 10_000 * MS)
+            health = await http.get("/health")
             assert health.json()["status"] == "ok"
             assert health.json()["auth"] == "tokens"
             tables_url = "/restaurants/test-restaurant-1/tables"
@@ -533,7 +534,7 @@ async def test_main_command_starts_the_demo(tmp_path: Path) -> None:
     finally:
         if process.returncode is None:
             process.terminate()
-        stdout, _ = await asyncio.wait_for(process.communicate(), 10)
+        stdout, _ = await asyncio.wait_for(process.communicate(), 10_000 * MS)
     log = [line for line in stdout.decode().splitlines() if not line.startswith(" ")]
     assert any("/realtime?restaurant_id=test-restaurant-1&token=***" in line for line in log), log
     assert not [line for line in log if token in line], "the token must not appear in the logs"
@@ -552,6 +553,6 @@ async def test_main_command_refuses_to_start_without_a_secret(tmp_path: Path) ->
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
-    stdout, _ = await asyncio.wait_for(process.communicate(), 20)
+    stdout, _ = await asyncio.wait_for(process.communicate(), 20_000 * MS)
     assert process.returncode == 2
     assert "RESTAURANT_TOKEN_SECRET" in stdout.decode()

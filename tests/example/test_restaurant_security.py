@@ -31,7 +31,7 @@ from websockets.exceptions import ConnectionClosed
 
 from tests.example.conftest import TEST_SECRET, Running, StartService
 from tests.example.restaurant_support import assert_nothing_queued, strip_envelope, welcome
-from tests.support import connect, recv_json
+from tests.support import MS, connect, recv_json
 
 VICTIM = "victim-1"
 ATTACKER = "attacker-1"
@@ -218,7 +218,7 @@ async def test_connections_end_when_their_token_expires(service: Running) -> Non
             await welcome(expiring)
             started = time.monotonic()
             with pytest.raises(ConnectionClosed) as closed:
-                await recv_json(expiring, timeout=10)
+                await recv_json(expiring, timeout=10_000 * MS)
             assert closed.value.rcvd is not None
             assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4003, "token expired")
             assert time.monotonic() - started < 8
