@@ -5,10 +5,13 @@ Event loops
 anyio's pytest plugin runs every ``async def`` test (``anyio_mode = "auto"`` in pyproject.toml) once per
 loop: plain asyncio, and uvloop, which uvicorn picks in production whenever it is installed (``loop="auto"``)
 and where the direct-write fast path runs. The servers a test starts with ``tests.support.serve`` run in the
-test's own loop, so they run on both too. Tests whose module or function carries ``@pytest.mark.asyncio_only``
-run on plain asyncio alone: in-process logic with no socket of its own (the broadcaster, the backend
-contract, the properties, what the CLI and the docs compute), where a second loop costs time and tests
-nothing more. ``RTB_TEST_LOOPS=asyncio`` (comma-separated names) runs fewer loops, for a quick local run.
+test's own loop, so they run on both too; so do the Redis backend's own tests (its listener's sockets and
+errors are the loop's). Tests whose module or function carries ``@pytest.mark.asyncio_only`` run on plain
+asyncio alone, where a second loop costs time and tests nothing more: in-process logic (the broadcaster,
+the backend contract, the outbox relay), tests whose server is a subprocess (which picks uvloop itself),
+and the browser tests (the example's transport runs on both loops in tests/example). Synchronous tests that
+call ``asyncio.run`` (the hypothesis properties) run on asyncio. ``RTB_TEST_LOOPS=asyncio``
+(comma-separated names) runs fewer loops, for a quick local run.
 """
 
 from __future__ import annotations

@@ -68,8 +68,9 @@ async def until(
             result = await result
         return bool(result)
 
+    timer = asyncio.timeout(timeout)
     try:
-        async with asyncio.timeout(timeout):
+        async with timer:
             while True:
                 if changed is not None:
                     changed.clear()
@@ -80,6 +81,8 @@ async def until(
                 else:
                     await asyncio.sleep(10 * MS)
     except TimeoutError:
+        if not timer.expired():
+            raise  # the condition's own timeout, not ours
         raise AssertionError(f"still false after {timeout:.2f} s: {_describe(condition)}") from None
 
 
