@@ -119,16 +119,18 @@ def broadcast_app(
     channel: ChannelResolver = ROOM,
     routes: Sequence[BaseRoute] = (),
     with_lifespan: bool = True,
+    drain_on_signal: bool = True,
     **options: Any,
 ) -> Starlette:
     """A Starlette app with the broadcast WebSocket at ``path`` (and SSE at ``path/sse``) plus ``routes``.
 
     ``options`` go to the endpoint (``authorize``, ``max_messages_per_second``...). The app connects and
-    disconnects ``broadcaster`` in its lifespan unless ``with_lifespan=False`` (the test does it itself).
+    disconnects ``broadcaster`` in its lifespan (``drain_on_signal`` is the lifespan's) unless
+    ``with_lifespan=False`` (the test does it itself).
     """
     return Starlette(
         routes=[*broadcast_routes(path, broadcaster, channel=channel, **options), *routes],
-        lifespan=lifespan(broadcaster) if with_lifespan else None,
+        lifespan=lifespan(broadcaster, drain_on_signal=drain_on_signal) if with_lifespan else None,
     )
 
 
