@@ -22,8 +22,6 @@ from rtbroadcast.starlette import lifespan, websocket_route
 
 from .support import StalledClient, connect, recv_json, serve
 
-pytestmark = pytest.mark.anyio
-
 #: The opt-in protocol class, as a service names it in uvicorn's ``ws`` setting.
 DIRECT = "rtbroadcast.uvicorn:WebSocketProtocol"
 DEFLATE = "rtbroadcast.uvicorn:DeflateWebSocketProtocol"

@@ -20,8 +20,6 @@ import websockets
 
 from rtbroadcast.protocol import DEFAULT_MAX_FRAME_SIZE
 
-pytestmark = pytest.mark.anyio
-
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1024 * 1024
 

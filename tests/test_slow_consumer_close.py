@@ -15,8 +15,6 @@ from rtbroadcast.uvicorn import WebSocketProtocol
 
 from .support import StalledClient, serve
 
-pytestmark = pytest.mark.anyio
-
 WS_PROTOCOL = "rtbroadcast.uvicorn:WebSocketProtocol"
 
 
