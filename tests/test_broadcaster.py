@@ -166,6 +166,16 @@ def test_nonsense_broadcaster_options_are_refused_naming_the_option(
         Broadcaster(**options)
 
 
+async def test_subscribe_refuses_a_resume_or_model_of_the_wrong_kind() -> None:
+    async with Broadcaster() as broadcaster:
+        with pytest.raises(ConfigurationError, match="resume must be a ResumePoint"):
+            broadcaster.subscribe("c", resume=("epoch", 3))  # type: ignore[arg-type]
+        with pytest.raises(ConfigurationError, match="model must be Event or a subclass"):
+            broadcaster.subscribe("c", model=dict)  # type: ignore[type-var]
+        with pytest.raises(ConfigurationError, match="model must be Event or a subclass"):
+            broadcaster.subscribe("c", model=Tick(n=1))  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(
     ("options", "option"),
     [

@@ -483,8 +483,20 @@ class Broadcaster:
         Iterating the subscription yields a :class:`Received` per event, in seq order, and a
         :class:`~rtbroadcast.protocol.ResyncRequired` where events could not be replayed. Events decode into
         their registered models; ``model`` is the class every event on the channel is expected to be.
+
+        Raises:
+            ConfigurationError: ``channel`` is not a valid channel name, ``resume`` is not a
+                :class:`~rtbroadcast.ResumePoint` or ``None``, or ``model`` is not :class:`Event` or a
+                subclass of it.
         """
         validate_channel(channel)
+        if resume is not None and not isinstance(resume, ResumePoint):
+            raise ConfigurationError(
+                f"resume must be a ResumePoint(epoch, seq) or None, not {type(resume).__name__}; "
+                "pass subscription.position from an earlier subscription"
+            )
+        if not (isinstance(model, type) and issubclass(model, Event)):
+            raise ConfigurationError(f"model must be Event or a subclass of it, not {model!r}")
         return Subscription(self, channel, resume=resume, model=model)
 
     # -- stats ------------------------------------------------------------------------------------
