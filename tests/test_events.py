@@ -184,6 +184,12 @@ def test_type_must_be_a_literal_of_one_string_with_that_default(
             r"Bad sets extra='allow'",
             id="extra-allow",
         ),
+        pytest.param(
+            {},
+            {"model_config": ConfigDict(ser_json_inf_nan="constants")},
+            r"Bad sets ser_json_inf_nan='constants'",
+            id="nan-constants",
+        ),
     ],
 )
 def test_models_whose_json_would_clash_with_the_envelope_are_refused(

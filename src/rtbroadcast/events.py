@@ -164,6 +164,11 @@ def _check_model(model: type[Event]) -> None:
             f"{name} sets extra='allow': extra fields would go to clients unchecked (a 'seq' among them "
             "would clash with the server's); declare every field instead"
         )
+    if model.model_config.get("ser_json_inf_nan") == "constants":
+        raise InvalidEvent(
+            f"{name} sets ser_json_inf_nan='constants', which writes NaN and Infinity: they are not JSON, "
+            "and clients' parsers reject them; keep the default ('null') or use 'strings'"
+        )
 
 
 def _annotation(field: Any) -> str:
@@ -207,7 +212,7 @@ class Event(BaseModel):
     - the type is one the protocol reserves, or another class already declares it;
     - a field or computed field is named ``seq`` or ``type``, or has one of them as an alias: ``seq`` is
       the server's, added to every event;
-    - the model sets ``extra="allow"``.
+    - the model sets ``extra="allow"`` or ``ser_json_inf_nan="constants"``.
     """
 
     model_config = ConfigDict(extra="forbid")
