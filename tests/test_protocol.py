@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from rtbroadcast import (
+    ConfigurationError,
     FrameTooLarge,
     InvalidEvent,
     InvalidFrame,
@@ -219,3 +220,20 @@ def test_a_payload_is_accepted_exactly_when_clients_can_read_it_as_an_event(
 def test_a_payload_that_is_not_an_event_is_refused_naming_the_mistake(payload: object, message: str) -> None:
     with pytest.raises(InvalidEvent, match=message):
         check_event_payload(payload)
+
+
+@pytest.mark.parametrize(
+    ("epoch", "seq", "message"),
+    [
+        ("9f1c", "41", r"ResumePoint\.seq must be an integer >= 0, not '41'"),
+        ("9f1c", -1, r"ResumePoint\.seq must be an integer >= 0"),
+        ("9f1c", 4.0, r"ResumePoint\.seq must be an integer >= 0"),
+        ("9f1c", True, r"ResumePoint\.seq must be an integer >= 0"),
+        (None, 3, r"ResumePoint\.epoch must be a string"),
+    ],
+)
+def test_a_resume_point_of_the_wrong_kind_is_refused_when_built(
+    epoch: object, seq: object, message: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        ResumePoint(epoch, seq)  # type: ignore[arg-type]

@@ -19,7 +19,14 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, Final, TypeAlias
 
-from .errors import FrameTooLarge, InvalidEvent, InvalidFrame, MalformedFrame, UnknownMessageType
+from .errors import (
+    ConfigurationError,
+    FrameTooLarge,
+    InvalidEvent,
+    InvalidFrame,
+    MalformedFrame,
+    UnknownMessageType,
+)
 
 __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",
@@ -418,10 +425,21 @@ def with_seq(payload: str, seq: int) -> str:
 
 @dataclass(frozen=True, slots=True)
 class ResumePoint:
-    """Where a reconnecting client left off: the stream's ``epoch`` and the last ``seq`` it applied."""
+    """Where a reconnecting client left off: the stream's ``epoch`` and the last ``seq`` it applied.
+
+    Raises:
+        ConfigurationError: ``epoch`` is not a string, or ``seq`` is not an integer >= 0 (a seq kept as
+            text, say: ``ResumePoint(epoch, int(stored))``).
+    """
 
     epoch: str
     seq: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.epoch, str):
+            raise ConfigurationError(f"ResumePoint.epoch must be a string, not {type(self.epoch).__name__}")
+        if not isinstance(self.seq, int) or isinstance(self.seq, bool) or self.seq < 0:
+            raise ConfigurationError(f"ResumePoint.seq must be an integer >= 0, not {self.seq!r}")
 
 
 #: Largest seq a client may claim; bigger numbers are certainly not ours (and would cost to parse).
