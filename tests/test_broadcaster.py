@@ -157,6 +157,7 @@ async def test_publish_refuses_an_event_clients_could_not_tell_apart() -> None:
         ({"queue_limits": 10}, "queue_limits"),
         ({"backend": "memory://"}, "backend"),
         ({"url": 6379}, "url"),
+        ({"url": ""}, "url"),
     ],
 )
 def test_nonsense_broadcaster_options_are_refused_naming_the_option(

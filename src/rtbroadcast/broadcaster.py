@@ -103,6 +103,12 @@ class Broadcaster:
             raise ConfigurationError("pass either a backend URL or a backend instance, not both")
         if url is not None and not isinstance(url, str):
             raise ConfigurationError(f"url must be a backend URL string, not {type(url).__name__}")
+        if url is not None and not url.strip():
+            # An unset environment variable, most likely: falling back to memory:// would split a
+            # multi-process service into processes that never see each other's events.
+            raise ConfigurationError(
+                "url must be a backend URL, not an empty string; leave it out (or None) for memory://"
+            )
         if backend is not None and not isinstance(backend, Backend):
             raise ConfigurationError(
                 f"backend must be a Backend instance, not {type(backend).__name__}"
