@@ -24,6 +24,7 @@ __all__ = [
     "parse_query",
     "redact_url",
     "seconds",
+    "wait_seconds",
 ]
 
 
@@ -68,6 +69,17 @@ def seconds(name: str, value: object) -> float:
     if is_seconds(value):
         return value  # type: ignore[return-value]
     raise ConfigurationError(f"{name} must be a finite number of seconds > 0, not {value!r}")
+
+
+def wait_seconds(name: str, value: object) -> float:
+    """Check how long to wait: a finite number of seconds, 0 included.
+
+    Raises:
+        ConfigurationError: anything else, ``bool``, negative numbers, ``NaN`` and infinity included.
+    """
+    if is_seconds(value) or (isinstance(value, int | float) and not isinstance(value, bool) and value == 0):
+        return value  # type: ignore[return-value]
+    raise ConfigurationError(f"{name} must be a finite number of seconds >= 0, not {value!r}")
 
 
 def optional_seconds(name: str, value: object) -> float | None:
