@@ -314,7 +314,7 @@ class Broadcaster:
             BackendUnavailable: the backend cannot be reached; the event was not published (or, if the
                 backend timed out mid-request, may have been: retry with the same ``idempotency_key``).
         """
-        self._require_connected("publish")
+        self._require_connected("publish", draining=True)
         validate_channel(channel)
         return await self._publish(channel, check_event_payload(payload), idempotency_key)
 
