@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -23,6 +24,7 @@ from . import api
 from .auth import AccessPolicy, CloseOnTokenExpiry
 from .config import Settings
 from .db import create_engine, create_schema
+from .limits import RequestBodyLimit, validation_error_response
 from .outbox import TransactionalOutbox
 from .schemas import RESTAURANT_ID_PATTERN, TableCreate
 from .service import CHANNEL_PREFIX, NotFound, RestaurantService, channel_for
@@ -100,6 +102,8 @@ def create_app(
     app.state.access = access
     app.include_router(api.router)
     app.add_exception_handler(NotFound, _not_found)
+    app.add_exception_handler(RequestValidationError, validation_error_response)
+    app.add_middleware(RequestBodyLimit, max_body_size=settings.max_body_size)
     app.add_api_route("/", _to_host_stand, include_in_schema=False)
     app.mount("/host-stand", StaticFiles(directory=STATIC_DIR, html=True), name="host-stand")
     # The library's endpoint, wrapped so that a connection ends when its token expires.
