@@ -42,7 +42,7 @@ class BodyTooLarge(HTTPException):
     """The request body is over the limit: 413, with the limit in the detail."""
 
     def __init__(self, limit: int) -> None:
-        super().__init__(413, f"Request body larger than {limit} bytes", headers={"Connection": "close"})
+        super().__init__(413, f"Request body larger than {limit} bytes")
 
 
 class RequestBodyLimit:
@@ -52,8 +52,9 @@ class RequestBodyLimit:
     route that does not read its body, a ``DELETE``, cannot act and then be refused). Otherwise ``receive``
     counts the bytes as they arrive and raises :class:`BodyTooLarge` at the first chunk past the limit:
     FastAPI turns it into the 413 response, and if the application swallowed it, this middleware sends the
-    413 itself. The response asks to close the connection, so the server stops reading the rest of the body.
-    WebSocket and lifespan scopes pass through.
+    413 itself. The connection stays open: uvicorn reads the rest of the body and drops it without keeping it
+    (closing instead would reset the connection under a client still sending, which then never reads the
+    413). WebSocket and lifespan scopes pass through.
     """
 
     def __init__(self, app: ASGIApp, max_body_size: int) -> None:
