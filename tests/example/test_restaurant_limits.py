@@ -20,8 +20,11 @@ from pathlib import Path
 import httpx
 import pytest
 from examples.restaurant_app.auth import mint_token
+from examples.restaurant_app.limits import RequestBodyLimit
+from starlette.types import Message, Receive, Scope, Send
 
 from tests.example.conftest import TEST_SECRET
+from tests.support import serve
 
 pytestmark = pytest.mark.anyio
 
@@ -160,3 +163,42 @@ async def test_a_50_mb_body_gets_413_before_it_is_read(tmp_path: Path) -> None:
         peak = server.memory_kib("VmHWM")
     # The server's peak resident set grew by far less than one body (50 MB): it never held one.
     assert (peak - before) * 1024 < 20 * MIB, (before, peak)
+
+
+async def _swallowing_app(scope: Scope, receive: Receive, send: Send) -> None:
+    """An ASGI app that reads its body, catches whatever reading raises, and answers 400 (or 200)."""
+    if scope["type"] == "lifespan":
+        assert (await receive())["type"] == "lifespan.startup"
+        await send({"type": "lifespan.startup.complete"})
+        assert (await receive())["type"] == "lifespan.shutdown"
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    status = 200
+    try:
+        more = True
+        while more:
+            message: Message = await receive()
+            more = message.get("more_body", False)
+    except Exception:  # as FastAPI does with a body it cannot read: "There was an error parsing the body"
+        status = 400
+    await send({"type": "http.response.start", "status": status, "headers": []})
+    await send({"type": "http.response.body", "body": b"read"})
+
+
+async def test_the_limit_holds_even_when_the_application_swallows_it() -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(3):
+            yield b"x" * 600
+
+    async with (
+        serve(RequestBodyLimit(_swallowing_app, max_body_size=1000)) as address,
+        httpx.AsyncClient(base_url=f"http://{address}", timeout=10) as http,
+    ):
+        assert (await http.post("/", content=b"x" * 1000)).status_code == 200
+        # Chunked: the application caught the error and answered 400; the middleware answers 413 instead.
+        response = await http.post("/", content=chunks())
+        assert response.status_code == 413, response.text
+        assert response.json() == {"detail": "Request body larger than 1000 bytes"}
+        # Declared: refused before the application runs.
+        response = await http.post("/", content=b"x" * 1001)
+        assert response.status_code == 413, response.text
