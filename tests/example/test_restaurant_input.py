@@ -8,6 +8,7 @@ Defects 1, 2 and the echo half of 4 of issue 13: a NUL character gave PostgreSQL
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pytest
@@ -206,3 +207,37 @@ async def test_validation_errors_show_a_bounded_preview_of_the_input(service: Ru
     [error] = response.json()["detail"]
     assert error["loc"] == ["body", "k" * 64 + "..."]
     assert len(response.content) < 1000
+
+
+def _strings(schema: Any, where: str = "") -> list[tuple[str, dict[str, Any]]]:
+    """Every free-form string schema (not an enum) inside a JSON Schema, with where it is."""
+    found: list[tuple[str, dict[str, Any]]] = []
+    if isinstance(schema, dict):
+        if schema.get("type") == "string" and "enum" not in schema and "const" not in schema:
+            found.append((where, schema))
+        for key, value in schema.items():
+            found.extend(_strings(value, f"{where}/{key}"))
+    elif isinstance(schema, list):
+        for index, value in enumerate(schema):
+            found.extend(_strings(value, f"{where}/{index}"))
+    return found
+
+
+async def test_every_string_the_api_accepts_refuses_nul_in_the_document(service: Running) -> None:
+    """The rule lives in one type (``schemas.Text``); the OpenAPI document shows it on every input string,
+    so a field added without it is caught here."""
+    document = (await service.http.get("/openapi.json")).json()
+    inputs: list[tuple[str, dict[str, Any]]] = []
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            for parameter in operation.get("parameters", ()):
+                if parameter["in"] == "path":
+                    inputs.extend(_strings(parameter["schema"], f"{method} {path} {parameter['name']}"))
+    responses = {"HTTPValidationError", "ValidationError", "NotFoundBody", "Guest", "Table"}
+    for name, schema in document["components"]["schemas"].items():
+        if name not in responses and not name.endswith(("List", "Result")):
+            inputs.extend(_strings(schema, name))
+    assert len(inputs) > 15, inputs
+    for where, schema in inputs:
+        assert "pattern" in schema, where
+        assert re.search(schema["pattern"], "a\x00b") is None, where
