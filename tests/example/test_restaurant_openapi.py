@@ -124,3 +124,15 @@ async def test_the_openapi_document_matches_the_server(service: Running) -> None
     assert not run.failures, "\n\n".join(run.failures)
     # The tokens worked: valid cases reached the routes (were every answer a 401, every check would pass).
     assert run.statuses[200] and run.statuses[201] and run.statuses[404], run.statuses
+
+
+async def test_405_names_every_method_of_the_path(service: Running) -> None:
+    """Starlette named the methods of the first route on the path only (``Allow: GET`` on a guest)."""
+    for path, allowed in (
+        (f"/restaurants/{FALLBACK_RESTAURANT}/guests/g1", "DELETE, GET, PUT"),
+        (f"/restaurants/{FALLBACK_RESTAURANT}/guests", "GET, POST"),
+        (f"/restaurants/{FALLBACK_RESTAURANT}/tables/t1", "GET, PUT"),
+    ):
+        response = await service.http.request("PATCH", path, json={})
+        assert response.status_code == 405, path
+        assert response.headers["allow"] == allowed, path
