@@ -7,7 +7,7 @@ cases: first schemathesis's coverage cases (boundary values, nulls, missing and 
 path does not take), then generated ones. Every response goes through all of schemathesis's checks: no 500,
 responses, status codes and ``Allow`` as documented, valid data accepted, invalid data rejected,
 authentication enforced. The generated examples are bounded and derandomized, so a run is reproducible and
-takes about 20 s per database on a loaded machine.
+takes about 10 s per database on an idle machine.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ pytestmark = pytest.mark.anyio
 
 #: Generated examples per operation and generation mode (the coverage cases come on top).
 MAX_EXAMPLES = 10
-#: What one database's run may take, in seconds.
-TIME_BUDGET = 60.0
+#: What one database's run may take, in seconds: a guard against a hang, not a benchmark (a run takes about
+#: 10 s on an idle machine, 20 to 50 s on a loaded one).
+TIME_BUDGET = 120.0
 #: Failures reported per operation and phase (the first ones; the rest are usually the same bug).
 MAX_REPORTED = 3
 
