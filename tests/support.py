@@ -122,3 +122,38 @@ class StalledClient:
                 if first & 0x0F == 0x1:
                     frames.append(payload.decode())
         return frames
+
+    async def read_until_close(self, timeout: float = 10.0) -> tuple[int, str, int] | None:
+        """Read frames until a close frame: return its ``(code, reason, text frames before it)``.
+
+        ``None`` means the server ended the TCP connection without a close frame (a client library
+        reports that as 1006).
+        """
+        loop = asyncio.get_running_loop()
+        buffer = bytearray()
+        texts = 0
+        async with asyncio.timeout(timeout):
+            while True:
+                while True:  # parse every whole frame in the buffer
+                    if len(buffer) < 2:
+                        break
+                    length, offset = buffer[1] & 0x7F, 2
+                    if length == 126:
+                        length, offset = int.from_bytes(buffer[2:4], "big"), 4
+                    elif length == 127:
+                        length, offset = int.from_bytes(buffer[2:10], "big"), 10
+                    if len(buffer) < offset + length:
+                        break
+                    opcode, payload = buffer[0] & 0x0F, bytes(buffer[offset : offset + length])
+                    del buffer[: offset + length]
+                    if opcode == 0x8:
+                        code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+                        return code, payload[2:].decode(), texts
+                    texts += opcode == 0x1
+                try:
+                    chunk = await loop.sock_recv(self.sock, 1 << 20)
+                except ConnectionResetError:
+                    return None
+                if not chunk:
+                    return None
+                buffer += chunk
