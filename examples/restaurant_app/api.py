@@ -110,6 +110,10 @@ async def _restaurant_access(request: Request, device: Device) -> None:
 _AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"description": "No token, or an invalid or expired one (when a secret is configured)."},
     403: {"description": "The token is bound to another restaurant."},
+    503: {
+        "description": "The database could not complete the request in time (a lock held past "
+        "``lock_timeout``, a session ended while stalled); nothing was changed: retry after Retry-After."
+    },
 }
 #: Every route under ``/restaurants/{restaurant_id}``, reads included (the lists hold guests' names and
 #: phone numbers); included into ``router`` at the end of the module.

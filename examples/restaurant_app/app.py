@@ -15,6 +15,7 @@ from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.exceptions import HTTPException
 from starlette.routing import Route, WebSocketRoute
@@ -107,6 +108,7 @@ def create_app(
     app.add_exception_handler(NotFound, _not_found)
     app.add_exception_handler(RequestValidationError, validation_error_response)
     app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(DBAPIError, _database_error)
     app.add_middleware(RequestBodyLimit, max_body_size=settings.max_body_size)
     app.add_api_route("/", _to_host_stand, include_in_schema=False)
     app.mount("/host-stand", StaticFiles(directory=STATIC_DIR, html=True), name="host-stand")
@@ -172,6 +174,29 @@ async def _http_error(request: Request, exc: Exception) -> Response:
         # DELETE); RFC 9110 wants every method of the resource in Allow: the document has them all.
         exc.headers = {**(exc.headers or {}), "Allow": ", ".join(methods)}
     return await http_exception_handler(request, exc)
+
+
+#: SQLSTATEs of a write that may succeed if sent again: a lock not had within ``lock_timeout``, a session
+#: ended by ``idle_in_transaction_session_timeout`` (this process stalled in its transaction), a statement
+#: over ``statement_timeout``, a server shutting down, a serialisation failure or deadlock.
+RETRYABLE_SQLSTATES = frozenset({"55P03", "25P03", "57014", "57P01", "40001", "40P01"})
+
+
+async def _database_error(request: Request, exc: Exception) -> Response:
+    """Answer 503 with ``Retry-After`` for a database error that a retry may not meet; re-raise others."""
+    assert isinstance(exc, DBAPIError)
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    if not exc.connection_invalidated and sqlstate not in RETRYABLE_SQLSTATES:
+        raise exc
+    logger.warning(
+        "%s %s: database unavailable (%s): %s", request.method, request.url.path, sqlstate, exc.orig
+    )
+    # Nothing of the write was committed: the transaction was rolled back with its outbox rows.
+    return JSONResponse(
+        {"detail": "The database could not complete the request in time; nothing was changed. Retry."},
+        status_code=503,
+        headers={"Retry-After": "1"},
+    )
 
 
 async def _not_found(request: Request, exc: Exception) -> JSONResponse:
