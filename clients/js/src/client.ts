@@ -123,11 +123,15 @@ type ClientEvents = {
 
 /** What `resync` receives: why, and the stream position the server is at. */
 export interface ResyncInfo {
-  /** `initial` (before the first connection, without a `position`), a reason the server sent (`epoch_changed`,
-   * `history_trimmed`, `seq_ahead`, `backend_interrupted`, ...), or `requested` (`Subscription.resync()`). */
+  /**
+   * `initial` (before the first connection, without a `position`); a reason the server sent
+   * (`epoch_changed`, `history_trimmed`, `seq_ahead`, `backend_interrupted`, ...); `requested`
+   * (`Subscription.resync()`); or `resume_overflow` (two resumes in a row were closed with 4001 before
+   * any event arrived: the backlog is larger than the server lets a connection queue).
+   */
   readonly reason: string;
   readonly channel: string | null;
-  /** The server's position when it sent `resync_required`; `null` for `initial` and `requested`. */
+  /** The server's position when it sent `resync_required`; `null` for the client's own reasons. */
   readonly epoch: string | null;
   readonly seq: number | null;
 }
@@ -221,6 +225,23 @@ export class Subscription<E extends AnyEvent = AnyEvent> extends Emitter<Subscri
     this.stats.resyncs += 1;
     this.emit("resync", info);
     this.#cursor.reset(checkPosition(await this.#options.resync!(info)));
+  }
+
+  /**
+   * @internal Give up resuming: load a snapshot (or, without a resync callback, start at the server's
+   * current position) before the next connection.
+   */
+  async restart(reason: string): Promise<void> {
+    this.#queue = [];
+    const info: ResyncInfo = { reason, channel: this.#channel, epoch: null, seq: null };
+    this.stats.resyncs += 1;
+    this.emit("resync", info);
+    if (this.#options.resync === undefined) {
+      this.#cursor.position = null;
+      return;
+    }
+    this.#cursor.reset(checkPosition(await this.#options.resync(info)));
+    this.emit("position", this.#cursor.position!);
   }
 
   /** @internal */
@@ -356,6 +377,8 @@ export class Subscription<E extends AnyEvent = AnyEvent> extends Emitter<Subscri
 
 interface Attempt {
   readonly transport: Transport;
+  /** The subscription's position when the attempt started, to tell whether it made progress. */
+  readonly from: Position | null;
   opened: boolean;
   welcome: Welcome | null;
   /** The epoch of the events arriving now: the welcome's, then that of each resync_required. */
@@ -363,6 +386,10 @@ interface Attempt {
 }
 
 const NOT_GIVEN = Symbol("not given");
+/** The server closed the connection because it fell behind its outbound queue bound. */
+const SLOW_CONSUMER = 4001;
+
+const samePosition = (a: Position, b: Position | null): boolean => b !== null && a.epoch === b.epoch && a.seq === b.seq;
 
 /**
  * A connection to one rtbroadcast stream that keeps itself up: it reconnects with capped exponential
@@ -385,6 +412,9 @@ export class Client<E extends AnyEvent = AnyEvent> extends Emitter<ClientEvents>
   #attempt: Attempt | null = null;
   #failures = 0;
   #websocketFailures = 0;
+  /** Slow-consumer closes in a row that brought no event: the backlog itself overflows the server's queue. */
+  #stalledResumes = 0;
+  #restartReason: string | null = null;
   #transport: TransportKind;
   #token: string | undefined | typeof NOT_GIVEN;
   readonly #timers: Record<"retry" | "connect" | "stable" | "ping" | "dead", ReturnType<typeof setTimeout> | undefined> = {
@@ -499,6 +529,10 @@ export class Client<E extends AnyEvent = AnyEvent> extends Emitter<ClientEvents>
     const subscription = this.#subscription!;
     try {
       if (subscription.needsInitialSnapshot) await subscription.loadInitialSnapshot();
+      if (this.#restartReason !== null) {
+        await subscription.restart(this.#restartReason);
+        this.#restartReason = null;
+      }
       if (this.#token === NOT_GIVEN && this.#options.getToken !== undefined) {
         this.#token = (await this.#options.getToken({ reason: "connect" })) ?? NOT_GIVEN;
       }
@@ -536,7 +570,7 @@ export class Client<E extends AnyEvent = AnyEvent> extends Emitter<ClientEvents>
         kind === "websocket"
           ? openWebSocket(this.#WebSocket!, url.toString(), handlers)
           : openEventSource(this.#EventSource!, url.toString(), handlers);
-      attempt = { transport, opened: false, welcome: null, epoch: null };
+      attempt = { transport, from: subscription.position, opened: false, welcome: null, epoch: null };
     } catch (error) {
       this.emit("error", new ClientError(`cannot open ${url.toString()}`, undefined, { cause: error }));
       this.#retry(ABNORMAL_CLOSURE, "cannot open the connection");
@@ -653,6 +687,17 @@ export class Client<E extends AnyEvent = AnyEvent> extends Emitter<ClientEvents>
       if (this.#websocketFailures >= threshold && this.#sseUrl !== null && this.#EventSource !== undefined) {
         this.#transport = "sse";
       }
+    }
+    if (code === SLOW_CONSUMER && attempt.from !== null && samePosition(attempt.from, this.#subscription!.position)) {
+      // Closed for falling behind before a single event was applied: the replay of what was missed is
+      // larger than the server's queue bound, so resuming again would fail again. Reload instead.
+      this.#stalledResumes += 1;
+      if (this.#stalledResumes >= 2) {
+        this.#stalledResumes = 0;
+        this.#restartReason = "resume_overflow";
+      }
+    } else if (code === SLOW_CONSUMER) {
+      this.#stalledResumes = 0;
     }
     const action = closeAction(code);
     if (action === "reconnect") {

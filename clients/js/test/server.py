@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -82,7 +84,8 @@ def build_app(args: argparse.Namespace) -> Any:
             async with lock:  # publish and store as one step, so that a snapshot lines up with the stream
                 stored = items.setdefault(room, [])
                 number = len(stored) + 1
-                item = Item(room=room, n=number, pad="x" * size)
+                # Random padding: WebSocket compression (which Node's client negotiates) cannot shrink it.
+                item = Item(room=room, n=number, pad=base64.b64encode(os.urandom(size * 3 // 4)).decode())
                 last = await broadcaster.publish(f"room:{room}", item)
                 first = first or last
                 stored.append({"n": number, "room": room})
