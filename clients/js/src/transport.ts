@@ -49,6 +49,7 @@ export const ABNORMAL_CLOSURE = 1006;
 export function openWebSocket(Ctor: WebSocketConstructor, url: string, handlers: TransportHandlers): Transport {
   const socket = new Ctor(url);
   let done = false;
+  let opened = false;
   const finish = (code: number, reason: string): void => {
     if (done) return;
     done = true;
@@ -59,6 +60,7 @@ export function openWebSocket(Ctor: WebSocketConstructor, url: string, handlers:
     socket.onopen = socket.onmessage = socket.onclose = socket.onerror = null;
   };
   socket.onopen = () => {
+    opened = true;
     if (!done) handlers.open();
   };
   socket.onmessage = (event) => {
@@ -68,7 +70,9 @@ export function openWebSocket(Ctor: WebSocketConstructor, url: string, handlers:
   };
   socket.onclose = (event) => finish(event.code || ABNORMAL_CLOSURE, event.reason || "");
   socket.onerror = () => {
-    // A close event follows an error event; nothing to do until then.
+    // After an open socket's error, a close event with the code follows. A handshake that fails gets an
+    // error and (in browsers) a close with 1006; Node 20's WebSocket sends no close then, so end here.
+    if (!opened) finish(ABNORMAL_CLOSURE, "connection failed");
   };
   return {
     kind: "websocket",

@@ -95,11 +95,16 @@ export class TestServer {
     clearTimeout(timer);
   }
 
+  /** Start again on the same port with the same options (after `stop`). */
+  async start() {
+    const next = await startServer(this.args, { port: this.port });
+    this.child = next.child;
+  }
+
   /** Stop, then start again on the same port with the same options. */
   async restart(signal = "SIGTERM") {
     await this.stop(signal);
-    const next = await startServer(this.args, { port: this.port });
-    this.child = next.child;
+    await this.start();
   }
 
   /** Freeze the process (SIGSTOP): its sockets stay open and nothing answers, like a dead network. */

@@ -4,7 +4,7 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 
-import { follow, numbers, range, startServer, tempDir, waitFor } from "./helpers.js";
+import { MS, follow, numbers, range, sleep, startServer, tempDir, waitFor } from "./helpers.js";
 
 test("history trimmed while the client was away: resync, then continue with nothing lost", async () => {
   const server = await startServer(["--backend", "memory://?history_size=10"]);
@@ -48,8 +48,16 @@ test("server restart on the memory backend: epoch_changed, resync, then continue
     await server.publish("restart", 20);
     await waitFor(() => app.items.size === 20, { message: "20 items" });
     const before = subscription.position;
-    await server.restart(); // SIGTERM: the clients get 1001; a new process, a new epoch, seq from 0
+    await server.stop(); // SIGTERM: uvicorn closes the connections; the process, its history and epoch are gone
+    await sleep(1500); // down for a while: the client's attempts meet a closed port
+    const attemptsWhileDown = client.stats.attempts;
+    await server.start(); // a new process on the same port: a new epoch, seqs from 1 again
+    const startedAt = Date.now();
     await waitFor(() => app.snapshots === 2, { timeout: 15000, message: "the snapshot after the restart" });
+    // Each failed attempt ends at once (not after connectTimeout), so the client is back within one
+    // backoff ceiling (1 s in these tests) of the restart.
+    assert.ok(Date.now() - startedAt < 1000 + 1500 * MS, `back after ${Date.now() - startedAt} ms`);
+    assert.ok(attemptsWhileDown >= 3, `attempts while down: ${attemptsWhileDown}`);
     await server.publish("restart", 10);
     await waitFor(() => app.items.size === 30, { message: "30 items" });
     assert.deepEqual(numbers(app), range(30));
