@@ -11,7 +11,7 @@ import { fileURLToPath } from "node:url";
 import { Client } from "../dist/index.js";
 
 const here = path.dirname(fileURLToPath(import.meta.url));
-const python = process.env.RTB_PYTHON ?? path.resolve(here, "../../../.venv/bin/python");
+export const python = process.env.RTB_PYTHON ?? path.resolve(here, "../../../.venv/bin/python");
 
 /** One timing unit for these tests (ms): bounds are multiples of it, so a loaded machine can slow them all. */
 export const MS = Number(process.env.RTB_TEST_MS ?? 1);
