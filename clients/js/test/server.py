@@ -13,7 +13,7 @@ uvicorn listens on 127.0.0.1, and serves:
 - ``POST /control/gate?open=0|1``: with the gate shut, new WebSocket connections are closed with 1013
   and SSE requests get 503 (the service is "down" while the process keeps its history).
 - ``POST /control/revoke?token=T``: refuse token T from now on (4003 "token expired").
-- ``GET /control/stats``: connection attempts seen (per transport and token), refusals, the broadcaster's stats.
+- ``GET /control/stats``: connection attempts (per transport and token), refusals, the broadcaster's stats.
 
 Items are kept in ``--state FILE`` (JSON) when given, so that a restarted process still has the data of
 its "database" while the memory backend's stream starts again in a new epoch.
@@ -65,7 +65,7 @@ def build_app(args: argparse.Namespace) -> Any:
     revoked: set[str] = set()
     gate = {"open": True}
     counts: dict[str, int] = {}
-    tasks: set[asyncio.Task[None]] = set()
+    tasks: set[asyncio.Task[tuple[int, int]]] = set()
 
     def count(key: str) -> None:
         counts[key] = counts.get(key, 0) + 1
@@ -123,7 +123,7 @@ def build_app(args: argparse.Namespace) -> Any:
         return JSONResponse({"revoked": sorted(revoked)})
 
     async def control_stats(request: Request) -> JSONResponse:
-        return JSONResponse({"counts": counts, "broadcaster": broadcaster.stats()}, headers={})
+        return JSONResponse({"counts": counts, "broadcaster": broadcaster.stats()})
 
     async def snapshot(request: Request) -> JSONResponse:
         room = request.path_params["room"]
@@ -183,7 +183,8 @@ async def main() -> None:
             raise SystemExit("uvicorn exited before it started")
         await asyncio.sleep(0.01)
     port = server.servers[0].sockets[0].getsockname()[1]
-    print(f"PORT {port}", flush=True)
+    sys.stdout.write(f"PORT {port}\n")  # the tests wait for this line
+    sys.stdout.flush()
     await task
 
 
