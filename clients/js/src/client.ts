@@ -102,6 +102,8 @@ export interface DisconnectInfo {
   readonly reason: string;
   /** Milliseconds until the next attempt; `null` when the client stopped. */
   readonly retryIn: number | null;
+  /** Which retry comes next since the last stable connection: 1, 2, ... (0 when the client stopped). */
+  readonly retry: number;
 }
 
 /** An error the client reports; `code` is the close code when the server refused or ended the stream. */
@@ -732,7 +734,7 @@ export class Client<E extends AnyEvent = AnyEvent> extends Emitter<ClientEvents>
 
   #refuse(code: number, reason: string): void {
     this.emit("error", new ClientError(`the server ${code === 1000 ? "ended the stream" : "refused the connection"}: ${code} ${reason}`, code));
-    this.emit("disconnect", { code, reason, retryIn: null });
+    this.emit("disconnect", { code, reason, retryIn: null, retry: 0 });
     this.#stop();
   }
 
@@ -740,7 +742,7 @@ export class Client<E extends AnyEvent = AnyEvent> extends Emitter<ClientEvents>
     const delay = backoffDelay(this.#failures, this.#options.backoff);
     this.#failures += 1;
     this.#setState("waiting");
-    this.emit("disconnect", { code, reason, retryIn: delay });
+    this.emit("disconnect", { code, reason, retryIn: delay, retry: this.#failures });
     clearTimeout(this.#timers.retry);
     this.#timers.retry = setTimeout(() => {
       if (this.#state === "waiting") void this.#open();

@@ -75,3 +75,27 @@ for (const [code, name] of [
     client.close();
   });
 }
+
+test("the backoff grows while connections die young, and starts over after a stable one", async () => {
+  const room = "stable";
+  const { client, app } = follow(server, room, { stableAfter: 400, backoff: { initialDelay: 50, maxDelay: 200 } });
+  const dropWhenConnected = async () => {
+    const seen = app.disconnects.length;
+    await client.when("connected", { timeout: 5000 });
+    assert.equal((await server.closeConnections(room, 1012)).closed, 1);
+    await waitFor(() => app.disconnects.length === seen + 1, { message: "the drop" });
+  };
+  try {
+    client.connect();
+    for (let i = 0; i < 3; i += 1) await dropWhenConnected(); // each lived far less than 400 ms
+    assert.deepEqual(app.disconnects.map((d) => d.retry), [1, 2, 3]);
+    assert.ok(app.disconnects.every((d, i) => d.retryIn < Math.min(200, 50 * 2 ** i)), JSON.stringify(app.disconnects));
+    await client.when("connected", { timeout: 5000 });
+    await new Promise((resolve) => setTimeout(resolve, 600)); // stable: longer than stableAfter
+    await server.closeConnections(room, 1012);
+    await waitFor(() => app.disconnects.length === 4, { message: "the fourth drop" });
+    assert.equal(app.disconnects[3].retry, 1);
+  } finally {
+    client.close();
+  }
+});

@@ -28,7 +28,7 @@ test("a 4003 refusal stops the client: one connection attempt in 3 s, state clos
   await sleep(3000); // with a 10..50 ms backoff a storm would make dozens of attempts by now
   assert.equal(await attempts("expired-1"), 1);
   assert.equal(client.stats.attempts, 1);
-  assert.deepEqual(disconnects, [{ code: 4003, reason: "token expired", retryIn: null }]);
+  assert.deepEqual(disconnects, [{ code: 4003, reason: "token expired", retryIn: null, retry: 0 }]);
   assert.equal(errors.length, 1);
   assert.equal(errors[0].code, 4003);
 });
