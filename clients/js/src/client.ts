@@ -183,6 +183,8 @@ export class Subscription<E extends AnyEvent = AnyEvent> extends Emitter<Subscri
   readonly #host: SubscriptionHost;
   #queue: QueueItem<E>[] = [];
   #running = false;
+  /** The epoch of the events the connection delivers now (its welcome's, then each resync_required's). */
+  #streamEpoch: string | null = null;
   /** Counters: events applied, duplicates dropped, gaps seen, resyncs run. */
   readonly stats = { applied: 0, duplicates: 0, gaps: 0, resyncs: 0 };
 
@@ -259,6 +261,7 @@ export class Subscription<E extends AnyEvent = AnyEvent> extends Emitter<Subscri
       );
     }
     this.#channel = welcome.channel;
+    this.#streamEpoch = welcome.epoch;
     // Without a position, start at the channel's current one. With one, either the resume succeeded, or
     // a resync_required follows at once.
     if (this.#cursor.position === null) this.#cursor.reset({ epoch: welcome.epoch, seq: welcome.seq });
@@ -272,6 +275,7 @@ export class Subscription<E extends AnyEvent = AnyEvent> extends Emitter<Subscri
 
   /** @internal */
   resyncRequired(frame: ResyncRequired): void {
+    this.#streamEpoch = frame.epoch;
     this.#push({ kind: "resync", info: { reason: frame.reason, channel: this.#channel, epoch: frame.epoch, seq: frame.seq } });
   }
 
@@ -360,7 +364,8 @@ export class Subscription<E extends AnyEvent = AnyEvent> extends Emitter<Subscri
     this.#cursor.reset(next);
     this.emit("position", next);
     this.#setState("live");
-    if (info.epoch !== null && next.epoch !== info.epoch) {
+    const streamEpoch = info.epoch ?? this.#streamEpoch;
+    if (streamEpoch !== null && next.epoch !== streamEpoch) {
       // The snapshot belongs to another stream than this connection's (the server restarted between the
       // two): resume from the snapshot on a new connection.
       this.#queue = [];
@@ -500,6 +505,7 @@ export class Client<E extends AnyEvent = AnyEvent> extends Emitter<ClientEvents>
   /** Resolve once the client reaches `state` (for example `connected`); reject if it closes first. */
   when(state: ClientState, options: { timeout?: number } = {}): Promise<void> {
     if (this.#state === state) return Promise.resolve();
+    if (this.#state === "closed") return Promise.reject(new ClientError(`the client is closed: it cannot reach '${state}'`));
     return new Promise((resolve, reject) => {
       let timer: ReturnType<typeof setTimeout> | undefined;
       const off: Unsubscribe = this.on("state", (now) => {

@@ -111,3 +111,25 @@ test("a snapshot taken past the resync point: the events it already holds are dr
     await server.stop();
   }
 });
+
+test("subscription.resync() reloads on the application's initiative and continues on the same connection", async () => {
+  const server = await startServer();
+  const { client, subscription, app } = follow(server, "asked");
+  try {
+    client.connect();
+    await client.when("connected", { timeout: 5000 });
+    await server.publish("asked", 3);
+    await waitFor(() => app.items.size === 3, { message: "3 items" });
+    app.items.clear(); // the application lost its state (say, applying an event failed)
+    subscription.resync();
+    await waitFor(() => app.snapshots === 2, { message: "the reload" });
+    assert.equal(app.resyncs[1].reason, "requested");
+    assert.deepEqual(numbers(app), range(3));
+    await server.publish("asked", 2);
+    await waitFor(() => app.items.size === 5, { message: "5 items" });
+    assert.equal(client.stats.attempts, 1, "same connection");
+  } finally {
+    client.close();
+    await server.stop();
+  }
+});
