@@ -17,7 +17,7 @@ import websockets
 from websockets.exceptions import ConnectionClosed
 
 from rtbroadcast import CloseCode
-from rtbroadcast.protocol import decode_client_frame, decode_server_frame
+from rtbroadcast.protocol import ObservedCloseCode, decode_client_frame, decode_server_frame
 
 from .asyncapi_support import asyncapi_errors
 from .support import recv_json, serve
@@ -277,18 +277,25 @@ async def test_resume_client_follows_resumes_and_resyncs() -> None:
 # -- reference pages -------------------------------------------------------------------------------
 
 
-def test_close_code_table_lists_every_close_code() -> None:
+def test_close_code_table_lists_every_close_code_a_client_sees() -> None:
+    """The table is in the Markdown (it reads right on GitHub) and says what the code says."""
     hooks = docs_hooks()
     page = (DOCS / "reference" / "protocol.md").read_text()
-    assert "<!-- rtbroadcast:close-codes -->" in page
-    rows = [line for line in hooks.close_codes_table().splitlines()[2:]]
-    assert [int(row.split("`")[1]) for row in rows] == [int(code) for code in CloseCode]
-    assert [row.split("`")[3] for row in rows] == [code.name for code in CloseCode]
+    assert hooks.refresh(page) == page, "the close-code table is stale: run python docs/_tools/hooks.py"
+    table = page.split("<!-- rtbroadcast:close-codes -->")[1].split("<!-- /rtbroadcast:close-codes -->")[0]
+    rows = table.strip().splitlines()[2:]
+    expected = sorted([*CloseCode, *ObservedCloseCode])
+    assert [int(row.split("`")[1]) for row in rows] == [int(code) for code in expected]
+    assert [row.split("`")[3] for row in rows] == [code.name for code in expected]
     for row in rows:
         assert len(row.rsplit("|", 2)[1].strip()) > 10, f"no description: {row}"
+    # What a client gets on a restart: 1001 from the drain, 1012 from uvicorn without one, 1006 if killed.
+    for code in (1001, 1006, 1012):
+        assert f"| `{code}` |" in table
     expanded = hooks.expand(page)
-    assert "<!-- rtbroadcast:" not in expanded
+    assert "<!-- rtbroadcast:resync-reasons -->" not in expanded
     assert "`resync_required`" in expanded
+    assert expanded.count("| `1012` |") == 1
 
 
 def test_protocol_page_examples_are_real_frames() -> None:

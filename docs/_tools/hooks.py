@@ -1,8 +1,11 @@
 """MkDocs hooks: tables generated from the code, so that the protocol reference cannot drift from it.
 
-A page writes a marker such as ``<!-- rtbroadcast:close-codes -->`` on a line of its own; the build
-replaces it with a table built from :class:`rtbroadcast.CloseCode` and the ``#:`` comments above each
-member. The build also adds the AsyncAPI documents of the tutorial's app and of the example service.
+A page writes a marker such as ``<!-- rtbroadcast:error-codes -->`` on a line of its own; the build
+replaces it with a table built from the code (here the ``#:`` comments above each member of
+:class:`rtbroadcast.ResyncReason`, say). A table that must also read right as source, on GitHub, sits
+between a marker and its closing ``<!-- /rtbroadcast:... -->``: the build refreshes it from the code, a
+test checks that the page already holds what the code says, and ``python docs/_tools/hooks.py`` rewrites
+the pages. The build also adds the AsyncAPI documents of the tutorial's app and of the example service.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from rtbroadcast import CloseCode, ProtocolError, ResyncReason
+from rtbroadcast.protocol import ObservedCloseCode
 
 SNIPPETS = Path(__file__).parent.parent / "snippets"
 ROOT = Path(__file__).parent.parent.parent
@@ -44,10 +48,15 @@ def _cell(text: str) -> str:
 
 
 def close_codes_table() -> str:
-    """Return the Markdown table of every close code."""
+    """Return the Markdown table of every close code a client can see, from rtbroadcast or not, by code."""
     rows = ["| Code | Name | Meaning, and what the client does |", "| ---: | --- | --- |"]
-    for name, comment in commented_members(CloseCode):
-        rows.append(f"| `{int(CloseCode[name])}` | `{name}` | {_cell(comment)} |")
+    codes = [(int(CloseCode[name]), f"`{name}`", comment) for name, comment in commented_members(CloseCode)]
+    codes += [
+        (int(ObservedCloseCode[name]), f"`{name}` (not from rtbroadcast)", comment)
+        for name, comment in commented_members(ObservedCloseCode)
+    ]
+    for code, name, comment in sorted(codes):
+        rows.append(f"| `{code}` | {name} | {_cell(comment)} |")
     return "\n".join(rows)
 
 
@@ -78,10 +87,33 @@ MARKERS: dict[str, Callable[[], str]] = {
 }
 
 
+#: Tables kept in the Markdown between ``<!-- rtbroadcast:NAME -->`` and ``<!-- /rtbroadcast:NAME -->``.
+KEPT = ("close-codes",)
+PAGES_WITH_KEPT_TABLES = (ROOT / "docs" / "reference" / "protocol.md",)
+
+
+def _kept(name: str) -> re.Pattern[str]:
+    return re.compile(rf"(<!-- rtbroadcast:{name} -->\n)(.*?)(<!-- /rtbroadcast:{name} -->)", re.S)
+
+
+def _between(table: str) -> str:
+    return "\n" + table + "\n\n"
+
+
+def refresh(markdown: str) -> str:
+    """Put the current table between each pair of kept-table markers in ``markdown``."""
+    for name in KEPT:
+        table = _between(MARKERS[f"<!-- rtbroadcast:{name} -->"]())
+        markdown = _kept(name).sub(lambda match, table=table: match[1] + table + match[3], markdown)
+    return markdown
+
+
 def expand(markdown: str) -> str:
-    """Replace every marker in ``markdown`` with its generated table."""
+    """Refresh every kept table in ``markdown`` and replace every bare marker with its generated table."""
+    markdown = refresh(markdown)
     for marker, build in MARKERS.items():
-        if marker in markdown:
+        closing = marker.replace("rtbroadcast:", "/rtbroadcast:")
+        if marker in markdown and closing not in markdown:
             markdown = markdown.replace(marker, build())
     return markdown
 
@@ -121,3 +153,11 @@ def on_files(files: Any, config: Any, **kwargs: Any) -> Any:
     for path in GENERATED:
         files.append(File.generated(config, path, content=generated(path)))
     return files
+
+
+if __name__ == "__main__":  # python docs/_tools/hooks.py: rewrite the kept tables from the code
+    for page in PAGES_WITH_KEPT_TABLES:
+        text = page.read_text()
+        if refresh(text) != text:
+            page.write_text(refresh(text))
+            sys.stdout.write(f"updated {page.relative_to(ROOT)}\n")

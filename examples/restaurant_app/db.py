@@ -4,6 +4,11 @@ Every write transaction starts by bumping its restaurant's ``version`` (creating
 first write). That row lock serialises writes per restaurant in both databases, makes SQLite take its
 write lock at the first statement (so two writers never deadlock upgrading a read lock), and gives the
 list endpoints a counter that changes exactly when the restaurant's data does.
+
+On PostgreSQL every session runs with ``idle_in_transaction_session_timeout`` and ``lock_timeout``
+(:data:`POSTGRES_SESSION_DEFAULTS`): a process that stalls inside a write transaction (frozen, swapped
+out, stuck in a loop) holds its restaurant's row lock for at most the first, because the server then ends
+its session and rolls the write back; no write waits for a lock longer than the second.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.pool import ConnectionPoolEntry
 
 __all__ = [
+    "POSTGRES_SESSION_DEFAULTS",
+    "POSTGRES_SESSION_SETTINGS",
     "Base",
     "GuestRow",
     "RestaurantRow",
@@ -27,6 +34,26 @@ __all__ = [
     "normalize_database_url",
     "session_factory",
 ]
+
+
+#: Session settings every PostgreSQL connection of the service gets, unless the URL or ``connect_args``
+#: set them. A write transaction idle for longer than 0.5 s (its process stalled) is rolled back by the
+#: server, which frees the restaurant's row lock for the other processes; a lock wait longer than 2 s (a
+#: lock held by some other client, e.g. a psql session) fails the write instead of hanging it.
+POSTGRES_SESSION_DEFAULTS: dict[str, str] = {
+    "idle_in_transaction_session_timeout": "500",
+    "lock_timeout": "2000",
+}
+
+#: Query parameters of a PostgreSQL URL that are sent as session settings rather than to asyncpg, e.g.
+#: ``postgresql://app@db/restaurants?search_path=tenant_a&idle_in_transaction_session_timeout=2000``.
+POSTGRES_SESSION_SETTINGS = (
+    "application_name",
+    "search_path",
+    "idle_in_transaction_session_timeout",
+    "lock_timeout",
+    "statement_timeout",
+)
 
 
 class Base(DeclarativeBase):
@@ -99,10 +126,26 @@ def create_engine(url: str | URL, **options: Any) -> AsyncEngine:
     A SQLite file runs in WAL mode (readers do not block the writer) with a 30 s busy timeout and
     foreign keys on. An in-memory SQLite database is refused: every pooled connection would get its own.
 
+    A PostgreSQL session gets :data:`POSTGRES_SESSION_DEFAULTS`; the URL's query parameters named in
+    :data:`POSTGRES_SESSION_SETTINGS` become session settings too (asyncpg's ``server_settings``), and
+    ``connect_args={"server_settings": {...}}`` overrides both.
+
     Raises:
         ValueError: the URL names an in-memory SQLite database.
     """
     parsed = normalize_database_url(url)
+    if parsed.get_backend_name() == "postgresql":
+        from_url = {
+            name: str(value) for name, value in parsed.query.items() if name in POSTGRES_SESSION_SETTINGS
+        }
+        parsed = parsed.difference_update_query(from_url)
+        connect_args = dict(options.get("connect_args", {}))
+        connect_args["server_settings"] = {
+            **POSTGRES_SESSION_DEFAULTS,
+            **from_url,
+            **connect_args.get("server_settings", {}),
+        }
+        options["connect_args"] = connect_args
     if parsed.get_backend_name() != "sqlite":
         return create_async_engine(parsed, **options)
     if parsed.database in (None, "", ":memory:"):

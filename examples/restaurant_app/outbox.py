@@ -1,21 +1,48 @@
 """A transactional outbox: events are written with the data change, then relayed to the broadcaster.
 
 The write transaction inserts one outbox row per event, so an event exists exactly when its change
-committed. A relay task publishes pending rows in id order and records the seq each got. Each publish
-carries the idempotency key ``outbox:<id>``: a relay that crashes between publishing and recording, or
-two processes relaying at once, never publish an event twice. With the broadcast backend down, writes
-still succeed; the relay retries with capped backoff and the events go out, in order, when it is back.
+committed. Relays publish pending rows and record the seq each got. Each publish carries the idempotency
+key ``outbox:<id>``: a relay that crashes between publishing and recording, or two relays at once, never
+put an event on the wire twice. With the broadcast backend down, writes still succeed; the relay retries
+with capped backoff and the events go out, in order, when it is back.
+
+Locking, and what a stalled process (frozen, swapped out, stuck) costs the others:
+
+- **Writes.** Every write of a restaurant starts by bumping its row (``RestaurantService._write``), and
+  holds that row lock until it commits. So a channel's rows get ids in commit order: a row is inserted only
+  after every earlier write of its restaurant committed. A process that stalls inside a write holds up the
+  writes of *that restaurant* only, and on PostgreSQL for at most ``idle_in_transaction_session_timeout``
+  (0.5 s, see :mod:`.db`): the server then ends its session and rolls its write back.
+- **Relays take no lock in the database.** Every relay statement runs on its own (autocommit), so a relay
+  that stops anywhere holds nothing another process waits for. A relay publishes a channel's pending rows
+  in id order and stops at the first one it cannot publish: it never skips an older row of a channel to
+  publish a newer one. Relays may overlap (the request and the relay task, two processes, a process that
+  thawed holding rows it read before it froze): the idempotency key makes the backend publish each row
+  once and hand the first publish's seq to the others, and since each relay publishes in id order, a row
+  is first published only after every older row of its channel was. In one process, a lock per channel
+  keeps the request and the relay task from doing the same work twice.
+- **Every process relays every channel.** After a commit the request relays its restaurant's channel
+  (the response follows the broadcast); the relay task of every process relays all channels every
+  ``poll_interval``. So events that a stalled process committed but did not publish go out through the
+  other processes within ``poll_interval`` (or with the next write to the restaurant), and nothing waits
+  for the stalled one.
+- **Leases.** A relay publishes only rows it read less than ``lease`` seconds ago; older ones it reads
+  again. A process that thaws in the middle of a batch therefore re-publishes nothing the backend has
+  forgotten the idempotency key of (``lease`` must stay well below the backend's idempotency window,
+  one hour by default on Redis). What is left is a process stalled for longer than that window between
+  the lease check and the write of the publish command to its socket.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections.abc import Callable, Sequence
 from datetime import datetime
 
-from sqlalchemy import DateTime, Index, Integer, String, Text, func, select, text, update
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
+from sqlalchemy import DateTime, Index, Integer, String, Text, func, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
 from rtbroadcast import BackendUnavailable, Broadcaster, utc_now
@@ -26,9 +53,6 @@ from .events import RestaurantEvent
 __all__ = ["OutboxRow", "TransactionalOutbox"]
 
 logger = logging.getLogger(__name__)
-
-#: Key of the PostgreSQL advisory lock that lets one relay at a time publish (any constant would do).
-_RELAY_LOCK = 0x72746263
 
 
 class OutboxRow(Base):
@@ -54,9 +78,15 @@ class TransactionalOutbox:
         engine: the service's database engine.
         broadcaster: where the relay publishes.
         channel_for: maps a restaurant id to its channel.
-        poll_interval: seconds between looks for pending rows when nothing woke the relay.
-        batch_size: rows read per round.
+        poll_interval: seconds between looks for pending rows when nothing woke the relay; also the
+            longest that events committed by a stalled process wait for another process to relay them.
+        batch_size: rows of one channel read per round.
         max_backoff: longest wait between retries while the backend is unavailable.
+        lease: seconds after reading a batch that a relay may still publish from it (keep it well below
+            the backend's idempotency window).
+
+    Raises:
+        ValueError: ``lease`` is not positive.
     """
 
     def __init__(
@@ -68,18 +98,23 @@ class TransactionalOutbox:
         poll_interval: float = 1.0,
         batch_size: int = 100,
         max_backoff: float = 5.0,
+        lease: float = 30.0,
     ) -> None:
+        if lease <= 0:
+            raise ValueError(f"lease must be positive, not {lease}")
         self.engine = engine
         self.broadcaster = broadcaster
         self.channel_for = channel_for
         self.poll_interval = poll_interval
         self.batch_size = batch_size
         self.max_backoff = max_backoff
+        self.lease = lease
         self._wake = asyncio.Event()
-        # One relay at a time in this process (requests relay too); PostgreSQL's advisory lock extends
-        # that across processes. Two relays at once would still be safe (idempotency keys), only wasteful.
-        self._lock = asyncio.Lock()
-        self._postgres = engine.dialect.name == "postgresql"
+        # Each relay statement commits on its own: a relay that stalls between two holds no lock.
+        self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+        # One relay per channel at a time in this process (the request's and the task's); across
+        # processes relays may overlap, which the idempotency keys make safe.
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self.published = 0
         self.outage_since: float | None = None
 
@@ -101,13 +136,14 @@ class TransactionalOutbox:
         )
 
     async def committed(self, restaurant_id: str, events: Sequence[RestaurantEvent]) -> None:
-        """Relay right away, so that the response follows the broadcast; leave failures to the relay task.
+        """Relay the restaurant's channel right away, so that the response follows the broadcast.
 
-        During a known outage the request does not wait for the backend: the relay task retries.
+        Failures are left to the relay task. During a known outage the request does not wait for the
+        backend: the relay task retries.
         """
         if self.outage_since is None:
             try:
-                await self.relay_once()
+                await self.relay_channel(self.channel_for(restaurant_id))
                 return
             except BackendUnavailable as exc:
                 logger.warning("broadcast deferred to the outbox relay (the write stands): %s", exc)
@@ -117,7 +153,7 @@ class TransactionalOutbox:
 
     async def pending(self) -> int:
         """Return how many events wait to be published."""
-        async with self.engine.connect() as connection:
+        async with self._autocommit.connect() as connection:
             result = await connection.execute(
                 select(func.count()).select_from(OutboxRow).where(OutboxRow.published_seq.is_(None))
             )
@@ -158,55 +194,79 @@ class TransactionalOutbox:
         self._wake.clear()
 
     async def relay_once(self) -> int:
-        """Publish pending rows in id order, recording each one's seq; return how many were published.
+        """Relay every channel that has pending rows (one round of the relay task).
+
+        Returns how many rows this relay recorded as published. A channel whose relay fails with
+        anything but :class:`BackendUnavailable` is logged and left for the next round; the others go on.
 
         Raises:
             BackendUnavailable: the backend cannot be reached; rows not yet published stay pending.
         """
-        async with self._lock, self.engine.connect() as connection:
-            if self._postgres:
-                await connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _RELAY_LOCK})
-            try:
-                return await self._relay(connection)
-            finally:
-                if self._postgres:
-                    await connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _RELAY_LOCK})
-                    await connection.commit()
-
-    async def _relay(self, connection: AsyncConnection) -> int:
-        rows = (
-            await connection.execute(
-                select(
-                    OutboxRow.id,
-                    OutboxRow.restaurant_id,
-                    OutboxRow.channel,
-                    OutboxRow.event_type,
-                    OutboxRow.payload,
+        async with self._autocommit.connect() as connection:
+            channels = (
+                await connection.execute(
+                    select(OutboxRow.channel)
+                    .where(OutboxRow.published_seq.is_(None))
+                    .group_by(OutboxRow.channel)
+                    .order_by(func.min(OutboxRow.id))
                 )
-                .where(OutboxRow.published_seq.is_(None))
-                .order_by(OutboxRow.id)
-                .limit(self.batch_size)
-            )
-        ).all()
-        await connection.commit()
+            ).scalars()
+            pending = list(channels)
         sent = 0
-        for row_id, restaurant_id, channel, event_type, payload in rows:
-            seq = await self.broadcaster.publish_json(channel, payload, idempotency_key=f"outbox:{row_id}")
-            # Recorded one by one: after a crash at most one row is published again, and the
-            # idempotency key turns that into a no-op.
-            await connection.execute(
-                update(OutboxRow)
-                .where(OutboxRow.id == row_id)
-                .values(published_seq=seq, published_at=utc_now())
-            )
-            await connection.commit()
-            sent += 1
-            self.published += 1
-            logger.info(
-                "broadcast %s restaurant=%s recipients=%d seq=%d",
-                event_type,
-                restaurant_id,
-                self.broadcaster.connection_count(channel),
-                seq,
-            )
+        for channel in pending:
+            try:
+                sent += await self.relay_channel(channel)
+            except BackendUnavailable:
+                raise
+            except Exception:
+                logger.exception("outbox relay of %s failed; retrying in the next round", channel)
         return sent
+
+    async def relay_channel(self, channel: str) -> int:
+        """Publish ``channel``'s pending rows in id order, recording each one's seq.
+
+        Returns how many rows this relay recorded (a row another relay recorded first is not counted).
+
+        Raises:
+            BackendUnavailable: the backend cannot be reached; rows not yet published stay pending.
+        """
+        lock = self._locks.get(channel)
+        if lock is None:
+            lock = self._locks[channel] = asyncio.Lock()
+        loop = asyncio.get_running_loop()
+        async with lock, self._autocommit.connect() as connection:
+            rows = (
+                await connection.execute(
+                    select(OutboxRow.id, OutboxRow.restaurant_id, OutboxRow.event_type, OutboxRow.payload)
+                    .where(OutboxRow.channel == channel, OutboxRow.published_seq.is_(None))
+                    .order_by(OutboxRow.id)
+                    .limit(self.batch_size)
+                )
+            ).all()
+            read_at = loop.time()
+            sent = 0
+            for row_id, restaurant_id, event_type, payload in rows:
+                if loop.time() - read_at > self.lease:
+                    break  # stale: another relay may have published these long ago; read them again
+                seq = await self.broadcaster.publish_json(
+                    channel, payload, idempotency_key=f"outbox:{row_id}"
+                )
+                # Recorded one by one: after a crash at most one row is published again, and the
+                # idempotency key turns that into a no-op.
+                result = await connection.execute(
+                    update(OutboxRow)
+                    .where(OutboxRow.id == row_id, OutboxRow.published_seq.is_(None))
+                    .values(published_seq=seq, published_at=utc_now())
+                )
+                if result.rowcount == 0:
+                    continue  # another relay published and recorded it first
+                sent += 1
+                self.published += 1
+                logger.info(
+                    "broadcast %s restaurant=%s recipients=%d seq=%d",
+                    event_type,
+                    restaurant_id,
+                    self.broadcaster.connection_count(channel),
+                    seq,
+                )
+            return sent

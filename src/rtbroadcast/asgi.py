@@ -9,15 +9,17 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
-from typing import Any, TypeAlias
+from typing import Any, Final, TypeAlias
 from urllib.parse import parse_qsl
 
 from ._direct import DirectWriter, find_direct_writer, text_frame
+from ._shutdown import drain_on_signals
 from .backends import Envelope
-from .broadcaster import Broadcaster, is_valid_channel
+from .broadcaster import Broadcaster, BroadcasterState, is_valid_channel
 from .connection import Connection, item_text
 from .errors import BackendUnavailable, ConnectionLimitReached, ProtocolError, StateError
 from .events import format_timestamp, utc_now
@@ -39,6 +41,7 @@ __all__ = [
     "ConnectionRequest",
     "Deny",
     "channel_from_query",
+    "drain_on_signals",
 ]
 
 logger = logging.getLogger("rtbroadcast.asgi")
@@ -181,9 +184,11 @@ class BroadcastEndpoint:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
-            await self._websocket(scope, receive, send)
+            with self.broadcaster.serving():
+                await self._websocket(scope, receive, send)
         elif scope["type"] == "http" and self.sse:
-            await self._sse(scope, receive, send)
+            with self.broadcaster.serving():
+                await self._sse(scope, receive, send)
         elif scope["type"] == "http":
             await _plain_response(send, 404, "not found")
         else:
@@ -220,6 +225,8 @@ class BroadcastEndpoint:
         except ConnectionLimitReached as exc:
             raise _Refused(CloseCode.TRY_AGAIN_LATER, str(exc)) from None
         except (BackendUnavailable, StateError) as exc:
+            if self.broadcaster.state is BroadcasterState.DRAINING:
+                raise _Refused(CloseCode.GOING_AWAY, "server shutting down") from None
             logger.warning("cannot attach a connection to %r: %s", connection.channel, exc)
             raise _Refused(CloseCode.TRY_AGAIN_LATER, "service unavailable, retry later") from None
 
@@ -318,32 +325,44 @@ class BroadcastEndpoint:
             }
         )
         watcher = asyncio.get_running_loop().create_task(_watch_disconnect(receive, connection))
-        interval = self.broadcaster.heartbeat_interval
         try:
-            while True:
-                try:
-                    async with asyncio.timeout(interval):
-                        item = await connection.get()
-                except TimeoutError:
-                    await send({"type": "http.response.body", "body": b": ping\n\n", "more_body": True})
-                    continue
-                if item is None:
-                    break
-                if isinstance(item, str):
-                    chunk = f"data: {item}\n\n"
-                else:
-                    chunk = f"id: {item.epoch}:{item.seq}\ndata: {item.data}\n\n"
-                await send({"type": "http.response.body", "body": chunk.encode(), "more_body": True})
-                connection.sent += 1
+            await self._stream(connection, send)
+            code = connection.close_code
+            connection.close(CloseCode.NORMAL, "stream ended")
+            watcher.cancel()
+            body = b"" if code in (None, CloseCode.NORMAL) else _sse_farewell(code, connection.close_reason)
+            await send({"type": "http.response.body", "body": body, "more_body": False})
         except OSError:
             pass  # the client went away mid-write
+        except asyncio.CancelledError:
+            if self.broadcaster.state not in _STOPPING:
+                raise
+            # The server is stopping and cancels what still runs once its graceful-shutdown time is up (a
+            # reader that stopped reading holds its last write): the stream is over, not failed, and one
+            # traceback per client in the server's log would say otherwise.
+            logger.debug("SSE stream #%d cancelled during shutdown", connection.id)
         finally:
             connection.close(CloseCode.NORMAL, "stream ended")
             watcher.cancel()
+
+    async def _stream(self, connection: Connection, send: Send) -> None:
+        """Write the connection's frames as SSE events, with a comment every heartbeat, until it closes."""
+        interval = self.broadcaster.heartbeat_interval
+        while True:
             try:
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-            except OSError:
-                pass  # already gone
+                async with asyncio.timeout(interval):
+                    item = await connection.get()
+            except TimeoutError:
+                await send({"type": "http.response.body", "body": b": ping\n\n", "more_body": True})
+                continue
+            if item is None:
+                return
+            if isinstance(item, str):
+                chunk = f"data: {item}\n\n"
+            else:
+                chunk = f"id: {item.epoch}:{item.seq}\ndata: {item.data}\n\n"
+            await send({"type": "http.response.body", "body": chunk.encode(), "more_body": True})
+            connection.sent += 1
 
 
 class _WebSocketSession:
@@ -485,8 +504,17 @@ def _frame_of(item: Envelope | str) -> bytes:
     return cache.frame
 
 
+#: The broadcaster's states once the process has begun to stop.
+_STOPPING: Final = frozenset(
+    {BroadcasterState.DRAINING, BroadcasterState.DISCONNECTING, BroadcasterState.CLOSED}
+)
+
 #: HTTP status of an SSE request refused with a close code.
-_SSE_STATUS: dict[int, int] = {CloseCode.FORBIDDEN: 403, CloseCode.TRY_AGAIN_LATER: 503}
+_SSE_STATUS: dict[int, int] = {
+    CloseCode.FORBIDDEN: 403,
+    CloseCode.GOING_AWAY: 503,
+    CloseCode.TRY_AGAIN_LATER: 503,
+}
 
 
 async def _finish(coroutine: Generator[Any, None, None], awaiting: Any) -> None:
@@ -512,7 +540,19 @@ async def _finish(coroutine: Generator[Any, None, None], awaiting: Any) -> None:
             return
 
 
+#: Bounds of the ``retry:`` an SSE stream ended by the server announces, in milliseconds: spread out, so
+#: that the clients of a stopping process do not all reconnect to the next one at the same instant.
+SSE_RETRY_MS: Final = (500, 2500)
+
+
+def _sse_farewell(code: int, reason: str) -> bytes:
+    """The last chunk of an SSE stream the server ended: why (a comment), and when to reconnect."""
+    reason = " ".join(reason.split())
+    return f": closed {code} {reason}\nretry: {random.randint(*SSE_RETRY_MS)}\n\n".encode()
+
+
 async def _watch_disconnect(receive: Receive, connection: Connection) -> None:
+    """Close ``connection`` when the client goes (or the server says it has: ``http.disconnect``)."""
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":

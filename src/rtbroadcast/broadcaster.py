@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Generic, Self, TypeVar
@@ -49,12 +50,16 @@ class BroadcasterState(enum.Enum):
 
     ``FAILED`` replaces ``CONNECTED`` when the backend gave up for good (see :attr:`Backend.failed`):
     publishes and new subscriptions fail until :meth:`Broadcaster.disconnect` and a new connect.
+    ``DRAINING`` sits between ``CONNECTED`` and ``DISCONNECTING`` after :meth:`Broadcaster.drain` (ahead
+    of a shutdown): every connection has been closed with ``1001``; publishing still works, new
+    connections are refused.
     """
 
     NEW = "new"
     CONNECTING = "connecting"
     CONNECTED = "connected"
     FAILED = "failed"
+    DRAINING = "draining"
     DISCONNECTING = "disconnecting"
     CLOSED = "closed"
 
@@ -115,6 +120,8 @@ class Broadcaster:
         self._channel_locks: dict[str, asyncio.Lock] = {}
         self._history_reads: dict[tuple[str, int], asyncio.Future[History]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._serving = 0
+        self._drained: asyncio.Future[None] | None = None
         self._published = 0
         self._interruptions = 0
         self._repairs = 0
@@ -156,12 +163,62 @@ class Broadcaster:
             self._spawn(self._check_positions_forever(self.position_check_interval))
         logger.debug("broadcaster connected to %s backend", self.backend.name)
 
-    async def disconnect(self) -> None:
-        """Close every connection (code 1001), stop background work and disconnect the backend.
+    # The timeout bounds the wait for the clients, after which draining still completes: not a deadline
+    # for the call that asyncio.timeout() around it could express.
+    async def drain(self, timeout: float = 2.0) -> None:  # noqa: ASYNC109
+        """Close every connection with ``1001`` ahead of a shutdown, and wait for the transports to finish.
+
+        Run it when the process is told to stop and before the ASGI server closes its connections itself
+        (the lifespan helper does, on SIGTERM or SIGINT): every WebSocket client then gets ``1001`` and
+        every Server-Sent Events stream ends with a ``retry:`` line, so that clients reconnect, to the next
+        process, and resume. Publishing keeps working, for requests still in flight; new connections are
+        refused (WebSocket ``1001``, SSE ``503``). :meth:`disconnect` follows as usual.
+
+        Args:
+            timeout: how long to wait, in seconds, for the endpoints' handlers (see :meth:`serving`) to
+                end: a WebSocket's closing handshake, an SSE stream's last write. Clients that do not
+                answer in time are left to the server.
 
         Calling it on a broadcaster that is not connected does nothing.
         """
         if self._state is not BroadcasterState.CONNECTED:
+            return
+        self._state = BroadcasterState.DRAINING
+        connections = list(self.registry)
+        for connection in connections:
+            connection.close(CloseCode.GOING_AWAY, "server shutting down")
+        if self._serving:
+            drained = self._drained = asyncio.get_running_loop().create_future()
+            try:
+                async with asyncio.timeout(timeout):
+                    await drained
+            except TimeoutError:
+                logger.info("drain: %d connection(s) still open after %.1f s", self._serving, timeout)
+            finally:
+                self._drained = None
+        logger.debug("drained %d connection(s)", len(connections))
+
+    @contextlib.contextmanager
+    def serving(self) -> Iterator[None]:
+        """Count a transport's handler (one WebSocket or SSE request) while it runs, for :meth:`drain`.
+
+        For ASGI adapters: :class:`~rtbroadcast.asgi.BroadcastEndpoint` wraps every request in it.
+        """
+        self._serving += 1
+        try:
+            yield
+        finally:
+            self._serving -= 1
+            drained = self._drained
+            if not self._serving and drained is not None and not drained.done():
+                drained.set_result(None)
+
+    async def disconnect(self) -> None:
+        """Close every connection (code 1001), stop background work and disconnect the backend.
+
+        Calling it on a broadcaster that is not connected (or draining) does nothing.
+        """
+        if self._state not in (BroadcasterState.CONNECTED, BroadcasterState.DRAINING):
             return
         self._state = BroadcasterState.DISCONNECTING
         try:
@@ -190,8 +247,11 @@ class Broadcaster:
     ) -> None:
         await self.disconnect()
 
-    def _require_connected(self, action: str) -> None:
-        if self._state is not BroadcasterState.CONNECTED:
+    def _require_connected(self, action: str, *, draining: bool = False) -> None:
+        """Raise :class:`StateError` unless connected (or draining, where ``draining`` allows it)."""
+        if self._state is BroadcasterState.DRAINING and not draining:
+            raise StateError(f"cannot {action}: the broadcaster is draining ahead of a shutdown")
+        if self._state not in (BroadcasterState.CONNECTED, BroadcasterState.DRAINING):
             raise StateError(
                 f"cannot {action}: the broadcaster is {self._state.value}; "
                 "use 'async with broadcaster:' or 'await broadcaster.connect()' first"
@@ -230,7 +290,7 @@ class Broadcaster:
             BackendUnavailable: the backend cannot be reached; the event was not published (or, if the
                 backend timed out mid-request, may have been: retry with the same ``idempotency_key``).
         """
-        self._require_connected("publish")
+        self._require_connected("publish", draining=True)
         validate_channel(channel)
         stripped = payload.strip()
         if not (stripped.startswith("{") and stripped.endswith("}")):
@@ -267,7 +327,7 @@ class Broadcaster:
         merged by seq, so nothing is missed or doubled.
 
         Raises:
-            StateError: the broadcaster is not connected.
+            StateError: the broadcaster is not connected, or is draining.
             ConnectionLimitReached: a connection limit would be passed.
             BackendUnavailable: the backend cannot be reached (the connection is not registered).
         """

@@ -27,6 +27,7 @@ __all__ = [
     "CloseCode",
     "ErrorFrame",
     "EventFrame",
+    "ObservedCloseCode",
     "Ping",
     "Pong",
     "ResumePoint",
@@ -52,7 +53,9 @@ class CloseCode(IntEnum):
 
     #: The connection ended normally.
     NORMAL = 1000
-    #: The server is shutting down or restarting: reconnect with resume.
+    #: The server is shutting down or restarting: reconnect with resume (the next process answers). Sent to
+    #: every connection by ``Broadcaster.drain()``, which the lifespan helper runs on SIGTERM or SIGINT
+    #: before the ASGI server closes anything, and by ``Broadcaster.disconnect()``.
     GOING_AWAY = 1001
     #: A client frame exceeded the size limit.
     MESSAGE_TOO_BIG = 1009
@@ -71,6 +74,23 @@ class CloseCode(IntEnum):
     BAD_REQUEST = 4004
     #: The client sent more messages per second than allowed: reconnect with resume, with backoff.
     RATE_LIMITED = 4008
+
+
+class ObservedCloseCode(IntEnum):
+    """Close codes a client can observe that rtbroadcast never sends: the ASGI server's and the network's.
+
+    The protocol reference lists them in one table with :class:`CloseCode`, so that a client developer
+    sees every code a real client gets.
+    """
+
+    #: No close frame at all (client libraries report ``1006``; it never travels on the wire): the network
+    #: dropped, a proxy cut the connection, or the server process was killed (``kill -9``, out of memory).
+    #: Reconnect with resume, with backoff.
+    ABNORMAL_CLOSURE = 1006
+    #: Sent by uvicorn itself when it stops with the connection still open, which happens only where no
+    #: drain ran first (no lifespan helper, ``drain_on_signal=False``, uvicorn outside the main thread).
+    #: Treat it like ``1001``: reconnect with resume, with backoff.
+    SERVICE_RESTART = 1012
 
 
 class ResyncReason:

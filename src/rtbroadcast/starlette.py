@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 
+from ._shutdown import drain_on_signals
 from .asgi import Authorizer, BroadcastEndpoint, ChannelResolver
 from .broadcaster import Broadcaster
 
@@ -69,17 +70,30 @@ def broadcast_routes(
 
 
 def lifespan(
-    broadcaster: Broadcaster, *, also: Iterable[Callable[[AppT], Any]] = ()
+    broadcaster: Broadcaster,
+    *,
+    also: Iterable[Callable[[AppT], Any]] = (),
+    drain_on_signal: bool = True,
+    drain_timeout: float = 2.0,
 ) -> Callable[[AppT], contextlib.AbstractAsyncContextManager[None]]:
     """Return a lifespan function that connects ``broadcaster`` at startup and disconnects it at shutdown.
 
     ``also`` takes further lifespan functions (``app -> async context manager``) entered inside it, so
     your own startup work can publish.
+
+    ASGI servers close their connections before the lifespan's shutdown runs (uvicorn closes WebSockets
+    with ``1012`` and waits for every SSE stream to end), so with ``drain_on_signal`` the first SIGTERM or
+    SIGINT first drains the broadcaster (:meth:`~rtbroadcast.Broadcaster.drain`: WebSocket clients get
+    ``1001``, SSE streams end with a ``retry:`` line), for at most ``drain_timeout`` seconds, and then
+    reaches the server's own handler. This chains a handler the server installed with
+    :func:`signal.signal` (uvicorn does, in the main thread); where there is none, nothing changes.
     """
 
     @contextlib.asynccontextmanager
     async def _lifespan(app: AppT) -> AsyncIterator[None]:
         async with broadcaster, contextlib.AsyncExitStack() as stack:
+            if drain_on_signal:
+                stack.enter_context(drain_on_signals(broadcaster, timeout=drain_timeout))
             for other in also:
                 await stack.enter_async_context(other(app))
             yield

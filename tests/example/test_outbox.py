@@ -6,14 +6,16 @@ import asyncio
 from typing import Any
 
 import pytest
-from examples.restaurant_app.db import create_schema, session_factory
+from examples.restaurant_app.db import RestaurantRow, create_engine, create_schema, session_factory
 from examples.restaurant_app.events import GuestCreated
 from examples.restaurant_app.outbox import OutboxRow, TransactionalOutbox
-from examples.restaurant_app.service import channel_for
-from sqlalchemy import func, select
+from examples.restaurant_app.schemas import GuestCreate
+from examples.restaurant_app.service import RestaurantService, channel_for
+from sqlalchemy import func, select, text, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from rtbroadcast import Broadcaster, Received
+from rtbroadcast import Broadcaster, Received, utc_now
 
 pytestmark = pytest.mark.anyio
 
@@ -71,3 +73,127 @@ async def test_rolled_back_writes_leave_no_event(engine: AsyncEngine) -> None:
         assert await outbox.pending() == 0
         assert await outbox.relay_once() == 0
         assert (await broadcaster.backend.position(channel_for("r1"))).seq == 0
+
+
+async def test_relays_go_on_with_other_channels_when_one_fails(engine: AsyncEngine) -> None:
+    await create_schema(engine)
+    async with Broadcaster() as broadcaster:
+        outbox = TransactionalOutbox(engine, broadcaster, channel_for=channel_for)
+        async with session_factory(engine)() as session:
+            # A row the broadcaster refuses (not an event: no "type"), then a good one on another channel.
+            session.add(
+                OutboxRow(
+                    restaurant_id="bad",
+                    channel=channel_for("bad"),
+                    event_type="x",
+                    payload="[]",
+                    created_at=utc_now(),
+                )
+            )
+            await session.commit()
+        await stage(outbox, engine, [guest_event(1)])
+        assert await outbox.relay_once() == 1
+        assert (await broadcaster.backend.position(channel_for("r1"))).seq == 1
+        assert await outbox.pending() == 1
+
+
+async def test_a_write_stalled_in_its_transaction_holds_up_the_restaurant_for_half_a_second(
+    engine: AsyncEngine,
+) -> None:
+    """PostgreSQL ends a session idle in its transaction after 0.5 s, freeing the restaurant's row lock."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("SQLite has a single process, and no session timeouts")
+    await create_schema(engine)
+    async with Broadcaster() as broadcaster:
+        outbox = TransactionalOutbox(engine, broadcaster, channel_for=channel_for)
+        service = RestaurantService(engine, broadcaster, dispatcher=outbox)
+        await service.create_guest("r1", GuestCreate(guestName="First", partySize=2))
+        async with broadcaster.subscribe(channel_for("r1"), model=GuestCreated) as sub:
+            async with session_factory(engine)() as stalled:
+                # What a process frozen inside a write holds: the restaurant's row lock, and nothing happens.
+                await stalled.execute(
+                    update(RestaurantRow)
+                    .where(RestaurantRow.id == "r1")
+                    .values(version=RestaurantRow.version + 1)
+                )
+                loop = asyncio.get_running_loop()
+                started = loop.time()
+                async with asyncio.timeout(5):
+                    await service.create_guest("r1", GuestCreate(guestName="Second", partySize=2))
+                waited = loop.time() - started
+                assert 0.3 < waited < 1.0
+                with pytest.raises(DBAPIError):  # its session was ended: the stalled write is rolled back
+                    await stalled.execute(select(func.count()).select_from(RestaurantRow))
+            got = await asyncio.wait_for(anext(sub), 2)
+            assert isinstance(got, Received) and got.event.data["guestName"] == "Second"
+        async with engine.connect() as connection:
+            version = (await connection.execute(select(RestaurantRow.version))).scalar_one()
+            assert version == 2  # the two writes that committed
+
+
+async def test_postgresql_sessions_get_the_timeouts_and_the_url_s_settings(engine: AsyncEngine) -> None:
+    if engine.dialect.name != "postgresql":
+        pytest.skip("PostgreSQL session settings")
+    async with engine.connect() as connection:
+        assert (
+            await connection.execute(text("SHOW idle_in_transaction_session_timeout"))
+        ).scalar_one() == "500ms"
+        assert (await connection.execute(text("SHOW lock_timeout"))).scalar_one() == "2s"
+    url = engine.url.set(query={"application_name": "outbox-test", "lock_timeout": "750"})
+    configured = create_engine(url.render_as_string(hide_password=False))
+    try:
+        async with configured.connect() as connection:
+            assert (await connection.execute(text("SHOW application_name"))).scalar_one() == "outbox-test"
+            assert (await connection.execute(text("SHOW lock_timeout"))).scalar_one() == "750ms"
+    finally:
+        await configured.dispose()
+
+
+class StallingBroadcaster(Broadcaster):
+    """A real broadcaster whose publishes wait at ``gate`` while it is closed: a relay frozen mid-batch."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.gate = asyncio.Event()
+        self.stalled = asyncio.Event()
+        self.calls = 0
+
+    async def publish_json(self, channel: str, payload: str, *, idempotency_key: str | None = None) -> int:
+        self.calls += 1
+        self.stalled.set()
+        await self.gate.wait()
+        return await super().publish_json(channel, payload, idempotency_key=idempotency_key)
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("stall", [0.1, 1.0], ids=["within-the-lease", "past-the-lease"])
+async def test_a_relay_stalled_mid_batch_holds_up_no_other_relay_and_sends_nothing_twice(
+    engine: AsyncEngine, redis_url: str, redis_prefix: str, stall: float
+) -> None:
+    """Two processes' relays on one Redis; the first stops after reading its batch, the second goes on."""
+    await create_schema(engine)
+    separator = "&" if "?" in redis_url else "?"
+    url = f"{redis_url}{separator}key_prefix={redis_prefix}"
+    async with StallingBroadcaster(url) as frozen, Broadcaster(url) as other:
+        stalled = TransactionalOutbox(engine, frozen, channel_for=channel_for, lease=0.5)
+        outbox = TransactionalOutbox(engine, other, channel_for=channel_for)
+        async with other.subscribe(channel_for("r1"), model=GuestCreated) as sub:
+            await stage(outbox, engine, [guest_event(n) for n in range(1, 4)])
+            stuck = asyncio.create_task(stalled.relay_channel(channel_for("r1")))
+            await asyncio.wait_for(frozen.stalled.wait(), 5)  # it read rows 1-3 and is publishing row 1
+            async with asyncio.timeout(1):
+                assert await outbox.relay_channel(channel_for("r1")) == 3
+                await stage(outbox, engine, [guest_event(4)])
+                assert await outbox.relay_channel(channel_for("r1")) == 1
+            await asyncio.sleep(stall)
+            frozen.gate.set()  # it thaws, holding rows 1-3
+            assert await asyncio.wait_for(stuck, 5) == 0  # it recorded none: the other had
+            # Within the lease it publishes the rows it holds again (each a no-op, by its key); past the
+            # lease it publishes the one it was in the middle of and reads again for the rest.
+            assert frozen.calls == (3 if stall < stalled.lease else 1)
+            got = [await asyncio.wait_for(anext(sub), 2) for _ in range(4)]
+            assert [(g.seq, g.event.guest_id) for g in got if isinstance(g, Received)] == [
+                (n, f"g{n}") for n in range(1, 5)
+            ]
+            assert await outbox.pending() == 0
+            assert (await other.backend.position(channel_for("r1"))).seq == 4
