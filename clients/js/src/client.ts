@@ -188,7 +188,7 @@ export class Subscription<E extends AnyEvent = AnyEvent> extends Emitter<Subscri
   /** Counters: events applied, duplicates dropped, gaps seen, resyncs run. */
   readonly stats = { applied: 0, duplicates: 0, gaps: 0, resyncs: 0 };
 
-  /** @internal Use `Client.subscribe`. */
+  /** Use `Client.subscribe`. */
   constructor(host: SubscriptionHost, options: SubscriptionOptions<E>) {
     super();
     this.#host = host;

@@ -13,6 +13,7 @@ uvicorn listens on 127.0.0.1, and serves:
 - ``POST /control/gate?open=0|1``: with the gate shut, new WebSocket connections are closed with 1013
   and SSE requests get 503 (the service is "down" while the process keeps its history).
 - ``POST /control/revoke?token=T``: refuse token T from now on (4003 "token expired").
+- ``/pkg/...``: with ``--serve-package``, the files of ``clients/js`` (the built module, the test page).
 - ``GET /control/stats``: connection attempts (per transport and token), refusals, the broadcaster's stats.
 
 Items are kept in ``--state FILE`` (JSON) when given, so that a restarted process still has the data of
@@ -34,7 +35,8 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from rtbroadcast import Broadcaster, Event, QueueLimits
 from rtbroadcast.asgi import ConnectionRequest, Deny, channel_from_query
@@ -144,6 +146,9 @@ def build_app(args: argparse.Namespace) -> Any:
             "/realtime", broadcaster, channel=channel_from_query("room", prefix="room:"), authorize=authorize
         ),
     ]
+    if args.serve_package:
+        package = Path(__file__).resolve().parent.parent
+        routes.append(Mount("/pkg", StaticFiles(directory=package), name="pkg"))
     app = Starlette(routes=routes, lifespan=lifespan(broadcaster))
 
     async def gated(scope: Any, receive: Any, send: Any) -> None:
@@ -171,6 +176,7 @@ async def main() -> None:
     parser.add_argument("--heartbeat", type=float, default=1.0)
     parser.add_argument("--queue-max-size", type=int, default=1024 * 1024)
     parser.add_argument("--state", default="")
+    parser.add_argument("--serve-package", action="store_true")
     args = parser.parse_args()
     config = uvicorn.Config(
         build_app(args), host="127.0.0.1", port=args.port, log_level="warning", lifespan="on"
