@@ -1,6 +1,6 @@
 // The package in a real browser: headless Chromium (Debian's, driven by Playwright from the
 // repository's virtualenv) loads dist/index.js as an ES module, follows a room through a server-side
-// close, and retries at once on the `online` event. Skipped when Chromium or Playwright is missing.
+// close, and retries at once on the `online` and `visibilitychange` events. Skipped when Chromium or Playwright is missing.
 
 import assert from "node:assert/strict";
 import { spawnSync } from "node:child_process";
@@ -19,7 +19,7 @@ after(async () => {
   await server?.stop();
 });
 
-test("in Chromium: live events, resume after a close, immediate retry when back online", (t) => {
+test("in Chromium: live events, resume after a close, immediate retry when back online or visible", (t) => {
   const result = spawnSync(python, [path.join(here, "browser.py"), server.http], { encoding: "utf8", timeout: 90000 });
   if (result.status === 77) {
     t.skip("no Chromium or Playwright here");
