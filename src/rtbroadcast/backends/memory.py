@@ -6,16 +6,26 @@ import secrets
 import time
 from collections import OrderedDict, deque
 from collections.abc import Mapping
-from urllib.parse import parse_qs, urlsplit
+from typing import Any
+from urllib.parse import urlsplit
 
+from .._config import count, optional_seconds, parse_query
 from ..errors import ConfigurationError, StateError
-from ..events import with_seq
+from ..protocol import with_seq
 from .base import Backend, BackendListener, Envelope, History, StreamPosition
 
 __all__ = ["MemoryBackend"]
 
 _DEFAULT_HISTORY_SIZE = 1000
 _DEFAULT_IDEMPOTENCY_KEYS = 1000
+
+
+def _seconds_or_none(value: str) -> float | None:
+    return None if value.strip().lower() in ("", "none") else float(value)
+
+
+#: Options ``memory://`` reads from its query, each with its conversion from text.
+_URL_OPTIONS: dict[str, Any] = {"history_size": int, "history_ttl": _seconds_or_none}
 
 
 class _Stream:
@@ -40,6 +50,9 @@ class MemoryBackend(Backend):
         history_size: events kept per channel for resume (0 disables history).
         history_ttl: seconds an event stays in history; ``None`` keeps it until pushed out by size.
         idempotency_keys: idempotency keys remembered per channel.
+
+    Raises:
+        ConfigurationError: an option has the wrong type or an impossible value (negative, ``NaN``).
     """
 
     name = "memory"
@@ -51,13 +64,9 @@ class MemoryBackend(Backend):
         history_ttl: float | None = None,
         idempotency_keys: int = _DEFAULT_IDEMPOTENCY_KEYS,
     ) -> None:
-        if history_size < 0:
-            raise ConfigurationError(f"history_size must be >= 0, not {history_size}")
-        if history_ttl is not None and history_ttl <= 0:
-            raise ConfigurationError(f"history_ttl must be positive or None, not {history_ttl}")
-        self._history_size = history_size
-        self._history_ttl = history_ttl
-        self._idempotency_keys = idempotency_keys
+        self._history_size = count("history_size", history_size, minimum=0)
+        self._history_ttl = optional_seconds("history_ttl", history_ttl)
+        self._idempotency_keys = count("idempotency_keys", idempotency_keys, minimum=1)
         self._epoch = secrets.token_hex(8)
         self._streams: dict[str, _Stream] = {}
         self._subscribed: set[str] = set()
@@ -65,18 +74,20 @@ class MemoryBackend(Backend):
 
     @classmethod
     def from_url(cls, url: str) -> MemoryBackend:
-        """Build from ``memory://`` with optional ``?history_size=N&history_ttl=SECONDS``."""
+        """Build from ``memory://`` with optional ``?history_size=N&history_ttl=SECONDS``.
+
+        Raises:
+            ConfigurationError: the URL has a host or path, or an option is unknown (the message suggests
+                the closest known one), given twice, or invalid.
+        """
         parts = urlsplit(url)
-        options = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-        unknown = set(options) - {"history_size", "history_ttl"}
-        if unknown:
-            raise ConfigurationError(f"unknown memory:// option(s): {', '.join(sorted(unknown))}")
-        try:
-            size = int(options.get("history_size", _DEFAULT_HISTORY_SIZE))
-            ttl = float(options["history_ttl"]) if "history_ttl" in options else None
-        except ValueError as exc:
-            raise ConfigurationError(f"invalid memory:// option: {exc}") from None
-        return cls(history_size=size, history_ttl=ttl)
+        if parts.netloc or parts.path not in ("", "/") or parts.fragment:
+            raise ConfigurationError(
+                f"memory:// takes no host, path or fragment, only query options, not {url!r} "
+                "(example: memory://?history_size=5000)"
+            )
+        options = parse_query("memory://", parts.query, _URL_OPTIONS)
+        return cls(**options)
 
     @property
     def epoch(self) -> str:
