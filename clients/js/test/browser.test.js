@@ -22,6 +22,8 @@ after(async () => {
 test("in Chromium: live events, resume after a close, immediate retry when back online or visible", (t) => {
   const result = spawnSync(python, [path.join(here, "browser.py"), server.http], { encoding: "utf8", timeout: 90000 });
   if (result.status === 77) {
+    // In CI a missing browser is a failure, never a silent skip (.ci/run installs Chromium).
+    assert.notEqual(process.env.CI, "true", `CI=true needs Chromium and Playwright: ${result.stdout}${result.stderr}`);
     t.skip("no Chromium or Playwright here");
     return;
   }
