@@ -181,7 +181,8 @@ class Connection:
             self.dropped += depth
             self.close(CloseCode.SLOW_CONSUMER, "fell behind its outbound queue bound")
             return
-        self.wake()
+        if self._waiter is not None:  # checked here: a call per delivery costs more than the test
+            self.wake()
 
     def begin_buffering(self) -> None:
         """Hold live envelopes back until :meth:`end_buffering`."""
