@@ -164,12 +164,15 @@ class Connection:
         self._enqueue(text, len(text))
 
     def _enqueue(self, item: Envelope | str, size: int) -> None:
-        if self._closed:
-            return
         queue = self._queue
         # Nothing is queued: the transport may take the frame right here, with no task switch (what
-        # websockets' broadcast() does). It declines while an earlier frame is still in flight.
-        if not queue and self._send_now is not None and self._send_now(item):
+        # websockets' broadcast() does). It declines while an earlier frame is still in flight. A closed
+        # connection has no send_now, so this comes before the check for closed, off the common path.
+        if not queue:
+            send_now = self._send_now
+            if send_now is not None and send_now(item):
+                return
+        if self._closed:
             return
         queue.append(item)
         self._size += size
@@ -206,8 +209,10 @@ class Connection:
         ``send_now(item)`` returns true when it took the frame (written, or handed to a writer to
         finish); false leaves the frame to be queued, e.g. while an earlier frame is still in flight.
         Whoever writes the frames in flight then drains the queue (:meth:`get_nowait`). It must not await.
+        Ignored once the connection is closed: nothing more is written.
         """
-        self._send_now = send_now
+        if not self._closed:
+            self._send_now = send_now
 
     def set_gap_handler(self, handler: Callable[[Connection, Envelope], None] | None) -> None:
         """Call ``handler(connection, envelope)`` when a live envelope does not follow the last one.
