@@ -1,0 +1,50 @@
+"""The Markdown itself, as a reader sees it on GitHub or in the site: install lines that work."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGES = sorted([ROOT / "README.md", *(ROOT / "docs").rglob("*.md"), *(ROOT / "examples").rglob("README.md")])
+#: The commands that install Python packages, and what follows them on the line.
+_INSTALL = re.compile(r"\b(?:pip3? install|uv add|uv pip install|poetry add|pipx install|pdm add)\b([^`\n]*)")
+
+
+def _installed(line: str) -> list[str]:
+    """Return the requirement tokens of each install command on ``line``, without their quotes."""
+    commands = (match[1].split(" #")[0] for match in _INSTALL.finditer(line))  # a shell comment ends one
+    return [token.strip("'\"") for command in commands for token in command.split()]
+
+
+def bare_uvicorn_installs(text: str) -> list[str]:
+    """Return the lines of ``text`` that install uvicorn without its ``[standard]`` extra."""
+    found = []
+    for line in text.splitlines():
+        for requirement in _installed(line):
+            name = re.split(r"[\[<>=!~;@ ]", requirement, maxsplit=1)[0].lower()
+            if name == "uvicorn" and not requirement.lower().startswith("uvicorn[standard"):
+                found.append(line.strip())
+    return found
+
+
+def test_the_check_finds_a_bare_uvicorn() -> None:
+    assert bare_uvicorn_installs("pip install 'rtbroadcast[starlette]' uvicorn") != []
+    assert bare_uvicorn_installs("tools first: `pip install pytest uvicorn>=0.29`.") != []
+    assert bare_uvicorn_installs("uv add fastapi 'uvicorn'") != []
+    assert bare_uvicorn_installs("pip install 'rtbroadcast[starlette]' 'uvicorn[standard]'") == []
+    assert bare_uvicorn_installs("run uvicorn app:app after pip install rtbroadcast") == []
+    assert bare_uvicorn_installs("pip install 'uvicorn[standard]'  # plain uvicorn has none") == []
+
+
+def test_pages_are_found() -> None:
+    names = {page.relative_to(ROOT).as_posix() for page in PAGES}
+    assert {"README.md", "docs/tutorial.md", "examples/restaurant_app/README.md"} <= names
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[page.relative_to(ROOT).as_posix() for page in PAGES])
+def test_install_lines_say_uvicorn_standard(page: Path) -> None:
+    """Plain ``uvicorn`` has no WebSocket implementation: it answers a WebSocket handshake with a 404."""
+    assert bare_uvicorn_installs(page.read_text()) == []
