@@ -48,3 +48,16 @@ def test_pages_are_found() -> None:
 def test_install_lines_say_uvicorn_standard(page: Path) -> None:
     """Plain ``uvicorn`` has no WebSocket implementation: it answers a WebSocket handshake with a 404."""
     assert bare_uvicorn_installs(page.read_text()) == []
+
+
+_PUBLISH_AFTER_COMMIT = re.compile(r"publish(?:ed|ing)?\W+(?:\w+\W+){0,3}after\W+(?:\w+\W+){0,3}commit", re.I)
+
+
+def test_publish_after_commit_advice_warns_about_commit_order() -> None:
+    """Publishing after the commit is not enough with several processes: seq order is not commit order."""
+    advised = [page for page in PAGES if _PUBLISH_AFTER_COMMIT.search(page.read_text())]
+    assert {page.name for page in advised} >= {"failures.md", "fastapi.md"}
+    for page in advised:
+        text = " ".join(page.read_text().split())
+        assert "not commit order" in text, page
+        assert "outbox" in text, page
