@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import re
+import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml  # type: ignore[import-untyped]  # PyYAML ships no types; mkdocs depends on it
+
+from rtbroadcast import Broadcaster
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = sorted([ROOT / "README.md", *(ROOT / "docs").rglob("*.md"), *(ROOT / "examples").rglob("README.md")])
@@ -61,3 +66,45 @@ def test_publish_after_commit_advice_warns_about_commit_order() -> None:
         text = " ".join(page.read_text().split())
         assert "not commit order" in text, page
         assert "outbox" in text, page
+
+
+# -- the site ----------------------------------------------------------------------------------------
+
+
+def _directive_options(page: str, target: str) -> dict[str, Any]:
+    """Return the ``options:`` of the mkdocstrings directive ``::: target`` on ``page``."""
+    block = re.search(rf"^::: {re.escape(target)}\n((?:    .*\n)*)", page, flags=re.M)
+    assert block is not None, f"no ::: {target}"
+    options: dict[str, Any] = (yaml.safe_load(textwrap.dedent(block[1])) or {}).get("options", {})
+    return options
+
+
+def _shown(names: list[str], filters: list[str]) -> list[str]:
+    """Apply mkdocstrings' ``filters`` (regular expressions; ``!`` excludes) to member names."""
+
+    def kept(name: str) -> bool:
+        for pattern in filters:
+            negative = pattern.startswith("!")
+            found = re.search(pattern.removeprefix("!"), name) is not None
+            if found == negative:
+                return False
+        return True
+
+    return [name for name in names if kept(name)]
+
+
+def test_the_api_page_hides_what_only_adapters_and_backends_call() -> None:
+    page = (ROOT / "docs" / "reference" / "api.md").read_text()
+    names = [name for name in dir(Broadcaster) if not name.startswith("__")]
+    shown = _shown(names, _directive_options(page, "rtbroadcast.Broadcaster")["filters"])
+    for internal in ("on_envelope", "on_interruption", "attach", "detach", "check_positions", "_lock"):
+        assert internal not in shown
+    assert {"publish", "subscribe", "stats", "drain", "connect", "disconnect"} <= set(shown)
+    members = _directive_options(page, "rtbroadcast.Connection")["members"]
+    assert "push" not in members and "set_gap_handler" not in members
+    assert {"channel", "last_seq", "sent", "dropped"} <= set(members)
+
+
+def test_the_site_requests_no_external_fonts() -> None:
+    config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
+    assert config["theme"]["font"] is False  # Material otherwise loads Google Fonts from fonts.googleapis.com
