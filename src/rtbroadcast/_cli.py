@@ -9,7 +9,8 @@ stderr (welcome, pongs, gaps, resyncs, closes and reconnects). It resumes after 
 
 Exit codes: 0 clean end (the server closed with 1000, ``--count`` reached, or Ctrl-C); 1 an error (bad
 command line, a module that does not import); 2 the server refused the connection (close code 4003/4004, or
-HTTP 403/404 on the handshake); 3 the server stayed unreachable after ``--max-retries`` attempts.
+HTTP 403/404 on the handshake: most often a wrong path); 3 the server stayed unreachable: the first attempt
+and ``--max-retries`` retries all failed.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from .protocol import (
     CloseCode,
     ErrorFrame,
     EventFrame,
+    ObservedCloseCode,
     Ping,
     Pong,
     ResyncRequired,
@@ -71,7 +73,8 @@ class Listener:
         last_seq: resume after this seq (with ``epoch``).
         ping_interval: seconds between JSON pings; ``None`` follows the welcome's heartbeat interval, 0
             sends none.
-        max_retries: failed connection attempts in a row before giving up.
+        max_retries: retries after a failed connection attempt before giving up: at most ``max_retries + 1``
+            attempts fail in a row. A connection that got its ``welcome`` resets the count.
         retry_delay: the first delay between attempts; it doubles up to 10 s, with jitter.
         count: stop after this many events.
         headers: extra HTTP headers for the handshake.
@@ -139,7 +142,7 @@ class Listener:
             except InvalidStatus as exc:
                 status = exc.response.status_code
                 if status in _REFUSED_STATUSES:
-                    self._say(f"refused: the server answered HTTP {status} to the WebSocket handshake")
+                    self._say(f"refused: {_refusal(status, url)}")
                     return EXIT_REFUSED
                 self._say(f"handshake failed: HTTP {status}")
             except _Refused as exc:
@@ -278,10 +281,29 @@ def _latency_ms(timestamp: object) -> float | None:
 def _close_name(code: int | None) -> str:
     if code is None:
         return "(no close frame)"
-    try:
-        return CloseCode(code).name
-    except ValueError:
-        return "(not an rtbroadcast code)"
+    for codes in (CloseCode, ObservedCloseCode):
+        try:
+            return codes(code).name
+        except ValueError:
+            pass
+    return "(not an rtbroadcast code)"
+
+
+def _refusal(status: int, url: str) -> str:
+    """Explain an HTTP refusal of the handshake: rtbroadcast itself refuses with close codes, not HTTP."""
+    path = urlsplit(url).path or "/"
+    if status == 403:
+        # Starlette (and uvicorn, for an app that closes before accepting) answers 403 to a WebSocket
+        # handshake on a path no WebSocket route serves; rtbroadcast refuses with 4003/4004 after accepting.
+        return (
+            f"HTTP 403 on the WebSocket handshake: no route, most likely: nothing serves WebSocket at "
+            f"{path!r} (check the path; Starlette and FastAPI answer 403 to a handshake on an unknown path, "
+            "while rtbroadcast refuses with close code 4003 or 4004)"
+        )
+    return (
+        f"HTTP {status} on the WebSocket handshake: no route at {path!r} (check the path), or a server "
+        "without WebSocket support (plain uvicorn has none: install 'uvicorn[standard]')"
+    )
 
 
 def _describe_close(code: int | None) -> str:
@@ -384,7 +406,8 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=8,
         metavar="N",
-        help="failed connection attempts in a row before giving up with exit code 3 (default: 8)",
+        help="retries after a failed connection attempt before giving up with exit code 3 (default: 8; "
+        "0: give up after the first failure)",
     )
     listen.add_argument(
         "--retry-delay",
