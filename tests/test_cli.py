@@ -25,6 +25,7 @@ from rtbroadcast._cli import EXIT_ERROR, EXIT_OK, EXIT_REFUSED, EXIT_UNREACHABLE
 from rtbroadcast.asgi import ConnectionRequest, Deny, channel_from_query
 from rtbroadcast.starlette import broadcast_routes
 
+from .asyncapi_support import asyncapi_errors
 from .support import serve
 
 pytestmark = pytest.mark.anyio
@@ -333,10 +334,30 @@ def test_schema_prints_the_asyncapi_document(
     assert "cli_target.ping_pong" in document["components"]["messages"]
 
     assert main(["schema", f"{module}:make_document"]) == 0
-    assert json.loads(capsys.readouterr().out)["channels"]["beeps"]["address"] == "/beeps?room={room}"
+    assert json.loads(capsys.readouterr().out)["channels"]["beeps"]["address"] == "/beeps"
 
     assert main(["schema", f"{module}:SPEC"]) == 0
-    assert json.loads(capsys.readouterr().out)["channels"]["beeps"]["address"] == "/beeps?room={room}"
+    channel = json.loads(capsys.readouterr().out)["channels"]["beeps"]
+    assert channel["address"] == "/beeps"
+    assert "room" in channel["bindings"]["ws"]["query"]["properties"]
+
+
+def test_schema_finds_the_broadcast_endpoints_of_a_fastapi_app(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    assert main(["schema", "cli_schema_target:app", "--server", "local=ws://127.0.0.1:8000"]) == EXIT_OK
+    document = json.loads(capsys.readouterr().out)
+    assert asyncapi_errors(document) == []
+    channels = document["channels"]
+    assert set(channels) == {"realtime", "realtime_sse", "mounted_live"}
+    assert channels["realtime"]["address"] == "/realtime"
+    assert (
+        "room" in channels["realtime"]["bindings"]["ws"]["query"]["properties"]
+    )  # channel_from_query("room")
+    assert channels["realtime_sse"]["address"] == "/realtime/sse"
+    assert channels["mounted_live"]["address"] == "/mounted/live"  # under a Mount, behind a wrapper
+    assert "cli_target.ping_pong" in channels["realtime"]["messages"]
 
 
 @pytest.mark.parametrize(
@@ -345,7 +366,11 @@ def test_schema_prints_the_asyncapi_document(
         ("no_colon", "expected MODULE:ATTR"),
         ("no_such_module_here:x", "ModuleNotFoundError"),
         ("cli_schema_target:missing", "AttributeError"),
-        ("cli_schema_target:NOT_A_SOURCE", "point at a Broadcaster"),
+        ("cli_schema_target:NOT_A_SOURCE", "point at a Starlette or FastAPI app, a Broadcaster"),
+        (
+            "cli_schema_target:empty_app",
+            "found no BroadcastEndpoint in the routes of cli_schema_target:empty_app",
+        ),
     ],
 )
 def test_schema_reports_a_bad_target(

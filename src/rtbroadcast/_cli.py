@@ -19,11 +19,13 @@ import argparse
 import asyncio
 import contextlib
 import importlib
+import inspect
 import json
 import random
+import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, NoReturn, TextIO
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -338,18 +340,96 @@ def _schema_document(obj: Any, args: argparse.Namespace) -> dict[str, Any]:
     from .broadcaster import Broadcaster
     from .schema import ChannelSpec, asyncapi_document
 
-    if callable(obj) and not isinstance(obj, (type, Broadcaster, ChannelSpec)):
+    if _is_app(obj):  # an ASGI app is callable too, but not with no arguments
+        obj = _app_specs(obj, args.target)
+    elif callable(obj) and not isinstance(obj, (type, Broadcaster, ChannelSpec)):
         obj = obj()
+        if _is_app(obj):
+            obj = _app_specs(obj, args.target)
     if isinstance(obj, dict):
         return obj
     specs_given = isinstance(obj, (list, tuple)) and obj and all(isinstance(x, ChannelSpec) for x in obj)
     if not (isinstance(obj, (Broadcaster, ChannelSpec)) or specs_given):
         raise TypeError(
-            f"{args.target} is a {type(obj).__name__}; point at a Broadcaster, a ChannelSpec (or a list of "
-            "them), an AsyncAPI document (dict), or a function returning one of these"
+            f"{args.target} is a {type(obj).__name__}; point at a Starlette or FastAPI app, a Broadcaster, "
+            "a ChannelSpec (or a list of them), an AsyncAPI document (dict), or a function returning one of "
+            "these"
         )
     servers = dict(_server_option(value) for value in args.server)
     return asyncapi_document(obj, title=args.title, version=args.api_version, servers=servers or None)
+
+
+def _is_app(obj: Any) -> bool:
+    """Whether ``obj`` looks like a Starlette (or FastAPI) application or router: it has routes."""
+    return not isinstance(obj, type) and isinstance(getattr(obj, "routes", None), list)
+
+
+def _app_specs(app: Any, target: str) -> list[Any]:
+    """Return a :class:`~rtbroadcast.schema.ChannelSpec` per broadcast endpoint in ``app``'s routes.
+
+    Raises:
+        TypeError: no route of ``app`` serves a :class:`~rtbroadcast.asgi.BroadcastEndpoint`.
+    """
+    from .schema import ChannelSpec
+
+    # endpoint -> [WebSocket path, SSE path]: broadcast_routes mounts one endpoint on both.
+    found: dict[int, tuple[Any, list[str | None]]] = {}
+    for path, is_websocket, endpoint in _broadcast_routes(app.routes, ""):
+        paths = found.setdefault(id(endpoint), (endpoint, [None, None]))[1]
+        paths[0 if is_websocket else 1] = paths[0 if is_websocket else 1] or path
+    if not found:
+        raise TypeError(
+            f"found no BroadcastEndpoint in the routes of {target} (a {type(app).__name__}); mount one "
+            "(broadcast_routes, websocket_route), or point at a Broadcaster, a ChannelSpec (or a list of "
+            "them), or a function returning an AsyncAPI document"
+        )
+    specs = []
+    taken: set[str] = set()
+    for endpoint, (websocket_path, sse_path) in found.values():
+        base = (websocket_path or sse_path or "").strip("/")
+        name = _KEY_RE.sub("_", base) or "broadcast"
+        while name in taken:
+            name += "_"
+        taken.add(name)
+        parameter = _query_parameter(endpoint.resolve_channel)
+        address, parameters = websocket_path, {}
+        if parameter is not None and address is not None:
+            address += f"?{parameter}={{{parameter}}}"
+            parameters[parameter] = "Names the channel to receive."
+        sse_address = sse_path if endpoint.sse else None
+        specs.append(ChannelSpec(address, name=name, parameters=parameters, sse_address=sse_address))
+    return specs
+
+
+_KEY_RE: Final = re.compile(r"[^A-Za-z0-9_\-]")
+
+
+def _broadcast_routes(routes: list[Any], prefix: str) -> Iterator[tuple[str, bool, Any]]:
+    """Yield ``(path, is_websocket, endpoint)`` for each route, mounted ones too, that serves an endpoint."""
+    from .asgi import BroadcastEndpoint
+
+    for route in routes:
+        path = prefix + str(getattr(route, "path", ""))
+        nested = getattr(route, "routes", None)
+        if isinstance(nested, list) and nested is not routes:  # a Mount or an included router
+            yield from _broadcast_routes(nested, path)
+            continue
+        candidate = getattr(route, "endpoint", None)
+        for _ in range(8):  # through wrappers that keep the wrapped app as ``app``, as ASGI middleware does
+            if isinstance(candidate, BroadcastEndpoint) or candidate is None:
+                break
+            candidate = getattr(candidate, "app", None)
+        if isinstance(candidate, BroadcastEndpoint):
+            # A WebSocket route has no HTTP methods.
+            yield path, getattr(route, "methods", None) is None, candidate
+
+
+def _query_parameter(resolver: Any) -> str | None:
+    """Return the query parameter that a ``channel_from_query`` resolver reads, or ``None``."""
+    if getattr(resolver, "__qualname__", "") != "channel_from_query.<locals>.resolve":
+        return None
+    name = inspect.getclosurevars(resolver).nonlocals.get("name")
+    return name if isinstance(name, str) else None
 
 
 def _server_option(value: str) -> tuple[str, str]:
