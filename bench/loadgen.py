@@ -37,6 +37,7 @@ import socket
 import statistics
 import sys
 import time
+import zlib
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -77,6 +78,8 @@ class LoadConfig:
     targets: list[TargetConfig]
     subs_per_channel: int
     slow_per_channel: int = 0
+    #: Subscribers offer permessage-deflate (as browsers do) and inflate compressed frames.
+    deflate: bool = False
     publishers: int = 4
     window: int = 64
     rate: float = 0.0
@@ -148,6 +151,18 @@ class Subscriber(WSListener):
         self.ready = False
         self.disconnected = False
         self.close_code: int | None = None
+        #: Inflates compressed frames once the server accepted permessage-deflate (context takeover).
+        self.inflater: Any = None
+
+    def accept_upgrade(self, _request: Any, response: Any) -> Subscriber:
+        """picows' listener factory: note whether the server accepted the compression we offered."""
+        extensions = ",".join(
+            v for k, v in response.headers.items() if k.lower() == "sec-websocket-extensions"
+        )
+        if "permessage-deflate" in extensions:
+            self.inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+            self.target.deflate_accepted += 1
+        return self
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
@@ -163,7 +178,10 @@ class Subscriber(WSListener):
                 transport.disconnect()
             return
         now = perf_counter_ns()
-        m = loads(frame.get_payload_as_bytes())
+        if frame.rsv1 and self.inflater is not None:
+            m = loads(self.inflater.decompress(frame.get_payload_as_bytes() + b"\x00\x00\xff\xff"))
+        else:
+            m = loads(frame.get_payload_as_bytes())
         kind = m.get("type")
         seq = m.get("seq")
         if seq is not None and kind != "welcome":
@@ -237,6 +255,10 @@ class Subscriber(WSListener):
             if sock is not None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
         self.resume()
+
+
+#: What Chrome and Firefox offer in their handshake.
+DEFLATE_OFFER = {"Sec-WebSocket-Extensions": "permessage-deflate; client_max_window_bits"}
 
 
 def small_buffer_socket(_url: Any) -> socket.socket:
@@ -313,6 +335,7 @@ class Target:
         self.http_errors = 0
         self.http_reconnects = 0
         self.connect_errors = 0
+        self.deflate_accepted = 0
         self.fill_received = 0
         self.stalled = False
         self.background: set[asyncio.Task[Any]] = set()
@@ -445,11 +468,12 @@ class Target:
                 try:
                     await asyncio.wait_for(
                         ws_connect(
-                            lambda: sub,
+                            sub.accept_upgrade if load.deflate else lambda: sub,
                             url,
                             websocket_handshake_timeout=30,
                             read_buffer_init_size=4096,
                             socket_factory=None if sub.normal else small_buffer_socket,
+                            extra_headers=DEFLATE_OFFER if load.deflate else None,
                         ),
                         timeout=30,
                     )
@@ -482,6 +506,7 @@ class Target:
             "errors": self.connect_errors,
             "not_ready": sum(1 for s in self.subscribers if not s.ready),
             "probe_rounds": rounds,
+            "deflate_accepted": self.deflate_accepted,
         }
         self.rss["connected"] = self.memory()
         log(

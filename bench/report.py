@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
-from .scenarios import REFERENCE, SLOW_BASELINE
+from .scenarios import DEFLATE_BASELINE, REFERENCE, SLOW_BASELINE
 
 MiB = 1024 * 1024
 
@@ -78,6 +79,20 @@ def _deliveries(result: dict[str, Any]) -> str:
     return _num(sat.get("deliveries_per_s"))
 
 
+def per_cpu_second(sat: dict[str, Any]) -> float | None:
+    """Deliveries per second of server CPU time: median over trials.
+
+    On a shared machine the server process gets anything between a quarter and all of its core, which
+    moves deliveries/s by 2-4x between trials; what one delivery costs the server in CPU moves far less.
+    """
+    values = [
+        t["deliveries"] / (t["server_cpu"] / 100 * t["seconds"])
+        for t in sat.get("trials", ())
+        if t.get("server_cpu") and t.get("seconds") and t.get("deliveries")
+    ]
+    return statistics.median(values) if values else None
+
+
 def _spread(sat: dict[str, Any]) -> str:
     if len(sat.get("trials", ())) < 2:
         return "-"
@@ -131,9 +146,9 @@ def markdown(meta: dict[str, Any], runs: list[dict[str, Any]]) -> str:
         "",
         _noise(meta),
         "",
-        "| Scenario | Stack | Deliveries/s | min-max | vs raw | p50 ms | p99 ms | p99 vs raw "
-        "| Peak RSS MiB | KiB/conn | Lost/dup/reord | Core busy srv/gen % |",
-        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|---|",
+        "| Scenario | Stack | Deliveries/s | min-max | vs raw | Per CPU-s | vs raw | p50 ms | p99 ms "
+        "| p99 vs raw | Peak RSS MiB | KiB/conn | Lost/dup/reord | Core busy srv/gen % |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for scenario in scenarios:
         if scenario["idle_seconds"]:
@@ -141,6 +156,7 @@ def markdown(meta: dict[str, Any], runs: list[dict[str, Any]]) -> str:
         name = scenario["name"]
         ref = by_key.get((name, REFERENCE), {})
         scenario_ref_sat = ref.get("saturation", {}).get("deliveries_per_s")
+        ref_cpu = per_cpu_second(ref.get("saturation", {}))
         scenario_ref_p99 = _ms(ref.get("rate", {}).get("last_device_ms"), "p99")
         label = f"{name} @{scenario['rate']:g} ev/s"
         for run in runs:
@@ -151,15 +167,17 @@ def markdown(meta: dict[str, Any], runs: list[dict[str, Any]]) -> str:
             ref_sat = own_ref.get("deliveries_per_s", scenario_ref_sat)
             ref_p99 = own_ref.get("p99_ms", scenario_ref_p99)
             if run["status"] != "ok":
-                lines.append(f"| {label} | {stack} | error: {run.get('error')} ||||||||||")
+                lines.append(f"| {label} | {stack} | error: {run.get('error')} ||||||||||||")
                 continue
             result = run["result"]
             sat = result.get("saturation", {})
             lat = result.get("rate", {}).get("last_device_ms")
             p99 = _ms(lat, "p99")
+            cpu = per_cpu_second(sat)
             lines.append(
                 f"| {label} | {stack} | {_deliveries(result)} | {_spread(sat)} "
                 f"| {_ratio(sat.get('deliveries_per_s'), ref_sat)} "
+                f"| {_num(cpu)} | {_ratio(cpu, None if run.get('group') else ref_cpu)} "
                 f"| {_num(_ms(lat, 'p50'), 2)} | {_num(p99, 2)} | {_ratio(p99, ref_p99)} "
                 f"| {_num(result['rss']['peak'] / MiB, 1)} "
                 f"| {_num(result['kib_per_connection'], 1)} "
@@ -175,8 +193,52 @@ def markdown(meta: dict[str, Any], runs: list[dict[str, Any]]) -> str:
             "the same group (the raw row shows the first group).",
         ]
     lines += _slow_table(scenarios, runs, by_key)
+    lines += _deflate_table(scenarios, runs, by_key)
     lines += _idle_table(scenarios, runs, by_key)
     return "\n".join(lines)
+
+
+def _deflate_table(
+    scenarios: list[dict[str, Any]],
+    runs: list[dict[str, Any]],
+    by_key: dict[tuple[str, str], dict[str, Any]],
+) -> list[str]:
+    names = [s["name"] for s in scenarios if s.get("deflate") and s["name"] in DEFLATE_BASELINE]
+    if not names:
+        return []
+    lines = [
+        "",
+        "Compression: the same fan-out with subscribers that offer permessage-deflate, as browsers do, "
+        "next to the run without, in deliveries per second of server CPU (`Per CPU-s`, steadier than "
+        "deliveries/s on a shared machine). `Accepted` counts the subscribers whose offer the server "
+        "accepted.",
+        "",
+        "| Subscribers | Stack | Per CPU-s plain | offering deflate | with/without | vs raw plain "
+        "| vs raw offering | KiB/conn plain | offering | Accepted |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in names:
+        base = DEFLATE_BASELINE[name]
+
+        def cpu(scenario: str, stack: str) -> float | None:
+            return per_cpu_second(by_key.get((scenario, stack), {}).get("saturation", {}))
+
+        for run in runs:
+            if run["scenario"] != name or run["status"] != "ok":
+                continue
+            stack = run["stack"]
+            result = run["result"]
+            plain = by_key.get((base, stack), {})
+            with_, without = cpu(name, stack), cpu(base, stack)
+            connect = result.get("connect", {})
+            lines.append(
+                f"| {connect.get('subscribers', '')} | {stack} | {_num(without)} | {_num(with_)} "
+                f"| {_ratio(with_, without)} | {_ratio(without, cpu(base, REFERENCE))} "
+                f"| {_ratio(with_, cpu(name, REFERENCE))} "
+                f"| {_num(plain.get('kib_per_connection'), 1)} | {_num(result.get('kib_per_connection'), 1)} "
+                f"| {_num(connect.get('deflate_accepted'))} |"
+            )
+    return lines
 
 
 def _slow_table(

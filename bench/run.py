@@ -355,6 +355,7 @@ def run_group(
             "targets": targets,
             "subs_per_channel": scenario.subs_per_channel,
             "slow_per_channel": scenario.slow_per_channel,
+            "deflate": scenario.deflate,
             "publishers": scenario.publishers,
             "window": scenario.window,
             "rate": 0.0 if scenario.idle else scenario.rate,

@@ -12,6 +12,7 @@ STACKS: dict[str, str] = {
     "broadcaster-redis": "encode/broadcaster Redis backend + Starlette (reference 3)",
     "rtbroadcast-memory": "rtbroadcast memory backend + Starlette (target)",
     "rtbroadcast-redis": "rtbroadcast Redis backend + Starlette (target)",
+    "rtbroadcast-deflate": "rtbroadcast memory backend, permessage-deflate accepted (the opt-in)",
 }
 REFERENCE = "raw-websockets"
 REDIS_STACKS = frozenset(s for s in STACKS if s.endswith("-redis"))
@@ -36,6 +37,8 @@ class Scenario:
     publishers: int = 8
     #: Most events published but not yet received by every (normal) subscriber, in saturation.
     window: int = 64
+    #: Subscribers offer permessage-deflate, as browsers do (and decompress what comes compressed).
+    deflate: bool = False
 
     @property
     def subscribers(self) -> int:
@@ -75,6 +78,25 @@ FULL: tuple[Scenario, ...] = (
         window=_window(5, 1000),
     ),
     SLOW_1_OF_100,
+    # The same fan-out with subscribers that offer compression, as every browser does.
+    Scenario(
+        "fanout-100-deflate",
+        "1 channel x 100 subscribers offering permessage-deflate",
+        1,
+        100,
+        rate=100,
+        window=_window(100, 1),
+        deflate=True,
+    ),
+    Scenario(
+        "fanout-1000-deflate",
+        "1 channel x 1000 subscribers offering permessage-deflate",
+        1,
+        1000,
+        rate=20,
+        window=_window(1000, 1),
+        deflate=True,
+    ),
     Scenario("idle-10k", "10,000 idle connections (100 channels x 100)", 100, 100, idle_seconds=3),
 )
 
@@ -100,3 +122,5 @@ QUICK_TIMING: dict[str, float] = {"rounds": 1, "rate": 1.0, "saturation": 1.0}
 
 #: Which scenario of the same stack the slow-reader scenario is compared with.
 SLOW_BASELINE = {"slow-1-of-100": "fanout-100"}
+#: Which scenario without compression each compression-offering scenario is compared with.
+DEFLATE_BASELINE = {"fanout-100-deflate": "fanout-100", "fanout-1000-deflate": "fanout-1000"}

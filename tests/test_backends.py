@@ -21,7 +21,9 @@ from rtbroadcast.backends.memory import MemoryBackend
 from rtbroadcast.backends.redis import RedisBackend
 from rtbroadcast.events import with_seq
 
-pytestmark = pytest.mark.anyio
+from .support import MS, until
+
+pytestmark = pytest.mark.asyncio_only
 
 BACKENDS = ["memory", pytest.param("redis", marks=pytest.mark.redis)]
 
@@ -45,11 +47,9 @@ class Recorder(BackendListener):
     def seqs(self, channel: str) -> list[int]:
         return [e.seq for e in self.envelopes if e.channel == channel]
 
-    async def wait_for(self, condition: Callable[[], bool], timeout: float = 5.0) -> None:
-        async with asyncio.timeout(timeout):
-            while not condition():
-                self._changed.clear()
-                await self._changed.wait()
+    async def wait_for(self, condition: Callable[[], bool], timeout: float = 5_000 * MS) -> None:
+        """Wait until ``condition()`` holds, checking it again whenever the backend tells this listener."""
+        await until(condition, timeout, changed=self._changed)
 
 
 def _memory(request: pytest.FixtureRequest, options: dict[str, Any]) -> Backend:
@@ -254,9 +254,10 @@ async def test_an_idempotency_key_publishes_once(harness: Harness) -> None:
     elsewhere = await backend.publish("d", payload(1), idempotency_key="outbox-1")
     assert elsewhere.seq == 1
     assert (await backend.position("c")).seq == 2
-    await recorder.wait_for(lambda: len(recorder.seqs("c")) == 2)
-    await asyncio.sleep(0.05)
-    assert recorder.seqs("c") == [1, 2]
+    # A later event on the same channel arrives after anything the duplicate could have sent.
+    await backend.publish("c", payload(3))
+    await recorder.wait_for(lambda: len(recorder.seqs("c")) == 3)
+    assert recorder.seqs("c") == [1, 2, 3]
 
 
 async def test_subscribers_get_every_envelope_in_order(harness: Harness) -> None:
@@ -306,10 +307,10 @@ async def test_subscribe_then_position_misses_nothing(harness: Harness) -> None:
 
     task = asyncio.create_task(publish_continuously())
     try:
-        await asyncio.sleep(0.02)
+        await until(lambda: len(published) >= 5)  # publishing is under way
         await backend.subscribe("busy")
         start = (await backend.position("busy")).seq
-        await asyncio.sleep(0.05)
+        await until(lambda: len(published) >= start + 20)  # and goes on after the position read
     finally:
         stop.set()
         await task

@@ -23,12 +23,9 @@ from websockets.asyncio.server import serve as ws_serve
 from rtbroadcast import Broadcaster, CloseCode, Event
 from rtbroadcast._cli import EXIT_ERROR, EXIT_OK, EXIT_REFUSED, EXIT_UNREACHABLE, main
 from rtbroadcast.asgi import ConnectionRequest, Deny, channel_from_query
-from rtbroadcast.starlette import broadcast_routes
 
 from .asyncapi_support import asyncapi_errors
-from .support import serve
-
-pytestmark = pytest.mark.anyio
+from .support import MS, broadcast_app, serve
 
 SNIPPETS = Path(__file__).parent.parent / "docs" / "snippets"
 
@@ -43,28 +40,38 @@ class Cli:
 
     def __init__(self, process: asyncio.subprocess.Process) -> None:
         self.process = process
+        self.out_lines: list[str] = []
         self.err_lines: list[str] = []
 
     async def wait_for(self, text: str) -> str:
         """Read stderr until a line contains ``text``; return that line."""
         assert self.process.stderr is not None
-        async with asyncio.timeout(10):
+        return await self._read_until(self.process.stderr, self.err_lines, text)
+
+    async def printed(self, text: str) -> str:
+        """Read stdout (the events) until a line contains ``text``; return that line."""
+        assert self.process.stdout is not None
+        return await self._read_until(self.process.stdout, self.out_lines, text)
+
+    async def _read_until(self, stream: asyncio.StreamReader, lines: list[str], text: str) -> str:
+        async with asyncio.timeout(10_000 * MS):
             while True:
-                raw = await self.process.stderr.readline()
+                raw = await stream.readline()
                 if not raw:
-                    raise AssertionError(f"{text!r} never came; stderr so far: {self.err_lines}")
+                    raise AssertionError(f"{text!r} never came; so far: {lines}")
                 line = raw.decode().rstrip("\n")
-                self.err_lines.append(line)
+                lines.append(line)
                 if text in line:
                     return line
 
     async def finish(self) -> tuple[int, list[str], list[str]]:
-        """Wait for the exit; return the exit code, the stdout lines and all stderr lines."""
-        async with asyncio.timeout(10):
+        """Wait for the exit; return the exit code, all stdout lines and all stderr lines."""
+        async with asyncio.timeout(10_000 * MS):
             out, err = await self.process.communicate()
+        self.out_lines += out.decode().splitlines()
         self.err_lines += err.decode().splitlines()
         assert self.process.returncode is not None
-        return self.process.returncode, out.decode().splitlines(), self.err_lines
+        return self.process.returncode, self.out_lines, self.err_lines
 
 
 @contextlib.asynccontextmanager
@@ -87,8 +94,9 @@ async def cli(*args: str, cwd: Path | None = None) -> AsyncIterator[Cli]:
 
 
 def _app(broadcaster: Broadcaster, **options: Any) -> Starlette:
-    return Starlette(
-        routes=broadcast_routes("/realtime", broadcaster, channel=channel_from_query("room"), **options)
+    """The app the listener connects to; the tests connect ``broadcaster`` themselves."""
+    return broadcast_app(
+        broadcaster, "/realtime", channel=channel_from_query("room"), with_lifespan=False, **options
     )
 
 
@@ -139,7 +147,7 @@ async def test_listen_reconnects_and_resumes_without_gap_or_duplicate() -> None:
         async with cli("listen", url, "--count", "4", "--retry-delay", "0.05") as proc:
             await proc.wait_for("welcome")
             await broadcaster.publish("lobby", Beep(n=1))
-            await asyncio.sleep(0.2)
+            await proc.printed("seq 1 ")  # so that it resumes from seq 1
             for connection in list(broadcaster.registry):
                 connection.close(CloseCode.SLOW_CONSUMER, "test: fell behind")
             # Published while the listener is away: it must get them from history when it resumes.

@@ -1,25 +1,30 @@
-"""Frames written straight to uvicorn's transport: when that path is taken, and that it is byte-exact."""
+"""Frames written straight to uvicorn's transport (rtbroadcast.uvicorn): when that path is taken, byte-exact."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import zlib
 from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from starlette.applications import Starlette
+from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFactory
 from websockets.frames import Frame, Opcode
 
 from rtbroadcast import Broadcaster, Connection, QueueLimits
-from rtbroadcast._direct import text_frame
+from rtbroadcast._websocket import deflated_text_frame, text_frame
 from rtbroadcast.asgi import BroadcastEndpoint, channel_from_query
 from rtbroadcast.starlette import lifespan, websocket_route
 
 from .support import StalledClient, connect, recv_json, serve
 
-pytestmark = pytest.mark.anyio
+#: The opt-in protocol class, as a service names it in uvicorn's ``ws`` setting.
+DIRECT = "rtbroadcast.uvicorn:WebSocketProtocol"
+DEFLATE = "rtbroadcast.uvicorn:DeflateWebSocketProtocol"
 
 BOUNDARY_SIZES = [0, 1, 125, 126, 127, 65535, 65536, 70000]
 
@@ -74,7 +79,7 @@ async def _only_connection(broadcaster: Broadcaster, channel: str) -> Connection
 async def test_uncompressed_clients_get_direct_writes_with_every_size(mount: str) -> None:
     broadcaster = Broadcaster("memory://")
     app = starlette_app(broadcaster) if mount == "starlette" else bare_endpoint(broadcaster)
-    async with serve(app) as host:
+    async with serve(app, ws=DIRECT) as host:
         ws = await connect(f"ws://{host}/ws?room=r", compression=None, max_size=None)
         assert (await recv_json(ws))["type"] == "welcome"
         assert (await _only_connection(broadcaster, "r")).direct
@@ -91,31 +96,101 @@ async def test_uncompressed_clients_get_direct_writes_with_every_size(mount: str
         await ws.close()
 
 
-async def test_compressed_clients_and_opt_out_use_asgi_send() -> None:
+def _deflate_client(server_max_window_bits: int | None) -> ClientPerMessageDeflateFactory:
+    return ClientPerMessageDeflateFactory(
+        server_max_window_bits=server_max_window_bits, client_max_window_bits=True
+    )
+
+
+@pytest.mark.parametrize("server_max_window_bits", [None, 10])
+async def test_deflate_clients_share_one_compressed_frame_per_event(
+    server_max_window_bits: int | None,
+) -> None:
+    # DeflateWebSocketProtocol accepts permessage-deflate without server context takeover: the frame is
+    # compressed once per event (per window size) and the client's own decoder must read it.
+    broadcaster = Broadcaster("memory://")
+    async with serve(starlette_app(broadcaster), ws=DEFLATE) as host:
+        ws = await connect(
+            f"ws://{host}/ws?room=z",
+            compression=None,
+            extensions=[_deflate_client(server_max_window_bits)],
+            max_size=None,
+        )
+        assert ws.response is not None
+        assert "server_no_context_takeover" in ws.response.headers["sec-websocket-extensions"]
+        assert (await recv_json(ws))["type"] == "welcome"
+        assert (await _only_connection(broadcaster, "z")).direct
+        random_pad = os.urandom(3000).hex()  # compresses badly: goes out uncompressed
+        pads = ["a" * size for size in BOUNDARY_SIZES] + [random_pad, "ab" * 40000]
+        for pad in pads:
+            await broadcaster.publish_json("z", json.dumps({"type": "x", "pad": pad}))
+        for seq, pad in enumerate(pads, start=1):
+            message = await recv_json(ws)
+            assert (message["seq"], message["pad"]) == (seq, pad)
+        await ws.send(json.dumps({"type": "ping"}))
+        assert (await recv_json(ws))["type"] == "pong"
+        await ws.close()
+
+
+def _split(frame: bytes) -> tuple[int, bytes]:
+    """The first byte and the payload of one unmasked frame."""
+    length, offset = frame[1] & 0x7F, 2
+    if length == 126:
+        length, offset = int.from_bytes(frame[2:4], "big"), 4
+    elif length == 127:
+        length, offset = int.from_bytes(frame[2:10], "big"), 10
+    assert len(frame) == offset + length
+    return frame[0], frame[offset:]
+
+
+@given(
+    st.one_of(st.binary(max_size=3000), st.text(max_size=40000).map(str.encode)), st.sampled_from([9, 12, 15])
+)
+def test_deflated_frames_inflate_to_the_payload(payload: bytes, bits: int) -> None:
+    first, data = _split(deflated_text_frame(payload, bits))
+    if first == 0xC1:  # FIN, RSV1 (compressed), text
+        inflater = zlib.decompressobj(-bits)
+        assert inflater.decompress(data + b"\x00\x00\xff\xff") == payload
+        assert len(data) < len(payload)
+    else:
+        assert (first, data) == (0x81, payload)
+
+
+async def test_opt_out_uses_asgi_send() -> None:
     broadcaster = Broadcaster("memory://")
     app = Starlette(
         routes=[
-            websocket_route("/ws", broadcaster, channel=channel_from_query("room")),
             websocket_route("/plain", broadcaster, channel=channel_from_query("room"), direct_write=False),
         ],
         lifespan=lifespan(broadcaster),
     )
-    async with serve(app) as host:
-        deflate = await connect(f"ws://{host}/ws?room=deflate", compression="deflate")
-        await recv_json(deflate)
-        assert not (await _only_connection(broadcaster, "deflate")).direct
+    async with serve(app, ws=DIRECT) as host:
         plain = await connect(f"ws://{host}/plain?room=plain", compression=None)
         await recv_json(plain)
         assert not (await _only_connection(broadcaster, "plain")).direct
-        for channel, ws in (("deflate", deflate), ("plain", plain)):
-            await broadcaster.publish_json(channel, '{"type":"x"}')
-            assert (await recv_json(ws))["seq"] == 1
-            await ws.close()
+        await broadcaster.publish_json("plain", '{"type":"x"}')
+        assert (await recv_json(plain))["seq"] == 1
+        await plain.close()
 
 
-async def test_other_websocket_implementations_use_asgi_send() -> None:
+async def test_browser_style_compression_offers_are_declined_by_default() -> None:
     broadcaster = Broadcaster("memory://")
-    async with serve(starlette_app(broadcaster), ws="wsproto") as host:
+    async with serve(starlette_app(broadcaster), ws=DIRECT) as host:
+        ws = await connect(f"ws://{host}/ws?room=b", compression="deflate")
+        assert ws.response is not None
+        assert "sec-websocket-extensions" not in ws.response.headers
+        await recv_json(ws)
+        assert (await _only_connection(broadcaster, "b")).direct
+        await broadcaster.publish_json("b", '{"type":"x"}')
+        assert (await recv_json(ws))["seq"] == 1
+        await ws.close()
+
+
+@pytest.mark.parametrize("ws_option", ["auto", "websockets-sansio", "wsproto"])
+async def test_other_websocket_implementations_use_asgi_send(ws_option: str) -> None:
+    # Without the opt-in protocol class nothing is written past ASGI, whatever the implementation.
+    broadcaster = Broadcaster("memory://")
+    async with serve(starlette_app(broadcaster), ws=ws_option) as host:
         ws = await connect(f"ws://{host}/ws?room=w", compression=None)
         await recv_json(ws)
         assert not (await _only_connection(broadcaster, "w")).direct
@@ -128,7 +203,7 @@ async def test_direct_writes_stop_at_flow_control_and_the_queue_bound_applies() 
     # A client that never reads: once the transport pauses, frames queue up, and past the bound the
     # connection is closed (4001) while a reading client gets everything.
     broadcaster = Broadcaster("memory://", queue_limits=QueueLimits(max_messages=20, max_size=2**20))
-    async with serve(starlette_app(broadcaster)) as host:
+    async with serve(starlette_app(broadcaster), ws=DIRECT) as host:
         stalled = await StalledClient.open(host, "/ws?room=s")
         reader = await connect(f"ws://{host}/ws?room=s", compression=None, max_queue=None)
         await recv_json(reader)
@@ -153,3 +228,36 @@ async def test_direct_writes_stop_at_flow_control_and_the_queue_bound_applies() 
         assert broadcaster.stats()["slow_consumers_closed"] == 1
         await reader.close()
         stalled.close()
+
+
+@pytest.mark.parametrize("version", ["0.49.2", "0.55.0", "1.0.0", "dev"])
+def test_unsupported_uvicorn_versions_are_refused_by_name(version: str) -> None:
+    from rtbroadcast.errors import ConfigurationError
+    from rtbroadcast.uvicorn import _check_version
+
+    with pytest.raises(ConfigurationError, match=r"supports uvicorn >=0\.50, <0\.55 \(found uvicorn"):
+        _check_version(version)
+
+
+def test_the_installed_uvicorn_is_supported() -> None:
+    import uvicorn
+
+    from rtbroadcast.uvicorn import _check_version
+
+    _check_version(uvicorn.__version__)
+
+
+@pytest.mark.parametrize(("ws_max_size", "warned"), [(16 * 1024 * 1024, True), (16 * 1024, False)])
+async def test_a_server_frame_limit_above_the_endpoint_s_warns_once(
+    ws_max_size: int, warned: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    broadcaster = Broadcaster("memory://")
+    async with serve(starlette_app(broadcaster), ws=DIRECT, ws_max_size=ws_max_size) as host:
+        for room in ("a", "b"):
+            ws = await connect(f"ws://{host}/ws?room={room}", compression=None)
+            await recv_json(ws)
+            await ws.close()
+    warnings = [
+        r for r in caplog.records if r.name == "rtbroadcast.asgi" and "ws_max_size=16384" in r.message
+    ]
+    assert len(warnings) == (1 if warned else 0)

@@ -20,10 +20,8 @@ from examples.restaurant_app.db import create_engine
 from rtbroadcast import Broadcaster, CloseCode
 
 from .asyncapi_support import asyncapi_errors
-from .support import connect, recv_json, serve
+from .support import MS, connect, recv_json, serve, until
 from .test_docs_snippets import DOCS, docs_hooks, snippet
-
-pytestmark = pytest.mark.anyio
 
 RID = "docs-restaurant"
 SECRET = "docs-test-secret-that-is-at-least-32-bytes-long"
@@ -42,12 +40,6 @@ async def running(tmp_path: Path) -> AsyncIterator[tuple[str, Broadcaster]]:
             yield f"http://{host}", broadcaster
     finally:
         await engine.dispose()
-
-
-async def _until(condition: Any) -> None:
-    async with asyncio.timeout(10):
-        while not condition():
-            await asyncio.sleep(0.01)
 
 
 def _keep(entity: dict[str, Any], fields: tuple[str, ...]) -> dict[str, Any]:
@@ -72,12 +64,17 @@ async def _assert_in_sync(client: Any, http: httpx.AsyncClient) -> None:
         )
 
     server = views(*await _server_state(http))
-    for _ in range(500):
-        if views(client.guests, client.tables) == server:
-            return
-        await asyncio.sleep(0.02)
+
+    async def in_sync() -> bool:
+        nonlocal server
         server = views(*await _server_state(http))
-    assert views(client.guests, client.tables) == server
+        return views(client.guests, client.tables) == server
+
+    try:
+        await until(in_sync, 10_000 * MS)
+    except AssertionError:
+        assert views(client.guests, client.tables) == server  # the difference, in pytest's words
+        raise
 
 
 async def test_reference_client_stays_in_sync_through_drops_and_resyncs(
@@ -90,7 +87,7 @@ async def test_reference_client_stays_in_sync_through_drops_and_resyncs(
         await http.post(f"/restaurants/{RID}/guests", json={"guestName": "Ada", "partySize": 2})
         task = asyncio.get_running_loop().create_task(client.run())
         try:
-            await _until(lambda: broadcaster.connection_count(f"restaurant:{RID}") == 1)
+            await until(lambda: broadcaster.connection_count(f"restaurant:{RID}") == 1, 10_000 * MS)
             guest = (
                 await http.post(f"/restaurants/{RID}/guests", json={"guestName": "Bo", "partySize": 4})
             ).json()

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import re
 import sys
+import uuid
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -20,7 +21,7 @@ from rtbroadcast import CloseCode, ProtocolError, ResyncReason
 from rtbroadcast.protocol import ObservedCloseCode, decode_client_frame, decode_server_frame
 
 from .asyncapi_support import asyncapi_errors
-from .support import recv_json, serve
+from .support import MS, recv_json, serve, until
 
 ROOT = Path(__file__).parent.parent
 DOCS = ROOT / "docs"
@@ -46,6 +47,12 @@ def snippet(name: str) -> Any:
     return module
 
 
+def fresh_room(name: str) -> str:
+    """A room no other test (nor this test on the other event loop) used: the snippets' apps are module-level
+    singletons, so their channels and stored messages outlive a test."""
+    return f"{name}-{uuid.uuid4().hex[:8]}"
+
+
 async def _publish_over_http(base: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
     async with httpx.AsyncClient(base_url=base) as client:
         response = await client.post(path, json=body)
@@ -57,7 +64,6 @@ async def _publish_over_http(base: str, path: str, body: dict[str, Any]) -> dict
 # -- tutorial --------------------------------------------------------------------------------------
 
 
-@pytest.mark.anyio
 async def test_tutorial_app_broadcasts_a_post_to_websocket_and_sse_clients() -> None:
     tutorial = snippet("tutorial_app")
     async with serve(tutorial.app) as host:
@@ -93,35 +99,34 @@ async def test_tutorial_app_broadcasts_a_post_to_websocket_and_sse_clients() -> 
         assert snapshot["messages"][-1]["text"] == "hello"
 
 
-@pytest.mark.anyio
 async def test_tutorial_cli_commands() -> None:
     """``rtbroadcast listen`` as the tutorial runs it, from another process."""
     tutorial = snippet("tutorial_app")
+    room = fresh_room("cli-tutorial")
     async with serve(tutorial.app) as host:
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
             "rtbroadcast",
             "listen",
-            f"ws://{host}/realtime?room=cli-tutorial",
+            f"ws://{host}/realtime?room={room}",
             "--count",
             "1",
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
         assert process.stderr is not None
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(10_000 * MS):
             while b"welcome" not in await process.stderr.readline():
                 pass
             await _publish_over_http(
-                f"http://{host}", "/rooms/cli-tutorial/messages", {"author": "a", "text": "b"}
+                f"http://{host}", f"/rooms/{room}/messages", {"author": "a", "text": "b"}
             )
             out, _ = await process.communicate()
     assert process.returncode == 0
     assert out.decode().startswith("seq 1 message_posted (latency ")
 
 
-@pytest.mark.anyio
 async def test_the_tutorials_own_tests_pass() -> None:
     tests = snippet("test_tutorial_app")
     await tests.test_posting_a_message_broadcasts_it()
@@ -131,7 +136,6 @@ async def test_the_tutorials_own_tests_pass() -> None:
 # -- how-to guides ---------------------------------------------------------------------------------
 
 
-@pytest.mark.anyio
 async def test_fastapi_app() -> None:
     fastapi_app = snippet("fastapi_app")
     async with serve(fastapi_app.app) as host:
@@ -154,7 +158,6 @@ async def test_fastapi_app() -> None:
         assert info.value.rcvd.code == CloseCode.BAD_REQUEST
 
 
-@pytest.mark.anyio
 @pytest.mark.parametrize(
     ("path", "headers", "allowed"),
     [
@@ -195,7 +198,6 @@ def test_subscribe_in_process(capsys: pytest.CaptureFixture[str]) -> None:
 # -- schemas ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.anyio
 async def test_asyncapi_export_is_valid_and_the_cli_prints_it() -> None:
     document = snippet("asyncapi_export").document()
     assert asyncapi_errors(document) == []
@@ -209,7 +211,7 @@ async def test_asyncapi_export_is_valid_and_the_cli_prints_it() -> None:
         cwd=SNIPPETS,
         stdout=asyncio.subprocess.PIPE,
     )
-    out, _ = await asyncio.wait_for(process.communicate(), 30)
+    out, _ = await asyncio.wait_for(process.communicate(), 30_000 * MS)
     assert process.returncode == 0
     assert json.loads(out) == document
 
@@ -217,11 +219,10 @@ async def test_asyncapi_export_is_valid_and_the_cli_prints_it() -> None:
 # -- concepts: the client algorithm ----------------------------------------------------------------
 
 
-@pytest.mark.anyio
 async def test_resume_client_follows_resumes_and_resyncs() -> None:
     tutorial = snippet("tutorial_app")
     follower_module = snippet("resume_client")
-    room = "follow"
+    room = fresh_room("follow")
     channel = f"room:{room}"
 
     def post_directly(n: int) -> None:
@@ -236,11 +237,6 @@ async def test_resume_client_follows_resumes_and_resyncs() -> None:
                 continue
             raise AssertionError("publish suspended")
 
-    async def until(condition: Any) -> None:
-        async with asyncio.timeout(10):
-            while not condition():
-                await asyncio.sleep(0.01)
-
     def close_all(code: int) -> None:
         for connection in list(tutorial.broadcaster.registry):
             if connection.channel == channel:
@@ -253,20 +249,20 @@ async def test_resume_client_follows_resumes_and_resyncs() -> None:
         follower = follower_module.RoomFollower(base, room)
         task = asyncio.get_running_loop().create_task(follower.run())
         try:
-            await until(lambda: tutorial.broadcaster.connection_count(channel) == 1)
+            await until(lambda: tutorial.broadcaster.connection_count(channel) == 1, 10_000 * MS)
             await _publish_over_http(base, f"/rooms/{room}/messages", {"author": "bob", "text": "three"})
-            await until(lambda: follower.seq == 3)
+            await until(lambda: follower.seq == 3, 10_000 * MS)
 
             close_all(CloseCode.SLOW_CONSUMER)  # dropped: it resumes, and gets what it missed from history
             post_directly(2)
-            await until(lambda: follower.seq == 5)
+            await until(lambda: follower.seq == 5, 10_000 * MS)
             assert follower.snapshots == 1
 
             close_all(CloseCode.GOING_AWAY)  # more than history holds happens while it is away: resync
             post_directly(1001)
-            await until(lambda: follower.seq == 1006 and follower.snapshots == 2)
+            await until(lambda: follower.seq == 1006 and follower.snapshots == 2, 10_000 * MS)
             await _publish_over_http(base, f"/rooms/{room}/messages", {"author": "ada", "text": "last"})
-            await until(lambda: follower.seq == 1007)
+            await until(lambda: follower.seq == 1007, 10_000 * MS)
             assert follower.messages == tutorial.messages[room]
         finally:
             task.cancel()

@@ -14,9 +14,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from rtbroadcast import Broadcaster, CloseCode, Event
 from rtbroadcast.asgi import channel_from_query
-from rtbroadcast.starlette import broadcast_routes, lifespan
 
-from .support import connect, recv_json, serve
+from .support import MS, broadcast_app, connect, recv_json, serve
 
 DOCUMENTED_CLOSES = {int(code) for code in CloseCode}
 ERROR_CODES = {"malformed_frame", "frame_too_large", "unknown_type", "invalid_frame"}
@@ -56,12 +55,7 @@ hostile_frames = st.one_of(
 
 
 def make_app(broadcaster: Broadcaster) -> Starlette:
-    return Starlette(
-        routes=broadcast_routes(
-            "/ws", broadcaster, channel=channel_from_query("room"), max_messages_per_second=50
-        ),
-        lifespan=lifespan(broadcaster),
-    )
+    return broadcast_app(broadcaster, channel=channel_from_query("room"), max_messages_per_second=50)
 
 
 async def hostile(host: str, frames: list[str | bytes]) -> None:
@@ -84,7 +78,7 @@ async def hostile(host: str, frames: list[str | bytes]) -> None:
         # Everything we get back is a documented frame; the socket ends, if it does, with a documented code.
         while True:
             try:
-                reply = await recv_json(ws, timeout=0.5)
+                reply = await recv_json(ws, timeout=500 * MS)
             except TimeoutError:
                 break
             assert reply["type"] in {"pong", "error", "beat"}, reply
@@ -122,15 +116,15 @@ async def scenario(frames: list[str | bytes]) -> None:
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(hostile_frames, min_size=1, max_size=30))
-def test_hostile_traffic_does_not_disturb_others(frames: list[str | bytes]) -> None:
-    asyncio.run(scenario(frames))
+async def test_hostile_traffic_does_not_disturb_others(frames: list[str | bytes]) -> None:
+    await scenario(frames)
 
 
-def test_ping_flood_is_closed_and_others_unaffected() -> None:
-    asyncio.run(scenario(['{"type":"ping"}'] * 500))
+async def test_ping_flood_is_closed_and_others_unaffected() -> None:
+    await scenario(['{"type":"ping"}'] * 500)
 
 
-async def _connection_flood() -> None:
+async def test_connection_floods_are_refused_cleanly() -> None:
     broadcaster = Broadcaster(max_connections=8, max_connections_per_channel=5)
     async with serve(make_app(broadcaster)) as host:
         room_a = [await connect(f"ws://{host}/ws?room=a") for _ in range(5)]
@@ -158,7 +152,3 @@ async def _connection_flood() -> None:
             assert (await recv_json(ws))["n"] == 1
         for ws in room_a + room_b:
             await ws.close()
-
-
-def test_connection_floods_are_refused_cleanly() -> None:
-    asyncio.run(_connection_flood())

@@ -5,22 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Literal
 
 import pytest
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route
 
 from rtbroadcast import Broadcaster, Event, QueueLimits
-from rtbroadcast.asgi import channel_from_query
-from rtbroadcast.starlette import broadcast_routes, lifespan
 
 from . import support
-from .support import StalledClient, connect, recv_json, serve
-
-pytestmark = pytest.mark.anyio
+from .support import MS, StalledClient, broadcast_app, connect, no_task_left, recv_json, serve, until
 
 
 @pytest.fixture(autouse=True, params=["deflate", None], ids=["asgi-send", "direct-write"])
@@ -39,27 +31,10 @@ class ItemChanged(Event):
     n: int
 
 
-def make_app(broadcaster: Broadcaster, **options: Any) -> Starlette:
-    async def publish(request: Request) -> JSONResponse:
-        body = await request.json()
-        seq = await broadcaster.publish(f"room:{body['room']}", ItemChanged(room=body["room"], n=body["n"]))
-        return JSONResponse({"seq": seq})
-
-    return Starlette(
-        routes=[
-            *broadcast_routes(
-                "/ws", broadcaster, channel=channel_from_query("room", prefix="room:"), **options
-            ),
-            Route("/publish", publish, methods=["POST"]),
-        ],
-        lifespan=lifespan(broadcaster),
-    )
-
-
 async def test_clients_receive_their_channel_in_order() -> None:
     broadcaster = Broadcaster("memory://")
-    async with serve(make_app(broadcaster)) as host:
-        tasks_before = len(asyncio.all_tasks())
+    async with serve(broadcast_app(broadcaster)) as host:
+        tasks_before = set(asyncio.all_tasks())
         a1 = await connect(f"ws://{host}/ws?room=a")
         a2 = await connect(f"ws://{host}/ws?room=a")
         b1 = await connect(f"ws://{host}/ws?room=b")
@@ -85,24 +60,17 @@ async def test_clients_receive_their_channel_in_order() -> None:
         assert broadcaster.connection_count() == 3
         for ws in (a1, a2, b1):
             await ws.close()
-        await _until(lambda: broadcaster.connection_count() == 0)
+        await until(lambda: broadcaster.connection_count() == 0)
         assert broadcaster.registry.channels() == []
         # Every per-connection task (uvicorn's handlers, our writers, channel releases) has ended.
-        await _until(lambda: len(asyncio.all_tasks()) <= tasks_before)
+        await no_task_left(since=tasks_before)
         assert broadcaster.backend.stats()["subscribed"] == 0
 
 
-async def _until(condition: Any, timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.01)
-
-
 async def test_slow_client_is_dropped_while_others_keep_up() -> None:
-
     broadcaster = Broadcaster("memory://", queue_limits=QueueLimits(max_messages=50, max_size=2**20))
     payload = "x" * 16000
-    async with serve(make_app(broadcaster)) as host:
+    async with serve(broadcast_app(broadcaster)) as host:
         slow = await StalledClient.open(host, "/ws?room=a")
         # The fast reader shares this event loop with the publisher; without compression it needs room to
         # take frames as they come (the client's own queue), or it would fall behind too.
@@ -119,26 +87,26 @@ async def test_slow_client_is_dropped_while_others_keep_up() -> None:
         for _ in range(2000):
             await broadcaster.publish_json("room:a", json.dumps({"type": "blob", "blob": payload}))
             await asyncio.sleep(0)
-        await asyncio.wait_for(reader, 20)
+        await asyncio.wait_for(reader, 20_000 * MS)
         assert received == list(range(1, 2001))
-        await _until(lambda: broadcaster.connection_count("room:a") == 1)
+        await until(lambda: broadcaster.connection_count("room:a") == 1)
         stats = broadcaster.stats()
         assert stats["slow_consumers_closed"] == 1
         await fast.close()
         slow.close()
-        await _until(lambda: broadcaster.connection_count() == 0)
+        await until(lambda: broadcaster.connection_count() == 0)
 
 
 async def test_dead_peer_is_closed_by_server_pings_and_unregistered() -> None:
     # Protocol-level pings are the ASGI server's job (uvicorn's ws_ping_interval / ws_ping_timeout); the
     # endpoint must notice the resulting disconnect and clean up.
     broadcaster = Broadcaster("memory://")
-    async with serve(make_app(broadcaster), ws_ping_interval=0.2, ws_ping_timeout=0.3) as host:
+    async with serve(broadcast_app(broadcaster), ws_ping_interval=0.2, ws_ping_timeout=0.3) as host:
         dead = await StalledClient.open(host, "/ws?room=a")
         alive = await connect(f"ws://{host}/ws?room=a")
         await recv_json(alive)
-        await _until(lambda: broadcaster.connection_count() == 2)
-        await _until(lambda: broadcaster.connection_count() == 1)
+        await until(lambda: broadcaster.connection_count() == 2)
+        await until(lambda: broadcaster.connection_count() == 1)
         await broadcaster.publish("room:a", ItemChanged(room="a", n=1))
         assert (await recv_json(alive))["n"] == 1
         await alive.close()
@@ -150,12 +118,13 @@ async def test_a_reader_that_pauses_and_catches_up_loses_nothing() -> None:
     # once it reads again, everything arrives, in order, once.
     broadcaster = Broadcaster("memory://", queue_limits=QueueLimits(max_messages=5000, max_size=64 * 2**20))
     payload = "y" * 8000
-    async with serve(make_app(broadcaster)) as host:
+    async with serve(broadcast_app(broadcaster)) as host:
         client = await StalledClient.open(host, "/ws?room=a")
         for _ in range(1500):
             await broadcaster.publish_json("room:a", json.dumps({"type": "blob", "blob": payload}))
             await asyncio.sleep(0)
-        await asyncio.sleep(0.2)
+        # No event says "the writer is blocked": give a writer that could drain the queue the time to do it.
+        await asyncio.sleep(200 * MS)
         (connection,) = broadcaster.registry.fanout("room:a")
         assert connection.queued > 0  # the transport pushed back: frames wait in the queue
         frames = await client.read_text_frames(1501)

@@ -21,9 +21,11 @@ from rtbroadcast import (
 from rtbroadcast.backends import Envelope
 from rtbroadcast.backends.memory import DEFAULT_IDLE_TTL, MemoryBackend
 
-pytestmark = pytest.mark.anyio
+from .support import MS
 
-TTL = 0.1
+pytestmark = pytest.mark.asyncio_only  # in-process: nothing here depends on the loop
+
+TTL = 100 * MS
 #: Comfortably past TTL, so that a loaded machine cannot make an idle channel look fresh.
 PAST_TTL = 3 * TTL
 

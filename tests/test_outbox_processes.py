@@ -17,7 +17,7 @@ from .redis_support import throwaway_server
 from .support import connect, recv_json
 from .test_redis_processes import server_process
 
-pytestmark = [pytest.mark.anyio, pytest.mark.redis, pytest.mark.slow]
+pytestmark = [pytest.mark.asyncio_only, pytest.mark.redis, pytest.mark.slow]
 
 RID = "outbox-restaurant"
 

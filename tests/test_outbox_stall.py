@@ -35,7 +35,8 @@ from .test_redis_processes import ROOT
 
 logger = logging.getLogger(__name__)
 
-pytestmark = [pytest.mark.anyio, pytest.mark.redis, pytest.mark.postgresql, pytest.mark.slow]
+# The servers are subprocesses (they pick uvloop themselves): this loop only runs their clients.
+pytestmark = [pytest.mark.asyncio_only, pytest.mark.redis, pytest.mark.postgresql, pytest.mark.slow]
 
 POSTGRES_CANDIDATES = (
     "postgresql+asyncpg://postgres@127.0.0.1:5432/test",

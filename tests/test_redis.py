@@ -9,7 +9,7 @@ import logging
 import shutil
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,9 +28,10 @@ from rtbroadcast import (
 from rtbroadcast.backends.redis import RedisBackend
 
 from .redis_support import RedisServer, free_port, redis_server_binary
+from .support import MS, no_task_left, until
 from .test_backends import Recorder, payload
 
-pytestmark = [pytest.mark.anyio, pytest.mark.redis]
+pytestmark = pytest.mark.redis
 
 
 class Noted(Event):
@@ -40,12 +41,6 @@ class Noted(Event):
 
 # Short enough that fault tests run in seconds, long enough not to flake on a busy machine.
 FAST = {"timeout": 1.0, "reconnect_delay": (0.05, 0.2)}
-
-
-async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.01)
 
 
 @pytest.fixture
@@ -387,7 +382,7 @@ async def test_after_a_restart_that_kept_the_data_clients_catch_up_without_resyn
             await asyncio.to_thread(server.start)
             for n in range(3, 6):
                 await other.publish("c", Noted(n=n).to_json())  # while this process is still away
-            async with asyncio.timeout(5):
+            async with asyncio.timeout(5_000 * MS):
                 received += [await anext(subscription) for _ in range(3)]
             assert all(isinstance(r, Received) for r in received)
             assert [(r.seq, r.event.n) for r in received] == [(n + 1, n) for n in range(6)]  # type: ignore[union-attr]
@@ -445,9 +440,9 @@ async def test_publish_fails_fast_and_subscribe_waits_while_redis_is_down(redis_
             await backend.subscribe("b")  # nobody brings Redis back within the timeout
         # A subscribe made during the outage completes once the listener is back.
         pending = asyncio.create_task(backend.subscribe("c"))
-        await asyncio.sleep(0.1)
+        await until(lambda: backend.stats()["subscribed"] == 2)  # "a" and the waiting "c"
         await asyncio.to_thread(redis_server.start)
-        await asyncio.wait_for(pending, 2)
+        await asyncio.wait_for(pending, 2_000 * MS)
         await recorder.wait_for(lambda: bool(recorder.interruptions))
         assert recorder.interruptions[0][1] == "backend_reconnected"
         assert "a" in recorder.interruptions[0][0] and "b" not in recorder.interruptions[0][0]
@@ -511,17 +506,20 @@ async def test_disconnect_leaves_no_task_and_no_connection(redis_server: RedisSe
     admin = redis.asyncio.Redis.from_url(redis_server.url)
     try:
         clients_before = len(await admin.client_list())
-        tasks_before = len(asyncio.all_tasks())
+        tasks_before = set(asyncio.all_tasks())
         backend, _ = await connected(redis_server.url)
         await backend.subscribe("c")
         await backend.publish("c", payload(1))
-        assert len(asyncio.all_tasks()) == tasks_before + 1
+        assert [task.get_name() for task in asyncio.all_tasks() - tasks_before] == [
+            "rtbroadcast-redis-listener"
+        ]
         await backend.disconnect()
-        assert len(asyncio.all_tasks()) == tasks_before
-        await until(lambda: True)
-        async with asyncio.timeout(5):
-            while len(await admin.client_list()) > clients_before:
-                await asyncio.sleep(0.02)
+        await no_task_left(since=tasks_before, timeout=0)
+
+        async def connections_closed() -> bool:
+            return len(await admin.client_list()) <= clients_before
+
+        await until(connections_closed)
     finally:
         await admin.aclose()
 
@@ -533,9 +531,7 @@ async def test_a_listener_that_gives_up_shows_in_the_broadcaster_state(redis_ser
     async with Broadcaster(backend=backend) as broadcaster, broadcaster.subscribe("c"):
         assert broadcaster.state is BroadcasterState.CONNECTED
         redis_server.kill()
-        async with asyncio.timeout(15):
-            while broadcaster.state is not BroadcasterState.FAILED:
-                await asyncio.sleep(0.05)
+        await until(lambda: broadcaster.state is BroadcasterState.FAILED, timeout=15_000 * MS)
         assert broadcaster.stats()["state"] == "failed"
         assert broadcaster.stats()["backend_available"] is False
     assert broadcaster.state is BroadcasterState.CLOSED

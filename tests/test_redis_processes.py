@@ -14,9 +14,9 @@ import httpx
 import pytest
 
 from .redis_support import free_port
-from .support import connect, recv_json
+from .support import MS, connect, recv_json, until
 
-pytestmark = [pytest.mark.anyio, pytest.mark.redis, pytest.mark.slow]
+pytestmark = [pytest.mark.asyncio_only, pytest.mark.redis, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,20 +31,22 @@ async def server_process(*args: str, env: dict[str, str], health: str = "/health
     )  # fmt: skip
     host = f"127.0.0.1:{port}"
     try:
-        async with httpx.AsyncClient() as http, asyncio.timeout(20):
-            while True:
+        async with httpx.AsyncClient() as http:
+
+            async def serving() -> bool:
                 if process.returncode is not None:
                     raise RuntimeError(f"{' '.join(args)} exited with {process.returncode}")
                 with contextlib.suppress(httpx.TransportError):
-                    if (await http.get(f"http://{host}{health}")).status_code == 200:
-                        break
-                await asyncio.sleep(0.05)
+                    return (await http.get(f"http://{host}{health}")).status_code == 200
+                return False
+
+            await until(serving, 20_000 * MS)
         yield host
     finally:
         if process.returncode is None:
             process.send_signal(signal.SIGTERM)
             try:
-                await asyncio.wait_for(process.wait(), 10)
+                await asyncio.wait_for(process.wait(), 10_000 * MS)
             except TimeoutError:
                 process.kill()
                 await process.wait()

@@ -18,6 +18,7 @@ from rtbroadcast.backends.memory import MemoryBackend
 from rtbroadcast.backends.redis import RedisBackend
 
 from .redis_support import delete_keys
+from .support import MS
 
 HISTORY = 5
 CHANNEL = "prop"
@@ -58,7 +59,7 @@ class Client:
 async def drain(client: Client, top: int) -> None:
     """Read until the client has everything up to ``top``; check order and contiguity on the way."""
     assert client.subscription is not None
-    async with asyncio.timeout(5):
+    async with asyncio.timeout(5_000 * MS):
         while client.expected_next <= top:
             item = await anext(client.subscription)
             assert isinstance(item, Received), f"unexpected {item!r}"
@@ -114,7 +115,7 @@ async def run(ops: list[Publish | Connect | Disconnect], backend: Backend, *, ex
                         else "history_trimmed"
                     )
                     assert not welcome.resumed
-                    first = await asyncio.wait_for(anext(subscription), 5)
+                    first = await asyncio.wait_for(anext(subscription), 5_000 * MS)
                     assert first == ResyncRequired(reason, epoch, top)
                     client.expected_next = top + 1
             else:

@@ -26,14 +26,11 @@ from starlette.applications import Starlette
 from websockets.asyncio.client import ClientConnection
 
 from rtbroadcast import Broadcaster, BroadcasterState, CloseCode, Event, StateError
-from rtbroadcast.asgi import channel_from_query, drain_on_signals
+from rtbroadcast.asgi import drain_on_signals
 from rtbroadcast.protocol import ObservedCloseCode
-from rtbroadcast.starlette import broadcast_routes, lifespan
 
 from .redis_support import free_port
-from .support import connect, recv_json, serve
-
-pytestmark = [pytest.mark.anyio]
+from .support import MS, broadcast_app, connect, recv_json, serve, until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,7 +63,7 @@ class ServerProcess:
             await self.process.wait()
         elapsed = time.monotonic() - started
         if self.reader is not None:
-            await asyncio.wait_for(self.reader, 5)
+            await asyncio.wait_for(self.reader, 5_000 * MS)
         return elapsed
 
     def log(self) -> str:
@@ -85,14 +82,16 @@ async def server_process(*args: str, env: dict[str, str] | None = None) -> Async
     server = ServerProcess(process, f"127.0.0.1:{port}")
     server.reader = asyncio.get_running_loop().create_task(server.collect_stderr())
     try:
-        async with httpx.AsyncClient() as http, asyncio.timeout(20):
-            while True:
+        async with httpx.AsyncClient() as http:
+
+            async def serving() -> bool:
                 if process.returncode is not None:
                     raise RuntimeError(f"{' '.join(args)} exited with {process.returncode}:\n{server.log()}")
                 with contextlib.suppress(httpx.TransportError):
-                    if (await http.get(f"http://{server.host}/health")).status_code == 200:
-                        break
-                await asyncio.sleep(0.05)
+                    return (await http.get(f"http://{server.host}/health")).status_code == 200
+                return False
+
+            await until(serving, 20_000 * MS)
         yield server
     finally:
         if process.returncode is None:
@@ -133,10 +132,8 @@ async def check_sigterm(server: ServerProcess, ws_path: str, sse_path: str) -> N
         stream = asyncio.get_running_loop().create_task(
             read_sse(http, f"http://{host}{sse_path}", lines, opened)
         )
-        await asyncio.wait_for(opened.wait(), 5)
-        async with asyncio.timeout(5):
-            while not any(line.startswith("data: ") for line in lines):
-                await asyncio.sleep(0.01)
+        await asyncio.wait_for(opened.wait(), 5_000 * MS)
+        await until(lambda: any(line.startswith("data: ") for line in lines))
         closes = asyncio.gather(*(close_code(ws) for ws in sockets))
         elapsed = await server.stop()
         codes = await closes
@@ -165,11 +162,13 @@ async def check_sigterm(server: ServerProcess, ws_path: str, sse_path: str) -> N
         pytest.param(["--loop", "uvloop", "--http", "h11"], id="uvloop-h11"),
     ],
 )
+@pytest.mark.asyncio_only  # the server is a subprocess; this loop only runs its clients
 async def test_sigterm_ends_sse_streams_and_closes_websockets_with_1001(options: list[str]) -> None:
     async with server_process("-m", "uvicorn", "tests.shutdown_app:app", *options) as server:
         await check_sigterm(server, "/ws?room=1", "/ws/sse?room=1")
 
 
+@pytest.mark.asyncio_only  # the server is a subprocess; this loop only runs its clients
 async def test_without_the_drain_websocket_clients_get_1012_from_uvicorn() -> None:
     """The close-code table's 1012 row: what uvicorn sends on its own when nothing drained first."""
     async with server_process("-m", "uvicorn", "tests.shutdown_app:app", env={"RTB_DRAIN": "0"}) as server:
@@ -182,6 +181,7 @@ async def test_without_the_drain_websocket_clients_get_1012_from_uvicorn() -> No
     assert elapsed < EXIT_BOUND, server.log()
 
 
+@pytest.mark.asyncio_only  # the server is a subprocess; this loop only runs its clients
 async def test_the_example_service_stops_at_once_on_sigterm(tmp_path: Path) -> None:
     env = {
         "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'restaurant.db'}",
@@ -198,8 +198,7 @@ async def test_the_example_service_stops_at_once_on_sigterm(tmp_path: Path) -> N
 
 
 def make_app(broadcaster: Broadcaster) -> Starlette:
-    routes = broadcast_routes("/ws", broadcaster, channel=channel_from_query("room", prefix="room:"))
-    return Starlette(routes=routes, lifespan=lifespan(broadcaster, drain_on_signal=False))
+    return broadcast_app(broadcaster, drain_on_signal=False)
 
 
 async def test_drain_closes_connections_with_1001_and_refuses_new_ones_while_publishing_works() -> None:
@@ -231,9 +230,9 @@ async def test_drain_waits_for_the_sse_stream_to_end_with_a_retry_line() -> None
         stream = asyncio.get_running_loop().create_task(
             read_sse(http, f"http://{host}/ws/sse?room=1", lines, opened)
         )
-        await asyncio.wait_for(opened.wait(), 5)
+        await asyncio.wait_for(opened.wait(), 5_000 * MS)
         await broadcaster.drain(timeout=5)
-        await asyncio.wait_for(stream, 5)
+        await asyncio.wait_for(stream, 5_000 * MS)
     farewell, retry, blank = lines[-3:]
     assert (farewell, blank) == (": closed 1001 server shutting down", ""), lines
     assert retry.startswith("retry: "), lines
@@ -268,9 +267,7 @@ async def test_the_first_signal_reaches_the_servers_handler_after_the_drain() ->
                 async with broadcaster.subscribe("room:1", model=Event) as subscription:
                     signal.raise_signal(signal.SIGTERM)
                     assert calls == []  # the server hears of it once the drain is done
-                    async with asyncio.timeout(5):
-                        while not calls:
-                            await asyncio.sleep(0.01)
+                    await until(lambda: bool(calls))
                     assert subscription.connection.close_code == CloseCode.GOING_AWAY
             assert calls == [(signal.SIGTERM, BroadcasterState.DRAINING)]
             assert signal.getsignal(signal.SIGTERM) is server_handler

@@ -11,6 +11,7 @@ STACKS = (
     "broadcaster-redis",
     "rtbroadcast-memory",
     "rtbroadcast-redis",
+    "rtbroadcast-deflate",
 )
 
 
@@ -42,9 +43,11 @@ def main() -> None:
 
         run_uvicorn(make_app(backend_url), args.port)
     else:
+        from .rtbroadcast_app import DEFLATE_OVERRIDES, UVICORN_OVERRIDES
         from .rtbroadcast_app import make_app as make_rtbroadcast_app
 
-        run_uvicorn(make_rtbroadcast_app(backend_url), args.port)
+        overrides = DEFLATE_OVERRIDES if args.stack == "rtbroadcast-deflate" else UVICORN_OVERRIDES
+        run_uvicorn(make_rtbroadcast_app(backend_url), args.port, **overrides)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,6 @@ UVICORN_OPTIONS: dict[str, Any] = {
 }
 
 
-def run_uvicorn(app: Any, port: int) -> None:
-    """Serve ``app`` on 127.0.0.1:``port`` until SIGTERM/SIGINT."""
-    uvicorn.run(app, host="127.0.0.1", port=port, **UVICORN_OPTIONS)
+def run_uvicorn(app: Any, port: int, **overrides: Any) -> None:
+    """Serve ``app`` on 127.0.0.1:``port`` until SIGTERM/SIGINT; ``overrides`` replace options."""
+    uvicorn.run(app, host="127.0.0.1", port=port, **{**UVICORN_OPTIONS, **overrides})

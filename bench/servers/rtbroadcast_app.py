@@ -8,7 +8,14 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from rtbroadcast import Broadcaster
+from rtbroadcast.protocol import DEFAULT_MAX_FRAME_SIZE
 from rtbroadcast.starlette import lifespan, websocket_route
+
+#: What a service deploying rtbroadcast sets, as the docs recommend: the opt-in protocol class (direct
+#: writes, permessage-deflate declined) and uvicorn's frame limit equal to the endpoint's.
+UVICORN_OVERRIDES = {"ws": "rtbroadcast.uvicorn:WebSocketProtocol", "ws_max_size": DEFAULT_MAX_FRAME_SIZE}
+#: A service that chose compression: the same, but permessage-deflate accepted when a client offers it.
+DEFLATE_OVERRIDES = {**UVICORN_OVERRIDES, "ws": "rtbroadcast.uvicorn:DeflateWebSocketProtocol"}
 
 
 def make_app(url: str) -> Starlette:

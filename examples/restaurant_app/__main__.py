@@ -12,10 +12,13 @@ import logging
 import re
 import secrets
 import sys
+from typing import Any
 from urllib.parse import urlencode
 
 import uvicorn
 from sqlalchemy.engine import make_url
+
+from rtbroadcast.protocol import DEFAULT_MAX_FRAME_SIZE
 
 from .app import DEMO_RESTAURANT_ID, create_app
 from .auth import mint_token
@@ -36,6 +39,21 @@ class RedactTokens(logging.Filter):
             record.msg = _TOKEN_IN_URL.sub("***", message)
             record.args = None
         return True
+
+
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """Return the uvicorn settings the service runs with (host and port aside)."""
+    return {
+        "log_level": settings.log_level.lower(),
+        # rtbroadcast's protocol class: frames written once per event for all devices, the 4001 close
+        # frame ahead of flow control, and permessage-deflate declined (see docs/performance.md).
+        "ws": "rtbroadcast.uvicorn:WebSocketProtocol",
+        # The real client-frame limit: uvicorn refuses a larger frame from its header (close 1009)
+        # before buffering it. The endpoint keeps its default max_frame_size, the same 16 KiB.
+        "ws_max_size": DEFAULT_MAX_FRAME_SIZE,
+        "ws_ping_interval": settings.heartbeat_interval,
+        "ws_ping_timeout": settings.heartbeat_timeout,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -136,14 +154,7 @@ def serve_command(argv: list[str]) -> None:
         print(f"               {http}/restaurants/{restaurant}/guests")
     sys.stdout.flush()
 
-    config = uvicorn.Config(
-        app,
-        host=args.host,
-        port=args.port,
-        log_level=settings.log_level.lower(),
-        ws_ping_interval=settings.heartbeat_interval,
-        ws_ping_timeout=settings.heartbeat_timeout,
-    )
+    config = uvicorn.Config(app, host=args.host, port=args.port, **uvicorn_options(settings))
     # uvicorn has configured its loggers now: keep tokens in realtime URLs out of the logs.
     for name in ("uvicorn.access", "uvicorn.error"):
         logging.getLogger(name).addFilter(RedactTokens())

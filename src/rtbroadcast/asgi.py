@@ -11,16 +11,15 @@ import inspect
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeAlias
 from urllib.parse import parse_qsl
 
-from ._direct import DirectWriter, find_direct_writer, text_frame
 from ._shutdown import drain_on_signals
-from .backends import Envelope
+from ._websocket import WebSocketSession, direct_transport
 from .broadcaster import Broadcaster, BroadcasterState, is_valid_channel
-from .connection import Connection, item_text
+from .connection import Connection
 from .errors import BackendUnavailable, ConnectionLimitReached, ProtocolError, StateError
 from .events import format_timestamp, utc_now
 from .protocol import (
@@ -147,16 +146,22 @@ class BroadcastEndpoint:
         authorize: optional hook deciding whether the request may subscribe to the channel.
         allowed_origins: if given, WebSocket requests whose ``Origin`` header is not in it are refused
             (code 4003); requests without an Origin (native apps) are allowed.
-        max_frame_size: largest client frame accepted, in bytes; larger ones get an ``error`` frame.
+        max_frame_size: largest client frame accepted, in bytes; larger ones get an ``error`` frame. The
+            ASGI server's own limit is the one that keeps large frames out of memory: run it with the
+            same limit (uvicorn: ``ws_max_size``), and frames over it are refused unread with close
+            code 1009. Under :mod:`rtbroadcast.uvicorn` the endpoint warns once if the server's limit
+            is larger.
         max_messages_per_second: client frames accepted per second (burst of the same size); past it the
             connection is closed with 4008.
         idle_timeout: close a connection (4002) that sent nothing for this many seconds; ``None`` leaves
             dead-peer detection to the server's WebSocket pings (uvicorn's ``ws_ping_interval``).
         sse: whether plain HTTP GET requests get a Server-Sent Events stream.
-        direct_write: under uvicorn's default WebSocket implementation, write each frame straight to the
-            connection's transport (encoded once per event for all connections) instead of through one
-            ASGI ``send`` per connection; connections that negotiated compression, and other servers,
-            always use ASGI. ``False`` sends everything through ASGI. See the performance page.
+        direct_write: where the server offers it (uvicorn with
+            ``ws="rtbroadcast.uvicorn:WebSocketProtocol"``), write each frame straight to the
+            connection's transport (encoded, or compressed, once per event for all connections) instead
+            of through one ASGI ``send`` per connection; other servers always use ASGI. ``False`` sends
+            every frame through ASGI (the slow-consumer close still goes out ahead of flow control where
+            the server offers it). See the performance page.
     """
 
     def __init__(
@@ -181,6 +186,7 @@ class BroadcastEndpoint:
         self.idle_timeout = idle_timeout
         self.sse = sse
         self.direct_write = direct_write
+        self._limit_checked = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
@@ -249,15 +255,40 @@ class BroadcastEndpoint:
             await send({"type": "websocket.close", "code": int(refused.code), "reason": refused.reason})
             logger.info("refused %s connection: %s (%d)", request.path, refused.reason, refused.code)
             return
-        direct = find_direct_writer(scope, send) if self.direct_write else None
-        session = _WebSocketSession(connection, send, direct)
+        direct = direct_transport(scope)
+        if direct is not None:
+            self._check_server_limit(direct.max_message_size)
+        session = WebSocketSession(connection, send, direct, write_frames=self.direct_write)
         session.start()
         try:
             await self._read(connection, receive)
+        except asyncio.CancelledError:
+            # The session gave up on a close frame the server could not send: end this handler.
+            if not session.abandoned:
+                raise
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
         finally:
             session.client_gone = connection.close_code is None
             connection.close(CloseCode.NORMAL, "client disconnected")
             await session.finish()
+
+    def _check_server_limit(self, server_limit: int | None) -> None:
+        """Warn once if the server buffers larger frames than this endpoint accepts."""
+        if self._limit_checked:
+            return
+        self._limit_checked = True
+        if server_limit is None or server_limit > self.max_frame_size:
+            logger.warning(
+                "the ASGI server accepts WebSocket messages of %s, this endpoint only of %d bytes: a "
+                "larger frame is held in memory whole before it is refused; set the server's limit to "
+                "max_frame_size (uvicorn: ws_max_size=%d, --ws-max-size %d) to refuse it unread (1009)",
+                "any size" if server_limit is None else f"up to {server_limit} bytes",
+                self.max_frame_size,
+                self.max_frame_size,
+                self.max_frame_size,
+            )
 
     async def _read(self, connection: Connection, receive: Receive) -> None:
         """Read client frames until the client disconnects or the connection is closed."""
@@ -365,145 +396,6 @@ class BroadcastEndpoint:
             connection.sent += 1
 
 
-class _WebSocketSession:
-    """Writes one WebSocket connection's frames: synchronously when it can, else from a writer task.
-
-    Most of the time a connection has no task of its own: fan-out writes each frame right away. Only a
-    send that has to wait (the transport's buffer is full) starts a writer task, which finishes that send,
-    drains what queued up behind it and ends.
-    """
-
-    __slots__ = ("client_gone", "closer", "connection", "direct", "send", "writer")
-
-    def __init__(self, connection: Connection, send: Send, direct: DirectWriter | None = None) -> None:
-        self.connection = connection
-        self.send = send
-        self.direct = direct
-        self.client_gone = False
-        self.writer: asyncio.Task[None] | None = None
-        self.closer: asyncio.Task[None] | None = None
-        connection.direct = direct is not None
-
-    def start(self) -> None:
-        connection = self.connection
-        connection.add_close_callback(self._on_close)
-        connection.set_send_now(self._send_now)
-        if connection.queued:  # the welcome, and what history the attach brought
-            self.writer = asyncio.get_running_loop().create_task(self._write(None, None))
-
-    def _send_now(self, item: Envelope | str) -> bool:
-        """Write ``item`` right here if the transport takes it without waiting (the usual case).
-
-        Fan-out then costs no task switch per connection. Where the server allows it, the frame goes
-        straight to the transport (see :mod:`rtbroadcast._direct`); otherwise the ASGI send runs here until
-        it completes or has to wait, and a send that waits is finished by a writer task. Returns false while
-        that writer is busy, so the frame queues behind the ones in flight.
-        """
-        if self.writer is not None:
-            return False
-        if self._write_direct(item):
-            self.connection.sent += 1
-            return True
-        coroutine = self.send({"type": "websocket.send", "text": item_text(item)}).__await__()
-        try:
-            awaiting = coroutine.send(None)
-        except StopIteration:
-            self.connection.sent += 1
-            return True
-        except Exception as exc:  # the transport failed: the client is gone
-            self._gone(exc)
-            return True
-        self.writer = asyncio.get_running_loop().create_task(self._write(coroutine, awaiting))
-        return True
-
-    async def _write(self, coroutine: Generator[Any, None, None] | None, awaiting: Any) -> None:
-        """Finish the send that had to wait (if any), then write what queued up meanwhile, then end."""
-        connection = self.connection
-        try:
-            if coroutine is not None:
-                await _finish(coroutine, awaiting)
-                connection.sent += 1
-            while (item := connection.get_nowait()) is not None:
-                if not self._write_direct(item):
-                    await self.send({"type": "websocket.send", "text": item_text(item)})
-                connection.sent += 1
-        except asyncio.CancelledError:
-            if not connection.closed:
-                raise
-        except Exception as exc:  # the transport failed: the client is gone
-            self._gone(exc)
-        finally:
-            if coroutine is not None:
-                coroutine.close()
-            self.writer = None
-
-    def _write_direct(self, item: Envelope | str) -> bool:
-        """Write ``item`` straight to the transport if this connection may; false: send it through ASGI."""
-        direct = self.direct
-        return direct is not None and direct.write(_frame_of(item))
-
-    def _gone(self, exc: Exception) -> None:
-        logger.debug("websocket send failed on #%d: %r", self.connection.id, exc)
-        self.client_gone = True
-        self.connection.close(CloseCode.NORMAL, "client gone")
-
-    def _on_close(self, connection: Connection) -> None:
-        # The writer may be blocked in send() on a client that stopped reading: cancel it, so that the
-        # close frame goes out (or the transport is dropped) without waiting for that client.
-        writer = self.writer
-        if writer is not None:
-            writer.cancel()
-        if not self.client_gone and connection.close_code != CloseCode.NORMAL:
-            self.closer = asyncio.get_running_loop().create_task(self._send_close(writer))
-
-    async def _send_close(self, writer: asyncio.Task[None] | None) -> None:
-        if writer is not None:
-            await asyncio.wait([writer])
-        connection = self.connection
-        try:
-            await self.send(
-                {
-                    "type": "websocket.close",
-                    "code": connection.close_code or CloseCode.NORMAL,
-                    "reason": connection.close_reason[:120],
-                }
-            )
-        except Exception as exc:
-            logger.debug("websocket close failed on #%d: %r", connection.id, exc)
-
-    async def finish(self) -> None:
-        """Wait for the writer (cancelled) and the close frame, once the client has gone."""
-        writer = self.writer
-        if writer is not None:
-            writer.cancel()
-        pending = [task for task in (writer, self.closer) if task is not None]
-        if pending:
-            await asyncio.wait(pending)
-
-
-class _FrameCache:
-    """The wire frame of the envelope being fanned out: encoded once, written to every connection."""
-
-    __slots__ = ("envelope", "frame")
-
-    def __init__(self) -> None:
-        self.envelope: Envelope | None = None
-        self.frame = b""
-
-
-_frame_cache = _FrameCache()
-
-
-def _frame_of(item: Envelope | str) -> bytes:
-    if isinstance(item, str):
-        return text_frame(item.encode())
-    cache = _frame_cache
-    if cache.envelope is not item:
-        cache.frame = text_frame(item.data.encode())
-        cache.envelope = item
-    return cache.frame
-
-
 #: The broadcaster's states once the process has begun to stop.
 _STOPPING: Final = frozenset(
     {BroadcasterState.DRAINING, BroadcasterState.DISCONNECTING, BroadcasterState.CLOSED}
@@ -515,29 +407,6 @@ _SSE_STATUS: dict[int, int] = {
     CloseCode.GOING_AWAY: 503,
     CloseCode.TRY_AGAIN_LATER: 503,
 }
-
-
-async def _finish(coroutine: Generator[Any, None, None], awaiting: Any) -> None:
-    """Drive a coroutine that suspended on ``awaiting`` to its end, as an asyncio task would."""
-    while True:
-        try:
-            if awaiting is None:  # a bare yield: give the loop one turn
-                await asyncio.sleep(0)
-            else:
-                # What a task does with a future its coroutine yields: clear the flag that the yield set,
-                # then wait for it.
-                awaiting._asyncio_future_blocking = False
-                await awaiting
-        except BaseException as exc:
-            try:
-                awaiting = coroutine.throw(exc)
-            except StopIteration:
-                return
-            continue
-        try:
-            awaiting = coroutine.send(None)
-        except StopIteration:
-            return
 
 
 #: Bounds of the ``retry:`` an SSE stream ended by the server announces, in milliseconds: spread out, so

@@ -57,13 +57,16 @@ class CloseCode(IntEnum):
     #: every connection by ``Broadcaster.drain()``, which the lifespan helper runs on SIGTERM or SIGINT
     #: before the ASGI server closes anything, and by ``Broadcaster.disconnect()``.
     GOING_AWAY = 1001
-    #: A client frame exceeded the size limit.
+    #: A client frame exceeded the ASGI server's frame limit (uvicorn: ``ws_max_size``; run it equal to the
+    #: endpoint's ``max_frame_size``): refused from its header, unread. Do not resend that frame.
     MESSAGE_TOO_BIG = 1009
     #: An unexpected server error: reconnect with resume, with backoff.
     INTERNAL_ERROR = 1011
     #: A connection limit (per channel or per process) is reached: reconnect later, with backoff.
     TRY_AGAIN_LATER = 1013
-    #: The client fell behind its outbound queue bound: reconnect with resume.
+    #: The client fell behind its outbound queue bound: reconnect with resume. It arrives after the events
+    #: already handed to the socket; a client that does not read it within 10 s sees the connection drop
+    #: without a close frame (1006) instead (see Backpressure).
     SLOW_CONSUMER = 4001
     #: Nothing was heard from the client within the heartbeat timeout: reconnect with resume.
     HEARTBEAT_TIMEOUT = 4002

@@ -25,14 +25,15 @@ from playwright.async_api import Browser, Locator, Page
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from rtbroadcast import Broadcaster
-from tests.support import serve
+from tests.support import MS, serve
 
-pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+pytestmark = [pytest.mark.asyncio_only, pytest.mark.slow]
 
 RID = DEMO_RESTAURANT_ID
 #: A loose bound on click-to-change: the point is the report, not a benchmark on a shared machine.
 LATENCY_BOUND_S = 2.0
-WAIT_MS = 5_000
+#: Playwright's waits, in its milliseconds: 5 s of the suite's time (``tests.support.MS``).
+WAIT_MS = 5_000 * MS * 1_000
 #: Set to a path (docs/images/host-stand.png) to write the screenshot there as well.
 SCREENSHOT_ENV = "HOST_STAND_SCREENSHOT"
 #: The services run with device tokens, as in production; the pages get theirs in the URL.
@@ -308,7 +309,7 @@ async def restart_scenario(
             # Server B comes back on the same port: page B reconnects by itself and resumes.
             async with serve(make_app_b(), port=port_b, **serve_b):
                 await b.page.locator('#done tr[data-status="seated"]', has_text="Alan Turing").wait_for(
-                    timeout=15_000  # the page's backoff decides when it tries again
+                    timeout=3 * WAIT_MS  # the page's backoff decides when it tries again
                 )
                 await b.wait_live()
                 await (
@@ -355,7 +356,7 @@ async def test_b_reloads_its_snapshot_when_the_history_is_gone(browser: Browser,
             fresh = create_app(settings(outbox=False), engine=engine, broadcaster=Broadcaster("memory://"))
             async with serve(fresh, port=port_b):
                 await b.page.locator('#done tr[data-status="seated"]', has_text="Katherine Johnson").wait_for(
-                    timeout=15_000
+                    timeout=3 * WAIT_MS
                 )
                 await b.wait_live()
                 stats = await b.stats()

@@ -16,8 +16,9 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from rtbroadcast import Broadcaster, Received, utc_now
+from tests.support import MS
 
-pytestmark = pytest.mark.anyio
+pytestmark = pytest.mark.asyncio_only
 
 
 def guest_event(n: int) -> GuestCreated:
@@ -51,7 +52,7 @@ async def test_rows_are_published_in_order_exactly_once(engine: AsyncEngine) -> 
             sent = await asyncio.gather(outbox.relay_once(), outbox.relay_once())
             assert sum(sent) == 5
             assert await outbox.pending() == 0
-            got = [await asyncio.wait_for(anext(sub), 2) for _ in range(5)]
+            got = [await asyncio.wait_for(anext(sub), 2_000 * MS) for _ in range(5)]
         assert [(g.seq, g.event.guest_id) for g in got if isinstance(g, Received)] == [
             (n, f"g{n}") for n in range(1, 6)
         ]

@@ -4,6 +4,7 @@ stream, broadcast failures, and the command that starts it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -19,9 +20,7 @@ from rtbroadcast import BackendUnavailable, Broadcaster, StreamPosition
 from rtbroadcast.backends.memory import MemoryBackend
 from tests.example.conftest import Running, StartService
 from tests.example.restaurant_support import assert_nothing_queued, strip_envelope, welcome
-from tests.support import connect, recv_json
-
-pytestmark = pytest.mark.anyio
+from tests.support import MS, connect, recv_json, until
 
 RID = "r1"
 ROOT = Path(__file__).resolve().parents[2]
@@ -442,7 +441,7 @@ async def test_a_failed_broadcast_is_deferred_and_the_write_stands(
 
         backend.down = False
         # Nothing was lost: the outbox relays the deferred event first, then what follows, in order.
-        during, during_seq = strip_envelope(await recv_json(ws, timeout=15))
+        during, during_seq = strip_envelope(await recv_json(ws, timeout=15_000 * MS))
         assert (during["type"], during["data"]["guestName"], during_seq) == (
             "guest_created",
             "During",
@@ -469,7 +468,7 @@ async def _read_banner(stream: asyncio.StreamReader) -> dict[str, str]:
     """Read the demo's banner up to its ``try`` line: ``{"realtime": url, "token": token, ...}``."""
     banner: dict[str, str] = {}
     while "try" not in banner:
-        line = (await asyncio.wait_for(stream.readline(), 20)).decode()
+        line = (await asyncio.wait_for(stream.readline(), 20_000 * MS)).decode()
         assert line, f"the service exited; banner so far: {banner}"
         name, _, value = line.strip().partition(" ")
         if line.startswith("  ") and name and value:
@@ -477,7 +476,9 @@ async def _read_banner(stream: asyncio.StreamReader) -> dict[str, str]:
     return banner
 
 
+# The service runs in a subprocess (on uvloop there, as uvicorn picks it): this loop only runs the client.
 @pytest.mark.slow
+@pytest.mark.asyncio_only
 async def test_main_command_starts_the_demo(tmp_path: Path) -> None:
     """``make run``: a generated secret, and the printed WebSocket URL and bearer token work as printed;
     the access log does not show the token."""
@@ -512,15 +513,15 @@ async def test_main_command_starts_the_demo(tmp_path: Path) -> None:
         assert f"Bearer {token}" in banner["try"]
         assert banner["secret"].startswith("RESTAURANT_TOKEN_SECRET=")
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
-            for _ in range(100):
-                try:
-                    health = await http.get("/health")
-                    break
-                except httpx.TransportError:
-                    assert process.returncode is None, "the service exited"
-                    await asyncio.sleep(0.1)
-            else:
-                pytest.fail("the service did not answer within 10 s")
+
+            async def answers() -> bool:
+                assert process.returncode is None, "the service exited"
+                with contextlib.suppress(httpx.TransportError):
+                    return (await http.get("/health")).status_code == 200
+                return False
+
+            await until(answers, 10_000 * MS)
+            health = await http.get("/health")
             assert health.json()["status"] == "ok"
             assert health.json()["auth"] == "tokens"
             tables_url = "/restaurants/test-restaurant-1/tables"
@@ -533,13 +534,14 @@ async def test_main_command_starts_the_demo(tmp_path: Path) -> None:
     finally:
         if process.returncode is None:
             process.terminate()
-        stdout, _ = await asyncio.wait_for(process.communicate(), 10)
+        stdout, _ = await asyncio.wait_for(process.communicate(), 10_000 * MS)
     log = [line for line in stdout.decode().splitlines() if not line.startswith(" ")]
     assert any("/realtime?restaurant_id=test-restaurant-1&token=***" in line for line in log), log
     assert not [line for line in log if token in line], "the token must not appear in the logs"
     assert banner["health"] == f"http://127.0.0.1:{port}/health"
 
 
+@pytest.mark.asyncio_only
 async def test_main_command_refuses_to_start_without_a_secret(tmp_path: Path) -> None:
     env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}"}
     for name in ("RESTAURANT_TOKEN_SECRET", "RESTAURANT_ALLOW_LEGACY_UNAUTHENTICATED"):
@@ -551,6 +553,6 @@ async def test_main_command_refuses_to_start_without_a_secret(tmp_path: Path) ->
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
-    stdout, _ = await asyncio.wait_for(process.communicate(), 20)
+    stdout, _ = await asyncio.wait_for(process.communicate(), 20_000 * MS)
     assert process.returncode == 2
     assert "RESTAURANT_TOKEN_SECRET" in stdout.decode()

@@ -4,13 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
-
 from tests.example.conftest import Running
 from tests.example.restaurant_support import TIMESTAMP, assert_nothing_queued, strip_envelope, welcome
 from tests.support import connect, recv_json
-
-pytestmark = pytest.mark.anyio
 
 RID = "test-restaurant-1"
 OTHER = "other-restaurant"

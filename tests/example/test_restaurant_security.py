@@ -31,7 +31,7 @@ from websockets.exceptions import ConnectionClosed
 
 from tests.example.conftest import TEST_SECRET, Running, StartService
 from tests.example.restaurant_support import assert_nothing_queued, strip_envelope, welcome
-from tests.support import connect, recv_json
+from tests.support import MS, connect, recv_json
 
 VICTIM = "victim-1"
 ATTACKER = "attacker-1"
@@ -159,7 +159,6 @@ def _auth_header(token: str | None) -> dict[str, str]:
 # -- WebSocket and SSE ------------------------------------------------------------------------------------
 
 
-@pytest.mark.anyio
 @pytest.mark.parametrize("attempt", attempts(), ids=ATTEMPT_IDS)
 async def test_websocket_refuses_every_cross_tenant_attempt(service: Running, attempt: Attempt) -> None:
     async with await connect(service.ws_url(VICTIM)) as device:
@@ -178,7 +177,6 @@ async def test_websocket_refuses_every_cross_tenant_attempt(service: Running, at
         assert event["guest_id"] == guest["id"]
 
 
-@pytest.mark.anyio
 async def test_valid_tokens_open_the_websocket_by_query_or_header(service: Running) -> None:
     token = service.token(VICTIM, device_id="tablet-7")
     async with await connect(service.ws_url(VICTIM, token=token)) as by_query:
@@ -194,7 +192,6 @@ async def test_valid_tokens_open_the_websocket_by_query_or_header(service: Runni
     await assert_refused(service.ws_url(ATTACKER, token=token), "token is for another restaurant")
 
 
-@pytest.mark.anyio
 async def test_sse_needs_a_token_for_its_restaurant(service: Running) -> None:
     anonymous = httpx.AsyncClient(base_url=f"http://{service.address}", timeout=10)
     async with anonymous:
@@ -212,7 +209,6 @@ async def test_sse_needs_a_token_for_its_restaurant(service: Running) -> None:
                 break
 
 
-@pytest.mark.anyio
 async def test_connections_end_when_their_token_expires(service: Running) -> None:
     # Accepted now (within the leeway), no longer accepted 3 s from now (generous: CI machines are busy).
     token = service.token(VICTIM, ttl=60, now=time.time() - 60 - LEEWAY + 3)
@@ -222,7 +218,7 @@ async def test_connections_end_when_their_token_expires(service: Running) -> Non
             await welcome(expiring)
             started = time.monotonic()
             with pytest.raises(ConnectionClosed) as closed:
-                await recv_json(expiring, timeout=10)
+                await recv_json(expiring, timeout=10_000 * MS)
             assert closed.value.rcvd is not None
             assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4003, "token expired")
             assert time.monotonic() - started < 8
@@ -240,7 +236,6 @@ async def test_connections_end_when_their_token_expires(service: Running) -> Non
 # -- HTTP -------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.anyio
 @pytest.mark.parametrize("attempt", attempts(), ids=ATTEMPT_IDS)
 async def test_http_refuses_every_cross_tenant_attempt(service: Running, attempt: Attempt) -> None:
     guest = await _victim_guest(service)
@@ -265,7 +260,6 @@ async def test_http_refuses_every_cross_tenant_attempt(service: Running, attempt
     assert tables[0]["status"] == "available"
 
 
-@pytest.mark.anyio
 async def test_http_authentication_comes_before_validation(service: Running) -> None:
     # An unauthenticated caller learns nothing from the body's validation errors...
     response = await service.http.post("/transactions/atomic", json={"bogus": True}, auth=None)
@@ -290,7 +284,6 @@ async def test_http_authentication_comes_before_validation(service: Running) -> 
     assert response.status_code == 403
 
 
-@pytest.mark.anyio
 async def test_health_and_docs_stay_open(service: Running) -> None:
     for path in ("/health", "/openapi.json"):
         response = await service.http.get(path, auth=None)
@@ -303,7 +296,6 @@ async def test_health_and_docs_stay_open(service: Running) -> None:
 # -- Origin allow-list ------------------------------------------------------------------------------------
 
 
-@pytest.mark.anyio
 async def test_foreign_origins_are_refused_when_an_allow_list_is_set(start_service: StartService) -> None:
     service = await start_service(settings=Settings(token_secret=TEST_SECRET, allowed_origins=(ORIGIN,)))
     url = service.ws_url(VICTIM)
@@ -320,7 +312,6 @@ async def test_foreign_origins_are_refused_when_an_allow_list_is_set(start_servi
 # -- legacy and open modes --------------------------------------------------------------------------------
 
 
-@pytest.mark.anyio
 async def test_legacy_mode_lets_bare_urls_in_but_still_checks_tokens(
     start_service: StartService, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -354,7 +345,6 @@ async def test_legacy_mode_lets_bare_urls_in_but_still_checks_tokens(
         assert response.status_code == attempt.status, attempt.name
 
 
-@pytest.mark.anyio
 async def test_open_mode_runs_without_tokens_and_says_so(
     start_service: StartService, caplog: pytest.LogCaptureFixture
 ) -> None:
