@@ -204,6 +204,9 @@ def test_the_sse_endpoint_is_described() -> None:
     assert [ref["$ref"] for ref in websocket] == ["#/servers/local", "#/servers/production"]
     with pytest.raises(ConfigurationError, match="sse_address is a path"):
         asyncapi_document(ChannelSpec("/x", sse_address="/x/sse?a=b"), events=EVENTS)
+    with pytest.raises(ConfigurationError, match="taken by the HTTP servers"):
+        servers = {"a": "ws://a", "a-http": "ws://b"}
+        asyncapi_document(ChannelSpec("/x", sse_address="/x/sse"), events=EVENTS, servers=servers)
 
 
 def test_frame_schemas_are_named_so_generated_code_shadows_nothing() -> None:

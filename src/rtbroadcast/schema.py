@@ -642,6 +642,11 @@ def asyncapi_document(
     http_servers: dict[str, Any] = {}
     if any(spec.sse_address is not None for spec in specs):
         http_servers = {f"{name}-http": _http_server(server) for name, server in document_servers.items()}
+        if set(http_servers) & set(document_servers):
+            raise ConfigurationError(
+                f"server names {sorted(set(http_servers) & set(document_servers))} are "
+                "taken by the HTTP servers added for SSE"
+            )
     document_channels: dict[str, Any] = {}
     operations: dict[str, Any] = {}
     security_schemes: dict[str, Any] = {}
