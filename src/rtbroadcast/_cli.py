@@ -426,6 +426,7 @@ def _broadcast_routes(routes: list[Any], prefix: str) -> Iterator[tuple[str, boo
 
 def _query_parameter(resolver: Any) -> str | None:
     """Return the query parameter that a ``channel_from_query`` resolver reads, or ``None``."""
+    # Our own function keeps the name in its closure (the endpoint exposes only the resolver): read it there.
     if getattr(resolver, "__qualname__", "") != "channel_from_query.<locals>.resolve":
         return None
     name = inspect.getclosurevars(resolver).nonlocals.get("name")
