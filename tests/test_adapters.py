@@ -12,8 +12,8 @@ from fastapi import FastAPI
 from starlette.applications import Starlette
 from websockets.exceptions import ConnectionClosed
 
-from rtbroadcast import Broadcaster, CloseCode, Event
-from rtbroadcast.asgi import ConnectionRequest, Deny, channel_from_query
+from rtbroadcast import Broadcaster, CloseCode, ConfigurationError, Event
+from rtbroadcast.asgi import BroadcastEndpoint, ConnectionRequest, Deny, channel_from_query
 from rtbroadcast.starlette import lifespan, websocket_route
 
 from .support import MS, broadcast_app, connect, recv_json, serve
@@ -202,3 +202,46 @@ async def _data_lines(response: httpx.Response, count: int) -> Any:
             seen += 1
             if seen == count:
                 return
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"allowed_origins": "https://a.example"}, r"^allowed_origins must be a collection of origins"),
+        ({"allowed_origins": [b"https://a.example"]}, r"^allowed_origins must hold strings"),
+        ({"allowed_origins": 3}, r"^allowed_origins must be a collection of origins"),
+        ({"max_frame_size": 0}, r"^max_frame_size must be an integer >= 1"),
+        ({"max_frame_size": 16.5}, r"^max_frame_size must be an integer >= 1"),
+        ({"max_messages_per_second": float("nan")}, r"^max_messages_per_second must be a finite number"),
+        ({"max_messages_per_second": 0}, r"^max_messages_per_second must be a finite number"),
+        ({"idle_timeout": -1}, r"^idle_timeout must be a finite number of seconds > 0 or None"),
+        ({"idle_timeout": "30"}, r"^idle_timeout must be a finite number of seconds > 0 or None"),
+        ({"sse": "no"}, r"^sse must be True or False"),
+        ({"direct_write": 1}, r"^direct_write must be True or False"),
+        ({"authorize": "yes"}, r"^authorize must be a callable or None"),
+    ],
+)
+def test_nonsense_endpoint_options_are_refused_naming_the_option(
+    options: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        BroadcastEndpoint(Broadcaster(), channel_from_query("room"), **options)
+
+
+def test_an_endpoint_needs_a_broadcaster_and_a_resolver() -> None:
+    with pytest.raises(ConfigurationError, match=r"^broadcaster must be a Broadcaster"):
+        BroadcastEndpoint("memory://", channel_from_query("room"))  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match=r"^channel must be a callable"):
+        BroadcastEndpoint(Broadcaster(), "room")  # type: ignore[arg-type]
+
+
+def test_a_resolver_with_a_broken_pattern_is_refused_when_made() -> None:
+    with pytest.raises(ConfigurationError, match=r"^pattern '\[a-z' is not a regular expression"):
+        channel_from_query("room", pattern="[a-z")
+
+
+def test_an_origin_list_allows_exactly_its_origins() -> None:
+    endpoint = BroadcastEndpoint(
+        Broadcaster(), channel_from_query("room"), allowed_origins=("https://a.example",)
+    )
+    assert endpoint.allowed_origins == frozenset({"https://a.example"})

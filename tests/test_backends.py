@@ -11,12 +11,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable, Collection
 from typing import Any
 
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
-from rtbroadcast import Backend, BackendListener, Envelope, StateError
+from rtbroadcast import Backend, BackendListener, ConfigurationError, Envelope, StateError
+from rtbroadcast.backends import load_backend
 from rtbroadcast.backends.memory import MemoryBackend
 from rtbroadcast.backends.redis import RedisBackend
 from rtbroadcast.events import with_seq
@@ -332,3 +338,112 @@ async def test_disconnect_is_idempotent_and_stats_are_json(harness: Harness) -> 
     json.dumps(dict(backend.stats()))
     with pytest.raises(StateError):
         await backend.publish("c", payload(1))
+
+
+# -- backend URLs: every mistake is refused when the backend is created ------------------------------------
+
+#: Each backend URL with the options its query takes (for Redis: rtbroadcast's and redis-py's).
+URL_OPTIONS: dict[str, tuple[str, ...]] = {
+    "memory://": ("history_size", "history_ttl"),
+    "redis://127.0.0.1:1/0": (
+        "key_prefix",
+        "history_size",
+        "history_ttl",
+        "meta_ttl",
+        "unpublished_ttl",
+        "idempotency_ttl",
+        "timeout",
+        "ping_interval",
+        "max_reconnect_attempts",
+        "db",
+        "socket_timeout",
+        "socket_connect_timeout",
+        "socket_keepalive",
+        "max_connections",
+        "health_check_interval",
+        "client_name",
+        "protocol",
+    ),
+}
+_KNOWN = {name for names in URL_OPTIONS.values() for name in names}
+
+
+@st.composite
+def misspelt_options(draw: st.DrawFn) -> tuple[str, str, str]:
+    """A backend URL and one of its options with one typing mistake: a letter dropped, doubled, swapped..."""
+    url = draw(st.sampled_from(sorted(URL_OPTIONS)))
+    name = draw(st.sampled_from(URL_OPTIONS[url]))
+    at = draw(st.integers(0, len(name) - 1))
+    letter = draw(st.sampled_from("abcdefghijklmnopqrstuvwxyz_"))
+    mistake = draw(st.sampled_from(["drop", "double", "swap", "replace", "insert"]))
+    misspelt = {
+        "drop": name[:at] + name[at + 1 :],
+        "double": name[: at + 1] + name[at:],
+        "swap": name[:at] + name[at + 1 : at + 2] + name[at : at + 1] + name[at + 2 :],
+        "replace": name[:at] + letter + name[at + 1 :],
+        "insert": name[:at] + letter + name[at:],
+    }[mistake]
+    assume(misspelt and misspelt not in _KNOWN)
+    return url, name, misspelt
+
+
+@settings(max_examples=300)
+@given(misspelt_options(), st.sampled_from(["1", "x", ""]))
+def test_a_misspelt_url_option_is_refused_naming_it(option: tuple[str, str, str], value: str) -> None:
+    url, name, misspelt = option
+    with pytest.raises(ConfigurationError) as caught:
+        load_backend(f"{url}?{misspelt}={value}")
+    message = str(caught.value)
+    assert f"option {misspelt!r} (did you mean {name!r}?)" in message
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        (
+            "reddis://127.0.0.1/0",
+            r"unknown backend URL 'reddis://127.0.0.1/0' \(scheme 'reddis' \(did you mean 'redis'",
+        ),
+        ("127.0.0.1:6379", r"\(no scheme\); expected one of memory://, redis://, rediss://, unix://"),
+        ("kafka://user:s3cret@host", r"'kafka://user:\*\*\*@host'"),
+        ("memory://?history_size=10&history_size=20", "'history_size' is given twice"),
+        ("memory://?history_size=many", "invalid value 'many' for memory:// option 'history_size'"),
+        ("memory://?history_ttl=nan", "history_ttl must be a finite number"),
+        ("memory://localhost", "memory:// takes no host"),
+    ],
+)
+def test_a_wrong_backend_url_is_refused_saying_what_is_wrong(url: str, message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        load_backend(url)
+
+
+@pytest.mark.parametrize(
+    ("options", "option"),
+    [
+        ({"history_size": 1.5}, "history_size"),
+        ({"history_size": "10"}, "history_size"),
+        ({"history_ttl": math.nan}, "history_ttl"),
+        ({"history_ttl": "60"}, "history_ttl"),
+        ({"idempotency_keys": 0}, "idempotency_keys"),
+    ],
+)
+def test_nonsense_memory_backend_options_are_refused(options: dict[str, Any], option: str) -> None:
+    with pytest.raises(ConfigurationError, match=f"^{option} must be"):
+        MemoryBackend(**options)
+
+
+def test_a_redis_url_without_the_redis_extra_says_what_to_install() -> None:
+    # A real interpreter in which redis-py cannot be imported, as after `pip install rtbroadcast`.
+    script = (
+        "import sys; sys.modules['redis'] = None\n"
+        "from rtbroadcast import ConfigurationError, load_backend\n"
+        "try:\n"
+        "    load_backend('redis://127.0.0.1:6379/0')\n"
+        "except ConfigurationError as exc:\n"
+        "    print(exc)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert "redis:// backend" in result.stdout
+    assert "pip install 'rtbroadcast[redis]'" in result.stdout

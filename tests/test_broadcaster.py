@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Literal
+import math
+from typing import Annotated, Any, Literal
 
 import pytest
+from pydantic import Field, SerializerFunctionWrapHandler, model_serializer
 
 from rtbroadcast import (
     Broadcaster,
@@ -67,6 +69,128 @@ async def test_bad_arguments_fail_loudly() -> None:
             await broadcaster.publish("c", {"type": "tick"})  # type: ignore[arg-type]
         with pytest.raises(InvalidEvent):
             await broadcaster.publish_json("c", "[1]")
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        ('{"type":"tick","seq":4}', "may not carry 'seq'"),
+        ('{"n":1}', "needs a non-empty string 'type'"),
+        ('{"type":null}', "needs a non-empty string 'type'"),
+        ('{"type":"pong"}', "'pong' is reserved"),
+        ('{"type":"tick","n":NaN}', "contains NaN"),
+        ('{"type":"tick","type":"tock"}', "'type' twice"),
+        ('{"type":"tick"} {"type":"tock"}', "not valid JSON"),
+        ("{ }", "needs a non-empty string 'type'"),
+        ('{"type":"tick","s":"\ud800"}', "not valid Unicode"),
+        (b'{"type":"tick"}', "must be str"),
+    ],
+)
+async def test_publish_json_refuses_what_clients_could_not_read(payload: object, message: str) -> None:
+    async with Broadcaster() as broadcaster:
+        with pytest.raises(InvalidEvent, match=message):
+            await broadcaster.publish_json("c", payload)  # type: ignore[arg-type]
+        # Nothing was published: the next event still gets seq 1.
+        assert await broadcaster.publish_json("c", '  {"type":"tick","n":1}\n') == 1
+
+
+class Serialised(Event):
+    type: Literal["serialised_test"] = "serialised_test"
+    n: int
+
+    @model_serializer(mode="wrap")
+    def _add(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if self.n < 0:
+            data["seq"] = self.n
+        return data
+
+
+class Shared(Event):
+    """A base of other events: it declares no type."""
+
+    n: int
+
+
+class SharedTick(Shared):
+    # Another right spelling of the rule: Annotated, with the default in a Field.
+    type: Annotated[Literal["shared_tick"], "wire type"] = Field("shared_tick", description="the type")
+
+
+async def test_publish_refuses_an_event_clients_could_not_tell_apart() -> None:
+    async with Broadcaster() as broadcaster:
+        with pytest.raises(InvalidEvent, match="Shared declares no type"):
+            await broadcaster.publish("c", Shared(type="anything", n=1))
+        with pytest.raises(InvalidEvent, match="Event declares no type"):
+            await broadcaster.publish("c", Event(type="tick"))
+        with pytest.raises(InvalidEvent, match="not the class Tick"):
+            await broadcaster.publish("c", Tick)  # type: ignore[arg-type]
+        changed = Tick(n=1)
+        changed.type = "tock"  # type: ignore[assignment]
+        with pytest.raises(InvalidEvent, match="has type 'tock', but its class declares 'tick'"):
+            await broadcaster.publish("c", changed)
+        with pytest.raises(InvalidEvent, match="cannot be serialised"):
+            await broadcaster.publish("c", SharedTick(n=1).model_copy(update={"n": "\ud800"}))
+        # A custom serializer's output is checked at every publish.
+        with pytest.raises(InvalidEvent, match="may not carry 'seq'"):
+            await broadcaster.publish("c", Serialised(n=-1))
+        with pytest.raises(ConfigurationError, match="idempotency_key"):
+            await broadcaster.publish("c", Tick(n=1), idempotency_key=7)  # type: ignore[arg-type]
+        assert await broadcaster.publish("c", Serialised(n=1)) == 1
+        assert await broadcaster.publish("c", SharedTick(n=2)) == 2
+
+
+@pytest.mark.parametrize(
+    ("options", "option"),
+    [
+        ({"heartbeat_interval": math.nan}, "heartbeat_interval"),
+        ({"heartbeat_interval": math.inf}, "heartbeat_interval"),
+        ({"heartbeat_interval": "25"}, "heartbeat_interval"),
+        ({"heartbeat_interval": True}, "heartbeat_interval"),
+        ({"position_check_interval": math.nan}, "position_check_interval"),
+        ({"position_check_interval": "10"}, "position_check_interval"),
+        ({"max_resume": 1.5}, "max_resume"),
+        ({"max_resume": "1000"}, "max_resume"),
+        ({"max_resume": None}, "max_resume"),
+        ({"max_connections": 2.5}, "max_connections"),
+        ({"max_connections": "10"}, "max_connections"),
+        ({"max_connections_per_channel": True}, "max_connections_per_channel"),
+        ({"queue_limits": {"max_messages": 10}}, "queue_limits"),
+        ({"queue_limits": 10}, "queue_limits"),
+        ({"backend": "memory://"}, "backend"),
+        ({"url": 6379}, "url"),
+        ({"url": ""}, "url"),
+    ],
+)
+def test_nonsense_broadcaster_options_are_refused_naming_the_option(
+    options: dict[str, Any], option: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=f"^{option} must be"):
+        Broadcaster(**options)
+
+
+async def test_subscribe_refuses_a_resume_or_model_of_the_wrong_kind() -> None:
+    async with Broadcaster() as broadcaster:
+        with pytest.raises(ConfigurationError, match="resume must be a ResumePoint"):
+            broadcaster.subscribe("c", resume=("epoch", 3))  # type: ignore[arg-type]
+        with pytest.raises(ConfigurationError, match="model must be Event or a subclass"):
+            broadcaster.subscribe("c", model=dict)  # type: ignore[type-var]
+        with pytest.raises(ConfigurationError, match="model must be Event or a subclass"):
+            broadcaster.subscribe("c", model=Tick(n=1))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("options", "option"),
+    [
+        ({"max_messages": 1.5}, "max_messages"),
+        ({"max_messages": "10"}, "max_messages"),
+        ({"max_size": True}, "max_size"),
+        ({"max_size": 0}, "max_size"),
+    ],
+)
+def test_nonsense_queue_limits_are_refused_naming_the_limit(options: dict[str, Any], option: str) -> None:
+    with pytest.raises(ConfigurationError, match=f"^QueueLimits.{option} must be an integer >= 1"):
+        QueueLimits(**options)
 
 
 async def test_publish_returns_contiguous_seqs_per_channel() -> None:

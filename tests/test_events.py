@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any, Literal
 
 import pytest
-from pydantic import ValidationError
+from pydantic import ConfigDict, Field, ValidationError, computed_field
 
 from rtbroadcast import Event, InvalidEvent, decode_event, format_timestamp
 from rtbroadcast.events import with_seq
@@ -89,3 +90,114 @@ def test_with_seq_appends_without_parsing() -> None:
     assert with_seq('{"type":"a"}', 3) == '{"type":"a","seq":3}'
     assert with_seq("{}", 1) == '{"seq":1}'
     assert json.loads(with_seq('{"type":"a","data":{"x":[1,2]}}', 9))["seq"] == 9
+
+
+# -- the rules an Event subclass must follow, checked when it is defined -----------------------------------
+
+
+_names = itertools.count()
+
+
+def _define(name: str, namespace: dict[str, Any], annotations: dict[str, Any], base: type = Event) -> type:
+    """Define an Event subclass from parts, as a class statement would."""
+    return type(name, (base,), {"__annotations__": annotations, "__module__": __name__, **namespace})
+
+
+@pytest.mark.parametrize(
+    ("annotation", "namespace"),
+    [
+        pytest.param(str, {"type": "rule_str"}, id="str-with-default"),
+        pytest.param(Literal["rule_two_a", "rule_two_b"], {"type": "rule_two_a"}, id="two-strings"),
+        pytest.param(Literal["rule_no_default"], {}, id="no-default"),
+        pytest.param(Literal["rule_x"], {"type": "rule_y"}, id="other-default"),
+        pytest.param(Literal[1], {"type": 1}, id="not-a-string"),
+        pytest.param(Literal[""], {"type": ""}, id="empty"),
+        pytest.param(
+            Literal["rule_factory"], {"type": Field(default_factory=lambda: "rule_factory")}, id="factory"
+        ),
+        pytest.param(str, {}, id="redeclared-str"),
+    ],
+)
+def test_type_must_be_a_literal_of_one_string_with_that_default(
+    annotation: Any, namespace: dict[str, Any]
+) -> None:
+    with pytest.raises(InvalidEvent, match=r"Bad\.type must be a Literal of one non-empty string") as caught:
+        _define("Bad", namespace, {"type": annotation})
+    assert 'type: Literal["order_placed"] = "order_placed"' in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("annotations", "namespace", "message"),
+    [
+        pytest.param({"seq": int}, {"seq": 3}, r"Bad\.seq is named 'seq' on the wire", id="field-seq"),
+        pytest.param(
+            {"n": int},
+            {"n": Field(3, alias="seq")},
+            r"Bad\.n has the alias 'seq', so it is named 'seq'",
+            id="alias-seq",
+        ),
+        pytest.param(
+            {"n": int},
+            {"n": Field(3, serialization_alias="seq")},
+            r"Bad\.n has the alias 'seq'",
+            id="serialization-alias-seq",
+        ),
+        pytest.param(
+            {"n": int},
+            {"n": Field(3, validation_alias="seq")},
+            r"Bad\.n has the alias 'seq'",
+            id="validation-alias-seq",
+        ),
+        pytest.param(
+            {"kind": str},
+            {"kind": Field("k", serialization_alias="type")},
+            r"Bad\.kind has the alias 'type'.*it is the event's type",
+            id="alias-type",
+        ),
+        pytest.param(
+            {},
+            {"seq": computed_field(property(lambda self: 1), return_type=int)},
+            r"Bad\.seq is named 'seq' on the wire",
+            id="computed-seq",
+        ),
+        pytest.param(
+            {},
+            {"n": computed_field(property(lambda self: 1), return_type=int, alias="seq")},
+            r"Bad\.n has the alias 'seq'",
+            id="computed-alias-seq",
+        ),
+        pytest.param(
+            {"type": Literal["rule_alias"]},
+            {"type": Field("rule_alias", serialization_alias="kind")},
+            r"Bad\.type has serialization_alias 'kind'",
+            id="type-aliased",
+        ),
+        pytest.param(
+            {"type": Literal["rule_excluded"]},
+            {"type": Field("rule_excluded", exclude=True)},
+            r"Bad\.type is excluded",
+            id="type-excluded",
+        ),
+        pytest.param(
+            {},
+            {"model_config": ConfigDict(extra="allow")},
+            r"Bad sets extra='allow'",
+            id="extra-allow",
+        ),
+        pytest.param(
+            {},
+            {"model_config": ConfigDict(ser_json_inf_nan="constants")},
+            r"Bad sets ser_json_inf_nan='constants'",
+            id="nan-constants",
+        ),
+    ],
+)
+def test_models_whose_json_would_clash_with_the_envelope_are_refused(
+    annotations: dict[str, Any], namespace: dict[str, Any], message: str
+) -> None:
+    # Each class gets a type of its own, so that the old code, which accepted them, registered no clash.
+    event_type = f"rule_clash_{next(_names)}"
+    full_annotations = {"type": Literal[event_type], **annotations}
+    full_namespace = {"type": event_type, **namespace}
+    with pytest.raises(InvalidEvent, match=message):
+        _define("Bad", full_namespace, full_annotations)

@@ -8,7 +8,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rtbroadcast import FrameTooLarge, InvalidFrame, MalformedFrame, ProtocolError, UnknownMessageType
+from rtbroadcast import (
+    ConfigurationError,
+    FrameTooLarge,
+    InvalidEvent,
+    InvalidFrame,
+    MalformedFrame,
+    ProtocolError,
+    UnknownMessageType,
+)
 from rtbroadcast.protocol import (
     CloseCode,
     ErrorFrame,
@@ -18,11 +26,13 @@ from rtbroadcast.protocol import (
     ResumePoint,
     ResyncRequired,
     Welcome,
+    check_event_payload,
     decode_client_frame,
     decode_server_frame,
     encode_client_frame,
     encode_server_frame,
     parse_resume_point,
+    with_seq,
 )
 
 text = st.text(max_size=40)
@@ -151,3 +161,79 @@ def test_close_codes_are_stable() -> None:
         "BAD_REQUEST": 4004,
         "RATE_LIMITED": 4008,
     }
+
+
+# -- application events: what a publisher may send --------------------------------------------------------
+
+event_objects = st.builds(
+    lambda body, event_type, seq: {
+        **body,
+        **({} if event_type is _ABSENT else {"type": event_type}),
+        **({} if seq is _ABSENT else {"seq": seq}),
+    },
+    st.dictionaries(text.filter(lambda k: k not in ("type", "seq")), json_values, max_size=4),
+    st.just(_ABSENT := object()) | event_types | st.sampled_from(sorted(reserved)) | json_values,
+    st.just(_ABSENT) | st.just(_ABSENT) | json_values,
+)
+
+
+@given(event_objects, st.integers(min_value=1, max_value=2**53), st.sampled_from(["", " ", "\n\t "]))
+def test_a_payload_is_accepted_exactly_when_clients_can_read_it_as_an_event(
+    obj: dict[str, object], seq: int, padding: str
+) -> None:
+    text = json.dumps(obj, ensure_ascii=False)
+    event_type = obj.get("type")
+    readable = isinstance(event_type, str) and event_type not in reserved | {""} and "seq" not in obj
+    try:
+        checked = check_event_payload(padding + text + padding)
+    except InvalidEvent:
+        assert not readable
+        return
+    assert readable
+    assert checked == text
+    assert json.loads(with_seq(checked, seq)) == {**obj, "seq": seq}
+    assert decode_server_frame(with_seq(checked, seq)) == EventFrame(
+        event_type, seq, {k: v for k, v in obj.items() if k != "type"}
+    )
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        ('{"type":"a","seq":1}', "may not carry 'seq'"),
+        ('{"kind":"a"}', "needs a non-empty string 'type' \\(got none\\)"),
+        ('{"type":7}', "needs a non-empty string 'type' \\(got 7\\)"),
+        ('{"type":""}', "needs a non-empty string 'type'"),
+        ('{"type":"welcome"}', "'welcome' is reserved"),
+        ("[1]", "must be a JSON object, not an array"),
+        ('"text"', "must be a JSON object, not a string"),
+        ('{"type":"a"', "not valid JSON"),
+        ('{"type":"a","n":NaN}', "contains NaN"),
+        ('{"type":"a","n":-Infinity}', "contains -Infinity"),
+        ('{"type":"a","type":"b"}', "has the key 'type' twice"),
+        ('{"type":"a","d":{"x":1,"x":2}}', "has the key 'x' twice"),
+        ('{"type":"a","s":"\ud800"}', "not valid Unicode"),
+        (b'{"type":"a"}', "must be str"),
+        ("[" * 100_000, "nested too deeply"),
+    ],
+)
+def test_a_payload_that_is_not_an_event_is_refused_naming_the_mistake(payload: object, message: str) -> None:
+    with pytest.raises(InvalidEvent, match=message):
+        check_event_payload(payload)
+
+
+@pytest.mark.parametrize(
+    ("epoch", "seq", "message"),
+    [
+        ("9f1c", "41", r"ResumePoint\.seq must be an integer >= 0, not '41'"),
+        ("9f1c", -1, r"ResumePoint\.seq must be an integer >= 0"),
+        ("9f1c", 4.0, r"ResumePoint\.seq must be an integer >= 0"),
+        ("9f1c", True, r"ResumePoint\.seq must be an integer >= 0"),
+        (None, 3, r"ResumePoint\.epoch must be a string"),
+    ],
+)
+def test_a_resume_point_of_the_wrong_kind_is_refused_when_built(
+    epoch: object, seq: object, message: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        ResumePoint(epoch, seq)  # type: ignore[arg-type]

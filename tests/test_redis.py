@@ -231,6 +231,88 @@ def test_url_options_are_read_and_the_rest_goes_to_redis_py() -> None:
         RedisBackend("redis://127.0.0.1/0", reconnect_delay=(2.0, 1.0))
 
 
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        ("key_prefx=app", r"unknown Redis URL option 'key_prefx' \(did you mean 'key_prefix'\?\)"),
+        ("socket_keepalive=ture", "invalid value 'ture' for Redis URL option 'socket_keepalive'"),
+        ("max_connections=0", "'max_connections': expected a number >= 1"),
+        ("protocol=4", "'protocol': expected one of 2, 3"),
+        ("db=-1", "'db'"),
+        ("ssl_ca_certs=/etc/ca.pem", "'ssl_ca_certs' applies to rediss:// URLs only"),
+        ("decode_responses=false", "'decode_responses' cannot be given in a Redis URL; pass client="),
+        ("timeout=1&timeout=2", "'timeout' is given twice"),
+        ("socket_timeout=1&socket_timeout=2", "'socket_timeout' is given twice"),
+        ("timeout=nan", "timeout must be a finite number"),
+        ("history_size=-1", "history_size must be an integer >= 0"),
+        ("max_reconnect_attempts=0", "max_reconnect_attempts must be an integer >= 1"),
+    ],
+)
+def test_a_wrong_redis_url_option_is_refused_at_construction(query: str, message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        load_backend(f"redis://127.0.0.1:1/0?{query}")
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("redis://127.0.0.1:port/0", "invalid Redis URL 'redis://127.0.0.1:port/0': Port"),
+        ("redis://user:s3cret@127.0.0.1:port/0", r"'redis://user:\*\*\*@127.0.0.1:port/0'"),
+        ("unix://", "unix:// Redis URL needs the socket's path"),
+        ("unix:///tmp/redis.sock?socket_keepalive=true", "applies to redis:// and rediss:// URLs only"),
+    ],
+)
+def test_a_wrong_redis_url_is_refused_at_construction(url: str, message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        load_backend(url)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"key_prefix": 7}, "key_prefix must be a non-empty string"),
+        ({"history_size": "500"}, "history_size must be an integer >= 0"),
+        ({"history_ttl": 0}, "history_ttl must be a finite number of seconds > 0 or None"),
+        ({"meta_ttl": float("inf")}, "meta_ttl must be a finite number of seconds > 0 or None"),
+        ({"timeout": float("nan")}, "timeout must be a finite number of seconds > 0"),
+        ({"ping_interval": "10"}, "ping_interval must be a finite number of seconds > 0"),
+        ({"reconnect_delay": 1.0}, "reconnect_delay must be \\(first, most\\)"),
+        ({"reconnect_delay": (0.1, float("inf"))}, "reconnect_delay must be"),
+        ({"reconnect_delay": (0.1, 1.0, 2.0)}, "reconnect_delay must be"),
+        ({"max_reconnect_attempts": 2.5}, "max_reconnect_attempts must be an integer >= 1 or None"),
+    ],
+)
+def test_nonsense_redis_backend_arguments_are_refused(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        RedisBackend("redis://127.0.0.1:1/0", **options)
+
+
+async def test_a_client_that_is_not_asyncio_is_refused_and_redis_py_options_still_work(
+    redis_url: str, redis_prefix: str, raw: redis.asyncio.Redis
+) -> None:
+    import redis as sync_redis
+
+    sync_client = sync_redis.Redis()
+    try:
+        with pytest.raises(
+            ConfigurationError, match=r"client must be a redis\.asyncio\.Redis, not redis\.client\.Redis"
+        ):
+            RedisBackend(client=sync_client)  # type: ignore[arg-type]
+    finally:
+        sync_client.close()
+    # Options redis-py reads pass the checks and reach it: the backend connects and round-trips with them.
+    options = "socket_keepalive=true&client_name=rtbtest&max_connections=5&health_check_interval=0"
+    separator = "&" if "?" in redis_url else "?"
+    backend, recorder = await connected(
+        f"{redis_url}{separator}{options}&socket_connect_timeout=2", key_prefix=redis_prefix
+    )
+    try:
+        await round_trip(backend, recorder)
+        assert any(client["name"] == "rtbtest" for client in await raw.client_list())
+    finally:
+        await backend.disconnect()
+
+
 def test_stats_never_show_the_password() -> None:
     backend = RedisBackend("redis://user:s3cret@127.0.0.1:1/0")
     assert "s3cret" not in json.dumps(dict(backend.stats()))

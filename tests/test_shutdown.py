@@ -25,9 +25,10 @@ import websockets
 from starlette.applications import Starlette
 from websockets.asyncio.client import ClientConnection
 
-from rtbroadcast import Broadcaster, BroadcasterState, CloseCode, Event, StateError
+from rtbroadcast import Broadcaster, BroadcasterState, CloseCode, ConfigurationError, Event, StateError
 from rtbroadcast.asgi import drain_on_signals
 from rtbroadcast.protocol import ObservedCloseCode
+from rtbroadcast.starlette import lifespan
 
 from .redis_support import free_port
 from .support import MS, broadcast_app, connect, recv_json, serve, until
@@ -294,3 +295,11 @@ async def test_nothing_is_chained_where_no_server_installed_a_handler() -> None:
     finally:
         signal.signal(signal.SIGTERM, term)
         signal.signal(signal.SIGINT, interrupt)
+
+
+@pytest.mark.parametrize("drain_timeout", [float("nan"), float("inf"), -1.0, "2", True])
+def test_a_nonsense_drain_timeout_is_refused_when_the_lifespan_is_made(drain_timeout: object) -> None:
+    # Found at startup, not at the first SIGTERM, when the drain would need it.
+    with pytest.raises(ConfigurationError, match=r"^drain_timeout must be a finite number of seconds >= 0"):
+        lifespan(Broadcaster(), drain_timeout=drain_timeout)  # type: ignore[arg-type]
+    assert lifespan(Broadcaster(), drain_timeout=0) is not None

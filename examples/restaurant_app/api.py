@@ -20,16 +20,19 @@ from .schemas import (
     RESTAURANT_ID_PATTERN,
     AtomicRequest,
     AtomicResult,
+    EntityId,
     Guest,
     GuestCreate,
     GuestList,
     GuestStatus,
     GuestUpdate,
+    NotFoundBody,
     Table,
     TableCreate,
     TableList,
     TableUpdate,
 )
+from .schemas import RestaurantId as RestaurantIdText
 from .service import CHANNEL_PREFIX, RestaurantService, Snapshot
 
 __all__ = ["router"]
@@ -107,17 +110,30 @@ async def _restaurant_access(request: Request, device: Device) -> None:
 _AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"description": "No token, or an invalid or expired one (when a secret is configured)."},
     403: {"description": "The token is bound to another restaurant."},
+    503: {
+        "description": "The database could not complete the request in time (a lock held past "
+        "``lock_timeout``, a session ended while stalled); nothing was changed: retry after Retry-After."
+    },
 }
 #: Every route under ``/restaurants/{restaurant_id}``, reads included (the lists hold guests' names and
 #: phone numbers); included into ``router`` at the end of the module.
 restaurants = APIRouter(dependencies=[Depends(_restaurant_access)], responses=_AUTH_RESPONSES)
-RestaurantId = Annotated[
-    str, Path(pattern=f"^{RESTAURANT_ID_PATTERN}$", description="Letters, digits, '_' and '-'; 1 to 64.")
-]
+RestaurantId = Annotated[RestaurantIdText, Path(description="Letters, digits, '_' and '-'; 1 to 64.")]
+# An id that cannot exist is refused (422) before any query: a NUL in a path reaches no database.
+GuestId = Annotated[EntityId, Path(description="A guest's id: letters, digits, '_' and '-'; 1 to 48.")]
+TableId = Annotated[EntityId, Path(description="A table's id: letters, digits, '_' and '-'; 1 to 48.")]
 IfNoneMatch = Annotated[str | None, Header(description="ETag of the list the client already has.")]
 
 _SNAPSHOT_RESPONSES: dict[int | str, dict[str, Any]] = {
     304: {"description": "The list has not changed since the ETag in If-None-Match."}
+}
+#: Every route that reads a JSON body (the 422 of a body that fails validation FastAPI lists itself).
+_BODY_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"description": "The body could not be parsed: not UTF-8, or a number of more than 4300 digits."},
+    413: {"description": "The body is larger than the service's MAX_BODY_SIZE (default 1 MiB)."},
+}
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"model": NotFoundBody, "description": "The restaurant has no guest or table with that id."}
 }
 
 
@@ -154,7 +170,9 @@ def _snapshot_response(snapshot: Snapshot[Any], if_none_match: str | None, body:
 # -- guests -----------------------------------------------------------------------------------------
 
 
-@restaurants.post("/restaurants/{restaurant_id}/guests", status_code=201, tags=["guests"])
+@restaurants.post(
+    "/restaurants/{restaurant_id}/guests", status_code=201, responses=_BODY_RESPONSES, tags=["guests"]
+)
 async def create_guest(restaurant_id: RestaurantId, body: GuestCreate, service: Service) -> Guest:
     """Add a guest to the waitlist (status ``waiting``); broadcasts ``guest_created``."""
     return await service.create_guest(restaurant_id, body)
@@ -184,9 +202,9 @@ async def list_guests(
     return _snapshot_response(snapshot, if_none_match, body)
 
 
-@restaurants.get("/restaurants/{restaurant_id}/guests/{guest_id}", tags=["guests"])
+@restaurants.get("/restaurants/{restaurant_id}/guests/{guest_id}", responses=_NOT_FOUND, tags=["guests"])
 async def get_guest(
-    restaurant_id: RestaurantId, guest_id: str, service: Service, response: Response
+    restaurant_id: RestaurantId, guest_id: GuestId, service: Service, response: Response
 ) -> Guest:
     """Return one guest."""
     guest, position = await service.get_guest(restaurant_id, guest_id)
@@ -194,16 +212,22 @@ async def get_guest(
     return guest
 
 
-@restaurants.put("/restaurants/{restaurant_id}/guests/{guest_id}", tags=["guests"])
+@restaurants.put(
+    "/restaurants/{restaurant_id}/guests/{guest_id}",
+    responses={**_NOT_FOUND, **_BODY_RESPONSES},
+    tags=["guests"],
+)
 async def update_guest(
-    restaurant_id: RestaurantId, guest_id: str, body: GuestUpdate, service: Service
+    restaurant_id: RestaurantId, guest_id: GuestId, body: GuestUpdate, service: Service
 ) -> Guest:
     """Change the fields sent; broadcasts ``guest_updated`` when something changed."""
     return await service.update_guest(restaurant_id, guest_id, body)
 
 
-@restaurants.delete("/restaurants/{restaurant_id}/guests/{guest_id}", status_code=204, tags=["guests"])
-async def delete_guest(restaurant_id: RestaurantId, guest_id: str, service: Service) -> Response:
+@restaurants.delete(
+    "/restaurants/{restaurant_id}/guests/{guest_id}", status_code=204, responses=_NOT_FOUND, tags=["guests"]
+)
+async def delete_guest(restaurant_id: RestaurantId, guest_id: GuestId, service: Service) -> Response:
     """Remove a guest; broadcasts ``guest_deleted`` (and ``table_updated`` for a table it was at)."""
     await service.delete_guest(restaurant_id, guest_id)
     return Response(status_code=204)
@@ -212,7 +236,9 @@ async def delete_guest(restaurant_id: RestaurantId, guest_id: str, service: Serv
 # -- tables -----------------------------------------------------------------------------------------
 
 
-@restaurants.post("/restaurants/{restaurant_id}/tables", status_code=201, tags=["tables"])
+@restaurants.post(
+    "/restaurants/{restaurant_id}/tables", status_code=201, responses=_BODY_RESPONSES, tags=["tables"]
+)
 async def create_table(restaurant_id: RestaurantId, body: TableCreate, service: Service) -> Table:
     """Add a table (status ``available``); broadcasts ``table_created``."""
     return await service.create_table(restaurant_id, body)
@@ -239,9 +265,9 @@ async def list_tables(
     return _snapshot_response(snapshot, if_none_match, body)
 
 
-@restaurants.get("/restaurants/{restaurant_id}/tables/{table_id}", tags=["tables"])
+@restaurants.get("/restaurants/{restaurant_id}/tables/{table_id}", responses=_NOT_FOUND, tags=["tables"])
 async def get_table(
-    restaurant_id: RestaurantId, table_id: str, service: Service, response: Response
+    restaurant_id: RestaurantId, table_id: TableId, service: Service, response: Response
 ) -> Table:
     """Return one table."""
     table, position = await service.get_table(restaurant_id, table_id)
@@ -249,9 +275,13 @@ async def get_table(
     return table
 
 
-@restaurants.put("/restaurants/{restaurant_id}/tables/{table_id}", tags=["tables"])
+@restaurants.put(
+    "/restaurants/{restaurant_id}/tables/{table_id}",
+    responses={**_NOT_FOUND, **_BODY_RESPONSES},
+    tags=["tables"],
+)
 async def update_table(
-    restaurant_id: RestaurantId, table_id: str, body: TableUpdate, service: Service
+    restaurant_id: RestaurantId, table_id: TableId, body: TableUpdate, service: Service
 ) -> Table:
     """Change the fields sent; broadcasts ``table_updated`` when something changed."""
     return await service.update_table(restaurant_id, table_id, body)
@@ -263,7 +293,11 @@ router.include_router(restaurants)
 # -- atomic transactions ------------------------------------------------------------------------------
 
 
-@router.post("/transactions/atomic", tags=["transactions"], responses=_AUTH_RESPONSES)
+@router.post(
+    "/transactions/atomic",
+    tags=["transactions"],
+    responses={**_AUTH_RESPONSES, **_NOT_FOUND, **_BODY_RESPONSES},
+)
 async def atomic_transaction(body: AtomicRequest, service: Service, device: Device) -> AtomicResult:
     """Apply the operations in one database transaction, all or none.
 
@@ -284,7 +318,11 @@ async def asyncapi(request: Request) -> JSONResponse:
     return JSONResponse(asyncapi_document(f"{scheme}://{request.url.netloc}"))
 
 
-@router.get("/health", tags=["operations"])
+@router.get(
+    "/health",
+    tags=["operations"],
+    responses={503: {"description": "The database is down (``status`` is ``unhealthy``)."}},
+)
 async def health(request: Request, service: Service) -> JSONResponse:
     """Report the database, the broadcast backend and the realtime connections.
 

@@ -5,14 +5,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.exceptions import HTTPException
 from starlette.routing import Route, WebSocketRoute
 
 from rtbroadcast import Broadcaster
@@ -23,6 +28,7 @@ from . import api
 from .auth import AccessPolicy, CloseOnTokenExpiry
 from .config import Settings
 from .db import create_engine, create_schema
+from .limits import RequestBodyLimit, validation_error_response
 from .outbox import TransactionalOutbox
 from .schemas import RESTAURANT_ID_PATTERN, TableCreate
 from .service import CHANNEL_PREFIX, NotFound, RestaurantService, channel_for
@@ -100,6 +106,10 @@ def create_app(
     app.state.access = access
     app.include_router(api.router)
     app.add_exception_handler(NotFound, _not_found)
+    app.add_exception_handler(RequestValidationError, validation_error_response)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(DBAPIError, _database_error)
+    app.add_middleware(RequestBodyLimit, max_body_size=settings.max_body_size)
     app.add_api_route("/", _to_host_stand, include_in_schema=False)
     app.mount("/host-stand", StaticFiles(directory=STATIC_DIR, html=True), name="host-stand")
     # The library's endpoint, wrapped so that a connection ends when its token expires.
@@ -142,6 +152,51 @@ async def _to_host_stand(request: Request) -> RedirectResponse:
     # The host-stand page reads ?restaurant_id= (and ?token=) itself: keep the query.
     query = request.url.query
     return RedirectResponse(f"/host-stand/{'?' + query if query else ''}", status_code=307)
+
+
+_HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
+
+
+def _documented_methods(app: FastAPI, path: str) -> list[str]:
+    """The methods the OpenAPI document lists for the path template that ``path`` matches."""
+    for template, operations in app.openapi()["paths"].items():
+        parts = re.split(r"(\{[^}]+\})", template)
+        pattern = "".join("[^/]+" if part.startswith("{") else re.escape(part) for part in parts)
+        if re.fullmatch(pattern, path):
+            return sorted(method.upper() for method in operations if method in _HTTP_METHODS)
+    return []
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 405 and (methods := _documented_methods(request.app, request.url.path)):
+        # The router names the methods of one route only (GET of "/guests/{id}", not its PUT and
+        # DELETE); RFC 9110 wants every method of the resource in Allow: the document has them all.
+        exc.headers = {**(exc.headers or {}), "Allow": ", ".join(methods)}
+    return await http_exception_handler(request, exc)
+
+
+#: SQLSTATEs of a write that may succeed if sent again: a lock not had within ``lock_timeout``, a session
+#: ended by ``idle_in_transaction_session_timeout`` (this process stalled in its transaction), a statement
+#: over ``statement_timeout``, a server shutting down, a serialisation failure or deadlock.
+RETRYABLE_SQLSTATES = frozenset({"55P03", "25P03", "57014", "57P01", "40001", "40P01"})
+
+
+async def _database_error(request: Request, exc: Exception) -> Response:
+    """Answer 503 with ``Retry-After`` for a database error that a retry may not meet; re-raise others."""
+    assert isinstance(exc, DBAPIError)
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    if not exc.connection_invalidated and sqlstate not in RETRYABLE_SQLSTATES:
+        raise exc
+    logger.warning(
+        "%s %s: database unavailable (%s): %s", request.method, request.url.path, sqlstate, exc.orig
+    )
+    # Nothing of the write was committed: the transaction was rolled back with its outbox rows.
+    return JSONResponse(
+        {"detail": "The database could not complete the request in time; nothing was changed. Retry."},
+        status_code=503,
+        headers={"Retry-After": "1"},
+    )
 
 
 async def _not_found(request: Request, exc: Exception) -> JSONResponse:

@@ -6,9 +6,11 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-__all__ = ["DEFAULT_DATABASE_URL", "MIN_SECRET_BYTES", "Settings"]
+__all__ = ["DEFAULT_DATABASE_URL", "DEFAULT_MAX_BODY_SIZE", "MIN_SECRET_BYTES", "Settings"]
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./restaurant.db"
+#: Largest HTTP request body accepted, in bytes (1 MiB); a larger one gets 413 before it is read.
+DEFAULT_MAX_BODY_SIZE = 1024 * 1024
 #: Shortest token secret accepted: HS256 keys shorter than the hash (RFC 7518 section 3.2) are refused.
 MIN_SECRET_BYTES = 32
 
@@ -35,6 +37,8 @@ class Settings:
         allow_legacy_unauthenticated: also accept requests that carry no token at all (the reference's
             bare ``/realtime?restaurant_id=...``). Without a secret it runs the service open.
         allowed_origins: if set, WebSocket requests whose ``Origin`` is not listed are refused (4003).
+        max_body_size: largest HTTP request body accepted, in bytes; a larger one gets 413 while it is
+            being read (a ``Content-Length`` over it before the request is handled).
     """
 
     database_url: str = DEFAULT_DATABASE_URL
@@ -47,8 +51,11 @@ class Settings:
     token_secret: str | None = field(default=None, repr=False)
     allow_legacy_unauthenticated: bool = False
     allowed_origins: tuple[str, ...] | None = None
+    max_body_size: int = DEFAULT_MAX_BODY_SIZE
 
     def __post_init__(self) -> None:
+        if self.max_body_size < 1:
+            raise ValueError(f"MAX_BODY_SIZE must be a positive number of bytes, not {self.max_body_size}")
         if self.token_secret is not None and len(self.token_secret.encode()) < MIN_SECRET_BYTES:
             raise ValueError(
                 f"RESTAURANT_TOKEN_SECRET must be at least {MIN_SECRET_BYTES} bytes long "
@@ -81,6 +88,7 @@ class Settings:
             token_secret=env.get("RESTAURANT_TOKEN_SECRET") or None,
             allow_legacy_unauthenticated=_flag(env, "RESTAURANT_ALLOW_LEGACY_UNAUTHENTICATED", False),
             allowed_origins=_origins(env),
+            max_body_size=_byte_count(env, "MAX_BODY_SIZE", DEFAULT_MAX_BODY_SIZE),
         )
 
 
@@ -108,6 +116,19 @@ def _positive(env: Mapping[str, str], name: str, default: float) -> float:
     except ValueError:
         raise ValueError(f"{name} must be a number of seconds, not {raw!r}") from None
     if value <= 0:
+        raise ValueError(f"{name} must be positive, not {raw!r}")
+    return value
+
+
+def _byte_count(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a whole number of bytes, not {raw!r}") from None
+    if value < 1:
         raise ValueError(f"{name} must be positive, not {raw!r}")
     return value
 

@@ -6,46 +6,146 @@ snake_case. Python attributes are snake_case; the aliases carry the wire names.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_serializer, field_validator
-from pydantic_core import PydanticCustomError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
+    StringConstraints,
+    field_serializer,
+)
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema, PydanticCustomError, core_schema
 
 from rtbroadcast import format_timestamp
 
 __all__ = [
+    "ENTITY_ID_PATTERN",
     "RESTAURANT_ID_PATTERN",
     "AtomicOperation",
     "AtomicRequest",
     "AtomicResult",
     "CreateGuestOp",
+    "EntityId",
     "Guest",
     "GuestCreate",
     "GuestList",
     "GuestStatus",
     "GuestUpdate",
+    "NotFoundBody",
     "OperationResult",
+    "RestaurantId",
     "Table",
     "TableCreate",
     "TableList",
     "TableStatus",
     "TableUpdate",
+    "Text",
     "UpdateGuestOp",
     "UpdateTableOp",
 ]
 
 #: What a restaurant id may look like (also enforced on the WebSocket's ``restaurant_id``).
 RESTAURANT_ID_PATTERN = r"[A-Za-z0-9_-]{1,64}"
-_ID_PATTERN = r"^[A-Za-z0-9_-]{1,48}$"
+#: What a guest or table id may look like, in a path or a body (the service makes ``guest-<32 hex>``).
+ENTITY_ID_PATTERN = r"^[A-Za-z0-9_-]{1,48}$"
 
-EntityId = Annotated[str, StringConstraints(pattern=_ID_PATTERN)]
-GuestName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
+
+def _space_class() -> str:
+    """What ``str.strip()`` removes, as the inside of a regex class of ``\\uXXXX`` ranges.
+
+    The OpenAPI document says "not blank" with the very characters the server strips (they are all
+    below U+3001).
+    """
+    codes = [code for code in range(0x3001) if chr(code).isspace()]
+    ranges: list[list[int]] = []
+    for code in codes:
+        if ranges and ranges[-1][1] == code - 1:
+            ranges[-1][1] = code
+        else:
+            ranges.append([code, code])
+    return "".join(
+        f"\\u{first:04x}" if first == last else f"\\u{first:04x}-\\u{last:04x}" for first, last in ranges
+    )
+
+
+_SPACES = _space_class()
+
+
+@dataclass(frozen=True, slots=True)
+class Text:
+    """The last annotation of every string the API accepts: refuses what no database can store.
+
+    A NUL character (PostgreSQL's ``text`` cannot hold one) gets ``string_nul_character`` and an unpaired
+    surrogate (not encodable as UTF-8, so neither SQLite nor PostgreSQL nor a JSON response can carry it)
+    gets ``string_unpaired_surrogate``, both 422 with the field's location, on every database. The rule is
+    also written into the OpenAPI document (a ``pattern``), so clients and schemathesis see it.
+
+    Args:
+        strip: remove surrounding whitespace (after the length limits, which count what was sent).
+        blank: whether an empty or all-whitespace string is accepted (``False``: ``string_too_short``).
+    """
+
+    strip: bool = False
+    blank: bool = True
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        # Storability is checked before anything else, so a NUL or a surrogate gets its own error type
+        # whatever other constraints the string has; stripping comes after the length limits.
+        return core_schema.no_info_before_validator_function(
+            _storable, core_schema.no_info_after_validator_function(self._tidy, handler(source))
+        )
+
+    def __get_pydantic_json_schema__(
+        self, schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        json_schema = handler(schema)
+        # A constraint's own pattern (the ids') already admits only printable ASCII.
+        if "pattern" not in json_schema:
+            no_nul = r"[^\x00]*"
+            json_schema["pattern"] = f"^{no_nul}$" if self.blank else f"^{no_nul}[^\\x00{_SPACES}]{no_nul}$"
+        return json_schema
+
+    def _tidy(self, value: str) -> str:
+        if self.strip:
+            value = value.strip()
+        if not self.blank and not value.strip():
+            # The type a plain ``min_length=1`` gave once stripped, which clients may already test for.
+            raise PydanticCustomError(
+                "string_too_short", "String should have at least 1 character", {"min_length": 1}
+            )
+        return value
+
+
+def _storable(value: object) -> object:
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise PydanticCustomError(
+                "string_nul_character", "String must not contain the NUL character (U+0000)"
+            )
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise PydanticCustomError(
+                "string_unpaired_surrogate", "String must not contain an unpaired surrogate (U+D800-U+DFFF)"
+            ) from None
+    return value
+
+
+RestaurantId = Annotated[str, StringConstraints(pattern=f"^{RESTAURANT_ID_PATTERN}$"), Text()]
+EntityId = Annotated[str, StringConstraints(pattern=ENTITY_ID_PATTERN), Text()]
+GuestName = Annotated[str, StringConstraints(min_length=1, max_length=100), Text(strip=True, blank=False)]
 PartySize = Annotated[int, Field(ge=1, le=50)]
-Phone = Annotated[str, StringConstraints(strip_whitespace=True, max_length=32)]
-Notes = Annotated[str, StringConstraints(max_length=500)]
-TableName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
+Phone = Annotated[str, StringConstraints(max_length=32), Text(strip=True)]
+Notes = Annotated[str, StringConstraints(max_length=500), Text()]
+TableName = Annotated[str, StringConstraints(min_length=1, max_length=64), Text(strip=True, blank=False)]
 Capacity = Annotated[int, Field(ge=1, le=50)]
 
 
@@ -76,11 +176,30 @@ class _Request(BaseModel):
 
 
 def _not_null(value: object) -> object:
-    # Partial updates default every field to None ("not sent"); an explicit null is only allowed where
-    # the field can be cleared.
     if value is None:
         raise PydanticCustomError("null_not_allowed", "Field may not be null")
     return value
+
+
+def _omittable_schema(schema: dict[str, Any]) -> None:
+    # The field is ``X | None`` for the code, ``X`` for the client: drop the null branch and the default.
+    schema.pop("default", None)
+    branches = [branch for branch in schema.pop("anyOf", ()) if branch != {"type": "null"}]
+    if len(branches) == 1:
+        schema.update(branches[0])
+    elif branches:
+        schema["anyOf"] = branches
+
+
+_T = TypeVar("_T")
+
+#: A field of a partial update that may be left out but not sent as ``null`` (``None`` means "not sent").
+#: The OpenAPI document shows the field's own type, neither nullable nor with a ``null`` default.
+Omittable = Annotated[
+    _T | None,
+    BeforeValidator(_not_null),
+    Field(default=None, json_schema_extra=_omittable_schema),
+]
 
 
 class GuestCreate(_Request):
@@ -98,14 +217,12 @@ class GuestUpdate(_Request):
     ``table_id`` and ``phone``/``notes`` may be ``null`` to clear them; the others may not.
     """
 
-    status: GuestStatus | None = None
+    status: Omittable[GuestStatus] = None
     table_id: EntityId | None = None
-    guest_name: GuestName | None = Field(default=None, alias="guestName")
-    party_size: PartySize | None = Field(default=None, alias="partySize")
+    guest_name: Omittable[GuestName] = Field(default=None, alias="guestName")
+    party_size: Omittable[PartySize] = Field(default=None, alias="partySize")
     phone: Phone | None = None
     notes: Notes | None = None
-
-    _required = field_validator("status", "guest_name", "party_size", mode="before")(_not_null)
 
     def changes(self) -> dict[str, Any]:
         """Return the fields the client sent, by attribute name."""
@@ -125,12 +242,10 @@ class TableUpdate(_Request):
     ``guest_id`` may be ``null`` to clear it; the others may not.
     """
 
-    status: TableStatus | None = None
+    status: Omittable[TableStatus] = None
     guest_id: EntityId | None = None
-    name: TableName | None = None
-    capacity: Capacity | None = None
-
-    _required = field_validator("status", "name", "capacity", mode="before")(_not_null)
+    name: Omittable[TableName] = None
+    capacity: Omittable[Capacity] = None
 
     def changes(self) -> dict[str, Any]:
         """Return the fields the client sent, by attribute name."""
@@ -166,7 +281,7 @@ AtomicOperation = Annotated[UpdateGuestOp | UpdateTableOp | CreateGuestOp, Field
 class AtomicRequest(_Request):
     """Body of ``POST /transactions/atomic``: operations applied in order, all or none."""
 
-    restaurant_id: Annotated[str, StringConstraints(pattern=f"^{RESTAURANT_ID_PATTERN}$")]
+    restaurant_id: RestaurantId
     operations: list[AtomicOperation] = Field(min_length=1, max_length=100)
 
 
@@ -232,6 +347,16 @@ class TableList(_Snapshot):
     """Body of ``GET /restaurants/{rid}/tables``."""
 
     tables: list[Table]
+
+
+class NotFoundBody(BaseModel):
+    """Body of a 404: the guest or table id the restaurant does not have."""
+
+    detail: str
+    entity: Literal["guest", "table"]
+    id: str
+    #: Set when the id came from an operation of an atomic transaction.
+    operation_index: int | None = None
 
 
 class OperationResult(BaseModel):

@@ -16,11 +16,18 @@ from dataclasses import dataclass, field
 from typing import Any, Final, TypeAlias
 from urllib.parse import parse_qsl
 
+from ._config import count, optional_seconds, seconds
 from ._shutdown import drain_on_signals
 from ._websocket import WebSocketSession, direct_transport
 from .broadcaster import Broadcaster, BroadcasterState, is_valid_channel
 from .connection import Connection
-from .errors import BackendUnavailable, ConnectionLimitReached, ProtocolError, StateError
+from .errors import (
+    BackendUnavailable,
+    ConfigurationError,
+    ConnectionLimitReached,
+    ProtocolError,
+    StateError,
+)
 from .events import format_timestamp, utc_now
 from .protocol import (
     DEFAULT_MAX_FRAME_SIZE,
@@ -113,7 +120,14 @@ def channel_from_query(
     """
     import re
 
-    compiled = re.compile(pattern) if pattern is not None else None
+    if not isinstance(name, str) or not name:
+        raise ConfigurationError(f"name must be a non-empty string, not {name!r}")
+    if not isinstance(prefix, str):
+        raise ConfigurationError(f"prefix must be a string, not {prefix!r}")
+    try:
+        compiled = re.compile(pattern) if pattern is not None else None
+    except (re.error, TypeError) as exc:
+        raise ConfigurationError(f"pattern {pattern!r} is not a regular expression: {exc}") from None
 
     def resolve(request: ConnectionRequest) -> str | None:
         value = request.query.get(name)
@@ -122,6 +136,30 @@ def channel_from_query(
         return prefix + value
 
     return resolve
+
+
+def _origins(value: Iterable[str] | None) -> frozenset[str] | None:
+    # A lone string would become a set of characters, which allows no real origin.
+    if value is None:
+        return None
+    if isinstance(value, str | bytes):
+        raise ConfigurationError(f"allowed_origins must be a collection of origins, not the string {value!r}")
+    try:
+        origins = frozenset(value)
+    except TypeError:
+        raise ConfigurationError(f"allowed_origins must be a collection of origins, not {value!r}") from None
+    wrong = [origin for origin in origins if not isinstance(origin, str)]
+    if wrong:
+        raise ConfigurationError(
+            f"allowed_origins must hold strings such as 'https://example.com', not {wrong[0]!r}"
+        )
+    return origins
+
+
+def _flag(name: str, value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise ConfigurationError(f"{name} must be True or False, not {value!r}")
 
 
 async def _maybe_await(value: Any) -> Any:
@@ -162,6 +200,11 @@ class BroadcastEndpoint:
             of through one ASGI ``send`` per connection; other servers always use ASGI. ``False`` sends
             every frame through ASGI (the slow-consumer close still goes out ahead of flow control where
             the server offers it). See the performance page.
+
+    Raises:
+        ConfigurationError: an option of the wrong type or out of range (a lone string as
+            ``allowed_origins``, a ``max_frame_size`` below 1, a rate or timeout that is not a finite
+            number of seconds > 0), named in the message.
     """
 
     def __init__(
@@ -177,15 +220,21 @@ class BroadcastEndpoint:
         sse: bool = True,
         direct_write: bool = True,
     ) -> None:
+        if not isinstance(broadcaster, Broadcaster):
+            raise ConfigurationError(f"broadcaster must be a Broadcaster, not {broadcaster!r}")
+        if not callable(channel):
+            raise ConfigurationError(f"channel must be a callable that resolves a request, not {channel!r}")
+        if authorize is not None and not callable(authorize):
+            raise ConfigurationError(f"authorize must be a callable or None, not {authorize!r}")
         self.broadcaster = broadcaster
         self.resolve_channel = channel
         self.authorize = authorize
-        self.allowed_origins = frozenset(allowed_origins) if allowed_origins is not None else None
-        self.max_frame_size = max_frame_size
-        self.max_messages_per_second = max_messages_per_second
-        self.idle_timeout = idle_timeout
-        self.sse = sse
-        self.direct_write = direct_write
+        self.allowed_origins = _origins(allowed_origins)
+        self.max_frame_size = count("max_frame_size", max_frame_size, minimum=1)
+        self.max_messages_per_second = seconds("max_messages_per_second", max_messages_per_second)
+        self.idle_timeout = optional_seconds("idle_timeout", idle_timeout)
+        self.sse = _flag("sse", sse)
+        self.direct_write = _flag("direct_write", direct_write)
         self._limit_checked = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

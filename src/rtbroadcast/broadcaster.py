@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Generic, Self, TypeVar
 
+from . import _config
 from .backends import Backend, Envelope, History, load_backend
 from .connection import DEFAULT_LIMITS, Connection, QueueLimits, item_text
 from .errors import (
@@ -21,13 +22,14 @@ from .errors import (
     StateError,
     SubscriptionClosed,
 )
-from .events import Event, decode_event
+from .events import Event, decode_event, encode_event
 from .protocol import (
     CloseCode,
     ResumePoint,
     ResyncReason,
     ResyncRequired,
     Welcome,
+    check_event_payload,
     decode_server_frame,
     encode_server_frame,
 )
@@ -79,6 +81,11 @@ class Broadcaster:
             what its connections have received, catching a lost last message that no later event would
             reveal as a gap (``None`` disables the check).
 
+    Raises:
+        ConfigurationError: an option has the wrong type or an impossible value (a zero, negative, ``NaN``
+            or infinite interval; a negative ``max_resume``; a connection limit below 1), or the URL is
+            wrong (see :func:`~rtbroadcast.backends.load_backend`). The message names the option.
+
     Use it as an async context manager, or call :meth:`connect` and :meth:`disconnect`::
 
         async with Broadcaster("memory://") as broadcaster:
@@ -99,19 +106,31 @@ class Broadcaster:
     ) -> None:
         if url is not None and backend is not None:
             raise ConfigurationError("pass either a backend URL or a backend instance, not both")
-        if heartbeat_interval <= 0:
-            raise ConfigurationError(f"heartbeat_interval must be positive, not {heartbeat_interval}")
-        if position_check_interval is not None and position_check_interval <= 0:
+        if url is not None and not isinstance(url, str):
+            raise ConfigurationError(f"url must be a backend URL string, not {type(url).__name__}")
+        if url is not None and not url.strip():
+            # An unset environment variable, most likely: falling back to memory:// would split a
+            # multi-process service into processes that never see each other's events.
             raise ConfigurationError(
-                f"position_check_interval must be positive or None, not {position_check_interval}"
+                "url must be a backend URL, not an empty string; leave it out (or None) for memory://"
             )
-        if max_resume < 0:
-            raise ConfigurationError(f"max_resume must be >= 0, not {max_resume}")
+        if backend is not None and not isinstance(backend, Backend):
+            raise ConfigurationError(
+                f"backend must be a Backend instance, not {type(backend).__name__}"
+                + ("; pass a URL as url= (the first argument)" if isinstance(backend, str) else "")
+            )
+        if not isinstance(queue_limits, QueueLimits):
+            raise ConfigurationError(
+                f"queue_limits must be a QueueLimits(max_messages=..., max_size=...), "
+                f"not {type(queue_limits).__name__}"
+            )
+        self.heartbeat_interval = _config.seconds("heartbeat_interval", heartbeat_interval)
+        self.max_resume = _config.count("max_resume", max_resume, minimum=0)
+        self.position_check_interval = _config.optional_seconds(
+            "position_check_interval", position_check_interval
+        )
         self.backend: Backend = backend if backend is not None else load_backend(url or "memory://")
         self.queue_limits = queue_limits
-        self.heartbeat_interval = heartbeat_interval
-        self.max_resume = max_resume
-        self.position_check_interval = position_check_interval
         self.registry = ConnectionRegistry(
             max_connections=max_connections, max_connections_per_channel=max_connections_per_channel
         )
@@ -268,34 +287,43 @@ class Broadcaster:
 
         Raises:
             StateError: the broadcaster is not connected.
-            InvalidEvent: ``event`` is not an :class:`Event`.
-            ConfigurationError: ``channel`` is not a valid channel name.
-            BackendUnavailable: the backend cannot be reached; the event was not published (or, if the
-                backend timed out mid-request, may have been: retry with the same ``idempotency_key``).
-        """
-        if not isinstance(event, Event):
-            raise InvalidEvent(f"publish() takes an Event, not {type(event).__name__}")
-        return await self.publish_json(channel, event.to_json(), idempotency_key=idempotency_key)
-
-    async def publish_json(self, channel: str, payload: str, *, idempotency_key: str | None = None) -> int:
-        """Publish ``payload``, the text of a JSON object with a string ``type``, as it is.
-
-        For events that are already serialised (an outbox row, a relay). The text is not parsed; it must
-        be a JSON object without a ``seq`` field.
-
-        Raises:
-            StateError: the broadcaster is not connected.
-            InvalidEvent: ``payload`` does not look like a JSON object.
-            ConfigurationError: ``channel`` is not a valid channel name.
+            InvalidEvent: ``event`` is not an instance of an :class:`Event` subclass that declares its
+                ``type`` (see :func:`~rtbroadcast.events.encode_event`).
+            ConfigurationError: ``channel`` is not a valid channel name, or ``idempotency_key`` is not a
+                non-empty string.
             BackendUnavailable: the backend cannot be reached; the event was not published (or, if the
                 backend timed out mid-request, may have been: retry with the same ``idempotency_key``).
         """
         self._require_connected("publish", draining=True)
         validate_channel(channel)
-        stripped = payload.strip()
-        if not (stripped.startswith("{") and stripped.endswith("}")):
-            raise InvalidEvent("payload must be the text of a JSON object")
-        envelope = await self.backend.publish(channel, stripped, idempotency_key=idempotency_key)
+        return await self._publish(channel, encode_event(event), idempotency_key)
+
+    async def publish_json(self, channel: str, payload: str, *, idempotency_key: str | None = None) -> int:
+        """Publish ``payload``, the text of a JSON object with a string ``type``, as it is.
+
+        For events that are already serialised (an outbox row, a relay). The text is sent as it is, once
+        checked: a JSON object with a non-empty string ``type`` that the protocol does not reserve, without
+        ``seq`` (the server adds it), without a key given twice and without ``NaN`` or ``Infinity``.
+
+        Raises:
+            StateError: the broadcaster is not connected.
+            InvalidEvent: ``payload`` breaks one of these rules (see
+                :func:`~rtbroadcast.protocol.check_event_payload`); the message says which.
+            ConfigurationError: ``channel`` is not a valid channel name, or ``idempotency_key`` is not a
+                non-empty string.
+            BackendUnavailable: the backend cannot be reached; the event was not published (or, if the
+                backend timed out mid-request, may have been: retry with the same ``idempotency_key``).
+        """
+        self._require_connected("publish", draining=True)
+        validate_channel(channel)
+        return await self._publish(channel, check_event_payload(payload), idempotency_key)
+
+    async def _publish(self, channel: str, text: str, idempotency_key: str | None) -> int:
+        if idempotency_key is not None and (not isinstance(idempotency_key, str) or not idempotency_key):
+            raise ConfigurationError(
+                f"idempotency_key must be a non-empty string or None, not {idempotency_key!r}"
+            )
+        envelope = await self.backend.publish(channel, text, idempotency_key=idempotency_key)
         self._published += 1
         return envelope.seq
 
@@ -521,8 +549,20 @@ class Broadcaster:
         Iterating the subscription yields a :class:`Received` per event, in seq order, and a
         :class:`~rtbroadcast.protocol.ResyncRequired` where events could not be replayed. Events decode into
         their registered models; ``model`` is the class every event on the channel is expected to be.
+
+        Raises:
+            ConfigurationError: ``channel`` is not a valid channel name, ``resume`` is not a
+                :class:`~rtbroadcast.ResumePoint` or ``None``, or ``model`` is not :class:`Event` or a
+                subclass of it.
         """
         validate_channel(channel)
+        if resume is not None and not isinstance(resume, ResumePoint):
+            raise ConfigurationError(
+                f"resume must be a ResumePoint(epoch, seq) or None, not {type(resume).__name__}; "
+                "pass subscription.position from an earlier subscription"
+            )
+        if not (isinstance(model, type) and issubclass(model, Event)):
+            raise ConfigurationError(f"model must be Event or a subclass of it, not {model!r}")
         return Subscription(self, channel, resume=resume, model=model)
 
     # -- stats ------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
-from .errors import ConfigurationError
+from ._config import count
 from .protocol import CloseCode
 
 if TYPE_CHECKING:
@@ -33,14 +33,17 @@ class QueueLimits:
     Args:
         max_messages: frames waiting to be written.
         max_size: characters of JSON text waiting to be written (about bytes for ASCII payloads).
+
+    Raises:
+        ConfigurationError: a limit is not an integer >= 1.
     """
 
     max_messages: int = 4096
     max_size: int = 1024 * 1024
 
     def __post_init__(self) -> None:
-        if self.max_messages < 1 or self.max_size < 1:
-            raise ConfigurationError("queue limits must be positive")
+        count("QueueLimits.max_messages", self.max_messages, minimum=1)
+        count("QueueLimits.max_size", self.max_size, minimum=1)
 
 
 DEFAULT_LIMITS: Final = QueueLimits()

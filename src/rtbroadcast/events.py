@@ -7,33 +7,36 @@ Declare an event by subclassing :class:`Event` with a ``type`` literal::
         restaurant_id: str
         data: dict[str, Any]
 
-The model's JSON is exactly what clients receive, plus one added field, ``seq``.
+The model's JSON is exactly what clients receive, plus one added field, ``seq``. A class that could not
+keep that promise is refused when it is defined, with :class:`~rtbroadcast.InvalidEvent` (see
+:class:`Event` for the rules).
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import threading
 from datetime import UTC, datetime
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator
+from pydantic_core import PydanticSerializationError, PydanticUndefined
 
 from .errors import InvalidEvent
+from .protocol import ENVELOPE_FIELDS, PROTOCOL_TYPES, check_event_payload, with_seq
 
 __all__ = [
     "PROTOCOL_TYPES",
     "Event",
     "EventRegistry",
     "decode_event",
+    "encode_event",
     "format_timestamp",
     "registry",
     "utc_now",
     "with_seq",
 ]
-
-#: ``type`` values the wire protocol uses for its own frames; an application event may not use them.
-PROTOCOL_TYPES: frozenset[str] = frozenset({"welcome", "ping", "pong", "error", "resync_required"})
 
 
 def utc_now() -> datetime:
@@ -107,6 +110,88 @@ def _declared_type(model: type[BaseModel]) -> str | None:
     return field.default
 
 
+def _check_model(model: type[Event]) -> None:
+    """Refuse a model whose JSON could not be an event as the wire protocol defines it.
+
+    Raises:
+        InvalidEvent: naming the class, the field and the fix.
+    """
+    name = model.__qualname__
+    field = model.model_fields["type"]
+    own = "type" in inspect.get_annotations(model)
+    if own or field.default is not PydanticUndefined or field.default_factory is not None:
+        declared = get_args(field.annotation) if get_origin(field.annotation) is Literal else ()
+        value = declared[0] if len(declared) == 1 else None
+        if not isinstance(value, str) or not value or field.default != value:
+            raise InvalidEvent(
+                f"{name}.type must be a Literal of one non-empty string with that string as its default, "
+                f'like type: Literal["order_placed"] = "order_placed"; got {_annotation(field)}'
+            )
+    for label in ("alias", "serialization_alias", "validation_alias"):
+        alias = getattr(field, label)
+        if alias is not None and alias != "type":
+            raise InvalidEvent(
+                f"{name}.type has {label} {alias!r}: the wire key of an event's type is always 'type'"
+            )
+    if field.exclude:
+        raise InvalidEvent(f"{name}.type is excluded from serialisation: clients need it")
+    wire_names: list[tuple[str, str]] = []
+    for field_name, info in model.model_fields.items():
+        if field_name == "type":
+            continue
+        wire_names.append((field_name, field_name))
+        wire_names.extend(
+            (field_name, alias)
+            for alias in (info.alias, info.serialization_alias, info.validation_alias)
+            if isinstance(alias, str)
+        )
+    for field_name, computed in model.model_computed_fields.items():
+        wire_names.append((field_name, field_name))
+        if computed.alias is not None:
+            wire_names.append((field_name, computed.alias))
+    for field_name, wire in wire_names:
+        if wire in ENVELOPE_FIELDS or wire == "type":
+            how = "is named" if wire == field_name else f"has the alias {wire!r}, so it is named"
+            whose = (
+                "the server adds it to every event" if wire in ENVELOPE_FIELDS else "it is the event's type"
+            )
+            raise InvalidEvent(
+                f"{name}.{field_name} {how} {wire!r} on the wire, which an event may not use: {whose}; "
+                "rename it"
+            )
+    if model.model_config.get("extra") == "allow":
+        raise InvalidEvent(
+            f"{name} sets extra='allow': extra fields would go to clients unchecked (a 'seq' among them "
+            "would clash with the server's); declare every field instead"
+        )
+    if model.model_config.get("ser_json_inf_nan") == "constants":
+        raise InvalidEvent(
+            f"{name} sets ser_json_inf_nan='constants', which writes NaN and Infinity: they are not JSON, "
+            "and clients' parsers reject them; keep the default ('null') or use 'strings'"
+        )
+
+
+def _annotation(field: Any) -> str:
+    annotation = field.annotation
+    shown = getattr(annotation, "__name__", None) if get_origin(annotation) is None else None
+    text = f"type: {shown if shown else repr(annotation)}".replace("typing.", "")
+    if field.default is not PydanticUndefined:
+        text += f" = {field.default!r}"
+    elif field.default_factory is not None:
+        text += " with a default_factory"
+    return text
+
+
+def _custom_serialization(model: type[Event]) -> bool:
+    """Whether the model's JSON may differ from what its fields say (a custom serializer or to_json)."""
+    decorators = model.__pydantic_decorators__
+    return (
+        bool(decorators.model_serializers)
+        or any("type" in d.info.fields for d in decorators.field_serializers.values())
+        or model.to_json is not Event.to_json
+    )
+
+
 #: The registry every :class:`Event` subclass registers in.
 registry = EventRegistry()
 
@@ -114,9 +199,20 @@ registry = EventRegistry()
 class Event(BaseModel):
     """Base class of application events.
 
-    Subclasses declare ``type`` as a ``Literal`` with a default, plus their own fields. ``timestamp`` is set
-    in UTC when the event is created and serialised as ``2025-08-16T07:21:27.177385Z``. Unknown fields are
-    rejected, so a typo fails at the publisher instead of surprising every client.
+    Subclasses declare ``type`` as a ``Literal`` of one string with that string as its default, plus their
+    own fields. ``timestamp`` is set in UTC when the event is created and serialised as
+    ``2025-08-16T07:21:27.177385Z``. Unknown fields are rejected, so a typo fails at the publisher instead
+    of surprising every client.
+
+    A subclass that does not declare ``type`` is a base for other events (fields they share) and cannot be
+    published itself. Defining a subclass raises :class:`~rtbroadcast.InvalidEvent` when:
+
+    - ``type`` is declared as anything but ``Literal["name"] = "name"`` (``type: str = "a"``, two strings,
+      no default, a default that differs), has an alias other than ``"type"``, or is excluded;
+    - the type is one the protocol reserves, or another class already declares it;
+    - a field or computed field is named ``seq`` or ``type``, or has one of them as an alias: ``seq`` is
+      the server's, added to every event;
+    - the model sets ``extra="allow"`` or ``ser_json_inf_nan="constants"``.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -125,10 +221,17 @@ class Event(BaseModel):
     timestamp: datetime = Field(default_factory=utc_now)
 
     _registry: ClassVar[EventRegistry] = registry
+    # Set per class when it is defined: the type it declares (None for a base class), and whether its JSON
+    # is checked at every publish because a custom serializer shapes it.
+    __rtbroadcast_type__: ClassVar[str | None] = None
+    __rtbroadcast_check_json__: ClassVar[bool] = False
 
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
         super().__pydantic_init_subclass__(**kwargs)
+        _check_model(cls)
+        cls.__rtbroadcast_type__ = _declared_type(cls)
+        cls.__rtbroadcast_check_json__ = _custom_serialization(cls)
         cls._registry.register(cls)
 
     @field_validator("timestamp")
@@ -145,15 +248,39 @@ class Event(BaseModel):
         return self.model_dump_json()
 
 
-def with_seq(payload: str, seq: int) -> str:
-    """Append ``"seq": seq`` to a JSON object's text without parsing it again.
+def encode_event(event: Event) -> str:
+    """Return the JSON text :meth:`Broadcaster.publish` sends for ``event`` (without ``seq``).
 
-    ``payload`` must be the text of a JSON object, as :meth:`Event.to_json` produces.
+    The model's rules were checked when its class was defined, so the text is not parsed again, unless a
+    custom serializer shapes it: then it is checked like :meth:`Broadcaster.publish_json`'s payloads.
+
+    Raises:
+        InvalidEvent: ``event`` is not an :class:`Event`; its class declares no ``type`` (a base class, or
+            ``Event`` itself); its ``type`` was changed after it was built; it cannot be serialised (a
+            string with a lone surrogate, say); or a custom serializer produced JSON that breaks the rules
+            of :func:`~rtbroadcast.protocol.check_event_payload`.
     """
-    body = payload.rstrip()
-    if body == "{}":
-        return f'{{"seq":{seq}}}'
-    return f'{body[:-1]},"seq":{seq}}}'
+    if not isinstance(event, Event):
+        what = f"the class {event.__qualname__}" if isinstance(event, type) else type(event).__name__
+        raise InvalidEvent(f"an event must be an instance of an Event subclass, not {what}")
+    model = type(event)
+    declared = model.__rtbroadcast_type__
+    if declared is None:
+        raise InvalidEvent(
+            f"{model.__qualname__} declares no type, so clients could not tell its events apart; publish "
+            'an instance of a subclass that declares type: Literal["name"] = "name"'
+        )
+    if event.type != declared:
+        raise InvalidEvent(
+            f"{model.__qualname__} event has type {event.type!r}, but its class declares {declared!r}"
+        )
+    try:
+        text = event.to_json()
+    except PydanticSerializationError as exc:
+        raise InvalidEvent(f"{model.__qualname__} event cannot be serialised: {exc}") from None
+    if model.__rtbroadcast_check_json__:
+        text = check_event_payload(text)
+    return text
 
 
 def decode_event(

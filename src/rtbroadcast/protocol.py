@@ -3,7 +3,8 @@
 Nothing here awaits or touches a socket: frames go in as ``str``/``bytes`` and come out as dataclasses,
 and the other way round. The adapters in :mod:`rtbroadcast.asgi` only move the results over a transport.
 
-Server -> client frames are JSON text. Application events keep the shape their model declares plus ``seq``;
+Server -> client frames are JSON text. Application events keep the shape their model declares plus ``seq``
+(:func:`check_event_payload` holds the rules an event's JSON must follow, :func:`with_seq` adds the seq);
 the protocol's own frames are :class:`Welcome`, :class:`Pong`, :class:`ErrorFrame` and
 :class:`ResyncRequired`. Client -> server frames are :class:`Ping` only; resume points travel as query
 parameters (``epoch`` and ``last_seq``) when the connection opens.
@@ -18,10 +19,19 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, Final, TypeAlias
 
-from .errors import FrameTooLarge, InvalidFrame, MalformedFrame, UnknownMessageType
+from .errors import (
+    ConfigurationError,
+    FrameTooLarge,
+    InvalidEvent,
+    InvalidFrame,
+    MalformedFrame,
+    UnknownMessageType,
+)
 
 __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",
+    "ENVELOPE_FIELDS",
+    "PROTOCOL_TYPES",
     "PROTOCOL_VERSION",
     "ClientFrame",
     "CloseCode",
@@ -35,17 +45,24 @@ __all__ = [
     "ResyncRequired",
     "ServerFrame",
     "Welcome",
+    "check_event_payload",
     "decode_client_frame",
     "decode_server_frame",
     "encode_client_frame",
     "encode_server_frame",
     "parse_resume_point",
+    "seq_prefix",
+    "with_seq",
 ]
 
 #: Version of the wire protocol, sent in every :class:`Welcome`.
 PROTOCOL_VERSION: Final = 1
 #: Default limit on the size of one client frame, in bytes (text is measured as UTF-8).
 DEFAULT_MAX_FRAME_SIZE: Final = 16 * 1024
+#: ``type`` values of the protocol's own frames; an application event may not use them.
+PROTOCOL_TYPES: frozenset[str] = frozenset({"welcome", "ping", "pong", "error", "resync_required"})
+#: Fields the server adds to every application event; an event may not carry them itself.
+ENVELOPE_FIELDS: frozenset[str] = frozenset({"seq"})
 
 
 class CloseCode(IntEnum):
@@ -321,15 +338,133 @@ def _kind_name(kind: type[Any] | tuple[type[Any], ...]) -> str:
     return kind.__name__
 
 
+# -- application events ---------------------------------------------------------------------------
+#
+# An event travels as the publisher's JSON object with "seq" appended to its text: the text is never
+# parsed again after the publish, so every rule about its shape is checked once, here, before it is.
+
+
+def check_event_payload(payload: object) -> str:
+    """Check that ``payload`` is the text of an event clients can read; return it without outer whitespace.
+
+    An event is a JSON object with a non-empty string ``type`` that is not one of :data:`PROTOCOL_TYPES`,
+    no ``seq`` (the server adds it), no key given twice, no ``NaN`` or ``Infinity`` (which are not JSON),
+    and text that is valid Unicode (no lone surrogates).
+
+    Raises:
+        InvalidEvent: the payload breaks one of these rules; the message says which.
+    """
+    if not isinstance(payload, str):
+        raise InvalidEvent(f"an event payload must be str (JSON text), not {type(payload).__name__}")
+    text = payload.strip()
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidEvent(f"event payload is not valid Unicode: {exc.reason} at {exc.start}") from None
+    try:
+        obj = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+    except InvalidEvent:
+        raise
+    except RecursionError:
+        raise InvalidEvent("event payload is nested too deeply") from None
+    except ValueError as exc:
+        raise InvalidEvent(f"event payload is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise InvalidEvent(f"event payload must be a JSON object, not {_json_kind(obj)}")
+    check_event_fields(obj)
+    return text
+
+
+def check_event_fields(obj: Mapping[str, Any]) -> None:
+    """Check the top-level keys of a decoded event (see :func:`check_event_payload`).
+
+    Raises:
+        InvalidEvent: ``type`` is missing, not a non-empty string, or reserved; or ``seq`` is present.
+    """
+    event_type = obj.get("type")
+    if not isinstance(event_type, str) or not event_type:
+        got = "none" if "type" not in obj else repr(event_type)
+        raise InvalidEvent(f"an event needs a non-empty string 'type' (got {got})")
+    if event_type in PROTOCOL_TYPES:
+        raise InvalidEvent(
+            f"event type {event_type!r} is reserved for the protocol's own frames "
+            f"({', '.join(sorted(PROTOCOL_TYPES))})"
+        )
+    taken = ENVELOPE_FIELDS.intersection(obj)
+    if taken:
+        raise InvalidEvent(
+            f"an event may not carry {', '.join(sorted(taken))!r}: the server adds it to every event"
+        )
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise InvalidEvent(f"event payload has the key {_short(key)} twice")
+            seen.add(key)
+    return obj
+
+
+def _no_constant(name: str) -> Any:
+    raise InvalidEvent(f"event payload contains {name}, which is not JSON (clients cannot parse it)")
+
+
+def _json_kind(value: object) -> str:
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, str):
+        return "a string"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    return "a number"
+
+
+def seq_prefix(payload: str) -> str:
+    """Return the envelope text up to its seq: ``seq_prefix(p) + str(seq) + "}" == with_seq(p, seq)``.
+
+    ``payload`` must be the text of a JSON object (:func:`check_event_payload` checks it).
+    """
+    body = payload.rstrip()
+    if body == "{}":
+        return '{"seq":'
+    return body[:-1] + ',"seq":'
+
+
+def with_seq(payload: str, seq: int) -> str:
+    """Append ``"seq": seq`` to a JSON object's text without parsing it again.
+
+    ``payload`` must be the text of a JSON object without ``seq``, as :meth:`Event.to_json` produces and
+    :func:`check_event_payload` checks.
+    """
+    return f"{seq_prefix(payload)}{seq}}}"
+
+
 # -- resume ----------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
 class ResumePoint:
-    """Where a reconnecting client left off: the stream's ``epoch`` and the last ``seq`` it applied."""
+    """Where a reconnecting client left off: the stream's ``epoch`` and the last ``seq`` it applied.
+
+    Raises:
+        ConfigurationError: ``epoch`` is not a string, or ``seq`` is not an integer >= 0 (a seq kept as
+            text, say: ``ResumePoint(epoch, int(stored))``).
+    """
 
     epoch: str
     seq: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.epoch, str):
+            raise ConfigurationError(f"ResumePoint.epoch must be a string, not {type(self.epoch).__name__}")
+        if not isinstance(self.seq, int) or isinstance(self.seq, bool) or self.seq < 0:
+            raise ConfigurationError(f"ResumePoint.seq must be an integer >= 0, not {self.seq!r}")
 
 
 #: Largest seq a client may claim; bigger numbers are certainly not ours (and would cost to parse).

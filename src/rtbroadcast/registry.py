@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from ._config import optional_count
 from .connection import Connection
-from .errors import ConfigurationError, ConnectionLimitReached
+from .errors import ConnectionLimitReached
 from .protocol import CloseCode
 
 __all__ = ["ConnectionRegistry", "RegistryStats"]
@@ -45,19 +46,18 @@ class ConnectionRegistry:
     Args:
         max_connections: connections allowed in this process (``None``: unlimited).
         max_connections_per_channel: connections allowed on one channel (``None``: unlimited).
+
+    Raises:
+        ConfigurationError: a limit is not ``None`` or an integer >= 1.
     """
 
     def __init__(
         self, *, max_connections: int | None = None, max_connections_per_channel: int | None = None
     ) -> None:
-        for name, value in (
-            ("max_connections", max_connections),
-            ("max_connections_per_channel", max_connections_per_channel),
-        ):
-            if value is not None and value < 1:
-                raise ConfigurationError(f"{name} must be positive or None, not {value}")
-        self.max_connections = max_connections
-        self.max_connections_per_channel = max_connections_per_channel
+        self.max_connections = optional_count("max_connections", max_connections, minimum=1)
+        self.max_connections_per_channel = optional_count(
+            "max_connections_per_channel", max_connections_per_channel, minimum=1
+        )
         self._channels: dict[str, set[Connection]] = {}
         # Fan-out iterates a tuple, so that a connection closing mid-loop cannot disturb the iteration.
         self._fanout: dict[str, tuple[Connection, ...]] = {}

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 
+from ._config import wait_seconds
 from ._shutdown import drain_on_signals
 from .asgi import Authorizer, BroadcastEndpoint, ChannelResolver
 from .broadcaster import Broadcaster
@@ -87,7 +88,11 @@ def lifespan(
     ``1001``, SSE streams end with a ``retry:`` line), for at most ``drain_timeout`` seconds, and then
     reaches the server's own handler. This chains a handler the server installed with
     :func:`signal.signal` (uvicorn does, in the main thread); where there is none, nothing changes.
+
+    Raises:
+        ConfigurationError: ``drain_timeout`` is not a finite number of seconds >= 0.
     """
+    wait_seconds("drain_timeout", drain_timeout)
 
     @contextlib.asynccontextmanager
     async def _lifespan(app: AppT) -> AsyncIterator[None]:

@@ -18,8 +18,11 @@ def test_defaults_and_overrides() -> None:
             "HEARTBEAT_INTERVAL": "15",
             "DEMO": "yes",
             "LOG_LEVEL": "debug",
+            "MAX_BODY_SIZE": "65536",
         }
     )
+    assert settings.max_body_size == 65536
+    assert Settings().max_body_size == 1024 * 1024
     assert settings.broadcast_url == "redis://cache:6379/0"
     assert settings.heartbeat_interval == 15.0
     assert settings.demo is True
@@ -30,7 +33,14 @@ def test_defaults_and_overrides() -> None:
 
 @pytest.mark.parametrize(
     ("name", "value"),
-    [("HEARTBEAT_INTERVAL", "soon"), ("HEARTBEAT_TIMEOUT", "-1"), ("DEMO", "maybe"), ("LOG_LEVEL", "LOUD")],
+    [
+        ("HEARTBEAT_INTERVAL", "soon"),
+        ("HEARTBEAT_TIMEOUT", "-1"),
+        ("DEMO", "maybe"),
+        ("LOG_LEVEL", "LOUD"),
+        ("MAX_BODY_SIZE", "1MB"),
+        ("MAX_BODY_SIZE", "0"),
+    ],
 )
 def test_bad_values_are_refused_with_the_variable_named(name: str, value: str) -> None:
     with pytest.raises(ValueError, match=name):

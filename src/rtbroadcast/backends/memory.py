@@ -6,11 +6,12 @@ import secrets
 import time
 from collections import OrderedDict, deque
 from collections.abc import Mapping
-from typing import Final
-from urllib.parse import parse_qs, urlsplit
+from typing import Any, Final
+from urllib.parse import urlsplit
 
+from .._config import count, optional_seconds, parse_query
 from ..errors import ConfigurationError, StateError
-from ..events import with_seq
+from ..protocol import with_seq
 from .base import Backend, BackendListener, Envelope, History, StreamPosition
 
 __all__ = ["DEFAULT_IDLE_TTL", "MemoryBackend"]
@@ -19,6 +20,18 @@ _DEFAULT_HISTORY_SIZE = 1000
 _DEFAULT_IDEMPOTENCY_KEYS = 1000
 #: Seconds a channel nobody in this process subscribes to is kept after its last publish or read.
 DEFAULT_IDLE_TTL: Final = 3600.0
+
+
+def _seconds_or_none(value: str) -> float | None:
+    return None if value.strip().lower() in ("", "none") else float(value)
+
+
+#: Options ``memory://`` reads from its query, each with its conversion from text.
+_URL_OPTIONS: dict[str, Any] = {
+    "history_size": int,
+    "history_ttl": _seconds_or_none,
+    "idle_ttl": _seconds_or_none,
+}
 
 
 class _Stream:
@@ -51,6 +64,9 @@ class MemoryBackend(Backend):
         idempotency_keys: idempotency keys remembered per channel.
         idle_ttl: seconds an unsubscribed channel's stream outlives its last publish or read; ``None``
             keeps every stream for the life of the process.
+
+    Raises:
+        ConfigurationError: an option has the wrong type or an impossible value (negative, ``NaN``).
     """
 
     name = "memory"
@@ -63,15 +79,10 @@ class MemoryBackend(Backend):
         idempotency_keys: int = _DEFAULT_IDEMPOTENCY_KEYS,
         idle_ttl: float | None = DEFAULT_IDLE_TTL,
     ) -> None:
-        if history_size < 0:
-            raise ConfigurationError(f"history_size must be >= 0, not {history_size}")
-        for label, value in (("history_ttl", history_ttl), ("idle_ttl", idle_ttl)):
-            if value is not None and not value > 0:
-                raise ConfigurationError(f"{label} must be positive or None, not {value}")
-        self._history_size = history_size
-        self._history_ttl = history_ttl
-        self._idempotency_keys = idempotency_keys
-        self._idle_ttl = idle_ttl
+        self._history_size = count("history_size", history_size, minimum=0)
+        self._history_ttl = optional_seconds("history_ttl", history_ttl)
+        self._idempotency_keys = count("idempotency_keys", idempotency_keys, minimum=1)
+        self._idle_ttl = optional_seconds("idle_ttl", idle_ttl)
         self._epoch = secrets.token_hex(8)
         self._streams: dict[str, _Stream] = {}
         # Channels with a stream and no subscriber here, least recently used first, with that time.
@@ -86,21 +97,20 @@ class MemoryBackend(Backend):
     def from_url(cls, url: str) -> MemoryBackend:
         """Build from ``memory://`` with optional ``?history_size=N&history_ttl=SECONDS&idle_ttl=SECONDS``.
 
-        ``idle_ttl=none`` (or ``0``) keeps every stream for the life of the process.
+        ``idle_ttl=none`` keeps every stream for the life of the process.
+
+        Raises:
+            ConfigurationError: the URL has a host or path, or an option is unknown (the message suggests
+                the closest known one), given twice, or invalid.
         """
         parts = urlsplit(url)
-        options = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-        unknown = set(options) - {"history_size", "history_ttl", "idle_ttl"}
-        if unknown:
-            raise ConfigurationError(f"unknown memory:// option(s): {', '.join(sorted(unknown))}")
-        try:
-            size = int(options.get("history_size", _DEFAULT_HISTORY_SIZE))
-            ttl = float(options["history_ttl"]) if "history_ttl" in options else None
-            idle = options.get("idle_ttl")
-            idle_ttl = DEFAULT_IDLE_TTL if idle is None else _seconds_or_none(idle)
-        except ValueError as exc:
-            raise ConfigurationError(f"invalid memory:// option: {exc}") from None
-        return cls(history_size=size, history_ttl=ttl, idle_ttl=idle_ttl)
+        if parts.netloc or parts.path not in ("", "/") or parts.fragment:
+            raise ConfigurationError(
+                f"memory:// takes no host, path or fragment, only query options, not {url!r} "
+                "(example: memory://?history_size=5000)"
+            )
+        options = parse_query("memory://", parts.query, _URL_OPTIONS)
+        return cls(**options)
 
     @property
     def epoch(self) -> str:
@@ -231,7 +241,3 @@ class MemoryBackend(Backend):
                 # The channel's next stream restarts at seq 1: it must not share an epoch with this one,
                 # or a client resuming from this one would take the new events for the ones it missed.
                 self._epoch = secrets.token_hex(8)
-
-
-def _seconds_or_none(value: str) -> float | None:
-    return None if value.lower() in ("", "none", "0") else float(value)

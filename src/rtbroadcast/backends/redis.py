@@ -19,18 +19,28 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
+import inspect
 import logging
 import math
 import random
 import secrets
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+import redis
 from redis.asyncio import Redis
-from redis.asyncio.connection import AbstractConnection, BlockingConnectionPool
+from redis.asyncio.connection import (
+    AbstractConnection,
+    BlockingConnectionPool,
+    Connection,
+    SSLConnection,
+    UnixDomainSocketConnection,
+    parse_url,
+)
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
@@ -38,7 +48,17 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from .._config import (
+    count,
+    did_you_mean,
+    is_seconds,
+    optional_count,
+    optional_seconds,
+    redact_url,
+    seconds,
+)
 from ..errors import BackendError, BackendUnavailable, ConfigurationError, StateError
+from ..protocol import seq_prefix
 from .base import Backend, BackendListener, Envelope, History, StreamPosition
 
 __all__ = ["RedisBackend"]
@@ -240,26 +260,6 @@ def _escape(channel: str) -> str:
     return channel.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
 
 
-def _seq_prefix(payload: str) -> str:
-    """Return the envelope text up to its seq, so that ``head + str(seq) + "}" == with_seq(payload, seq)``."""
-    body = payload.rstrip()
-    if body == "{}":
-        return '{"seq":'
-    return body[:-1] + ',"seq":'
-
-
-def _redact(url: str) -> str:
-    """Return ``url`` without its password, for logs and stats."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    user = f"{parts.username}:***@" if parts.username else ":***@"
-    return urlunsplit(parts._replace(netloc=user + host))
-
-
 def _ms(seconds: float | None) -> int:
     return 0 if seconds is None else max(1, math.ceil(seconds * 1000))
 
@@ -293,6 +293,11 @@ class RedisBackend(Backend):
             after each failure, with random jitter.
         max_reconnect_attempts: consecutive failed attempts after which the listener gives up (``None``:
             never). Once it gave up, the backend reports ``failed`` and subscribing raises.
+
+    Raises:
+        ConfigurationError: an argument has the wrong type or an impossible value (zero, negative, ``NaN``
+            or infinite durations), or the URL has an unknown or invalid redis-py option (see
+            :meth:`from_url`), or rtbroadcast's own options in its query (those are for :meth:`from_url`).
     """
 
     name = "redis"
@@ -315,38 +320,38 @@ class RedisBackend(Backend):
     ) -> None:
         if (url is None) == (client is None):
             raise ConfigurationError("pass either a Redis URL or a redis.asyncio.Redis client")
-        if not key_prefix or any(c in key_prefix for c in "{} "):
+        if client is not None and not isinstance(client, Redis):
             raise ConfigurationError(
-                f"key_prefix must be non-empty without braces or spaces, not {key_prefix!r}"
+                f"client must be a redis.asyncio.Redis, not {type(client).__module__}."
+                f"{type(client).__qualname__}"
             )
-        if history_size < 0:
-            raise ConfigurationError(f"history_size must be >= 0, not {history_size}")
-        for label, value in (("history_ttl", history_ttl), ("meta_ttl", meta_ttl)):
-            if value is not None and value <= 0:
-                raise ConfigurationError(f"{label} must be positive or None, not {value}")
-        for label, value in (
-            ("unpublished_ttl", unpublished_ttl),
-            ("idempotency_ttl", idempotency_ttl),
-            ("timeout", timeout),
-            ("ping_interval", ping_interval),
-        ):
-            if value <= 0:
-                raise ConfigurationError(f"{label} must be positive, not {value}")
-        first_delay, max_delay = reconnect_delay
-        if not 0 < first_delay <= max_delay:
+        if url is not None:
+            if not isinstance(url, str):
+                raise ConfigurationError(f"url must be a Redis URL string, not {type(url).__name__}")
+            if urlsplit(url).scheme not in _ANY:
+                raise ConfigurationError(
+                    f"a Redis URL starts with redis://, rediss:// or unix://, not {redact_url(url)!r}"
+                )
+            _check_redis_py_url(url)
+        if not isinstance(key_prefix, str) or not key_prefix or any(c in key_prefix for c in "{} "):
             raise ConfigurationError(
-                f"reconnect_delay must be (first, most) with 0 < first <= most, not {reconnect_delay}"
+                f"key_prefix must be a non-empty string without braces or spaces, not {key_prefix!r}"
             )
-        if max_reconnect_attempts is not None and max_reconnect_attempts < 1:
+        history_size = count("history_size", history_size, minimum=0)
+        history_ttl = optional_seconds("history_ttl", history_ttl)
+        meta_ttl = optional_seconds("meta_ttl", meta_ttl)
+        unpublished_ttl = seconds("unpublished_ttl", unpublished_ttl)
+        idempotency_ttl = seconds("idempotency_ttl", idempotency_ttl)
+        timeout = seconds("timeout", timeout)
+        ping_interval = seconds("ping_interval", ping_interval)
+        delays = tuple(reconnect_delay) if isinstance(reconnect_delay, tuple | list) else ()
+        if len(delays) != 2 or not all(map(is_seconds, delays)) or delays[0] > delays[1]:
             raise ConfigurationError(
-                f"max_reconnect_attempts must be >= 1 or None, not {max_reconnect_attempts}"
+                "reconnect_delay must be (first, most) seconds with 0 < first <= most, "
+                f"not {reconnect_delay!r}"
             )
-        misplaced = sorted(_split_url(url)[1]) if url is not None else []
-        if misplaced:
-            raise ConfigurationError(
-                f"URL option(s) {', '.join(misplaced)} are read by RedisBackend.from_url(); "
-                "pass them as arguments to RedisBackend() instead"
-            )
+        first_delay, max_delay = delays
+        max_reconnect_attempts = optional_count("max_reconnect_attempts", max_reconnect_attempts, minimum=1)
         self._url = url
         self._own_client = client is None
         self._client: Redis | None = client
@@ -394,18 +399,22 @@ class RedisBackend(Backend):
         """Build from a URL; rtbroadcast options may be given in its query.
 
         ``redis://host:6379/0?key_prefix=app&history_size=500&history_ttl=3600&meta_ttl=86400&timeout=2``;
-        other query options are passed to redis-py.
+        redis-py's own options (``socket_keepalive``, ``max_connections``, ``ssl_ca_certs``...) are checked
+        here too and passed to redis-py.
 
         Raises:
-            ConfigurationError: an option has an invalid value.
+            ConfigurationError: an option is unknown (the message suggests the closest known one), given
+                twice, meant for another scheme (``ssl_*`` on ``redis://``), or has an invalid value.
         """
+        if not isinstance(url, str):
+            raise ConfigurationError(f"url must be a Redis URL string, not {type(url).__name__}")
         redis_url, ours = _split_url(url)
         options: dict[str, Any] = {}
         for key, value in ours.items():
             try:
                 options[key] = _URL_OPTIONS[key](value)
             except ValueError:
-                raise ConfigurationError(f"invalid value {value!r} for {key} in the Redis URL") from None
+                raise ConfigurationError(f"invalid value {value!r} for Redis URL option {key!r}") from None
         return cls(redis_url, **options)
 
     # -- naming -------------------------------------------------------------------------------------
@@ -425,7 +434,7 @@ class RedisBackend(Backend):
 
     def _where(self) -> str:
         if self._url is not None:
-            return _redact(self._url)
+            return redact_url(self._url)
         kwargs = self._client.connection_pool.connection_kwargs if self._client is not None else {}
         if "path" in kwargs:
             return f"unix://{kwargs['path']}"
@@ -612,7 +621,7 @@ class RedisBackend(Backend):
         keys = [f"{base}:meta", f"{base}:stream"]
         if idempotency_key is not None:
             keys.append(f"{base}:idem:{idempotency_key}")
-        head = _seq_prefix(payload)
+        head = seq_prefix(payload)
         args: list[str | int] = [
             secrets.token_hex(8),
             head,
@@ -986,26 +995,19 @@ async def _close(conn: AbstractConnection) -> None:
         logger.debug("closing a Redis connection failed: %r", exc)
 
 
-def _split_url(url: str) -> tuple[str, dict[str, str]]:
-    """Split ``url`` into the URL for redis-py and the rtbroadcast options in its query."""
-    parts = urlsplit(url)
-    ours: dict[str, str] = {}
-    theirs: list[tuple[str, str]] = []
-    for key, value in parse_qsl(parts.query, keep_blank_values=True):
-        if key in _URL_OPTIONS:
-            ours[key] = value
-        else:
-            theirs.append((key, value))
-    if not ours:
-        return url, ours
-    return urlunsplit(parts._replace(query=urlencode(theirs))), ours
+# -- URL options ----------------------------------------------------------------------------------------
+#
+# Every query option is checked when the backend is created, so that a typo fails there, naming the option,
+# rather than as a TypeError from redis-py at the first connect. rtbroadcast's own options are read here
+# (RedisBackend.from_url); redis-py's are checked here and left in the URL for redis-py to read.
 
 
 def _seconds_or_none(value: str) -> float | None:
-    return None if value.lower() in ("", "none", "0") else float(value)
+    return None if value.strip().lower() in ("", "none", "0") else float(value)
 
 
-_URL_OPTIONS: dict[str, Any] = {
+#: rtbroadcast's own options, with their conversion from text; RedisBackend() checks the values.
+_URL_OPTIONS: dict[str, Callable[[str], Any]] = {
     "key_prefix": str,
     "history_size": int,
     "history_ttl": _seconds_or_none,
@@ -1016,3 +1018,167 @@ _URL_OPTIONS: dict[str, Any] = {
     "ping_interval": float,
     "max_reconnect_attempts": int,
 }
+
+
+def _flag(value: str) -> bool:
+    # Only the spellings redis-py reads the same way: it takes any text but 0/F/FALSE/N/NO for true.
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "y"):
+        return True
+    if lowered in ("0", "false", "no", "n"):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _number(convert: Callable[[str], float], minimum: float) -> Callable[[str], float]:
+    def check(value: str) -> float:
+        number = convert(value)
+        if not math.isfinite(number) or number < minimum:
+            raise ValueError(f"expected a number >= {minimum:g}")
+        return number
+
+    return check
+
+
+def _one_of(*allowed: str) -> Callable[[str], str]:
+    def check(value: str) -> str:
+        if value.lower() not in allowed:
+            raise ValueError(f"expected one of {', '.join(allowed)}")
+        return value
+
+    return check
+
+
+_TCP: Final = frozenset({"redis", "rediss"})
+_TLS: Final = frozenset({"rediss"})
+_ANY: Final = frozenset({"redis", "rediss", "unix"})
+
+#: redis-py's query options: how to check the text (redis-py converts it again itself) and the URL schemes
+#: whose connection class takes the option. Others (``decode_responses``, a retry policy) cannot be text:
+#: pass a ``redis.asyncio.Redis`` of your own as ``client=`` for them.
+_REDIS_PY_OPTIONS: dict[str, tuple[Callable[[str], Any], frozenset[str]]] = {
+    "db": (_number(int, 0), _ANY),
+    "username": (str, _ANY),
+    "password": (str, _ANY),
+    "client_name": (str, _ANY),
+    "lib_name": (str, _ANY),
+    "lib_version": (str, _ANY),
+    "encoding": (str, _ANY),
+    "encoding_errors": (str, _ANY),
+    "socket_timeout": (_number(float, 1e-9), _ANY),
+    "socket_connect_timeout": (_number(float, 1e-9), _ANY),
+    "socket_read_size": (_number(int, 1), _ANY),
+    "retry_on_timeout": (_flag, _ANY),
+    "health_check_interval": (_number(int, 0), _ANY),
+    "max_connections": (_number(int, 1), _ANY),
+    "protocol": (_one_of("2", "3"), _ANY),
+    "legacy_responses": (_flag, _ANY),
+    "socket_keepalive": (_flag, _TCP),
+    "ssl_keyfile": (str, _TLS),
+    "ssl_certfile": (str, _TLS),
+    "ssl_password": (str, _TLS),
+    "ssl_cert_reqs": (_one_of("none", "optional", "required"), _TLS),
+    "ssl_ca_certs": (str, _TLS),
+    "ssl_ca_data": (str, _TLS),
+    "ssl_ca_path": (str, _TLS),
+    "ssl_ciphers": (str, _TLS),
+    "ssl_check_hostname": (_flag, _TLS),
+    "ssl_min_version": (_number(int, 0), _TLS),
+    "ssl_include_verify_flags": (str, _TLS),
+    "ssl_exclude_verify_flags": (str, _TLS),
+}
+
+#: Options of the connection pool rather than of each connection (``timeout`` is rtbroadcast's).
+_POOL_OPTIONS: Final = frozenset({"max_connections"})
+
+
+@functools.cache
+def _accepted_by_redis_py(scheme: str) -> frozenset[str]:
+    """Return the keyword arguments the installed redis-py's connection class for ``scheme`` takes."""
+    connection_class = {"unix": UnixDomainSocketConnection, "rediss": SSLConnection}.get(scheme, Connection)
+    names: set[str] = set(_POOL_OPTIONS)
+    for klass in connection_class.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        parameters = inspect.signature(init).parameters.values()
+        names.update(p.name for p in parameters if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            break  # the rest of the chain never sees these arguments
+    names.discard("self")
+    return frozenset(names)
+
+
+def _split_url(url: str) -> tuple[str, dict[str, str]]:
+    """Split ``url`` into the URL for redis-py and the rtbroadcast options in its query.
+
+    Raises:
+        ConfigurationError: an option is given twice.
+    """
+    parts = urlsplit(url)
+    ours: dict[str, str] = {}
+    theirs: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if key in seen:
+            raise ConfigurationError(f"Redis URL option {key!r} is given twice")
+        seen.add(key)
+        if key in _URL_OPTIONS:
+            ours[key] = value
+        else:
+            theirs.append((key, value))
+    if not ours:
+        return url, ours
+    return urlunsplit(parts._replace(query=urlencode(theirs))), ours
+
+
+def _check_redis_py_url(url: str) -> None:
+    """Check everything redis-py will read from ``url`` (what ``_split_url`` left of it).
+
+    Raises:
+        ConfigurationError: naming the option or the part of the URL that is wrong.
+    """
+    parts = urlsplit(url)
+    scheme = parts.scheme
+    if scheme == "unix" and not parts.path:
+        raise ConfigurationError("a unix:// Redis URL needs the socket's path: unix:///run/redis.sock")
+    accepted = _accepted_by_redis_py(scheme)
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if key in _URL_OPTIONS:
+            raise ConfigurationError(
+                f"URL option {key!r} is read by RedisBackend.from_url() (or Broadcaster(url)); "
+                "pass it as an argument to RedisBackend() instead"
+            )
+        entry = _REDIS_PY_OPTIONS.get(key)
+        if entry is None:
+            if key in accepted:
+                raise ConfigurationError(
+                    f"redis-py option {key!r} cannot be given in a Redis URL; pass "
+                    "client=redis.asyncio.Redis(...) with it to RedisBackend() instead"
+                )
+            known = set(_URL_OPTIONS) | {
+                k for k, (_, schemes) in _REDIS_PY_OPTIONS.items() if scheme in schemes
+            }
+            raise ConfigurationError(
+                f"unknown Redis URL option {key!r}{did_you_mean(key, known)}; rtbroadcast's options: "
+                f"{', '.join(sorted(_URL_OPTIONS))}; redis-py's: see 'Backend URLs' in the configuration "
+                "reference"
+            )
+        check, schemes = entry
+        if scheme not in schemes:
+            where = " and ".join(f"{s}://" for s in sorted(schemes))
+            raise ConfigurationError(
+                f"Redis URL option {key!r} applies to {where} URLs only, not {scheme}://"
+            )
+        if key not in accepted:
+            raise ConfigurationError(
+                f"Redis URL option {key!r} is not supported by the installed redis-py {redis.__version__}"
+            )
+        try:
+            check(value)
+        except ValueError as exc:
+            raise ConfigurationError(f"invalid value {value!r} for Redis URL option {key!r}: {exc}") from None
+    try:
+        parse_url(url)
+    except ValueError as exc:  # a port that is not a number, say
+        raise ConfigurationError(f"invalid Redis URL {redact_url(url)!r}: {exc}") from None
