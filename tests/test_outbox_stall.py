@@ -11,11 +11,9 @@ where it was) has every committed write's event exactly once, in commit order.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -29,9 +27,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from websockets.exceptions import ConnectionClosed
 
-from .redis_support import free_port
-from .support import connect, recv_json
-from .test_redis_processes import ROOT
+from .support import connect, recv_json, server_process
 
 logger = logging.getLogger(__name__)
 
@@ -78,36 +74,6 @@ async def postgres_schema() -> AsyncIterator[tuple[str, str]]:
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"{message}; CI=true requires it")
     pytest.skip(message)
-
-
-@contextlib.asynccontextmanager
-async def service_process(env: dict[str, str]) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
-    """Run ``python -m examples.restaurant_app`` on a free port; yield its address and process."""
-    port = free_port()
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "examples.restaurant_app", "--host", "127.0.0.1", "--port", str(port),
-        cwd=ROOT, env={**os.environ, **env}, stdout=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
-    host = f"127.0.0.1:{port}"
-    try:
-        async with httpx.AsyncClient() as http, asyncio.timeout(20):
-            while True:
-                if process.returncode is not None:
-                    raise RuntimeError(f"the service exited with {process.returncode}")
-                with contextlib.suppress(httpx.TransportError):
-                    if (await http.get(f"http://{host}/health")).status_code == 200:
-                        break
-                await asyncio.sleep(0.05)
-        yield host, process
-    finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGCONT)  # never leave it stopped, whatever happened
-            process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(process.wait(), 10)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
 
 
 @dataclass
@@ -244,11 +210,12 @@ async def test_a_frozen_process_delays_neither_the_writes_nor_the_events_of_anot
     report: list[str] = []
     try:
         async with (
-            service_process(env("a")) as (a, process_a),
-            service_process(env("b")) as (b, _),
+            server_process("-m", "examples.restaurant_app", env=env("a")) as server_a,
+            server_process("-m", "examples.restaurant_app", env=env("b")) as server_b,
             httpx.AsyncClient(timeout=60) as http,
             asyncio.TaskGroup() as tasks,
         ):
+            a, b, process_a = server_a.host, server_b.host, server_a.process
             devices = {"a": Device(a), "b": Device(b)}
             device_tasks = []
             for device in devices.values():

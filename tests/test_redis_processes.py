@@ -4,55 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import signal
-import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from .redis_support import free_port
-from .support import MS, connect, recv_json, until
+from .support import ServerProcess, connect, recv_json, server_process
 
 pytestmark = [pytest.mark.asyncio_only, pytest.mark.redis, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@contextlib.asynccontextmanager
-async def server_process(*args: str, env: dict[str, str], health: str = "/health") -> AsyncIterator[str]:
-    """Run ``python <args> --port <free port>`` from the repository root; yield ``host:port`` once it serves."""
-    port = free_port()
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, *args, "--host", "127.0.0.1", "--port", str(port),
-        cwd=ROOT, env={**os.environ, **env}, stdout=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
-    host = f"127.0.0.1:{port}"
-    try:
-        async with httpx.AsyncClient() as http:
-
-            async def serving() -> bool:
-                if process.returncode is not None:
-                    raise RuntimeError(f"{' '.join(args)} exited with {process.returncode}")
-                with contextlib.suppress(httpx.TransportError):
-                    return (await http.get(f"http://{host}{health}")).status_code == 200
-                return False
-
-            await until(serving, 20_000 * MS)
-        yield host
-    finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(process.wait(), 10_000 * MS)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
-
-
-def uvicorn_process(redis_url: str, prefix: str) -> contextlib.AbstractAsyncContextManager[str]:
+def uvicorn_process(redis_url: str, prefix: str) -> contextlib.AbstractAsyncContextManager[ServerProcess]:
     """Run the small test app ``tests.redis_app`` under uvicorn."""
     return server_process(
         "-m", "uvicorn", "tests.redis_app:app", "--log-level", "warning",
@@ -64,10 +28,11 @@ async def test_a_write_through_one_process_reaches_clients_of_the_other(
     redis_url: str, redis_prefix: str
 ) -> None:
     async with (
-        uvicorn_process(redis_url, redis_prefix) as one,
-        uvicorn_process(redis_url, redis_prefix) as two,
+        uvicorn_process(redis_url, redis_prefix) as server_one,
+        uvicorn_process(redis_url, redis_prefix) as server_two,
         httpx.AsyncClient() as http,
     ):
+        one, two = server_one.host, server_two.host
         pids = {(await http.get(f"http://{host}/health")).json()["pid"] for host in (one, two)}
         assert len(pids) == 2
         on_two = await connect(f"ws://{two}/ws?room=r")
@@ -127,10 +92,11 @@ async def test_two_processes_of_the_example_service_share_a_restaurant(
     rid = "redis-test-restaurant"
     # Entered one after the other: the first process creates the schema before the second starts.
     async with (
-        server_process("-m", "examples.restaurant_app", env=env) as one,
-        server_process("-m", "examples.restaurant_app", env=env) as two,
+        server_process("-m", "examples.restaurant_app", env=env) as server_one,
+        server_process("-m", "examples.restaurant_app", env=env) as server_two,
         httpx.AsyncClient() as http,
     ):
+        one, two = server_one.host, server_two.host
         device = await connect(f"ws://{two}/realtime?restaurant_id={rid}")
         welcome = await recv_json(device)
         assert welcome["type"] == "welcome" and welcome["seq"] == 0

@@ -10,12 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
-import sys
-import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 
@@ -30,76 +26,12 @@ from rtbroadcast.asgi import drain_on_signals
 from rtbroadcast.protocol import ObservedCloseCode
 from rtbroadcast.starlette import lifespan
 
-from .redis_support import free_port
-from .support import MS, broadcast_app, connect, recv_json, serve, until
+from .support import MS, ServerProcess, broadcast_app, connect, recv_json, serve, server_process, until
 
 ROOT = Path(__file__).resolve().parent.parent
 
 #: How long after SIGTERM the process must be gone (it takes well under a second).
 EXIT_BOUND = 4.0
-
-
-@dataclass
-class ServerProcess:
-    """A server in a subprocess, its stderr collected line by line."""
-
-    process: asyncio.subprocess.Process
-    host: str
-    stderr: list[str] = field(default_factory=list)
-    reader: asyncio.Task[None] | None = None
-
-    async def collect_stderr(self) -> None:
-        assert self.process.stderr is not None
-        async for line in self.process.stderr:
-            self.stderr.append(line.decode(errors="replace"))
-
-    async def stop(self) -> float:
-        """Send SIGTERM; return the seconds until the process was gone (killed after twice the bound)."""
-        started = time.monotonic()
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(self.process.wait(), 2 * EXIT_BOUND)
-        except TimeoutError:
-            self.process.kill()
-            await self.process.wait()
-        elapsed = time.monotonic() - started
-        if self.reader is not None:
-            await asyncio.wait_for(self.reader, 5_000 * MS)
-        return elapsed
-
-    def log(self) -> str:
-        return "".join(self.stderr)
-
-
-@contextlib.asynccontextmanager
-async def server_process(*args: str, env: dict[str, str] | None = None) -> AsyncIterator[ServerProcess]:
-    """Run ``python <args> --host 127.0.0.1 --port <free port>`` from the repository root until it serves."""
-    port = free_port()
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, *args, "--host", "127.0.0.1", "--port", str(port),
-        cwd=ROOT, env={**os.environ, **(env or {})},
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    server = ServerProcess(process, f"127.0.0.1:{port}")
-    server.reader = asyncio.get_running_loop().create_task(server.collect_stderr())
-    try:
-        async with httpx.AsyncClient() as http:
-
-            async def serving() -> bool:
-                if process.returncode is not None:
-                    raise RuntimeError(f"{' '.join(args)} exited with {process.returncode}:\n{server.log()}")
-                with contextlib.suppress(httpx.TransportError):
-                    return (await http.get(f"http://{server.host}/health")).status_code == 200
-                return False
-
-            await until(serving, 20_000 * MS)
-        yield server
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-        if not server.reader.done():
-            server.reader.cancel()
 
 
 async def read_sse(http: httpx.AsyncClient, url: str, lines: list[str], opened: asyncio.Event) -> None:
@@ -136,7 +68,7 @@ async def check_sigterm(server: ServerProcess, ws_path: str, sse_path: str) -> N
         await asyncio.wait_for(opened.wait(), 5_000 * MS)
         await until(lambda: any(line.startswith("data: ") for line in lines))
         closes = asyncio.gather(*(close_code(ws) for ws in sockets))
-        elapsed = await server.stop()
+        elapsed = await server.stop(2 * EXIT_BOUND)
         codes = await closes
         stream_ended = False
         with contextlib.suppress(TimeoutError, httpx.TransportError):
@@ -165,19 +97,21 @@ async def check_sigterm(server: ServerProcess, ws_path: str, sse_path: str) -> N
 )
 @pytest.mark.asyncio_only  # the server is a subprocess; this loop only runs its clients
 async def test_sigterm_ends_sse_streams_and_closes_websockets_with_1001(options: list[str]) -> None:
-    async with server_process("-m", "uvicorn", "tests.shutdown_app:app", *options) as server:
+    async with server_process("-m", "uvicorn", "tests.shutdown_app:app", *options, stderr=True) as server:
         await check_sigterm(server, "/ws?room=1", "/ws/sse?room=1")
 
 
 @pytest.mark.asyncio_only  # the server is a subprocess; this loop only runs its clients
 async def test_without_the_drain_websocket_clients_get_1012_from_uvicorn() -> None:
     """The close-code table's 1012 row: what uvicorn sends on its own when nothing drained first."""
-    async with server_process("-m", "uvicorn", "tests.shutdown_app:app", env={"RTB_DRAIN": "0"}) as server:
+    async with server_process(
+        "-m", "uvicorn", "tests.shutdown_app:app", env={"RTB_DRAIN": "0"}, stderr=True
+    ) as server:
         sockets = [await connect(f"ws://{server.host}/ws?room=1") for _ in range(2)]
         for ws in sockets:
             assert (await recv_json(ws))["type"] == "welcome"
         closes = asyncio.gather(*(close_code(ws) for ws in sockets))
-        elapsed = await server.stop()
+        elapsed = await server.stop(2 * EXIT_BOUND)
         assert await closes == [ObservedCloseCode.SERVICE_RESTART] * 2, server.log()
     assert elapsed < EXIT_BOUND, server.log()
 
@@ -190,7 +124,7 @@ async def test_the_example_service_stops_at_once_on_sigterm(tmp_path: Path) -> N
         "LOG_LEVEL": "INFO",
         "RESTAURANT_ALLOW_LEGACY_UNAUTHENTICATED": "1",
     }
-    async with server_process("-m", "examples.restaurant_app", env=env) as server:
+    async with server_process("-m", "examples.restaurant_app", env=env, stderr=True) as server:
         query = "?restaurant_id=shutdown-restaurant"
         await check_sigterm(server, f"/realtime{query}", f"/realtime/sse{query}")
 
