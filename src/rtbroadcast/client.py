@@ -6,7 +6,7 @@
         async for received in client.subscribe(model=ChatEvent, resync=load_snapshot):
             apply(received.event)  # in seq order, each once, across reconnects
 
-It implements the client state machine of :doc:`the protocol reference <../reference/protocol>`, the same
+It implements the client state machine of the wire protocol (docs/reference/protocol.md), the same
 one as the TypeScript client (``clients/js``): connect; read ``welcome``; apply events in seq order and
 drop the ones already applied; on ``resync_required`` (or before the first connection, without a
 ``position``) call the application's ``resync`` callback, which reloads its snapshot and returns the
