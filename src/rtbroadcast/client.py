@@ -557,6 +557,7 @@ class Subscription(Generic[E]):
         self._drop_reason: str | None = None
         self._restart_reason: str | None = "initial" if position is None and resync is not None else None
         self._requested = False
+        self._pending_resync: ResyncInfo | None = None
         self._closed = asyncio.Event()
         self._busy = False
 
@@ -647,6 +648,8 @@ class Subscription(Generic[E]):
         try:
             return await step
         except _Ended:
+            self._closed.set()
+            self._client._state = "closed"
             await self._disconnect(graceful=True)
             raise StopAsyncIteration from None
         except ClientError:
@@ -669,6 +672,9 @@ class Subscription(Generic[E]):
 
     async def _next(self) -> Received[E]:
         while True:
+            if self._pending_resync is not None:  # one a cancellation interrupted
+                await self._run_resync(self._pending_resync)
+                continue
             if self._requested:
                 self._requested = False
                 await self._run_resync(ResyncInfo("requested", self._channel))
@@ -702,6 +708,7 @@ class Subscription(Generic[E]):
                 if self._closed.is_set():
                     raise _Ended
             client._state = "connecting"
+            self._welcomed_attempt = False
             try:
                 await self._prepare()
                 await self._open()
@@ -712,20 +719,19 @@ class Subscription(Generic[E]):
     async def _prepare(self) -> None:
         """Before an attempt: load a snapshot if one is due, and a token if none was given."""
         client = self._client
-        if self._restart_reason is not None:
-            reason, self._restart_reason = self._restart_reason, None
+        reason = self._restart_reason
+        if reason is not None:
             self.stats.resyncs += 1
             if self._resync_callback is None:
                 self._cursor.reset(None)  # start at the server's current position
             else:
                 try:
-                    self._cursor.reset(
-                        _position(await self._resync_callback(ResyncInfo(reason, self._channel)))
-                    )
+                    snapshot = await self._resync_callback(ResyncInfo(reason, self._channel))
+                    self._cursor.reset(_position(snapshot))
                 except Exception as exc:
-                    self._restart_reason = reason
                     client._report(_failed(f"resync ({reason}) failed", exc))
                     raise _Closed(_ABNORMAL, "resync failed") from None
+            self._restart_reason = None  # only now: a cancelled load runs again at the next attempt
         if client.token is None and client.get_token is not None:
             client.token = await self._ask_token(TokenRequest("connect"))
 
@@ -756,7 +762,6 @@ class Subscription(Generic[E]):
         client = self._client
         client.stats.attempts += 1
         self._attempt_from = self._cursor.position
-        self._welcomed_attempt = False
         ws: ClientConnection | None = None
         try:
             async with asyncio.timeout(client.connect_timeout):
@@ -928,14 +933,19 @@ class Subscription(Generic[E]):
                 )
                 self._cursor.reset(ResumePoint(info.epoch, info.seq))
             return
+        # Kept until the callback returns: an iteration cancelled meanwhile (a timeout around it) runs it
+        # again next time instead of going on from a position the stream has left.
+        self._pending_resync = info
         try:
             position = _position(await self._resync_callback(info))
         except Exception as exc:
             # No consistent state to continue from: reconnect from the old position, after a backoff. The
             # server replays from there, or says resync_required again and this runs again.
+            self._pending_resync = None
             self._client._report(_failed(f"resync ({info.reason}) failed", exc))
             self._drop_connection("resync failed")
             return
+        self._pending_resync = None
         self._cursor.reset(position)
         stream_epoch = info.epoch or self._stream_epoch
         if self._ws is not None and stream_epoch is not None and position.epoch != stream_epoch:
