@@ -387,3 +387,41 @@ async def test_a_resync_cut_short_by_a_timeout_runs_again_at_the_next_read() -> 
         received = await subscription.take(2)
     assert calls == ["epoch_changed", "epoch_changed"]
     assert [r.event.n for r in received] == [0, 1]
+
+
+async def test_backoff_spreads_attempts_while_the_server_is_down_and_resets_once_stable() -> None:
+    port = free_port()
+    broadcaster = Broadcaster("memory://")
+    disconnects: list[DisconnectInfo] = []
+    backoff = Backoff(initial_delay=0.1, max_delay=0.8)
+    async with Client(
+        f"ws://127.0.0.1:{port}/ws?room=b",
+        backoff=backoff,
+        stable_after=0.3,
+        on_disconnect=disconnects.append,
+    ) as client:
+        subscription = client.subscribe()
+        connecting = asyncio.get_running_loop().create_task(subscription.connected())
+        await asyncio.sleep(2_000 * MS)  # nothing listens: attempts back off
+        down_attempts = client.stats.attempts
+        async with serve(broadcast_app(broadcaster), port=port):
+            await connecting
+            failed = len(disconnects)
+            assert [d.retry for d in disconnects] == list(range(1, len(disconnects) + 1))
+            assert all(
+                d.retry_in is not None and d.retry_in <= backoff.ceiling(d.retry - 1) for d in disconnects
+            )
+
+            # A connection that did not last: the next retry keeps climbing.
+            close_all(broadcaster, "room:b", CloseCode.INTERNAL_ERROR)
+            await broadcaster.publish("room:b", Ticked(n=1))
+            await subscription.take(1)  # reads the close, reconnects, resumes
+            assert disconnects[-1].code == CloseCode.INTERNAL_ERROR and disconnects[-1].retry == failed + 1
+            # One that stayed up past stable_after: the backoff starts over.
+            await asyncio.sleep(500 * MS)
+            close_all(broadcaster, "room:b", CloseCode.INTERNAL_ERROR)
+            await broadcaster.publish("room:b", Ticked(n=2))
+            await subscription.take(1)
+            assert disconnects[-1].code == CloseCode.INTERNAL_ERROR and disconnects[-1].retry == 1
+    # Full jitter below 0.1, 0.2, 0.4, 0.8, 0.8 ... s: a handful of attempts in 2 s, not a storm.
+    assert 3 <= down_attempts <= 25, down_attempts
