@@ -35,7 +35,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Generic, Literal, Self, TypeAlias, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Final, Generic, Literal, NoReturn, Self, TypeAlias, TypeVar, overload
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from pydantic import BaseModel, ValidationError
@@ -1008,7 +1008,7 @@ class Subscription(Generic[E]):
         self._next_delay = delay
         self._notify(code, reason, delay)
 
-    def _stop(self, code: int, reason: str) -> None:
+    def _stop(self, code: int, reason: str) -> NoReturn:
         self._notify(code, reason, None)
         raise Refused(f"the server refused the connection: {code} {reason}".rstrip(), code)
 
