@@ -4,8 +4,14 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from fastapi import FastAPI
+from starlette.applications import Starlette
+from starlette.routing import WebSocketRoute
+
 from rtbroadcast import Broadcaster, Event
+from rtbroadcast.asgi import BroadcastEndpoint, channel_from_query
 from rtbroadcast.schema import ChannelSpec, asyncapi_document
+from rtbroadcast.starlette import broadcast_routes
 
 
 class PingPong(Event):
@@ -22,3 +28,24 @@ NOT_A_SOURCE = 42
 
 def make_document() -> dict[str, Any]:
     return asyncapi_document(SPEC, events=[PingPong], title="Made")
+
+
+# A FastAPI app, as a user's service module holds one: the CLI finds its broadcast endpoints in its routes,
+# including one mounted under a prefix behind an ASGI wrapper that keeps it as ``app``.
+class Wrapper:
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.app(scope, receive, send)
+
+
+app = FastAPI()
+app.router.routes.extend(broadcast_routes("/realtime", broadcaster, channel=channel_from_query("room")))
+app.mount(
+    "/mounted",
+    Starlette(
+        routes=[WebSocketRoute("/live", Wrapper(BroadcastEndpoint(broadcaster, lambda r: "c", sse=False)))]
+    ),
+)
+empty_app = FastAPI()

@@ -178,7 +178,7 @@ async def test_channels_are_independent_whatever_their_names(harness: Harness) -
     for round_ in range(3):
         for name in names:
             assert (await backend.publish(name, payload(round_))).seq == round_ + 1
-    # Whether channels share an epoch is the backend's business (memory: one per backend; Redis: one per
+    # Whether channels share an epoch is the backend's business (memory: shared until idle channels are dropped; Redis: one per
     # channel); their seqs and histories are always their own.
     for name in names:
         history = await backend.history(name, 0, limit=10)

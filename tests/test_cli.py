@@ -24,6 +24,7 @@ from rtbroadcast import Broadcaster, CloseCode, Event
 from rtbroadcast._cli import EXIT_ERROR, EXIT_OK, EXIT_REFUSED, EXIT_UNREACHABLE, main
 from rtbroadcast.asgi import ConnectionRequest, Deny, channel_from_query
 
+from .asyncapi_support import asyncapi_errors
 from .support import MS, broadcast_app, serve
 
 SNIPPETS = Path(__file__).parent.parent / "docs" / "snippets"
@@ -191,8 +192,9 @@ async def test_listen_resumes_from_the_command_line() -> None:
     [
         ("/realtime", "close code 4004 BAD_REQUEST"),  # no channel
         ("/realtime?room=secret", "close code 4003 FORBIDDEN: members only"),  # authorize denies
-        ("/nowhere?room=lobby", "HTTP 403"),  # no such WebSocket route: Starlette refuses with 403
-        ("/gone?room=lobby", "HTTP 404"),  # an endpoint that answers the handshake with 404
+        # No such WebSocket route: Starlette refuses with 403, which is no authorization problem.
+        ("/nowhere?room=lobby", "HTTP 403 on the WebSocket handshake: no route, most likely"),
+        ("/gone?room=lobby", "HTTP 404 on the WebSocket handshake: no route at '/gone'"),
     ],
 )
 async def test_listen_exits_2_when_refused(url_suffix: str, expected: str) -> None:
@@ -214,6 +216,54 @@ async def test_listen_exits_2_when_refused(url_suffix: str, expected: str) -> No
     assert out == []
     assert any(expected in line for line in err), err
     assert not [line for line in err if "reconnecting" in line]
+
+
+async def test_a_wrong_path_is_not_reported_as_an_auth_refusal() -> None:
+    async with (
+        Broadcaster() as broadcaster,
+        serve(_app(broadcaster)) as host,
+        cli("listen", f"ws://{host}/realtme?room=lobby") as proc,
+    ):
+        code, _out, err = await proc.finish()
+    assert code == EXIT_REFUSED
+    line = next(line for line in err if line.startswith("refused:"))
+    assert "no route" in line and "'/realtme'" in line and "check the path" in line
+
+
+async def test_max_retries_means_retries(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--max-retries N``: the first attempt and N retries, as the help and the reference page say."""
+    assert _exit_code(["listen", "--help"]) == EXIT_OK
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "retries after a failed connection attempt" in help_text
+    page = " ".join((SNIPPETS.parent / "reference" / "cli.md").read_text().split())
+    assert "the first attempt and `--max-retries` retries all failed" in page
+    with socket.socket() as sock:  # a port that nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for retries in (0, 1):
+        args = ("--max-retries", str(retries), "--retry-delay", "0.01")
+        async with cli("listen", f"ws://127.0.0.1:{port}/realtime?room=lobby", *args) as proc:
+            code, _out, err = await proc.finish()
+        assert code == EXIT_UNREACHABLE
+        assert sum("connecting to" in line for line in err) == 1 + retries
+        assert sum("reconnecting in" in line for line in err) == retries
+
+
+async def test_listen_names_the_close_codes_of_the_server_and_the_network() -> None:
+    """uvicorn's 1012 is no rtbroadcast code, but a client sees it on every restart without a drain."""
+
+    async def restart(ws: ServerConnection) -> None:
+        await ws.send(json.dumps({"type": "welcome", "channel": "c", "epoch": "e1", "seq": 0,
+                                  "heartbeat_interval": 30, "resumed": False, "protocol": 1}))  # fmt: skip
+        await ws.close(1012, "restarting")
+
+    async with ws_serve(restart, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        async with cli("listen", f"ws://127.0.0.1:{port}/", "--retry-delay", "0.01") as proc:
+            await proc.wait_for("closed: code 1012 SERVICE_RESTART 'restarting'")
+            await proc.wait_for("reconnecting in")  # not a refusal: it comes back, with resume
+            line = await proc.wait_for("connecting to")
+            assert "epoch=e1" in line and "last_seq=0" in line
 
 
 async def test_listen_exits_3_when_unreachable() -> None:
@@ -292,10 +342,30 @@ def test_schema_prints_the_asyncapi_document(
     assert "cli_target.ping_pong" in document["components"]["messages"]
 
     assert main(["schema", f"{module}:make_document"]) == 0
-    assert json.loads(capsys.readouterr().out)["channels"]["beeps"]["address"] == "/beeps?room={room}"
+    assert json.loads(capsys.readouterr().out)["channels"]["beeps"]["address"] == "/beeps"
 
     assert main(["schema", f"{module}:SPEC"]) == 0
-    assert json.loads(capsys.readouterr().out)["channels"]["beeps"]["address"] == "/beeps?room={room}"
+    channel = json.loads(capsys.readouterr().out)["channels"]["beeps"]
+    assert channel["address"] == "/beeps"
+    assert "room" in channel["bindings"]["ws"]["query"]["properties"]
+
+
+def test_schema_finds_the_broadcast_endpoints_of_a_fastapi_app(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    assert main(["schema", "cli_schema_target:app", "--server", "local=ws://127.0.0.1:8000"]) == EXIT_OK
+    document = json.loads(capsys.readouterr().out)
+    assert asyncapi_errors(document) == []
+    channels = document["channels"]
+    assert set(channels) == {"realtime", "realtime_sse", "mounted_live"}
+    assert channels["realtime"]["address"] == "/realtime"
+    assert (
+        "room" in channels["realtime"]["bindings"]["ws"]["query"]["properties"]
+    )  # channel_from_query("room")
+    assert channels["realtime_sse"]["address"] == "/realtime/sse"
+    assert channels["mounted_live"]["address"] == "/mounted/live"  # under a Mount, behind a wrapper
+    assert "cli_target.ping_pong" in channels["realtime"]["messages"]
 
 
 @pytest.mark.parametrize(
@@ -304,7 +374,11 @@ def test_schema_prints_the_asyncapi_document(
         ("no_colon", "expected MODULE:ATTR"),
         ("no_such_module_here:x", "ModuleNotFoundError"),
         ("cli_schema_target:missing", "AttributeError"),
-        ("cli_schema_target:NOT_A_SOURCE", "point at a Broadcaster"),
+        ("cli_schema_target:NOT_A_SOURCE", "point at a Starlette or FastAPI app, a Broadcaster"),
+        (
+            "cli_schema_target:empty_app",
+            "found no BroadcastEndpoint in the routes of cli_schema_target:empty_app",
+        ),
     ],
 )
 def test_schema_reports_a_bad_target(

@@ -201,3 +201,12 @@ async def test_the_service_serves_its_asyncapi_document(running: tuple[str, Broa
     assert asyncapi_errors(served) == []
     assert served["servers"]["local"]["host"] == base.removeprefix("http://")
     assert set(served["components"]["messages"]) >= {"guest_created", "atomic_transaction_complete"}
+    # AsyncAPI 3.0 allows no query in an address: restaurant_id and token are in the bindings.
+    restaurant = served["channels"]["restaurant"]
+    assert restaurant["address"] == "/realtime"
+    assert {"restaurant_id", "token"} <= set(restaurant["bindings"]["ws"]["query"]["properties"])
+    assert served["channels"]["restaurant_sse"]["address"] == "/realtime/sse"
+    schemes = served["components"]["securitySchemes"]
+    assert schemes["deviceToken"]["in"] == "query" and schemes["bearer"]["scheme"] == "bearer"
+    assert len(served["operations"]["restaurant.send"]["security"]) == 2
+    assert served["components"]["messages"]["error"]["title"] == "ErrorFrame"

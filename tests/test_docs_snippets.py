@@ -17,7 +17,7 @@ import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed
 
-from rtbroadcast import CloseCode
+from rtbroadcast import CloseCode, ProtocolError, ResyncReason
 from rtbroadcast.protocol import ObservedCloseCode, decode_client_frame, decode_server_frame
 
 from .asyncapi_support import asyncapi_errors
@@ -289,10 +289,59 @@ def test_close_code_table_lists_every_close_code_a_client_sees() -> None:
     # What a client gets on a restart: 1001 from the drain, 1012 from uvicorn without one, 1006 if killed.
     for code in (1001, 1006, 1012):
         assert f"| `{code}` |" in table
-    expanded = hooks.expand(page)
-    assert "<!-- rtbroadcast:resync-reasons -->" not in expanded
-    assert "`resync_required`" in expanded
-    assert expanded.count("| `1012` |") == 1
+    # Every table of the page is kept in it: the build has nothing left to fill in.
+    assert hooks.expand(page) == page
+    assert page.count("| `1012` |") == 1
+
+
+def _kept_table(page: str, name: str) -> list[str]:
+    """Return the rows of the table kept between ``page``'s ``name`` markers (header lines skipped)."""
+    opening, closing = f"<!-- rtbroadcast:{name} -->", f"<!-- /rtbroadcast:{name} -->"
+    assert opening in page and closing in page, f"no kept {name} table"
+    return page.split(opening)[1].split(closing)[0].strip().splitlines()[2:]
+
+
+@pytest.mark.parametrize("page_name", ["reference/protocol.md", "concepts/resume.md"])
+def test_resync_reasons_are_listed_in_the_markdown(page_name: str) -> None:
+    """Every ``ResyncReason``, in the page's source (it reads right on GitHub), as the code says it."""
+    hooks = docs_hooks()
+    page = (DOCS / page_name).read_text()
+    assert hooks.refresh(page) == page, f"{page_name} is stale: run python docs/_tools/hooks.py"
+    rows = _kept_table(page, "resync-reasons")
+    reasons = [value for name, value in vars(ResyncReason).items() if name.isupper()]
+    assert [row.split("`")[1] for row in rows] == reasons
+    assert "backend_interrupted" in reasons
+    for row in rows:
+        assert len(row.rsplit("|", 2)[1].strip()) > 10, f"no description: {row}"
+
+
+def test_error_codes_are_listed_in_the_markdown() -> None:
+    hooks = docs_hooks()
+    page = (DOCS / "reference" / "protocol.md").read_text()
+    assert hooks.refresh(page) == page, "the error-code table is stale: run python docs/_tools/hooks.py"
+    codes = [row.split("`")[1] for row in _kept_table(page, "error-codes")]
+    pending: list[type[ProtocolError]] = list(ProtocolError.__subclasses__())
+    expected: list[str] = []
+    while pending:
+        cls = pending.pop(0)
+        expected.append(cls.code)
+        pending.extend(cls.__subclasses__())
+    assert sorted(codes) == sorted(expected)
+    assert "unknown_type" in codes
+
+
+def test_the_hook_rewrites_a_stale_kept_table() -> None:
+    """What ``python docs/_tools/hooks.py`` does to a page whose table no longer says what the code says."""
+    hooks = docs_hooks()
+    page = (DOCS / "reference" / "protocol.md").read_text()
+    stale = page
+    for name in hooks.KEPT:
+        opening, closing = f"<!-- rtbroadcast:{name} -->\n", f"<!-- /rtbroadcast:{name} -->"
+        before, rest = stale.split(opening)
+        stale = before + opening + "| old | table |\n" + closing + rest.split(closing)[1]
+    assert stale != page
+    assert hooks.refresh(stale) == page
+    assert set(hooks.KEPT) == {"close-codes", "error-codes", "resync-reasons"}
 
 
 def test_protocol_page_examples_are_real_frames() -> None:

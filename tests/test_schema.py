@@ -87,6 +87,11 @@ def _documents() -> list[dict[str, Any]]:
                 parameters={"shop_id": "The shop whose parcels to follow."},
                 query={"token": "A signed device token."},
                 title="Shop events",
+                sse_address="/realtime/sse",
+                security={
+                    "token": {"type": "httpApiKey", "name": "token", "in": "query"},
+                    "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
+                },
             ),
             events=EVENTS,
             title="Parcels",
@@ -128,9 +133,12 @@ def test_the_validator_rejects_a_broken_document() -> None:
 def test_asyncapi_document_describes_channels_messages_and_operations() -> None:
     document = _documents()[0]
     channel = document["channels"]["shop"]
-    assert channel["address"] == "/realtime?shop_id={shop_id}"
-    assert channel["parameters"] == {"shop_id": {"description": "The shop whose parcels to follow."}}
-    assert set(channel["bindings"]["ws"]["query"]["properties"]) == {"shop_id", "token", "epoch", "last_seq"}
+    # AsyncAPI 3.0: "Query parameters and fragments SHALL NOT be used, instead use bindings to define them."
+    assert channel["address"] == "/realtime"
+    assert "parameters" not in channel  # shop_id is a query parameter, not part of the address
+    query = channel["bindings"]["ws"]["query"]["properties"]
+    assert set(query) == {"shop_id", "token", "epoch", "last_seq"}
+    assert query["shop_id"]["description"] == "The shop whose parcels to follow."
     assert set(channel["messages"]) == {
         "schema_test.parcel_shipped",
         "schema_test.parcel_lost",
@@ -147,6 +155,76 @@ def test_asyncapi_document_describes_channels_messages_and_operations() -> None:
     shipped = document["components"]["messages"]["schema_test.parcel_shipped"]
     assert shipped["summary"] == "A parcel left the warehouse."
     assert "summary" not in document["components"]["messages"]["schema_test.parcel_lost"]
+
+
+@pytest.mark.parametrize("document", _documents(), ids=["spec", "broadcaster", "two-channels"])
+def test_no_address_holds_a_query(document: dict[str, Any]) -> None:
+    for channel in document["channels"].values():
+        assert channel["address"] is None or not set("?#") & set(channel["address"]), channel["address"]
+
+
+def test_the_security_schemes_are_described() -> None:
+    document = _documents()[0]
+    schemes = document["components"]["securitySchemes"]
+    assert schemes["token"] == {"type": "httpApiKey", "name": "token", "in": "query"}
+    assert schemes["bearer"]["scheme"] == "bearer"
+    for name in ("shop.send", "shop.receivePing", "shop_sse.send"):
+        refs = [ref["$ref"] for ref in document["operations"][name]["security"]]
+        assert refs == ["#/components/securitySchemes/token", "#/components/securitySchemes/bearer"]
+    # A query API key is a query parameter too, even where the spec's ``query`` does not list it.
+    spec = ChannelSpec("/x", security={"key": {"type": "httpApiKey", "name": "api_key", "in": "query"}})
+    bare = asyncapi_document(spec, events=EVENTS)
+    assert asyncapi_errors(bare) == []
+    assert "api_key" in bare["channels"]["broadcast"]["bindings"]["ws"]["query"]["properties"]
+    assert "securitySchemes" not in _documents()[1]["components"]
+
+
+def test_the_sse_endpoint_is_described() -> None:
+    document = _documents()[0]
+    sse = document["channels"]["shop_sse"]
+    assert sse["address"] == "/realtime/sse"
+    assert set(sse["messages"]) == {
+        "schema_test.parcel_shipped",
+        "schema_test.parcel_lost",
+        "welcome",
+        "resync_required",
+    }
+    assert "Last-Event-ID" in sse["description"]
+    operation = document["operations"]["shop_sse.send"]
+    assert operation["action"] == "send"
+    http = operation["bindings"]["http"]
+    assert http["method"] == "GET"
+    assert set(http["query"]["properties"]) == {"shop_id", "token", "epoch", "last_seq"}
+    # SSE is served over HTTP, on the WebSocket servers' hosts; each channel names its own servers.
+    servers = document["servers"]
+    assert servers["local-http"] == {"host": "127.0.0.1:8000", "protocol": "http"}
+    assert servers["production-http"] == {"host": "example.com", "protocol": "https", "pathname": "/api"}
+    assert [ref["$ref"] for ref in sse["servers"]] == ["#/servers/local-http", "#/servers/production-http"]
+    websocket = document["channels"]["shop"]["servers"]
+    assert [ref["$ref"] for ref in websocket] == ["#/servers/local", "#/servers/production"]
+    with pytest.raises(ConfigurationError, match="sse_address is a path"):
+        asyncapi_document(ChannelSpec("/x", sse_address="/x/sse?a=b"), events=EVENTS)
+    with pytest.raises(ConfigurationError, match="taken by the HTTP servers"):
+        servers = {"a": "ws://a", "a-http": "ws://b"}
+        asyncapi_document(ChannelSpec("/x", sse_address="/x/sse"), events=EVENTS, servers=servers)
+
+
+def test_frame_schemas_are_named_so_generated_code_shadows_nothing() -> None:
+    """Generators name classes after titles: ``Error`` would shadow a built-in, ``Ping`` an app's type."""
+    document = _documents()[0]
+    titles = {name: document["components"]["messages"][name]["title"] for name in protocol_schemas()}
+    assert titles == {
+        "welcome": "WelcomeFrame",
+        "pong": "PongFrame",
+        "error": "ErrorFrame",
+        "resync_required": "ResyncRequiredFrame",
+        "ping": "PingFrame",
+    }
+    for name, title in titles.items():
+        ref = document["components"]["messages"][name]["payload"]["$ref"]
+        assert ref == f"#/components/schemas/rtbroadcast.{title}"
+        assert _resolve(document, ref)["title"] == title
+        assert protocol_schemas()[name]["title"] == title
 
 
 def test_broadcaster_document_leaves_the_address_unknown() -> None:

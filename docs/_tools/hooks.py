@@ -88,8 +88,11 @@ MARKERS: dict[str, Callable[[], str]] = {
 
 
 #: Tables kept in the Markdown between ``<!-- rtbroadcast:NAME -->`` and ``<!-- /rtbroadcast:NAME -->``.
-KEPT = ("close-codes",)
-PAGES_WITH_KEPT_TABLES = (ROOT / "docs" / "reference" / "protocol.md",)
+KEPT = ("close-codes", "error-codes", "resync-reasons")
+PAGES_WITH_KEPT_TABLES = (
+    ROOT / "docs" / "reference" / "protocol.md",
+    ROOT / "docs" / "concepts" / "resume.md",
+)
 
 
 def _kept(name: str) -> re.Pattern[str]:

@@ -36,6 +36,23 @@ def document(server: str = "ws://127.0.0.1:8000") -> dict[str, Any]:
             name="restaurant",
             title="A restaurant's devices",
             parameters={"restaurant_id": "The restaurant: 1 to 64 characters from `A-Z a-z 0-9 _ -`."},
+            sse_address="/realtime/sse",
+            security={
+                "deviceToken": {
+                    "type": "httpApiKey",
+                    "name": "token",
+                    "in": "query",
+                    "description": "A signed device token bound to the restaurant (a JWT, HS256). Browsers "
+                    "pass it here, as they cannot set headers on a WebSocket; when it expires, the "
+                    "connection is closed with 4003.",
+                },
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "bearerFormat": "JWT",
+                    "description": "The same token in an `Authorization: Bearer` header (native apps).",
+                },
+            },
         ),
         events=EVENTS,
         title="Restaurant service events",

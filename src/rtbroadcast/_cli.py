@@ -9,7 +9,8 @@ stderr (welcome, pongs, gaps, resyncs, closes and reconnects). It resumes after 
 
 Exit codes: 0 clean end (the server closed with 1000, ``--count`` reached, or Ctrl-C); 1 an error (bad
 command line, a module that does not import); 2 the server refused the connection (close code 4003/4004, or
-HTTP 403/404 on the handshake); 3 the server stayed unreachable after ``--max-retries`` attempts.
+HTTP 403/404 on the handshake: most often a wrong path); 3 the server stayed unreachable: the first attempt
+and ``--max-retries`` retries all failed.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ import argparse
 import asyncio
 import contextlib
 import importlib
+import inspect
 import json
 import random
+import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, NoReturn, TextIO
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -32,6 +35,7 @@ from .protocol import (
     CloseCode,
     ErrorFrame,
     EventFrame,
+    ObservedCloseCode,
     Ping,
     Pong,
     ResyncRequired,
@@ -71,7 +75,8 @@ class Listener:
         last_seq: resume after this seq (with ``epoch``).
         ping_interval: seconds between JSON pings; ``None`` follows the welcome's heartbeat interval, 0
             sends none.
-        max_retries: failed connection attempts in a row before giving up.
+        max_retries: retries after a failed connection attempt before giving up: at most ``max_retries + 1``
+            attempts fail in a row. A connection that got its ``welcome`` resets the count.
         retry_delay: the first delay between attempts; it doubles up to 10 s, with jitter.
         count: stop after this many events.
         headers: extra HTTP headers for the handshake.
@@ -139,7 +144,7 @@ class Listener:
             except InvalidStatus as exc:
                 status = exc.response.status_code
                 if status in _REFUSED_STATUSES:
-                    self._say(f"refused: the server answered HTTP {status} to the WebSocket handshake")
+                    self._say(f"refused: {_refusal(status, url)}")
                     return EXIT_REFUSED
                 self._say(f"handshake failed: HTTP {status}")
             except _Refused as exc:
@@ -278,10 +283,29 @@ def _latency_ms(timestamp: object) -> float | None:
 def _close_name(code: int | None) -> str:
     if code is None:
         return "(no close frame)"
-    try:
-        return CloseCode(code).name
-    except ValueError:
-        return "(not an rtbroadcast code)"
+    for codes in (CloseCode, ObservedCloseCode):
+        try:
+            return codes(code).name
+        except ValueError:
+            pass
+    return "(not an rtbroadcast code)"
+
+
+def _refusal(status: int, url: str) -> str:
+    """Explain an HTTP refusal of the handshake: rtbroadcast itself refuses with close codes, not HTTP."""
+    path = urlsplit(url).path or "/"
+    if status == 403:
+        # Starlette (and uvicorn, for an app that closes before accepting) answers 403 to a WebSocket
+        # handshake on a path no WebSocket route serves; rtbroadcast refuses with 4003/4004 after accepting.
+        return (
+            f"HTTP 403 on the WebSocket handshake: no route, most likely: nothing serves WebSocket at "
+            f"{path!r} (check the path; Starlette and FastAPI answer 403 to a handshake on an unknown path, "
+            "while rtbroadcast refuses with close code 4003 or 4004)"
+        )
+    return (
+        f"HTTP {status} on the WebSocket handshake: no route at {path!r} (check the path), or a server "
+        "without WebSocket support (plain uvicorn has none: install 'uvicorn[standard]')"
+    )
 
 
 def _describe_close(code: int | None) -> str:
@@ -316,18 +340,97 @@ def _schema_document(obj: Any, args: argparse.Namespace) -> dict[str, Any]:
     from .broadcaster import Broadcaster
     from .schema import ChannelSpec, asyncapi_document
 
-    if callable(obj) and not isinstance(obj, (type, Broadcaster, ChannelSpec)):
+    if _is_app(obj):  # an ASGI app is callable too, but not with no arguments
+        obj = _app_specs(obj, args.target)
+    elif callable(obj) and not isinstance(obj, (type, Broadcaster, ChannelSpec)):
         obj = obj()
+        if _is_app(obj):
+            obj = _app_specs(obj, args.target)
     if isinstance(obj, dict):
         return obj
     specs_given = isinstance(obj, (list, tuple)) and obj and all(isinstance(x, ChannelSpec) for x in obj)
     if not (isinstance(obj, (Broadcaster, ChannelSpec)) or specs_given):
         raise TypeError(
-            f"{args.target} is a {type(obj).__name__}; point at a Broadcaster, a ChannelSpec (or a list of "
-            "them), an AsyncAPI document (dict), or a function returning one of these"
+            f"{args.target} is a {type(obj).__name__}; point at a Starlette or FastAPI app, a Broadcaster, "
+            "a ChannelSpec (or a list of them), an AsyncAPI document (dict), or a function returning one of "
+            "these"
         )
     servers = dict(_server_option(value) for value in args.server)
     return asyncapi_document(obj, title=args.title, version=args.api_version, servers=servers or None)
+
+
+def _is_app(obj: Any) -> bool:
+    """Whether ``obj`` looks like a Starlette (or FastAPI) application or router: it has routes."""
+    return not isinstance(obj, type) and isinstance(getattr(obj, "routes", None), list)
+
+
+def _app_specs(app: Any, target: str) -> list[Any]:
+    """Return a :class:`~rtbroadcast.schema.ChannelSpec` per broadcast endpoint in ``app``'s routes.
+
+    Raises:
+        TypeError: no route of ``app`` serves a :class:`~rtbroadcast.asgi.BroadcastEndpoint`.
+    """
+    from .schema import ChannelSpec
+
+    # endpoint -> [WebSocket path, SSE path]: broadcast_routes mounts one endpoint on both.
+    found: dict[int, tuple[Any, list[str | None]]] = {}
+    for path, is_websocket, endpoint in _broadcast_routes(app.routes, ""):
+        paths = found.setdefault(id(endpoint), (endpoint, [None, None]))[1]
+        paths[0 if is_websocket else 1] = paths[0 if is_websocket else 1] or path
+    if not found:
+        raise TypeError(
+            f"found no BroadcastEndpoint in the routes of {target} (a {type(app).__name__}); mount one "
+            "(broadcast_routes, websocket_route), or point at a Broadcaster, a ChannelSpec (or a list of "
+            "them), or a function returning an AsyncAPI document"
+        )
+    specs = []
+    taken: set[str] = set()
+    for endpoint, (websocket_path, sse_path) in found.values():
+        base = (websocket_path or sse_path or "").strip("/")
+        name = _KEY_RE.sub("_", base) or "broadcast"
+        while name in taken:
+            name += "_"
+        taken.add(name)
+        parameter = _query_parameter(endpoint.resolve_channel)
+        address, parameters = websocket_path, {}
+        if parameter is not None and address is not None:
+            address += f"?{parameter}={{{parameter}}}"
+            parameters[parameter] = "Names the channel to receive."
+        sse_address = sse_path if endpoint.sse else None
+        specs.append(ChannelSpec(address, name=name, parameters=parameters, sse_address=sse_address))
+    return specs
+
+
+_KEY_RE: Final = re.compile(r"[^A-Za-z0-9_\-]")
+
+
+def _broadcast_routes(routes: list[Any], prefix: str) -> Iterator[tuple[str, bool, Any]]:
+    """Yield ``(path, is_websocket, endpoint)`` for each route, mounted ones too, that serves an endpoint."""
+    from .asgi import BroadcastEndpoint
+
+    for route in routes:
+        path = prefix + str(getattr(route, "path", ""))
+        nested = getattr(route, "routes", None)
+        if isinstance(nested, list) and nested is not routes:  # a Mount or an included router
+            yield from _broadcast_routes(nested, path)
+            continue
+        candidate = getattr(route, "endpoint", None)
+        for _ in range(8):  # through wrappers that keep the wrapped app as ``app``, as ASGI middleware does
+            if isinstance(candidate, BroadcastEndpoint) or candidate is None:
+                break
+            candidate = getattr(candidate, "app", None)
+        if isinstance(candidate, BroadcastEndpoint):
+            # A WebSocket route has no HTTP methods.
+            yield path, getattr(route, "methods", None) is None, candidate
+
+
+def _query_parameter(resolver: Any) -> str | None:
+    """Return the query parameter that a ``channel_from_query`` resolver reads, or ``None``."""
+    # Our own function keeps the name in its closure (the endpoint exposes only the resolver): read it there.
+    if getattr(resolver, "__qualname__", "") != "channel_from_query.<locals>.resolve":
+        return None
+    name = inspect.getclosurevars(resolver).nonlocals.get("name")
+    return name if isinstance(name, str) else None
 
 
 def _server_option(value: str) -> tuple[str, str]:
@@ -384,7 +487,8 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=8,
         metavar="N",
-        help="failed connection attempts in a row before giving up with exit code 3 (default: 8)",
+        help="retries after a failed connection attempt before giving up with exit code 3 (default: 8; "
+        "0: give up after the first failure)",
     )
     listen.add_argument(
         "--retry-delay",

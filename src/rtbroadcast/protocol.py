@@ -116,9 +116,11 @@ class ObservedCloseCode(IntEnum):
 class ResyncReason:
     """Why a :class:`ResyncRequired` was sent. Plain strings on the wire."""
 
-    #: The stream's epoch differs from the client's: history was lost (backend restarted or keys expired).
+    #: The stream's epoch differs from the client's: history was lost (the backend restarted, its keys
+    #: expired, or the memory backend dropped the channel after ``idle_ttl`` without publishes).
     EPOCH_CHANGED: Final = "epoch_changed"
-    #: The events after the client's ``last_seq`` are no longer in history (trimmed by size or age).
+    #: The events after the client's ``last_seq`` are no longer all in history (trimmed by size or age),
+    #: or more were missed than one resume may replay (the broadcaster's ``max_resume``, 1000 by default).
     HISTORY_TRIMMED: Final = "history_trimmed"
     #: The client's ``last_seq`` is ahead of the stream: it belongs to some other stream.
     SEQ_AHEAD: Final = "seq_ahead"

@@ -8,11 +8,17 @@ Client developers generate models from these, or read them in an AsyncAPI viewer
         ChannelSpec(
             "/realtime?restaurant_id={restaurant_id}",
             parameters={"restaurant_id": "The restaurant whose events to receive."},
+            sse_address="/realtime/sse",
+            security={"token": {"type": "httpApiKey", "name": "token", "in": "query"}},
         ),
         events=[GuestCreated, GuestUpdated],
         title="Restaurant events",
         servers={"local": "ws://127.0.0.1:8000"},
     )
+
+The channel's address in the document is the path alone: AsyncAPI 3.0 allows no query in an address, so
+the query parameters (the channel's, the resume point's, an access token) are in the channel's WebSocket
+binding (and in the SSE operation's HTTP binding).
 
 An event's schema is its pydantic model's serialisation schema plus the ``seq`` field the server adds, with
 every field required (the server always sends every field). Unknown fields are not forbidden: a later
@@ -81,13 +87,21 @@ class ChannelSpec:
     Args:
         address: where clients connect, relative to the server: a path that may hold ``{parameters}``, and
             query parameters that name the channel, e.g. ``"/realtime?restaurant_id={restaurant_id}"``.
-            ``None`` documents a channel whose address is not known up front.
+            The document puts the path in the channel's address and the query parameters in its
+            WebSocket binding. ``None`` documents a channel whose address is not known up front.
         name: the channel's key in the document.
         parameters: a description of each ``{parameter}`` in ``address``.
         query: further query parameters clients send (name -> description), e.g. an access token.
         events: the events sent on this channel; ``None`` means the document's ``events``.
         title: a human-friendly title.
         description: a longer description (CommonMark).
+        sse_address: the path where the same channel is served as Server-Sent Events, with the same query
+            parameters (``broadcast_routes`` serves it at ``<path>/sse``); it is documented as a second
+            channel, ``<name>_sse``. ``None`` leaves it out.
+        security: how clients authenticate, by scheme name: AsyncAPI Security Scheme Objects such as
+            ``{"type": "httpApiKey", "name": "token", "in": "query"}`` or ``{"type": "http", "scheme":
+            "bearer", "bearerFormat": "JWT"}``. Any one of them is enough. A query API key is also listed
+            among the query parameters.
     """
 
     address: str | None
@@ -97,6 +111,8 @@ class ChannelSpec:
     events: Sequence[type[Event]] | None = None
     title: str | None = None
     description: str | None = None
+    sse_address: str | None = None
+    security: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 class _WireSchema(GenerateJsonSchema):
@@ -246,12 +262,14 @@ def _epoch(description: str) -> dict[str, Any]:
 
 
 def _protocol_frame_schemas() -> dict[str, dict[str, Any]]:
+    # Titles end in "Frame": code generators name classes after them, and a class called ``Error`` or
+    # ``Ping`` would shadow a built-in or an app's own type.
     reasons = ", ".join(f"`{r}`" for r in _resync_reasons())
     codes = ", ".join(f"`{c}`" for c in _protocol_error_codes())
     return {
         "welcome": _frame(
             "welcome",
-            "Welcome",
+            "WelcomeFrame",
             "First frame on every connection: where the client stands in the channel's stream. Every "
             "event that follows has a higher seq.",
             {
@@ -281,13 +299,13 @@ def _protocol_frame_schemas() -> dict[str, dict[str, Any]]:
         ),
         "pong": _frame(
             "pong",
-            "Pong",
+            "PongFrame",
             "The answer to a client's ping.",
             {"timestamp": _timestamp_schema("The server's clock when it answered.")},
         ),
         "error": _frame(
             "error",
-            "Error",
+            "ErrorFrame",
             "A client frame was rejected. The connection stays open unless a close frame follows.",
             {
                 "code": {
@@ -300,7 +318,7 @@ def _protocol_frame_schemas() -> dict[str, dict[str, Any]]:
         ),
         "resync_required": _frame(
             "resync_required",
-            "ResyncRequired",
+            "ResyncRequiredFrame",
             "The missed events cannot be replayed: reload the snapshot over HTTP, then apply the events "
             "that follow (their seqs continue after this frame's seq, in this frame's epoch).",
             {
@@ -319,7 +337,7 @@ def _protocol_frame_schemas() -> dict[str, dict[str, Any]]:
         ),
         "ping": _frame(
             "ping",
-            "Ping",
+            "PingFrame",
             "Sent by the client to check the connection; the server answers with a pong.",
             {},
         ),
@@ -372,6 +390,8 @@ def _protocol_examples(heartbeat_interval: float) -> dict[str, list[dict[str, An
 _KEY_RE = re.compile(r"[^\w.\-]")
 _PARAM_RE = re.compile(r"\{([^{}]+)\}")
 _PROTOCOL_SERVER_FRAMES: Final = ("welcome", "pong", "error", "resync_required")
+#: What an SSE stream carries besides events: no pongs and no errors, for the client sends nothing.
+_SSE_PROTOCOL_FRAMES: Final = ("welcome", "resync_required")
 _PROTOCOL_SCHEMA_PREFIX: Final = "rtbroadcast."
 _FRAME_SUMMARIES: Final = {
     "welcome": "First frame on every connection: the client's place in the stream.",
@@ -408,43 +428,53 @@ def _server(url: str) -> dict[str, Any]:
     return server
 
 
-def _channel(
-    spec: ChannelSpec, message_keys: Sequence[str], heartbeat_interval: float | None
-) -> dict[str, Any]:
-    channel: dict[str, Any] = {"address": spec.address}
-    if spec.title:
-        channel["title"] = spec.title
-    description = spec.description or (
-        "A WebSocket connection subscribed to one rtbroadcast channel. The server sends `welcome` first, "
-        "then the channel's events in `seq` order, with `pong`, `error` and `resync_required` frames as "
-        "needed; the client sends `ping`. Resume after a reconnect with the `epoch` and `last_seq` query "
-        "parameters."
-    )
-    if heartbeat_interval is not None:
-        description += f" Heartbeat interval: {heartbeat_interval:g} s."
-    channel["description"] = description
-    address_query: dict[str, str] = {}
-    if spec.address is not None:
-        names = _PARAM_RE.findall(spec.address)
-        unknown = set(spec.parameters) - set(names)
-        if unknown:
-            raise ConfigurationError(
-                f"parameters {sorted(unknown)} do not appear in the address {spec.address!r}"
-            )
-        if names:
-            channel["parameters"] = {
-                name: {"description": spec.parameters[name]} if name in spec.parameters else {}
-                for name in names
-            }
-        _, _, query_part = spec.address.partition("?")
-        for pair in filter(None, query_part.split("&")):
-            key, _, value = pair.partition("=")
-            match = _PARAM_RE.fullmatch(value)
-            address_query[key] = spec.parameters.get(match.group(1), "") if match else f"Always `{value}`."
-    channel["messages"] = {key: {"$ref": f"#/components/messages/{key}"} for key in message_keys}
+def _http_server(server: Mapping[str, Any]) -> dict[str, Any]:
+    """Return the HTTP server on the same host as WebSocket ``server``, where SSE streams are served."""
+    return {**server, "protocol": "https" if server["protocol"] == "wss" else "http"}
+
+
+@dataclass(frozen=True, slots=True)
+class _Address:
+    """A :class:`ChannelSpec` address split as AsyncAPI 3.0 wants it: the path, and the query apart."""
+
+    path: str | None
+    #: The path's ``{parameters}``, in order.
+    parameters: list[str]
+    #: Query parameter name -> description.
+    query: dict[str, str]
+
+
+def _split_address(spec: ChannelSpec) -> _Address:
+    if spec.address is None:
+        return _Address(None, [], {})
+    every = _PARAM_RE.findall(spec.address)
+    unknown = set(spec.parameters) - set(every)
+    if unknown:
+        raise ConfigurationError(
+            f"parameters {sorted(unknown)} do not appear in the address {spec.address!r}"
+        )
+    path, _, query_part = spec.address.partition("?")
+    query: dict[str, str] = {}
+    for pair in filter(None, query_part.split("&")):
+        key, _, value = pair.partition("=")
+        match = _PARAM_RE.fullmatch(value)
+        query[key] = spec.parameters.get(match.group(1), "") if match else f"Always `{value}`."
+    return _Address(path or "/", _PARAM_RE.findall(path), query)
+
+
+def _path_parameters(spec: ChannelSpec, names: Sequence[str]) -> dict[str, Any]:
+    return {name: {"description": spec.parameters[name]} if name in spec.parameters else {} for name in names}
+
+
+def _query_schema(spec: ChannelSpec, address: _Address) -> dict[str, Any]:
+    """Return the JSON Schema of the query string: the channel's parameters, credentials, the resume point."""
+    described = {**address.query, **spec.query}
+    for scheme in spec.security.values():
+        if scheme.get("type") == "httpApiKey" and scheme.get("in") == "query":
+            described.setdefault(str(scheme["name"]), str(scheme.get("description", "")))
     query: dict[str, Any] = {
         name: {"type": "string", **({"description": text} if text else {})}
-        for name, text in {**address_query, **spec.query}.items()
+        for name, text in described.items()
     }
     query["epoch"] = {
         "type": "string",
@@ -457,14 +487,73 @@ def _channel(
         "description": "Resume: the seq of the last event the client applied, in decimal. Send together "
         "with `epoch`.",
     }
+    return {"type": "object", "properties": query}
+
+
+def _channel(
+    spec: ChannelSpec, address: _Address, message_keys: Sequence[str], heartbeat_interval: float | None
+) -> dict[str, Any]:
+    channel: dict[str, Any] = {"address": address.path}
+    if spec.title:
+        channel["title"] = spec.title
+    description = spec.description or (
+        "A WebSocket connection subscribed to one rtbroadcast channel. The server sends `welcome` first, "
+        "then the channel's events in `seq` order, with `pong`, `error` and `resync_required` frames as "
+        "needed; the client sends `ping`. Resume after a reconnect with the `epoch` and `last_seq` query "
+        "parameters. Refusals are close codes after the handshake: `4003` (not allowed), `4004` (bad "
+        "request); see `x-rtbroadcast.close_codes`."
+    )
+    if heartbeat_interval is not None:
+        description += f" Heartbeat interval: {heartbeat_interval:g} s."
+    channel["description"] = description
+    if address.parameters:
+        channel["parameters"] = _path_parameters(spec, address.parameters)
+    channel["messages"] = {key: {"$ref": f"#/components/messages/{key}"} for key in message_keys}
     channel["bindings"] = {
-        "ws": {
-            "method": "GET",
-            "query": {"type": "object", "properties": query},
-            "bindingVersion": "0.1.0",
-        }
+        "ws": {"method": "GET", "query": _query_schema(spec, address), "bindingVersion": "0.1.0"}
     }
     return channel
+
+
+def _sse_channel(
+    spec: ChannelSpec, sse_path: str, message_keys: Sequence[str], heartbeat_interval: float | None
+) -> dict[str, Any]:
+    if "?" in sse_path:
+        raise ConfigurationError(
+            f"sse_address is a path, not {sse_path!r}: its query parameters are the address's"
+        )
+    heartbeat = "`heartbeat_interval` seconds"
+    if heartbeat_interval is not None:
+        heartbeat = f"{heartbeat_interval:g} s"
+    channel: dict[str, Any] = {"address": sse_path}
+    channel["title"] = f"{spec.title or spec.name}, as Server-Sent Events"
+    channel["description"] = (
+        "The same channel as a Server-Sent Events stream (`text/event-stream`), for clients that cannot "
+        "open a WebSocket: `GET` with the same query parameters. Each event is a `data:` line with "
+        "`id: <epoch>:<seq>`, so an `EventSource` resumes by itself with the `Last-Event-ID` header (the "
+        "`epoch` and `last_seq` query parameters work too); `welcome` and `resync_required` are `data:` "
+        f"lines without an id; a `: ping` comment comes after {heartbeat} without a frame. A stream the "
+        "server ends finishes with a comment naming the close code and a `retry:` line. There is no "
+        "client -> server direction; refusals are HTTP statuses: `403` (for `4003`), `503` (for `1013` and "
+        "`1001`), `400` otherwise."
+    )
+    names = _PARAM_RE.findall(sse_path)
+    if names:
+        channel["parameters"] = _path_parameters(spec, names)
+    channel["messages"] = {key: {"$ref": f"#/components/messages/{key}"} for key in message_keys}
+    return channel
+
+
+def _security_refs(spec: ChannelSpec, schemes: dict[str, Any]) -> list[dict[str, str]]:
+    """Register ``spec``'s security schemes in ``schemes``; return the references its operations carry."""
+    refs = []
+    for name, scheme in spec.security.items():
+        if not name or _KEY_RE.search(name):
+            raise ConfigurationError(f"a security scheme name uses letters, digits, '.', '-', '_': {name!r}")
+        if schemes.setdefault(name, dict(scheme)) != dict(scheme):
+            raise ConfigurationError(f"two different security schemes are named {name!r}")
+        refs.append({"$ref": f"#/components/securitySchemes/{name}"})
+    return refs
 
 
 def asyncapi_document(
@@ -549,26 +638,69 @@ def asyncapi_document(
             "tags": [{"name": "protocol"}],
         }
 
+    document_servers = {name: _server(url) for name, url in (servers or {}).items()}
+    http_servers: dict[str, Any] = {}
+    if any(spec.sse_address is not None for spec in specs):
+        http_servers = {f"{name}-http": _http_server(server) for name, server in document_servers.items()}
+        if set(http_servers) & set(document_servers):
+            raise ConfigurationError(
+                f"server names {sorted(set(http_servers) & set(document_servers))} are "
+                "taken by the HTTP servers added for SSE"
+            )
     document_channels: dict[str, Any] = {}
     operations: dict[str, Any] = {}
+    security_schemes: dict[str, Any] = {}
     for spec in specs:
         channel_models = _models(spec.events) if spec.events is not None else document_models
         event_keys = [model_keys[m] for m in channel_models]
         server_keys = [*event_keys, *_PROTOCOL_SERVER_FRAMES]
-        document_channels[spec.name] = _channel(spec, [*server_keys, "ping"], heartbeat)
+        address = _split_address(spec)
+        refs = _security_refs(spec, security_schemes)
+        security: dict[str, Any] = {"security": refs} if refs else {}
+        channel = _channel(spec, address, [*server_keys, "ping"], heartbeat)
+        if http_servers:  # the WebSocket channel is not served by the HTTP servers added for SSE
+            channel["servers"] = [{"$ref": f"#/servers/{name}"} for name in document_servers]
+        document_channels[spec.name] = channel
         channel_ref = {"$ref": f"#/channels/{spec.name}"}
         operations[f"{spec.name}.send"] = {
             "action": "send",
             "channel": channel_ref,
             "summary": "Send the channel's events in seq order, and the protocol's own frames.",
             "messages": [{"$ref": f"#/channels/{spec.name}/messages/{key}"} for key in server_keys],
+            **security,
         }
         operations[f"{spec.name}.receivePing"] = {
             "action": "receive",
             "channel": channel_ref,
             "summary": "Receive a client's ping and answer it with a pong.",
             "messages": [{"$ref": f"#/channels/{spec.name}/messages/ping"}],
+            **security,
         }
+        if spec.sse_address is not None:
+            sse_name = f"{spec.name}_sse"
+            if sse_name in names:
+                raise ConfigurationError(
+                    f"channel name {sse_name!r} is taken by the SSE channel of {spec.name!r}"
+                )
+            sse_keys = [*event_keys, *_SSE_PROTOCOL_FRAMES]
+            sse = _sse_channel(spec, spec.sse_address, sse_keys, heartbeat)
+            if http_servers:
+                sse["servers"] = [{"$ref": f"#/servers/{name}"} for name in http_servers]
+            document_channels[sse_name] = sse
+            operations[f"{sse_name}.send"] = {
+                "action": "send",
+                "channel": {"$ref": f"#/channels/{sse_name}"},
+                "summary": "Stream the channel's events in seq order, as Server-Sent Events.",
+                "messages": [{"$ref": f"#/channels/{sse_name}/messages/{key}"} for key in sse_keys],
+                "bindings": {
+                    "http": {
+                        "method": "GET",
+                        "query": _query_schema(spec, address),
+                        "bindingVersion": "0.3.0",
+                    }
+                },
+                **security,
+            }
 
     info: dict[str, Any] = {
         "title": title,
@@ -578,12 +710,14 @@ def asyncapi_document(
         "sends the events, and receives the client's pings.",
     }
     document: dict[str, Any] = {"asyncapi": ASYNCAPI_VERSION, "info": info}
-    if servers:
-        document["servers"] = {name: _server(url) for name, url in servers.items()}
+    if document_servers:
+        document["servers"] = {**document_servers, **http_servers}
     document["defaultContentType"] = "application/json"
     document["channels"] = document_channels
     document["operations"] = operations
     document["components"] = {"schemas": schemas, "messages": messages}
+    if security_schemes:
+        document["components"]["securitySchemes"] = security_schemes
     document["x-rtbroadcast"] = {
         "version": __version__,
         "protocol": PROTOCOL_VERSION,

@@ -1,0 +1,814 @@
+// The client state machine: one Client owns one connection at a time (WebSocket, or SSE as a fallback)
+// and the subscriptions it carries. Protocol 1 carries one channel per connection, named by the URL, so
+// a Client has at most one Subscription; protocol 2 will let it carry several, with the same API.
+
+import { Cursor, backoffDelay, checkPosition, closeAction, type BackoffOptions, type Position } from "./cursor.js";
+import { Emitter, type Unsubscribe } from "./emitter.js";
+import { FrameError, decodeFrame, type ResyncRequired, type Welcome } from "./frames.js";
+import {
+  ABNORMAL_CLOSURE,
+  openEventSource,
+  openWebSocket,
+  sseUrlFor,
+  type EventSourceConstructor,
+  type Transport,
+  type TransportKind,
+  type WebSocketConstructor,
+} from "./transport.js";
+
+/** Any application event: a `type` and whatever fields the service declares. */
+export interface AnyEvent {
+  readonly type: string;
+  readonly [field: string]: unknown;
+}
+
+/** An event as delivered: the service's fields plus its `seq` in the channel. */
+export type Received<E> = E & { readonly seq: number };
+
+/**
+ * - `idle`: created, `connect()` not called yet.
+ * - `connecting`: opening a connection (or loading the first snapshot, or asking for a token).
+ * - `connected`: the server's `welcome` arrived; events flow.
+ * - `waiting`: the connection is gone; the next attempt starts after a backoff delay.
+ * - `closed`: stopped for good: `close()` was called, or the server refused in a way retrying cannot fix.
+ */
+export type ClientState = "idle" | "connecting" | "connected" | "waiting" | "closed";
+
+/** Why `getToken` is called. */
+export interface TokenRequest {
+  /** `connect`: before the first connection (no `token` option); `refused`: the server closed with 4003. */
+  readonly reason: "connect" | "refused";
+  readonly code?: number;
+  readonly message?: string;
+}
+
+export interface ClientOptions {
+  /** The stream's WebSocket address with its channel parameters, e.g. `ws://host/realtime?room=lobby`. */
+  readonly url: string;
+  /**
+   * The Server-Sent Events address of the same stream. Default: `url` with `http(s)` and `/sse` appended
+   * to its path (what `broadcast_routes` mounts). `null` turns the fallback off.
+   */
+  readonly sseUrl?: string | null;
+  /** Switch to SSE after this many WebSocket attempts in a row failed before opening (default 2). */
+  readonly sseFallbackAfter?: number;
+  /** The credential sent as query parameter `tokenParam`. */
+  readonly token?: string;
+  /** Query parameter that carries the token (default `"token"`). */
+  readonly tokenParam?: string;
+  /**
+   * Returns a credential: before the first connection when `token` is not given, and after a 4003
+   * refusal. Returning the same token again, `null` or `undefined` stops the client; a new one is used
+   * for the next attempt (after the usual backoff, so a server that refuses every token is not stormed).
+   */
+  readonly getToken?: (request: TokenRequest) => string | null | undefined | Promise<string | null | undefined>;
+  /** The WebSocket constructor; default `globalThis.WebSocket`. */
+  readonly WebSocket?: WebSocketConstructor;
+  /** The EventSource constructor for the SSE fallback; default `globalThis.EventSource`. */
+  readonly EventSource?: EventSourceConstructor;
+  /** Reconnect delays in ms: full jitter below a ceiling that starts at 500 and doubles up to 10000. */
+  readonly backoff?: BackoffOptions;
+  /** A connection that stayed up this long (ms, default 5000) resets the backoff to its first step. */
+  readonly stableAfter?: number;
+  /** Ping period in ms; default the `heartbeat_interval` of the server's `welcome`. */
+  readonly heartbeatInterval?: number;
+  /**
+   * How long past a ping period (ms, default 10000) the client waits for any frame before it declares the
+   * connection dead: silence for `heartbeatInterval + heartbeatTimeout` closes it and reconnects.
+   */
+  readonly heartbeatTimeout?: number;
+  /** An attempt that brings no `welcome` within this many ms (default 10000) is abandoned and retried. */
+  readonly connectTimeout?: number;
+  /** Retry at once when the browser goes back online or the page becomes visible (default true). */
+  readonly retryOnResume?: boolean;
+}
+
+/** The state machine's counters, for tests, dashboards and people. */
+export interface ClientStats {
+  /** Connection attempts started. */
+  attempts: number;
+  /** `welcome` frames received. */
+  welcomes: number;
+  /** Welcomes with `resumed: true`. */
+  resumed: number;
+  /** Connections declared dead by the heartbeat. */
+  heartbeatTimeouts: number;
+}
+
+/** A disconnection, as `disconnect` listeners see it. */
+export interface DisconnectInfo {
+  /** The WebSocket close code; 1006 when the connection dropped without one (or the heartbeat gave up). */
+  readonly code: number;
+  readonly reason: string;
+  /** Milliseconds until the next attempt; `null` when the client stopped. */
+  readonly retryIn: number | null;
+  /** Which retry comes next since the last stable connection: 1, 2, ... (0 when the client stopped). */
+  readonly retry: number;
+}
+
+/** An error the client reports; `code` is the close code when the server refused or ended the stream. */
+export class ClientError extends Error {
+  override readonly name = "ClientError";
+  readonly code: number | undefined;
+  constructor(message: string, code?: number, options?: { cause?: unknown }) {
+    super(message, options);
+    this.code = code;
+  }
+}
+
+type ClientEvents = {
+  state: [state: ClientState];
+  connected: [welcome: Welcome];
+  disconnect: [info: DisconnectInfo];
+  error: [error: Error];
+};
+
+/** What `resync` receives: why, and the stream position the server is at. */
+export interface ResyncInfo {
+  /**
+   * `initial` (before the first connection, without a `position`); a reason the server sent
+   * (`epoch_changed`, `history_trimmed`, `seq_ahead`, `backend_interrupted`, ...); `requested`
+   * (`Subscription.resync()`); or `resume_overflow` (two resumes in a row were closed with 4001 before
+   * any event arrived: the backlog is larger than the server lets a connection queue).
+   */
+  readonly reason: string;
+  readonly channel: string | null;
+  /** The server's position when it sent `resync_required`; `null` for the client's own reasons. */
+  readonly epoch: string | null;
+  readonly seq: number | null;
+}
+
+export interface SubscriptionOptions<E> {
+  /** Protocol 1: leave out (the URL names the channel), or give the channel the server must confirm. */
+  readonly channel?: string;
+  /** Where the application's state stands (a snapshot's `epoch` and `seq`): the stream resumes after it. */
+  readonly position?: Position | null;
+  /**
+   * Reload the application's state (its snapshot) and return the position it reflects. Called before
+   * the first connection when no `position` is given, and whenever the server says `resync_required`.
+   * Without it the subscription continues from the server's position (the application is still told,
+   * through the `resync` event).
+   */
+  readonly resync?: (info: ResyncInfo) => Position | Promise<Position>;
+  /** Apply one event; awaited before the next one, and the position advances once it settles. */
+  readonly onEvent?: (event: Received<E>) => unknown;
+}
+
+/** `idle` until the first welcome, `live` while events are applied, `resyncing` while `resync` runs. */
+export type SubscriptionState = "idle" | "live" | "resyncing" | "closed";
+
+type SubscriptionEvents<E> = {
+  event: [event: Received<E>];
+  resync: [info: ResyncInfo];
+  position: [position: Position];
+  state: [state: SubscriptionState];
+};
+
+type QueueItem<E> =
+  | { readonly kind: "event"; readonly epoch: string; readonly event: Received<E> }
+  | { readonly kind: "resync"; readonly info: ResyncInfo };
+
+/** What a subscription needs from its client. */
+interface SubscriptionHost {
+  reconnect(reason: string): void;
+  report(error: Error): void;
+}
+
+/** One channel's stream as the application sees it: events in order, each once, and resyncs. */
+export class Subscription<E extends AnyEvent = AnyEvent> extends Emitter<SubscriptionEvents<E>> {
+  #channel: string | null;
+  #state: SubscriptionState = "idle";
+  readonly #cursor: Cursor;
+  readonly #options: SubscriptionOptions<E>;
+  readonly #host: SubscriptionHost;
+  #queue: QueueItem<E>[] = [];
+  #running = false;
+  /** The epoch of the events the connection delivers now (its welcome's, then each resync_required's). */
+  #streamEpoch: string | null = null;
+  /** Counters: events applied, duplicates dropped, gaps seen, resyncs run. */
+  readonly stats = { applied: 0, duplicates: 0, gaps: 0, resyncs: 0 };
+
+  /** Use `Client.subscribe`. */
+  constructor(host: SubscriptionHost, options: SubscriptionOptions<E>) {
+    super();
+    this.#host = host;
+    this.#options = options;
+    this.#channel = options.channel ?? null;
+    this.#cursor = new Cursor(options.position ?? null);
+  }
+
+  /** The channel; known from the options or from the server's welcome. */
+  get channel(): string | null {
+    return this.#channel;
+  }
+
+  get state(): SubscriptionState {
+    return this.#state;
+  }
+
+  /** The last event applied (or the snapshot's position); `null` before the first welcome. */
+  get position(): Position | null {
+    return this.#cursor.position;
+  }
+
+  /** Reload the snapshot through the `resync` callback now (for example after applying an event failed). */
+  resync(): void {
+    this.#push({ kind: "resync", info: { reason: "requested", channel: this.#channel, epoch: null, seq: null } });
+  }
+
+  // -- used by Client ------------------------------------------------------------------------------
+
+  /** @internal */
+  get needsInitialSnapshot(): boolean {
+    return this.#cursor.position === null && this.#options.resync !== undefined;
+  }
+
+  /** @internal Load the first snapshot (before the first connection). */
+  async loadInitialSnapshot(): Promise<void> {
+    const info: ResyncInfo = { reason: "initial", channel: this.#channel, epoch: null, seq: null };
+    this.stats.resyncs += 1;
+    this.emit("resync", info);
+    this.#cursor.reset(checkPosition(await this.#options.resync!(info)));
+  }
+
+  /**
+   * @internal Give up resuming: load a snapshot (or, without a resync callback, start at the server's
+   * current position) before the next connection.
+   */
+  async restart(reason: string): Promise<void> {
+    this.#queue = [];
+    const info: ResyncInfo = { reason, channel: this.#channel, epoch: null, seq: null };
+    this.stats.resyncs += 1;
+    this.emit("resync", info);
+    if (this.#options.resync === undefined) {
+      this.#cursor.position = null;
+      return;
+    }
+    this.#cursor.reset(checkPosition(await this.#options.resync(info)));
+    this.emit("position", this.#cursor.position!);
+  }
+
+  /** @internal */
+  resumeParams(): Record<string, string> {
+    return this.#cursor.resumeParams();
+  }
+
+  /** @internal */
+  welcome(welcome: Welcome): void {
+    if (this.#options.channel !== undefined && welcome.channel !== this.#options.channel) {
+      this.#host.report(
+        new ClientError(`the server sent channel '${welcome.channel}', the subscription asked for '${this.#options.channel}'`),
+      );
+    }
+    this.#channel = welcome.channel;
+    this.#streamEpoch = welcome.epoch;
+    // Without a position, start at the channel's current one. With one, either the resume succeeded, or
+    // a resync_required follows at once.
+    if (this.#cursor.position === null) this.#cursor.reset({ epoch: welcome.epoch, seq: welcome.seq });
+    if (this.#state === "idle") this.#setState("live");
+  }
+
+  /** @internal */
+  event(event: Received<E>, epoch: string): void {
+    this.#push({ kind: "event", epoch, event });
+  }
+
+  /** @internal */
+  resyncRequired(frame: ResyncRequired): void {
+    this.#streamEpoch = frame.epoch;
+    this.#push({ kind: "resync", info: { reason: frame.reason, channel: this.#channel, epoch: frame.epoch, seq: frame.seq } });
+  }
+
+  /** @internal */
+  close(): void {
+    this.#queue = [];
+    this.#setState("closed");
+  }
+
+  // -- applying, one item at a time ----------------------------------------------------------------
+
+  #push(item: QueueItem<E>): void {
+    if (this.#state === "closed") return;
+    this.#queue.push(item);
+    if (!this.#running) void this.#drain();
+  }
+
+  async #drain(): Promise<void> {
+    this.#running = true;
+    try {
+      let item: QueueItem<E> | undefined;
+      while ((item = this.#queue.shift()) !== undefined && this.#state !== "closed") {
+        if (item.kind === "event") await this.#apply(item.event, item.epoch);
+        else await this.#resync(item.info);
+      }
+    } finally {
+      this.#running = false;
+    }
+  }
+
+  async #apply(event: Received<E>, epoch: string): Promise<void> {
+    const position = this.#cursor.position;
+    // An event of another stream than the position's: the connection's resume failed and a
+    // resync_required is on its way, or the position came from a snapshot of another epoch.
+    if (position === null || epoch !== position.epoch) return;
+    const verdict = this.#cursor.judge(event.seq);
+    if (verdict === "duplicate") {
+      this.stats.duplicates += 1;
+      return;
+    }
+    if (verdict === "gap") {
+      // A correct server never skips a seq; reconnecting from the last applied event lets it replay
+      // what is missing, or say resync_required where it cannot.
+      this.stats.gaps += 1;
+      this.#queue = [];
+      this.#host.reconnect(`gap: expected seq ${position.seq + 1}, received ${event.seq}`);
+      return;
+    }
+    try {
+      await this.#options.onEvent?.(event);
+      await Promise.all(this.listeners("event").map((listener) => listener(event)));
+    } catch (error) {
+      this.#host.report(new ClientError(`applying event seq ${event.seq} failed`, undefined, { cause: error }));
+    }
+    if (this.#state === "closed" || this.#cursor.position !== position) return; // replaced meanwhile
+    this.#cursor.advance(event.seq);
+    this.stats.applied += 1;
+    this.emit("position", this.#cursor.position!);
+  }
+
+  async #resync(info: ResyncInfo): Promise<void> {
+    this.stats.resyncs += 1;
+    this.#setState("resyncing");
+    this.emit("resync", info);
+    let next: Position;
+    if (this.#options.resync !== undefined) {
+      try {
+        next = checkPosition(await this.#options.resync(info));
+      } catch (error) {
+        // No consistent state to continue from: reconnect from the old position, after a backoff. The
+        // server replays from there, or says resync_required again and this runs again.
+        this.#host.report(new ClientError(`resync (${info.reason}) failed`, undefined, { cause: error }));
+        this.#queue = [];
+        if (this.#state !== "closed") this.#setState("live");
+        this.#host.reconnect("resync failed");
+        return;
+      }
+    } else if (info.epoch !== null && info.seq !== null) {
+      next = { epoch: info.epoch, seq: info.seq };
+    } else {
+      this.#host.report(new ClientError("resync() needs a resync callback in the subscription options"));
+      if (this.#state !== "closed") this.#setState("live");
+      return;
+    }
+    if (this.#state === "closed") return;
+    this.#cursor.reset(next);
+    this.emit("position", next);
+    this.#setState("live");
+    const streamEpoch = info.epoch ?? this.#streamEpoch;
+    if (streamEpoch !== null && next.epoch !== streamEpoch) {
+      // The snapshot belongs to another stream than this connection's (the server restarted between the
+      // two): resume from the snapshot on a new connection.
+      this.#queue = [];
+      this.#host.reconnect("the snapshot's epoch differs from the stream's");
+    }
+    // Events queued behind this item follow; those the snapshot already contains are dropped as
+    // duplicates, and a snapshot older than the server's position shows up as a gap (reconnect, resume).
+  }
+
+  #setState(state: SubscriptionState): void {
+    if (this.#state === state) return;
+    this.#state = state;
+    this.emit("state", state);
+  }
+}
+
+interface Attempt {
+  readonly transport: Transport;
+  /** The subscription's position when the attempt started, to tell whether it made progress. */
+  readonly from: Position | null;
+  opened: boolean;
+  welcome: Welcome | null;
+  /** The epoch of the events arriving now: the welcome's, then that of each resync_required. */
+  epoch: string | null;
+}
+
+const NOT_GIVEN = Symbol("not given");
+/** The server closed the connection because it fell behind its outbound queue bound. */
+const SLOW_CONSUMER = 4001;
+
+const samePosition = (a: Position, b: Position | null): boolean => b !== null && a.epoch === b.epoch && a.seq === b.seq;
+
+/**
+ * A connection to one rtbroadcast stream that keeps itself up: it reconnects with capped exponential
+ * backoff and full jitter, resumes from the last event applied, detects dead connections with a
+ * heartbeat, and stops on refusals.
+ *
+ * ```ts
+ * const client = new Client<ChatEvent>({ url: "ws://localhost:8000/realtime?room=lobby" });
+ * client.subscribe({ resync: loadSnapshot, onEvent: (event) => render(event) });
+ * client.connect();
+ * ```
+ */
+export class Client<E extends AnyEvent = AnyEvent> extends Emitter<ClientEvents> {
+  readonly #options: ClientOptions;
+  readonly #WebSocket: WebSocketConstructor | undefined;
+  readonly #EventSource: EventSourceConstructor | undefined;
+  readonly #sseUrl: string | null;
+  #state: ClientState = "idle";
+  #subscription: Subscription<E> | null = null;
+  #attempt: Attempt | null = null;
+  #failures = 0;
+  #websocketFailures = 0;
+  /** Slow-consumer closes in a row that brought no event: the backlog itself overflows the server's queue. */
+  #stalledResumes = 0;
+  #restartReason: string | null = null;
+  #transport: TransportKind;
+  #token: string | undefined | typeof NOT_GIVEN;
+  readonly #timers: Record<"retry" | "connect" | "stable" | "ping" | "dead", ReturnType<typeof setTimeout> | undefined> = {
+    retry: undefined,
+    connect: undefined,
+    stable: undefined,
+    ping: undefined,
+    dead: undefined,
+  };
+  #removePageListeners: (() => void) | null = null;
+  /** Counters of the connection state machine. */
+  readonly stats: ClientStats = { attempts: 0, welcomes: 0, resumed: 0, heartbeatTimeouts: 0 };
+
+  constructor(options: ClientOptions) {
+    super();
+    this.#options = options;
+    const url = new URL(options.url); // throws TypeError on a malformed address
+    if (url.protocol !== "ws:" && url.protocol !== "wss:") {
+      throw new TypeError(`url must be a ws:// or wss:// address, not ${url.protocol}`);
+    }
+    const g = globalThis as { WebSocket?: WebSocketConstructor; EventSource?: EventSourceConstructor };
+    this.#WebSocket = options.WebSocket ?? g.WebSocket;
+    this.#EventSource = options.EventSource ?? g.EventSource;
+    this.#sseUrl = options.sseUrl === undefined ? sseUrlFor(options.url) : options.sseUrl;
+    const sseAvailable = this.#sseUrl !== null && this.#EventSource !== undefined;
+    if (this.#WebSocket === undefined && !sseAvailable) {
+      throw new TypeError(
+        "no WebSocket here: pass the WebSocket option (Node 20: run with --experimental-websocket, or pass the 'ws' package's WebSocket)",
+      );
+    }
+    this.#transport = this.#WebSocket !== undefined ? "websocket" : "sse";
+    this.#token = options.token ?? NOT_GIVEN;
+  }
+
+  get state(): ClientState {
+    return this.#state;
+  }
+
+  /** The transport the next (or current) attempt uses. */
+  get transport(): TransportKind {
+    return this.#transport;
+  }
+
+  /** The subscription this client carries, if any. */
+  get subscription(): Subscription<E> | null {
+    return this.#subscription;
+  }
+
+  /**
+   * Subscribe to the stream. Protocol 1 carries one channel per connection: the URL names it, and a
+   * client has one subscription. Call before `connect()`.
+   */
+  subscribe<T extends E = E>(options: SubscriptionOptions<T> = {}): Subscription<T> {
+    if (this.#subscription !== null) {
+      throw new ClientError("protocol 1 carries one channel per connection: this client already has its subscription");
+    }
+    if (this.#state === "closed") throw new ClientError("the client is closed");
+    const subscription = new Subscription<T>(
+      { reconnect: (reason) => this.#reconnect(reason), report: (error) => this.emit("error", error) },
+      options,
+    );
+    this.#subscription = subscription as unknown as Subscription<E>;
+    return subscription;
+  }
+
+  /** Start connecting (and keep reconnecting until `close()` or a refusal). Subscribes if nobody did. */
+  connect(): void {
+    if (this.#state !== "idle") return;
+    if (this.#subscription === null) this.subscribe();
+    this.#watchPage();
+    void this.#open();
+  }
+
+  /** Stop for good: close the connection, cancel retries. */
+  close(): void {
+    if (this.#state === "closed") return;
+    this.#stop();
+    this.#subscription?.close();
+  }
+
+  /** Resolve once the client reaches `state` (for example `connected`); reject if it closes first. */
+  when(state: ClientState, options: { timeout?: number } = {}): Promise<void> {
+    if (this.#state === state) return Promise.resolve();
+    if (this.#state === "closed") return Promise.reject(new ClientError(`the client is closed: it cannot reach '${state}'`));
+    return new Promise((resolve, reject) => {
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      const off: Unsubscribe = this.on("state", (now) => {
+        if (now === state) {
+          done();
+          resolve();
+        } else if (now === "closed") {
+          done();
+          reject(new ClientError(`the client closed before reaching '${state}'`));
+        }
+      });
+      const done = (): void => {
+        off();
+        if (timer !== undefined) clearTimeout(timer);
+      };
+      if (options.timeout !== undefined) {
+        timer = setTimeout(() => {
+          done();
+          reject(new ClientError(`the client did not reach '${state}' within ${options.timeout} ms`));
+        }, options.timeout);
+      }
+    });
+  }
+
+  // -- connecting ------------------------------------------------------------------------------------
+
+  async #open(): Promise<void> {
+    this.#setState("connecting");
+    const subscription = this.#subscription!;
+    try {
+      if (subscription.needsInitialSnapshot) await subscription.loadInitialSnapshot();
+      if (this.#restartReason !== null) {
+        await subscription.restart(this.#restartReason);
+        this.#restartReason = null;
+      }
+      if (this.#token === NOT_GIVEN && this.#options.getToken !== undefined) {
+        this.#token = (await this.#options.getToken({ reason: "connect" })) ?? NOT_GIVEN;
+      }
+    } catch (error) {
+      if (this.#state !== "connecting") return;
+      this.emit("error", new ClientError("preparing the connection failed", undefined, { cause: error }));
+      this.#retry(ABNORMAL_CLOSURE, "preparing the connection failed");
+      return;
+    }
+    if (this.#state !== "connecting") return; // closed meanwhile
+    const kind = this.#transport;
+    const base = kind === "websocket" ? this.#options.url : this.#sseUrl!;
+    const url = new URL(base);
+    url.searchParams.delete("epoch");
+    url.searchParams.delete("last_seq");
+    for (const [name, value] of Object.entries(subscription.resumeParams())) url.searchParams.set(name, value);
+    if (this.#token !== NOT_GIVEN && this.#token !== undefined) {
+      url.searchParams.set(this.#options.tokenParam ?? "token", this.#token);
+    }
+    this.stats.attempts += 1;
+    let attempt: Attempt | null = null;
+    const handlers = {
+      open: () => {
+        if (attempt !== null) attempt.opened = true;
+      },
+      message: (text: string) => {
+        if (attempt !== null && this.#attempt === attempt) this.#onMessage(attempt, text);
+      },
+      close: (code: number, reason: string) => {
+        if (attempt !== null && this.#attempt === attempt) this.#onClose(attempt, code, reason);
+      },
+    };
+    try {
+      const transport =
+        kind === "websocket"
+          ? openWebSocket(this.#WebSocket!, url.toString(), handlers)
+          : openEventSource(this.#EventSource!, url.toString(), handlers);
+      attempt = { transport, from: subscription.position, opened: false, welcome: null, epoch: null };
+    } catch (error) {
+      this.emit("error", new ClientError(`cannot open ${url.toString()}`, undefined, { cause: error }));
+      this.#retry(ABNORMAL_CLOSURE, "cannot open the connection");
+      return;
+    }
+    this.#attempt = attempt;
+    const connectTimeout = this.#options.connectTimeout ?? 10000;
+    this.#timers.connect = setTimeout(() => {
+      if (this.#attempt === attempt) this.#drop(attempt, ABNORMAL_CLOSURE, `no welcome within ${connectTimeout} ms`);
+    }, connectTimeout);
+  }
+
+  #onMessage(attempt: Attempt, text: string): void {
+    this.#armDeadline();
+    let decoded;
+    try {
+      decoded = decodeFrame(text);
+    } catch (error) {
+      this.emit("error", error instanceof FrameError ? error : new ClientError("bad frame", undefined, { cause: error }));
+      return;
+    }
+    const subscription = this.#subscription!;
+    if ("event" in decoded) {
+      if (attempt.epoch === null) {
+        this.emit("error", new ClientError(`event seq ${decoded.event.seq} before the welcome: ignored`));
+        return;
+      }
+      subscription.event(decoded.event as Received<E>, attempt.epoch);
+      return;
+    }
+    const frame = decoded.frame;
+    switch (frame.type) {
+      case "welcome":
+        this.#onWelcome(attempt, frame);
+        return;
+      case "resync_required":
+        attempt.epoch = frame.epoch;
+        subscription.resyncRequired(frame);
+        return;
+      case "error":
+        this.emit("error", new ClientError(`the server rejected a frame: ${frame.code}: ${frame.message}`));
+        return;
+      case "pong":
+        return;
+    }
+  }
+
+  #onWelcome(attempt: Attempt, welcome: Welcome): void {
+    clearTimeout(this.#timers.connect);
+    attempt.opened = true;
+    attempt.welcome = welcome;
+    attempt.epoch = welcome.epoch;
+    this.#websocketFailures = 0;
+    this.stats.welcomes += 1;
+    if (welcome.resumed) this.stats.resumed += 1;
+    this.#subscription!.welcome(welcome);
+    this.#timers.stable = setTimeout(() => {
+      if (this.#attempt === attempt) this.#failures = 0;
+    }, this.#options.stableAfter ?? 5000);
+    if (attempt.transport.kind === "websocket") this.#startHeartbeat(attempt, welcome);
+    this.#setState("connected");
+    this.emit("connected", welcome);
+  }
+
+  // -- heartbeat -------------------------------------------------------------------------------------
+
+  #pingPeriod(welcome: Welcome): number {
+    return Math.max(100, this.#options.heartbeatInterval ?? welcome.heartbeat_interval * 1000);
+  }
+
+  #startHeartbeat(attempt: Attempt, welcome: Welcome): void {
+    const period = this.#pingPeriod(welcome);
+    this.#timers.ping = setInterval(() => {
+      if (this.#attempt === attempt) attempt.transport.send('{"type":"ping"}');
+    }, period);
+    this.#armDeadline();
+  }
+
+  /** Any frame proves the connection alive: push the deadline back. */
+  #armDeadline(): void {
+    const attempt = this.#attempt;
+    if (attempt === null || attempt.welcome === null || attempt.transport.kind !== "websocket") return;
+    clearTimeout(this.#timers.dead);
+    const bound = this.#pingPeriod(attempt.welcome) + (this.#options.heartbeatTimeout ?? 10000);
+    this.#timers.dead = setTimeout(() => {
+      if (this.#attempt !== attempt) return;
+      this.stats.heartbeatTimeouts += 1;
+      this.#drop(attempt, ABNORMAL_CLOSURE, `no frame within ${bound} ms`);
+    }, bound);
+  }
+
+  // -- disconnecting ---------------------------------------------------------------------------------
+
+  /** Give up on `attempt` without waiting for a closing handshake, then handle it as closed with `code`. */
+  #drop(attempt: Attempt, code: number, reason: string): void {
+    attempt.transport.abandon();
+    this.#onClose(attempt, code, reason);
+  }
+
+  #reconnect(reason: string): void {
+    const attempt = this.#attempt;
+    if (this.#state === "closed") return;
+    // Without a connection the client is already on its way to the next attempt, which resumes from the
+    // subscription's current position.
+    if (attempt !== null) this.#drop(attempt, ABNORMAL_CLOSURE, reason);
+  }
+
+  #onClose(attempt: Attempt, code: number, reason: string): void {
+    this.#clearConnectionTimers();
+    this.#attempt = null;
+    if (attempt.transport.kind === "websocket" && !attempt.opened) {
+      this.#websocketFailures += 1;
+      const threshold = this.#options.sseFallbackAfter ?? 2;
+      if (this.#websocketFailures >= threshold && this.#sseUrl !== null && this.#EventSource !== undefined) {
+        this.#transport = "sse";
+      }
+    }
+    if (code === SLOW_CONSUMER && attempt.from !== null && samePosition(attempt.from, this.#subscription!.position)) {
+      // Closed for falling behind before a single event was applied: the replay of what was missed is
+      // larger than the server's queue bound, so resuming again would fail again. Reload instead.
+      this.#stalledResumes += 1;
+      if (this.#stalledResumes >= 2) {
+        this.#stalledResumes = 0;
+        this.#restartReason = "resume_overflow";
+      }
+    } else if (code === SLOW_CONSUMER) {
+      this.#stalledResumes = 0;
+    }
+    const action = closeAction(code);
+    if (action === "reconnect") {
+      this.#retry(code, reason);
+    } else if (action === "refresh-token" && this.#options.getToken !== undefined) {
+      void this.#refreshToken(code, reason);
+    } else {
+      this.#refuse(code, reason);
+    }
+  }
+
+  async #refreshToken(code: number, reason: string): Promise<void> {
+    this.#setState("connecting");
+    const previous = this.#token;
+    let fresh: string | null | undefined;
+    try {
+      fresh = await this.#options.getToken!({ reason: "refused", code, message: reason });
+    } catch (error) {
+      if (this.#state === "closed") return;
+      this.emit("error", new ClientError("getToken failed", code, { cause: error }));
+      this.#retry(code, reason); // ask again at the next attempt
+      return;
+    }
+    if (this.#state === "closed") return;
+    if (typeof fresh !== "string" || fresh === previous) {
+      this.#refuse(code, reason);
+      return;
+    }
+    this.#token = fresh;
+    this.#retry(code, reason);
+  }
+
+  #refuse(code: number, reason: string): void {
+    this.emit("error", new ClientError(`the server ${code === 1000 ? "ended the stream" : "refused the connection"}: ${code} ${reason}`, code));
+    this.emit("disconnect", { code, reason, retryIn: null, retry: 0 });
+    this.#stop();
+  }
+
+  #retry(code: number, reason: string): void {
+    const delay = backoffDelay(this.#failures, this.#options.backoff);
+    this.#failures += 1;
+    this.#setState("waiting");
+    this.emit("disconnect", { code, reason, retryIn: delay, retry: this.#failures });
+    clearTimeout(this.#timers.retry);
+    this.#timers.retry = setTimeout(() => {
+      if (this.#state === "waiting") void this.#open();
+    }, delay);
+  }
+
+  /** Skip the rest of the backoff delay (the page came back online or into view). */
+  #retryNow(): void {
+    if (this.#state !== "waiting") return;
+    clearTimeout(this.#timers.retry);
+    void this.#open();
+  }
+
+  #stop(): void {
+    const attempt = this.#attempt;
+    this.#attempt = null;
+    this.#clearConnectionTimers();
+    clearTimeout(this.#timers.retry);
+    attempt?.transport.abandon();
+    this.#removePageListeners?.();
+    this.#removePageListeners = null;
+    this.#setState("closed");
+  }
+
+  #clearConnectionTimers(): void {
+    clearTimeout(this.#timers.connect);
+    clearTimeout(this.#timers.stable);
+    clearTimeout(this.#timers.dead);
+    clearInterval(this.#timers.ping);
+  }
+
+  #setState(state: ClientState): void {
+    if (this.#state === state) return;
+    this.#state = state;
+    this.emit("state", state);
+  }
+
+  /** In a browser: retry at once when the network or the page comes back, instead of at the end of the backoff. */
+  #watchPage(): void {
+    if (this.#options.retryOnResume === false) return;
+    const g = globalThis as {
+      window?: { addEventListener?: (type: string, fn: () => void) => void; removeEventListener?: (type: string, fn: () => void) => void };
+      document?: {
+        visibilityState?: string;
+        addEventListener?: (type: string, fn: () => void) => void;
+        removeEventListener?: (type: string, fn: () => void) => void;
+      };
+    };
+    const win = g.window;
+    const doc = g.document;
+    if (typeof win?.addEventListener !== "function") return;
+    const online = (): void => this.#retryNow();
+    const visible = (): void => {
+      if (doc?.visibilityState === "visible") this.#retryNow();
+    };
+    win.addEventListener("online", online);
+    doc?.addEventListener?.("visibilitychange", visible);
+    this.#removePageListeners = () => {
+      win.removeEventListener?.("online", online);
+      doc?.removeEventListener?.("visibilitychange", visible);
+    };
+  }
+}

@@ -1,0 +1,35 @@
+// Compile-time checks of the public types, from a caller's side: `npm test` type-checks this file
+// (it is never run). A line marked @ts-expect-error must fail to compile, or tsc reports it.
+
+import { Client, type Position, type Received } from "../dist/index.js";
+
+type ChatEvent =
+  | { type: "message_posted"; room: string; author: string; text: string }
+  | { type: "message_deleted"; room: string; id: string };
+
+const client = new Client<ChatEvent>({ url: "ws://127.0.0.1:8000/realtime?room=lobby" });
+const subscription = client.subscribe({
+  resync: async (): Promise<Position> => ({ epoch: "e", seq: 0 }),
+  onEvent(event) {
+    const seq: number = event.seq;
+    if (event.type === "message_posted") {
+      const text: string = event.text; // narrowed by the discriminant
+      void text;
+    } else {
+      const id: string = event.id;
+      void id;
+    }
+    // @ts-expect-error: no such event type in the union
+    if (event.type === "nope") return;
+    void seq;
+  },
+});
+subscription.on("event", (event: Received<ChatEvent>) => void event.room);
+const position: Position | null = subscription.position;
+void position;
+
+// @ts-expect-error: a resync callback must return a position
+client.subscribe({ resync: async () => "not a position" });
+
+// @ts-expect-error: the URL is required
+new Client({});
