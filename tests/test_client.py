@@ -425,3 +425,34 @@ async def test_backoff_spreads_attempts_while_the_server_is_down_and_resets_once
             assert disconnects[-1].code == CloseCode.INTERNAL_ERROR and disconnects[-1].retry == 1
     # Full jitter below 0.1, 0.2, 0.4, 0.8, 0.8 ... s: a handful of attempts in 2 s, not a storm.
     assert 3 <= down_attempts <= 25, down_attempts
+
+
+async def test_an_expired_token_is_refreshed_and_the_stream_resumes() -> None:
+    valid = {"t1"}
+    broadcaster = Broadcaster("memory://")
+
+    def authorize(request: ConnectionRequest, channel: str) -> bool | Deny:
+        return request.query.get("token") in valid or Deny("token expired")
+
+    asked: list[tuple[str, int | None]] = []
+
+    def get_token(request: Any) -> str:
+        asked.append((request.reason, request.code))
+        return "t2"
+
+    app = broadcast_app(broadcaster, authorize=authorize)
+    async with (
+        serve(app) as host,
+        Client(f"ws://{host}/ws?room=tok", token="t1", get_token=get_token, backoff=FAST) as client,
+    ):
+        subscription = client.subscribe(model=Ticked)
+        await subscription.connected()
+        await publish(broadcaster, "room:tok", range(2))
+        got = await subscription.take(2)
+        valid = {"t2"}  # t1 expires; the connection drops
+        close_all(broadcaster, "room:tok", CloseCode.INTERNAL_ERROR)
+        await publish(broadcaster, "room:tok", range(2, 5))
+        got += await subscription.take(3)
+    assert [r.event.n for r in got] == list(range(5))
+    assert asked == [("refused", CloseCode.FORBIDDEN)]
+    assert client.stats.attempts == 3 and client.stats.resumed == 1 and client.token == "t2"
