@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import sys
 import time
 from pathlib import Path
@@ -20,15 +19,12 @@ import websockets
 
 from rtbroadcast.protocol import DEFAULT_MAX_FRAME_SIZE
 
-ROOT = Path(__file__).resolve().parent.parent
+from .support import ROOT, server_process
+
+# The server and the attack are processes of their own: one event loop is enough for the test.
+pytestmark = pytest.mark.asyncio_only
+
 MiB = 1024 * 1024
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _status_kib(pid: int, field: str) -> int:
@@ -40,32 +36,14 @@ def _status_kib(pid: int, field: str) -> int:
 
 @pytest.mark.parametrize("frame_size", [8 * MiB, 20 * MiB])
 async def test_50_oversized_frames_cost_no_memory_and_no_latency(frame_size: int) -> None:
-    port = _free_port()
-    server = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "tests.ticker_app:app",
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
+    async with server_process(
+        "-m", "uvicorn", "tests.ticker_app:app", "--log-level", "warning",
         # What the example service runs with, and the docs recommend.
-        "--ws",
-        "rtbroadcast.uvicorn:WebSocketProtocol",
-        "--ws-max-size",
-        str(DEFAULT_MAX_FRAME_SIZE),
-        cwd=ROOT,
-    )
-    try:
-        for _ in range(200):
-            try:
-                probe = await websockets.connect(f"ws://127.0.0.1:{port}/ws?room=tick", open_timeout=5)
-                break
-            except OSError:
-                await asyncio.sleep(0.05)
-        else:
-            raise AssertionError("the server did not start")
+        "--ws", "rtbroadcast.uvicorn:WebSocketProtocol", "--ws-max-size", str(DEFAULT_MAX_FRAME_SIZE),
+    ) as server:  # fmt: skip
+        port = int(server.host.rsplit(":", 1)[1])
+        pid = server.process.pid
+        probe = await websockets.connect(f"ws://{server.host}/ws?room=tick", open_timeout=5)
         watchers = [probe] + [
             await websockets.connect(f"ws://127.0.0.1:{port}/ws?room=tick", compression=None)
             for _ in range(4)
@@ -82,7 +60,7 @@ async def test_50_oversized_frames_cost_no_memory_and_no_latency(frame_size: int
         await asyncio.sleep(3)
         # What this machine gives without an attack, to tell the attack's cost from the host's noise.
         quiet = sorted(late)
-        rss_before = _status_kib(server.pid, "VmRSS")
+        rss_before = _status_kib(pid, "VmRSS")
         late.clear()
         attack = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -97,14 +75,11 @@ async def test_50_oversized_frames_cost_no_memory_and_no_latency(frame_size: int
         output, _ = await asyncio.wait_for(attack.communicate(), 60)
         codes = json.loads(output)
         await asyncio.sleep(0.5)
-        peak = _status_kib(server.pid, "VmHWM")
+        peak = _status_kib(pid, "VmHWM")
         for task in readers:
             task.cancel()
         for ws in watchers:
             await ws.close()
-    finally:
-        server.terminate()
-        await asyncio.wait_for(server.wait(), 15)
     growth_mb = (peak - rss_before) * 1024 / 1e6
     late.sort()
     p99_ms = late[int(len(late) * 0.99)] * 1000

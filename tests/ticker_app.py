@@ -13,6 +13,9 @@ import time
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
 
 from rtbroadcast import Broadcaster
 from rtbroadcast.asgi import channel_from_query
@@ -37,7 +40,14 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
             task.cancel()
 
 
+async def _health(request: Request) -> PlainTextResponse:
+    return PlainTextResponse("ok")
+
+
 app = Starlette(
-    routes=[websocket_route("/ws", broadcaster, channel=channel_from_query("room"))],
+    routes=[
+        websocket_route("/ws", broadcaster, channel=channel_from_query("room")),
+        Route("/health", _health),
+    ],
     lifespan=_lifespan,
 )
