@@ -131,6 +131,7 @@ async def test_the_tutorials_own_tests_pass() -> None:
     tests = snippet("test_tutorial_app")
     await tests.test_posting_a_message_broadcasts_it()
     await tests.test_websocket_clients_receive_it()
+    await tests.test_a_client_follows_the_room()
 
 
 # -- how-to guides ---------------------------------------------------------------------------------

@@ -69,8 +69,41 @@ def test_errors_share_one_root() -> None:
 
 def test_import_pulls_in_no_framework_or_redis() -> None:
     code = (
-        "import sys, rtbroadcast, rtbroadcast.asgi, rtbroadcast.backends.memory\n"
-        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('starlette', 'redis', 'fastapi', 'uvicorn'))\n"
+        "import sys, rtbroadcast, rtbroadcast.asgi, rtbroadcast.backends.memory, rtbroadcast.client\n"
+        "frameworks = ('starlette', 'redis', 'fastapi', 'uvicorn', 'websockets')\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in frameworks)\n"
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+CLIENT = {
+    "Backoff",
+    "Client",
+    "ClientError",
+    "ClientState",
+    "ClientStats",
+    "CloseAction",
+    "Cursor",
+    "DisconnectInfo",
+    "Received",
+    "Refused",
+    "ResyncInfo",
+    "Subscription",
+    "SubscriptionStats",
+    "TokenRequest",
+    "Unreachable",
+    "Verdict",
+    "close_action",
+}
+
+
+def test_the_client_module_exports_what_its_page_documents() -> None:
+    """``rtbroadcast.client`` is its own public module (it needs websockets to connect): not re-exported."""
+    import rtbroadcast.client as client
+
+    assert set(client.__all__) == CLIENT
+    for name in client.__all__:
+        assert hasattr(client, name), name
+    assert "Client" not in rtbroadcast.__all__
+    assert issubclass(client.ClientError, rtbroadcast.RTBroadcastError)

@@ -1,14 +1,15 @@
 """A client that never misses an event: snapshot, then events in seq order, resuming after every drop.
 
-The same algorithm applies to any client (iOS, Android, web); this one follows a room of the tutorial app.
+rtbroadcast.client runs the algorithm (connect from the snapshot's position, apply events in seq order,
+resume after a drop, reload on resync_required); the application gives it the snapshot loader. This one
+follows a room of the tutorial app.
 """
 
-import asyncio
-import json
 from typing import Any
 
 import httpx
-import websockets
+
+from rtbroadcast.client import Client, ResyncInfo
 
 
 class RoomFollower:
@@ -18,45 +19,26 @@ class RoomFollower:
         self.base_url = base_url  # "http://127.0.0.1:8000"
         self.room = room
         self.messages: list[dict[str, Any]] = []
-        self.epoch = ""
         self.seq = 0
         self.snapshots = 0
 
-    async def load_snapshot(self) -> None:
-        # 1. Load the state over HTTP, with the stream position (epoch, seq) it reflects.
+    async def load_snapshot(self, info: ResyncInfo) -> tuple[str, int]:
+        # 1. and 4. Load the state over HTTP, with the stream position (epoch, seq) it reflects: before
+        #    the first connection, and whenever the server says the missed events are gone.
         async with httpx.AsyncClient(base_url=self.base_url) as http:
             response = await http.get(f"/rooms/{self.room}/messages")
         body = response.raise_for_status().json()
         self.messages = body["messages"]
-        self.epoch, self.seq = body["epoch"], body["seq"]
+        self.seq = body["seq"]
         self.snapshots += 1
-
-    def apply(self, event: dict[str, Any]) -> None:
-        self.messages.append({name: value for name, value in event.items() if name != "seq"})
-        self.seq = event["seq"]
+        return body["epoch"], body["seq"]
 
     async def run(self) -> None:
-        await self.load_snapshot()
         ws_base = self.base_url.replace("http", "ws", 1)
-        while True:
-            # 2. Connect from where the state stands: the server first replays what was missed.
-            url = f"{ws_base}/realtime?room={self.room}&epoch={self.epoch}&last_seq={self.seq}"
-            try:
-                async with websockets.connect(url) as ws:
-                    async for text in ws:
-                        frame = json.loads(text)
-                        if frame["type"] == "resync_required":
-                            # 4. The missed events are gone: reload. Events at or below the snapshot's
-                            #    seq are then skipped below, so nothing is applied twice.
-                            await self.load_snapshot()
-                        elif frame["type"] in ("welcome", "pong", "error"):
-                            continue
-                        elif frame["seq"] == self.seq + 1:
-                            self.apply(frame)  # 3. Apply events in seq order, each exactly once.
-                        elif frame["seq"] > self.seq + 1:
-                            break  # a gap (a correct server never sends one): reconnect and resume
-                if ws.close_code in (4003, 4004):
-                    raise PermissionError(f"refused: {ws.close_code} {ws.close_reason}")
-            except (OSError, websockets.ConnectionClosedError):
-                pass
-            await asyncio.sleep(0.5)  # then reconnect with resume (use backoff with jitter in an app)
+        # 2. The client connects from the snapshot's position; the server first replays what was missed.
+        async with Client(f"{ws_base}/realtime?room={self.room}") as client:
+            # 3. Events arrive in seq order, each once (those already in the snapshot are skipped), and
+            #    after a drop the client reconnects with backoff and resumes from the last one.
+            async for received in client.subscribe(resync=self.load_snapshot):
+                self.messages.append(received.event)
+                self.seq = received.seq

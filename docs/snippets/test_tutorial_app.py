@@ -11,6 +11,7 @@ import uvicorn
 import websockets
 
 from rtbroadcast import Received
+from rtbroadcast.client import Client
 from tutorial_app import MessagePosted, app, broadcaster
 
 
@@ -71,3 +72,21 @@ async def test_websocket_clients_receive_it() -> None:
 
 
 # --8<-- [end:websocket]
+
+
+# --8<-- [start:client]
+@pytest.mark.anyio
+async def test_a_client_follows_the_room() -> None:
+    async with running(app) as host, Client(f"ws://{host}/realtime?room=tests-client") as client:
+        subscription = client.subscribe(model=MessagePosted)
+        await subscription.connected()  # from here on, every event published reaches the subscription
+        async with httpx.AsyncClient(base_url=f"http://{host}") as http:
+            reply = await http.post("/rooms/tests-client/messages", json={"author": "cy", "text": "hey"})
+        [received] = await subscription.take(1, timeout=5)
+
+    assert received.seq == reply.json()["seq"]
+    assert received.event.author == "cy"
+    assert received.event.text == "hey"
+
+
+# --8<-- [end:client]

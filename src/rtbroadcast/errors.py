@@ -15,7 +15,10 @@ Where the meaning fits, a standard exception is mixed in, so ``except ValueError
     ├── ConnectionLimitReached               a per-process or per-channel connection limit is reached
     ├── BackendError                         the backend failed
     │   └── BackendUnavailable (ConnectionError)  it cannot be reached (publish fails fast)
-    └── SubscriptionClosed                   an in-process subscription ended (slow consumer, shutdown)
+    ├── SubscriptionClosed                   an in-process subscription ended (slow consumer, shutdown)
+    └── rtbroadcast.client.ClientError       the asyncio client stopped or reports a problem (has ``.code``)
+        ├── Refused                          the server refused the connection (4003, 4004)
+        └── Unreachable (ConnectionError)    ``max_retries`` attempts in a row failed
 """
 
 from __future__ import annotations
