@@ -19,7 +19,7 @@ from urllib.parse import parse_qsl
 from ._config import count, optional_seconds, seconds
 from ._shutdown import drain_on_signals
 from ._websocket import WebSocketSession, direct_transport
-from .broadcaster import Broadcaster, BroadcasterState, is_valid_channel
+from .broadcaster import Broadcaster, BroadcasterState
 from .connection import Connection
 from .errors import (
     BackendUnavailable,
@@ -38,6 +38,7 @@ from .protocol import (
     ResumePoint,
     decode_client_frame,
     encode_server_frame,
+    is_valid_channel,
     parse_resume_point,
 )
 

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import enum
 import logging
-import re
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from types import TracebackType
@@ -15,6 +14,7 @@ from typing import Any, Generic, Self, TypeVar
 from . import _config
 from .backends import Backend, Envelope, History, load_backend
 from .connection import DEFAULT_LIMITS, Connection, QueueLimits, item_text
+from .cursor import Cursor
 from .errors import (
     BackendUnavailable,
     ConfigurationError,
@@ -26,22 +26,31 @@ from .events import Event, decode_event, encode_event
 from .protocol import (
     CloseCode,
     ResumePoint,
-    ResyncReason,
     ResyncRequired,
     Welcome,
     check_event_payload,
     decode_server_frame,
     encode_server_frame,
+    is_valid_channel,
+    resync_reason,
+    validate_channel,
 )
 from .registry import ConnectionRegistry
 
-__all__ = ["Broadcaster", "BroadcasterState", "Received", "Subscription"]
+# is_valid_channel and validate_channel are re-exported: they lived here before the wire rules moved to the
+# protocol module.
+__all__ = [
+    "Broadcaster",
+    "BroadcasterState",
+    "Received",
+    "Subscription",
+    "is_valid_channel",
+    "validate_channel",
+]
 
 logger = logging.getLogger("rtbroadcast")
 
 E = TypeVar("E", bound=Event)
-
-_CHANNEL_RE = re.compile(r"[^\x00-\x1f\x7f]{1,256}")
 
 #: Most events a resume or gap repair reads from history; beyond it the client resyncs.
 DEFAULT_MAX_RESUME = 1000
@@ -330,9 +339,12 @@ class Broadcaster:
     # -- backend listener -------------------------------------------------------------------------
 
     def on_envelope(self, envelope: Envelope) -> None:
-        """Fan an envelope out to this process's connections of its channel (called by the backend)."""
-        for connection in self.registry.fanout(envelope.channel):
-            connection.push(envelope)
+        """Fan an envelope out to this process's connections of its channel (called by the backend).
+
+        Each cursor of the channel queues the same envelope (encoded once) on its connection.
+        """
+        for cursor in self.registry.cursors(envelope.channel):
+            cursor.push(envelope)
 
     def on_interruption(self, channels: Collection[str], reason: str) -> None:
         """Bring every connection of ``channels`` up to date after the backend may have lost envelopes."""
@@ -341,9 +353,9 @@ class Broadcaster:
             "backend interruption (%s): checking %d channel(s) for missed events", reason, len(channels)
         )
         for channel in channels:
-            for connection in self.registry.fanout(channel):
-                if not connection.closed and not connection.buffering:
-                    self._schedule_repair(connection)
+            for cursor in self.registry.cursors(channel):
+                if not cursor.connection.closed and not cursor.buffering:
+                    self._schedule_repair(cursor)
 
     # -- connections ------------------------------------------------------------------------------
 
@@ -360,23 +372,27 @@ class Broadcaster:
             BackendUnavailable: the backend cannot be reached (the connection is not registered).
         """
         self._require_connected("attach a connection")
-        validate_channel(connection.channel)
-        connection.begin_buffering()
+        cursor = connection.cursor
+        validate_channel(cursor.channel)
+        cursor.begin_buffering()
         self.registry.add(connection)
         connection.add_close_callback(self.detach)
-        connection.set_gap_handler(self._on_gap)
+        cursor.set_gap_handler(self._on_gap)
         try:
-            await self._ensure_subscribed(connection.channel)
-            await self._bring_up_to_date(connection, resume, welcome=True)
+            await self._ensure_subscribed(cursor.channel)
+            await self._bring_up_to_date(cursor, resume, welcome=True)
         except BaseException:
             self.detach(connection)
             raise
 
     def detach(self, connection: Connection) -> None:
-        """Unregister ``connection``; the backend subscription ends with the channel's last connection."""
-        connection.set_gap_handler(None)
-        if self.registry.remove(connection) and self._state is BroadcasterState.CONNECTED:
-            self._spawn(self._release(connection.channel))
+        """Unregister ``connection``; a channel's backend subscription ends with its last connection."""
+        for cursor in connection.cursors:
+            cursor.set_gap_handler(None)
+        emptied = self.registry.remove(connection)
+        if self._state is BroadcasterState.CONNECTED:
+            for channel in emptied:
+                self._spawn(self._release(channel))
 
     def connection_count(self, channel: str | None = None) -> int:
         """Return how many connections this process has, on ``channel`` or in all."""
@@ -402,68 +418,62 @@ class Broadcaster:
             lock = self._channel_locks[channel] = asyncio.Lock()
         return lock
 
-    def _on_gap(self, connection: Connection, envelope: Envelope) -> None:
+    def _on_gap(self, cursor: Cursor, envelope: Envelope) -> None:
         logger.debug(
             "gap on %r: connection #%d at %s/%d got %s/%d",
-            connection.channel,
-            connection.id,
-            connection.epoch,
-            connection.last_seq,
+            cursor.channel,
+            cursor.connection.id,
+            cursor.epoch,
+            cursor.last_seq,
             envelope.epoch,
             envelope.seq,
         )
-        self._schedule_repair(connection)
+        self._schedule_repair(cursor)
 
-    def _schedule_repair(self, connection: Connection) -> None:
-        """Hold the connection's live envelopes back and bring it up to date from history."""
-        connection.begin_buffering()
-        self._spawn(self._repair(connection))
+    def _schedule_repair(self, cursor: Cursor) -> None:
+        """Hold the cursor's live envelopes back and bring it up to date from history."""
+        cursor.begin_buffering()
+        self._spawn(self._repair(cursor))
 
-    async def _repair(self, connection: Connection) -> None:
+    async def _repair(self, cursor: Cursor) -> None:
         self._repairs += 1
         try:
-            await self._bring_up_to_date(
-                connection, ResumePoint(connection.epoch, connection.last_seq), welcome=False
-            )
+            await self._bring_up_to_date(cursor, ResumePoint(cursor.epoch, cursor.last_seq), welcome=False)
         except BackendUnavailable as exc:
-            logger.warning("cannot repair connection #%d on %r: %s", connection.id, connection.channel, exc)
+            connection = cursor.connection
+            logger.warning("cannot repair connection #%d on %r: %s", connection.id, cursor.channel, exc)
             connection.close(CloseCode.INTERNAL_ERROR, "backend unavailable; reconnect and resume")
 
-    async def _bring_up_to_date(
-        self, connection: Connection, resume: ResumePoint | None, *, welcome: bool
-    ) -> None:
-        """Queue what ``connection`` missed since ``resume`` (buffering live envelopes meanwhile)."""
-        channel = connection.channel
+    async def _bring_up_to_date(self, cursor: Cursor, resume: ResumePoint | None, *, welcome: bool) -> None:
+        """Queue what ``cursor`` missed since ``resume`` (buffering live envelopes meanwhile).
+
+        The I/O half of a resume: the decision is :func:`~rtbroadcast.protocol.resync_reason`'s.
+        """
+        channel = cursor.channel
+        connection = cursor.connection
         if resume is None:
             position = await self.backend.position(channel)
-            connection.set_position(position.epoch, position.seq)
+            cursor.set_position(position.epoch, position.seq)
             if welcome:
                 connection.push_frame(self._welcome(channel, position.epoch, position.seq, False))
-            connection.end_buffering()
+            cursor.end_buffering()
             return
         history = await self._history(channel, resume.seq)
         position = history.position
-        if position.epoch != resume.epoch:
-            reason: str | None = ResyncReason.EPOCH_CHANGED
-        elif resume.seq > position.seq:
-            reason = ResyncReason.SEQ_AHEAD
-        elif not history.complete:
-            reason = ResyncReason.HISTORY_TRIMMED
-        else:
-            reason = None
+        reason = resync_reason(resume, position.epoch, position.seq, complete=history.complete)
         if reason is None:
             if welcome:
                 connection.push_frame(self._welcome(channel, resume.epoch, resume.seq, True))
-            connection.set_position(resume.epoch, resume.seq)
+            cursor.set_position(resume.epoch, resume.seq)
             for envelope in history.envelopes:
-                connection.deliver_history(envelope)
+                cursor.deliver_history(envelope)
         else:
             self._resyncs += 1
             if welcome:
                 connection.push_frame(self._welcome(channel, position.epoch, position.seq, False))
             connection.push_frame(encode_server_frame(ResyncRequired(reason, position.epoch, position.seq)))
-            connection.set_position(position.epoch, position.seq)
-        connection.end_buffering()
+            cursor.set_position(position.epoch, position.seq)
+        cursor.end_buffering()
 
     async def _check_positions_forever(self, interval: float) -> None:
         # A connection still behind the stream top at the same seq one interval later did not merely race
@@ -489,15 +499,16 @@ class Broadcaster:
                 top = await self.backend.position(channel)
             except BackendUnavailable:
                 continue
-            for connection in self.registry.fanout(channel):
-                if connection.closed or connection.buffering:
+            for cursor in self.registry.cursors(channel):
+                connection = cursor.connection
+                if connection.closed or cursor.buffering:
                     continue
-                if connection.epoch == top.epoch and connection.last_seq >= top.seq:
+                if cursor.epoch == top.epoch and cursor.last_seq >= top.seq:
                     continue
-                here = (connection.epoch, connection.last_seq)
+                here = (cursor.epoch, cursor.last_seq)
                 if behind.get(connection.id) == here:
                     self._lost_detected += 1
-                    self._schedule_repair(connection)
+                    self._schedule_repair(cursor)
                 else:
                     still_behind[connection.id] = here
         return still_behind
@@ -582,23 +593,6 @@ class Broadcaster:
         }
 
 
-def is_valid_channel(channel: object) -> bool:
-    """Return whether ``channel`` is a valid channel name (see :func:`validate_channel`)."""
-    return isinstance(channel, str) and _CHANNEL_RE.fullmatch(channel) is not None
-
-
-def validate_channel(channel: str) -> None:
-    """Check a channel name: 1 to 256 characters, no control characters.
-
-    Raises:
-        ConfigurationError: the name is invalid.
-    """
-    if not is_valid_channel(channel):
-        raise ConfigurationError(
-            f"invalid channel name {channel!r}: use 1 to 256 characters, no control characters"
-        )
-
-
 @dataclass(frozen=True, slots=True)
 class Received(Generic[E]):
     """An event received by an in-process subscription, with its place in the stream."""
@@ -636,7 +630,8 @@ class Subscription(Generic[E]):
     @property
     def position(self) -> ResumePoint:
         """The stream position reached so far; pass it as ``resume`` to continue later."""
-        return ResumePoint(self.connection.epoch, self.connection.last_seq)
+        cursor = self.connection.cursor
+        return ResumePoint(cursor.epoch, cursor.last_seq)
 
     async def __aenter__(self) -> Self:
         await self._broadcaster.attach(self.connection, self._resume)

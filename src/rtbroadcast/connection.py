@@ -1,9 +1,14 @@
-"""One subscriber's bounded outbound queue and its place in a channel's stream.
+"""One subscriber's bounded outbound queue, shared by the cursors of the channels it follows.
 
 A :class:`Connection` is what the broadcaster fans out to: a WebSocket, an SSE response or an in-process
 subscription. Fan-out only appends to its queue (no await, no encoding); the connection's own writer
 drains the queue at whatever pace its transport allows. A connection that falls behind past its bound is
 closed, so one slow reader never holds up the others.
+
+Where the connection stands in a channel's stream (epoch, last seq, the envelopes held back during a resume,
+gap detection) is its ``Cursor`` (``rtbroadcast.cursor``) for that channel: one queue, one cursor per
+subscription. Today a connection follows exactly one channel, :attr:`Connection.cursor`; its ``channel``,
+``epoch``, ``last_seq`` and the position methods are shorthands for that cursor's.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from ._config import count
+from .cursor import Cursor
 from .protocol import CloseCode
 
 if TYPE_CHECKING:
@@ -50,39 +56,38 @@ DEFAULT_LIMITS: Final = QueueLimits()
 
 
 class Connection:
-    """A subscriber of one channel: its bounded queue, its stream position and its counters.
+    """A subscriber: its bounded outbound queue, its close state, its counters, and its cursor per channel.
 
-    The broadcaster pushes; the owner of the connection (a transport writer or an in-process iterator)
-    awaits :meth:`get`. Both run on one event loop; nothing here is thread-safe.
+    The broadcaster pushes (through the connection's cursors); the owner of the connection (a transport
+    writer or an in-process iterator) awaits :meth:`get`. Both run on one event loop; nothing here is
+    thread-safe.
+
+    Args:
+        channel: the channel the connection follows (its :attr:`cursor`).
+        limits: the bounds of its outbound queue.
     """
 
     __slots__ = (
-        "_buffer",
         "_closed",
+        "_cursors",
         "_limits",
         "_on_close",
-        "_on_gap",
         "_queue",
         "_send_now",
         "_size",
         "_waiter",
-        "channel",
         "close_code",
         "close_reason",
+        "cursor",
         "direct",
         "dropped",
-        "epoch",
         "high_water",
         "id",
-        "last_seq",
         "sent",
     )
 
     def __init__(self, channel: str, *, limits: QueueLimits = DEFAULT_LIMITS) -> None:
         self.id = next(_ids)
-        self.channel = channel
-        self.epoch = ""
-        self.last_seq = 0
         self.sent = 0
         self.dropped = 0
         self.high_water = 0
@@ -95,16 +100,39 @@ class Connection:
         self._size = 0
         self._waiter: asyncio.Future[None] | None = None
         self._closed = False
-        # While a connection is being brought up to date (attach, resume, gap repair), live envelopes wait
-        # here and are merged by seq afterwards.
-        self._buffer: list[Envelope] | None = []
         self._on_close: list[Callable[[Connection], None]] = []
-        self._on_gap: Callable[[Connection, Envelope], None] | None = None
         self._send_now: Callable[[Envelope | str], bool] | None = None
+        #: The connection's position in its channel's stream.
+        self.cursor = Cursor(channel, self)
+        self._cursors: dict[str, Cursor] = {channel: self.cursor}
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
         return f"<Connection #{self.id} {self.channel!r} seq={self.last_seq} {state}>"
+
+    @property
+    def cursors(self) -> tuple[Cursor, ...]:
+        """The connection's cursors, one per channel it follows (today exactly one: :attr:`cursor`)."""
+        return tuple(self._cursors.values())
+
+    def cursor_for(self, channel: str) -> Cursor | None:
+        """Return the connection's cursor on ``channel``, or ``None`` if it does not follow it."""
+        return self._cursors.get(channel)
+
+    @property
+    def channel(self) -> str:
+        """The channel the connection follows (its :attr:`cursor`'s)."""
+        return self.cursor.channel
+
+    @property
+    def epoch(self) -> str:
+        """The stream (epoch) the connection follows; ``""`` until attached."""
+        return self.cursor.epoch
+
+    @property
+    def last_seq(self) -> int:
+        """The seq of the last event queued (or the position set by a resume or a resync)."""
+        return self.cursor.last_seq
 
     @property
     def closed(self) -> bool:
@@ -119,41 +147,32 @@ class Connection:
     @property
     def buffering(self) -> bool:
         """Whether live events are held back while the connection is being brought up to date."""
-        return self._buffer is not None
+        return self.cursor.buffering
 
     # -- broadcaster side -----------------------------------------------------------------------
 
     def push(self, envelope: Envelope) -> None:
-        """Queue ``envelope`` if it is the next one in this connection's stream.
+        """Queue ``envelope`` if it is the next one in this connection's stream (see ``Cursor.push``).
 
         A duplicate (already delivered) is ignored; a gap or an epoch change is handed to the gap handler,
         which brings the connection up to date from history or tells the client to resync.
         """
-        if self._buffer is not None:
-            self._buffer.append(envelope)
-            return
-        seq = envelope.seq
-        if seq != self.last_seq + 1 or envelope.epoch != self.epoch:
-            if envelope.epoch == self.epoch and seq <= self.last_seq:
-                return
-            if self._on_gap is not None and not self._closed:
-                self._buffer = [envelope]
-                self._on_gap(self, envelope)
-            return
-        self.last_seq = seq
-        self._enqueue(envelope, len(envelope.data))
+        self.cursor.push(envelope)
 
     def push_frame(self, text: str) -> None:
         """Queue a protocol frame (welcome, pong, error, resync_required) ahead of nothing, in order."""
         self._enqueue(text, len(text))
 
     def _enqueue(self, item: Envelope | str, size: int) -> None:
-        if self._closed:
-            return
         queue = self._queue
         # Nothing is queued: the transport may take the frame right here, with no task switch (what
-        # websockets' broadcast() does). It declines while an earlier frame is still in flight.
-        if not queue and self._send_now is not None and self._send_now(item):
+        # websockets' broadcast() does). It declines while an earlier frame is still in flight. A closed
+        # connection has no send_now, so this comes before the check for closed, off the common path.
+        if not queue:
+            send_now = self._send_now
+            if send_now is not None and send_now(item):
+                return
+        if self._closed:
             return
         queue.append(item)
         self._size += size
@@ -165,35 +184,24 @@ class Connection:
             self.dropped += depth
             self.close(CloseCode.SLOW_CONSUMER, "fell behind its outbound queue bound")
             return
-        self.wake()
+        if self._waiter is not None:  # checked here: a call per delivery costs more than the test
+            self.wake()
 
     def begin_buffering(self) -> None:
         """Hold live envelopes back until :meth:`end_buffering`."""
-        if self._buffer is None:
-            self._buffer = []
+        self.cursor.begin_buffering()
 
     def end_buffering(self) -> None:
         """Release held-back envelopes in seq order, skipping those already delivered."""
-        buffered = self._buffer
-        self._buffer = None
-        if buffered:
-            buffered.sort(key=_seq_of)
-            for envelope in buffered:
-                if self._buffer is not None:  # a new gap started buffering again
-                    self._buffer.append(envelope)
-                else:
-                    self.push(envelope)
+        self.cursor.end_buffering()
 
     def set_position(self, epoch: str, seq: int) -> None:
         """Set the stream position the connection has reached."""
-        self.epoch = epoch
-        self.last_seq = seq
+        self.cursor.set_position(epoch, seq)
 
     def deliver_history(self, envelope: Envelope) -> None:
         """Queue an envelope read from history (the connection is buffering live ones meanwhile)."""
-        if envelope.epoch == self.epoch and envelope.seq == self.last_seq + 1:
-            self.last_seq = envelope.seq
-            self._enqueue(envelope, len(envelope.data))
+        self.cursor.deliver_history(envelope)
 
     def set_send_now(self, send_now: Callable[[Envelope | str], bool] | None) -> None:
         """Let the transport write a frame synchronously when nothing is queued.
@@ -201,12 +209,20 @@ class Connection:
         ``send_now(item)`` returns true when it took the frame (written, or handed to a writer to
         finish); false leaves the frame to be queued, e.g. while an earlier frame is still in flight.
         Whoever writes the frames in flight then drains the queue (:meth:`get_nowait`). It must not await.
+        Ignored once the connection is closed: nothing more is written.
         """
-        self._send_now = send_now
+        if not self._closed:
+            self._send_now = send_now
 
     def set_gap_handler(self, handler: Callable[[Connection, Envelope], None] | None) -> None:
-        """Call ``handler(connection, envelope)`` when a live envelope does not follow the last one."""
-        self._on_gap = handler
+        """Call ``handler(connection, envelope)`` when a live envelope does not follow the last one.
+
+        A shorthand for ``cursor.set_gap_handler``, with the connection passed.
+        """
+        if handler is None:
+            self.cursor.set_gap_handler(None)
+        else:
+            self.cursor.set_gap_handler(lambda _cursor, envelope: handler(self, envelope))
 
     def add_close_callback(self, callback: Callable[[Connection], None]) -> None:
         """Call ``callback(connection)`` once, when the connection closes (right away if it has)."""
@@ -227,7 +243,8 @@ class Connection:
         self.close_reason = reason
         self._queue.clear()
         self._size = 0
-        self._buffer = None
+        for cursor in self._cursors.values():
+            cursor.stop()
         self._send_now = None
         self.wake()
         callbacks, self._on_close = self._on_close, []
@@ -270,10 +287,6 @@ class Connection:
         item = self._queue.popleft()
         self._size -= len(item) if isinstance(item, str) else len(item.data)
         return item
-
-
-def _seq_of(envelope: Envelope) -> int:
-    return envelope.seq
 
 
 def item_text(item: Envelope | str) -> str:

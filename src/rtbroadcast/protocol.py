@@ -8,12 +8,17 @@ Server -> client frames are JSON text. Application events keep the shape their m
 the protocol's own frames are :class:`Welcome`, :class:`Pong`, :class:`ErrorFrame` and
 :class:`ResyncRequired`. Client -> server frames are :class:`Ping` only; resume points travel as query
 parameters (``epoch`` and ``last_seq``) when the connection opens.
+
+The rules that decide what goes on the wire live here too: which channel names are valid
+(:func:`is_valid_channel`), where an event's ``seq`` goes (:func:`with_seq`), and whether a client resumes
+or must resync (:func:`resync_reason`).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import IntEnum
@@ -50,8 +55,11 @@ __all__ = [
     "decode_server_frame",
     "encode_client_frame",
     "encode_server_frame",
+    "is_valid_channel",
     "parse_resume_point",
+    "resync_reason",
     "seq_prefix",
+    "validate_channel",
     "with_seq",
 ]
 
@@ -490,3 +498,50 @@ def parse_resume_point(query: Mapping[str, str]) -> ResumePoint | None:
     if len(epoch) > 128:
         raise InvalidFrame("'epoch' is longer than 128 characters")
     return ResumePoint(epoch=epoch, seq=int(last_seq))
+
+
+def resync_reason(resume: ResumePoint, epoch: str, seq: int, *, complete: bool) -> str | None:
+    """Decide whether a client at ``resume`` can be brought up to date, or why it must resync.
+
+    Args:
+        resume: where the client (or a cursor repairing a gap) left off.
+        epoch: the stream's epoch now.
+        seq: the stream's last seq now.
+        complete: whether history still holds every event after ``resume.seq`` (up to the read limit).
+
+    Returns:
+        ``None`` when the events after ``resume.seq`` can be replayed from history (the client resumes);
+        otherwise the :class:`ResyncReason` to send in a :class:`ResyncRequired`, checked in this order:
+        another epoch (``epoch_changed``), a seq beyond the stream's top (``seq_ahead``), missing history
+        (``history_trimmed``). There is no partial recovery: a client either gets every missed event or
+        resyncs.
+    """
+    if epoch != resume.epoch:
+        return ResyncReason.EPOCH_CHANGED
+    if resume.seq > seq:
+        return ResyncReason.SEQ_AHEAD
+    if not complete:
+        return ResyncReason.HISTORY_TRIMMED
+    return None
+
+
+# -- channel names ---------------------------------------------------------------------------------
+
+_CHANNEL_RE: Final = re.compile(r"[^\x00-\x1f\x7f]{1,256}")
+
+
+def is_valid_channel(channel: object) -> bool:
+    """Return whether ``channel`` is a valid channel name (see :func:`validate_channel`)."""
+    return isinstance(channel, str) and _CHANNEL_RE.fullmatch(channel) is not None
+
+
+def validate_channel(channel: str) -> None:
+    """Check a channel name: 1 to 256 characters, no control characters.
+
+    Raises:
+        ConfigurationError: the name is invalid.
+    """
+    if not is_valid_channel(channel):
+        raise ConfigurationError(
+            f"invalid channel name {channel!r}: use 1 to 256 characters, no control characters"
+        )

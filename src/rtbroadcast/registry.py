@@ -1,4 +1,9 @@
-"""Which connections listen to which channel, with the counters health endpoints report."""
+"""Which connections listen to which channel, with the counters health endpoints report.
+
+The registry maps each channel to the cursors that follow it (one per subscription, each knowing its
+connection), so fan-out goes channel -> cursors -> each cursor's connection queue. Connections are counted
+apart from cursors: one connection may follow several channels, through one cursor each.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ from dataclasses import dataclass, field
 
 from ._config import optional_count
 from .connection import Connection
+from .cursor import Cursor
 from .errors import ConnectionLimitReached
 from .protocol import CloseCode
 
@@ -41,7 +47,7 @@ class RegistryStats:
 
 
 class ConnectionRegistry:
-    """Per-channel sets of connections, kept with a ready tuple for fan-out.
+    """Per-channel sets of cursors, kept with a ready tuple for fan-out, and the connections they belong to.
 
     Args:
         max_connections: connections allowed in this process (``None``: unlimited).
@@ -58,65 +64,82 @@ class ConnectionRegistry:
         self.max_connections_per_channel = optional_count(
             "max_connections_per_channel", max_connections_per_channel, minimum=1
         )
-        self._channels: dict[str, set[Connection]] = {}
+        self._channels: dict[str, set[Cursor]] = {}
         # Fan-out iterates a tuple, so that a connection closing mid-loop cannot disturb the iteration.
-        self._fanout: dict[str, tuple[Connection, ...]] = {}
-        self._count = 0
+        self._fanout: dict[str, tuple[Cursor, ...]] = {}
+        # Registered connections, in registration order, with how many of their cursors are registered.
+        self._connections: dict[Connection, int] = {}
         self._sent_closed = 0
         self._dropped_closed = 0
         self._high_water = 0
         self._slow_closed = 0
 
     def __len__(self) -> int:
-        return self._count
+        return len(self._connections)
 
     def __iter__(self) -> Iterator[Connection]:
-        for connections in list(self._channels.values()):
-            yield from list(connections)
+        yield from list(self._connections)
 
     def add(self, connection: Connection) -> None:
-        """Register ``connection`` under its channel.
+        """Register ``connection`` under each channel it follows (one cursor each).
+
+        Nothing is registered when a limit would be passed.
 
         Raises:
             ConnectionLimitReached: a per-process or per-channel limit would be passed.
         """
-        channel = connection.channel
-        members = self._channels.get(channel)
-        if self.max_connections is not None and self._count >= self.max_connections:
-            raise ConnectionLimitReached("per-process", self.max_connections)
+        cursors = [c for c in connection.cursors if c not in self._channels.get(c.channel, ())]
+        limit = self.max_connections
+        if limit is not None and connection not in self._connections and len(self._connections) >= limit:
+            raise ConnectionLimitReached("per-process", limit)
         limit = self.max_connections_per_channel
-        if limit is not None and members is not None and len(members) >= limit:
-            raise ConnectionLimitReached("per-channel", limit)
-        if members is None:
-            members = self._channels[channel] = set()
-        if connection not in members:
-            members.add(connection)
-            self._count += 1
+        if limit is not None:
+            for cursor in cursors:
+                if len(self._channels.get(cursor.channel, ())) >= limit:
+                    raise ConnectionLimitReached("per-channel", limit)
+        registered = self._connections.get(connection, 0)
+        for cursor in cursors:
+            channel = cursor.channel
+            members = self._channels.get(channel)
+            if members is None:
+                members = self._channels[channel] = set()
+            members.add(cursor)
             self._fanout[channel] = tuple(members)
+            registered += 1
+        self._connections[connection] = registered
 
-    def remove(self, connection: Connection) -> bool:
-        """Unregister ``connection``; return whether its channel has no connection left."""
-        channel = connection.channel
-        members = self._channels.get(channel)
-        if members is None or connection not in members:
-            return False
-        members.remove(connection)
-        self._count -= 1
+    def remove(self, connection: Connection) -> list[str]:
+        """Unregister ``connection``; return the channels it leaves without any connection."""
+        if connection not in self._connections:
+            return []
+        del self._connections[connection]
         self._sent_closed += connection.sent
         self._dropped_closed += connection.dropped
         self._high_water = max(self._high_water, connection.high_water)
         if connection.close_code == CloseCode.SLOW_CONSUMER:
             self._slow_closed += 1
-        if members:
-            self._fanout[channel] = tuple(members)
-            return False
-        del self._channels[channel]
-        del self._fanout[channel]
-        return True
+        emptied = []
+        for cursor in connection.cursors:
+            channel = cursor.channel
+            members = self._channels.get(channel)
+            if members is None or cursor not in members:
+                continue
+            members.remove(cursor)
+            if members:
+                self._fanout[channel] = tuple(members)
+            else:
+                del self._channels[channel]
+                del self._fanout[channel]
+                emptied.append(channel)
+        return emptied
+
+    def cursors(self, channel: str) -> tuple[Cursor, ...]:
+        """Return the cursors that follow ``channel`` (an empty tuple if none): what fan-out iterates."""
+        return self._fanout.get(channel, ())
 
     def fanout(self, channel: str) -> tuple[Connection, ...]:
         """Return the connections of ``channel`` (an empty tuple if none)."""
-        return self._fanout.get(channel, ())
+        return tuple(cursor.connection for cursor in self._fanout.get(channel, ()))
 
     def channels(self) -> list[str]:
         """Return the channels that have at least one connection."""
@@ -125,18 +148,18 @@ class ConnectionRegistry:
     def count(self, channel: str | None = None) -> int:
         """Return the number of connections, on ``channel`` or in all."""
         if channel is None:
-            return self._count
+            return len(self._connections)
         return len(self._channels.get(channel, ()))
 
     def stats(self) -> RegistryStats:
         """Return a snapshot of the counters."""
         sent, dropped, high = self._sent_closed, self._dropped_closed, self._high_water
-        for connection in self:
+        for connection in self._connections:
             sent += connection.sent
             dropped += connection.dropped
             high = max(high, connection.high_water)
         return RegistryStats(
-            connections=self._count,
+            connections=len(self._connections),
             channels={channel: len(members) for channel, members in self._channels.items()},
             messages_sent=sent,
             messages_dropped=dropped,
