@@ -460,12 +460,16 @@ class Broadcaster:
             return
         history = await self._history(channel, resume.seq)
         position = history.position
-        reason = resync_reason(resume, position.epoch, position.seq, complete=history.complete)
+        missed = history.envelopes
+        # Missed events are queued at once, before anything is written: more than the queue holds would
+        # close the connection as a slow consumer on every reconnect, so the client resyncs instead.
+        fits = connection.has_room(len(missed) + 1, sum(len(envelope.data) for envelope in missed))
+        reason = resync_reason(resume, position.epoch, position.seq, complete=history.complete, fits=fits)
         if reason is None:
             if welcome:
                 connection.push_frame(self._welcome(channel, resume.epoch, resume.seq, True))
             cursor.set_position(resume.epoch, resume.seq)
-            for envelope in history.envelopes:
+            for envelope in missed:
                 cursor.deliver_history(envelope)
         else:
             self._resyncs += 1

@@ -144,6 +144,11 @@ class Connection:
         """Frames waiting to be written."""
         return len(self._queue)
 
+    def has_room(self, messages: int, size: int) -> bool:
+        """Whether ``messages`` more frames, ``size`` characters in all, fit within the queue's bounds now."""
+        limits = self._limits
+        return len(self._queue) + messages <= limits.max_messages and self._size + size <= limits.max_size
+
     @property
     def buffering(self) -> bool:
         """Whether live events are held back while the connection is being brought up to date."""

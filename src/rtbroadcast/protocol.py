@@ -130,6 +130,9 @@ class ResyncReason:
     #: The events after the client's ``last_seq`` are no longer all in history (trimmed by size or age),
     #: or more were missed than one resume may replay (the broadcaster's ``max_resume``, 1000 by default).
     HISTORY_TRIMMED: Final = "history_trimmed"
+    #: More events were missed than the connection's outbound queue holds (``QueueLimits``): replaying
+    #: them would close it as a slow consumer on every reconnect. Reload the snapshot instead.
+    TOO_FAR_BEHIND: Final = "too_far_behind"
     #: The client's ``last_seq`` is ahead of the stream: it belongs to some other stream.
     SEQ_AHEAD: Final = "seq_ahead"
     #: The server lost contact with the backend and may have missed events.
@@ -500,7 +503,9 @@ def parse_resume_point(query: Mapping[str, str]) -> ResumePoint | None:
     return ResumePoint(epoch=epoch, seq=int(last_seq))
 
 
-def resync_reason(resume: ResumePoint, epoch: str, seq: int, *, complete: bool) -> str | None:
+def resync_reason(
+    resume: ResumePoint, epoch: str, seq: int, *, complete: bool, fits: bool = True
+) -> str | None:
     """Decide whether a client at ``resume`` can be brought up to date, or why it must resync.
 
     Args:
@@ -508,13 +513,14 @@ def resync_reason(resume: ResumePoint, epoch: str, seq: int, *, complete: bool) 
         epoch: the stream's epoch now.
         seq: the stream's last seq now.
         complete: whether history still holds every event after ``resume.seq`` (up to the read limit).
+        fits: whether the missed events fit in the connection's outbound queue at once.
 
     Returns:
         ``None`` when the events after ``resume.seq`` can be replayed from history (the client resumes);
         otherwise the :class:`ResyncReason` to send in a :class:`ResyncRequired`, checked in this order:
         another epoch (``epoch_changed``), a seq beyond the stream's top (``seq_ahead``), missing history
-        (``history_trimmed``). There is no partial recovery: a client either gets every missed event or
-        resyncs.
+        (``history_trimmed``), more missed events than the connection's queue holds (``too_far_behind``).
+        There is no partial recovery: a client either gets every missed event or resyncs.
     """
     if epoch != resume.epoch:
         return ResyncReason.EPOCH_CHANGED
@@ -522,6 +528,8 @@ def resync_reason(resume: ResumePoint, epoch: str, seq: int, *, complete: bool) 
         return ResyncReason.SEQ_AHEAD
     if not complete:
         return ResyncReason.HISTORY_TRIMMED
+    if not fits:
+        return ResyncReason.TOO_FAR_BEHIND
     return None
 
 
