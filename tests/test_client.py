@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from rtbroadcast import Broadcaster, CloseCode, Event, ResumePoint
+from rtbroadcast import Broadcaster, CloseCode, ConfigurationError, Event, ResumePoint
 from rtbroadcast.asgi import ConnectionRequest, Deny
 from rtbroadcast.backends.redis import RedisBackend
 from rtbroadcast.client import (
@@ -456,3 +456,19 @@ async def test_an_expired_token_is_refreshed_and_the_stream_resumes() -> None:
     assert [r.event.n for r in got] == list(range(5))
     assert asked == [("refused", CloseCode.FORBIDDEN)]
     assert client.stats.attempts == 3 and client.stats.resumed == 1 and client.token == "t2"
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"heartbeat_timeout": float("nan")}, r"^heartbeat_timeout must be a finite number of seconds > 0"),
+        ({"connect_timeout": float("inf")}, r"^connect_timeout must be a finite number of seconds > 0"),
+        ({"stable_after": "5"}, r"^stable_after must be a finite number of seconds > 0"),
+        ({"heartbeat_interval": 0}, r"^heartbeat_interval must be a finite number of seconds > 0 or None"),
+        ({"max_retries": -1}, r"^max_retries must be an integer >= 0 or None"),
+        ({"max_retries": 2.5}, r"^max_retries must be an integer >= 0 or None"),
+    ],
+)
+def test_nonsense_client_options_are_refused_naming_the_option(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        Client("ws://127.0.0.1:1/ws", **options)

@@ -40,6 +40,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from pydantic import BaseModel, ValidationError
 
+from ._config import optional_count, optional_seconds, seconds
 from .errors import ConfigurationError, InvalidEvent, ProtocolError, RTBroadcastError
 from .events import Event, EventRegistry, registry
 from .protocol import (
@@ -375,17 +376,11 @@ class Client:
         parts = urlsplit(url)
         if parts.scheme not in ("ws", "wss") or not parts.netloc:
             raise ConfigurationError(f"url must be a ws:// or wss:// address, not {url!r}")
-        for name, value in (
-            ("stable_after", stable_after),
-            ("heartbeat_timeout", heartbeat_timeout),
-            ("connect_timeout", connect_timeout),
-        ):
-            if not value > 0:
-                raise ConfigurationError(f"{name} must be a positive number of seconds, not {value!r}")
-        if heartbeat_interval is not None and not heartbeat_interval > 0:
-            raise ConfigurationError(f"heartbeat_interval must be positive, not {heartbeat_interval!r}")
-        if max_retries is not None and max_retries < 0:
-            raise ConfigurationError(f"max_retries must be >= 0 or None, not {max_retries!r}")
+        seconds("stable_after", stable_after)
+        seconds("heartbeat_timeout", heartbeat_timeout)
+        seconds("connect_timeout", connect_timeout)
+        optional_seconds("heartbeat_interval", heartbeat_interval)
+        optional_count("max_retries", max_retries, minimum=0)
         if not isinstance(backoff, Backoff):
             raise ConfigurationError(f"backoff must be a Backoff, not {type(backoff).__name__}")
         self.url = url
