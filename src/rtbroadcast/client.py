@@ -47,6 +47,7 @@ from .protocol import (
     CloseCode,
     ErrorFrame,
     EventFrame,
+    EventVerdict,
     ObservedCloseCode,
     Ping,
     Pong,
@@ -55,6 +56,7 @@ from .protocol import (
     Welcome,
     decode_server_frame,
     encode_client_frame,
+    judge_event,
 )
 
 if TYPE_CHECKING:
@@ -67,10 +69,10 @@ __all__ = [
     "ClientState",
     "ClientStats",
     "CloseAction",
-    "Cursor",
     "DisconnectInfo",
     "Received",
     "Refused",
+    "ResumeTracker",
     "ResyncInfo",
     "Subscription",
     "SubscriptionStats",
@@ -110,33 +112,31 @@ class Unreachable(ClientError, ConnectionError):
 
 # -- sans I/O: position, verdicts, backoff, close codes ------------------------------------------
 
-#: What to do with an event: apply it, drop it (already applied), or reconnect (a seq was skipped).
-Verdict: TypeAlias = Literal["apply", "duplicate", "gap"]
+#: What to do with an event (:func:`rtbroadcast.protocol.judge_event` decides): ``apply`` it, drop it as
+#: a ``duplicate``, reconnect on a ``gap``, or ``ignore`` it (no position yet, or another stream's).
+Verdict: TypeAlias = EventVerdict
 
 
-class Cursor:
-    """One subscription's position in its channel's stream: the last event applied, or a snapshot's.
+class ResumeTracker:
+    """One subscription's place in its channel's stream: the last event applied, or a snapshot's position.
 
-    Sans I/O (no sockets, no clock), so a client on another platform can copy it line by line.
+    What the client resumes from after a drop. Sans I/O (no sockets, no clock), so a client on another
+    platform can copy it line by line; the decision itself is :func:`rtbroadcast.protocol.judge_event`.
+    (The server's :class:`rtbroadcast.cursor.Cursor` is the other end: where a server-side subscription
+    stands in what it delivered.)
     """
 
     def __init__(self, position: Position | None = None) -> None:
         self.position: ResumePoint | None = None if position is None else _position(position)
 
-    def judge(self, seq: int) -> Verdict | None:
-        """Judge an event at ``seq``; ``None`` while there is no position (the welcome sets one)."""
-        if self.position is None:
-            return None
-        if seq <= self.position.seq:
-            return "duplicate"
-        if seq == self.position.seq + 1:
-            return "apply"
-        return "gap"
+    def judge(self, seq: int, epoch: str | None = None) -> Verdict:
+        """Judge an event at ``seq`` of the stream in ``epoch`` (``None``: the position's own)."""
+        return judge_event(self.position, seq, epoch=epoch)
 
     def advance(self, seq: int) -> None:
         """Record that the event at ``seq`` was applied."""
         if self.position is None:
-            raise RuntimeError("advance() before the cursor has a position")
+            raise RuntimeError("advance() before the tracker has a position")
         self.position = ResumePoint(self.position.epoch, seq)
 
     def reset(self, position: Position | None) -> None:
@@ -532,7 +532,7 @@ class Subscription(Generic[E]):
         self._expected_channel = channel
         self._params = dict(params or {})
         self._model = model
-        self._cursor = Cursor(position)
+        self._tracker = ResumeTracker(position)
         self._resync_callback = resync
         #: Counters: events applied, duplicates dropped, gaps seen, resyncs run.
         self.stats = SubscriptionStats()
@@ -564,7 +564,7 @@ class Subscription(Generic[E]):
     @property
     def position(self) -> ResumePoint | None:
         """The last event applied (or the snapshot's position); ``None`` before the first welcome."""
-        return self._cursor.position
+        return self._tracker.position
 
     def resync(self) -> None:
         """Reload the snapshot through the ``resync`` callback before the next event is returned."""
@@ -718,11 +718,11 @@ class Subscription(Generic[E]):
         if reason is not None:
             self.stats.resyncs += 1
             if self._resync_callback is None:
-                self._cursor.reset(None)  # start at the server's current position
+                self._tracker.reset(None)  # start at the server's current position
             else:
                 try:
                     snapshot = await self._resync_callback(ResyncInfo(reason, self._channel))
-                    self._cursor.reset(_position(snapshot))
+                    self._tracker.reset(_position(snapshot))
                 except Exception as exc:
                     client._report(_failed(f"resync ({reason}) failed", exc))
                     raise _Closed(_ABNORMAL, "resync failed") from None
@@ -744,7 +744,7 @@ class Subscription(Generic[E]):
         replaced = {"epoch", "last_seq", self._client.token_param, *self._params}
         query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in replaced]
         query += list(self._params.items())
-        query += list(self._cursor.resume_params().items())
+        query += list(self._tracker.resume_params().items())
         if self._client.token is not None:
             query.append((self._client.token_param, self._client.token))
         return urlunsplit(parts._replace(query=urlencode(query)))
@@ -756,7 +756,7 @@ class Subscription(Generic[E]):
 
         client = self._client
         client.stats.attempts += 1
-        self._attempt_from = self._cursor.position
+        self._attempt_from = self._tracker.position
         ws: ClientConnection | None = None
         try:
             async with asyncio.timeout(client.connect_timeout):
@@ -819,8 +819,8 @@ class Subscription(Generic[E]):
         client.stats.resumed += welcome.resumed
         # Without a position, start at the channel's current one. With one, either the resume succeeded,
         # or a resync_required follows at once.
-        if self._cursor.position is None:
-            self._cursor.reset(ResumePoint(welcome.epoch, welcome.seq))
+        if self._tracker.position is None:
+            self._tracker.reset(ResumePoint(welcome.epoch, welcome.seq))
         interval = client.heartbeat_interval or welcome.heartbeat_interval
         interval = max(0.1, interval)
         self._read_timeout = interval + client.heartbeat_timeout
@@ -872,12 +872,12 @@ class Subscription(Generic[E]):
         return None
 
     def _event(self, frame: EventFrame) -> Received[E] | None:
-        position = self._cursor.position
-        # An event of another stream than the position's: a resync_required is on its way (the resume
-        # failed), or the snapshot came from another epoch and a reconnect is under way.
-        if position is None or position.epoch != self._stream_epoch:
+        position = self._tracker.position
+        # "ignore": an event of another stream than the position's: a resync_required is on its way (the
+        # resume failed), or the snapshot came from another epoch and a reconnect is under way.
+        verdict = self._tracker.judge(frame.seq, self._stream_epoch)
+        if verdict == "ignore" or position is None:
             return None
-        verdict = self._cursor.judge(frame.seq)
         if verdict == "duplicate":
             self.stats.duplicates += 1
             return None
@@ -888,7 +888,7 @@ class Subscription(Generic[E]):
             self._client._report(ClientError(f"gap: expected seq {position.seq + 1}, received {frame.seq}"))
             self._drop_connection(f"gap after seq {position.seq}")
             return None
-        self._cursor.advance(frame.seq)
+        self._tracker.advance(frame.seq)
         self.stats.applied += 1
         channel = self._channel or ""
         return Received(channel, frame.seq, self._decode(frame))
@@ -926,7 +926,7 @@ class Subscription(Generic[E]):
                     info.reason,
                     self._channel,
                 )
-                self._cursor.reset(ResumePoint(info.epoch, info.seq))
+                self._tracker.reset(ResumePoint(info.epoch, info.seq))
             return
         # Kept until the callback returns: an iteration cancelled meanwhile (a timeout around it) runs it
         # again next time instead of going on from a position the stream has left.
@@ -941,7 +941,7 @@ class Subscription(Generic[E]):
             self._drop_connection("resync failed")
             return
         self._pending_resync = None
-        self._cursor.reset(position)
+        self._tracker.reset(position)
         stream_epoch = info.epoch or self._stream_epoch
         if self._ws is not None and stream_epoch is not None and position.epoch != stream_epoch:
             # The snapshot belongs to another stream than this connection's (the server restarted between
