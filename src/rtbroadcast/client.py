@@ -53,6 +53,7 @@ from .protocol import (
     Pong,
     ResumePoint,
     ResyncRequired,
+    ServerFrame,
     Welcome,
     decode_server_frame,
     encode_client_frame,
@@ -94,12 +95,17 @@ Position: TypeAlias = ResumePoint | tuple[str, int]
 
 
 class ClientError(RTBroadcastError):
-    """The client stopped, or reports a problem; ``code`` is the close code (or HTTP status) if any."""
+    """The client stopped, or reports a problem.
 
-    def __init__(self, message: str, code: int | None = None) -> None:
+    ``code`` is the close code if any (a refused handshake counts as the close code it stands for: HTTP
+    401/403 as ``4003``, 400/404 as ``4004``); ``status`` is the HTTP status of a refused handshake.
+    """
+
+    def __init__(self, message: str, code: int | None = None, *, status: int | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.code = code
+        self.status = status
 
 
 class Refused(ClientError):
@@ -275,6 +281,8 @@ class ClientStats:
     resumed: int = 0
     #: Connections declared dead by the heartbeat.
     heartbeat_timeouts: int = 0
+    #: Seconds between the last ``ping`` and the ``pong`` that answered it; ``None`` before the first.
+    round_trip: float | None = None
 
 
 @dataclass(slots=True)
@@ -307,10 +315,11 @@ _BAD_STATUSES: Final = frozenset({400, 404})
 class _Closed(Exception):
     """The current connection ended with ``code`` (internal: turned into a retry, a stop or an end)."""
 
-    def __init__(self, code: int, reason: str) -> None:
+    def __init__(self, code: int, reason: str, status: int | None = None) -> None:
         super().__init__(code, reason)
         self.code = code
         self.reason = reason
+        self.status = status
 
 
 class _Ended(Exception):
@@ -349,6 +358,10 @@ class Client:
         on_disconnect: called when a connection ends, with what happens next.
         on_error: called with problems that do not stop the client (an ``error`` frame, an unreadable
             frame, a failed ``resync``); default: logged on the ``rtbroadcast.client`` logger.
+        on_connecting: called before each connection attempt with the URL it opens (the resume
+            parameters and the token included: mind where you log it).
+        on_frame: called with every frame the server sends (decoded: a :class:`~rtbroadcast.Welcome`,
+            an event, a pong...) before the client acts on it; for tools, traces and tests.
 
     Raises:
         ConfigurationError: an option is invalid.
@@ -372,6 +385,8 @@ class Client:
         on_connect: Callable[[Welcome], object] | None = None,
         on_disconnect: Callable[[DisconnectInfo], object] | None = None,
         on_error: Callable[[ClientError], object] | None = None,
+        on_connecting: Callable[[str], object] | None = None,
+        on_frame: Callable[[ServerFrame], object] | None = None,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("ws", "wss") or not parts.netloc:
@@ -398,6 +413,8 @@ class Client:
         self.on_connect = on_connect
         self.on_disconnect = on_disconnect
         self.on_error = on_error
+        self.on_connecting = on_connecting
+        self.on_frame = on_frame
         #: Counters of the connection state machine.
         self.stats = ClientStats()
         self._state: ClientState = "idle"
@@ -553,6 +570,8 @@ class Subscription(Generic[E]):
         self._restart_reason: str | None = "initial" if position is None and resync is not None else None
         self._requested = False
         self._pending_resync: ResyncInfo | None = None
+        self._status: int | None = None  # the HTTP status of the last refused handshake
+        self._ping_sent: float | None = None
         self._closed = asyncio.Event()
         self._busy = False
 
@@ -757,11 +776,15 @@ class Subscription(Generic[E]):
         client = self._client
         client.stats.attempts += 1
         self._attempt_from = self._tracker.position
+        self._status = None
+        url = self._url()
+        if client.on_connecting is not None:
+            client.on_connecting(url)
         ws: ClientConnection | None = None
         try:
             async with asyncio.timeout(client.connect_timeout):
                 ws = await connect(
-                    self._url(),
+                    url,
                     additional_headers=client.headers,
                     open_timeout=None,  # the timeout above covers the handshake and the welcome
                     ping_interval=None,  # the JSON heartbeat below sees dead connections instead
@@ -772,8 +795,10 @@ class Subscription(Generic[E]):
         except InvalidStatus as exc:
             status = exc.response.status_code
             if status in _FORBIDDEN_STATUSES:
+                self._status = status
                 raise _Closed(int(CloseCode.FORBIDDEN), f"HTTP {status} on the handshake") from None
             if status in _BAD_STATUSES:
+                self._status = status
                 raise _Closed(int(CloseCode.BAD_REQUEST), f"HTTP {status} on the handshake") from None
             raise _Closed(_ABNORMAL, f"HTTP {status} on the handshake") from None
         except ConnectionClosed as exc:
@@ -795,6 +820,8 @@ class Subscription(Generic[E]):
         except ProtocolError as exc:
             frame = None
             client._report(ClientError(f"unreadable first frame: {exc}"))
+        if frame is not None and client.on_frame is not None:
+            client.on_frame(frame)
         if not isinstance(frame, Welcome):
             _abort(ws)
             raise _Closed(_ABNORMAL, "the first frame was not a welcome")
@@ -824,7 +851,10 @@ class Subscription(Generic[E]):
         interval = client.heartbeat_interval or welcome.heartbeat_interval
         interval = max(0.1, interval)
         self._read_timeout = interval + client.heartbeat_timeout
-        self._pinger = asyncio.get_running_loop().create_task(_ping(ws, interval), name="rtbroadcast-ping")
+        self._ping_sent = None
+        self._pinger = asyncio.get_running_loop().create_task(
+            self._ping(ws, interval), name="rtbroadcast-ping"
+        )
         client._state = "connected"
         if client.on_connect is not None:
             client.on_connect(welcome)
@@ -858,6 +888,11 @@ class Subscription(Generic[E]):
         except ProtocolError as exc:
             self._client._report(ClientError(f"unreadable frame ({exc}): {text[:200]}"))
             return None
+        if isinstance(frame, Pong) and self._ping_sent is not None:
+            self._client.stats.round_trip = time.monotonic() - self._ping_sent
+            self._ping_sent = None
+        if self._client.on_frame is not None:
+            self._client.on_frame(frame)
         if isinstance(frame, EventFrame):
             return self._event(frame)
         if isinstance(frame, ResyncRequired):
@@ -867,8 +902,6 @@ class Subscription(Generic[E]):
             self._client._report(ClientError(f"the server rejected a frame: {frame.code}: {frame.message}"))
         elif isinstance(frame, Welcome):
             self._client._report(ClientError("a second welcome on one connection: ignored"))
-        elif isinstance(frame, Pong):
-            pass
         return None
 
     def _event(self, frame: EventFrame) -> Received[E] | None:
@@ -1005,7 +1038,8 @@ class Subscription(Generic[E]):
 
     def _stop(self, code: int, reason: str) -> NoReturn:
         self._notify(code, reason, None)
-        raise Refused(f"the server refused the connection: {code} {reason}".rstrip(), code)
+        status, self._status = self._status, None
+        raise Refused(f"the server refused the connection: {code} {reason}".rstrip(), code, status=status)
 
     def _notify(self, code: int, reason: str, retry_in: float | None) -> None:
         client = self._client
@@ -1016,6 +1050,17 @@ class Subscription(Generic[E]):
         if client.on_disconnect is not None:
             retry = 0 if retry_in is None else self._retry
             client.on_disconnect(DisconnectInfo(code, reason, retry_in, retry))
+
+    async def _ping(self, ws: ClientConnection, interval: float) -> None:
+        from websockets.exceptions import ConnectionClosed
+
+        try:
+            while True:
+                await asyncio.sleep(interval)
+                self._ping_sent = time.monotonic()
+                await ws.send(_PING)
+        except ConnectionClosed:
+            return
 
     async def _disconnect(self, *, graceful: bool) -> None:
         ws, self._ws = self._ws, None
@@ -1031,17 +1076,6 @@ class Subscription(Generic[E]):
         else:
             _abort(ws)
             await ws.wait_closed()
-
-
-async def _ping(ws: ClientConnection, interval: float) -> None:
-    from websockets.exceptions import ConnectionClosed
-
-    try:
-        while True:
-            await asyncio.sleep(interval)
-            await ws.send(_PING)
-    except ConnectionClosed:
-        return
 
 
 def _abort(ws: ClientConnection | None) -> None:
