@@ -32,6 +32,7 @@ import contextlib
 import logging
 import random
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -54,6 +55,7 @@ from .protocol import (
     ResumePoint,
     ResyncRequired,
     ServerFrame,
+    Subscribed,
     Welcome,
     decode_server_frame,
     encode_client_frame,
@@ -492,7 +494,7 @@ class Client:
             raise ClientError(
                 "protocol 1 carries one channel per connection: this client already has its subscription"
             )
-        subscription: Subscription[Any] = Subscription(
+        subscription: Subscription[Any] = _SingleSubscription(
             self, channel=channel, params=params, model=model, position=position, resync=resync
         )
         self._subscription = subscription
@@ -522,13 +524,14 @@ class Client:
             logger.warning("%s", error)
 
 
-class Subscription(Generic[E]):
+class Subscription(ABC, Generic[E]):
     """One channel's stream as the application sees it: events in seq order, each once.
 
     Created by :meth:`Client.subscribe`. Iterating it yields :class:`~rtbroadcast.Received` items (the
     event, its ``seq`` and its channel) and drives the connection: it connects, reconnects and resyncs
     as needed, and raises :class:`Refused` or :class:`Unreachable` when it stops for good. Iteration
-    ends when the server closes with ``1000`` or the client is closed.
+    ends when the server closes with ``1000``, the client is closed, or (protocol 2) the subscription is
+    closed or ended by the server.
 
     An event that does not decode into the subscription's ``model`` raises
     :class:`~rtbroadcast.InvalidEvent`; the position has moved past it, so iteration can go on.
@@ -538,47 +541,28 @@ class Subscription(Generic[E]):
         self,
         client: Client,
         *,
-        channel: str | None,
-        params: Mapping[str, str] | None,
         model: type[Any] | None,
         position: Position | None,
         resync: ResyncCallback | None,
     ) -> None:
         self._client = client
-        self._channel = channel
-        self._expected_channel = channel
-        self._params = dict(params or {})
         self._model = model
         self._tracker = ResumeTracker(position)
         self._resync_callback = resync
         #: Counters: events applied, duplicates dropped, gaps seen, resyncs run.
         self.stats = SubscriptionStats()
-        #: The last ``welcome`` received.
-        self.welcome: Welcome | None = None
-        self._ws: ClientConnection | None = None
-        self._pinger: asyncio.Task[None] | None = None
-        self._read_timeout = 0.0
-        self._stream_epoch: str | None = None  # the epoch of the events the connection delivers now
-        self._connected_at = 0.0
-        self._retry = 0  # retries since the last stable connection: the backoff's step
-        self._failures = 0  # attempts in a row without a welcome: for max_retries
-        self._next_delay: float | None = None
-        self._attempt_from: ResumePoint | None = None
-        self._stalled_resumes = 0
-        self._welcomed_attempt = False
-        self._drop_reason: str | None = None
-        self._restart_reason: str | None = "initial" if position is None and resync is not None else None
         self._requested = False
-        self._pending_resync: ResyncInfo | None = None
-        self._status: int | None = None  # the HTTP status of the last refused handshake
-        self._ping_sent: float | None = None
-        self._closed = asyncio.Event()
         self._busy = False
 
     @property
+    @abstractmethod
     def channel(self) -> str | None:
         """The channel: as given to :meth:`Client.subscribe`, else from the server's welcome."""
-        return self._channel
+
+    @property
+    def client(self) -> Client:
+        """The client that carries this subscription."""
+        return self._client
 
     @property
     def position(self) -> ResumePoint | None:
@@ -591,21 +575,31 @@ class Subscription(Generic[E]):
             raise ClientError("resync() needs a resync callback: pass resync= to Client.subscribe()")
         self._requested = True
 
-    async def connected(self) -> Welcome:
-        """Connect now if not connected, and return the connection's ``welcome`` (handy in tests).
+    @abstractmethod
+    async def connected(self) -> Welcome | Subscribed:
+        """Connect now if not connected; return the ``welcome`` (protocol 1) or ``subscribed`` (2).
 
-        Events that follow the welcome wait on the connection until the subscription is iterated.
+        Events that follow wait until the subscription is iterated (handy in tests: publish after it).
 
         Raises:
             Refused, Unreachable: as iteration would.
         """
-        async with self._turn():
-            try:
-                await self._stopping_on_errors(self._connection())
-            except StopAsyncIteration:
-                raise ClientError("the subscription is closed") from None
-        assert self.welcome is not None
-        return self.welcome
+
+    @abstractmethod
+    async def close(self) -> None:
+        """End the subscription (protocol 1: close the connection with code 1000) and its iteration."""
+
+    @abstractmethod
+    async def __anext__(self) -> Received[E]:
+        """Return the next event in seq order, connecting, resuming and resyncing as needed.
+
+        Raises:
+            Refused: the server refused the connection and no fresh token came.
+            Unreachable: ``max_retries`` attempts in a row failed.
+            InvalidEvent: the event does not decode into the subscription's model.
+            ClientError: the server confirmed another channel than the one subscribed to, or refused
+                the subscription (protocol 2: ``code`` is ``None``, the message names the error code).
+        """
 
     # The bound is the helper's point: its error says how many events did arrive.
     async def take(self, count: int, *, timeout: float = 10.0) -> list[Received[E]]:  # noqa: ASYNC109
@@ -626,12 +620,6 @@ class Subscription(Generic[E]):
             raise ClientError(f"the stream ended after {len(received)} of {count} events") from None
         return received
 
-    async def close(self) -> None:
-        """Close the connection (code 1000) and end the iteration."""
-        self._closed.set()
-        self._client._state = "closed"
-        await self._disconnect(graceful=True)
-
     async def __aenter__(self) -> Self:
         return self
 
@@ -646,15 +634,115 @@ class Subscription(Generic[E]):
     def __aiter__(self) -> Self:
         return self
 
-    async def __anext__(self) -> Received[E]:
-        """Return the next event in seq order, connecting, resuming and resyncing as needed.
+    @contextlib.asynccontextmanager
+    async def _turn(self) -> Any:
+        if self._busy:
+            raise ClientError("the subscription is already being read by another task")
+        self._busy = True
+        try:
+            yield
+        finally:
+            self._busy = False
+
+    def _decode(self, frame: EventFrame) -> E:
+        event: E = _decode_event(frame, self._model, self._client.events)
+        return event
+
+
+def _decode_event(frame: EventFrame, model: type[Any] | None, events: EventRegistry) -> Any:
+    """Decode an event frame into ``model`` (see :meth:`Client.subscribe`), or a ``dict`` without one.
+
+    Raises:
+        InvalidEvent: the event does not fit the model.
+        ConfigurationError: ``model`` is not a pydantic model class.
+    """
+    obj = {"type": frame.type, **frame.data}
+    if model is None:
+        return obj
+    try:
+        if isinstance(model, type) and issubclass(model, Event):
+            registered = events.get(frame.type)
+            if registered is not None and issubclass(registered, model):
+                return registered.model_validate(obj)
+            if model.__rtbroadcast_type__ != frame.type:
+                raise InvalidEvent(
+                    f"event of type {frame.type!r} (seq {frame.seq}) is not a {model.__qualname__}; "
+                    "subscribe with the base class of every event on the channel"
+                )
+        if isinstance(model, type) and issubclass(model, BaseModel):
+            return model.model_validate(obj)
+    except ValidationError as exc:
+        raise InvalidEvent(
+            f"event of type {frame.type!r} (seq {frame.seq}) does not match {model.__qualname__}: {exc}"
+        ) from exc
+    raise ConfigurationError(f"model must be a pydantic model class, not {model!r}")
+
+
+class _SingleSubscription(Subscription[E]):
+    """Protocol 1: the one channel of a connection; iterating it drives the connection."""
+
+    def __init__(
+        self,
+        client: Client,
+        *,
+        channel: str | None,
+        params: Mapping[str, str] | None,
+        model: type[Any] | None,
+        position: Position | None,
+        resync: ResyncCallback | None,
+    ) -> None:
+        super().__init__(client, model=model, position=position, resync=resync)
+        self._channel = channel
+        self._expected_channel = channel
+        self._params = dict(params or {})
+        #: The last ``welcome`` received.
+        self.welcome: Welcome | None = None
+        self._ws: ClientConnection | None = None
+        self._pinger: asyncio.Task[None] | None = None
+        self._read_timeout = 0.0
+        self._stream_epoch: str | None = None  # the epoch of the events the connection delivers now
+        self._connected_at = 0.0
+        self._retry = 0  # retries since the last stable connection: the backoff's step
+        self._failures = 0  # attempts in a row without a welcome: for max_retries
+        self._next_delay: float | None = None
+        self._attempt_from: ResumePoint | None = None
+        self._stalled_resumes = 0
+        self._welcomed_attempt = False
+        self._drop_reason: str | None = None
+        self._restart_reason: str | None = "initial" if position is None and resync is not None else None
+        self._pending_resync: ResyncInfo | None = None
+        self._status: int | None = None  # the HTTP status of the last refused handshake
+        self._ping_sent: float | None = None
+        self._closed = asyncio.Event()
+
+    @property
+    def channel(self) -> str | None:
+        """The channel: as given to :meth:`Client.subscribe`, else from the server's welcome."""
+        return self._channel
+
+    async def connected(self) -> Welcome:
+        """Connect now if not connected, and return the connection's ``welcome`` (handy in tests).
+
+        Events that follow the welcome wait on the connection until the subscription is iterated.
 
         Raises:
-            Refused: the server refused the connection and no fresh token came.
-            Unreachable: ``max_retries`` attempts in a row failed.
-            InvalidEvent: the event does not decode into the subscription's model.
-            ClientError: the server confirmed another channel than the one subscribed to.
+            Refused, Unreachable: as iteration would.
         """
+        async with self._turn():
+            try:
+                await self._stopping_on_errors(self._connection())
+            except StopAsyncIteration:
+                raise ClientError("the subscription is closed") from None
+        assert self.welcome is not None
+        return self.welcome
+
+    async def close(self) -> None:
+        """Close the connection (code 1000) and end the iteration."""
+        self._closed.set()
+        self._client._state = "closed"
+        await self._disconnect(graceful=True)
+
+    async def __anext__(self) -> Received[E]:
         async with self._turn():
             return await self._stopping_on_errors(self._next())
 
@@ -671,16 +759,6 @@ class Subscription(Generic[E]):
             self._client._state = "closed"
             await self._disconnect(graceful=True)
             raise
-
-    @contextlib.asynccontextmanager
-    async def _turn(self) -> Any:
-        if self._busy:
-            raise ClientError("the subscription is already being read by another task")
-        self._busy = True
-        try:
-            yield
-        finally:
-            self._busy = False
 
     # -- the state machine -----------------------------------------------------------------------------
 
@@ -925,29 +1003,6 @@ class Subscription(Generic[E]):
         self.stats.applied += 1
         channel = self._channel or ""
         return Received(channel, frame.seq, self._decode(frame))
-
-    def _decode(self, frame: EventFrame) -> E:
-        obj = {"type": frame.type, **frame.data}
-        model = self._model
-        if model is None:
-            return obj  # type: ignore[return-value]  # E is dict[str, Any] without a model
-        try:
-            if isinstance(model, type) and issubclass(model, Event):
-                registered = self._client.events.get(frame.type)
-                if registered is not None and issubclass(registered, model):
-                    return registered.model_validate(obj)  # type: ignore[return-value]
-                if model.__rtbroadcast_type__ != frame.type:
-                    raise InvalidEvent(
-                        f"event of type {frame.type!r} (seq {frame.seq}) is not a {model.__qualname__}; "
-                        "subscribe with the base class of every event on the channel"
-                    )
-            if isinstance(model, type) and issubclass(model, BaseModel):
-                return model.model_validate(obj)  # type: ignore[return-value]
-        except ValidationError as exc:
-            raise InvalidEvent(
-                f"event of type {frame.type!r} (seq {frame.seq}) does not match {model.__qualname__}: {exc}"
-            ) from exc
-        raise ConfigurationError(f"model must be a pydantic model class, not {model!r}")
 
     async def _run_resync(self, info: ResyncInfo) -> None:
         self.stats.resyncs += 1
