@@ -155,8 +155,6 @@ class ChannelSubscription(Subscription[E]):
         self._on_presence = on_presence
         #: Whether the server makes this subscription (at connect, or later): the client never asks.
         self.server_side = server_side
-        #: The channel's presence (``presence=True`` and a channel with presence), else ``None``.
-        self.presence: Presence | None = None
         #: The last ``subscribed`` frame of this channel.
         self.subscribed: Subscribed | None = None
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -203,6 +201,8 @@ class ChannelSubscription(Subscription[E]):
                     await asyncio.sleep(self._client.backoff.delay(self._retries - 1))
                     await self._mux.request(self)
                 elif refusal is not None:
+                    self._closed = True
+                    self._mux.forget(self)
                     raise self._denied(refusal)
 
     async def close(self) -> None:
@@ -470,7 +470,8 @@ class _Multiplexer:
     async def unsubscribe(self, subscription: ChannelSubscription[Any]) -> None:
         self.forget(subscription)
         ws = self._ws
-        if ws is not None and subscription.subscribed is not None:
+        # Asked for, or made by the server, on this connection: the server knows it and must drop it.
+        if ws is not None and (subscription._last_routed is not None or subscription._request_id is not None):
             with contextlib.suppress(Exception):
                 await ws.send(encode_client_frame(Unsubscribe(f"u{next(self._ids)}", subscription.channel)))
 

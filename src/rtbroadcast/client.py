@@ -642,6 +642,8 @@ class Subscription(ABC, Generic[E]):
         self._resync_callback = resync
         #: Counters: events applied, duplicates dropped, gaps seen, resyncs run.
         self.stats = SubscriptionStats()
+        #: Protocol 2, ``presence=True`` on a channel with presence: who is there, kept current.
+        self.presence: Presence | None = None
         self._requested = False
         self._busy = False
 
