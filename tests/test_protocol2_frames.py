@@ -60,7 +60,7 @@ def test_protocol_1_still_knows_only_ping() -> None:
     assert caught.value.request_id is None
 
 
-BAD_ID = [None, 1, 1.5, True, [], {}, "", "x" * 65, "a\x00b", "a\nb", "a\x7fb", "\ud800"]
+BAD_ID: list[object] = [None, 1, 1.5, True, [], {}, "", "x" * 65, "a\x00b", "a\nb", "a\x7fb", "\ud800"]
 
 
 @pytest.mark.parametrize("request_id", BAD_ID, ids=repr)
@@ -75,7 +75,7 @@ def test_a_request_without_a_valid_id_is_invalid_frame_with_id_null(kind: str, r
     assert caught.value.request_id is None
 
 
-BAD_CHANNEL = [None, 1, [], {}, "", "x" * 257, "a\x00b", "a\x1fb", "a\ud800", "\udfff"]
+BAD_CHANNEL: list[object] = [None, 1, [], {}, "", "x" * 257, "a\x00b", "a\x1fb", "a\ud800", "\udfff"]
 
 
 @pytest.mark.parametrize("channel", BAD_CHANNEL, ids=repr)
