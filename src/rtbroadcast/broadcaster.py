@@ -537,8 +537,10 @@ class Broadcaster:
 
     def _drop_cursor(self, cursor: Cursor, reason: str) -> None:
         connection = cursor.connection
-        if connection.remove_cursor(cursor.channel) is not cursor:
+        # Only this cursor: the channel may have been left and subscribed again meanwhile.
+        if connection.cursor_for(cursor.channel) is not cursor:
             return
+        connection.remove_cursor(cursor.channel)
         cursor.set_gap_handler(None)
         emptied = self.registry.remove_cursor(cursor)
         self._observe_end(cursor, reason)
