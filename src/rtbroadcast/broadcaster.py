@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import enum
 import logging
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Generic, Self, TypeVar
@@ -23,6 +23,17 @@ from .errors import (
     SubscriptionClosed,
 )
 from .events import Event, decode_event, encode_event
+from .presence import (
+    DEFAULT_PRESENCE_SNAPSHOT_LIMIT,
+    PresenceChange,
+    PresenceMember,
+    PresenceMode,
+    PresencePolicy,
+    PresenceRule,
+    PresenceSnapshot,
+    PresenceWatcher,
+    presence_frame,
+)
 from .protocol import (
     CloseCode,
     ResumePoint,
@@ -51,6 +62,9 @@ __all__ = [
 logger = logging.getLogger("rtbroadcast")
 
 E = TypeVar("E", bound=Event)
+
+#: Seconds :meth:`Broadcaster.disconnect` waits for the presence leaves of the connections it closed.
+_LEAVE_GRACE = 2.0
 
 #: Most events a resume or gap repair reads from history; beyond it the client resyncs.
 DEFAULT_MAX_RESUME = 1000
@@ -89,10 +103,19 @@ class Broadcaster:
         position_check_interval: seconds between checks of every subscribed channel's stream top against
             what its connections have received, catching a lost last message that no later event would
             reveal as a gap (``None`` disables the check).
+        presence: the channels with presence (see :doc:`presence </concepts/presence>`): a predicate
+            ``Callable[[str], bool]`` on the channel name, or a collection of channel-name prefixes such
+            as ``("restaurant:",)``. Default: none.
+        presence_count_only: the channels whose presence is only counted (same forms): their snapshots
+            hold no members and no join/leave frames are sent. Default: none.
+        presence_snapshot_limit: most members a snapshot lists (in a ``subscribed`` frame and from
+            :meth:`presence`); ``count`` is always the full count and ``truncated`` says when members
+            were left out.
 
     Raises:
         ConfigurationError: an option has the wrong type or an impossible value (a zero, negative, ``NaN``
-            or infinite interval; a negative ``max_resume``; a connection limit below 1), or the URL is
+            or infinite interval; a negative ``max_resume``; a connection limit below 1; a presence rule
+            that is neither a predicate nor prefixes; presence on a backend without it), or the URL is
             wrong (see :func:`~rtbroadcast.backends.load_backend`). The message names the option.
 
     Use it as an async context manager, or call :meth:`connect` and :meth:`disconnect`::
@@ -112,6 +135,9 @@ class Broadcaster:
         max_connections: int | None = None,
         max_connections_per_channel: int | None = None,
         position_check_interval: float | None = 10.0,
+        presence: PresenceRule | None = None,
+        presence_count_only: PresenceRule | None = None,
+        presence_snapshot_limit: int = DEFAULT_PRESENCE_SNAPSHOT_LIMIT,
     ) -> None:
         if url is not None and backend is not None:
             raise ConfigurationError("pass either a backend URL or a backend instance, not both")
@@ -139,6 +165,15 @@ class Broadcaster:
             "position_check_interval", position_check_interval
         )
         self.backend: Backend = backend if backend is not None else load_backend(url or "memory://")
+        self._presence = PresencePolicy(presence, presence_count_only)
+        self.presence_snapshot_limit = _config.count(
+            "presence_snapshot_limit", presence_snapshot_limit, minimum=0
+        )
+        if self._presence.enabled and not self.backend.supports_presence:
+            raise ConfigurationError(
+                f"presence is configured but the {self.backend.name} backend does not keep presence; "
+                "use the memory:// or redis:// backend, or leave presence= out"
+            )
         self.queue_limits = queue_limits
         self.registry = ConnectionRegistry(
             max_connections=max_connections, max_connections_per_channel=max_connections_per_channel
@@ -155,6 +190,10 @@ class Broadcaster:
         self._repairs = 0
         self._lost_detected = 0
         self._resyncs = 0
+        # Presence: the subscriptions that asked for join/leave frames, per channel and client; the leaves
+        # on their way to the backend, so that a join of the same member waits for them.
+        self._watchers: dict[str, dict[str, PresenceWatcher]] = {}
+        self._leaving: dict[tuple[str, str], asyncio.Task[None]] = {}
 
     def __repr__(self) -> str:
         return f"<Broadcaster {self.backend.name} {self._state.value}>"
@@ -252,6 +291,7 @@ class Broadcaster:
         try:
             for connection in list(self.registry):
                 connection.close(CloseCode.GOING_AWAY, "server shutting down")
+            await self._finish_leaves()
             tasks = list(self._tasks)
             for task in tasks:
                 task.cancel()
@@ -259,6 +299,7 @@ class Broadcaster:
                 await asyncio.gather(*tasks, return_exceptions=True)
             self._subscribed.clear()
             self._channel_locks.clear()
+            self._watchers.clear()
             await self.backend.disconnect()
         finally:
             self._state = BroadcasterState.CLOSED
@@ -356,6 +397,130 @@ class Broadcaster:
             for cursor in self.registry.cursors(channel):
                 if not cursor.connection.closed and not cursor.buffering:
                     self._schedule_repair(cursor)
+
+    def on_presence(self, change: PresenceChange) -> None:
+        """Queue a join/leave frame on every subscription of the channel that asked (called by the backend).
+
+        The frame is built once per change; count-only channels send none.
+        """
+        watchers = self._watchers.get(change.channel)
+        if not watchers:
+            return
+        frame = presence_frame(change.kind, change.channel, change.data)
+        for watcher in list(watchers.values()):
+            watcher.offer(change, frame)
+
+    # -- presence ---------------------------------------------------------------------------------
+
+    def presence_mode(self, channel: str) -> PresenceMode:
+        """Return how ``channel`` keeps presence (:attr:`PresenceMode.NONE` without it)."""
+        return self._presence.mode(channel)
+
+    async def presence(self, channel: str, *, limit: int | None = None) -> PresenceSnapshot:
+        """Return who is present on ``channel``, across every process: the count and the first members.
+
+        Args:
+            channel: a channel with presence.
+            limit: most members to list (default: ``presence_snapshot_limit``); a count-only channel lists
+                none.
+
+        Raises:
+            StateError: the broadcaster is not connected.
+            ConfigurationError: ``channel`` is not a valid channel name, has no presence, or ``limit`` is
+                not a count.
+            BackendUnavailable: the backend cannot be reached.
+        """
+        self._require_connected("read presence", draining=True)
+        mode = self._presence_mode_of(channel)
+        limit = self.presence_snapshot_limit if limit is None else _config.count("limit", limit, minimum=0)
+        if mode is PresenceMode.COUNT:
+            limit = 0
+        return await self.backend.presence_snapshot(channel, limit=limit)
+
+    async def presence_count(self, channel: str) -> int:
+        """Return how many members ``channel`` has, across every process.
+
+        Raises:
+            StateError: the broadcaster is not connected.
+            ConfigurationError: ``channel`` is not a valid channel name or has no presence.
+            BackendUnavailable: the backend cannot be reached.
+        """
+        self._require_connected("read presence", draining=True)
+        self._presence_mode_of(channel)
+        return await self.backend.presence_count(channel)
+
+    def _presence_mode_of(self, channel: str) -> PresenceMode:
+        validate_channel(channel)
+        mode = self._presence.mode(channel)
+        if mode is PresenceMode.NONE:
+            raise ConfigurationError(
+                f"channel {channel!r} has no presence; choose the channels with Broadcaster(presence=...)"
+            )
+        return mode
+
+    def presence_watch(self, channel: str, client: str, push: Callable[[str], None]) -> PresenceWatcher:
+        """Register a subscription for join/leave frames, holding them back until ``watcher.start()``.
+
+        For transports: call it before :meth:`presence_join` so that no change is lost between the
+        snapshot and the first frame, push the ``subscribed`` frame, then ``start(snapshot.version)``.
+        """
+        watcher = PresenceWatcher(channel, client, push)
+        self._watchers.setdefault(channel, {})[client] = watcher
+        return watcher
+
+    async def presence_join(
+        self, channel: str, member: PresenceMember, *, snapshot: bool = True
+    ) -> PresenceSnapshot:
+        """Make ``member`` present on ``channel`` (a presence channel) and return the capped snapshot.
+
+        With ``snapshot=False`` (a subscription that did not ask for presence) the snapshot holds only the
+        count, which spares reading members nobody will see.
+
+        Waits for a leave of the same member still on its way, so that a quick unsubscribe and subscribe
+        never ends with the member absent.
+
+        Raises:
+            ConfigurationError: ``member.info`` is not JSON-serialisable.
+            BackendUnavailable: the backend cannot be reached; the member did not join.
+        """
+        mode = self._presence.mode(channel)
+        leaving = self._leaving.get((channel, member.client))
+        if leaving is not None:
+            await asyncio.wait([leaving])
+        limit = self.presence_snapshot_limit if snapshot and mode is PresenceMode.MEMBERS else 0
+        return await self.backend.presence_join(
+            channel, member, limit=limit, notify=mode is PresenceMode.MEMBERS
+        )
+
+    def presence_leave(self, channel: str, client: str) -> None:
+        """Stop ``client``'s presence on ``channel`` (its join/leave frames end at once). Never raises."""
+        watchers = self._watchers.get(channel)
+        if watchers is not None:
+            watchers.pop(client, None)
+            if not watchers:
+                del self._watchers[channel]
+        key = (channel, client)
+        previous = self._leaving.get(key)
+        task = asyncio.get_running_loop().create_task(self._leave(channel, client, previous))
+        self._leaving[key] = task
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        task.add_done_callback(lambda done: self._leave_done(key, done))
+
+    async def _leave(self, channel: str, client: str, previous: asyncio.Task[None] | None) -> None:
+        if previous is not None:
+            await asyncio.wait([previous])
+        notify = self._presence.mode(channel) is PresenceMode.MEMBERS
+        await self.backend.presence_leave(channel, client, notify=notify)
+
+    def _leave_done(self, key: tuple[str, str], done: asyncio.Task[None]) -> None:
+        if self._leaving.get(key) is done:
+            del self._leaving[key]
+
+    async def _finish_leaves(self) -> None:
+        """Give the leaves of the connections just closed a moment to reach the backend."""
+        if self._leaving:
+            await asyncio.wait(list(self._leaving.values()), timeout=_LEAVE_GRACE)
 
     # -- connections ------------------------------------------------------------------------------
 
