@@ -24,6 +24,7 @@ from .errors import (
     UnknownMessageType,
 )
 from .events import Event, EventRegistry, decode_event, format_timestamp, registry, utc_now
+from .presence import PresenceChange, PresenceMember, PresenceMode, PresenceSnapshot
 from .protocol import CloseCode, ResumePoint, ResyncReason, ResyncRequired, Welcome
 
 __all__ = [
@@ -45,6 +46,10 @@ __all__ = [
     "InvalidEvent",
     "InvalidFrame",
     "MalformedFrame",
+    "PresenceChange",
+    "PresenceMember",
+    "PresenceMode",
+    "PresenceSnapshot",
     "ProtocolError",
     "QueueLimits",
     "RTBroadcastError",
