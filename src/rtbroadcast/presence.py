@@ -95,15 +95,17 @@ class PresenceSnapshot:
         count: how many members the channel has, always the full count.
         members: the first members in join order, at most the limit asked for (empty on a count-only
             channel).
-        truncated: whether ``members`` holds fewer than ``count``.
+        truncated: whether ``members`` lists fewer than ``count`` (a count-only channel, which lists
+            none on purpose, is not truncated).
         version: the channel's presence version this snapshot reflects: a :class:`PresenceChange` with a
-            higher version happened after it, one with a lower or equal version is already in it.
+            higher version happened after it, one with a lower or equal version is already in it (not
+            on the wire; not compared).
     """
 
     count: int
     members: tuple[PresenceMember, ...] = ()
     truncated: bool = False
-    version: int = 0
+    version: int = field(default=0, compare=False)
 
     def to_wire(self) -> dict[str, Any]:
         """Return the snapshot as the ``presence`` object of a ``subscribed`` frame."""
@@ -229,9 +231,15 @@ class PresenceWatcher:
         elif change.version > self.version and change.member.client != self.client:
             self.push(frame)
 
-    def start(self, version: int) -> None:
-        """Go live after a snapshot at ``version``: queue the held-back changes it does not cover."""
+    def start(self, version: int) -> list[str]:
+        """Go live after a snapshot at ``version``; return the held-back frames it does not cover.
+
+        The caller queues them right after the subscription's ``subscribed``; later changes are pushed.
+        """
         pending, self.pending = self.pending, None
         self.version = version
-        for change, frame in pending or ():
-            self.offer(change, frame)
+        return [
+            frame
+            for change, frame in pending or ()
+            if change.version > version and change.member.client != self.client
+        ]
