@@ -108,7 +108,8 @@ async def test_join_and_leave_frames_follow_subscribes_and_unsubscribes_in_order
         left = await recv_json(alice)
         assert left["type"] == "presence_leave" and left["member"]["client"] == carol_id
 
-        # The only frames protocol 1 ever got: its welcome (checked above) and events.
+        stats = broadcaster.stats()
+        assert stats["presence_members"] == 1 and stats["presence_watchers"] == 1
         snapshot = await broadcaster.presence("room:1")
         assert snapshot.members == (PresenceMember(alice_id, "alice", {"desk": "host-stand"}),)
         await alice.close()

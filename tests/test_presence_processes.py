@@ -82,3 +82,23 @@ async def test_presence_spans_processes_and_a_killed_process_leaves_within_two_h
         with contextlib.suppress(Exception):
             await bob.close()
         await alice.close()
+
+
+async def test_a_process_that_stops_gracefully_takes_its_members_with_it_at_once(
+    redis_url: str, redis_prefix: str
+) -> None:
+    env = {"RTB_REDIS_URL": redis_url, "RTB_KEY_PREFIX": redis_prefix, "RTB_PRESENCE_HEARTBEAT": "30"}
+    app = ("-m", "uvicorn", "tests.presence_app:app", "--log-level", "warning")
+    async with server_process(*app, env=env) as one, server_process(*app, env=env) as leaving:
+        alice, _, _ = await subscribe(one.host, "alice", "room:1")
+        bob, bob_id, _ = await subscribe(leaving.host, "bob", "room:1")
+        assert (await recv_json(alice))["type"] == "presence_join"
+        stopped = time.monotonic()
+        await leaving.stop()  # SIGTERM: the lifespan drains, every connection leaves
+        left = await recv_json(alice, timeout=10_000 * MS)
+        assert left["type"] == "presence_leave" and left["member"]["client"] == bob_id
+        # Far below the 60 s that expiry would take with this heartbeat.
+        assert time.monotonic() - stopped < 5.0
+        with contextlib.suppress(Exception):
+            await bob.close()
+        await alice.close()

@@ -1056,6 +1056,8 @@ class Broadcaster:
             "repairs": self._repairs,
             "lost_detected": self._lost_detected,
             "resyncs": self._resyncs,
+            "presence_members": len(self._members),
+            "presence_watchers": sum(len(watchers) for watchers in self._watchers.values()),
             **self.registry.stats().as_dict(),
         }
 
