@@ -140,13 +140,17 @@ return {redis.call('HLEN', members), v, first(members, order, tonumber(ARGV[6]))
 """
 )
 
-# KEYS: members, order, version
-# ARGV: process, client, pubsub, notify (0/1)
+# KEYS: members, order, procs, version
+# ARGV: process, client, pubsub, notify (0/1), last (1: the process has no other member here)
 # Returns 1 if the member left, 0 if it was not there.
 _LEAVE = (
     _COMMON
     + """
-local members, order, version = KEYS[1], KEYS[2], KEYS[3]
+local members, order, procs, version = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+if ARGV[5] == '1' then
+  -- Nothing left to keep alive: no later reap has to look for this process's members.
+  redis.call('ZREM', procs, ARGV[1])
+end
 local value = redis.call('HGET', members, ARGV[2])
 if not value then
   return 0
@@ -231,6 +235,8 @@ class RedisPresence:
         self._scripts: dict[str, AsyncScript] = {}
         # This process's members, per channel, with whether their changes are published.
         self._local: dict[str, dict[str, tuple[PresenceMember, bool]]] = {}
+        # Joins on their way, per channel: a leave meanwhile is not the process's last on the channel.
+        self._joining: dict[str, int] = {}
         # Leaves that could not reach Redis: retried at each refresh.
         self._pending_leaves: dict[str, dict[str, bool]] = {}
         self._task: asyncio.Task[None] | None = None
@@ -322,21 +328,33 @@ class RedisPresence:
         """Add ``member``, publish its join, return the snapshot that includes it (see ``Backend``)."""
         data = member.to_json()
         self._pending_leaves.get(channel, {}).pop(member.client, None)
-        reply = await self._run(
-            "join",
-            self.keys(channel),
-            [
-                self._process,
-                member.client,
-                data,
-                self._deadline_ms,
-                self._key_ttl_ms,
-                max(0, limit),
-                self._pubsub(channel),
-                int(notify),
-            ],
-            "join presence",
-        )
+        self._joining[channel] = self._joining.get(channel, 0) + 1
+        try:
+            reply = await self._run(
+                "join",
+                self.keys(channel),
+                [
+                    self._process,
+                    member.client,
+                    data,
+                    self._deadline_ms,
+                    self._key_ttl_ms,
+                    max(0, limit),
+                    self._pubsub(channel),
+                    int(notify),
+                ],
+                "join presence",
+            )
+        except BackendError:
+            # A join that timed out may still have been applied: leave at the next refresh, so that no
+            # member of this process outlives the subscription that failed.
+            self._pending_leaves.setdefault(channel, {})[member.client] = notify
+            raise
+        finally:
+            if self._joining[channel] == 1:
+                del self._joining[channel]
+            else:
+                self._joining[channel] -= 1
         # Kept only once Redis has it: a join that failed is not refreshed, nor joined again later.
         self._local.setdefault(channel, {})[member.client] = (member, notify)
         return self._snapshot(reply, limit=limit)
@@ -349,7 +367,7 @@ class RedisPresence:
             if not local:
                 del self._local[channel]
         try:
-            await self._leave(channel, client, notify)
+            await self._leave(channel, client, notify, last=self._is_last(channel))
         except BackendError as exc:
             self._errors += 1
             logger.warning(
@@ -359,12 +377,14 @@ class RedisPresence:
         except StateError:  # disconnected meanwhile: the member expires with this process's deadline
             logger.debug("presence leave of %r on %r skipped", client, channel, exc_info=True)
 
-    async def _leave(self, channel: str, client: str, notify: bool) -> None:
-        base = self.keys(channel)
+    def _is_last(self, channel: str) -> bool:
+        return channel not in self._local and channel not in self._joining
+
+    async def _leave(self, channel: str, client: str, notify: bool, *, last: bool) -> None:
         await self._run(
             "leave",
-            [base[0], base[1], base[3]],
-            [self._process, client, self._pubsub(channel), int(notify)],
+            self.keys(channel),
+            [self._process, client, self._pubsub(channel), int(notify), int(last)],
             "leave presence",
         )
 
@@ -429,7 +449,7 @@ class RedisPresence:
         for channel, leaves in list(self._pending_leaves.items()):
             for client, notify in list(leaves.items()):
                 try:
-                    await self._leave(channel, client, notify)
+                    await self._leave(channel, client, notify, last=self._is_last(channel))
                 except BackendError as exc:
                     logger.debug("presence leave of %r on %r failed again: %s", client, channel, exc)
                     break
