@@ -250,9 +250,15 @@ async def test_the_keys_share_the_channel_hash_tag(redis_url: str, redis_prefix:
                 f"{base}:presence{suffix}" for suffix in ("", ":order", ":procs", ":version")
             )
             ttls = [await client.pttl(key) for key in keys]
-            assert all(0 < ttl <= 3000 for ttl in ttls), (
-                ttls
-            )  # 3 x heartbeat: nothing outlives the last process
+            # 3 x heartbeat: nothing outlives the last process.
+            assert all(0 < ttl <= 3000 for ttl in ttls), ttls
+            procs = f"{base}:presence:procs"
+            assert await client.zcard(procs) == 1
+            await backend.presence_join("room:{1}", member(2), limit=0)
+            await backend.presence_leave("room:{1}", "client-1")
+            assert await client.zcard(procs) == 1  # client-2 is still this process's
+            await backend.presence_leave("room:{1}", "client-2")
+            assert await client.zcard(procs) == 0  # nothing left to reap later
         finally:
             await client.aclose()
     finally:
