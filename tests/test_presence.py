@@ -206,3 +206,24 @@ async def test_members_leave_on_slow_consumer_close_and_drain() -> None:
         assert await broadcaster.presence_count("room:1") == 2
         await broadcaster.drain()
         assert await broadcaster.presence_count("room:1") == 0
+
+
+async def test_server_side_subscriptions_are_members_and_in_process_ones_are_not() -> None:
+    broadcaster = Broadcaster("memory://", presence=("room:",))
+
+    def channels(request: ConnectionRequest) -> list[str]:
+        return ["room:9"]
+
+    app = broadcast_app(broadcaster, channel=channels, authenticate=authenticate)
+    async with serve(app) as host, broadcaster.subscribe("room:9"):
+        assert await broadcaster.presence_count("room:9") == 0
+        ws = await connect(f"ws://{host}/ws?protocol=2&user=dave")
+        client = (await recv_json(ws))["connection"]
+        subscribed = await recv_json(ws)
+        assert subscribed["id"] is None and "presence" not in subscribed
+        snapshot = await broadcaster.presence("room:9")
+        assert snapshot.members == (PresenceMember(client, "dave", {"name": "user dave"}),)
+        await ws.close()
+        await until(lambda: broadcaster.connection_count("room:9") == 1)  # the in-process one
+        await until(lambda: broadcaster.stats()["presence_members"] == 0)
+        assert await broadcaster.presence_count("room:9") == 0
