@@ -13,8 +13,19 @@ from typing import Any
 
 import pytest
 
-from rtbroadcast import Allow, Broadcaster, CloseCode, Identity, PresenceMember
+from rtbroadcast import (
+    Allow,
+    Broadcaster,
+    CloseCode,
+    Connection,
+    Identity,
+    PresenceChange,
+    PresenceMember,
+    PresenceSnapshot,
+)
 from rtbroadcast.asgi import ConnectionRequest
+from rtbroadcast.backends.memory import MemoryBackend
+from rtbroadcast.connection import item_text_v2
 
 from .support import MS, broadcast_app, connect, recv_json, serve, until
 
@@ -227,3 +238,44 @@ async def test_server_side_subscriptions_are_members_and_in_process_ones_are_not
         await until(lambda: broadcaster.connection_count("room:9") == 1)  # the in-process one
         await until(lambda: broadcaster.stats()["presence_members"] == 0)
         assert await broadcaster.presence_count("room:9") == 0
+
+
+class RacingBackend(MemoryBackend):
+    """Memory presence whose join is overtaken by the PUB/SUB of a real network, deterministically.
+
+    While a join is on its way, the listener hears a change the snapshot already covers (in flight from
+    before) and one that happened after it (overtook the reply): Redis's two connections allow both.
+    """
+
+    async def presence_join(
+        self, channel: str, member: PresenceMember, *, limit: int, notify: bool = True
+    ) -> PresenceSnapshot:
+        before = PresenceMember("before", "x", {})
+        after = PresenceMember("after", "y", {})
+        await super().presence_join(channel, before, limit=0)
+        snapshot = await super().presence_join(channel, member, limit=limit, notify=False)
+        listener = self._listener
+        assert listener is not None
+        listener.on_presence(PresenceChange(channel, "join", before, snapshot.version, before.to_json()))
+        listener.on_presence(PresenceChange(channel, "join", after, snapshot.version + 1, after.to_json()))
+        return snapshot
+
+
+async def test_changes_racing_a_join_are_held_back_then_filtered_by_version() -> None:
+    broadcaster = Broadcaster(backend=RacingBackend(), presence=("room:",))
+    async with broadcaster:
+        connection = Connection(protocol=2)
+        await broadcaster.attach(connection)
+        await broadcaster.backend.subscribe("room:1")  # so that the racing changes are heard
+        await broadcaster.add_subscription(connection, "room:1", request_id="r", presence=True)
+        frames = []
+        while (item := connection.get_nowait()) is not None:
+            frames.append(json.loads(item_text_v2(item)))
+        assert [f["type"] for f in frames] == ["welcome", "subscribed", "presence_join"]
+        assert {m["client"] for m in frames[1]["presence"]["members"]} == {"before", connection.client_id}
+        assert frames[2]["member"]["client"] == "after"  # once, after subscribed; "before" not twice
+        # Later changes with an old version (delivered late) are dropped too.
+        stale = PresenceMember("stale", None, {})
+        broadcaster.on_presence(PresenceChange("room:1", "join", stale, 1, stale.to_json()))
+        assert connection.get_nowait() is None
+        connection.close()
