@@ -12,11 +12,13 @@ import json
 from typing import Any
 
 import pytest
+import websockets
 
 from rtbroadcast import (
     Allow,
     Broadcaster,
     CloseCode,
+    ConfigurationError,
     Connection,
     Identity,
     PresenceChange,
@@ -279,3 +281,24 @@ async def test_changes_racing_a_join_are_held_back_then_filtered_by_version() ->
         broadcaster.on_presence(PresenceChange("room:1", "join", stale, 1, stale.to_json()))
         assert connection.get_nowait() is None
         connection.close()
+
+
+async def test_presence_info_that_is_not_json_fails_in_the_hook_not_in_the_fan_out(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    broadcaster = Broadcaster("memory://", presence=("room:",))
+
+    def bad_authorize(request: ConnectionRequest, channel: str) -> Allow:
+        return Allow(info={"since": object()})
+
+    app = broadcast_app(broadcaster, channel=resolve, authorize=bad_authorize)
+    async with serve(app) as host:
+        ws, _ = await open_v2(host, "u")
+        await send(ws, {"type": "subscribe", "id": "s", "channel": "room:1", "presence": True})
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await recv_json(ws)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == CloseCode.INTERNAL_ERROR
+        assert "Allow.info must be JSON-serialisable" in caplog.text
+        assert await broadcaster.presence_count("room:1") == 0
+    with pytest.raises(ConfigurationError, match=r"Identity\.info must be JSON-serialisable"):
+        Identity("u", info={"n": float("nan")})
