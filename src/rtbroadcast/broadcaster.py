@@ -524,10 +524,10 @@ class Broadcaster:
         never ends with the member absent.
 
         Raises:
-            ConfigurationError: ``member.info`` is not JSON-serialisable.
+            ConfigurationError: ``channel`` has no presence, or ``member.info`` is not JSON-serialisable.
             BackendUnavailable: the backend cannot be reached; the member did not join.
         """
-        mode = self._presence.mode(channel)
+        mode = self._presence_mode_of(channel)
         leaving = self._leaving.get((channel, member.client))
         if leaving is not None:
             await asyncio.wait([leaving])
