@@ -248,7 +248,10 @@ class RedisPresence:
     # -- lifecycle ----------------------------------------------------------------------------------
 
     def start(self, client: Redis) -> None:
-        """Register the scripts on ``client`` and start the heartbeat (called once connected)."""
+        """Register the scripts on ``client`` (called once connected).
+
+        The heartbeat starts with this process's first join: a process without presence runs no task.
+        """
         self._process = secrets.token_hex(8)
         self._scripts = {
             "join": client.register_script(_JOIN),
@@ -256,9 +259,12 @@ class RedisPresence:
             "snapshot": client.register_script(_SNAPSHOT),
             "refresh": client.register_script(_REFRESH),
         }
-        self._task = asyncio.get_running_loop().create_task(
-            self._heartbeat_forever(), name="rtbroadcast-redis-presence"
-        )
+
+    def _ensure_heartbeat(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(
+                self._heartbeat_forever(), name="rtbroadcast-redis-presence"
+            )
 
     async def stop(self) -> None:
         """Stop the heartbeat and forget this process's members (they expire on Redis). Never raises."""
@@ -328,6 +334,7 @@ class RedisPresence:
         """Add ``member``, publish its join, return the snapshot that includes it (see ``Backend``)."""
         data = member.to_json()
         self._pending_leaves.get(channel, {}).pop(member.client, None)
+        self._ensure_heartbeat()
         self._joining[channel] = self._joining.get(channel, 0) + 1
         try:
             reply = await self._run(
