@@ -22,6 +22,14 @@ export interface AnyEvent {
   readonly [field: string]: unknown;
 }
 
+/**
+ * What an event type parameter must be: an object with a string `type`. Interfaces qualify (such as
+ * the ones `scripts/asyncapi-to-ts.mjs` generates), as do object types.
+ */
+export interface EventShape {
+  readonly type: string;
+}
+
 /** An event as delivered: the service's fields plus its `seq` in the channel. */
 export type Received<E> = E & { readonly seq: number };
 
@@ -175,7 +183,7 @@ interface SubscriptionHost {
 }
 
 /** One channel's stream as the application sees it: events in order, each once, and resyncs. */
-export class Subscription<E extends AnyEvent = AnyEvent> extends Emitter<SubscriptionEvents<E>> {
+export class Subscription<E extends EventShape = AnyEvent> extends Emitter<SubscriptionEvents<E>> {
   #channel: string | null;
   #state: SubscriptionState = "idle";
   readonly #cursor: Cursor;
@@ -409,7 +417,7 @@ const samePosition = (a: Position, b: Position | null): boolean => b !== null &&
  * client.connect();
  * ```
  */
-export class Client<E extends AnyEvent = AnyEvent> extends Emitter<ClientEvents> {
+export class Client<E extends EventShape = AnyEvent> extends Emitter<ClientEvents> {
   readonly #options: ClientOptions;
   readonly #WebSocket: WebSocketConstructor | undefined;
   readonly #EventSource: EventSourceConstructor | undefined;

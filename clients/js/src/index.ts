@@ -5,6 +5,7 @@ export {
   ClientError,
   Subscription,
   type AnyEvent,
+  type EventShape,
   type ClientOptions,
   type ClientState,
   type ClientStats,

@@ -33,3 +33,33 @@ client.subscribe({ resync: async () => "not a position" });
 
 // @ts-expect-error: the URL is required
 new Client({});
+
+// The example service's generated types (examples/restaurant-events.ts, from its AsyncAPI document).
+import type { GuestUpdatedData, ServiceEvent, ServiceEventMap } from "../examples/restaurant-events.js";
+
+const restaurant = new Client<ServiceEvent>({ url: "ws://127.0.0.1:8000/realtime?restaurant_id=r1" });
+restaurant.subscribe({
+  onEvent(event) {
+    switch (event.type) {
+      case "guest_updated": {
+        const data: GuestUpdatedData = event.data;
+        const table: string | null = data.table_id;
+        // @ts-expect-error: partySize may be absent from an update
+        const size: number = data.partySize;
+        void table, size;
+        return;
+      }
+      case "atomic_transaction_complete": {
+        const ids: string[] = event.affected_entities;
+        void ids;
+        return;
+      }
+      default: {
+        const seq: number = event.seq;
+        void seq;
+      }
+    }
+  },
+});
+const created: ServiceEventMap["guest_created"]["data"]["guestName"] = "Ada";
+void created;
