@@ -191,6 +191,8 @@ export class Subscription<E extends EventShape = AnyEvent> extends Emitter<Subsc
   readonly #host: SubscriptionHost;
   #queue: QueueItem<E>[] = [];
   #running = false;
+  /** The event `onEvent` is applying now. */
+  #applying: Received<E> | null = null;
   /** The epoch of the events the connection delivers now (its welcome's, then each resync_required's). */
   #streamEpoch: string | null = null;
   /** Counters: events applied, duplicates dropped, gaps seen, resyncs run. */
@@ -217,6 +219,15 @@ export class Subscription<E extends EventShape = AnyEvent> extends Emitter<Subsc
   /** The last event applied (or the snapshot's position); `null` before the first welcome. */
   get position(): Position | null {
     return this.#cursor.position;
+  }
+
+  /**
+   * The events received and not applied yet, in arrival order (the one `onEvent` is applying now
+   * first): a backlog to show or to wait for. A copy.
+   */
+  get pending(): ReadonlyArray<Received<E>> {
+    const queued = this.#queue.flatMap((item) => (item.kind === "event" ? [item.event] : []));
+    return this.#applying === null ? queued : [this.#applying, ...queued];
   }
 
   /** Reload the snapshot through the `resync` callback now (for example after applying an event failed). */
@@ -332,11 +343,14 @@ export class Subscription<E extends EventShape = AnyEvent> extends Emitter<Subsc
       this.#host.reconnect(`gap: expected seq ${position.seq + 1}, received ${event.seq}`);
       return;
     }
+    this.#applying = event;
     try {
       await this.#options.onEvent?.(event);
       await Promise.all(this.listeners("event").map((listener) => listener(event)));
     } catch (error) {
       this.#host.report(new ClientError(`applying event seq ${event.seq} failed`, undefined, { cause: error }));
+    } finally {
+      this.#applying = null;
     }
     if (this.#state === "closed" || this.#cursor.position !== position) return; // replaced meanwhile
     this.#cursor.advance(event.seq);
