@@ -4,7 +4,9 @@ Run with the repository's virtualenv: ``python test/server.py --port 0``. It pri
 uvicorn listens on 127.0.0.1, and serves:
 
 - ``/realtime?room=R`` (WebSocket) and ``/realtime/sse?room=R`` (Server-Sent Events): channel ``room:R``.
-  A ``token`` query parameter, if given, must not be revoked (else close code 4003).
+  A ``token`` query parameter, if given, must not be revoked (else close code 4003). With ``protocol=2``
+  ``room=R`` is a server-side subscription (and optional); clients subscribe to ``room:...`` channels,
+  of which ``room:forbidden...`` ones are denied (``error`` ``forbidden``).
 - ``GET /rooms/R/items``: the snapshot: every item published in the room, with the stream position it
   reflects in the body and in ``X-Stream-Epoch`` / ``X-Stream-Seq`` headers.
 - ``POST /control/publish?room=R&n=N[&size=B][&background=1]``: publish N items (``size`` bytes of padding
@@ -78,6 +80,8 @@ def build_app(args: argparse.Namespace) -> Any:
         if token is not None and token in revoked:
             count("refused")
             return Deny("token expired")
+        if channel.startswith("room:forbidden"):
+            return Deny("not your room")
         return True
 
     async def publish(room: str, n: int, size: int) -> tuple[int, int]:

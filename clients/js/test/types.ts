@@ -63,3 +63,25 @@ restaurant.subscribe({
 });
 const created: ServiceEventMap["guest_created"]["data"]["guestName"] = "Ada";
 void created;
+
+// Protocol 2: several subscriptions, server-side ones, presence.
+import { SubscriptionError, type PresenceUpdate, type Subscription } from "../dist/index.js";
+
+const multi = new Client<ChatEvent>({
+  url: "ws://127.0.0.1:8000/realtime",
+  protocol: 2,
+  serverSubscription: (channel) => ({ onEvent: (event) => void [channel, event.seq] }),
+});
+const lobby = multi.subscribe({ channel: "room:lobby", presence: true, onEvent: (event) => void event.type });
+lobby.on("presence", (update: PresenceUpdate) => {
+  const count: number = update.presence.count;
+  const who: string | null = update.member?.identity ?? null;
+  void count, who;
+});
+lobby.on("error", (error: SubscriptionError) => void error.reason);
+multi.on("subscription", (subscription: Subscription<ChatEvent>) => void subscription.serverSide);
+multi.on("unsubscribed", (subscription, reason: string) => void [subscription.channel, reason]);
+lobby.unsubscribe();
+
+// @ts-expect-error: protocol 1 or 2
+new Client({ url: "ws://127.0.0.1:8000/realtime", protocol: 3 });

@@ -1,9 +1,10 @@
 // The client state machine: one Client owns one connection at a time (WebSocket, or SSE as a fallback)
 // and the subscriptions it carries. Protocol 1 carries one channel per connection, named by the URL, so
-// a Client has at most one Subscription; protocol 2 will let it carry several, with the same API.
+// a Client has at most one Subscription; protocol 2 (`protocol: 2`) carries several on one connection,
+// each with its own position, resync and events, plus the ones the server makes itself.
 import { Cursor, backoffDelay, checkPosition, closeAction } from "./cursor.js";
 import { Emitter } from "./emitter.js";
-import { FrameError, decodeFrame } from "./frames.js";
+import { FrameError, decodeFrame, decodeFrameV2, encodePositions, } from "./frames.js";
 import { ABNORMAL_CLOSURE, openEventSource, openWebSocket, sseUrlFor, } from "./transport.js";
 /** An error the client reports; `code` is the close code when the server refused or ended the stream. */
 export class ClientError extends Error {
@@ -12,6 +13,20 @@ export class ClientError extends Error {
     constructor(message, code, options) {
         super(message, options);
         this.code = code;
+    }
+}
+/**
+ * The server refused or ended one subscription (protocol 2): `reason` is the server's error code
+ * (`forbidden`, `invalid_channel`, `too_many_subscriptions`, `try_again_later`, `presence_unavailable`, ...).
+ */
+export class SubscriptionError extends ClientError {
+    name = "SubscriptionError";
+    reason;
+    channel;
+    constructor(message, reason, channel) {
+        super(message);
+        this.reason = reason;
+        this.channel = channel;
     }
 }
 /** One channel's stream as the application sees it: events in order, each once, and resyncs. */
@@ -27,15 +42,39 @@ export class Subscription extends Emitter {
     #applying = null;
     /** The epoch of the events the connection delivers now (its welcome's, then each resync_required's). */
     #streamEpoch = null;
+    #presence = null;
     /** Counters: events applied, duplicates dropped, gaps seen, resyncs run. */
     stats = { applied: 0, duplicates: 0, gaps: 0, resyncs: 0 };
+    /** Protocol 2: the server made this subscription (`subscribed` without a request id). */
+    serverSide;
+    /** Protocol 2: the confirmation of the current connection arrived. */
+    #confirmed = false;
     /** Use `Client.subscribe`. */
-    constructor(host, options) {
+    constructor(host, options, serverSide = false) {
         super();
         this.#host = host;
         this.#options = options;
         this.#channel = options.channel ?? null;
         this.#cursor = new Cursor(options.position ?? null);
+        this.serverSide = serverSide;
+    }
+    /** Protocol 2: who is subscribed to the channel, when `presence: true` was asked and the channel has it. */
+    get presence() {
+        return this.#presence;
+    }
+    /** Whether the subscription asked for presence. */
+    get wantsPresence() {
+        return this.#options.presence === true;
+    }
+    /**
+     * Protocol 2: end this subscription (an `unsubscribe` frame when connected). No event is delivered
+     * after this call; the client's `unsubscribed` event follows once the server confirmed.
+     */
+    unsubscribe() {
+        if (this.#state === "closed")
+            return;
+        this.close();
+        this.#host.unsubscribe(this);
     }
     /** The channel; known from the options or from the server's welcome. */
     get channel() {
@@ -98,11 +137,62 @@ export class Subscription extends Emitter {
             this.#host.report(new ClientError(`the server sent channel '${welcome.channel}', the subscription asked for '${this.#options.channel}'`));
         }
         this.#channel = welcome.channel;
-        this.#streamEpoch = welcome.epoch;
+        this.#confirm(welcome.epoch, welcome.seq);
+    }
+    /** @internal Protocol 2: the subscription is confirmed on this connection. */
+    subscribed(frame) {
+        const initial = this.#cursor.position === null && this.#options.resync !== undefined;
+        this.#confirmed = true;
+        this.#confirm(frame.epoch, frame.seq);
+        if (initial) {
+            // A server-side subscription (or one made without its first snapshot): load it now; the events
+            // that follow wait behind it, and those the snapshot holds are dropped.
+            this.#push({ kind: "resync", info: { reason: "initial", channel: this.#channel, epoch: null, seq: null } });
+        }
+        if (frame.presence !== undefined) {
+            this.#presence = frame.presence;
+            this.emit("presence", { kind: "snapshot", member: null, presence: frame.presence });
+        }
+    }
+    /** @internal Protocol 2: the connection is gone; the next one confirms again. */
+    disconnected() {
+        this.#confirmed = false;
+    }
+    /** @internal */
+    get confirmed() {
+        return this.#confirmed;
+    }
+    /** @internal Protocol 2: a member joined or left. */
+    presenceChanged(kind, member) {
+        const current = this.#presence;
+        if (current === null || this.#state === "closed")
+            return;
+        let members = current.members;
+        if (kind === "join") {
+            // A truncated snapshot holds the first members in join order: a newcomer is past its end.
+            if (!current.truncated && !members.some((m) => m.client === member.client))
+                members = [...members, member];
+        }
+        else {
+            members = members.filter((m) => m.client !== member.client);
+        }
+        const count = Math.max(0, current.count + (kind === "join" ? 1 : -1));
+        const presence = { count, members, truncated: current.truncated && members.length < count };
+        this.#presence = presence;
+        this.emit("presence", { kind, member, presence });
+    }
+    /** @internal Protocol 2: the server refused this subscription (or its presence). */
+    refused(error) {
+        if (error.reason !== "presence_unavailable")
+            this.close();
+        this.emit("error", error);
+    }
+    #confirm(epoch, seq) {
+        this.#streamEpoch = epoch;
         // Without a position, start at the channel's current one. With one, either the resume succeeded, or
         // a resync_required follows at once.
         if (this.#cursor.position === null)
-            this.#cursor.reset({ epoch: welcome.epoch, seq: welcome.seq });
+            this.#cursor.reset({ epoch, seq });
         if (this.#state === "idle")
             this.#setState("live");
     }
@@ -118,7 +208,20 @@ export class Subscription extends Emitter {
     /** @internal */
     close() {
         this.#queue = [];
+        this.#confirmed = false;
         this.#setState("closed");
+    }
+    /** @internal The subscription's position, as protocol 2's subscribe frame carries it. */
+    subscribeFrame(id) {
+        const frame = { type: "subscribe", id, channel: this.#channel };
+        const position = this.#cursor.position;
+        if (position !== null) {
+            frame["epoch"] = position.epoch;
+            frame["last_seq"] = position.seq;
+        }
+        if (this.#options.presence === true)
+            frame["presence"] = true;
+        return JSON.stringify(frame);
     }
     // -- applying, one item at a time ----------------------------------------------------------------
     #push(item) {
@@ -234,6 +337,18 @@ const NOT_GIVEN = Symbol("not given");
 /** The server closed the connection because it fell behind its outbound queue bound. */
 const SLOW_CONSUMER = 4001;
 const samePosition = (a, b) => b !== null && a.epoch === b.epoch && a.seq === b.seq;
+/** Whether every subscription that had a position when the attempt started still has that one. */
+const madeNoProgress = (from) => {
+    let any = false;
+    for (const [subscription, position] of from) {
+        if (position === null)
+            continue;
+        any = true;
+        if (!samePosition(position, subscription.position))
+            return false;
+    }
+    return any;
+};
 /**
  * A connection to one rtbroadcast stream that keeps itself up: it reconnects with capped exponential
  * backoff and full jitter, resumes from the last event applied, detects dead connections with a
@@ -247,11 +362,16 @@ const samePosition = (a, b) => b !== null && a.epoch === b.epoch && a.seq === b.
  */
 export class Client extends Emitter {
     #options;
+    #protocol;
     #WebSocket;
     #EventSource;
     #sseUrl;
     #state = "idle";
+    /** Protocol 1: the one subscription. */
     #subscription = null;
+    /** Protocol 2: the subscriptions by channel (the client's and the server's). */
+    #subscriptions = new Map();
+    #nextRequest = 0;
     #attempt = null;
     #failures = 0;
     #websocketFailures = 0;
@@ -267,6 +387,8 @@ export class Client extends Emitter {
         ping: undefined,
         dead: undefined,
     };
+    /** Protocol 2: subscribe requests answered `try_again_later`, retried after a backoff. */
+    #retrySubscribe = new Map();
     #removePageListeners = null;
     /** Counters of the connection state machine. */
     stats = { attempts: 0, welcomes: 0, resumed: 0, heartbeatTimeouts: 0 };
@@ -277,6 +399,10 @@ export class Client extends Emitter {
         if (url.protocol !== "ws:" && url.protocol !== "wss:") {
             throw new TypeError(`url must be a ws:// or wss:// address, not ${url.protocol}`);
         }
+        if (options.protocol !== undefined && options.protocol !== 1 && options.protocol !== 2) {
+            throw new TypeError(`protocol must be 1 or 2, not ${String(options.protocol)}`);
+        }
+        this.#protocol = options.protocol ?? 1;
         const g = globalThis;
         this.#WebSocket = options.WebSocket ?? g.WebSocket;
         this.#EventSource = options.EventSource ?? g.EventSource;
@@ -291,33 +417,63 @@ export class Client extends Emitter {
     get state() {
         return this.#state;
     }
+    /** The wire protocol this client speaks. */
+    get protocol() {
+        return this.#protocol;
+    }
     /** The transport the next (or current) attempt uses. */
     get transport() {
         return this.#transport;
     }
-    /** The subscription this client carries, if any. */
+    /** The subscription this client carries (protocol 1), if any. */
     get subscription() {
         return this.#subscription;
     }
+    /** Protocol 2: the subscriptions by channel, the server's included (protocol 1: the one, once its channel is known). */
+    get subscriptions() {
+        if (this.#protocol === 2)
+            return new Map(this.#subscriptions);
+        const channel = this.#subscription?.channel ?? null;
+        return channel === null ? new Map() : new Map([[channel, this.#subscription]]);
+    }
     /**
-     * Subscribe to the stream. Protocol 1 carries one channel per connection: the URL names it, and a
-     * client has one subscription. Call before `connect()`.
+     * Subscribe to a channel's stream.
+     *
+     * Protocol 1 carries one channel per connection: the URL names it, and a client has one subscription;
+     * call before `connect()`. Protocol 2: give the `channel`; call any time, each channel once (a new
+     * subscription after `unsubscribe()` is fine).
+     *
+     * @throws ClientError when the client is closed, or (protocol 1) already has its subscription, or
+     *   (protocol 2) already subscribes to the channel.
+     * @throws TypeError (protocol 2) without a channel.
      */
     subscribe(options = {}) {
-        if (this.#subscription !== null) {
-            throw new ClientError("protocol 1 carries one channel per connection: this client already has its subscription");
-        }
         if (this.#state === "closed")
             throw new ClientError("the client is closed");
-        const subscription = new Subscription({ reconnect: (reason) => this.#reconnect(reason), report: (error) => this.emit("error", error) }, options);
-        this.#subscription = subscription;
+        if (this.#protocol === 1) {
+            if (this.#subscription !== null) {
+                throw new ClientError("protocol 1 carries one channel per connection: this client already has its subscription");
+            }
+            const subscription = new Subscription(this.#host(), options);
+            this.#subscription = subscription;
+            return subscription;
+        }
+        const channel = options.channel;
+        if (typeof channel !== "string" || channel === "")
+            throw new TypeError("protocol 2: subscribe({channel}) needs the channel's name");
+        if (this.#subscriptions.has(channel))
+            throw new ClientError(`this client already subscribes to '${channel}'`);
+        const subscription = new Subscription(this.#host(), options);
+        this.#subscriptions.set(channel, subscription);
+        if (this.#state !== "idle")
+            void this.#activate(subscription);
         return subscription;
     }
-    /** Start connecting (and keep reconnecting until `close()` or a refusal). Subscribes if nobody did. */
+    /** Start connecting (and keep reconnecting until `close()` or a refusal). Protocol 1: subscribes if nobody did. */
     connect() {
         if (this.#state !== "idle")
             return;
-        if (this.#subscription === null)
+        if (this.#protocol === 1 && this.#subscription === null)
             this.subscribe();
         this.#watchPage();
         void this.#open();
@@ -328,6 +484,11 @@ export class Client extends Emitter {
             return;
         this.#stop();
         this.#subscription?.close();
+        for (const subscription of this.#subscriptions.values())
+            subscription.close();
+        for (const retry of this.#retrySubscribe.values())
+            clearTimeout(retry.timer);
+        this.#retrySubscribe.clear();
     }
     /** Resolve once the client reaches `state` (for example `connected`); reject if it closes first. */
     when(state, options = {}) {
@@ -360,15 +521,28 @@ export class Client extends Emitter {
             }
         });
     }
+    #host() {
+        return {
+            reconnect: (reason) => this.#reconnect(reason),
+            report: (error) => this.emit("error", error),
+            unsubscribe: (subscription) => this.#unsubscribe(subscription),
+        };
+    }
+    /** Every subscription the connection carries. */
+    #all() {
+        if (this.#protocol === 1)
+            return this.#subscription === null ? [] : [this.#subscription];
+        return [...this.#subscriptions.values()];
+    }
     // -- connecting ------------------------------------------------------------------------------------
     async #open() {
         this.#setState("connecting");
-        const subscription = this.#subscription;
+        const subscriptions = this.#all();
         try {
-            if (subscription.needsInitialSnapshot)
-                await subscription.loadInitialSnapshot();
+            await Promise.all(subscriptions.map((s) => (s.needsInitialSnapshot ? s.loadInitialSnapshot() : undefined)));
             if (this.#restartReason !== null) {
-                await subscription.restart(this.#restartReason);
+                const reason = this.#restartReason;
+                await Promise.all(subscriptions.map((s) => s.restart(reason)));
                 this.#restartReason = null;
             }
             if (this.#token === NOT_GIVEN && this.#options.getToken !== undefined) {
@@ -389,8 +563,13 @@ export class Client extends Emitter {
         const url = new URL(base);
         url.searchParams.delete("epoch");
         url.searchParams.delete("last_seq");
-        for (const [name, value] of Object.entries(subscription.resumeParams()))
-            url.searchParams.set(name, value);
+        if (this.#protocol === 1) {
+            for (const [name, value] of Object.entries(this.#subscription.resumeParams()))
+                url.searchParams.set(name, value);
+        }
+        else {
+            this.#protocol2Query(url, kind);
+        }
         if (this.#token !== NOT_GIVEN && this.#token !== undefined) {
             url.searchParams.set(this.#options.tokenParam ?? "token", this.#token);
         }
@@ -414,7 +593,10 @@ export class Client extends Emitter {
             const transport = kind === "websocket"
                 ? openWebSocket(this.#WebSocket, url.toString(), handlers)
                 : openEventSource(this.#EventSource, url.toString(), handlers);
-            attempt = { transport, from: subscription.position, opened: false, welcome: null, epoch: null };
+            const from = new Map();
+            for (const s of subscriptions)
+                from.set(s, s.position);
+            attempt = { transport, from, opened: false, welcome: null, epoch: null, epochs: new Map(), requests: new Map() };
         }
         catch (error) {
             this.emit("error", new ClientError(`cannot open ${url.toString()}`, undefined, { cause: error }));
@@ -428,8 +610,34 @@ export class Client extends Emitter {
                 this.#drop(attempt, ABNORMAL_CLOSURE, `no welcome within ${connectTimeout} ms`);
         }, connectTimeout);
     }
+    /**
+     * Protocol 2's query: `protocol=2`, and `resume` with the positions the server resumes itself: on a
+     * WebSocket those of its own (server-side) subscriptions, the client's resume in their subscribe
+     * frames; over SSE, which has no client frames, every channel (the client's as `channel=` parameters).
+     */
+    #protocol2Query(url, kind) {
+        url.searchParams.set("protocol", "2");
+        url.searchParams.delete("resume");
+        url.searchParams.delete("channel");
+        const positions = new Map();
+        for (const [channel, subscription] of this.#subscriptions) {
+            if (subscription.state === "closed")
+                continue;
+            if (kind === "sse" && !subscription.serverSide)
+                url.searchParams.append("channel", channel);
+            const position = subscription.position;
+            if (position !== null && (kind === "sse" || subscription.serverSide))
+                positions.set(channel, position);
+        }
+        if (positions.size > 0)
+            url.searchParams.set("resume", encodePositions(positions));
+    }
     #onMessage(attempt, text) {
         this.#armDeadline();
+        if (this.#protocol === 2) {
+            this.#onMessageV2(attempt, text);
+            return;
+        }
         let decoded;
         try {
             decoded = decodeFrame(text);
@@ -463,16 +671,218 @@ export class Client extends Emitter {
                 return;
         }
     }
+    #onMessageV2(attempt, text) {
+        let decoded;
+        try {
+            decoded = decodeFrameV2(text);
+        }
+        catch (error) {
+            this.emit("error", error instanceof FrameError ? error : new ClientError("bad frame", undefined, { cause: error }));
+            return;
+        }
+        if (decoded === null)
+            return; // a frame type of a later server
+        if ("event" in decoded) {
+            const epoch = attempt.epochs.get(decoded.channel);
+            const subscription = this.#subscriptions.get(decoded.channel);
+            // Not (or no longer) subscribed here: an event queued before an unsubscribe was confirmed.
+            if (epoch === undefined || subscription === undefined || subscription.state === "closed")
+                return;
+            subscription.event(decoded.event, epoch);
+            return;
+        }
+        const frame = decoded.frame;
+        switch (frame.type) {
+            case "welcome":
+                if (frame.protocol !== 2) {
+                    this.#drop(attempt, ABNORMAL_CLOSURE, `the server answered with protocol ${String(frame.protocol)}, not 2`);
+                    return;
+                }
+                this.#onWelcome(attempt, frame);
+                return;
+            case "subscribed":
+                this.#onSubscribed(attempt, frame);
+                return;
+            case "unsubscribed": {
+                const request = frame.id === null ? undefined : attempt.requests.get(frame.id);
+                if (request !== undefined)
+                    attempt.requests.delete(frame.id);
+                attempt.epochs.delete(frame.channel);
+                const subscription = request?.subscription ?? this.#subscriptions.get(frame.channel);
+                if (subscription === undefined)
+                    return;
+                const current = this.#subscriptions.get(frame.channel);
+                if (current === subscription)
+                    this.#subscriptions.delete(frame.channel);
+                subscription.close();
+                this.emit("unsubscribed", subscription, frame.reason);
+                if (current !== undefined && current !== subscription && current.state !== "closed") {
+                    this.#sendSubscribe(attempt, current); // subscribed again while the unsubscribe was on its way
+                }
+                return;
+            }
+            case "resync_required": {
+                const subscription = this.#subscriptions.get(frame.channel);
+                if (subscription === undefined || subscription.state === "closed")
+                    return;
+                attempt.epochs.set(frame.channel, frame.epoch);
+                subscription.resyncRequired(frame);
+                return;
+            }
+            case "presence_join":
+            case "presence_leave":
+                this.#subscriptions.get(frame.channel)?.presenceChanged(frame.type === "presence_join" ? "join" : "leave", frame.member);
+                return;
+            case "error":
+                this.#onErrorV2(attempt, frame);
+                return;
+            case "pong":
+                return;
+        }
+    }
+    #onSubscribed(attempt, frame) {
+        const request = frame.id === null ? undefined : attempt.requests.get(frame.id);
+        if (request !== undefined)
+            attempt.requests.delete(frame.id);
+        let subscription = this.#subscriptions.get(frame.channel);
+        if (request !== undefined && request.subscription !== subscription)
+            return; // unsubscribed meanwhile
+        let created = false;
+        if (subscription === undefined || subscription.state === "closed") {
+            if (frame.id !== null)
+                return; // an answer to a request of a subscription that is gone
+            const options = this.#options.serverSubscription?.(frame.channel) ?? {};
+            subscription = new Subscription(this.#host(), { ...options, channel: frame.channel }, true);
+            this.#subscriptions.set(frame.channel, subscription);
+            created = true;
+        }
+        attempt.epochs.set(frame.channel, frame.epoch);
+        if (created)
+            this.emit("subscription", subscription);
+        subscription.subscribed(frame);
+    }
+    #onErrorV2(attempt, frame) {
+        const request = frame.id === null || frame.id === undefined ? undefined : attempt.requests.get(frame.id);
+        const channel = frame.channel ?? null;
+        const error = new SubscriptionError(`the server refused ${request?.kind ?? "a frame"}${channel !== null ? ` of '${channel}'` : ""}: ${frame.code}: ${frame.message}`, frame.code, channel);
+        if (frame.code === "presence_unavailable") {
+            // Follows the subscription's confirmation: it stands, without presence.
+            const subscription = channel === null ? undefined : this.#subscriptions.get(channel);
+            subscription?.refused(error);
+            this.emit("error", error);
+            return;
+        }
+        if (request === undefined) {
+            this.emit("error", error); // a server-side channel refused at connect, or a frame the server could not read
+            return;
+        }
+        attempt.requests.delete(frame.id);
+        const subscription = request.subscription;
+        if (request.kind === "unsubscribe") {
+            if (frame.code !== "not_subscribed")
+                this.emit("error", error);
+            return; // not subscribed (any more): nothing to end
+        }
+        if (this.#subscriptions.get(subscription.channel) !== subscription || subscription.state === "closed")
+            return;
+        if (frame.code === "try_again_later") {
+            // A channel's connection limit, or the server's backend is down: ask again after a backoff.
+            const retry = this.#retrySubscribe.get(subscription) ?? { failures: 0, timer: undefined };
+            const delay = backoffDelay(retry.failures, this.#options.backoff);
+            retry.failures += 1;
+            clearTimeout(retry.timer);
+            retry.timer = setTimeout(() => {
+                const now = this.#attempt;
+                if (now !== null && now.welcome !== null && subscription.state !== "closed")
+                    this.#sendSubscribe(now, subscription);
+            }, delay);
+            this.#retrySubscribe.set(subscription, retry);
+            this.emit("error", error);
+            return;
+        }
+        this.#subscriptions.delete(subscription.channel);
+        subscription.refused(error);
+        this.emit("error", error);
+    }
+    /** Protocol 2: send `subscription`'s subscribe frame on `attempt` (WebSocket), or reconnect (SSE). */
+    #sendSubscribe(attempt, subscription) {
+        if (subscription.state === "closed" || subscription.confirmed)
+            return;
+        for (const pending of attempt.requests.values()) {
+            if (pending.subscription === subscription)
+                return; // asked already
+            // Still unsubscribing an earlier subscription of this channel: ask once that is confirmed.
+            if (pending.kind === "unsubscribe" && pending.subscription.channel === subscription.channel)
+                return;
+        }
+        if (attempt.transport.kind === "sse") {
+            // No client frames over SSE: a new connection names every channel in its URL.
+            this.#reconnect("subscribing over SSE");
+            return;
+        }
+        const id = `s${++this.#nextRequest}`;
+        if (attempt.transport.send(subscription.subscribeFrame(id))) {
+            attempt.requests.set(id, { kind: "subscribe", subscription: subscription });
+        }
+    }
+    /** Protocol 2: a subscription made while the client runs: its first snapshot, then its subscribe frame. */
+    async #activate(subscription) {
+        if (subscription.needsInitialSnapshot) {
+            try {
+                await subscription.loadInitialSnapshot();
+            }
+            catch (error) {
+                this.emit("error", new ClientError(`the first snapshot of '${subscription.channel}' failed`, undefined, { cause: error }));
+                // The next connection tries again (#open loads what is missing).
+                return;
+            }
+        }
+        const attempt = this.#attempt;
+        if (attempt !== null && attempt.welcome !== null && this.#state === "connected")
+            this.#sendSubscribe(attempt, subscription);
+    }
+    #unsubscribe(subscription) {
+        if (this.#protocol === 1) {
+            this.close(); // protocol 1: the connection is the subscription
+            return;
+        }
+        const channel = subscription.channel;
+        const retry = this.#retrySubscribe.get(subscription);
+        if (retry !== undefined)
+            clearTimeout(retry.timer);
+        this.#retrySubscribe.delete(subscription);
+        const attempt = this.#attempt;
+        const live = attempt !== null && attempt.welcome !== null;
+        if (!live || attempt.transport.kind === "sse") {
+            if (this.#subscriptions.get(channel) === subscription)
+                this.#subscriptions.delete(channel);
+            this.emit("unsubscribed", subscription, "client");
+            if (live)
+                this.#reconnect("unsubscribing over SSE");
+            return;
+        }
+        // Keep the entry until the server confirms, so that events in flight find a closed subscription.
+        const id = `u${++this.#nextRequest}`;
+        if (attempt.transport.send(JSON.stringify({ type: "unsubscribe", id, channel }))) {
+            attempt.requests.set(id, { kind: "unsubscribe", subscription: subscription });
+        }
+        else if (this.#subscriptions.get(channel) === subscription) {
+            this.#subscriptions.delete(channel);
+            this.emit("unsubscribed", subscription, "client");
+        }
+    }
     #onWelcome(attempt, welcome) {
         clearTimeout(this.#timers.connect);
         attempt.opened = true;
         attempt.welcome = welcome;
-        attempt.epoch = welcome.epoch;
         this.#websocketFailures = 0;
         this.stats.welcomes += 1;
-        if (welcome.resumed)
-            this.stats.resumed += 1;
-        this.#subscription.welcome(welcome);
+        if ("channel" in welcome) {
+            attempt.epoch = welcome.epoch;
+            if (welcome.resumed)
+                this.stats.resumed += 1;
+            this.#subscription.welcome(welcome);
+        }
         this.#timers.stable = setTimeout(() => {
             if (this.#attempt === attempt)
                 this.#failures = 0;
@@ -481,6 +891,18 @@ export class Client extends Emitter {
             this.#startHeartbeat(attempt, welcome);
         this.#setState("connected");
         this.emit("connected", welcome);
+        if (this.#protocol === 2) {
+            for (const subscription of this.#subscriptions.values()) {
+                // Server-side subscriptions come back by themselves (their positions are in the URL); over SSE
+                // every channel is in the URL.
+                if (!subscription.serverSide && attempt.transport.kind === "websocket" && !subscription.needsInitialSnapshot) {
+                    this.#sendSubscribe(attempt, subscription);
+                }
+                else if (subscription.needsInitialSnapshot && !subscription.serverSide) {
+                    void this.#activate(subscription);
+                }
+            }
+        }
     }
     // -- heartbeat -------------------------------------------------------------------------------------
     #pingPeriod(welcome) {
@@ -526,6 +948,14 @@ export class Client extends Emitter {
     #onClose(attempt, code, reason) {
         this.#clearConnectionTimers();
         this.#attempt = null;
+        for (const [channel, subscription] of this.#subscriptions) {
+            subscription.disconnected();
+            if (subscription.state === "closed") {
+                // Its unsubscribe was not confirmed before the drop: the next connection does not carry it.
+                this.#subscriptions.delete(channel);
+                this.emit("unsubscribed", subscription, "client");
+            }
+        }
         if (attempt.transport.kind === "websocket" && !attempt.opened) {
             this.#websocketFailures += 1;
             const threshold = this.#options.sseFallbackAfter ?? 2;
@@ -533,7 +963,7 @@ export class Client extends Emitter {
                 this.#transport = "sse";
             }
         }
-        if (code === SLOW_CONSUMER && attempt.from !== null && samePosition(attempt.from, this.#subscription.position)) {
+        if (code === SLOW_CONSUMER && madeNoProgress(attempt.from)) {
             // Closed for falling behind before a single event was applied: the replay of what was missed is
             // larger than the server's queue bound, so resuming again would fail again. Reload instead.
             this.#stalledResumes += 1;
