@@ -122,7 +122,7 @@ export interface ClientStats {
   attempts: number;
   /** `welcome` frames received. */
   welcomes: number;
-  /** Welcomes with `resumed: true`. */
+  /** Welcomes with `resumed: true` (protocol 2: `subscribed` frames with `resumed: true`). */
   resumed: number;
   /** Connections declared dead by the heartbeat. */
   heartbeatTimeouts: number;
@@ -269,6 +269,11 @@ export class Subscription<E extends EventShape = AnyEvent> extends Emitter<Subsc
   readonly serverSide: boolean;
   /** Protocol 2: the confirmation of the current connection arrived. */
   #confirmed = false;
+  /**
+   * @internal Protocol 2: the server confirmed this channel with no request id (its resolver subscribes
+   * the connection to it): the next connection resumes it through the `resume` query parameter.
+   */
+  resumeInUrl = false;
 
   /** Use `Client.subscribe`. */
   constructor(host: SubscriptionHost, options: SubscriptionOptions<E>, serverSide = false) {
@@ -861,7 +866,9 @@ export class Client<E extends EventShape = AnyEvent> extends Emitter<ClientEvent
       if (subscription.state === "closed") continue;
       if (kind === "sse" && !subscription.serverSide) url.searchParams.append("channel", channel);
       const position = subscription.position;
-      if (position !== null && (kind === "sse" || subscription.serverSide)) positions.set(channel, position);
+      if (position !== null && (kind === "sse" || subscription.serverSide || subscription.resumeInUrl)) {
+        positions.set(channel, position);
+      }
     }
     if (positions.size > 0) url.searchParams.set("resume", encodePositions(positions));
   }
@@ -982,6 +989,8 @@ export class Client<E extends EventShape = AnyEvent> extends Emitter<ClientEvent
       created = true;
     }
     attempt.epochs.set(frame.channel, frame.epoch);
+    if (frame.id === null) subscription.resumeInUrl = true;
+    if (frame.resumed) this.stats.resumed += 1;
     if (created) this.emit("subscription", subscription);
     subscription.subscribed(frame);
   }
@@ -1012,6 +1021,11 @@ export class Client<E extends EventShape = AnyEvent> extends Emitter<ClientEvent
       return; // not subscribed (any more): nothing to end
     }
     if (this.#subscriptions.get(subscription.channel!) !== subscription || subscription.state === "closed") return;
+    if (frame.code === "already_subscribed" && subscription.confirmed) {
+      // The server subscribed this connection to the channel itself (its `subscribed` with id null came
+      // after this client's request was sent): the subscription stands.
+      return;
+    }
     if (frame.code === "try_again_later") {
       // A channel's connection limit, or the server's backend is down: ask again after a backoff.
       const retry = this.#retrySubscribe.get(subscription) ?? { failures: 0, timer: undefined };

@@ -224,3 +224,27 @@ test("protocol 2 option checks", () => {
   assert.throws(() => client.subscribe({ channel: "room:x" }), /already subscribes/);
   client.close();
 });
+
+test("a channel both the URL and the client subscribe to: one subscription, resumed after a drop", async () => {
+  const client = newClient({ url: `${server.wsBase}?room=p2-both` });
+  const errors = [];
+  client.on("error", (error) => errors.push(error));
+  const both = followChannel(client, server, "p2-both");
+  try {
+    client.connect();
+    await waitFor(() => both.subscription.confirmed, { message: "confirmed" });
+    await server.publish("p2-both", 3);
+    await waitFor(() => both.app.items.size === 3, { message: "items" });
+    await server.closeConnections("p2-both", 1012);
+    await server.publish("p2-both", 3);
+    await waitFor(() => both.app.items.size === 6, { message: "items after the drop" });
+    assert.deepEqual(both.app.applied, range(6));
+    assert.equal(both.app.resyncs.length, 1, "resumed, no reload");
+    assert.equal(both.subscription.state, "live");
+    assert.equal(both.subscription.stats.gaps, 0);
+    assert.deepEqual(errors.filter((e) => e.reason !== "already_subscribed"), []);
+    assert.equal(client.subscriptions.size, 1);
+  } finally {
+    client.close();
+  }
+});

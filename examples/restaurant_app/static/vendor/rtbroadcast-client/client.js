@@ -49,6 +49,11 @@ export class Subscription extends Emitter {
     serverSide;
     /** Protocol 2: the confirmation of the current connection arrived. */
     #confirmed = false;
+    /**
+     * @internal Protocol 2: the server confirmed this channel with no request id (its resolver subscribes
+     * the connection to it): the next connection resumes it through the `resume` query parameter.
+     */
+    resumeInUrl = false;
     /** Use `Client.subscribe`. */
     constructor(host, options, serverSide = false) {
         super();
@@ -626,8 +631,9 @@ export class Client extends Emitter {
             if (kind === "sse" && !subscription.serverSide)
                 url.searchParams.append("channel", channel);
             const position = subscription.position;
-            if (position !== null && (kind === "sse" || subscription.serverSide))
+            if (position !== null && (kind === "sse" || subscription.serverSide || subscription.resumeInUrl)) {
                 positions.set(channel, position);
+            }
         }
         if (positions.size > 0)
             url.searchParams.set("resume", encodePositions(positions));
@@ -757,6 +763,10 @@ export class Client extends Emitter {
             created = true;
         }
         attempt.epochs.set(frame.channel, frame.epoch);
+        if (frame.id === null)
+            subscription.resumeInUrl = true;
+        if (frame.resumed)
+            this.stats.resumed += 1;
         if (created)
             this.emit("subscription", subscription);
         subscription.subscribed(frame);
@@ -785,6 +795,11 @@ export class Client extends Emitter {
         }
         if (this.#subscriptions.get(subscription.channel) !== subscription || subscription.state === "closed")
             return;
+        if (frame.code === "already_subscribed" && subscription.confirmed) {
+            // The server subscribed this connection to the channel itself (its `subscribed` with id null came
+            // after this client's request was sent): the subscription stands.
+            return;
+        }
         if (frame.code === "try_again_later") {
             // A channel's connection limit, or the server's backend is down: ask again after a backoff.
             const retry = this.#retrySubscribe.get(subscription) ?? { failures: 0, timer: undefined };
