@@ -30,6 +30,7 @@ from rtbroadcast.client import (
     Subscription,
     TokenRequest,
 )
+from rtbroadcast.protocol import ServerFrame, Subscribed, WelcomeV2
 
 from .redis_support import redis_server_binary
 from .support import MS, until
@@ -122,9 +123,15 @@ class App:
         self.items.append(event["n"])
         self.check(f"event n={event['n']}")
 
-    def connected(self, welcome: Welcome) -> None:
-        self.welcomes.append(welcome.resumed)
+    def connected(self, welcome: Welcome | WelcomeV2) -> None:
+        if isinstance(welcome, Welcome):  # protocol 2: each subscribed frame counts (see frame())
+            self.welcomes.append(welcome.resumed)
         self.changed.set()
+
+    def frame(self, frame: ServerFrame) -> None:
+        if isinstance(frame, Subscribed) and frame.channel == f"room:{self.room}":
+            self.welcomes.append(frame.resumed)
+            self.changed.set()
 
     def disconnected(self, info: DisconnectInfo) -> None:
         self.disconnects.append((time.monotonic(), info.code))
@@ -137,7 +144,7 @@ class ClientErrorInfo:
     code: int | None
 
 
-def make_client(url: str, options: dict[str, Any], app: App) -> Client:
+def make_client(url: str, options: dict[str, Any], app: App, protocol: int) -> Client:
     unknown = set(options) - CLIENT_OPTIONS
     assert not unknown, f"unknown client options {sorted(unknown)}"
     backoff = options.get("backoff", {"initial_ms": 50, "max_ms": 200})
@@ -158,6 +165,8 @@ def make_client(url: str, options: dict[str, Any], app: App) -> Client:
         backoff=Backoff(initial_delay=backoff["initial_ms"] / 1000, max_delay=backoff["max_ms"] / 1000),
         heartbeat_interval=None if interval is None else interval / 1000,
         on_connect=app.connected,
+        on_frame=app.frame,
+        protocol=protocol,
         on_disconnect=app.disconnected,
         **extra,
     )
@@ -192,7 +201,7 @@ def matches(actual: list[Any], expected: list[Any]) -> bool:
     )
 
 
-async def play(scenario: dict[str, Any]) -> None:
+async def play(scenario: dict[str, Any], protocol: int) -> None:
     async with harness(scenario["server"]) as server:
         app: App | None = None
         client: Client | None = None
@@ -204,8 +213,12 @@ async def play(scenario: dict[str, Any]) -> None:
                 where = f"step {number} ({op})"
                 if op == "subscribe":
                     app = App(server.http, step["room"])
-                    client = make_client(f"{server.ws}?room={step['room']}", scenario["client"], app)
-                    subscription = client.subscribe(resync=app.load_snapshot)
+                    if protocol == 1:
+                        client = make_client(f"{server.ws}?room={step['room']}", scenario["client"], app, 1)
+                        subscription = client.subscribe(resync=app.load_snapshot)
+                    else:
+                        client = make_client(server.ws, scenario["client"], app, 2)
+                        subscription = client.subscribe(f"room:{step['room']}", resync=app.load_snapshot)
                     consumer = asyncio.get_running_loop().create_task(consume(subscription, app))
                     if step.get("wait", True):
                         await wait_for(app, lambda: app.welcomes or app.stopped, where)  # noqa: B023
@@ -263,8 +276,7 @@ async def expect(app: App, client: Client, step: dict[str, Any], where: str, las
             took = (app.disconnects[-1][0] - last_cut) * 1000
             assert took <= within, f"{where}: the disconnect came {took:.0f} ms after the cut"
     elif op == "expect_duplicates":
-        subscription = client.subscription
-        assert subscription is not None
+        subscription = next(iter(client.subscriptions.values()))
         assert subscription.stats.duplicates == step["count"], f"{where}: {subscription.stats}"
     elif op == "expect_stopped":
         await wait_for(app, lambda: app.stopped is not None, where)
@@ -282,11 +294,13 @@ def _marks(scenario: dict[str, Any]) -> list[pytest.MarkDecorator]:
     return []
 
 
+@pytest.mark.parametrize("protocol", [1, 2])
 @pytest.mark.parametrize(
     "name", [pytest.param(name, marks=_marks(scenario)) for name, scenario in SCENARIOS.items()]
 )
-async def test_scenario(name: str) -> None:
-    await play(SCENARIOS[name])
+async def test_scenario(name: str, protocol: int) -> None:
+    """Every scenario on each protocol the client speaks (protocol 2: the room is subscribed by name)."""
+    await play(SCENARIOS[name], protocol)
 
 
 def test_every_step_of_the_suite_is_known() -> None:

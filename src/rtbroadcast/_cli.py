@@ -37,6 +37,7 @@ from .protocol import (
     ResyncRequired,
     ServerFrame,
     Welcome,
+    WelcomeV2,
     judge_event,
 )
 
@@ -150,8 +151,10 @@ class Listener:
         self._failures += 1
         self._say(f"connecting to {url}")
 
-    def _on_welcome(self, welcome: Welcome) -> None:
+    def _on_welcome(self, welcome: Welcome | WelcomeV2) -> None:
         self._failures = 0
+        if not isinstance(welcome, Welcome):  # listen speaks protocol 1
+            return
         self._say(
             f"welcome: channel {welcome.channel!r}, epoch {welcome.epoch}, seq {welcome.seq}, "
             f"heartbeat {welcome.heartbeat_interval:g} s"

@@ -57,27 +57,35 @@ from .protocol import (
     ServerFrame,
     Subscribed,
     Welcome,
+    WelcomeV2,
     decode_server_frame,
     encode_client_frame,
+    is_valid_channel,
     judge_event,
 )
 
 if TYPE_CHECKING:
     from websockets.asyncio.client import ClientConnection
 
+    from ._client2 import _Multiplexer
+
 __all__ = [
     "Backoff",
+    "ChannelSubscription",
     "Client",
     "ClientError",
     "ClientState",
     "ClientStats",
     "CloseAction",
     "DisconnectInfo",
+    "Presence",
+    "PresenceChange",
     "Received",
     "Refused",
     "ResumeTracker",
     "ResyncInfo",
     "Subscription",
+    "SubscriptionDenied",
     "SubscriptionStats",
     "TokenRequest",
     "Unreachable",
@@ -356,10 +364,16 @@ class Client:
         max_retries: failed attempts in a row (without a welcome) after which iteration raises
             :class:`Unreachable`; ``None`` retries for ever.
         events: the registry that maps event types to models (default: :data:`rtbroadcast.registry`).
-        on_connect: called with each ``welcome``.
+        on_connect: called with each ``welcome`` (a :class:`~rtbroadcast.protocol.WelcomeV2` on
+            protocol 2).
         on_disconnect: called when a connection ends, with what happens next.
         on_error: called with problems that do not stop the client (an ``error`` frame, an unreadable
             frame, a failed ``resync``); default: logged on the ``rtbroadcast.client`` logger.
+        protocol: the wire protocol: 1 (one channel per connection, named by the URL) or 2 (one
+            connection carries every :meth:`subscribe`; the server must speak it).
+        on_server_subscription: protocol 2: called with a :class:`Subscription` the server made (a
+            ``subscribed`` frame without a request) for a channel not subscribed to with
+            ``server_side=True``; without it, such channels are ignored.
         on_connecting: called before each connection attempt with the URL it opens (the resume
             parameters and the token included: mind where you log it).
         on_frame: called with every frame the server sends (decoded: a :class:`~rtbroadcast.Welcome`,
@@ -384,11 +398,13 @@ class Client:
         connect_timeout: float = 10.0,
         max_retries: int | None = None,
         events: EventRegistry | None = None,
-        on_connect: Callable[[Welcome], object] | None = None,
+        on_connect: Callable[[Welcome | WelcomeV2], object] | None = None,
         on_disconnect: Callable[[DisconnectInfo], object] | None = None,
         on_error: Callable[[ClientError], object] | None = None,
         on_connecting: Callable[[str], object] | None = None,
         on_frame: Callable[[ServerFrame], object] | None = None,
+        protocol: int = 1,
+        on_server_subscription: Callable[[Subscription[Any]], object] | None = None,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("ws", "wss") or not parts.netloc:
@@ -398,6 +414,8 @@ class Client:
         seconds("connect_timeout", connect_timeout)
         optional_seconds("heartbeat_interval", heartbeat_interval)
         optional_count("max_retries", max_retries, minimum=0)
+        if protocol not in (1, 2) or isinstance(protocol, bool):
+            raise ConfigurationError(f"protocol must be 1 or 2, not {protocol!r}")
         if not isinstance(backoff, Backoff):
             raise ConfigurationError(f"backoff must be a Backoff, not {type(backoff).__name__}")
         self.url = url
@@ -417,6 +435,10 @@ class Client:
         self.on_error = on_error
         self.on_connecting = on_connecting
         self.on_frame = on_frame
+        #: The wire protocol this client speaks (1 or 2).
+        self.protocol = protocol
+        self.on_server_subscription = on_server_subscription
+        self._multiplexer: _Multiplexer | None = None
         #: Counters of the connection state machine.
         self.stats = ClientStats()
         self._state: ClientState = "idle"
@@ -441,6 +463,9 @@ class Client:
         model: None = None,
         position: Position | None = None,
         resync: ResyncCallback | None = None,
+        presence: bool = False,
+        on_presence: Callable[[PresenceChange], object] | None = None,
+        server_side: bool = False,
     ) -> Subscription[dict[str, Any]]: ...
 
     @overload
@@ -452,6 +477,9 @@ class Client:
         model: type[E],
         position: Position | None = None,
         resync: ResyncCallback | None = None,
+        presence: bool = False,
+        on_presence: Callable[[PresenceChange], object] | None = None,
+        server_side: bool = False,
     ) -> Subscription[E]: ...
 
     def subscribe(
@@ -462,16 +490,21 @@ class Client:
         model: type[Any] | None = None,
         position: Position | None = None,
         resync: ResyncCallback | None = None,
+        presence: bool = False,
+        on_presence: Callable[[PresenceChange], object] | None = None,
+        server_side: bool = False,
     ) -> Subscription[Any]:
-        """Subscribe to the stream; iterate the result to receive its events.
+        """Subscribe to a channel's stream; iterate the result to receive its events.
 
-        Protocol 1 carries one channel per connection, so a client has one subscription; nothing is
-        opened until it is iterated (or :meth:`Subscription.connected` is awaited).
+        Protocol 1 carries one channel per connection, so a client has one subscription. Protocol 2
+        carries any number on one connection, each with its own position and ``resync``. Nothing is
+        opened until a subscription is iterated (or :meth:`Subscription.connected` is awaited).
 
         Args:
-            channel: the channel the server must confirm in its ``welcome`` (protocol 1: the URL names
-                it; a different one raises :class:`ClientError`). Optional.
-            params: query parameters added to the URL (``{"room": "lobby"}``).
+            channel: protocol 1: the channel the server must confirm in its ``welcome`` (the URL names
+                it; a different one raises :class:`ClientError`), optional. Protocol 2: the channel to
+                subscribe to, required.
+            params: protocol 1: query parameters added to the URL (``{"room": "lobby"}``).
             model: decode events into this model: an :class:`~rtbroadcast.Event` subclass (a base class
                 of several events works: each event is decoded into the model its ``type`` is registered
                 with) or any pydantic model. Without it, events are ``dict``\\ s (their ``type``
@@ -483,13 +516,27 @@ class Client:
                 first connection when no ``position`` is given, and whenever the server says
                 ``resync_required``. Without it the subscription continues from the server's position,
                 and the events missed are missing (logged at WARNING).
+            presence: protocol 2: ask for the channel's presence (where the channel has it):
+                :attr:`ChannelSubscription.presence` is kept up to date.
+            on_presence: protocol 2: called with each :class:`PresenceChange` (snapshot, join, leave).
+            server_side: protocol 2: the server makes this subscription (its resolver at connect, or
+                the service later): the client does not ask for it, only receives it (and resumes it
+                at each reconnect through the ``resume`` query parameter).
 
         Raises:
-            ClientError: the client already has its subscription, or is closed.
-            ConfigurationError: ``position`` is not a stream position.
+            ClientError: the client already has its subscription (protocol 1) or one of this channel
+                (protocol 2), or is closed.
+            ConfigurationError: ``position`` is not a stream position, or an argument does not fit the
+                client's protocol.
         """
         if self._state == "closed":
             raise ClientError("the client is closed")
+        if self.protocol == 2:
+            return self._subscribe_v2(
+                channel, params, model, position, resync, presence, on_presence, server_side
+            )
+        if presence or on_presence is not None or server_side:
+            raise ConfigurationError("presence, on_presence and server_side need protocol=2")
         if self._subscription is not None:
             raise ClientError(
                 "protocol 1 carries one channel per connection: this client already has its subscription"
@@ -500,11 +547,55 @@ class Client:
         self._subscription = subscription
         return subscription
 
+    @property
+    def subscriptions(self) -> Mapping[str, Subscription[Any]]:
+        """The subscriptions this client carries, by channel (protocol 1: once the channel is known)."""
+        if self._multiplexer is not None:
+            return dict(self._multiplexer.subscriptions)
+        single = self._subscription
+        return {single.channel: single} if single is not None and single.channel is not None else {}
+
+    @property
+    def connection_id(self) -> str | None:
+        """Protocol 2: the server's id of the current connection (presence's ``client``), else ``None``."""
+        welcome = self._multiplexer.welcome if self._multiplexer is not None else None
+        return welcome.connection if welcome is not None else None
+
+    def _subscribe_v2(
+        self,
+        channel: str | None,
+        params: Mapping[str, str] | None,
+        model: type[Any] | None,
+        position: Position | None,
+        resync: ResyncCallback | None,
+        presence: bool,
+        on_presence: Callable[[PresenceChange], object] | None,
+        server_side: bool,
+    ) -> Subscription[Any]:
+        from ._client2 import _Multiplexer
+
+        if channel is None or not is_valid_channel(channel):
+            raise ConfigurationError(f"protocol 2 subscribes to a channel by name: not {channel!r}")
+        if params:
+            raise ConfigurationError("params name a protocol-1 channel; on protocol 2 put them in the url")
+        if self._multiplexer is None:
+            self._multiplexer = _Multiplexer(self)
+        if channel in self._multiplexer.subscriptions:
+            raise ClientError(f"this client already has a subscription to {channel!r}")
+        subscription: ChannelSubscription[Any] = ChannelSubscription(
+            self, self._multiplexer, channel, model=model, position=position, resync=resync,
+            presence=presence, on_presence=on_presence, server_side=server_side,
+        )  # fmt: skip
+        self._multiplexer.add(subscription)
+        return subscription
+
     async def close(self) -> None:
-        """Stop for good: close the connection (code 1000), end the subscription's iteration."""
+        """Stop for good: close the connection (code 1000), end every subscription's iteration."""
         self._state = "closed"
         if self._subscription is not None:
             await self._subscription.close()
+        if self._multiplexer is not None:
+            await self._multiplexer.close()
 
     async def __aenter__(self) -> Self:
         return self
@@ -551,6 +642,8 @@ class Subscription(ABC, Generic[E]):
         self._resync_callback = resync
         #: Counters: events applied, duplicates dropped, gaps seen, resyncs run.
         self.stats = SubscriptionStats()
+        #: Protocol 2, ``presence=True`` on a channel with presence: who is there, kept current.
+        self.presence: Presence | None = None
         self._requested = False
         self._busy = False
 
@@ -1143,3 +1236,7 @@ def _failed(message: str, exc: BaseException) -> ClientError:
     error = ClientError(f"{message}: {type(exc).__name__}: {exc}")
     error.__cause__ = exc
     return error
+
+
+# Protocol 2 lives in its own module, which builds on everything above: imported last, on purpose.
+from ._client2 import ChannelSubscription, Presence, PresenceChange, SubscriptionDenied  # noqa: E402

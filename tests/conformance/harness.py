@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import os
 import shutil
@@ -66,7 +67,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from rtbroadcast import Broadcaster, Event, QueueLimits
-from rtbroadcast.asgi import ConnectionRequest, Deny, channel_from_query
+from rtbroadcast.asgi import BroadcastEndpoint, ConnectionRequest, Deny, channel_from_query
 from rtbroadcast.backends.redis import RedisBackend
 from rtbroadcast.errors import BackendUnavailable
 from rtbroadcast.starlette import broadcast_routes, lifespan
@@ -259,12 +260,21 @@ class Harness:
     # -- the service --------------------------------------------------------------------------------
 
     def _app(self, broadcaster: Broadcaster) -> Any:
-        def authorize(request: ConnectionRequest, channel: str) -> bool | Deny:
+        def check_token(request: ConnectionRequest) -> Deny | None:
             token = request.query.get("token")
             if token is not None and token in self.revoked:
                 self.counts["refused"] += 1
                 return Deny("token expired")
-            return True
+            return None
+
+        def authorize(request: ConnectionRequest, channel: str) -> bool | Deny:
+            return check_token(request) or True
+
+        # Where the server has an authenticate hook (protocol 2's), the token is checked once per
+        # connection, so that a revoked one is refused with 4003 on both protocols; before it, in authorize.
+        hooks: dict[str, Any] = {"authorize": authorize}
+        if "authenticate" in inspect.signature(BroadcastEndpoint).parameters:
+            hooks = {"authenticate": check_token}
 
         async def snapshot(request: Request) -> JSONResponse:
             room = request.path_params["room"]
@@ -285,7 +295,7 @@ class Harness:
                 "/realtime",
                 broadcaster,
                 channel=channel_from_query("room", prefix="room:"),
-                authorize=authorize,
+                **hooks,
             ),
         ]
         app = Starlette(routes=routes, lifespan=lifespan(broadcaster, drain_on_signal=False))
