@@ -199,6 +199,7 @@ class ChannelSubscription(Subscription[E]):
                     self._confirmed.clear()
                     self._retries += 1
                     await asyncio.sleep(self._client.backoff.delay(self._retries - 1))
+                    self._request_id = None
                     await self._mux.request(self)
                 elif refusal is not None:
                     self._closed = True
@@ -211,6 +212,7 @@ class ChannelSubscription(Subscription[E]):
             return
         self._closed = True
         await self._mux.unsubscribe(self)
+        self._space.set()  # a reader waiting for room in this queue goes on
         self._queue.put_nowait(_WAKE)
 
     async def __anext__(self) -> Received[E]:
@@ -295,6 +297,7 @@ class ChannelSubscription(Subscription[E]):
                 self._client._report(ClientError(f"subscribe {self._channel!r}: {item.code}: {item.message}"))
                 self._retries += 1
                 await asyncio.sleep(self._client.backoff.delay(self._retries - 1))
+                self._request_id = None
                 await self._mux.request(self)
                 return None
             self._closed = True
@@ -458,6 +461,8 @@ class _Multiplexer:
         ws = self._ws
         if ws is None or subscription.server_side or subscription.channel not in self.subscriptions:
             return
+        if subscription._request_id is not None:
+            return  # asked already on this connection (the connect and the first snapshot can cross)
         request_id = f"s{next(self._ids)}"
         subscription._request_id = request_id
         self.requests[request_id] = subscription

@@ -207,12 +207,17 @@ class Proxy:
     async def _pipe(
         reader: asyncio.StreamReader, writer: asyncio.StreamWriter, silenced: asyncio.Event
     ) -> None:
-        with contextlib.suppress(OSError):
+        try:
             while data := await reader.read(65536):
                 if silenced.is_set():
                     continue  # dark: read and drop, never close (no FIN reaches anyone)
                 writer.write(data)
                 await writer.drain()
+        except OSError:
+            pass  # a reset: the other side goes too (below), as a real network would pass it on
+        finally:
+            # One side ended (even with a reset: left open, the other side's client would hang until its
+            # connect timeout): end the other, unless the network is dark.
             if not silenced.is_set():
                 writer.close()
 
