@@ -24,8 +24,8 @@ import asyncio
 import logging
 import socket
 from collections import deque
-from collections.abc import Mapping
-from typing import Any, cast
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 import hiredis
 from redis.asyncio.connection import AbstractConnection
@@ -33,9 +33,11 @@ from redis.exceptions import AuthenticationError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-__all__ = ["CommandPipe", "open_pipe", "pack"]
+__all__ = ["CommandPipe", "check_login", "connect", "login_commands", "open_pipe", "pack"]
 
 logger = logging.getLogger("rtbroadcast.redis")
+
+_P = TypeVar("_P", bound=asyncio.BaseProtocol)
 
 
 def pack(*parts: bytes) -> bytes:
@@ -64,6 +66,9 @@ class CommandPipe(asyncio.Protocol):
         self._pending: deque[tuple[asyncio.Future[Any], float]] = deque()
         self._outgoing: list[bytes] = []
         self._flush_scheduled = False
+        # The confirmation (a WAIT for replicas) the next write ends with, if a request asked for one.
+        self._barrier: asyncio.Future[Any] | None = None
+        self._barrier_command = b""
         self._timer: asyncio.TimerHandle | None = None
         self._error: BaseException | None = None
         self._lost = self._loop.create_future()
@@ -99,6 +104,17 @@ class CommandPipe(asyncio.Protocol):
         if self._timer is None:
             self._arm()
         return future
+
+    def confirm(self, command: bytes) -> asyncio.Future[Any]:
+        """Return the future of ``command`` sent once after every request queued this loop turn.
+
+        Requests of one turn share it: ``WAIT 1 <ms>`` after a batch of publishes confirms them all at once.
+        Call it right after :meth:`request` (same turn, no ``await`` between).
+        """
+        if self._barrier is None:
+            self._barrier = self._loop.create_future()
+            self._barrier_command = command
+        return self._barrier
 
     async def close(self) -> None:
         """Fail every pending request and close the connection. Never raises."""
@@ -137,6 +153,13 @@ class CommandPipe(asyncio.Protocol):
     def _flush(self) -> None:
         self._flush_scheduled = False
         outgoing, self._outgoing = self._outgoing, []
+        barrier, self._barrier = self._barrier, None
+        if barrier is not None:
+            if self._error is not None:
+                return
+            # Its reply comes after those of the batch: it waits in line like any request.
+            self._pending.append((barrier, self._loop.time() + self._timeout))
+            outgoing.append(self._barrier_command)
         if self._error is None and self._transport is not None and outgoing:
             self._transport.writelines(outgoing)
 
@@ -162,6 +185,9 @@ class CommandPipe(asyncio.Protocol):
         pending, self._pending = self._pending, deque()
         if pending:
             logger.debug("failing %d Redis request(s) to %s: %r", len(pending), self.where, exc)
+        if self._barrier is not None:
+            pending.append((self._barrier, 0.0))
+            self._barrier = None
         for future, _ in pending:
             if not future.done():
                 future.set_exception(exc)
@@ -174,61 +200,78 @@ class CommandPipe(asyncio.Protocol):
 async def open_pipe(template: AbstractConnection, *, request_timeout: float, where: str) -> CommandPipe:
     """Connect where ``template`` (a redis-py connection, never connected itself) would, and log in alike.
 
-    Reads the template's public attributes: ``host``/``port`` or ``path``, ``ssl_context``, ``username``,
-    ``password``, ``credential_provider``, ``client_name``, ``db``, ``socket_keepalive``. The caller bounds
-    the time (``asyncio.timeout``); on any failure the connection is closed.
+    The caller bounds the time (``asyncio.timeout``); on any failure the connection is closed.
 
     Raises:
         redis.exceptions.ConnectionError: the server cannot be reached or refused the login.
         OSError: the socket could not be opened.
     """
-    loop = asyncio.get_running_loop()
-
-    def factory() -> CommandPipe:
-        return CommandPipe(timeout=request_timeout, where=where)
-
-    names = ("path", "ssl_context", "socket_keepalive", "socket_keepalive_options", "credential_provider")
-    attrs: dict[str, Any] = {name: getattr(template, name, None) for name in names}
-    attrs.update(
-        (name, getattr(template, name, None)) for name in ("username", "password", "client_name", "db")
-    )
-    path = attrs.get("path")
-    if path:
-        _, pipe = await loop.create_unix_connection(factory, path)
-    else:
-        ssl_context = attrs.get("ssl_context")
-        ssl = ssl_context.get() if ssl_context is not None else None
-        transport, pipe = await loop.create_connection(factory, template.host, template.port, ssl=ssl)  # type: ignore[attr-defined]
-        sock = transport.get_extra_info("socket")
-        if sock is not None and attrs.get("socket_keepalive"):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            for option, value in (attrs.get("socket_keepalive_options") or {}).items():
-                sock.setsockopt(socket.IPPROTO_TCP, option, value)
+    pipe = await connect(template, lambda: CommandPipe(timeout=request_timeout, where=where))
     try:
-        await _log_in(pipe, attrs)
+        steps = await login_commands(template)
+        replies = await asyncio.gather(*(pipe.request(command) for _, command in steps))
+        check_login(steps, replies, where)
     except BaseException:
         await pipe.close()
         raise
     return pipe
 
 
-async def _log_in(pipe: CommandPipe, attrs: Mapping[str, Any]) -> None:
+async def connect(template: AbstractConnection, factory: Callable[[], _P]) -> _P:
+    """Open the socket ``template`` describes (TCP, TLS or unix) with a protocol from ``factory``.
+
+    Reads the template's public attributes: ``host``/``port`` or ``path``, ``ssl_context``,
+    ``socket_keepalive`` and ``socket_keepalive_options``.
+
+    Raises:
+        OSError: the socket could not be opened.
+    """
+    loop = asyncio.get_running_loop()
+    path = getattr(template, "path", None)
+    if path:
+        _, protocol = await loop.create_unix_connection(factory, path)
+        return protocol
+    ssl_context = getattr(template, "ssl_context", None)
+    ssl = ssl_context.get() if ssl_context is not None else None
+    host, port = getattr(template, "host"), getattr(template, "port")  # noqa: B009 - not on the base class
+    transport, protocol = await loop.create_connection(factory, host, port, ssl=ssl)
+    sock = transport.get_extra_info("socket")
+    if sock is not None and getattr(template, "socket_keepalive", False):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for option, value in (getattr(template, "socket_keepalive_options", None) or {}).items():
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)
+    return protocol
+
+
+async def login_commands(template: AbstractConnection) -> list[tuple[str, bytes]]:
+    """Return the commands (name, packed) that log a new connection in as ``template`` would be."""
     steps: list[tuple[str, bytes]] = []
-    provider = attrs.get("credential_provider")
+    provider = getattr(template, "credential_provider", None)
     credentials: tuple[str, ...] = ()
+    username, password = getattr(template, "username", None), getattr(template, "password", None)
     if provider is not None:
         credentials = tuple(await provider.get_credentials_async())
-    elif attrs.get("password") is not None or attrs.get("username"):
-        username, password = attrs.get("username"), attrs.get("password")
+    elif password is not None or username:
         credentials = (username, password or "") if username else (password or "",)
     if credentials:
         steps.append(("AUTH", pack(b"AUTH", *(c.encode() for c in credentials))))
-    if attrs.get("client_name"):
-        steps.append(("CLIENT SETNAME", pack(b"CLIENT", b"SETNAME", str(attrs["client_name"]).encode())))
-    if attrs.get("db"):
-        steps.append(("SELECT", pack(b"SELECT", b"%d" % int(attrs["db"]))))
-    replies = await asyncio.gather(*(pipe.request(command) for _, command in steps))
+    client_name = getattr(template, "client_name", None)
+    if client_name:
+        steps.append(("CLIENT SETNAME", pack(b"CLIENT", b"SETNAME", str(client_name).encode())))
+    db = getattr(template, "db", 0)
+    if db:
+        steps.append(("SELECT", pack(b"SELECT", b"%d" % int(db))))
+    return steps
+
+
+def check_login(steps: list[tuple[str, bytes]], replies: list[Any], where: str) -> None:
+    """Raise if a login command was refused.
+
+    Raises:
+        redis.exceptions.AuthenticationError: AUTH was refused.
+        redis.exceptions.ConnectionError: another login command was refused.
+    """
     for (name, _), reply in zip(steps, replies, strict=True):
         if isinstance(reply, ResponseError):
             error = AuthenticationError if name == "AUTH" else RedisConnectionError
-            raise error(f"{name} refused by {pipe.where}: {reply}")
+            raise error(f"{name} refused by {where}: {reply}")
