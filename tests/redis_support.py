@@ -202,6 +202,9 @@ class RedisClusterFixture:
                     # A replica may take over at once, however long it lost its primary for.
                     "--cluster-replica-validity-factor",
                     "0",
+                    # Replicas sync at once, not after the default 5 s wait for more replicas.
+                    "--repl-diskless-sync-delay",
+                    "0",
                 ],
             )
             for _ in range(primaries * (1 + replicas))
@@ -230,7 +233,8 @@ class RedisClusterFixture:
         self.wait_ok(timeout)
 
     def wait_ok(self, timeout: float = 30_000 * MS) -> None:
-        """Wait until every running node reports ``cluster_state:ok`` and agrees on the slot map."""
+        """Wait until every running node says ``cluster_state:ok``, they agree on the slot map, and every
+        replica's link to its primary is up (its initial sync done)."""
         deadline = time.monotonic() + timeout
         while True:
             states = []
@@ -239,7 +243,10 @@ class RedisClusterFixture:
                 try:
                     info = client.cluster("INFO")
                     slots = client.cluster("SLOTS")
-                    states.append((info.get("cluster_state"), sorted((s[0], s[2][1]) for s in slots)))
+                    replication = client.info("replication")
+                    synced = replication["role"] == "master" or replication.get("master_link_status") == "up"
+                    state = info.get("cluster_state") if synced else "syncing"
+                    states.append((state, sorted((s[0], s[2][1]) for s in slots)))
                 except redis.RedisError:
                     states.append((None, []))
                 finally:

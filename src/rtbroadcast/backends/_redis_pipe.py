@@ -66,9 +66,6 @@ class CommandPipe(asyncio.Protocol):
         self._pending: deque[tuple[asyncio.Future[Any], float]] = deque()
         self._outgoing: list[bytes] = []
         self._flush_scheduled = False
-        # The confirmation (a WAIT for replicas) the next write ends with, if a request asked for one.
-        self._barrier: asyncio.Future[Any] | None = None
-        self._barrier_command = b""
         self._timer: asyncio.TimerHandle | None = None
         self._error: BaseException | None = None
         self._lost = self._loop.create_future()
@@ -104,17 +101,6 @@ class CommandPipe(asyncio.Protocol):
         if self._timer is None:
             self._arm()
         return future
-
-    def confirm(self, command: bytes) -> asyncio.Future[Any]:
-        """Return the future of ``command`` sent once after every request queued this loop turn.
-
-        Requests of one turn share it: ``WAIT 1 <ms>`` after a batch of publishes confirms them all at once.
-        Call it right after :meth:`request` (same turn, no ``await`` between).
-        """
-        if self._barrier is None:
-            self._barrier = self._loop.create_future()
-            self._barrier_command = command
-        return self._barrier
 
     async def close(self) -> None:
         """Fail every pending request and close the connection. Never raises."""
@@ -153,13 +139,6 @@ class CommandPipe(asyncio.Protocol):
     def _flush(self) -> None:
         self._flush_scheduled = False
         outgoing, self._outgoing = self._outgoing, []
-        barrier, self._barrier = self._barrier, None
-        if barrier is not None:
-            if self._error is not None:
-                return
-            # Its reply comes after those of the batch: it waits in line like any request.
-            self._pending.append((barrier, self._loop.time() + self._timeout))
-            outgoing.append(self._barrier_command)
         if self._error is None and self._transport is not None and outgoing:
             self._transport.writelines(outgoing)
 
@@ -185,9 +164,6 @@ class CommandPipe(asyncio.Protocol):
         pending, self._pending = self._pending, deque()
         if pending:
             logger.debug("failing %d Redis request(s) to %s: %r", len(pending), self.where, exc)
-        if self._barrier is not None:
-            pending.append((self._barrier, 0.0))
-            self._barrier = None
         for future, _ in pending:
             if not future.done():
                 future.set_exception(exc)

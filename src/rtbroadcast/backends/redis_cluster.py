@@ -11,15 +11,12 @@ per shard: a subscriber connection that drops, a failover, or a slot migration (
 of a channel it no longer owns) re-reads the slot map, resubscribes the affected channels where they live
 now, and reports an interruption for those channels only, so only their clients are repaired or resynced.
 
-A failover may lose the last writes of the old primary (replication is asynchronous). Two things keep that
-from becoming a silent gap:
-
-- the channel's meta hash records the ID of the primary that last wrote it; the first script that runs on
-  another primary (after a failover or a slot migration) starts a new epoch, so clients that saw events the
-  new primary never got resync (``epoch_changed``) instead of taking a reused seq for one they had;
-- a publish is acknowledged only once a replica has it (``WAIT 1``, one per batch of publishes, on shards
-  that have a replica): a publish either fails with :class:`~rtbroadcast.BackendUnavailable` or survives a
-  failover; it never succeeds and then vanishes.
+A failover may lose the last writes of the old primary (replication is asynchronous), and its subscribers
+may have seen them live. So that the new primary never hands out a seq some client already holds for another
+event, the channel's meta hash records the ID of the primary that last wrote it, and the first script that
+runs for the channel on another primary (after a failover, or a slot migration) starts a new epoch: the
+channel's clients resync once (``epoch_changed``) instead of silently missing an event. Waiting for a replica
+(``WAIT``) would not help: what the subscribers saw before the WAIT returned could still be lost.
 """
 
 from __future__ import annotations
@@ -176,9 +173,6 @@ class RedisClusterBackend(Backend):
         password: password, if the cluster requires one.
         tls: connect with TLS; ``ssl`` holds redis-py's ``ssl_*`` options (``ssl_ca_certs`` and so on).
         ssl: redis-py ``ssl_*`` keyword arguments for TLS connections.
-        wait_for_replica: acknowledge a publish only once a replica of its shard has it (``WAIT 1``), on
-            shards that have a replica. With ``False`` a publish acknowledged just before its primary dies
-            may be lost with it (its channel's clients still resync: the new primary starts a new epoch).
         key_prefix, history_size, history_ttl, meta_ttl, unpublished_ttl, idempotency_ttl, timeout,
             ping_interval, reconnect_delay, max_reconnect_attempts: as for
             :class:`~rtbroadcast.backends.redis.RedisBackend`; ``max_reconnect_attempts`` counts per shard.
@@ -197,7 +191,6 @@ class RedisClusterBackend(Backend):
         password: str | None = None,
         tls: bool = False,
         ssl: Mapping[str, Any] | None = None,
-        wait_for_replica: bool = True,
         key_prefix: str = "rtb",
         history_size: int = DEFAULT_HISTORY_SIZE,
         history_ttl: float | None = None,
@@ -230,7 +223,6 @@ class RedisClusterBackend(Backend):
         self._password = password
         self._tls = bool(tls)
         self._ssl = dict(ssl or {})
-        self._wait_for_replica = bool(wait_for_replica)
         self._prefix = key_prefix
         self._history_size = count("history_size", history_size, minimum=0)
         self._history_ms = _ms(optional_seconds("history_ttl", history_ttl))
@@ -244,7 +236,6 @@ class RedisClusterBackend(Backend):
         self._publish_tail = [
             b"%d" % n for n in (self._history_size, self._history_ms, self._meta_ms, self._idempotency_ms)
         ]
-        self._wait = pack(b"WAIT", b"1", b"%d" % max(1, int(self._timeout * 500)))
         self._topology = _Topology()
         self._refreshing: asyncio.Task[None] | None = None
         self._pipes: dict[tuple[str, int], CommandPipe] = {}
@@ -270,9 +261,9 @@ class RedisClusterBackend(Backend):
     def from_url(cls, url: str) -> RedisClusterBackend:
         """Build from ``redis+cluster://[user:password@]host:port[,host:port...][?options]``.
 
-        ``rediss+cluster://`` connects with TLS. rtbroadcast's options (``key_prefix``, ``history_size``...,
-        and ``wait_for_replica=false``) and redis-py's ``ssl_*`` options may follow in the query. There is no
-        database number: a cluster has database 0 only.
+        ``rediss+cluster://`` connects with TLS. rtbroadcast's options (``key_prefix``, ``history_size``...)
+        and redis-py's ``ssl_*`` options may follow in the query. There is no database number: a cluster has
+        database 0 only.
 
         Raises:
             ConfigurationError: the URL has no node, a node without a valid port, a database number, or an
@@ -319,18 +310,13 @@ class RedisClusterBackend(Backend):
                     raise ConfigurationError(
                         f"invalid value {value!r} for Redis URL option {key!r}"
                     ) from None
-            elif key == "wait_for_replica":
-                lowered = value.strip().lower()
-                if lowered not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ConfigurationError(f"invalid value {value!r} for Redis URL option {key!r}")
-                options[key] = lowered in ("true", "1", "yes")
             elif key.startswith("ssl_"):
                 ssl[key] = value
                 theirs.append((key, value))
             else:
                 raise ConfigurationError(
                     f"unknown Redis Cluster URL option {key!r}; rtbroadcast's options: "
-                    f"{', '.join(sorted([*_URL_OPTIONS, 'wait_for_replica']))}, and redis-py's ssl_* options"
+                    f"{', '.join(sorted(_URL_OPTIONS))}, and redis-py's ssl_* options"
                 )
         tls = parts.scheme == "rediss+cluster"
         if ssl and not tls:
@@ -553,7 +539,6 @@ class RedisClusterBackend(Backend):
         action: str,
         *,
         retry: bool = False,
-        confirm: bool = False,
     ) -> Any:
         """Run a script on the primary of its keys' slot, following redirections, within the timeout.
 
@@ -588,14 +573,10 @@ class RedisClusterBackend(Backend):
                     command = script.evalsha(keys, [*args, node_id])
                     if asking is not None:
                         pipe.request(pack(b"ASKING")).add_done_callback(_consume)
-                    future = pipe.request(command, deadline)
-                    waited = pipe.confirm(self._wait) if confirm and node.replicas else None
                     try:
-                        reply = await future
+                        reply = await pipe.request(command, deadline)
                         if isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT"):
-                            future = pipe.request(script.eval(keys, [*args, node_id]), deadline)
-                            waited = pipe.confirm(self._wait) if confirm and node.replicas else None
-                            reply = await future
+                            reply = await pipe.request(script.eval(keys, [*args, node_id]), deadline)
                     except RedisConnectionError:
                         self._schedule_refresh()
                         if not retry:
@@ -605,8 +586,6 @@ class RedisClusterBackend(Backend):
                     if isinstance(reply, ResponseError):
                         message = str(reply)
                         if message.startswith(("MOVED", "ASK")):
-                            if waited is not None:
-                                waited.add_done_callback(_consume)
                             moved = _moved_target(message)
                             if message.startswith("ASK") and moved is not None:
                                 asking = (moved[1], moved[2])
@@ -615,23 +594,11 @@ class RedisClusterBackend(Backend):
                                 await self._refresh()
                             continue
                         if message.startswith(("TRYAGAIN", "CLUSTERDOWN")):
-                            if waited is not None:
-                                waited.add_done_callback(_consume)
                             await asyncio.sleep(min(0.05 * (attempt + 1), 0.5))
                             await self._refresh()
                             asking = None
                             continue
-                        if waited is not None:
-                            waited.add_done_callback(_consume)
                         raise reply
-                    if waited is not None:
-                        replicas = await waited
-                        if isinstance(replicas, ResponseError) or int(replicas) < 1:
-                            raise RedisTimeoutError(
-                                f"applied on the primary {target[0]}:{target[1]}, but no replica "
-                                "confirmed it in time; it may be lost in a failover (retry with the "
-                                "same idempotency key)"
-                            )
                     return reply
                 raise ResponseError(f"TRYAGAIN still redirected after {_MAX_REDIRECTS} tries")
         except (*_UNREACHABLE, RedisError) as exc:
@@ -658,8 +625,8 @@ class RedisClusterBackend(Backend):
 
         Raises:
             StateError: the backend is not connected.
-            BackendUnavailable: the shard cannot be reached, or no replica confirmed the publish, within the
-                timeout (it may still have been applied: retry with the same ``idempotency_key``).
+            BackendUnavailable: the shard cannot be reached within the timeout (a publish that reached it
+                just before may still have been applied: retry with the same ``idempotency_key``).
             BackendError: Redis refused the script.
         """
         base = self._base(channel)
@@ -669,9 +636,7 @@ class RedisClusterBackend(Backend):
         head = seq_prefix(payload)
         args = [_candidate_epoch(), head.encode(), base.encode(), *self._publish_tail]
         try:
-            seq, epoch, duplicate, stored = await self._run(
-                _SCRIPTS["publish"], keys, args, "publish", confirm=self._wait_for_replica
-            )
+            seq, epoch, duplicate, stored = await self._run(_SCRIPTS["publish"], keys, args, "publish")
         except BackendError:
             self._publish_errors += 1
             raise
@@ -1050,8 +1015,9 @@ class _Shard:
         asyncio.get_running_loop().create_task(move()).add_done_callback(_consume)
 
     def _report(self) -> None:
+        # Once every interrupted channel is back, in one report (one repair round, one log line).
         ready = [n for n in self._interrupted if n in self._confirmed]
-        if ready:
+        if ready and len(ready) == len(self._interrupted):
             self._interrupted.difference_update(ready)
             self.backend._interrupted(ready, RECONNECTED)
 
