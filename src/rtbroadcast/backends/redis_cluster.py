@@ -74,6 +74,8 @@ logger = logging.getLogger("rtbroadcast.redis")
 SLOTS: Final = 16384
 #: Tries of one command that Redis answered with a redirection or "try again" (within its timeout).
 _MAX_REDIRECTS: Final = 8
+#: Replies that mean the script did not run here: send it again, the careful way.
+_REDIRECTED: Final = ("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN", "NOSCRIPT")
 
 # -- Lua: the single-Redis scripts, with the epoch tied to the primary that wrote it, and SPUBLISH -----------
 
@@ -237,6 +239,7 @@ class RedisClusterBackend(Backend):
             b"%d" % n for n in (self._history_size, self._history_ms, self._meta_ms, self._idempotency_ms)
         ]
         self._topology = _Topology()
+        self._key_cache: dict[str, tuple[str, bytes, bytes, bytes]] = {}
         self._refreshing: asyncio.Task[None] | None = None
         self._pipes: dict[tuple[str, int], CommandPipe] = {}
         self._opening: dict[tuple[str, int], asyncio.Task[CommandPipe]] = {}
@@ -340,6 +343,17 @@ class RedisClusterBackend(Backend):
             "idempotency": f"{base}:idem:",
             "pubsub": base,
         }
+
+    def _channel_keys(self, channel: str) -> tuple[str, bytes, bytes, bytes]:
+        """Return ``channel``'s key base and, encoded, its meta and stream keys and PUB/SUB name."""
+        found = self._key_cache.get(channel)
+        if found is None:
+            if len(self._key_cache) >= 10_000:
+                self._key_cache.clear()  # bounded: a service with more channels recomputes some names
+            base = self._base(channel)
+            found = (base, f"{base}:meta".encode(), f"{base}:stream".encode(), base.encode())
+            self._key_cache[channel] = found
+        return found
 
     def slot(self, channel: str) -> int:
         """Return the cluster slot that holds ``channel``'s keys and PUB/SUB channel."""
@@ -551,9 +565,40 @@ class RedisClusterBackend(Backend):
             BackendError: Redis refused the command for another reason.
         """
         self._require(action)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._timeout
+        deadline = asyncio.get_running_loop().time() + self._timeout
         slot = key_slot(keys[0])
+        # The usual case first, with nothing but the request's own deadline: the slot's primary is known
+        # and its connection is up. Anything else (a redirection, a failover, no connection yet) goes the
+        # careful way below, from the start: the script did not run, or may run again (reads).
+        node = self._topology.slots[slot]
+        pipe = self._pipes.get(node.key) if node is not None else None
+        if node is not None and pipe is not None and not pipe.closed:
+            try:
+                reply = await pipe.request(script.evalsha(keys, [*args, node.id]), deadline)
+            except RedisConnectionError as exc:
+                self._schedule_refresh()
+                if not retry:
+                    raise self._failure(exc, action) from exc
+                retry = False
+            except (*_UNREACHABLE, RedisError) as exc:
+                raise self._failure(exc, action) from exc
+            else:
+                if not isinstance(reply, ResponseError):
+                    return reply
+                if not str(reply).startswith(_REDIRECTED):
+                    raise self._failure(reply, action) from reply
+        return await self._run_carefully(script, keys, args, action, slot, deadline, retry)
+
+    async def _run_carefully(
+        self,
+        script: _Script,
+        keys: list[bytes],
+        args: list[bytes],
+        action: str,
+        slot: int,
+        deadline: float,
+        retry: bool,
+    ) -> Any:
         asking: tuple[str, int] | None = None
         try:
             async with asyncio.timeout_at(deadline):
@@ -602,16 +647,17 @@ class RedisClusterBackend(Backend):
                     return reply
                 raise ResponseError(f"TRYAGAIN still redirected after {_MAX_REDIRECTS} tries")
         except (*_UNREACHABLE, RedisError) as exc:
-            self._note_error(exc)
-            if isinstance(exc, ResponseError) and not str(exc).startswith(_TRANSIENT_REPLIES):
-                raise BackendError(f"Redis Cluster refused to {action}: {exc}") from exc
-            if isinstance(exc, TimeoutError) and not isinstance(exc, RedisTimeoutError):
-                detail = f"no answer within {self._timeout} s"
-            else:
-                detail = str(exc) or type(exc).__name__
-            raise BackendUnavailable(
-                f"cannot {action} on Redis Cluster at {self._where()}: {detail}"
-            ) from exc
+            raise self._failure(exc, action) from exc
+
+    def _failure(self, exc: BaseException, action: str) -> BackendError:
+        self._note_error(exc)
+        if isinstance(exc, ResponseError) and not str(exc).startswith(_TRANSIENT_REPLIES):
+            return BackendError(f"Redis Cluster refused to {action}: {exc}")
+        if isinstance(exc, TimeoutError) and not isinstance(exc, RedisTimeoutError):
+            detail = f"no answer within {self._timeout} s"
+        else:
+            detail = str(exc) or type(exc).__name__
+        return BackendUnavailable(f"cannot {action} on Redis Cluster at {self._where()}: {detail}")
 
     def _schedule_refresh(self) -> None:
         if self._refreshing is None and self._state == "connected":
@@ -629,12 +675,12 @@ class RedisClusterBackend(Backend):
                 just before may still have been applied: retry with the same ``idempotency_key``).
             BackendError: Redis refused the script.
         """
-        base = self._base(channel)
-        keys = [f"{base}:meta".encode(), f"{base}:stream".encode()]
+        base, meta, stream, name = self._channel_keys(channel)
+        keys = [meta, stream]
         if idempotency_key is not None:
             keys.append(f"{base}:idem:{idempotency_key}".encode())
         head = seq_prefix(payload)
-        args = [_candidate_epoch(), head.encode(), base.encode(), *self._publish_tail]
+        args = [_candidate_epoch(), head.encode(), name, *self._publish_tail]
         try:
             seq, epoch, duplicate, stored = await self._run(_SCRIPTS["publish"], keys, args, "publish")
         except BackendError:
@@ -650,10 +696,10 @@ class RedisClusterBackend(Backend):
             StateError: the backend is not connected.
             BackendUnavailable: the shard cannot be reached within the timeout.
         """
-        base = self._base(channel)
+        _, meta, stream, _ = self._channel_keys(channel)
         epoch, seq = await self._run(
             _SCRIPTS["position"],
-            [f"{base}:meta".encode(), f"{base}:stream".encode()],
+            [meta, stream],
             [_candidate_epoch(), b"%d" % self._meta_ms, b"%d" % self._unpublished_ms],
             "read position",
             retry=True,
@@ -667,11 +713,11 @@ class RedisClusterBackend(Backend):
             StateError: the backend is not connected.
             BackendUnavailable: the shard cannot be reached within the timeout.
         """
-        base = self._base(channel)
+        _, meta, stream, _ = self._channel_keys(channel)
         numbers = (self._meta_ms, self._unpublished_ms, since, limit, self._history_ms)
         epoch_raw, top, flat = await self._run(
             _SCRIPTS["history"],
-            [f"{base}:meta".encode(), f"{base}:stream".encode()],
+            [meta, stream],
             [_candidate_epoch(), *(b"%d" % n for n in numbers)],
             "read history",
             retry=True,
