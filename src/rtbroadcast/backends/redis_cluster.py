@@ -430,8 +430,8 @@ class RedisClusterBackend(Backend):
 
     @property
     def available(self) -> bool:
-        """Whether every shard with subscribed channels has its subscriber connection up."""
-        return self._state == "connected" and all(s.up for s in self._shards.values())
+        """Whether no shard's subscriber connection is down (lost and not restored yet)."""
+        return self._state == "connected" and not any(s.failing for s in self._shards.values())
 
     @property
     def failed(self) -> bool:
@@ -906,6 +906,8 @@ class _Shard:
         self.attempts = 0
         self.closed = False
         self.up = False
+        #: Lost its connection and not back yet (a first connection that is still opening is not failing).
+        self.failing = False
         self.wanted: dict[str, list[asyncio.Future[None]]] = {}  # name -> waiters for its confirmation
         self._confirmed: set[str] = set()
         self._interrupted: set[str] = set()  # to report once confirmed
@@ -924,7 +926,11 @@ class _Shard:
         return list(self.wanted)
 
     def describe(self) -> dict[str, object]:
-        return {"up": self.up, "channels": len(self.wanted), "reconnect_attempts": self.attempts}
+        return {
+            "up": self.up and not self.failing,
+            "channels": len(self.wanted),
+            "reconnect_attempts": self.attempts,
+        }
 
     async def add(self, name: str) -> None:
         """Subscribe ``name`` here and wait for the confirmation.
@@ -1078,6 +1084,7 @@ class _Shard:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                self.failing = bool(self.wanted)
                 if not (self._idle and not self.wanted):
                     self.backend._note_error(exc)
                     logger.warning("lost the Redis Cluster subscriber of %s:%d (%s)", *self.key, exc)
@@ -1125,6 +1132,7 @@ class _Shard:
                 raise
         self._protocol = protocol
         self.up = True
+        self.failing = False
         self._expected_unsubscribes.clear()
         if self.attempts:
             backend._reconnects += 1
