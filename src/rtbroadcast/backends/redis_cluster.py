@@ -175,9 +175,19 @@ class RedisClusterBackend(Backend):
         password: password, if the cluster requires one.
         tls: connect with TLS; ``ssl`` holds redis-py's ``ssl_*`` options (``ssl_ca_certs`` and so on).
         ssl: redis-py ``ssl_*`` keyword arguments for TLS connections.
-        key_prefix, history_size, history_ttl, meta_ttl, unpublished_ttl, idempotency_ttl, timeout,
-            ping_interval, reconnect_delay, max_reconnect_attempts: as for
-            :class:`~rtbroadcast.backends.redis.RedisBackend`; ``max_reconnect_attempts`` counts per shard.
+        key_prefix: first part of every key and PUB/SUB channel, as for
+            :class:`~rtbroadcast.backends.redis.RedisBackend`; so are the options below.
+        history_size: events kept per channel for resume, at least; 0 disables history.
+        history_ttl: seconds an event stays in history (``None``: until pushed out by size).
+        meta_ttl: seconds a channel's epoch and seq outlive its last publish or read (``None``: forever).
+        unpublished_ttl: seconds the epoch of a channel nobody published to outlives its last read.
+        idempotency_ttl: seconds an idempotency key is remembered.
+        timeout: seconds a publish, read, subscribe or connect may take before
+            :class:`~rtbroadcast.BackendUnavailable` is raised (redirections and a failover included).
+        ping_interval: seconds of silence on a shard's subscriber connection before it is pinged.
+        reconnect_delay: ``(first, most)`` seconds between reconnect attempts of a shard's subscriber.
+        max_reconnect_attempts: consecutive failed attempts of one shard's subscriber after which the
+            backend reports ``failed`` (``None``: never).
 
     Raises:
         ConfigurationError: an argument has the wrong type or an impossible value.
