@@ -18,7 +18,15 @@ import pytest
 import redis
 import redis.asyncio
 
-from rtbroadcast import BackendUnavailable, Broadcaster, ConfigurationError, Event, Received, load_backend
+from rtbroadcast import (
+    BackendUnavailable,
+    Broadcaster,
+    ConfigurationError,
+    Event,
+    Received,
+    SubscriptionClosed,
+    load_backend,
+)
 from rtbroadcast.backends.redis_cluster import RedisClusterBackend
 from rtbroadcast.protocol import ResyncRequired
 
@@ -263,10 +271,30 @@ async def failover_scenario(cluster: RedisClusterFixture) -> None:
             name: [] for name in channels
         }  # (n, epoch, seq)
         failed: dict[str, list[int]] = {name: [] for name in channels}
+        reconnects: dict[str, int] = {name: 0 for name in channels}
 
         async def consume(name: str) -> None:
-            async for item in subscriptions[name]:
-                received[name].append(item)
+            # What a client does: when the server closes it (a repair that met the failover closes with
+            # 1011), it comes back with its position and resumes, or is told to resync.
+            subscription = subscriptions[name]
+            while True:
+                try:
+                    async for item in subscription:
+                        received[name].append(item)
+                    return
+                except SubscriptionClosed:
+                    position = subscription.position
+                while True:
+                    reconnects[name] += 1
+                    assert reconnects[name] < 100, f"{name}: cannot resubscribe"
+                    await asyncio.sleep(0.2)
+                    try:
+                        subscription = await stack.enter_async_context(
+                            subscriber.subscribe(name, resume=position, model=Numbered)
+                        )
+                        break
+                    except BackendUnavailable:
+                        continue
 
         consumers = [asyncio.create_task(consume(name)) for name in channels]
         n = 0
@@ -298,12 +326,17 @@ async def failover_scenario(cluster: RedisClusterFixture) -> None:
         # The last event of each channel reaches its subscriber: after it, nothing more is in flight.
         for name in channels:
             last = acknowledged[name][-1]
-            await until(
-                lambda name=name, last=last: any(  # type: ignore[misc]
-                    isinstance(r, Received) and r.event.n == last[0] for r in received[name]
-                ),
-                timeout=15_000 * MS,
-            )
+
+            def arrived(name: str = name, last: tuple[int, str, int] = last) -> bool:
+                return any(isinstance(r, Received) and r.event.n == last[0] for r in received[name])
+
+            try:
+                await until(arrived, timeout=15_000 * MS)
+            except AssertionError:
+                raise AssertionError(
+                    f"{name} (victim shard: {name in groups[victim_port]}) never got its last event "
+                    f"{last}; it got {received[name][-3:]}; subscriber backend: {subscriber.stats()['backend']}"
+                ) from None
         for task in consumers:
             task.cancel()
         await asyncio.gather(*consumers, return_exceptions=True)

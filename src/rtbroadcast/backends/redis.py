@@ -2,9 +2,11 @@
 
 Live fan-out travels over Redis PUB/SUB (one connection per process); history lives in a Redis Stream per
 channel. One Lua script per publish assigns the seq, appends to the stream and PUBLISHes, so the live
-stream and the history can never disagree.
+stream and the history can never disagree. Publishes and reads share one pipelined command connection per
+process: those made in one loop turn go out in one write (``_redis_pipe``), each with its own reply,
+error and deadline.
 
-Keys of a channel share one hash tag, so that a move to Redis Cluster needs no key change::
+Keys of a channel share one hash tag, so that Redis Cluster (``redis_cluster``) uses the same layout::
 
     rtb:{<channel>}:meta          hash: epoch, seq
     rtb:{<channel>}:stream        stream: one entry per event, ID "<seq>-0", fields d (data) and t (ms)
@@ -72,7 +74,8 @@ DEFAULT_IDEMPOTENCY_TTL: Final = 3600.0
 DEFAULT_TIMEOUT: Final = 5.0
 DEFAULT_PING_INTERVAL: Final = 10.0
 DEFAULT_RECONNECT_DELAY: Final = (0.1, 3.0)
-#: Command connections per process (the PUB/SUB connection is extra); more commands wait for one.
+#: Connections of the redis-py client's pool (for hooks that use the client); publishes and reads go on the
+#: pipelined command connection instead (see _redis_pipe).
 DEFAULT_MAX_CONNECTIONS: Final = 50
 
 #: The reason given to the listener after the PUB/SUB connection was re-established.
