@@ -1,4 +1,4 @@
-"""The backend contract, run against every backend: memory and Redis.
+"""The backend contract, run against every backend: memory, Redis and Redis Cluster.
 
 A new backend is one module plus one entry in ``_BUILDERS`` (and one line in ``BACKENDS``). A "peer" is a
 second backend instance on the same store, standing in for another process: for Redis a second
@@ -25,13 +25,18 @@ from rtbroadcast import Backend, BackendListener, ConfigurationError, Envelope, 
 from rtbroadcast.backends import load_backend
 from rtbroadcast.backends.memory import MemoryBackend
 from rtbroadcast.backends.redis import RedisBackend
+from rtbroadcast.backends.redis_cluster import RedisClusterBackend
 from rtbroadcast.events import with_seq
 
 from .support import MS, until
 
 pytestmark = pytest.mark.asyncio_only
 
-BACKENDS = ["memory", pytest.param("redis", marks=pytest.mark.redis)]
+BACKENDS = [
+    "memory",
+    pytest.param("redis", marks=pytest.mark.redis),
+    pytest.param("redis-cluster", marks=pytest.mark.redis),
+]
 
 
 class Recorder(BackendListener):
@@ -68,10 +73,18 @@ def _redis(request: pytest.FixtureRequest, options: dict[str, Any]) -> Backend:
     return RedisBackend(url, key_prefix=prefix, **options)
 
 
+def _redis_cluster(request: pytest.FixtureRequest, options: dict[str, Any]) -> Backend:
+    cluster = request.getfixturevalue("redis_cluster")
+    prefix = request.getfixturevalue("redis_cluster_prefix")
+    seeds = [("127.0.0.1", node.port) for node in cluster.nodes]
+    return RedisClusterBackend(seeds, key_prefix=prefix, **options)
+
+
 #: kind -> (build a backend, whether two instances share one store)
 _BUILDERS: dict[str, tuple[Callable[[pytest.FixtureRequest, dict[str, Any]], Backend], bool]] = {
     "memory": (_memory, False),
     "redis": (_redis, True),
+    "redis-cluster": (_redis_cluster, True),
 }
 
 
@@ -405,7 +418,10 @@ def test_a_misspelt_url_option_is_refused_naming_it(option: tuple[str, str, str]
             "reddis://127.0.0.1/0",
             r"unknown backend URL 'reddis://127.0.0.1/0' \(scheme 'reddis' \(did you mean 'redis'",
         ),
-        ("127.0.0.1:6379", r"\(no scheme\); expected one of memory://, redis://, rediss://, unix://"),
+        (
+            "127.0.0.1:6379",
+            r"\(no scheme\); expected one of memory://, redis://, redis\+cluster://, rediss://, rediss\+cluster://, unix://",
+        ),
         ("kafka://user:s3cret@host", r"'kafka://user:\*\*\*@host'"),
         ("memory://?history_size=10&history_size=20", "'history_size' is given twice"),
         ("memory://?history_size=many", "invalid value 'many' for memory:// option 'history_size'"),
