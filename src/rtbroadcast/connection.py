@@ -26,6 +26,7 @@ from .protocol import CloseCode
 
 if TYPE_CHECKING:
     from .backends.base import Envelope
+    from .identity import Identity
 
 __all__ = ["DEFAULT_LIMITS", "Connection", "QueueLimits", "item_text"]
 
@@ -83,6 +84,7 @@ class Connection:
         "dropped",
         "high_water",
         "id",
+        "identity",
         "sent",
     )
 
@@ -95,6 +97,9 @@ class Connection:
         self.close_reason = ""
         #: Whether the transport writes frames straight to the server's socket (see BroadcastEndpoint).
         self.direct = False
+        #: Who the connection proved to be when it connected (the endpoint's ``authenticate`` hook), if
+        #: anyone. Set before the connection is attached: the registry indexes connections by it.
+        self.identity: Identity | None = None
         self._limits = limits
         self._queue: deque[Envelope | str] = deque()
         self._size = 0
