@@ -9,20 +9,21 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from typing import Any, Literal
 
 import pytest
 import redis.asyncio
 
-from rtbroadcast import Broadcaster, ConfigurationError, StateError
-from rtbroadcast.backends.redis import RedisBackend
-from rtbroadcast.connection import Connection
-from rtbroadcast.control import (
+from rtbroadcast import Broadcaster, ConfigurationError, Event, StateError
+from rtbroadcast._control import (
     CONTROL_CHANNEL,
     ControlAction,
     ControlCommand,
     decode_control,
     encode_control,
 )
+from rtbroadcast.backends.redis import RedisBackend
+from rtbroadcast.connection import Connection, item_text_v2
 from rtbroadcast.identity import Identity
 from rtbroadcast.protocol import CloseCode, is_valid_channel
 from rtbroadcast.registry import ConnectionRegistry
@@ -32,10 +33,13 @@ from .support import MS, until
 pytestmark = pytest.mark.asyncio_only
 
 
+class Tick(Event):
+    type: Literal["tick"] = "tick"
+    n: int
+
+
 def identified(channel: str, id: str, *tags: str) -> Connection:
-    connection = Connection(channel)
-    connection.identity = Identity(id, frozenset(tags))
-    return connection
+    return Connection(channel, identity=Identity(id, frozenset(tags)))
 
 
 # -- the commands ---------------------------------------------------------------------------------------
@@ -186,6 +190,66 @@ async def test_the_control_subscription_lives_as_long_as_identified_connections(
         await broadcaster.attach(third)
         assert await broadcaster.disconnect_connections(identity="u3") == 1
         await until(lambda: backend.stats()["subscribed"] == 0)
+
+
+def frames_of(connection: Connection) -> list[dict[str, Any]]:
+    """Take every frame queued on a protocol-2 connection, parsed."""
+    frames = []
+    while (item := connection.get_nowait()) is not None:
+        frames.append(json.loads(item_text_v2(item)))
+    return frames
+
+
+async def test_server_side_subscriptions_on_one_process() -> None:
+    async with Broadcaster() as broadcaster:
+        device = Connection(
+            protocol=2, identity=Identity("d1", frozenset({"restaurant:A"})), max_subscriptions=2
+        )
+        legacy = Connection("restaurant:A", identity=Identity("d1"))
+        await broadcaster.attach(device)
+        await broadcaster.attach(legacy)
+        await broadcaster.add_subscription(device, "restaurant:A", request_id="r1")
+        assert [f["type"] for f in frames_of(device)] == ["welcome", "subscribed"]
+        await broadcaster.publish("device:d1", Tick(n=1))  # before: not delivered
+
+        # The protocol-1 connection of the same device is not counted: its one channel is fixed.
+        assert await broadcaster.subscribe_connections("device:d1", identity="d1", info={"name": "Host"}) == 1
+        (subscribed,) = frames_of(device)
+        assert subscribed == {
+            "type": "subscribed",
+            "id": None,
+            "channel": "device:d1",
+            "epoch": subscribed["epoch"],
+            "seq": 1,
+            "resumed": False,
+        }
+        cursor = device.cursor_for("device:d1")
+        assert cursor is not None and dict(cursor.info) == {"name": "Host"}
+        # At its max_subscriptions: an error frame for the server's subscription, nothing else changes.
+        assert await broadcaster.subscribe_connections("device:other", identity="d1") == 0
+        assert frames_of(device) == [
+            {
+                "type": "error",
+                "id": None,
+                "channel": "device:other",
+                "code": "too_many_subscriptions",
+                "message": "at most 2 subscriptions per connection",
+            }
+        ]
+        # Already subscribed: not counted, and no frame.
+        assert await broadcaster.subscribe_connections("device:d1", tag="restaurant:A") == 0
+        assert frames_of(device) == []
+
+        assert await broadcaster.unsubscribe_connections("restaurant:A", tag="restaurant:A") == 1
+        assert frames_of(device) == [
+            {"type": "unsubscribed", "id": None, "channel": "restaurant:A", "reason": "server"}
+        ]
+        await broadcaster.publish("restaurant:A", Tick(n=2))
+        await broadcaster.publish("device:d1", Tick(n=3))
+        assert [(f["channel"], f["event"]["n"]) for f in frames_of(device)] == [("device:d1", 3)]
+        assert legacy.queued == 2  # its welcome, and restaurant:A's event
+        assert await broadcaster.unsubscribe_connections("restaurant:A", identity="d1") == 0
+        assert broadcaster.connection_count("restaurant:A") == 1
 
 
 async def test_misuse_fails_loudly() -> None:

@@ -13,9 +13,9 @@ from types import TracebackType
 from typing import Any, Final, Generic, Protocol, Self, TypeAlias, TypeVar
 
 from . import _config
+from ._control import CONTROL_CHANNEL, ControlAction, ControlCommand, decode_control, encode_control
 from .backends import Backend, Envelope, History, load_backend
 from .connection import DEFAULT_LIMITS, Connection, QueueLimits, item_text
-from .control import CONTROL_CHANNEL, ControlAction, ControlCommand, decode_control, encode_control
 from .cursor import Cursor
 from .errors import (
     BackendUnavailable,
@@ -1178,7 +1178,7 @@ CONTROL_APPLY_TIMEOUT: Final = 10.0
 
 
 class _ControlInbox:
-    """This process's subscription to :data:`~rtbroadcast.control.CONTROL_CHANNEL`, and the task applying it.
+    """This process's subscription to the reserved ``CONTROL_CHANNEL``, and the task applying it.
 
     It exists while the process holds connections with an identity (only those can be selected), like a
     channel's backend subscription while it has connections: started by the first such attach, stopped

@@ -6,7 +6,7 @@ apart from cursors: one connection may follow several channels, through one curs
 
 Connections that carry an identity are also indexed by its ``id`` and by each of its ``tags``, so that a
 server-side subscription change (``Broadcaster.subscribe_connections()`` and the like) finds them without a
-scan. The broadcaster's own cursors on its reserved channels (:data:`~rtbroadcast.control.CONTROL_CHANNEL`)
+scan. The broadcaster's own cursors on its reserved channels (``CONTROL_CHANNEL`` (``rtbroadcast._control``))
 are fanned out to like any other but are not connections: they are neither counted nor iterated.
 """
 
@@ -140,7 +140,7 @@ class ConnectionRegistry:
         if members is None:
             members = self._channels[cursor.channel] = set()
         members.add(cursor)
-        self._fanout[cursor.channel] = tuple(members)
+        self._refan(cursor.channel)
         self._connections[connection] = registered + 1
 
     def remove_cursor(self, cursor: Cursor) -> bool:
@@ -153,10 +153,10 @@ class ConnectionRegistry:
         if connection in self._connections:
             self._connections[connection] -= 1
         if members:
-            self._fanout[cursor.channel] = tuple(members)
+            self._refan(cursor.channel)
             return False
         del self._channels[cursor.channel]
-        del self._fanout[cursor.channel]
+        self._refan(cursor.channel)
         return True
 
     def remove(self, connection: Connection) -> list[str]:

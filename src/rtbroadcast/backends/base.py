@@ -81,6 +81,16 @@ class Backend(ABC):
     The broadcaster calls :meth:`connect` once before anything else and :meth:`disconnect` once at the end.
     It reference-counts local subscribers itself: :meth:`subscribe` is called for the first local subscriber
     of a channel and :meth:`unsubscribe` after the last one left.
+
+    **Reserved channels.** The broadcaster also uses channels of its own, whose names hold a control
+    character (``"\\x1frtbroadcast:control"``, never NUL) so that no client can name them: server-side
+    subscription commands (``Broadcaster.subscribe_connections()`` and the like) are published on one and
+    followed by every process that holds connections with an identity. A backend carries them exactly
+    like any other channel (publish, deliver, history, position): that is what makes those commands reach
+    every process sharing it, in one order, and repaired from history when a message is lost. A backend
+    must therefore not validate channel names itself, and must map every name (any string without NUL)
+    to its own keys. Nothing else is asked of it: there is no method to implement, and a backend that
+    shares nothing between processes (memory) reaches exactly the processes there are, that is one.
     """
 
     #: The URL scheme(s) this backend serves, for messages and stats.
