@@ -3,6 +3,7 @@ on one stream, ids that resume every channel, authorization per channel, server-
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import AsyncIterator
 from typing import Literal
@@ -15,7 +16,7 @@ from rtbroadcast.asgi import ConnectionRequest
 from rtbroadcast.protocol import ResumePoint, decode_positions, encode_positions
 
 from .sse_support import SSEStream, open_sse
-from .support import MS, broadcast_app, serve, until
+from .support import MS, ROOT, broadcast_app, serve, until
 
 
 class Note(Event):
@@ -247,3 +248,25 @@ async def test_protocol_1_sse_ids_are_unchanged(served: tuple[Broadcaster, str, 
         assert event.data.startswith('{"type":"note",') and event.data.endswith(',"n":1,"seq":1}')
         assert event.id == f"{welcome.json()['epoch']}:1"
     await until(lambda: broadcaster.connection_count() == 0, 5_000 * MS)
+
+
+def test_the_protocol_pages_example_ids_are_what_the_server_sends() -> None:
+    page = (ROOT / "docs" / "reference" / "protocol.md").read_text()
+    example = (
+        page.split("### Server-Sent Events on protocol 2", 1)[1].split("```text", 1)[1].split("```", 1)[0]
+    )
+    positions: dict[str, ResumePoint] = {}
+    blocks = [block.splitlines() for block in example.strip().split("\n\n")]
+    assert len(blocks) == 5
+    for lines in blocks:
+        fields = dict(line.split(": ", 1) for line in lines)
+        frame = json.loads(fields["data"])
+        if frame["type"] == "subscribed":
+            positions[frame["channel"]] = ResumePoint(frame["epoch"], frame["seq"])
+        elif frame["type"] == "event":
+            positions[frame["channel"]] = ResumePoint(
+                positions[frame["channel"]].epoch, frame["event"]["seq"]
+            )
+        assert ("id" in fields) == (frame["type"] in ("subscribed", "event"))
+        if "id" in fields:
+            assert fields["id"] == encode_positions(positions)
