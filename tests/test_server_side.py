@@ -24,8 +24,9 @@ from rtbroadcast._control import (
 )
 from rtbroadcast.backends.redis import RedisBackend
 from rtbroadcast.connection import Connection, item_text_v2
+from rtbroadcast.errors import InvalidChannel
 from rtbroadcast.identity import Identity
-from rtbroadcast.protocol import CloseCode, is_valid_channel
+from rtbroadcast.protocol import CloseCode, decode_client_frame, is_valid_channel
 from rtbroadcast.registry import ConnectionRegistry
 
 from .support import MS, until
@@ -263,6 +264,20 @@ async def test_misuse_fails_loudly() -> None:
             await broadcaster.subscribe_connections(CONTROL_CHANNEL, identity="u")
         with pytest.raises(ConfigurationError, match="close code"):
             await broadcaster.disconnect_connections(tag="t", code=1011)
+        # Nobody but the broadcaster itself publishes or listens on the reserved channel.
+        with pytest.raises(ConfigurationError, match="invalid channel name"):
+            await broadcaster.publish(CONTROL_CHANNEL, Tick(n=1))
+        with pytest.raises(ConfigurationError, match="invalid channel name"):
+            await broadcaster.publish_json(CONTROL_CHANNEL, '{"type":"rtb_control","action":"disconnect"}')
+        with pytest.raises(ConfigurationError, match="invalid channel name"):
+            broadcaster.subscribe(CONTROL_CHANNEL)
+        connection = Connection(protocol=2)
+        await broadcaster.attach(connection)
+        with pytest.raises(ConfigurationError, match="invalid channel name"):
+            await broadcaster.add_subscription(connection, CONTROL_CHANNEL)
+    frame = json.dumps({"type": "subscribe", "id": "r1", "channel": CONTROL_CHANNEL})
+    with pytest.raises(InvalidChannel):
+        decode_client_frame(frame, protocol=2)
 
 
 # -- two broadcasters on one Redis ----------------------------------------------------------------------

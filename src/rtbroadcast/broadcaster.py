@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import random
 import secrets
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -1301,7 +1302,11 @@ class _ControlInbox:
                 connection = await self._reopen(position)
                 continue
             if isinstance(item, str):
-                frame = decode_server_frame(item)
+                try:
+                    frame = decode_server_frame(item)
+                except Exception:  # only the broadcaster's own frames are queued here: never stop on one
+                    logger.exception("unexpected frame in the server-side subscription inbox")
+                    continue
                 if isinstance(frame, ResyncRequired):
                     self.lost += 1
                     logger.warning(
@@ -1334,11 +1339,12 @@ class _ControlInbox:
                 self.release_soon()
 
     async def _reopen(self, position: ResumePoint | None) -> Connection:
+        """Open the inbox again from ``position``, retrying with capped exponential backoff and jitter."""
         delay = 0.1
         while True:
             try:
                 return await self._open(position)
-            except BackendUnavailable as exc:
+            except Exception as exc:  # the task must not die: it is the process's only way to hear commands
                 logger.warning("cannot reopen the server-side subscription inbox: %s", exc)
-                await asyncio.sleep(delay)
+                await asyncio.sleep(random.uniform(delay / 2, delay))
                 delay = min(delay * 2, 5.0)
