@@ -29,6 +29,7 @@ from rtbroadcast.identity import Identity
 from rtbroadcast.protocol import CloseCode, decode_client_frame, is_valid_channel
 from rtbroadcast.registry import ConnectionRegistry
 
+from .redis_support import RedisServer
 from .support import MS, until
 
 pytestmark = pytest.mark.asyncio_only
@@ -346,3 +347,26 @@ async def test_a_command_waits_for_this_process_to_apply_it_in_order() -> None:
         )
         assert counts == [3, 3, 3, 0]
         assert all(c.closed for c in connections)
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+async def test_a_redis_restart_that_loses_everything_is_reported_and_commands_flow_again(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    one = Broadcaster(backend=RedisBackend(redis_server.url, timeout=1.0))
+    two = Broadcaster(backend=RedisBackend(redis_server.url, timeout=1.0))
+    async with one, two:
+        victim = identified("room:1", "user-9")
+        await two.attach(victim)
+        assert two.stats()["control_lost"] == 0
+        await asyncio.to_thread(redis_server.restart)  # no persistence: the control channel's stream is gone
+        await until(lambda: two.backend.available and one.backend.available, 10_000 * MS)
+        # Process two cannot know whether a command was published while it was cut off: it says so.
+        await until(lambda: two.stats()["control_lost"] == 1, 10_000 * MS)
+        assert "server-side subscription commands may have been lost" in caplog.text
+        # And the path works again, on the new stream.
+        assert not victim.closed
+        assert await one.disconnect_connections(identity="user-9", reason="after") == 0
+        await until(lambda: victim.closed)
+        assert victim.close_reason == "after"
