@@ -36,7 +36,7 @@ pytestmark = pytest.mark.asyncio_only
 
 
 class Tick(Event):
-    type: Literal["tick"] = "tick"
+    type: Literal["server_side_tick"] = "server_side_tick"
     n: int
 
 
@@ -370,3 +370,18 @@ async def test_a_redis_restart_that_loses_everything_is_reported_and_commands_fl
         assert await one.disconnect_connections(identity="user-9", reason="after") == 0
         await until(lambda: victim.closed)
         assert victim.close_reason == "after"
+
+
+async def test_an_inbox_closed_under_its_task_reopens_where_it_stood(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with Broadcaster() as broadcaster:
+        victim = identified("room:1", "user-9")
+        await broadcaster.attach(victim)
+        inbox = broadcaster._control._connection
+        assert inbox is not None
+        # As a failed repair would (1011): the command published right after is not lost with it.
+        inbox.close(CloseCode.INTERNAL_ERROR, "repair failed")
+        assert await broadcaster.disconnect_connections(identity="user-9", reason="still") == 1
+        assert victim.close_reason == "still"
+        assert "reopening it" in caplog.text

@@ -20,7 +20,7 @@ from .support import MS, ROOT, broadcast_app, serve, until
 
 
 class Note(Event):
-    type: Literal["note"] = "note"
+    type: Literal["sse_multi_note"] = "sse_multi_note"
     n: int
 
 
@@ -91,7 +91,7 @@ async def test_one_stream_follows_the_resolvers_and_the_urls_channels(
         ]
         # The event inside is protocol 1's frame, unchanged (its own type, its seq).
         inner = frames[2]["event"]
-        assert (inner["type"], inner["n"], inner["seq"]) == ("note", 3, 2) and "timestamp" in inner
+        assert (inner["type"], inner["n"], inner["seq"]) == ("sse_multi_note", 3, 2) and "timestamp" in inner
         # Every event's id carries every channel's position after it.
         assert all(event.has_id for event in got)
         assert {c: p.seq for c, p in decode_positions(got[-1].id or "").items()} == {
@@ -245,7 +245,7 @@ async def test_protocol_1_sse_ids_are_unchanged(served: tuple[Broadcaster, str, 
         assert not welcome.has_id and welcome.json()["channel"] == "room:a"
         await broadcaster.publish("room:a", Note(n=1))
         event = await stream.next()
-        assert event.data.startswith('{"type":"note",') and event.data.endswith(',"n":1,"seq":1}')
+        assert event.data.startswith('{"type":"sse_multi_note",') and event.data.endswith(',"n":1,"seq":1}')
         assert event.id == f"{welcome.json()['epoch']}:1"
     await until(lambda: broadcaster.connection_count() == 0, 5_000 * MS)
 

@@ -1217,7 +1217,7 @@ class _ControlInbox:
             return
         starting = self._starting = asyncio.get_running_loop().create_future()
         try:
-            connection = await self._open(None)
+            connection, start = await self._open(None)
         except BaseException as exc:
             self._starting = None
             starting.set_exception(exc)
@@ -1227,12 +1227,17 @@ class _ControlInbox:
         starting.set_result(None)
         broadcaster = self._broadcaster
         task = self._task = asyncio.get_running_loop().create_task(
-            self._run(connection), name="rtbroadcast-control-inbox"
+            self._run(connection, start), name="rtbroadcast-control-inbox"
         )
         broadcaster._tasks.add(task)
         task.add_done_callback(broadcaster._task_done)
 
-    async def _open(self, resume: ResumePoint | None) -> Connection:
+    async def _open(self, resume: ResumePoint | None) -> tuple[Connection, ResumePoint]:
+        """Subscribe a new inbox from ``resume`` (``None``: from now); return it and where it starts.
+
+        The start is known before anything is queued, so that an inbox closed before it applied anything
+        reopens from there, not from the stream's top (which would skip what arrived meanwhile).
+        """
         broadcaster = self._broadcaster
         connection = Connection(CONTROL_CHANNEL, limits=_CONTROL_LIMITS)
         cursor = connection.cursor
@@ -1242,11 +1247,14 @@ class _ControlInbox:
         self._connection = connection
         try:
             await broadcaster._ensure_subscribed(CONTROL_CHANNEL)
+            if resume is None:
+                top = await broadcaster.backend.position(CONTROL_CHANNEL)
+                resume = ResumePoint(top.epoch, top.seq)
             await broadcaster._bring_up_to_date(cursor, resume, None)
         except BaseException:
             self._close(connection)
             raise
-        return connection
+        return connection, resume
 
     def _close(self, connection: Connection) -> None:
         connection.cursor.set_gap_handler(None)
@@ -1284,9 +1292,8 @@ class _ControlInbox:
             if not waiter.done():
                 waiter.set_result(0)
 
-    async def _run(self, connection: Connection) -> None:
-        """Apply commands in order; reopen the inbox (resuming) if it was closed under us."""
-        position: ResumePoint | None = None
+    async def _run(self, connection: Connection, position: ResumePoint) -> None:
+        """Apply commands in order from ``position``; reopen the inbox (resuming) if it closes under us."""
         while True:
             item = await connection.get()
             if item is None:
@@ -1299,7 +1306,7 @@ class _ControlInbox:
                     code,
                     connection.close_reason,
                 )
-                connection = await self._reopen(position)
+                connection, position = await self._reopen(position)
                 continue
             if isinstance(item, str):
                 try:
@@ -1338,7 +1345,7 @@ class _ControlInbox:
             if not self._broadcaster.registry.identified:
                 self.release_soon()
 
-    async def _reopen(self, position: ResumePoint | None) -> Connection:
+    async def _reopen(self, position: ResumePoint) -> tuple[Connection, ResumePoint]:
         """Open the inbox again from ``position``, retrying with capped exponential backoff and jitter."""
         delay = 0.1
         while True:
