@@ -253,7 +253,7 @@ async def test_protocol_1_sse_ids_are_unchanged(served: tuple[Broadcaster, str, 
 def test_the_protocol_pages_example_ids_are_what_the_server_sends() -> None:
     page = (ROOT / "docs" / "reference" / "protocol.md").read_text()
     example = (
-        page.split("### Server-Sent Events on protocol 2", 1)[1].split("```text", 1)[1].split("```", 1)[0]
+        page.split("### Server-Sent Events (protocol 2)", 1)[1].split("```text", 1)[1].split("```", 1)[0]
     )
     positions: dict[str, ResumePoint] = {}
     blocks = [block.splitlines() for block in example.strip().split("\n\n")]

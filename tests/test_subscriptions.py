@@ -33,7 +33,7 @@ pytestmark = pytest.mark.asyncio_only
 
 
 class Note(Event):
-    type: Literal["note"] = "note"
+    type: Literal["subscriptions_note"] = "subscriptions_note"
     n: int
 
 
