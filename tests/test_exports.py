@@ -35,6 +35,8 @@ PUBLIC = {
     "InvalidEvent",
     "InvalidFrame",
     "MalformedFrame",
+    "PresenceChange",
+    "PresenceMode",
     "ProtocolError",
     "QueueLimits",
     "RTBroadcastError",

@@ -394,3 +394,36 @@ async def test_cross_tenant_a_denied_subscription_never_receives_an_event() -> N
         assert broadcaster.connection_count("room:t2") == 1
         await one.close()
         await two.close()
+
+
+@pytest.mark.parametrize(
+    ("query", "reason"),
+    [
+        ("&resume=!!!", "the resume token is not base64url of a JSON object"),
+        ("&resume=eyJhIjpbImUiLC0xXX0", "the resume token's position of 'a' is not [epoch, seq]"),
+        (
+            "&epoch=e&last_seq=1",
+            "protocol 2 resumes per channel: 'resume' (server-side channels) or subscribe frames",
+        ),
+    ],
+    ids=["not-base64", "negative-seq", "protocol-1-resume"],
+)
+async def test_bad_connect_parameters_on_protocol_2_are_refused_with_4004(query: str, reason: str) -> None:
+    broadcaster = Broadcaster("memory://")
+    async with serve(broadcast_app(broadcaster, channel=_none)) as host:
+        ws = await connect(f"ws://{host}/ws?protocol=2{query}")
+        await asyncio.wait_for(ws.wait_closed(), 5_000 * MS)
+        assert (ws.close_code, ws.close_reason) == (4004, reason)
+        assert broadcaster.connection_count() == 0
+
+
+async def test_an_invalid_channel_from_the_resolver_refuses_protocol_2_with_4004() -> None:
+    broadcaster = Broadcaster("memory://")
+
+    def bad(request: ConnectionRequest) -> list[str]:
+        return ["ok", "no\x00pe"]
+
+    async with serve(broadcast_app(broadcaster, channel=bad)) as host:
+        ws = await connect(f"ws://{host}/ws?protocol=2")
+        await asyncio.wait_for(ws.wait_closed(), 5_000 * MS)
+        assert ws.close_code == 4004

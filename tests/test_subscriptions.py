@@ -10,6 +10,7 @@ from typing import Literal
 import pytest
 
 from rtbroadcast import (
+    BackendUnavailable,
     Broadcaster,
     ConfigurationError,
     Connection,
@@ -230,3 +231,47 @@ async def test_subscribe_arguments_are_checked(channels: object, resume: object)
 def test_decoding_an_in_process_resync_names_its_channel() -> None:
     frame = decode_server_frame('{"type":"resync_required","channel":"a","reason":"r","epoch":"e","seq":1}')
     assert frame == ResyncRequired("r", "e", 1, "a")
+
+
+class Gate:
+    """An observer that holds the first start of ``channel`` until released, then fails it."""
+
+    def __init__(self, channel: str) -> None:
+        self.channel = channel
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+        self.held = False
+
+    async def subscription_started(self, cursor: Cursor) -> PresenceSnapshot | None:
+        if cursor.channel == self.channel and not self.held:
+            self.held = True
+            self.entered.set()
+            await self.release.wait()
+            raise BackendUnavailable("presence store down")
+        return None
+
+    def subscription_ended(self, cursor: Cursor, reason: str) -> None:
+        pass
+
+
+async def test_a_subscription_left_and_made_again_while_the_first_was_starting_is_kept() -> None:
+    async with Broadcaster("memory://", position_check_interval=None) as broadcaster:
+        gate = Gate("a")
+        broadcaster.add_subscription_observer(gate)
+        connection = Connection(protocol=2)
+        await broadcaster.attach(connection)
+        first = asyncio.ensure_future(broadcaster.add_subscription(connection, "a", request_id="r1"))
+        await asyncio.wait_for(gate.entered.wait(), 1)
+        broadcaster.remove_subscription(connection, "a", reason="server")
+        second = await broadcaster.add_subscription(connection, "a", request_id="r2")
+        gate.release.set()
+        with pytest.raises(BackendUnavailable):
+            await first
+        # The failed first start took nothing of the second subscription with it.
+        assert connection.cursor_for("a") is second
+        assert broadcaster.connection_count("a") == 1
+        await broadcaster.publish("a", Note(n=1))
+        got = frames(connection)
+        kinds = [(f["type"], f.get("id")) for f in got]
+        assert kinds == [("welcome", None), ("unsubscribed", None), ("subscribed", "r2"), ("event", None)]
+        connection.close()

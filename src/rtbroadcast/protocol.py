@@ -43,6 +43,10 @@ from .errors import (
     UnknownMessageType,
 )
 
+# The presence types are the presence module's (one definition for the backends, the broadcaster and the
+# wire); re-exported here with the frames that carry them.
+from .presence import PresenceMember, PresenceSnapshot
+
 __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",
     "ENVELOPE_FIELDS",
@@ -469,28 +473,6 @@ class WelcomeV2:
     heartbeat_interval: float
     connection: str
     protocol: int = 2
-
-
-@dataclass(frozen=True, slots=True)
-class PresenceMember:
-    """One subscription present on a channel: its connection's id, its identity's id, and its info."""
-
-    client: str
-    identity: str | None
-    info: Mapping[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class PresenceSnapshot:
-    """Who is on a channel: ``count`` is always the full count; ``members`` at most the snapshot limit.
-
-    ``truncated`` is true when ``members`` holds fewer than ``count`` (the first ones, in join order);
-    a count-only channel has no ``members`` and is not ``truncated``.
-    """
-
-    count: int
-    members: tuple[PresenceMember, ...] = ()
-    truncated: bool = False
 
 
 @dataclass(frozen=True, slots=True)
