@@ -22,6 +22,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from rtbroadcast import Backend, BackendListener, ConfigurationError, Envelope, StateError
+from rtbroadcast._control import CONTROL_CHANNEL
 from rtbroadcast.backends import load_backend
 from rtbroadcast.backends.memory import MemoryBackend
 from rtbroadcast.backends.redis import RedisBackend
@@ -198,6 +199,21 @@ async def test_channels_are_independent_whatever_their_names(harness: Harness) -
         assert history.complete
         assert [e.seq for e in history.envelopes] == [1, 2, 3]
         assert all(e.channel == name for e in history.envelopes)
+
+
+async def test_the_broadcasters_reserved_channel_is_carried_like_any_other(harness: Harness) -> None:
+    # Server-side subscription commands travel on a channel whose name holds a control character (so no
+    # client can name it): a backend must publish, deliver and keep history for it like any other.
+    backend, recorder = await harness.open()
+    peer, _ = await harness.peer(backend)
+    await backend.subscribe(CONTROL_CHANNEL)
+    sent = [await peer.publish(CONTROL_CHANNEL, payload(n, "rtb_control")) for n in range(3)]
+    await recorder.wait_for(lambda: len(recorder.seqs(CONTROL_CHANNEL)) == 3)
+    assert [e for e in recorder.envelopes if e.channel == CONTROL_CHANNEL] == sent
+    history = await backend.history(CONTROL_CHANNEL, 1, limit=10)
+    assert history.complete and [e.seq for e in history.envelopes] == [2, 3]
+    # ... and apart from every channel a client can name.
+    assert (await backend.position(CONTROL_CHANNEL.strip("\x1f"))).seq == 0
 
 
 async def test_history_returns_what_was_missed(harness: Harness) -> None:
