@@ -14,6 +14,7 @@ PUBLIC = {
     "BackendUnavailable",
     "Broadcaster",
     "BroadcasterState",
+    "BroadcasterStats",
     "CloseCode",
     "ConfigurationError",
     "Connection",

@@ -25,6 +25,7 @@ from .errors import (
 )
 from .events import Event, EventRegistry, decode_event, format_timestamp, registry, utc_now
 from .protocol import CloseCode, ResumePoint, ResyncReason, ResyncRequired, Welcome
+from .stats import BroadcasterStats
 
 __all__ = [
     "Backend",
@@ -33,6 +34,7 @@ __all__ = [
     "BackendUnavailable",
     "Broadcaster",
     "BroadcasterState",
+    "BroadcasterStats",
     "CloseCode",
     "ConfigurationError",
     "Connection",

@@ -12,7 +12,7 @@ from types import TracebackType
 from typing import Any, Generic, Self, TypeVar
 
 from . import _config
-from .backends import Backend, Envelope, History, load_backend
+from .backends import Backend, Envelope, History, StreamPosition, load_backend
 from .connection import DEFAULT_LIMITS, Connection, QueueLimits, item_text
 from .cursor import Cursor
 from .errors import (
@@ -36,6 +36,7 @@ from .protocol import (
     validate_channel,
 )
 from .registry import ConnectionRegistry
+from .stats import BroadcasterStats
 
 # is_valid_channel and validate_channel are re-exported: they lived here before the wire rules moved to the
 # protocol module.
@@ -336,6 +337,22 @@ class Broadcaster:
         self._published += 1
         return envelope.seq
 
+    async def position(self, channel: str) -> StreamPosition:
+        """Return the top of ``channel``'s stream: its ``epoch`` and the ``seq`` of its last event.
+
+        What a REST snapshot should carry, so that a client can resume the stream exactly after it: read
+        the position *before* the data (an event published in between is then replayed, not missed).
+        A channel never published to has seq 0.
+
+        Raises:
+            StateError: the broadcaster is not connected.
+            ConfigurationError: ``channel`` is not a valid channel name.
+            BackendUnavailable: the backend cannot be reached.
+        """
+        self._require_connected("read a position", draining=True)
+        validate_channel(channel)
+        return await self.backend.position(channel)
+
     # -- backend listener -------------------------------------------------------------------------
 
     def on_envelope(self, envelope: Envelope) -> None:
@@ -582,19 +599,29 @@ class Broadcaster:
 
     # -- stats ------------------------------------------------------------------------------------
 
-    def stats(self) -> dict[str, object]:
-        """Return counters for health endpoints (JSON-serialisable)."""
-        return {
-            "state": self.state.value,
-            "backend": dict(self.backend.stats()),
-            "backend_available": self.backend.available,
-            "published": self._published,
-            "interruptions": self._interruptions,
-            "repairs": self._repairs,
-            "lost_detected": self._lost_detected,
-            "resyncs": self._resyncs,
-            **self.registry.stats().as_dict(),
-        }
+    def stats(self) -> BroadcasterStats:
+        """Return a snapshot of this process's state, backend and counters (see :class:`BroadcasterStats`).
+
+        For a health endpoint: ``JSONResponse(broadcaster.stats().as_dict())``.
+        """
+        registry = self.registry.stats()
+        return BroadcasterStats(
+            state=self.state,
+            backend_name=self.backend.name,
+            backend_available=self.backend.available,
+            published=self._published,
+            interruptions=self._interruptions,
+            repairs=self._repairs,
+            lost_detected=self._lost_detected,
+            resyncs=self._resyncs,
+            connections=registry.connections,
+            channels=dict(registry.channels),
+            messages_sent=registry.messages_sent,
+            messages_dropped=registry.messages_dropped,
+            queue_high_water=registry.queue_high_water,
+            slow_consumers_closed=registry.slow_consumers_closed,
+            backend=dict(self.backend.stats()),
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -125,7 +125,7 @@ def build_app(args: argparse.Namespace) -> Any:
         return JSONResponse({"revoked": sorted(revoked)})
 
     async def control_stats(request: Request) -> JSONResponse:
-        return JSONResponse({"counts": counts, "broadcaster": broadcaster.stats()})
+        return JSONResponse({"counts": counts, "broadcaster": broadcaster.stats().as_dict()})
 
     async def snapshot(request: Request) -> JSONResponse:
         room = request.path_params["room"]
