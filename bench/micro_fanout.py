@@ -11,7 +11,8 @@ load::
 The difference between the two totals ("Collected"), divided by 200, is the cost of one publish fanned
 out to 1,000 connections. Without valgrind it prints the wall-clock time per publish. A third argument
 ``direct`` gives every connection a transport that takes each frame at once (``set_send_now``), the path
-of a WebSocket client that keeps reading, instead of leaving frames in the queue.
+of a WebSocket client that keeps reading, instead of leaving frames in the queue. The word ``metrics``
+(third or fourth argument) enables :class:`rtbroadcast.metrics.PrometheusMetrics`, to measure what it adds.
 """
 
 from __future__ import annotations
@@ -29,9 +30,15 @@ def _take(item: object) -> bool:
     return True
 
 
-async def run(connections: int, publishes: int, *, direct: bool = False) -> float:
+async def run(connections: int, publishes: int, *, direct: bool = False, metrics: bool = False) -> float:
     """Attach ``connections`` queue-only connections, publish ``publishes`` events; return seconds taken."""
     async with Broadcaster("memory://", position_check_interval=None) as broadcaster:
+        if metrics:
+            from prometheus_client import CollectorRegistry
+
+            from rtbroadcast.metrics import PrometheusMetrics
+
+            PrometheusMetrics(broadcaster, registry=CollectorRegistry())
         attached = [Connection("c", limits=broadcaster.queue_limits) for _ in range(connections)]
         for connection in attached:
             await broadcaster.attach(connection)
@@ -50,8 +57,8 @@ async def run(connections: int, publishes: int, *, direct: bool = False) -> floa
 def main() -> None:
     connections = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
     publishes = int(sys.argv[2]) if len(sys.argv) > 2 else 200
-    direct = len(sys.argv) > 3 and sys.argv[3] == "direct"
-    elapsed = asyncio.run(run(connections, publishes, direct=direct))
+    flags = set(sys.argv[3:])
+    elapsed = asyncio.run(run(connections, publishes, direct="direct" in flags, metrics="metrics" in flags))
     if publishes:
         per = elapsed / publishes * 1e6
         print(f"{publishes} publishes x {connections} connections: {per:.1f} us per publish")

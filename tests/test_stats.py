@@ -16,6 +16,7 @@ from rtbroadcast import (
     ConfigurationError,
     Event,
     QueueLimits,
+    ResumePoint,
     StateError,
     StreamPosition,
 )
@@ -78,6 +79,9 @@ async def test_as_dict_is_json_with_the_shape_stats_had_as_a_dict() -> None:
         "repairs": 0,
         "lost_detected": 0,
         "resyncs": 0,
+        "resumes": 0,
+        "resyncs_by_reason": {},
+        "interruptions_by_reason": {},
         "connections": 0,
         "channels": {},
         "messages_sent": 0,
@@ -137,3 +141,18 @@ async def test_position_is_the_top_of_the_channels_stream() -> None:
             assert subscription.welcome is not None and subscription.welcome.seq == top.seq
         with pytest.raises(ConfigurationError, match="channel"):
             await broadcaster.position("bad\nchannel")
+
+
+async def test_resumes_and_resyncs_are_counted_by_reason() -> None:
+    async with Broadcaster() as broadcaster:
+        await broadcaster.publish("room:1", Tick(n=1))
+        top = await broadcaster.position("room:1")
+        async with broadcaster.subscribe("room:1", resume=ResumePoint(top.epoch, 0)):
+            pass
+        async with broadcaster.subscribe("room:1", resume=ResumePoint("other-epoch", 1)):
+            pass
+        async with broadcaster.subscribe("room:1", resume=ResumePoint(top.epoch, 5)):
+            pass
+        stats = broadcaster.stats()
+    assert stats.resumes == 1 and stats.resyncs == 2
+    assert stats.resyncs_by_reason == {"epoch_changed": 1, "seq_ahead": 1}

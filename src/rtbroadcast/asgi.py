@@ -298,6 +298,7 @@ class BroadcastEndpoint:
             channel, resume = await self._admit(request)
             await send({"type": "websocket.accept"})
             connection = Connection(channel, limits=self.broadcaster.queue_limits)
+            connection.transport = request.transport
             await self._attach(connection, resume)
         except _Refused as refused:
             if connection is None:
@@ -389,6 +390,7 @@ class BroadcastEndpoint:
         try:
             channel, resume = await self._admit(request)
             connection = Connection(channel, limits=self.broadcaster.queue_limits)
+            connection.transport = request.transport
             await self._attach(connection, resume)
         except _Refused as refused:
             status = _SSE_STATUS.get(refused.code, 400)

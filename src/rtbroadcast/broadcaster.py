@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import enum
 import logging
+import time
+from collections import Counter
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from types import TracebackType
@@ -36,7 +38,7 @@ from .protocol import (
     validate_channel,
 )
 from .registry import ConnectionRegistry
-from .stats import BroadcasterStats
+from .stats import BroadcasterStats, BroadcastObserver
 
 # is_valid_channel and validate_channel are re-exported: they lived here before the wire rules moved to the
 # protocol module.
@@ -156,6 +158,10 @@ class Broadcaster:
         self._repairs = 0
         self._lost_detected = 0
         self._resyncs = 0
+        self._resumes = 0
+        self._resync_reasons: Counter[str] = Counter()
+        self._interruption_reasons: Counter[str] = Counter()
+        self._observer: BroadcastObserver | None = None
 
     def __repr__(self) -> str:
         return f"<Broadcaster {self.backend.name} {self._state.value}>"
@@ -333,7 +339,17 @@ class Broadcaster:
             raise ConfigurationError(
                 f"idempotency_key must be a non-empty string or None, not {idempotency_key!r}"
             )
-        envelope = await self.backend.publish(channel, text, idempotency_key=idempotency_key)
+        observer = self._observer
+        if observer is None:
+            envelope = await self.backend.publish(channel, text, idempotency_key=idempotency_key)
+        else:
+            start = time.perf_counter()
+            try:
+                envelope = await self.backend.publish(channel, text, idempotency_key=idempotency_key)
+            except BaseException as exc:
+                observer.publish_failed(channel, time.perf_counter() - start, exc)
+                raise
+            observer.published(channel, time.perf_counter() - start)
         self._published += 1
         return envelope.seq
 
@@ -360,12 +376,21 @@ class Broadcaster:
 
         Each cursor of the channel queues the same envelope (encoded once) on its connection.
         """
-        for cursor in self.registry.cursors(envelope.channel):
+        observer = self._observer
+        if observer is None:
+            for cursor in self.registry.cursors(envelope.channel):
+                cursor.push(envelope)
+            return
+        start = time.perf_counter()
+        cursors = self.registry.cursors(envelope.channel)
+        for cursor in cursors:
             cursor.push(envelope)
+        observer.fanned_out(envelope, len(cursors), time.perf_counter() - start)
 
     def on_interruption(self, channels: Collection[str], reason: str) -> None:
         """Bring every connection of ``channels`` up to date after the backend may have lost envelopes."""
         self._interruptions += 1
+        self._interruption_reasons[reason] += 1
         logger.warning(
             "backend interruption (%s): checking %d channel(s) for missed events", reason, len(channels)
         )
@@ -484,12 +509,14 @@ class Broadcaster:
         reason = resync_reason(resume, position.epoch, position.seq, complete=history.complete, fits=fits)
         if reason is None:
             if welcome:
+                self._resumes += 1
                 connection.push_frame(self._welcome(channel, resume.epoch, resume.seq, True))
             cursor.set_position(resume.epoch, resume.seq)
             for envelope in missed:
                 cursor.deliver_history(envelope)
         else:
             self._resyncs += 1
+            self._resync_reasons[reason] += 1
             if welcome:
                 connection.push_frame(self._welcome(channel, position.epoch, position.seq, False))
             connection.push_frame(encode_server_frame(ResyncRequired(reason, position.epoch, position.seq)))
@@ -599,6 +626,19 @@ class Broadcaster:
 
     # -- stats ------------------------------------------------------------------------------------
 
+    def set_observer(self, observer: BroadcastObserver | None) -> None:
+        """Have ``observer`` timed every publish and every fan-out (``None``: stop).
+
+        For metrics and tracing integrations, such as :class:`rtbroadcast.metrics.PrometheusMetrics`,
+        which sets itself; without one, publishing and fan-out time nothing. One observer at a time.
+        """
+        self._observer = observer
+
+    @property
+    def observer(self) -> BroadcastObserver | None:
+        """The observer :meth:`set_observer` set, if any."""
+        return self._observer
+
     def stats(self) -> BroadcasterStats:
         """Return a snapshot of this process's state, backend and counters (see :class:`BroadcasterStats`).
 
@@ -614,6 +654,9 @@ class Broadcaster:
             repairs=self._repairs,
             lost_detected=self._lost_detected,
             resyncs=self._resyncs,
+            resumes=self._resumes,
+            resyncs_by_reason=dict(self._resync_reasons),
+            interruptions_by_reason=dict(self._interruption_reasons),
             connections=registry.connections,
             channels=dict(registry.channels),
             messages_sent=registry.messages_sent,

@@ -83,7 +83,9 @@ class Connection:
         "dropped",
         "high_water",
         "id",
+        "protocol",
         "sent",
+        "transport",
     )
 
     def __init__(self, channel: str, *, limits: QueueLimits = DEFAULT_LIMITS) -> None:
@@ -95,6 +97,10 @@ class Connection:
         self.close_reason = ""
         #: Whether the transport writes frames straight to the server's socket (see BroadcastEndpoint).
         self.direct = False
+        #: What carries it, for stats and metrics: ``"websocket"``, ``"sse"`` or ``"in_process"``.
+        self.transport = "in_process"
+        #: The wire protocol version it speaks.
+        self.protocol = 1
         self._limits = limits
         self._queue: deque[Envelope | str] = deque()
         self._size = 0

@@ -7,7 +7,8 @@ apart from cursors: one connection may follow several channels, through one curs
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 from ._config import optional_count
@@ -73,6 +74,9 @@ class ConnectionRegistry:
         self._dropped_closed = 0
         self._high_water = 0
         self._slow_closed = 0
+        # Connections registered and unregistered over the process's lifetime, by kind (and close code).
+        self._opened: Counter[tuple[str, int]] = Counter()
+        self._closed: Counter[tuple[str, int, int | None]] = Counter()
 
     def __len__(self) -> int:
         return len(self._connections)
@@ -97,7 +101,10 @@ class ConnectionRegistry:
             for cursor in cursors:
                 if len(self._channels.get(cursor.channel, ())) >= limit:
                     raise ConnectionLimitReached("per-channel", limit)
-        registered = self._connections.get(connection, 0)
+        registered = self._connections.get(connection)
+        if registered is None:
+            registered = 0
+            self._opened[connection.transport, connection.protocol] += 1
         for cursor in cursors:
             channel = cursor.channel
             members = self._channels.get(channel)
@@ -118,6 +125,7 @@ class ConnectionRegistry:
         self._high_water = max(self._high_water, connection.high_water)
         if connection.close_code == CloseCode.SLOW_CONSUMER:
             self._slow_closed += 1
+        self._closed[connection.transport, connection.protocol, connection.close_code] += 1
         emptied = []
         for cursor in connection.cursors:
             channel = cursor.channel
@@ -150,6 +158,14 @@ class ConnectionRegistry:
         if channel is None:
             return len(self._connections)
         return len(self._channels.get(channel, ()))
+
+    def opened(self) -> Mapping[tuple[str, int], int]:
+        """Return how many connections were registered, by ``(transport, protocol)``, since the start."""
+        return dict(self._opened)
+
+    def closed(self) -> Mapping[tuple[str, int, int | None], int]:
+        """Return how many connections were unregistered, by ``(transport, protocol, close_code)``."""
+        return dict(self._closed)
 
     def stats(self) -> RegistryStats:
         """Return a snapshot of the counters."""

@@ -5,12 +5,13 @@ from __future__ import annotations
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from .backends.base import Envelope
     from .broadcaster import BroadcasterState
 
-__all__ = ["BroadcasterStats"]
+__all__ = ["BroadcastObserver", "BroadcasterStats"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +49,12 @@ class BroadcasterStats:
     lost_detected: int = 0
     #: ``resync_required`` frames sent (a resume or repair that history could not serve).
     resyncs: int = 0
+    #: Client resumes served from history (``resumed: true``): the client missed nothing.
+    resumes: int = 0
+    #: ``resyncs`` by :class:`~rtbroadcast.ResyncReason`.
+    resyncs_by_reason: Mapping[str, int] = field(default_factory=dict)
+    #: ``interruptions`` by the backend's reason (Redis: ``"reconnected"``, ``"backend_failed"``).
+    interruptions_by_reason: Mapping[str, int] = field(default_factory=dict)
     #: Connections open in this process.
     connections: int = 0
     #: Open connections per channel (only channels that have one).
@@ -79,6 +86,9 @@ class BroadcasterStats:
             "repairs": self.repairs,
             "lost_detected": self.lost_detected,
             "resyncs": self.resyncs,
+            "resumes": self.resumes,
+            "resyncs_by_reason": dict(self.resyncs_by_reason),
+            "interruptions_by_reason": dict(self.interruptions_by_reason),
             "connections": self.connections,
             "channels": dict(self.channels),
             "messages_sent": self.messages_sent,
@@ -107,6 +117,28 @@ class BroadcasterStats:
         """Deprecated: ``stats.as_dict().keys()`` (``dict(stats)`` and ``{**stats}`` call this)."""
         _deprecated("dict(stats()) or {**stats()}", "stats().as_dict()")
         return list(self.as_dict())
+
+
+class BroadcastObserver(Protocol):
+    """What :meth:`Broadcaster.set_observer() <rtbroadcast.Broadcaster.set_observer>` takes: timings.
+
+    Called on the event loop, inline: each method must be quick and must not raise or block. Counters that
+    the broadcaster keeps anyway (connections, deliveries, drops, resyncs) are not pushed here: read them
+    from :meth:`~rtbroadcast.Broadcaster.stats` and the registry when metrics are collected.
+    """
+
+    def published(self, channel: str, seconds: float) -> None:
+        """Hear that the backend accepted a publish on ``channel`` after ``seconds``."""
+
+    def publish_failed(self, channel: str, seconds: float, error: BaseException) -> None:
+        """Hear that a publish on ``channel`` failed with ``error`` after ``seconds`` (it is re-raised)."""
+
+    def fanned_out(self, envelope: Envelope, subscribers: int, seconds: float) -> None:
+        """Hear that ``envelope`` was handed to this process's ``subscribers`` in ``seconds``.
+
+        Timed from the backend's delivery to the last subscriber: each frame is then written (a
+        direct write) or queued for its connection's writer.
+        """
 
 
 _FIELDS = frozenset(BroadcasterStats.__dataclass_fields__) - {"state", "backend"}
