@@ -8,6 +8,15 @@ import sys
 import rtbroadcast
 
 PUBLIC = {
+    "PROTOCOL_VERSIONS",
+    "Allow",
+    "Deny",
+    "Identity",
+    "InvalidChannel",
+    "PresenceMember",
+    "PresenceSnapshot",
+    "SubscriptionObserver",
+    "SubscriptionRefused",
     "Backend",
     "BackendError",
     "BackendListener",

@@ -25,7 +25,7 @@ async def test_a_scrape_reads_the_broadcaster_and_the_timings_move() -> None:
     registry = CollectorRegistry()
     async with Broadcaster() as broadcaster:
         metrics = PrometheusMetrics(broadcaster, registry=registry)
-        assert broadcaster.observer is metrics
+        assert broadcaster.metrics_observer is metrics
         connection = Connection("room:1", limits=broadcaster.queue_limits)
         connection.transport = "sse"
         await broadcaster.attach(connection)
@@ -51,7 +51,7 @@ async def test_a_scrape_reads_the_broadcaster_and_the_timings_move() -> None:
         text = generate_latest(registry).decode()
         assert "# HELP rtbroadcast_connections_closed_total" in text
         metrics.close()
-        assert broadcaster.observer is None
+        assert broadcaster.metrics_observer is None
         assert sample(registry, "rtbroadcast_publishes_total") is None  # unregistered
         await broadcaster.publish("room:1", Pinged())  # no observer: nothing is timed, nothing breaks
 

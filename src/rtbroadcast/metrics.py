@@ -90,7 +90,7 @@ class PrometheusMetrics(Collector):
 
     Args:
         broadcaster: the broadcaster to observe; this sets itself as its observer
-            (:meth:`~rtbroadcast.Broadcaster.set_observer`).
+            (:meth:`~rtbroadcast.Broadcaster.set_metrics_observer`).
         registry: where to register (default: ``prometheus_client.REGISTRY``, the one
             ``prometheus_client.make_asgi_app()`` serves); ``None`` registers nowhere (call
             :meth:`collect` yourself, or register it later).
@@ -146,20 +146,20 @@ class PrometheusMetrics(Collector):
         self._registry = registry
         if registry is not None:
             registry.register(self)
-        broadcaster.set_observer(self)
+        broadcaster.set_metrics_observer(self)
 
     def close(self) -> None:
         """Stop observing the broadcaster and unregister from the registry (for tests and reloads)."""
-        if self.broadcaster.observer is self:
-            self.broadcaster.set_observer(None)
+        if self.broadcaster.metrics_observer is self:
+            self.broadcaster.set_metrics_observer(None)
         if self._registry is not None:
             self._registry.unregister(self)
             self._registry = None
 
-    # -- BroadcastObserver ------------------------------------------------------------------------------
+    # -- MetricsObserver ------------------------------------------------------------------------------
 
     def published(self, channel: str, seconds: float) -> None:
-        """Observe a publish's backend latency (see :class:`~rtbroadcast.stats.BroadcastObserver`)."""
+        """Observe a publish's backend latency (see :class:`~rtbroadcast.stats.MetricsObserver`)."""
         self._publish_ok.observe(seconds)
 
     def publish_failed(self, channel: str, seconds: float, error: BaseException) -> None:

@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     from .backends.base import Envelope
     from .broadcaster import BroadcasterState
 
-__all__ = ["BroadcastObserver", "BroadcasterStats"]
+__all__ = ["BroadcasterStats", "MetricsObserver"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,8 +119,8 @@ class BroadcasterStats:
         return list(self.as_dict())
 
 
-class BroadcastObserver(Protocol):
-    """What :meth:`Broadcaster.set_observer() <rtbroadcast.Broadcaster.set_observer>` takes: timings.
+class MetricsObserver(Protocol):
+    """What :meth:`~rtbroadcast.Broadcaster.set_metrics_observer` takes: timings of publishes, fan-outs.
 
     Called on the event loop, inline: each method must be quick and must not raise or block. Counters that
     the broadcaster keeps anyway (connections, deliveries, drops, resyncs) are not pushed here: read them

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
+
+from ..protocol import event_frame
 
 __all__ = ["Backend", "BackendListener", "Envelope", "History", "StreamPosition"]
 
@@ -20,13 +22,23 @@ class Envelope:
     """One published event as it travels: its channel, its place in the stream, and its wire text.
 
     ``data`` is the JSON text clients receive, ``seq`` included. It is encoded once per publish and the same
-    ``str`` is handed to every connection.
+    ``str`` is handed to every connection; :meth:`protocol2_text` is its protocol-2 frame, built once too.
     """
 
     channel: str
     seq: int
     epoch: str
     data: str
+    # The protocol-2 frame, built by the first protocol-2 connection that writes it and kept for the rest.
+    _text2: str | None = field(default=None, init=False, repr=False, compare=False)
+
+    def protocol2_text(self) -> str:
+        """Return the protocol-2 wire text: ``{"type":"event","channel":...,"event":<data>}``, built once."""
+        text = self._text2
+        if text is None:
+            text = event_frame(self.channel, self.data)
+            object.__setattr__(self, "_text2", text)  # a cache, invisible to equality and hashing
+        return text
 
 
 @dataclass(frozen=True, slots=True)
