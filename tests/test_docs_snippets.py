@@ -137,6 +137,17 @@ async def test_the_tutorials_own_tests_pass() -> None:
 # -- how-to guides ---------------------------------------------------------------------------------
 
 
+async def test_the_testing_howtos_tests_pass() -> None:
+    tests = snippet("test_fastapi_app")
+    await tests.test_placing_an_order_broadcasts_it()
+    await tests.test_a_device_receives_the_order_as_json()
+    await tests.test_a_malformed_shop_id_is_refused()
+
+
+def test_the_testing_howtos_test_client_test_passes() -> None:
+    snippet("test_fastapi_app").test_with_fastapis_test_client()
+
+
 async def test_fastapi_app() -> None:
     fastapi_app = snippet("fastapi_app")
     async with serve(fastapi_app.app) as host:
