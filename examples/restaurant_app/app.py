@@ -25,7 +25,7 @@ from rtbroadcast.asgi import BroadcastEndpoint, channel_from_query
 from rtbroadcast.starlette import lifespan
 
 from . import api
-from .auth import AccessPolicy, CloseOnTokenExpiry
+from .auth import AccessPolicy
 from .config import Settings
 from .db import create_engine, create_schema
 from .limits import RequestBodyLimit, validation_error_response
@@ -114,15 +114,13 @@ def create_app(
     if settings.metrics:
         app.add_api_route("/metrics", _metrics_endpoint(broadcaster), include_in_schema=False)
     app.mount("/host-stand", StaticFiles(directory=STATIC_DIR, html=True), name="host-stand")
-    # The library's endpoint, wrapped so that a connection ends when its token expires.
-    realtime = CloseOnTokenExpiry(
-        BroadcastEndpoint(
-            broadcaster,
-            channel_from_query("restaurant_id", prefix=CHANNEL_PREFIX, pattern=RESTAURANT_ID_PATTERN),
-            authorize=access.authorize,
-            allowed_origins=settings.allowed_origins,
-        ),
-        access,
+    # The library closes a connection when its token expires (AccessPolicy.identify gives the expiry).
+    realtime = BroadcastEndpoint(
+        broadcaster,
+        channel_from_query("restaurant_id", prefix=CHANNEL_PREFIX, pattern=RESTAURANT_ID_PATTERN),
+        authenticate=access.identify,
+        authorize=access.authorize,
+        allowed_origins=settings.allowed_origins,
     )
     app.router.routes.extend(
         [WebSocketRoute("/realtime", realtime), Route("/realtime/sse", realtime, methods=["GET"])]
