@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Annotated
@@ -26,7 +27,7 @@ from rtbroadcast.asgi import (
 from rtbroadcast.starlette import lifespan, serve_websocket
 from rtbroadcast.testing import connect, live_server
 
-from .support import broadcast_app
+from .support import broadcast_app, until
 
 
 def request_with(headers: dict[str, str], query: dict[str, str] | None = None) -> ConnectionRequest:
@@ -186,3 +187,18 @@ async def test_a_fastapi_route_reuses_the_apps_depends_authentication() -> None:
         ) as ws:
             assert ws.welcome is not None
             assert await ws.closed() == (CloseCode.FORBIDDEN, TOKEN_EXPIRED)
+
+
+async def test_serve_websocket_works_with_direct_writes_and_a_client_that_leaves(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    broadcaster = Broadcaster()
+    app = fastapi_app(broadcaster)
+    async with live_server(app, ws="rtbroadcast.uvicorn:WebSocketProtocol") as server:
+        url = server.ws_url("/realtime", user="ada")
+        for _ in range(2):
+            async with connect(url, headers={"Authorization": "Bearer good"}) as ws:
+                await broadcaster.publish_json("user:ada", '{"type":"auth_note"}')
+                assert (await ws.event())["type"] == "auth_note"
+            await until(lambda: broadcaster.connection_count() == 0)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text

@@ -116,3 +116,26 @@ def test_the_grafana_dashboard_and_the_docs_name_exactly_the_metrics_exported() 
         name.removesuffix("_total") for name in re.findall(r"^\| `([a-z_]+)` \|", page, re.MULTILINE)
     }
     assert documented == exported
+
+
+async def test_protocol_2_subscriptions_are_counted_by_protocol() -> None:
+    from rtbroadcast.testing import connect, live_server
+
+    from .support import broadcast_app
+
+    registry = CollectorRegistry()
+    broadcaster = Broadcaster()
+    PrometheusMetrics(broadcaster, registry=registry)
+    app = broadcast_app(broadcaster)
+    async with (
+        live_server(app, ws="rtbroadcast.uvicorn:WebSocketProtocol") as server,
+        connect(server.ws_url("/ws"), protocol=2) as ws,
+    ):
+        await ws.subscribe("room:a")
+        await ws.subscribe("room:b")
+        kind = {"transport": "websocket", "protocol": "2"}
+        assert sample(registry, "rtbroadcast_connections", **kind) == 1
+        assert sample(registry, "rtbroadcast_subscriptions", **kind) == 2
+        await broadcaster.publish("room:a", Pinged())
+        await ws.event(channel="room:a")
+        assert sample(registry, "rtbroadcast_fanout_seconds_count") == 1
