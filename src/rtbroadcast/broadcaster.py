@@ -201,7 +201,7 @@ class Broadcaster:
         self._resumes = 0
         self._resync_reasons: Counter[str] = Counter()
         self._interruption_reasons: Counter[str] = Counter()
-        self._observer: MetricsObserver | None = None
+        self._metrics_observer: MetricsObserver | None = None
 
     def __repr__(self) -> str:
         return f"<Broadcaster {self.backend.name} {self._state.value}>"
@@ -379,14 +379,14 @@ class Broadcaster:
             raise ConfigurationError(
                 f"idempotency_key must be a non-empty string or None, not {idempotency_key!r}"
             )
-        observer = self._observer
+        observer = self._metrics_observer
         if observer is None:
             envelope = await self.backend.publish(channel, text, idempotency_key=idempotency_key)
         else:
             start = time.perf_counter()
             try:
                 envelope = await self.backend.publish(channel, text, idempotency_key=idempotency_key)
-            except BaseException as exc:
+            except Exception as exc:  # a cancelled publish (the request went away) is not a failure
                 observer.publish_failed(channel, time.perf_counter() - start, exc)
                 raise
             observer.published(channel, time.perf_counter() - start)
@@ -416,7 +416,7 @@ class Broadcaster:
 
         Each cursor of the channel queues the same envelope (encoded once) on its connection.
         """
-        observer = self._observer
+        observer = self._metrics_observer
         if observer is None:
             for cursor in self.registry.cursors(envelope.channel):
                 cursor.push(envelope)
@@ -867,17 +867,18 @@ class Broadcaster:
     # -- stats ------------------------------------------------------------------------------------
 
     def set_metrics_observer(self, observer: MetricsObserver | None) -> None:
-        """Have ``observer`` timed every publish and every fan-out (``None``: stop).
+        """Tell ``observer`` how long each publish and each fan-out took (``None``: stop telling).
 
-        For metrics and tracing integrations, such as :class:`rtbroadcast.metrics.PrometheusMetrics`,
-        which sets itself; without one, publishing and fan-out time nothing. One observer at a time.
+        For metrics integrations, such as :class:`rtbroadcast.metrics.PrometheusMetrics`, which sets
+        itself. Without an observer, publishing and fan-out time nothing. One observer at a time: setting
+        one replaces the previous.
         """
-        self._observer = observer
+        self._metrics_observer = observer
 
     @property
     def metrics_observer(self) -> MetricsObserver | None:
         """The observer :meth:`set_metrics_observer` set, if any."""
-        return self._observer
+        return self._metrics_observer
 
     def stats(self) -> BroadcasterStats:
         """Return a snapshot of this process's state, backend and counters (see :class:`BroadcasterStats`).

@@ -162,7 +162,7 @@ class PrometheusMetrics(Collector):
         """Observe a publish's backend latency (see :class:`~rtbroadcast.stats.MetricsObserver`)."""
         self._publish_ok.observe(seconds)
 
-    def publish_failed(self, channel: str, seconds: float, error: BaseException) -> None:
+    def publish_failed(self, channel: str, seconds: float, error: Exception) -> None:
         """Observe a failed publish: its latency, and its error's class name."""
         self._publish_error.observe(seconds)
         self._publish_errors[type(error).__name__] += 1

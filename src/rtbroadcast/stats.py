@@ -130,7 +130,7 @@ class MetricsObserver(Protocol):
     def published(self, channel: str, seconds: float) -> None:
         """Hear that the backend accepted a publish on ``channel`` after ``seconds``."""
 
-    def publish_failed(self, channel: str, seconds: float, error: BaseException) -> None:
+    def publish_failed(self, channel: str, seconds: float, error: Exception) -> None:
         """Hear that a publish on ``channel`` failed with ``error`` after ``seconds`` (it is re-raised)."""
 
     def fanned_out(self, envelope: Envelope, subscribers: int, seconds: float) -> None:
