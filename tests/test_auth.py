@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 from datetime import UTC, datetime, timedelta
-from typing import Annotated
+from typing import Annotated, Any
 
 import httpx
 import pytest
@@ -202,3 +202,37 @@ async def test_serve_websocket_works_with_direct_writes_and_a_client_that_leaves
                 assert (await ws.event())["type"] == "auth_note"
             await until(lambda: broadcaster.connection_count() == 0)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+async def test_the_python_client_refreshes_an_expired_token_and_resumes_without_a_gap() -> None:
+    from rtbroadcast.client import Backoff, Client
+
+    lifetimes = {"t1": 0.6, "t2": 3600.0}
+
+    def authenticate(request: ConnectionRequest) -> Identity | Deny:
+        token = request.query.get("token", "")
+        if token not in lifetimes:
+            return Deny("invalid token")
+        return Identity(token, expires_at=datetime.now(UTC) + timedelta(seconds=lifetimes[token]))
+
+    asked: list[tuple[str, int | None, str]] = []
+
+    def get_token(request: Any) -> str:
+        asked.append((request.reason, request.code, request.message))
+        return "t2"
+
+    broadcaster = Broadcaster()
+    fast = Backoff(initial_delay=0.05, max_delay=0.2)
+    async with (
+        live_server(broadcast_app(broadcaster, authenticate=authenticate)) as server,
+        Client(server.ws_url("/ws", room="exp"), token="t1", get_token=get_token, backoff=fast) as client,
+    ):
+        subscription = client.subscribe()
+        await subscription.connected()
+        for n in range(6):  # before, across and after the expiry
+            await broadcaster.publish_json("room:exp", f'{{"type":"auth_tick","n":{n}}}')
+            await asyncio.sleep(0.2)
+        got = await subscription.take(6)
+    assert [r.seq for r in got] == [1, 2, 3, 4, 5, 6]
+    assert asked == [("refused", CloseCode.FORBIDDEN, TOKEN_EXPIRED)]
+    assert client.stats.resumed == 1 and client.token == "t2"
