@@ -25,7 +25,7 @@ from rtbroadcast.asgi import (
     cookie,
 )
 from rtbroadcast.starlette import lifespan, serve_websocket
-from rtbroadcast.testing import connect, live_server
+from rtbroadcast.testing import connect, serve
 
 from .support import broadcast_app, until
 
@@ -66,7 +66,7 @@ def session_channel(request: ConnectionRequest) -> str | Deny:
 
 async def test_a_resolvers_refusal_reason_reaches_the_client() -> None:
     broadcaster = Broadcaster()
-    async with live_server(broadcast_app(broadcaster, channel=session_channel)) as server:
+    async with serve(broadcast_app(broadcaster, channel=session_channel)) as server:
         async with connect(server.ws_url("/ws"), headers={"Cookie": "session=ada"}) as ws:
             assert ws.welcome is not None and ws.welcome.channel == "user:ada"  # type: ignore[union-attr]
         async with connect(server.ws_url("/ws")) as refused:
@@ -90,7 +90,7 @@ def expiring_in(seconds: float) -> object:
 async def test_a_connection_is_closed_when_its_identity_expires() -> None:
     broadcaster = Broadcaster()
     app = broadcast_app(broadcaster, authenticate=expiring_in(0.5))
-    async with live_server(app) as server:
+    async with serve(app) as server:
         started = time.monotonic()
         async with connect(server.ws_url("/ws", room="1"), headers={"Authorization": "Bearer ada"}) as ws:
             assert ws.welcome is not None
@@ -112,11 +112,11 @@ async def test_a_connection_is_closed_when_its_identity_expires() -> None:
 async def test_an_identity_already_expired_is_refused_and_a_later_expiry_is_forgotten_on_close() -> None:
     broadcaster = Broadcaster()
     app = broadcast_app(broadcaster, authenticate=expiring_in(-1))
-    async with live_server(app) as server, connect(server.ws_url("/ws", room="1", token="ada")) as ws:
+    async with serve(app) as server, connect(server.ws_url("/ws", room="1", token="ada")) as ws:
         assert ws.welcome is None
         assert (ws.close_code, ws.close_reason) == (CloseCode.FORBIDDEN, TOKEN_EXPIRED)
     broadcaster = Broadcaster()
-    async with live_server(broadcast_app(broadcaster, authenticate=expiring_in(0.3))) as server:
+    async with serve(broadcast_app(broadcaster, authenticate=expiring_in(0.3))) as server:
         async with connect(server.ws_url("/ws", room="1", token="ada")) as ws:
             assert ws.welcome is not None
         await asyncio.sleep(0.5)  # the timer of the closed connection fires into nothing, or was cancelled
@@ -163,7 +163,7 @@ def fastapi_app(broadcaster: Broadcaster) -> FastAPI:
 async def test_a_fastapi_route_reuses_the_apps_depends_authentication() -> None:
     broadcaster = Broadcaster()
     app = fastapi_app(broadcaster)
-    async with live_server(app) as server:
+    async with serve(app) as server:
         url = server.ws_url("/realtime", user="ada")
         async with connect(url, headers={"Authorization": "Bearer good"}) as ws:
             assert ws.welcome is not None and ws.welcome.channel == "user:ada"  # type: ignore[union-attr]
@@ -194,7 +194,7 @@ async def test_serve_websocket_works_with_direct_writes_and_a_client_that_leaves
 ) -> None:
     broadcaster = Broadcaster()
     app = fastapi_app(broadcaster)
-    async with live_server(app, ws="rtbroadcast.uvicorn:WebSocketProtocol") as server:
+    async with serve(app, ws="rtbroadcast.uvicorn:WebSocketProtocol") as server:
         url = server.ws_url("/realtime", user="ada")
         for _ in range(2):
             async with connect(url, headers={"Authorization": "Bearer good"}) as ws:
@@ -224,7 +224,7 @@ async def test_the_python_client_refreshes_an_expired_token_and_resumes_without_
     broadcaster = Broadcaster()
     fast = Backoff(initial_delay=0.05, max_delay=0.2)
     async with (
-        live_server(broadcast_app(broadcaster, authenticate=authenticate)) as server,
+        serve(broadcast_app(broadcaster, authenticate=authenticate)) as server,
         Client(server.ws_url("/ws", room="exp"), token="t1", get_token=get_token, backoff=fast) as client,
     ):
         subscription = client.subscribe()

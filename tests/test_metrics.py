@@ -119,7 +119,7 @@ def test_the_grafana_dashboard_and_the_docs_name_exactly_the_metrics_exported() 
 
 
 async def test_protocol_2_subscriptions_are_counted_by_protocol() -> None:
-    from rtbroadcast.testing import connect, live_server
+    from rtbroadcast.testing import connect, serve
 
     from .support import broadcast_app
 
@@ -128,7 +128,7 @@ async def test_protocol_2_subscriptions_are_counted_by_protocol() -> None:
     PrometheusMetrics(broadcaster, registry=registry)
     app = broadcast_app(broadcaster)
     async with (
-        live_server(app, ws="rtbroadcast.uvicorn:WebSocketProtocol") as server,
+        serve(app, ws="rtbroadcast.uvicorn:WebSocketProtocol") as server,
         connect(server.ws_url("/ws"), protocol=2) as ws,
     ):
         await ws.subscribe("room:a")

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import websockets
 
 from rtbroadcast import Allow, Broadcaster, Deny, Identity
 from rtbroadcast.asgi import ConnectionRequest
@@ -183,3 +185,245 @@ async def test_gap_after_unsubscribe_and_resubscribe_resumes_per_channel() -> No
             "seq": 0,
         }
         await asyncio.wait_for(ws.close(), 2_000 * MS)
+
+
+async def _open(host: str, query: str = "") -> Any:
+    ws = await connect(f"ws://{host}/ws?protocol=2{query}")
+    welcome = await recv_json(ws)
+    assert welcome["type"] == "welcome"
+    return ws
+
+
+async def _pong(ws: Any) -> None:
+    """The connection is still served: a ping is answered."""
+    await ws.send('{"type":"ping"}')
+    assert (await recv_json(ws))["type"] == "pong"
+
+
+BAD_FRAMES: list[tuple[str | bytes, str, str | None, str | None]] = [
+    # (frame, code, id echoed, channel echoed)
+    ('{"type":"subscribe","id":"r1","channel":"a\\u0000b"}', "invalid_channel", "r1", None),
+    ('{"type":"subscribe","id":"r1","channel":"\\ud800"}', "invalid_channel", "r1", None),
+    ('{"type":"subscribe","id":"\\ud800","channel":"a"}', "invalid_frame", None, None),
+    ('{"type":"subscribe","id":"a\\u0000","channel":"a"}', "invalid_frame", None, None),
+    ('{"type":"subscribe","id":"' + "x" * 65 + '","channel":"a"}', "invalid_frame", None, None),
+    ('{"type":"subscribe","id":12345678901234567890,"channel":"a"}', "invalid_frame", None, None),
+    ('{"type":"subscribe","id":["r1"],"channel":"a"}', "invalid_frame", None, None),
+    ('{"type":"subscribe","id":"r1","channel":7}', "invalid_channel", "r1", None),
+    ('{"type":"subscribe","id":"r1","channel":"' + "c" * 257 + '"}', "invalid_channel", "r1", None),
+    ('{"type":"subscribe","id":"r1","channel":"a","epoch":"e"}', "invalid_frame", "r1", "a"),
+    ('{"type":"subscribe","id":"r1","channel":"a","epoch":"e","last_seq":-1}', "invalid_frame", "r1", "a"),
+    (
+        '{"type":"subscribe","id":"r1","channel":"a","epoch":"e","last_seq":99999999999999999999}',
+        "invalid_frame",
+        "r1",
+        "a",
+    ),
+    ('{"type":"subscribe","id":"r1","channel":"a","epoch":"e","last_seq":"1"}', "invalid_frame", "r1", "a"),
+    ('{"type":"subscribe","id":"r1","channel":"a","presence":"yes"}', "invalid_frame", "r1", "a"),
+    ('{"type":"unsubscribe","id":"r1"}', "invalid_channel", "r1", None),
+    ('{"type":"unsubscribe","channel":"a"}', "invalid_frame", None, None),
+    ('{"type":"subscribe"', "malformed_frame", None, None),
+    ("[1,2]", "malformed_frame", None, None),
+    (b"\xff\xfe", "malformed_frame", None, None),
+    ('{"type":"publish","id":"r7"}', "unknown_type", "r7", None),
+    ('{"type":"subscribe","id":"r1","channel":"' + "c" * 20_000 + '"}', "frame_too_large", None, None),
+]
+
+
+@pytest.mark.parametrize(("frame", "code", "request_id", "channel"), BAD_FRAMES, ids=range(len(BAD_FRAMES)))
+async def test_bad_input_gets_a_typed_error_and_the_connection_stays(
+    frame: str | bytes, code: str, request_id: str | None, channel: str | None
+) -> None:
+    broadcaster = Broadcaster("memory://")
+    async with serve(broadcast_app(broadcaster, channel=_none)) as host:
+        ws = await _open(host)
+        await ws.send(frame)
+        error = await recv_json(ws)
+        assert error["type"] == "error"
+        assert (error["code"], error["id"], error["channel"]) == (code, request_id, channel), error
+        assert isinstance(error["message"], str) and error["message"]
+        await _pong(ws)
+        # Still fully working: a good subscribe after the bad one.
+        await _send(ws, {"type": "subscribe", "id": "ok", "channel": "a"})
+        assert (await recv_json(ws))["type"] == "subscribed"
+        await ws.close()
+
+
+async def test_a_flood_of_subscribe_frames_is_rate_limited_with_4008() -> None:
+    broadcaster = Broadcaster("memory://")
+    async with serve(broadcast_app(broadcaster, channel=_none)) as host:
+        ws = await _open(host)
+        sent = 0
+        with contextlib.suppress(websockets.ConnectionClosed):
+            for n in range(10_000):
+                await ws.send(json.dumps({"type": "subscribe", "id": f"r{n}", "channel": f"c{n}"}))
+                sent += 1
+        await asyncio.wait_for(ws.wait_closed(), 5_000 * MS)
+        assert ws.close_code == 4008
+        assert broadcaster.connection_count() <= 1
+        await until(lambda: broadcaster.connection_count() == 0)
+        # Every subscription of the closed connection went with it.
+        assert broadcaster.registry.channels() == []
+
+
+async def test_max_subscriptions_counts_server_side_ones() -> None:
+    broadcaster = Broadcaster("memory://")
+
+    def two(request: ConnectionRequest) -> list[str]:
+        return ["s1", "s2"]
+
+    async with serve(broadcast_app(broadcaster, channel=two, max_subscriptions=3)) as host:
+        ws = await _open(host)
+        assert [(await recv_json(ws))["channel"] for _ in range(2)] == ["s1", "s2"]
+        await _send(ws, {"type": "subscribe", "id": "r1", "channel": "a"})
+        assert (await recv_json(ws))["type"] == "subscribed"
+        await _send(ws, {"type": "subscribe", "id": "r2", "channel": "b"})
+        error = await recv_json(ws)
+        assert (error["code"], error["id"], error["channel"]) == ("too_many_subscriptions", "r2", "b")
+        await _send(ws, {"type": "unsubscribe", "id": "r3", "channel": "s1"})
+        assert (await recv_json(ws))["type"] == "unsubscribed"
+        await _send(ws, {"type": "subscribe", "id": "r4", "channel": "b"})
+        assert (await recv_json(ws))["type"] == "subscribed"
+        await ws.close()
+
+
+async def test_a_channel_connection_limit_answers_try_again_later() -> None:
+    broadcaster = Broadcaster("memory://", max_connections_per_channel=1)
+    async with serve(broadcast_app(broadcaster, channel=_none)) as host:
+        one, two = await _open(host), await _open(host)
+        await _send(one, {"type": "subscribe", "id": "r1", "channel": "full"})
+        assert (await recv_json(one))["type"] == "subscribed"
+        await _send(two, {"type": "subscribe", "id": "r1", "channel": "full"})
+        error = await recv_json(two)
+        assert (error["code"], error["channel"]) == ("try_again_later", "full")
+        await _send(two, {"type": "subscribe", "id": "r2", "channel": "other"})
+        assert (await recv_json(two))["type"] == "subscribed"
+        await one.close()
+        await two.close()
+
+
+async def test_presence_on_a_channel_without_it_is_presence_unavailable_after_subscribed() -> None:
+    broadcaster = Broadcaster("memory://")
+    async with serve(broadcast_app(broadcaster, channel=_none)) as host:
+        ws = await _open(host)
+        await _send(ws, {"type": "subscribe", "id": "r1", "channel": "a", "presence": True})
+        subscribed = await recv_json(ws)
+        assert subscribed["type"] == "subscribed" and "presence" not in subscribed
+        error = await recv_json(ws)
+        assert (error["code"], error["id"], error["channel"]) == ("presence_unavailable", "r1", "a")
+        await _post(broadcaster, "a", 1)
+        assert (await recv_json(ws))["event"]["n"] == 1
+        await ws.close()
+
+
+async def test_authenticate_deny_refuses_with_4003_and_a_failing_authorize_closes_1011() -> None:
+    broadcaster = Broadcaster("memory://")
+
+    def authenticate(request: ConnectionRequest) -> Identity | Deny:
+        token = request.query.get("token")
+        return Identity(token) if token else Deny("no token")
+
+    def authorize(request: ConnectionRequest, channel: str) -> bool:
+        if channel == "boom":
+            raise RuntimeError("hook bug")
+        return True
+
+    app = broadcast_app(broadcaster, channel=_none, authenticate=authenticate, authorize=authorize)
+    async with serve(app) as host:
+        ws = await connect(f"ws://{host}/ws?protocol=2")
+        await ws.wait_closed()
+        assert (ws.close_code, ws.close_reason) == (4003, "no token")
+        ws = await connect(f"ws://{host}/ws")  # protocol 1 too
+        await ws.wait_closed()
+        assert ws.close_code == 4003
+        ws = await _open(host, "&token=u1")
+        await _send(ws, {"type": "subscribe", "id": "r1", "channel": "boom"})
+        await asyncio.wait_for(ws.wait_closed(), 5_000 * MS)
+        assert ws.close_code == 1011
+
+
+async def test_cross_tenant_a_denied_subscription_never_receives_an_event() -> None:
+    """Tenants t1 and t2 each may read only their own channels; every attempt at the other's fails."""
+    broadcaster = Broadcaster("memory://")
+
+    def authenticate(request: ConnectionRequest) -> Identity:
+        return Identity(request.query["user"], tags=frozenset({"tenant:" + request.query["tenant"]}))
+
+    def authorize(request: ConnectionRequest, channel: str) -> bool | Deny:
+        assert request.identity is not None
+        tenant = channel.split(":")[1]
+        if "tenant:" + tenant not in request.identity.tags:
+            return Deny("other tenant")
+        return True
+
+    def own(request: ConnectionRequest) -> list[str]:
+        # Deliberately also resolves the other tenant's feed: authorize must keep it out.
+        return ["feed:t1", "feed:t2"]
+
+    app = broadcast_app(broadcaster, channel=own, authenticate=authenticate, authorize=authorize)
+    async with serve(app) as host:
+        one = await _open(host, "&user=a&tenant=t1")
+        two = await _open(host, "&user=b&tenant=t2")
+        for ws, mine, theirs in ((one, "t1", "t2"), (two, "t2", "t1")):
+            first, second = await recv_json(ws), await recv_json(ws)
+            frames = {frame["channel"]: frame for frame in (first, second)}
+            assert frames[f"feed:{mine}"]["type"] == "subscribed"
+            assert frames[f"feed:{theirs}"]["type"] == "error"
+            assert frames[f"feed:{theirs}"]["code"] == "forbidden"
+            for n, channel in enumerate((f"room:{theirs}", f"room:{theirs}", f"room:{mine}")):
+                await _send(ws, {"type": "subscribe", "id": f"r{n}", "channel": channel})
+                answer = await recv_json(ws)
+                expected = "subscribed" if channel.endswith(mine) else "error"
+                assert answer["type"] == expected, answer
+            # A resume attempt of the other's channel is denied before history is read.
+            await _send(
+                ws,
+                {"type": "subscribe", "id": "rr", "channel": f"room:{theirs}", "epoch": "e", "last_seq": 0},
+            )
+            assert (await recv_json(ws))["code"] == "forbidden"
+        for n in range(20):
+            for tenant in ("t1", "t2"):
+                await _post(broadcaster, f"room:{tenant}", n)
+                await _post(broadcaster, f"feed:{tenant}", n)
+        for ws, mine in ((one, "t1"), (two, "t2")):
+            got = [await recv_json(ws) for _ in range(40)]
+            assert {frame["channel"] for frame in got} == {f"room:{mine}", f"feed:{mine}"}
+            await _pong(ws)  # nothing else was queued before the pong: no event of the other tenant
+        assert broadcaster.connection_count("room:t1") == 1
+        assert broadcaster.connection_count("room:t2") == 1
+        await one.close()
+        await two.close()
+
+
+@pytest.mark.parametrize(
+    ("query", "reason"),
+    [
+        ("&resume=!!!", "the resume token is not base64url of a JSON object"),
+        ("&resume=eyJhIjpbImUiLC0xXX0", "the resume token's position of 'a' is not [epoch, seq]"),
+        (
+            "&epoch=e&last_seq=1",
+            "protocol 2 resumes per channel: 'resume' (server-side channels) or subscribe frames",
+        ),
+    ],
+    ids=["not-base64", "negative-seq", "protocol-1-resume"],
+)
+async def test_bad_connect_parameters_on_protocol_2_are_refused_with_4004(query: str, reason: str) -> None:
+    broadcaster = Broadcaster("memory://")
+    async with serve(broadcast_app(broadcaster, channel=_none)) as host:
+        ws = await connect(f"ws://{host}/ws?protocol=2{query}")
+        await asyncio.wait_for(ws.wait_closed(), 5_000 * MS)
+        assert (ws.close_code, ws.close_reason) == (4004, reason)
+        assert broadcaster.connection_count() == 0
+
+
+async def test_an_invalid_channel_from_the_resolver_refuses_protocol_2_with_4004() -> None:
+    broadcaster = Broadcaster("memory://")
+
+    def bad(request: ConnectionRequest) -> list[str]:
+        return ["ok", "no\x00pe"]
+
+    async with serve(broadcast_app(broadcaster, channel=bad)) as host:
+        ws = await connect(f"ws://{host}/ws?protocol=2")
+        await asyncio.wait_for(ws.wait_closed(), 5_000 * MS)
+        assert ws.close_code == 4004

@@ -6,14 +6,14 @@ from fastapi.testclient import TestClient
 
 from fastapi_app import OrderPlaced, app, broadcaster
 from rtbroadcast import CloseCode, Welcome
-from rtbroadcast.testing import capture, connect, live_server, read_frame
+from rtbroadcast.testing import capture, connect, read_frame, serve
 
 
 # --8<-- [start:capture]
 @pytest.mark.anyio
 async def test_placing_an_order_broadcasts_it() -> None:
     async with (
-        live_server(app) as server,  # uvicorn on a free port; the lifespan connects the broadcaster
+        serve(app) as server,  # uvicorn on a free port; the lifespan connects the broadcaster
         capture(broadcaster, "shop:s1", model=OrderPlaced) as shop,  # subscribed from here on
         httpx.AsyncClient(base_url=server.url()) as http,
     ):
@@ -31,7 +31,7 @@ async def test_placing_an_order_broadcasts_it() -> None:
 @pytest.mark.anyio
 async def test_a_device_receives_the_order_as_json() -> None:
     async with (
-        live_server(app) as server,
+        serve(app) as server,
         connect(server.ws_url("/realtime", shop_id="s2")) as device,  # reads the welcome
         httpx.AsyncClient(base_url=server.url()) as http,
     ):
@@ -51,7 +51,7 @@ async def test_a_device_receives_the_order_as_json() -> None:
 
 @pytest.mark.anyio
 async def test_a_malformed_shop_id_is_refused() -> None:
-    async with live_server(app) as server, connect(server.ws_url("/realtime", shop_id="a/b")) as device:
+    async with serve(app) as server, connect(server.ws_url("/realtime", shop_id="a/b")) as device:
         assert device.welcome is None  # no welcome: the server closed the connection instead
         assert device.close_code == CloseCode.BAD_REQUEST
 

@@ -27,11 +27,10 @@ from .errors import (
 )
 from .events import Event, EventRegistry, decode_event, format_timestamp, registry, utc_now
 from .identity import Allow, Deny, Identity
+from .presence import PresenceChange, PresenceMember, PresenceMode, PresenceSnapshot
 from .protocol import (
     PROTOCOL_VERSIONS,
     CloseCode,
-    PresenceMember,
-    PresenceSnapshot,
     ResumePoint,
     ResyncReason,
     ResyncRequired,
@@ -64,7 +63,9 @@ __all__ = [
     "InvalidEvent",
     "InvalidFrame",
     "MalformedFrame",
+    "PresenceChange",
     "PresenceMember",
+    "PresenceMode",
     "PresenceSnapshot",
     "ProtocolError",
     "QueueLimits",

@@ -27,10 +27,20 @@ from .errors import (
 )
 from .events import Event, decode_event, encode_event
 from .identity import Allow, presence_info
+from .presence import (
+    DEFAULT_PRESENCE_SNAPSHOT_LIMIT,
+    PresenceChange,
+    PresenceMember,
+    PresenceMode,
+    PresencePolicy,
+    PresenceRule,
+    PresenceSnapshot,
+    PresenceWatcher,
+    presence_frame,
+)
 from .protocol import (
     CloseCode,
     ErrorFrameV2,
-    PresenceSnapshot,
     ResumePoint,
     ResyncRequired,
     Subscribed,
@@ -64,6 +74,9 @@ __all__ = [
 logger = logging.getLogger("rtbroadcast")
 
 E = TypeVar("E", bound=Event)
+
+#: Seconds :meth:`Broadcaster.disconnect` waits for the presence leaves of the connections it closed.
+_LEAVE_GRACE = 2.0
 
 #: Most events a resume or gap repair reads from history; beyond it the client resyncs.
 DEFAULT_MAX_RESUME = 1000
@@ -131,10 +144,19 @@ class Broadcaster:
         position_check_interval: seconds between checks of every subscribed channel's stream top against
             what its connections have received, catching a lost last message that no later event would
             reveal as a gap (``None`` disables the check).
+        presence: the channels with presence (see :doc:`presence </concepts/presence>`): a predicate
+            ``Callable[[str], bool]`` on the channel name, or a collection of channel-name prefixes such
+            as ``("restaurant:",)``. Default: none.
+        presence_count_only: the channels whose presence is only counted (same forms): their snapshots
+            hold no members and no join/leave frames are sent. Default: none.
+        presence_snapshot_limit: most members a snapshot lists (in a ``subscribed`` frame and from
+            :meth:`presence`); ``count`` is always the full count and ``truncated`` says when members
+            were left out.
 
     Raises:
         ConfigurationError: an option has the wrong type or an impossible value (a zero, negative, ``NaN``
-            or infinite interval; a negative ``max_resume``; a connection limit below 1), or the URL is
+            or infinite interval; a negative ``max_resume``; a connection limit below 1; a presence rule
+            that is neither a predicate nor prefixes; presence on a backend without it), or the URL is
             wrong (see :func:`~rtbroadcast.backends.load_backend`). The message names the option.
 
     Use it as an async context manager, or call :meth:`connect` and :meth:`disconnect`::
@@ -154,6 +176,9 @@ class Broadcaster:
         max_connections: int | None = None,
         max_connections_per_channel: int | None = None,
         position_check_interval: float | None = 10.0,
+        presence: PresenceRule | None = None,
+        presence_count_only: PresenceRule | None = None,
+        presence_snapshot_limit: int = DEFAULT_PRESENCE_SNAPSHOT_LIMIT,
     ) -> None:
         if url is not None and backend is not None:
             raise ConfigurationError("pass either a backend URL or a backend instance, not both")
@@ -181,6 +206,15 @@ class Broadcaster:
             "position_check_interval", position_check_interval
         )
         self.backend: Backend = backend if backend is not None else load_backend(url or "memory://")
+        self._presence = PresencePolicy(presence, presence_count_only)
+        self.presence_snapshot_limit = _config.count(
+            "presence_snapshot_limit", presence_snapshot_limit, minimum=0
+        )
+        if self._presence.enabled and not self.backend.supports_presence:
+            raise ConfigurationError(
+                f"presence is configured but the {self.backend.name} backend does not keep presence; "
+                "use the memory:// or redis:// backend, or leave presence= out"
+            )
         self.queue_limits = queue_limits
         self.registry = ConnectionRegistry(
             max_connections=max_connections, max_connections_per_channel=max_connections_per_channel
@@ -202,6 +236,15 @@ class Broadcaster:
         self._resync_reasons: Counter[str] = Counter()
         self._interruption_reasons: Counter[str] = Counter()
         self._metrics_observer: MetricsObserver | None = None
+        # Presence: the subscriptions that asked for join/leave frames, per channel and client; the leaves
+        # on their way to the backend, so that a join of the same member waits for them.
+        self._watchers: dict[str, dict[str, PresenceWatcher]] = {}
+        self._leaving: dict[tuple[str, str], asyncio.Task[None]] = {}
+        # The members this process joined (channel, client), each with its join while it is in flight: a
+        # subscription that ends meanwhile leaves once the join is done, never before it.
+        self._members: dict[tuple[str, str], asyncio.Future[None]] = {}
+        # Connections of in-process subscriptions: the service's own code, not members.
+        self._in_process: set[int] = set()
 
     def __repr__(self) -> str:
         return f"<Broadcaster {self.backend.name} {self._state.value}>"
@@ -299,6 +342,7 @@ class Broadcaster:
         try:
             for connection in list(self.registry):
                 connection.close(CloseCode.GOING_AWAY, "server shutting down")
+            await self._finish_leaves()
             tasks = list(self._tasks)
             for task in tasks:
                 task.cancel()
@@ -306,6 +350,7 @@ class Broadcaster:
                 await asyncio.gather(*tasks, return_exceptions=True)
             self._subscribed.clear()
             self._channel_locks.clear()
+            self._watchers.clear()
             await self.backend.disconnect()
         finally:
             self._state = BroadcasterState.CLOSED
@@ -439,6 +484,134 @@ class Broadcaster:
                 if not cursor.connection.closed and not cursor.buffering:
                     self._schedule_repair(cursor)
 
+    def on_presence(self, change: PresenceChange) -> None:
+        """Queue a join/leave frame on every subscription of the channel that asked (called by the backend).
+
+        The frame is built once per change; count-only channels send none.
+        """
+        watchers = self._watchers.get(change.channel)
+        if not watchers:
+            return
+        frame = presence_frame(change.kind, change.channel, change.data)
+        for watcher in list(watchers.values()):
+            watcher.offer(change, frame)
+
+    # -- presence ---------------------------------------------------------------------------------
+
+    def presence_mode(self, channel: str) -> PresenceMode:
+        """Return how ``channel`` keeps presence (:attr:`PresenceMode.NONE` without it)."""
+        return self._presence.mode(channel)
+
+    async def presence(self, channel: str, *, limit: int | None = None) -> PresenceSnapshot:
+        """Return who is present on ``channel``, across every process: the count and the first members.
+
+        Args:
+            channel: a channel with presence.
+            limit: most members to list (default: ``presence_snapshot_limit``); a count-only channel lists
+                none.
+
+        Raises:
+            StateError: the broadcaster is not connected.
+            ConfigurationError: ``channel`` is not a valid channel name, has no presence, or ``limit`` is
+                not a count.
+            BackendUnavailable: the backend cannot be reached.
+        """
+        self._require_connected("read presence", draining=True)
+        mode = self._presence_mode_of(channel)
+        limit = self.presence_snapshot_limit if limit is None else _config.count("limit", limit, minimum=0)
+        if mode is PresenceMode.COUNT:
+            limit = 0
+        return await self.backend.presence_snapshot(channel, limit=limit)
+
+    async def presence_count(self, channel: str) -> int:
+        """Return how many members ``channel`` has, across every process.
+
+        Raises:
+            StateError: the broadcaster is not connected.
+            ConfigurationError: ``channel`` is not a valid channel name or has no presence.
+            BackendUnavailable: the backend cannot be reached.
+        """
+        self._require_connected("read presence", draining=True)
+        self._presence_mode_of(channel)
+        return await self.backend.presence_count(channel)
+
+    def _presence_mode_of(self, channel: str) -> PresenceMode:
+        validate_channel(channel)
+        mode = self._presence.mode(channel)
+        if mode is PresenceMode.NONE:
+            raise ConfigurationError(
+                f"channel {channel!r} has no presence; choose the channels with Broadcaster(presence=...)"
+            )
+        return mode
+
+    def presence_watch(self, channel: str, client: str, push: Callable[[str], None]) -> PresenceWatcher:
+        """Register a subscription for join/leave frames, holding them back until ``watcher.start()``.
+
+        For transports: call it before :meth:`presence_join` so that no change is lost between the
+        snapshot and the first frame, push the ``subscribed`` frame, then ``start(snapshot.version)``.
+        """
+        watcher = PresenceWatcher(channel, client, push)
+        self._watchers.setdefault(channel, {})[client] = watcher
+        return watcher
+
+    async def presence_join(
+        self, channel: str, member: PresenceMember, *, snapshot: bool = True
+    ) -> PresenceSnapshot:
+        """Make ``member`` present on ``channel`` (a presence channel) and return the capped snapshot.
+
+        With ``snapshot=False`` (a subscription that did not ask for presence) the snapshot holds only the
+        count, which spares reading members nobody will see.
+
+        Waits for a leave of the same member still on its way, so that a quick unsubscribe and subscribe
+        never ends with the member absent.
+
+        Raises:
+            ConfigurationError: ``channel`` has no presence, or ``member.info`` is not JSON-serialisable.
+            BackendUnavailable: the backend cannot be reached; the member did not join.
+        """
+        mode = self._presence_mode_of(channel)
+        leaving = self._leaving.get((channel, member.client))
+        if leaving is not None:
+            await asyncio.wait([leaving])
+        limit = self.presence_snapshot_limit if snapshot and mode is PresenceMode.MEMBERS else 0
+        return await self.backend.presence_join(
+            channel, member, limit=limit, notify=mode is PresenceMode.MEMBERS
+        )
+
+    def presence_leave(self, channel: str, client: str) -> None:
+        """Stop ``client``'s presence on ``channel`` (its join/leave frames end at once). Never raises."""
+        self._unwatch(channel, client)
+        key = (channel, client)
+        previous = self._leaving.get(key)
+        joined = self._members.pop(key, None)
+        task = asyncio.get_running_loop().create_task(self._leave(channel, client, previous, joined))
+        self._leaving[key] = task
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        task.add_done_callback(lambda done: self._leave_done(key, done))
+
+    async def _leave(
+        self,
+        channel: str,
+        client: str,
+        previous: asyncio.Task[None] | None,
+        joined: asyncio.Future[None] | None = None,
+    ) -> None:
+        for before in (previous, joined):
+            if before is not None and not before.done():
+                await asyncio.wait([before])
+        notify = self._presence.mode(channel) is PresenceMode.MEMBERS
+        await self.backend.presence_leave(channel, client, notify=notify)
+
+    def _leave_done(self, key: tuple[str, str], done: asyncio.Task[None]) -> None:
+        if self._leaving.get(key) is done:
+            del self._leaving[key]
+
+    async def _finish_leaves(self) -> None:
+        """Give the leaves of the connections just closed a moment to reach the backend."""
+        if self._leaving:
+            await asyncio.wait(list(self._leaving.values()), timeout=_LEAVE_GRACE)
+
     # -- connections ------------------------------------------------------------------------------
 
     async def attach(self, connection: Connection, resume: ResumePoint | None = None) -> None:
@@ -546,6 +719,7 @@ class Broadcaster:
                         channel,
                     )
                     frames.append(encode_server_frame(refusal))
+                frames.extend(self._presence_frames(cursor, snapshot))
                 return frames
 
             await self._bring_up_to_date(cursor, resume, subscribed)
@@ -579,8 +753,10 @@ class Broadcaster:
 
     def _drop_cursor(self, cursor: Cursor, reason: str) -> None:
         connection = cursor.connection
-        if connection.remove_cursor(cursor.channel) is not cursor:
+        # Only this cursor: the channel may have been left and subscribed again meanwhile.
+        if connection.cursor_for(cursor.channel) is not cursor:
             return
+        connection.remove_cursor(cursor.channel)
         cursor.set_gap_handler(None)
         emptied = self.registry.remove_cursor(cursor)
         self._observe_end(cursor, reason)
@@ -601,8 +777,8 @@ class Broadcaster:
         self._observers.append(observer)
 
     async def _observe_start(self, cursor: Cursor) -> PresenceSnapshot | None:
-        snapshot = None
         cursor.observed = True
+        snapshot = await self._presence_started(cursor)
         for observer in self._observers:
             found = await observer.subscription_started(cursor)
             if snapshot is None:
@@ -613,11 +789,60 @@ class Broadcaster:
         if not cursor.observed:
             return
         cursor.observed = False
+        if (cursor.channel, cursor.connection.client_id) in self._members:
+            self.presence_leave(cursor.channel, cursor.connection.client_id)
         for observer in self._observers:
             try:
                 observer.subscription_ended(cursor, reason)
             except Exception:
                 logger.exception("subscription observer failed on the end of %r", cursor)
+
+    async def _presence_started(self, cursor: Cursor) -> PresenceSnapshot | None:
+        """Join the subscription's member if its channel has presence; return the snapshot for it.
+
+        A protocol-2 subscription that asked for presence on a channel with members gets a watcher first,
+        holding back the changes that arrive while the join is on its way (see ``_subscribed_frames``).
+        """
+        channel = cursor.channel
+        mode = self._presence.mode(channel)
+        connection = cursor.connection
+        if mode is PresenceMode.NONE or connection.id in self._in_process:
+            return None
+        client = connection.client_id
+        identity = connection.identity
+        member = PresenceMember(client, identity.id if identity is not None else None, cursor.info)
+        if cursor.presence and mode is PresenceMode.MEMBERS and connection.protocol >= 2:
+            self.presence_watch(channel, client, connection.push_frame)
+        key = (channel, client)
+        joined: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._members[key] = joined
+        try:
+            snapshot = await self.presence_join(channel, member, snapshot=cursor.presence)
+        except BaseException:
+            if self._members.get(key) is joined:
+                del self._members[key]
+                self._unwatch(channel, client)
+            raise
+        finally:
+            joined.set_result(None)
+        if mode is PresenceMode.COUNT:
+            snapshot = PresenceSnapshot(snapshot.count, (), False, snapshot.version)
+        return snapshot
+
+    def _presence_frames(self, cursor: Cursor, snapshot: PresenceSnapshot | None) -> list[str]:
+        """Start the subscription's watcher after its ``subscribed``: the changes its snapshot missed."""
+        watchers = self._watchers.get(cursor.channel)
+        watcher = watchers.get(cursor.connection.client_id) if watchers else None
+        if watcher is None or snapshot is None or watcher.pending is None:
+            return []
+        return watcher.start(snapshot.version)
+
+    def _unwatch(self, channel: str, client: str) -> None:
+        watchers = self._watchers.get(channel)
+        if watchers is not None:
+            watchers.pop(client, None)
+            if not watchers:
+                del self._watchers[channel]
 
     def detach(self, connection: Connection) -> None:
         """Unregister ``connection``; a channel's backend subscription ends with its last connection."""
@@ -895,6 +1120,8 @@ class Broadcaster:
             repairs=self._repairs,
             lost_detected=self._lost_detected,
             resyncs=self._resyncs,
+            presence_members=len(self._members),
+            presence_watchers=sum(len(watchers) for watchers in self._watchers.values()),
             resumes=self._resumes,
             resyncs_by_reason=dict(self._resync_reasons),
             interruptions_by_reason=dict(self._interruption_reasons),
@@ -939,6 +1166,10 @@ class Subscription(Generic[E]):
             self.connection = Connection(channel, limits=broadcaster.queue_limits)
         else:
             self.connection = Connection(protocol=2, limits=broadcaster.queue_limits)
+        # In-process subscriptions are the service's own code: not presence members.
+        in_process = broadcaster._in_process
+        in_process.add(self.connection.id)
+        self.connection.add_close_callback(lambda connection: in_process.discard(connection.id))
         #: The welcome frame of a one-channel subscription, once entered (``None`` for several channels).
         self.welcome: Welcome | None = None
 

@@ -81,7 +81,8 @@ class Connection:
         max_subscriptions: most cursors a protocol-2 connection may have (``None``: unlimited).
 
     Raises:
-        ConfigurationError: ``protocol`` is not 1 or 2, or a protocol-1 connection has no channel.
+        ConfigurationError: ``protocol`` is not 1 or 2, a protocol-1 connection has no channel, or a
+            protocol-2 connection has one.
     """
 
     __slots__ = (
@@ -121,6 +122,10 @@ class Connection:
             raise ConfigurationError(f"protocol must be one of {PROTOCOL_VERSIONS}, not {protocol!r}")
         if protocol == 1 and channel is None:
             raise ConfigurationError("a protocol-1 connection follows one channel: pass Connection(channel)")
+        if protocol != 1 and channel is not None:
+            raise ConfigurationError(
+                "a protocol-2 connection starts without a channel: Connection(protocol=2), then subscribe it"
+            )
         self.id = next(_ids)
         #: The wire protocol the connection's frames are written in.
         self.protocol = protocol

@@ -9,6 +9,7 @@ Nothing here does I/O.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -58,6 +59,7 @@ class Identity:
         object.__setattr__(self, "tags", tags)
         if not isinstance(self.info, Mapping):
             raise ConfigurationError(f"Identity.info must be a mapping, not {type(self.info).__name__}")
+        _check_json("Identity.info", self.info)
         if self.expires_at is not None and (
             not isinstance(self.expires_at, datetime) or self.expires_at.utcoffset() is None
         ):
@@ -82,7 +84,7 @@ class Allow:
             uses the connection's ``Identity.info``, or ``{}`` for an anonymous connection.
 
     Raises:
-        ConfigurationError: ``info`` is neither ``None`` nor a mapping.
+        ConfigurationError: ``info`` is neither ``None`` nor a JSON-serialisable mapping.
     """
 
     info: Mapping[str, Any] | None = None
@@ -90,6 +92,20 @@ class Allow:
     def __post_init__(self) -> None:
         if self.info is not None and not isinstance(self.info, Mapping):
             raise ConfigurationError(f"Allow.info must be a mapping or None, not {type(self.info).__name__}")
+        if self.info is not None:
+            _check_json("Allow.info", self.info)
+
+
+def _check_json(name: str, info: Mapping[str, Any]) -> None:
+    """Refuse presence info that members could not be sent with, where the service creates it.
+
+    Raises:
+        ConfigurationError: ``info`` holds something JSON cannot carry (a ``datetime``, a set, ``NaN``).
+    """
+    try:
+        json.dumps(dict(info), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ConfigurationError(f"{name} must be JSON-serialisable: {exc}") from None
 
 
 def presence_info(allow: Allow | None, identity: Identity | None) -> Mapping[str, Any]:

@@ -55,6 +55,10 @@ class BroadcasterStats:
     resyncs_by_reason: Mapping[str, int] = field(default_factory=dict)
     #: ``interruptions`` by the backend's reason (Redis: ``"reconnected"``, ``"backend_failed"``).
     interruptions_by_reason: Mapping[str, int] = field(default_factory=dict)
+    #: Presence members this process holds (one per subscription of a channel with presence).
+    presence_members: int = 0
+    #: Subscriptions here that asked for presence join/leave frames.
+    presence_watchers: int = 0
     #: Connections open in this process.
     connections: int = 0
     #: Open connections per channel (only channels that have one).
@@ -89,6 +93,8 @@ class BroadcasterStats:
             "resumes": self.resumes,
             "resyncs_by_reason": dict(self.resyncs_by_reason),
             "interruptions_by_reason": dict(self.interruptions_by_reason),
+            "presence_members": self.presence_members,
+            "presence_watchers": self.presence_watchers,
             "connections": self.connections,
             "channels": dict(self.channels),
             "messages_sent": self.messages_sent,

@@ -1,22 +1,43 @@
-"""Helpers for testing an app that broadcasts with rtbroadcast (see the testing how-to).
+"""Helpers for testing a service that broadcasts: run the app on a real server, follow it with the client.
 
-- :func:`live_server` runs an ASGI app with uvicorn on a free loopback port, in the test's event loop,
-  lifespan included (``pip install 'uvicorn[standard]'``).
+::
+
+    from rtbroadcast.testing import serve
+
+    async def test_a_post_reaches_the_room() -> None:
+        async with serve(app) as server, server.client("/realtime?room=lobby") as client:
+            subscription = client.subscribe(model=MessagePosted)
+            await subscription.connected()
+            async with server.http() as http:
+                await http.post("/rooms/lobby/messages", json={"text": "hi"})
+            [received] = await subscription.take(1)
+
+:func:`serve` runs an ASGI app with uvicorn on a free loopback port in the test's own event loop, its
+lifespan included, so that the test talks to it over real sockets, as a device would. For a server that
+already runs elsewhere (a staging deployment), make a :class:`~rtbroadcast.client.Client` with its
+address: the client's :meth:`~rtbroadcast.client.Subscription.connected` and
+:meth:`~rtbroadcast.client.Subscription.take` are made for tests.
+
+The other helpers:
+
 - :func:`capture` subscribes in-process to a channel and collects what arrives, in the background.
-- :func:`connect` opens a WebSocket that speaks rtbroadcast's protocol (1 or 2) and decodes every frame
-  (``pip install 'rtbroadcast[client]'``, for websockets).
+- :func:`connect` opens a WebSocket that speaks rtbroadcast's protocol (1 or 2) and decodes every frame,
+  for tests of the exact frames a device receives.
 - :func:`read_frame` decodes a frame from FastAPI's (Starlette's) synchronous ``TestClient``.
 
-Each helper imports its dependency when it is called, so importing this module costs nothing. They work
-with any async test runner (anyio's pytest plugin, pytest-asyncio); every wait has a timeout, so a test that
-waits for a broadcast that never comes fails instead of hanging.
+Every wait has a timeout, so a test that waits for a broadcast that never comes fails (:class:`TestTimeout`,
+saying what did arrive) instead of hanging.
+
+Needs ``pip install 'rtbroadcast[testing]'`` (uvicorn, websockets, httpx); importing this module does not
+import them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Self, TypeVar
 from urllib.parse import urlencode
@@ -43,9 +64,11 @@ from .protocol import (
 )
 
 if TYPE_CHECKING:
+    import httpx
     from websockets.asyncio.client import ClientConnection
 
     from .broadcaster import Broadcaster, Received
+    from .client import Client
 
 __all__ = [
     "Capture",
@@ -54,8 +77,8 @@ __all__ = [
     "TestTimeout",
     "capture",
     "connect",
-    "live_server",
     "read_frame",
+    "serve",
 ]
 
 E = TypeVar("E", bound=Event)
@@ -70,87 +93,118 @@ class TestTimeout(RTBroadcastError, AssertionError):
     __test__ = False  # not a test class, whatever its name
 
 
-# -- a live server -------------------------------------------------------------------------------------
-
-
 @dataclass(frozen=True, slots=True)
 class LiveServer:
-    """A running server: where to reach it."""
+    """A running server: where it listens, and clients for it.
+
+    ``host`` is ``"127.0.0.1:PORT"``.
+    """
 
     host: str
-    port: int
 
     @property
-    def address(self) -> str:
-        """``host:port``."""
-        return f"{self.host}:{self.port}"
+    def base_url(self) -> str:
+        """``http://HOST:PORT``."""
+        return f"http://{self.host}"
 
     def url(self, path: str = "/", **query: str | int) -> str:
-        """The ``http://`` URL of ``path``, with ``query`` parameters."""
-        return f"http://{self.address}{_path(path, query)}"
+        """The ``http://`` address of ``path``, with ``query`` parameters added (``room="lobby"``)."""
+        return f"http://{self.host}{_path(path, query)}"
 
-    def ws_url(self, path: str = "/", **query: str | int) -> str:
-        """The ``ws://`` URL of ``path``, with ``query`` parameters (``room="1", protocol=2``)."""
-        return f"ws://{self.address}{_path(path, query)}"
+    def ws_url(self, path: str, **query: str | int) -> str:
+        """The ``ws://`` address of ``path`` (query included: ``"/realtime?room=lobby"``, or as ``query``)."""
+        return f"ws://{self.host}{_path(path, query)}"
 
+    def client(self, path: str, **options: Any) -> Client:
+        """A :class:`~rtbroadcast.client.Client` of the stream at ``path``; ``options`` go to it.
 
-def _path(path: str, query: Mapping[str, str | int]) -> str:
-    if not path.startswith("/"):
-        path = "/" + path
-    if not query:
-        return path
-    return path + ("&" if "?" in path else "?") + urlencode({k: str(v) for k, v in query.items()})
+        Use it as an async context manager, so that it closes with the test.
+        """
+        from .client import Client
+
+        return Client(self.ws_url(path), **options)
+
+    def http(self, **options: Any) -> httpx.AsyncClient:
+        """An ``httpx.AsyncClient`` with this server as its base URL (close it, or use ``async with``)."""
+        import httpx
+
+        return httpx.AsyncClient(base_url=self.base_url, **options)
 
 
 @contextlib.asynccontextmanager
-async def live_server(
-    app: Any, *, host: str = "127.0.0.1", startup_timeout: float = 10.0, **options: Any
+async def serve(
+    app: Any, *, port: int = 0, startup_timeout: float = 10.0, **options: Any
 ) -> AsyncIterator[LiveServer]:
-    """Run ``app`` with uvicorn on a free port of ``host``, in this event loop; stop it on exit.
+    """Run ``app`` with uvicorn on ``127.0.0.1`` in the current event loop until the block ends.
 
-    The app's lifespan runs (so its broadcaster connects and disconnects as in production). ``options``
-    go to ``uvicorn.Config`` (``ws="rtbroadcast.uvicorn:WebSocketProtocol"``, ``ws_max_size=...``)::
+    The app's lifespan runs (``lifespan="on"``), so its broadcaster connects and, at the end, drains
+    its connections as in production.
 
-        async with live_server(app) as server:
-            async with connect(server.ws_url("/realtime", room="lobby")) as ws:
-                ...
+    Args:
+        app: an ASGI application (Starlette, FastAPI, ...).
+        port: the port; 0 (the default) picks a free one. A fixed port lets a test stop the server and
+            start another one where clients reconnect.
+        startup_timeout: seconds the server may take to start.
+        options: more ``uvicorn.Config`` options (``ws=``, ``log_level=``, ...).
 
     Raises:
-        TestTimeout: the server did not start within ``startup_timeout`` seconds.
-        RuntimeError: uvicorn exited before it started listening (its startup failed: the log says why).
+        ConfigurationError: ``uvicorn`` is not installed.
+        RuntimeError: the server stopped, or did not start, within ``startup_timeout``.
     """
-    import uvicorn
+    try:
+        import uvicorn
+    except ImportError:
+        raise ConfigurationError(
+            "rtbroadcast.testing.serve needs uvicorn: pip install 'rtbroadcast[testing]'"
+        ) from None
 
-    config: dict[str, Any] = {"host": host, "port": 0, "log_level": "warning", "lifespan": "on"}
-    config.update(options)
-    server = uvicorn.Server(uvicorn.Config(app, **config))
+    class Server(uvicorn.Server):
+        """uvicorn's server, kept off the test runner's signals: Ctrl-C stays pytest's."""
 
-    async def serve() -> None:
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield
+
+    config: dict[str, Any] = {"log_level": "warning", "lifespan": "on", **options}
+    server = Server(uvicorn.Config(app, host="127.0.0.1", port=port, **config))
+
+    async def run() -> None:
         try:
             await server.serve()
-        except SystemExit as exc:  # uvicorn's way of saying that the lifespan's startup failed
-            # Caught here: a task that raises SystemExit stops the whole event loop, test runner included.
-            raise RuntimeError(
-                f"uvicorn exited before it started listening (status {exc.code}): the app's startup "
-                "failed, its log says why"
-            ) from None
+        except SystemExit as exc:  # uvicorn's answer to a failed lifespan startup: not the test's exit
+            raise RuntimeError(f"uvicorn exited with status {exc.code}") from None
 
-    task = asyncio.get_running_loop().create_task(serve())
+    task = asyncio.get_running_loop().create_task(run(), name="rtbroadcast-testing-serve")
+    deadline = time.monotonic() + startup_timeout
     try:
         # uvicorn sets a flag, not an event, once it listens (after the lifespan's startup).
-        async with _deadline(startup_timeout, "uvicorn to start listening"):
-            while not server.started and not task.done():  # noqa: ASYNC110 - no event to await
-                await asyncio.sleep(0.005)
-        if not server.started:
-            task.result()
-            raise RuntimeError("uvicorn exited before it started listening")
-        port = server.servers[0].sockets[0].getsockname()[1]
-        yield LiveServer(host, port)
+        while not server.started:
+            if task.done() or time.monotonic() > deadline:
+                server.should_exit = True
+                try:
+                    await task
+                except Exception as exc:
+                    raise RuntimeError(f"uvicorn stopped before it started (see its log): {exc}") from exc
+                raise RuntimeError(f"uvicorn did not start within {startup_timeout} s")
+            await asyncio.sleep(0.01)
+    except BaseException:
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        raise
+    try:
+        bound = server.servers[0].sockets[0].getsockname()[1]
+        yield LiveServer(f"127.0.0.1:{bound}")
     finally:
         server.should_exit = True
-        await asyncio.wait({task})  # its failure, if any, was raised above or is raised below
-    if not task.cancelled() and task.exception() is not None:
-        raise RuntimeError("uvicorn failed while it stopped") from task.exception()
+        await task
+
+
+def _path(path: str, query: Mapping[str, str | int]) -> str:
+    path = "/" + path.lstrip("/")
+    if not query:
+        return path
+    return path + ("&" if "?" in path else "?") + urlencode({k: str(v) for k, v in query.items()})
 
 
 @contextlib.asynccontextmanager
@@ -245,7 +299,7 @@ async def capture(
             await client.post("/rooms/1/messages", json={...})
             message = await room.take_one()
 
-    ``broadcaster`` must be connected (by the app's lifespan, :func:`live_server`, or ``async with``).
+    ``broadcaster`` must be connected (by the app's lifespan, :func:`serve`, or ``async with``).
 
     Raises:
         StateError: the broadcaster is not connected.
