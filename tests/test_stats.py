@@ -71,7 +71,13 @@ async def test_as_dict_is_json_with_the_shape_stats_had_as_a_dict() -> None:
         body = json.loads(json.dumps(broadcaster.stats().as_dict()))
     assert body == {
         "state": "connected",
-        "backend": {"backend": "memory", "channels": 1, "subscribed": 0, "evicted": 0, "presence_channels": 0},
+        "backend": {
+            "backend": "memory",
+            "channels": 1,
+            "subscribed": 0,
+            "evicted": 0,
+            "presence_channels": 0,
+        },
         "backend_name": "memory",
         "backend_available": True,
         "published": 1,
