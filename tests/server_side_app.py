@@ -70,7 +70,7 @@ async def control(request: Request) -> JSONResponse:
 
 
 async def health(request: Request) -> JSONResponse:
-    return JSONResponse({"pid": PROCESS, **broadcaster.stats()})
+    return JSONResponse({"pid": PROCESS, **broadcaster.stats().as_dict()})
 
 
 app = Starlette(

@@ -341,7 +341,7 @@ async def failover_scenario(cluster: RedisClusterFixture) -> None:
             except AssertionError:
                 raise AssertionError(
                     f"{name} (victim shard: {name in groups[victim_port]}) never got its last event "
-                    f"{last}; it got {received[name][-3:]}; subscriber backend: {subscriber.stats()['backend']}"
+                    f"{last}; it got {received[name][-3:]}; subscriber backend: {subscriber.stats().backend}"
                 ) from None
         for task in consumers:
             task.cancel()

@@ -163,7 +163,7 @@ async def test_disconnect_connections_closes_the_selected_connections() -> None:
         assert await broadcaster.disconnect_connections(identity=Identity("user-9")) == 0
         assert await broadcaster.disconnect_connections(tag="tenant:t", code=1001, reason="moved") == 1
         assert other.close_code == 1001 and not anonymous.closed
-        assert broadcaster.stats()["control_applied"] == 3
+        assert broadcaster.stats().control_applied == 3
 
 
 async def test_the_control_subscription_lives_as_long_as_identified_connections() -> None:
@@ -180,7 +180,7 @@ async def test_the_control_subscription_lives_as_long_as_identified_connections(
         await broadcaster.attach(second)
         assert backend.stats()["subscribed"] == 3
         assert broadcaster.connection_count() == 3  # the control inbox is not a connection
-        assert broadcaster.stats()["channels"] == {"room:1": 2, "room:2": 1}
+        assert broadcaster.stats().channels == {"room:1": 2, "room:2": 1}
         first.close()
         await until(lambda: backend.stats()["subscribed"] == 3)
         second.close()
@@ -334,7 +334,7 @@ async def test_commands_lost_on_the_way_are_read_from_history(
     assert await one.disconnect_connections(identity="nobody") == 0
     await until(lambda: victim.closed, 5_000 * MS)
     assert victim.close_reason == "lost"
-    assert two.stats()["repairs"] >= 1
+    assert two.stats().repairs >= 1
 
 
 async def test_a_command_waits_for_this_process_to_apply_it_in_order() -> None:
@@ -359,11 +359,11 @@ async def test_a_redis_restart_that_loses_everything_is_reported_and_commands_fl
     async with one, two:
         victim = identified("room:1", "user-9")
         await two.attach(victim)
-        assert two.stats()["control_lost"] == 0
+        assert two.stats().control_lost == 0
         await asyncio.to_thread(redis_server.restart)  # no persistence: the control channel's stream is gone
         await until(lambda: two.backend.available and one.backend.available, 10_000 * MS)
         # Process two cannot know whether a command was published while it was cut off: it says so.
-        await until(lambda: two.stats()["control_lost"] == 1, 10_000 * MS)
+        await until(lambda: two.stats().control_lost == 1, 10_000 * MS)
         assert "server-side subscription commands may have been lost" in caplog.text
         # And the path works again, on the new stream.
         assert not victim.closed

@@ -8,6 +8,8 @@ import enum
 import logging
 import random
 import secrets
+import time
+from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from types import TracebackType
@@ -15,7 +17,7 @@ from typing import Any, Final, Generic, Protocol, Self, TypeAlias, TypeVar
 
 from . import _config
 from ._control import CONTROL_CHANNEL, ControlAction, ControlCommand, decode_control, encode_control
-from .backends import Backend, Envelope, History, load_backend
+from .backends import Backend, Envelope, History, StreamPosition, load_backend
 from .connection import DEFAULT_LIMITS, Connection, QueueLimits, item_text
 from .cursor import Cursor
 from .errors import (
@@ -59,6 +61,7 @@ from .protocol import (
     validate_channel,
 )
 from .registry import ConnectionRegistry
+from .stats import BroadcasterStats, MetricsObserver
 
 # is_valid_channel and validate_channel are re-exported: they lived here before the wire rules moved to the
 # protocol module.
@@ -234,6 +237,10 @@ class Broadcaster:
         self._lost_detected = 0
         self._resyncs = 0
         self._control = _ControlInbox(self)
+        self._resumes = 0
+        self._resync_reasons: Counter[str] = Counter()
+        self._interruption_reasons: Counter[str] = Counter()
+        self._metrics_observer: MetricsObserver | None = None
         # Presence: the subscriptions that asked for join/leave frames, per channel and client; the leaves
         # on their way to the backend, so that a join of the same member waits for them.
         self._watchers: dict[str, dict[str, PresenceWatcher]] = {}
@@ -423,9 +430,35 @@ class Broadcaster:
             raise ConfigurationError(
                 f"idempotency_key must be a non-empty string or None, not {idempotency_key!r}"
             )
-        envelope = await self.backend.publish(channel, text, idempotency_key=idempotency_key)
+        observer = self._metrics_observer
+        if observer is None:
+            envelope = await self.backend.publish(channel, text, idempotency_key=idempotency_key)
+        else:
+            start = time.perf_counter()
+            try:
+                envelope = await self.backend.publish(channel, text, idempotency_key=idempotency_key)
+            except Exception as exc:  # a cancelled publish (the request went away) is not a failure
+                observer.publish_failed(channel, time.perf_counter() - start, exc)
+                raise
+            observer.published(channel, time.perf_counter() - start)
         self._published += 1
         return envelope.seq
+
+    async def position(self, channel: str) -> StreamPosition:
+        """Return the top of ``channel``'s stream: its ``epoch`` and the ``seq`` of its last event.
+
+        What a REST snapshot should carry, so that a client can resume the stream exactly after it: read
+        the position *before* the data (an event published in between is then replayed, not missed).
+        A channel never published to has seq 0.
+
+        Raises:
+            StateError: the broadcaster is not connected.
+            ConfigurationError: ``channel`` is not a valid channel name.
+            BackendUnavailable: the backend cannot be reached.
+        """
+        self._require_connected("read a position", draining=True)
+        validate_channel(channel)
+        return await self.backend.position(channel)
 
     # -- backend listener -------------------------------------------------------------------------
 
@@ -434,12 +467,21 @@ class Broadcaster:
 
         Each cursor of the channel queues the same envelope (encoded once) on its connection.
         """
-        for cursor in self.registry.cursors(envelope.channel):
+        observer = self._metrics_observer
+        if observer is None:
+            for cursor in self.registry.cursors(envelope.channel):
+                cursor.push(envelope)
+            return
+        start = time.perf_counter()
+        cursors = self.registry.cursors(envelope.channel)
+        for cursor in cursors:
             cursor.push(envelope)
+        observer.fanned_out(envelope, len(cursors), time.perf_counter() - start)
 
     def on_interruption(self, channels: Collection[str], reason: str) -> None:
         """Bring every connection of ``channels`` up to date after the backend may have lost envelopes."""
         self._interruptions += 1
+        self._interruption_reasons[reason] += 1
         logger.warning(
             "backend interruption (%s): checking %d channel(s) for missed events", reason, len(channels)
         )
@@ -911,12 +953,14 @@ class Broadcaster:
         reason = resync_reason(resume, position.epoch, position.seq, complete=history.complete, fits=fits)
         if reason is None:
             if first is not None:
+                self._resumes += 1
                 _push_all(connection, first(channel, resume.epoch, resume.seq, True))
             cursor.set_position(resume.epoch, resume.seq)
             for envelope in missed:
                 cursor.deliver_history(envelope)
         else:
             self._resyncs += 1
+            self._resync_reasons[reason] += 1
             if first is not None:
                 _push_all(connection, first(channel, position.epoch, position.seq, False))
             named = channel if connection.protocol >= 2 else None
@@ -1245,23 +1289,50 @@ class Broadcaster:
 
     # -- stats ------------------------------------------------------------------------------------
 
-    def stats(self) -> dict[str, object]:
-        """Return counters for health endpoints (JSON-serialisable)."""
-        return {
-            "state": self.state.value,
-            "backend": dict(self.backend.stats()),
-            "backend_available": self.backend.available,
-            "published": self._published,
-            "interruptions": self._interruptions,
-            "repairs": self._repairs,
-            "lost_detected": self._lost_detected,
-            "resyncs": self._resyncs,
-            "control_applied": self._control.applied,
-            "control_lost": self._control.lost,
-            "presence_members": len(self._members),
-            "presence_watchers": sum(len(watchers) for watchers in self._watchers.values()),
-            **self.registry.stats().as_dict(),
-        }
+    def set_metrics_observer(self, observer: MetricsObserver | None) -> None:
+        """Tell ``observer`` how long each publish and each fan-out took (``None``: stop telling).
+
+        For metrics integrations, such as :class:`rtbroadcast.metrics.PrometheusMetrics`, which sets
+        itself. Without an observer, publishing and fan-out time nothing. One observer at a time: setting
+        one replaces the previous.
+        """
+        self._metrics_observer = observer
+
+    @property
+    def metrics_observer(self) -> MetricsObserver | None:
+        """The observer :meth:`set_metrics_observer` set, if any."""
+        return self._metrics_observer
+
+    def stats(self) -> BroadcasterStats:
+        """Return a snapshot of this process's state, backend and counters (see :class:`BroadcasterStats`).
+
+        For a health endpoint: ``JSONResponse(broadcaster.stats().as_dict())``.
+        """
+        registry = self.registry.stats()
+        return BroadcasterStats(
+            state=self.state,
+            backend_name=self.backend.name,
+            backend_available=self.backend.available,
+            published=self._published,
+            interruptions=self._interruptions,
+            repairs=self._repairs,
+            lost_detected=self._lost_detected,
+            resyncs=self._resyncs,
+            control_applied=self._control.applied,
+            control_lost=self._control.lost,
+            presence_members=len(self._members),
+            presence_watchers=sum(len(watchers) for watchers in self._watchers.values()),
+            resumes=self._resumes,
+            resyncs_by_reason=dict(self._resync_reasons),
+            interruptions_by_reason=dict(self._interruption_reasons),
+            connections=registry.connections,
+            channels=dict(registry.channels),
+            messages_sent=registry.messages_sent,
+            messages_dropped=registry.messages_dropped,
+            queue_high_water=registry.queue_high_water,
+            slow_consumers_closed=registry.slow_consumers_closed,
+            backend=dict(self.backend.stats()),
+        )
 
 
 def _identity_id(identity: str | Identity | None) -> str | None:

@@ -12,7 +12,8 @@ are fanned out to like any other but are not connections: they are neither count
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 from ._config import optional_count
@@ -84,6 +85,9 @@ class ConnectionRegistry:
         self._dropped_closed = 0
         self._high_water = 0
         self._slow_closed = 0
+        # Connections registered and unregistered over the process's lifetime, by kind (and close code).
+        self._opened: Counter[tuple[str, int]] = Counter()
+        self._closed: Counter[tuple[str, int, int | None]] = Counter()
 
     def __len__(self) -> int:
         return len(self._connections)
@@ -112,6 +116,7 @@ class ConnectionRegistry:
         if registered is None:
             registered = 0
             self._index(connection)
+            self._opened[connection.transport, connection.protocol] += 1
         for cursor in cursors:
             channel = cursor.channel
             members = self._channels.get(channel)
@@ -170,6 +175,7 @@ class ConnectionRegistry:
         self._high_water = max(self._high_water, connection.high_water)
         if connection.close_code == CloseCode.SLOW_CONSUMER:
             self._slow_closed += 1
+        self._closed[connection.transport, connection.protocol, connection.close_code] += 1
         emptied = []
         for cursor in connection.cursors:
             channel = cursor.channel
@@ -262,6 +268,14 @@ class ConnectionRegistry:
         if channel is None:
             return len(self._connections)
         return len(self._channels.get(channel, ()))
+
+    def opened(self) -> Mapping[tuple[str, int], int]:
+        """Return how many connections were registered, by ``(transport, protocol)``, since the start."""
+        return dict(self._opened)
+
+    def closed(self) -> Mapping[tuple[str, int, int | None], int]:
+        """Return how many connections were unregistered, by ``(transport, protocol, close_code)``."""
+        return dict(self._closed)
 
     def stats(self) -> RegistryStats:
         """Return a snapshot of the counters."""
