@@ -88,6 +88,8 @@ async def test_as_dict_is_json_with_the_shape_stats_had_as_a_dict() -> None:
         "resumes": 0,
         "resyncs_by_reason": {},
         "interruptions_by_reason": {},
+        "control_applied": 0,
+        "control_lost": 0,
         "presence_members": 0,
         "presence_watchers": 0,
         "connections": 0,
