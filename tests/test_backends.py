@@ -1,4 +1,4 @@
-"""The backend contract, run against every backend: memory and Redis.
+"""The backend contract, run against every backend: memory, Redis and PostgreSQL.
 
 A new backend is one module plus one entry in ``_BUILDERS`` (and one line in ``BACKENDS``). A "peer" is a
 second backend instance on the same store, standing in for another process: for Redis a second
@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from rtbroadcast import Backend, BackendListener, ConfigurationError, Envelope, StateError
 from rtbroadcast.backends import load_backend
 from rtbroadcast.backends.memory import MemoryBackend
+from rtbroadcast.backends.postgres import PostgresBackend
 from rtbroadcast.backends.redis import RedisBackend
 from rtbroadcast.events import with_seq
 
@@ -31,7 +32,11 @@ from .support import MS, until
 
 pytestmark = pytest.mark.asyncio_only
 
-BACKENDS = ["memory", pytest.param("redis", marks=pytest.mark.redis)]
+BACKENDS = [
+    "memory",
+    pytest.param("redis", marks=pytest.mark.redis),
+    pytest.param("postgresql", marks=pytest.mark.postgresql),
+]
 
 
 class Recorder(BackendListener):
@@ -68,10 +73,17 @@ def _redis(request: pytest.FixtureRequest, options: dict[str, Any]) -> Backend:
     return RedisBackend(url, key_prefix=prefix, **options)
 
 
+def _postgres(request: pytest.FixtureRequest, options: dict[str, Any]) -> Backend:
+    url = request.getfixturevalue("postgres_url")
+    schema = request.getfixturevalue("postgres_schema")
+    return PostgresBackend(url, schema=schema, **options)
+
+
 #: kind -> (build a backend, whether two instances share one store)
 _BUILDERS: dict[str, tuple[Callable[[pytest.FixtureRequest, dict[str, Any]], Backend], bool]] = {
     "memory": (_memory, False),
     "redis": (_redis, True),
+    "postgresql": (_postgres, True),
 }
 
 

@@ -1,4 +1,4 @@
-"""Backends, loaded lazily by URL scheme so that ``import rtbroadcast`` never imports ``redis``."""
+"""Backends, loaded lazily by URL scheme: ``import rtbroadcast`` never imports ``redis`` or ``asyncpg``."""
 
 from __future__ import annotations
 
@@ -17,11 +17,14 @@ _BACKENDS: dict[str, tuple[str, str, str | None]] = {
     "redis": ("rtbroadcast.backends.redis", "RedisBackend", "redis"),
     "rediss": ("rtbroadcast.backends.redis", "RedisBackend", "redis"),
     "unix": ("rtbroadcast.backends.redis", "RedisBackend", "redis"),
+    "postgresql": ("rtbroadcast.backends.postgres", "PostgresBackend", "postgres"),
+    "postgres": ("rtbroadcast.backends.postgres", "PostgresBackend", "postgres"),
 }
 
 
 def load_backend(url: str) -> Backend:
-    """Create the backend a URL names: ``memory://`` or ``redis://host:port/db`` (``rediss://`` for TLS).
+    """Create the backend a URL names: ``memory://``, ``redis://host:port/db`` (``rediss://`` for TLS) or
+    ``postgresql://user@host:port/db``.
 
     Each backend reads its options from the URL's query and refuses one it does not know, naming it.
 
