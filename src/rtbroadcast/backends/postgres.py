@@ -485,6 +485,7 @@ class PostgresBackend(Backend):
             "schema": self._schema_name,
             "state": self._state.value,
             "listener": _task_status(self._task),
+            "listener_pid": self._conn.get_server_pid() if self._conn is not None else None,
             "subscribed": len(self._tails),
             "received": self._received,
             "read_rows": self._read_rows,
