@@ -104,8 +104,9 @@ class ThrowawayPostgres:
     the ``postgres`` system user (``runuser``), which owns its temporary directory.
     """
 
-    def __init__(self, binaries: Path) -> None:
+    def __init__(self, binaries: Path, settings: dict[str, str] | None = None) -> None:
         self.binaries = binaries
+        self.settings = dict(settings or {})
         self.port = free_port()
         self._tmp = tempfile.TemporaryDirectory(prefix="rtb-pg-")
         self.dir = Path(self._tmp.name)
@@ -135,6 +136,7 @@ class ThrowawayPostgres:
     def start(self) -> None:
         """Start the server and wait until it accepts connections."""
         options = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.dir} -c fsync=off"
+        options += "".join(f" -c {key}={value}" for key, value in self.settings.items())
         self._run(
             str(self.binaries / "pg_ctl"), "-D", str(self.data), "-o", options,
             "-l", str(self.dir / "log"), "-w", "-t", "30", "start",
@@ -157,14 +159,17 @@ class ThrowawayPostgres:
 
 
 @contextlib.contextmanager
-def throwaway_postgres() -> Iterator[ThrowawayPostgres]:
-    """Run a throwaway cluster for the duration of the block; skip if PostgreSQL is not installed."""
+def throwaway_postgres(settings: dict[str, str] | None = None) -> Iterator[ThrowawayPostgres]:
+    """Run a throwaway cluster for the duration of the block; skip if PostgreSQL is not installed.
+
+    ``settings`` are server settings (``{"track_commit_timestamp": "on"}``).
+    """
     binaries = postgres_binaries()
     if binaries is None:
         pytest.skip(
             "initdb is not installed (no PostgreSQL server binaries on PATH or in /usr/lib/postgresql)"
         )
-    server = ThrowawayPostgres(binaries)
+    server = ThrowawayPostgres(binaries, settings)
     try:
         server.init()
         server.start()
