@@ -78,6 +78,10 @@ FETCH_BATCH: Final = 500
 #: The reason given to the listener after the listening connection was re-established.
 RECONNECTED: Final = "backend_reconnected"
 
+# Jitter of our own: the application's global random state is left alone (and Hypothesis, say, notices when
+# another thread draws from it).
+_JITTER = random.Random()
+
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 # Errors that mean "PostgreSQL cannot be reached right now": a refused or lost connection, a server
@@ -946,7 +950,7 @@ class PostgresBackend(Backend):
         while True:
             delay = min(most, first * 2 ** min(self._attempts, 32))
             # Jitter spreads the reconnects of many processes after a server restart.
-            await asyncio.sleep(random.uniform(delay / 2, delay))
+            await asyncio.sleep(_JITTER.uniform(delay / 2, delay))
             self._attempts += 1
             try:
                 return await self._open()
@@ -988,7 +992,7 @@ class PostgresBackend(Backend):
 
     async def _trim_forever(self) -> None:
         while True:
-            await asyncio.sleep(self._trim_interval * random.uniform(0.8, 1.2))
+            await asyncio.sleep(self._trim_interval * _JITTER.uniform(0.8, 1.2))
             try:
                 self._trimmed += await self.trim()
             except BackendError as exc:
