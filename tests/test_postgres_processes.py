@@ -202,3 +202,56 @@ async def test_a_killed_listener_and_a_restarted_server_lose_nothing_for_resumin
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_two_processes_of_the_example_service_share_a_restaurant_with_no_outbox(
+    postgres_url: str, postgres_schema: str
+) -> None:
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        await conn.execute(f'CREATE SCHEMA "{postgres_schema}"')
+    finally:
+        await conn.close()
+    database = postgres_url.replace("postgresql://", "postgresql+asyncpg://")
+    env = {
+        "DATABASE_URL": f"{database}?search_path={postgres_schema}",
+        "BROADCAST_URL": f"{postgres_url}?schema={postgres_schema}",
+        "LOG_LEVEL": "WARNING",
+        "RESTAURANT_ALLOW_LEGACY_UNAUTHENTICATED": "1",
+    }
+    rid = "pg-test-restaurant"
+    async with (
+        server_process("-m", "examples.restaurant_app", env=env) as server_one,
+        server_process("-m", "examples.restaurant_app", env=env) as server_two,
+        httpx.AsyncClient(timeout=30) as http,
+    ):
+        one, two = server_one.host, server_two.host
+        health = (await http.get(f"http://{one}/health")).json()
+        assert "outbox" not in health, health  # events commit with the writes: no outbox, no relay
+        devices = [await connect(f"ws://{host}/realtime?restaurant_id={rid}") for host in (one, two)]
+        welcomes = [await recv_json(device) for device in devices]
+        assert [w["seq"] for w in welcomes] == [0, 0]
+        names = [f"Guest {n}" for n in range(40)]
+
+        async def add(n: int) -> None:
+            reply = await http.post(
+                f"http://{(one, two)[n % 2]}/restaurants/{rid}/guests",
+                json={"guestName": names[n], "partySize": 2},
+            )
+            assert reply.status_code == 201, reply.text
+
+        for n in range(10):  # one after the other: in write order
+            await add(n)
+        await asyncio.gather(*(add(n) for n in range(10, 40)))  # concurrently, through both processes
+        for device in devices:
+            events = [await recv_json(device) for _ in names]
+            assert [e["seq"] for e in events] == list(range(1, 41))
+            assert [e["data"]["guestName"] for e in events[:10]] == names[:10]
+            assert sorted(e["data"]["guestName"] for e in events) == sorted(names)
+        for host in (one, two):
+            snapshot = await http.get(f"http://{host}/restaurants/{rid}/guests")
+            assert snapshot.headers["x-stream-epoch"] == welcomes[0]["epoch"]
+            assert snapshot.headers["x-stream-seq"] == "40"
+            assert len(snapshot.json()["guests"]) == 40
+        for device in devices:
+            await device.close()
