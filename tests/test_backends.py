@@ -416,7 +416,10 @@ def test_a_misspelt_url_option_is_refused_naming_it(option: tuple[str, str, str]
             "reddis://127.0.0.1/0",
             r"unknown backend URL 'reddis://127.0.0.1/0' \(scheme 'reddis' \(did you mean 'redis'",
         ),
-        ("127.0.0.1:6379", r"\(no scheme\); expected one of memory://, redis://, rediss://, unix://"),
+        (
+            "127.0.0.1:6379",
+            r"\(no scheme\); expected one of memory://, postgres://, postgresql://, redis://, rediss://, unix://",
+        ),
         ("kafka://user:s3cret@host", r"'kafka://user:\*\*\*@host'"),
         ("memory://?history_size=10&history_size=20", "'history_size' is given twice"),
         ("memory://?history_size=many", "invalid value 'many' for memory:// option 'history_size'"),

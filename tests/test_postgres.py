@@ -277,3 +277,36 @@ def test_postgresql_urls_load_the_backend_with_their_options() -> None:
     assert isinstance(backend, PostgresBackend)
     assert backend.schema == "rtb"
     assert backend.stats()["server"] == "postgres://app@db:5432/app?sslmode=prefer"
+
+
+async def test_the_howto_snippet_publishes_a_bid_with_its_write(
+    postgres_url: str, postgres_schema: str, broadcaster: Broadcaster
+) -> None:
+    from sqlalchemy.ext.asyncio import async_sessionmaker
+
+    from .test_docs_snippets import snippet
+
+    module = snippet("postgres_publish")
+    engine = create_async_engine(
+        postgres_url.replace("postgresql://", "postgresql+asyncpg://"),
+        connect_args={"server_settings": {"search_path": postgres_schema}},
+    )
+    try:
+        async with engine.begin() as connection:
+            await connection.execute(
+                text("CREATE TABLE bids (auction_id text, amount int CHECK (amount > 0))")
+            )
+        sessions = async_sessionmaker(engine)
+        async with broadcaster.subscribe("auction:a1") as subscription:
+            assert await module.place_bid(sessions, broadcaster, "a1", 100) == 1
+            with pytest.raises(Exception, match="check"):  # the write fails: no event
+                await module.place_bid(sessions, broadcaster, "a1", -5)
+            assert await module.place_bid(sessions, broadcaster, "a1", 120) == 2
+            got = [await asyncio.wait_for(anext(subscription), 5_000 * MS) for _ in range(2)]
+            assert [
+                (i.seq, json.loads(i.event.model_dump_json())["amount"])
+                for i in got
+                if isinstance(i, Received)
+            ] == [(1, 100), (2, 120)]
+    finally:
+        await engine.dispose()
