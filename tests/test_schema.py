@@ -152,6 +152,8 @@ def test_asyncapi_document_describes_channels_messages_and_operations() -> None:
     assert document["operations"]["shop.receivePing"]["action"] == "receive"
     assert document["servers"]["production"] == {"host": "example.com", "protocol": "wss", "pathname": "/api"}
     assert document["x-rtbroadcast"]["close_codes"]["4001"] == "SLOW_CONSUMER"
+    observed = document["x-rtbroadcast"]["observed_close_codes"]
+    assert observed == {"1006": "ABNORMAL_CLOSURE", "1012": "SERVICE_RESTART"}
     shipped = document["components"]["messages"]["schema_test.parcel_shipped"]
     assert shipped["summary"] == "A parcel left the warehouse."
     assert "summary" not in document["components"]["messages"]["schema_test.parcel_lost"]

@@ -46,6 +46,7 @@ from .protocol import (
     PROTOCOL_VERSION,
     CloseCode,
     ErrorFrame,
+    ObservedCloseCode,
     Ping,
     Pong,
     ResyncReason,
@@ -722,5 +723,7 @@ def asyncapi_document(
         "version": __version__,
         "protocol": PROTOCOL_VERSION,
         "close_codes": {str(int(code)): code.name for code in CloseCode},
+        # What clients observe without rtbroadcast sending it (the network's 1006, uvicorn's 1012).
+        "observed_close_codes": {str(int(code)): code.name for code in ObservedCloseCode},
     }
     return document
