@@ -310,3 +310,25 @@ async def test_the_howto_snippet_publishes_a_bid_with_its_write(
             ] == [(1, 100), (2, 120)]
     finally:
         await engine.dispose()
+
+
+async def test_tables_emptied_under_a_running_stream_start_a_new_epoch_and_subscribers_resync(
+    broadcaster: Broadcaster, db: asyncpg.Pool, postgres_schema: str
+) -> None:
+    from rtbroadcast import ResyncRequired
+
+    async with broadcaster.subscribe("c", model=Bid) as subscription:
+        for n in (1, 2):
+            await broadcaster.publish("c", Bid(n=n))
+        got = [await asyncio.wait_for(anext(subscription), 5_000 * MS) for _ in range(2)]
+        assert [i.seq for i in got if isinstance(i, Received)] == [1, 2]
+        old = (await broadcaster.backend.position("c")).epoch
+        async with db.acquire() as conn:  # an operator empties the tables (or restores an old backup)
+            await conn.execute(f'TRUNCATE "{postgres_schema}".channels, "{postgres_schema}".events')
+        assert await broadcaster.publish("c", Bid(n=3)) == 1
+        new = (await broadcaster.backend.position("c")).epoch
+        assert new != old
+        item = await asyncio.wait_for(anext(subscription), 5_000 * MS)
+        assert item == ResyncRequired("epoch_changed", new, 1)
+    history = await broadcaster.backend.history("c", 0, limit=10)
+    assert [e.seq for e in history.envelopes] == [1] and history.position.epoch == new
