@@ -28,7 +28,6 @@ import asyncio
 import enum
 import hashlib
 import logging
-import math
 import random
 import re
 import secrets
@@ -219,10 +218,6 @@ class _Tail:
     target_epoch: str | None = None
     reader: asyncio.Task[None] | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
-
-
-def _ms(value: float | None) -> int:
-    return 0 if value is None else max(1, math.ceil(value * 1000))
 
 
 class PostgresBackend(Backend):
