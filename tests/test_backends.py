@@ -354,7 +354,8 @@ async def test_disconnect_is_idempotent_and_stats_are_json(harness: Harness) -> 
 
 # -- backend URLs: every mistake is refused when the backend is created ------------------------------------
 
-#: Each backend URL with the options its query takes (for Redis: rtbroadcast's and redis-py's).
+#: Each backend URL with the options its query takes (for Redis: rtbroadcast's and redis-py's; for
+#: PostgreSQL: rtbroadcast's and some of the libpq options asyncpg reads).
 URL_OPTIONS: dict[str, tuple[str, ...]] = {
     "memory://": ("history_size", "history_ttl"),
     "redis://127.0.0.1:1/0": (
@@ -375,6 +376,23 @@ URL_OPTIONS: dict[str, tuple[str, ...]] = {
         "health_check_interval",
         "client_name",
         "protocol",
+    ),
+    "postgresql://127.0.0.1:1/db": (
+        "schema",
+        "create_schema",
+        "history_size",
+        "history_ttl",
+        "idempotency_ttl",
+        "unpublished_ttl",
+        "timeout",
+        "ping_interval",
+        "trim_interval",
+        "max_reconnect_attempts",
+        "max_connections",
+        "sslmode",
+        "sslrootcert",
+        "application_name",
+        "target_session_attrs",
     ),
 }
 _KNOWN = {name for names in URL_OPTIONS.values() for name in names}
