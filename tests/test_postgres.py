@@ -142,7 +142,8 @@ async def test_a_transaction_waits_for_the_one_that_published_first_so_seq_order
         async with db.acquire() as conn, conn.transaction():
             seq = await broadcaster.publish("auction", Bid(n=1), transaction=conn)
             first_published.set()
-            await release_first.wait()
+            async with asyncio.timeout(10_000 * MS):
+                await release_first.wait()
             order.append("first commits")
         return seq
 
