@@ -25,6 +25,7 @@ trimming never touches a channel's row, so it never waits for a publisher nor ma
 from __future__ import annotations
 
 import asyncio
+import datetime
 import enum
 import hashlib
 import logging
@@ -71,6 +72,10 @@ DEFAULT_MAX_CONNECTIONS: Final = 10
 DELIVERY_GRACE: Final = 60.0
 #: Rows one trimming statement deletes at most; the trimmer repeats it, so no statement runs long.
 TRIM_BATCH: Final = 5000
+#: Seconds a trimming pass looks back before the previous one (for transactions that published long before
+#: they committed); every FULL_TRIM_EVERY-th pass looks at every channel.
+TRIM_MARGIN: Final = 600.0
+FULL_TRIM_EVERY: Final = 100
 #: Rows one read of a listener fetches at most.
 FETCH_BATCH: Final = 500
 
@@ -327,6 +332,10 @@ class PostgresBackend(Backend):
         self._read_rows = 0
         self._listener_errors = 0
         self._trimmed = 0
+        # Trimming by size looks at channels published to since this process's previous pass (minus a
+        # margin), and at every channel once every FULL_TRIM_EVERY passes.
+        self._trim_since: datetime.datetime | None = None
+        self._trim_passes = 0
 
     def __repr__(self) -> str:
         return f"<PostgresBackend {self._where()} schema={self._schema_name} {self._state.value}>"
@@ -1014,10 +1023,12 @@ class PostgresBackend(Backend):
                 if not await conn.fetchval(self._sql.trim_lock, f"rtbroadcast-trim:{self._schema_name}"):
                     return 0
                 try:
+                    started: datetime.datetime = await conn.fetchval("SELECT clock_timestamp()")
+                    since = self._trim_since if self._trim_passes % FULL_TRIM_EVERY else None
                     ttl = self._history_ttl
                     # Age first, by the index; then what is past the size (or of an old epoch).
                     statements: list[tuple[str, tuple[object, ...]]] = [
-                        (self._sql.trim_size, (self._history_size, DELIVERY_GRACE, TRIM_BATCH)),
+                        (self._sql.trim_size, (self._history_size, DELIVERY_GRACE, TRIM_BATCH, since)),
                         (self._sql.trim_keys, (self._idempotency_ttl, TRIM_BATCH)),
                         (self._sql.trim_channels, (self._unpublished_ttl, TRIM_BATCH)),
                     ]
@@ -1030,6 +1041,10 @@ class PostgresBackend(Backend):
                             total += deleted
                             if deleted < TRIM_BATCH:
                                 break
+                    # A publish touched its channel inside its transaction, maybe well before it
+                    # committed; rows younger than the grace stayed: both are looked at again next time.
+                    self._trim_since = started - datetime.timedelta(seconds=DELIVERY_GRACE + TRIM_MARGIN)
+                    self._trim_passes += 1
                 finally:
                     await conn.fetchval(self._sql.trim_unlock, f"rtbroadcast-trim:{self._schema_name}")
         except (*_UNREACHABLE, asyncpg.PostgresError) as exc:
@@ -1076,7 +1091,8 @@ class _Statements:
             DELETE FROM {s}.events WHERE ctid = ANY(ARRAY(
                 SELECT e.ctid FROM {s}.events e JOIN {s}.channels c ON c.channel = e.channel
                 WHERE (e.epoch <> c.epoch OR e.seq <= c.seq - $1)
-                  AND e.created_at < clock_timestamp() - make_interval(secs => $2) LIMIT $3))"""
+                  AND e.created_at < clock_timestamp() - make_interval(secs => $2)
+                  AND ($4::timestamptz IS NULL OR c.touched_at >= $4) LIMIT $3))"""
         self.trim_keys = f"""
             DELETE FROM {s}.idempotency_keys WHERE ctid = ANY(ARRAY(
                 SELECT ctid FROM {s}.idempotency_keys
