@@ -18,8 +18,9 @@ Tables (``<schema>`` is the configured schema)::
     <schema>.events            channel, epoch, seq (key), data (the envelope's text), created_at
     <schema>.idempotency_keys  channel, key (key), epoch, seq, data, created_at
 
-History is trimmed by size and age in the background, a batch at a time, by one process at a time; the
-trimming never touches a channel's row, so it never waits for a publisher nor makes one wait.
+History is trimmed by size and age in the background, a batch at a time, by one process at a time. It
+deletes event rows, which publishers never update, and the rows of channels nobody published to only when
+no transaction holds them (``SKIP LOCKED``): trimming never waits for a publisher.
 """
 
 from __future__ import annotations
@@ -1009,8 +1010,8 @@ class PostgresBackend(Backend):
         channels; return how many rows went. Runs every ``trim_interval`` by itself.
 
         Events younger than :data:`DELIVERY_GRACE` seconds stay whatever the size, so that every listener
-        can read them after their notification. One process trims at a time (the others skip their pass);
-        no statement locks a channel's row, so publishers never wait for a trim.
+        can read them after their notification. One process trims at a time (the others skip their pass),
+        and no statement waits for a publisher's lock.
 
         Raises:
             StateError: the backend is not connected.
