@@ -11,7 +11,9 @@ load::
 The difference between the two totals ("Collected"), divided by 200, is the cost of one publish fanned
 out to 1,000 connections. Without valgrind it prints the wall-clock time per publish. A third argument
 ``direct`` gives every connection a transport that takes each frame at once (``set_send_now``), the path
-of a WebSocket client that keeps reading, instead of leaving frames in the queue.
+of a WebSocket client that keeps reading, instead of leaving frames in the queue. A fourth, ``p2``, makes
+every connection a protocol-2 connection subscribed to the channel (its transport takes the wrapped
+protocol-2 text, built once per envelope and shared).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import sys
 import time
 
 from rtbroadcast import Broadcaster, Connection
+from rtbroadcast.connection import item_text_v2
 
 PAYLOAD = '{"type":"bench","id":1,"pad":"' + "x" * 150 + '"}'
 
@@ -29,15 +32,27 @@ def _take(item: object) -> bool:
     return True
 
 
-async def run(connections: int, publishes: int, *, direct: bool = False) -> float:
+def _take_v2(item: object) -> bool:
+    item_text_v2(item)  # type: ignore[arg-type]
+    return True
+
+
+async def run(connections: int, publishes: int, *, direct: bool = False, p2: bool = False) -> float:
     """Attach ``connections`` queue-only connections, publish ``publishes`` events; return seconds taken."""
     async with Broadcaster("memory://", position_check_interval=None) as broadcaster:
-        attached = [Connection("c", limits=broadcaster.queue_limits) for _ in range(connections)]
+        limits = broadcaster.queue_limits
+        if p2:
+            attached = [Connection(protocol=2, limits=limits) for _ in range(connections)]
+        else:
+            attached = [Connection("c", limits=limits) for _ in range(connections)]
         for connection in attached:
             await broadcaster.attach(connection)
+            if p2:
+                await broadcaster.add_subscription(connection, "c")
+                connection.get_nowait()  # the welcome; the subscribed frame stays queued
             if direct:
-                connection.get_nowait()  # the welcome
-                connection.set_send_now(_take)
+                connection.get_nowait()  # the welcome (protocol 2: the subscribed frame)
+                connection.set_send_now(_take_v2 if p2 else _take)
         start = time.perf_counter()
         for _ in range(publishes):
             await broadcaster.publish_json("c", PAYLOAD)
@@ -51,7 +66,8 @@ def main() -> None:
     connections = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
     publishes = int(sys.argv[2]) if len(sys.argv) > 2 else 200
     direct = len(sys.argv) > 3 and sys.argv[3] == "direct"
-    elapsed = asyncio.run(run(connections, publishes, direct=direct))
+    p2 = len(sys.argv) > 4 and sys.argv[4] == "p2"
+    elapsed = asyncio.run(run(connections, publishes, direct=direct, p2=p2))
     if publishes:
         per = elapsed / publishes * 1e6
         print(f"{publishes} publishes x {connections} connections: {per:.1f} us per publish")

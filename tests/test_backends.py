@@ -368,6 +368,7 @@ URL_OPTIONS: dict[str, tuple[str, ...]] = {
         "timeout",
         "ping_interval",
         "max_reconnect_attempts",
+        "presence_heartbeat",
         "db",
         "socket_timeout",
         "socket_connect_timeout",

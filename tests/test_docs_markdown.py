@@ -97,9 +97,18 @@ def test_the_api_page_hides_what_only_adapters_and_backends_call() -> None:
     page = (ROOT / "docs" / "reference" / "api.md").read_text()
     names = [name for name in dir(Broadcaster) if not name.startswith("__")]
     shown = _shown(names, _directive_options(page, "rtbroadcast.Broadcaster")["filters"])
-    for internal in ("on_envelope", "on_interruption", "attach", "detach", "check_positions", "_lock"):
+    internals = (
+        "on_envelope",
+        "on_interruption",
+        "attach",
+        "detach",
+        "check_positions",
+        "_lock",
+        "on_presence",
+    )
+    for internal in (*internals, "presence_watch", "presence_join", "presence_leave"):
         assert internal not in shown
-    assert {"publish", "subscribe", "stats", "drain", "connect", "disconnect"} <= set(shown)
+    assert {"publish", "subscribe", "stats", "drain", "connect", "disconnect", "presence"} <= set(shown)
     members = _directive_options(page, "rtbroadcast.Connection")["members"]
     assert "push" not in members and "set_gap_handler" not in members
     assert {"channel", "last_seq", "sent", "dropped"} <= set(members)

@@ -18,7 +18,12 @@ import websockets
 from websockets.exceptions import ConnectionClosed
 
 from rtbroadcast import CloseCode, ProtocolError, ResyncReason
-from rtbroadcast.protocol import ObservedCloseCode, decode_client_frame, decode_server_frame
+from rtbroadcast.protocol import (
+    ObservedCloseCode,
+    SubscriptionErrorCode,
+    decode_client_frame,
+    decode_server_frame,
+)
 
 from .asyncapi_support import asyncapi_errors
 from .support import MS, recv_json, serve, until
@@ -341,7 +346,15 @@ def test_the_hook_rewrites_a_stale_kept_table() -> None:
         stale = before + opening + "| old | table |\n" + closing + rest.split(closing)[1]
     assert stale != page
     assert hooks.refresh(stale) == page
-    assert set(hooks.KEPT) == {"close-codes", "error-codes", "resync-reasons"}
+    assert set(hooks.KEPT) == {"close-codes", "error-codes", "resync-reasons", "subscription-error-codes"}
+
+
+def test_subscription_error_codes_are_listed_in_the_markdown() -> None:
+    page = (DOCS / "reference" / "protocol.md").read_text()
+    codes = [row.split("`")[1] for row in _kept_table(page, "subscription-error-codes")]
+    expected = [value for name, value in vars(SubscriptionErrorCode).items() if name.isupper()]
+    assert codes == expected
+    assert {"forbidden", "too_many_subscriptions", "presence_unavailable"} <= set(codes)
 
 
 def test_protocol_page_examples_are_real_frames() -> None:
@@ -350,11 +363,17 @@ def test_protocol_page_examples_are_real_frames() -> None:
     blocks = re.findall(r"```json\n(.*?)```", page, flags=re.S)
     assert len(blocks) >= 6
     seen = set()
-    for block in blocks:
-        frame = json.loads(block)
+    client_types = {"ping", "subscribe", "unsubscribe"}
+    # A block is one frame, or (protocol 2's) one frame per line.
+    examples = [
+        line for block in blocks for line in ([block] if block.count("\n") == 1 else block.splitlines())
+    ]
+    for example in examples:
+        frame = json.loads(example)
         seen.add(frame["type"])
-        if frame["type"] == "ping":
-            decode_client_frame(block)
+        if frame["type"] in client_types:
+            decode_client_frame(example, protocol=2 if frame["type"] != "ping" else 1)
         else:
-            decode_server_frame(block)
+            decode_server_frame(example)
     assert {"welcome", "pong", "error", "resync_required", "ping"} <= seen
+    assert {"subscribe", "unsubscribe", "subscribed", "unsubscribed", "event"} <= seen

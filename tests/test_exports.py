@@ -8,6 +8,15 @@ import sys
 import rtbroadcast
 
 PUBLIC = {
+    "PROTOCOL_VERSIONS",
+    "Allow",
+    "Deny",
+    "Identity",
+    "InvalidChannel",
+    "PresenceMember",
+    "PresenceSnapshot",
+    "SubscriptionObserver",
+    "SubscriptionRefused",
     "Backend",
     "BackendError",
     "BackendListener",
@@ -26,6 +35,8 @@ PUBLIC = {
     "InvalidEvent",
     "InvalidFrame",
     "MalformedFrame",
+    "PresenceChange",
+    "PresenceMode",
     "ProtocolError",
     "QueueLimits",
     "RTBroadcastError",

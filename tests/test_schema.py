@@ -319,3 +319,58 @@ def test_bad_input_is_a_configuration_error() -> None:
         asyncapi_document(ChannelSpec("/x"), events=[dict])  # type: ignore[list-item]
     with pytest.raises(ConfigurationError, match="no default for 'type'"):
         event_schema(Event)
+
+
+def test_protocol2_schemas_accept_what_the_protocol_module_encodes_and_refuse_what_it_refuses() -> None:
+    from rtbroadcast import ProtocolError
+    from rtbroadcast.protocol import (
+        ChannelEvent,
+        ErrorFrameV2,
+        EventFrame,
+        PresenceJoin,
+        PresenceMember,
+        PresenceSnapshot,
+        ResumePoint,
+        Subscribe,
+        Subscribed,
+        Unsubscribe,
+        Unsubscribed,
+        WelcomeV2,
+        encode_client_frame,
+    )
+    from rtbroadcast.schema import protocol2_schemas
+
+    schemas = protocol2_schemas()
+    member = PresenceMember("c1", None, {"name": "x"})
+    server = {
+        "welcome": WelcomeV2(25.0, "c7f3"),
+        "subscribed": Subscribed("r1", "room:1", "e", 3, True, PresenceSnapshot(1, (member,))),
+        "unsubscribed": Unsubscribed(None, "room:1", "server"),
+        "error": ErrorFrameV2(None, "forbidden", "no", "room:1"),
+        "event": ChannelEvent("room:1", EventFrame("x", 4, {"a": 1})),
+        "resync_required": ResyncRequired("epoch_changed", "e", 0, "room:1"),
+        "presence_join": PresenceJoin("room:1", member),
+    }
+    for name, frame in server.items():
+        validator = jsonschema.Draft202012Validator(schemas[name])
+        assert list(validator.iter_errors(json.loads(encode_server_frame(frame)))) == [], name
+    client = {
+        "subscribe": Subscribe("r1", "room:1", ResumePoint("e", 2**63 - 1), True),
+        "unsubscribe": Unsubscribe("r2", "room:1"),
+    }
+    for name, request in client.items():
+        validator = jsonschema.Draft202012Validator(schemas[name])
+        assert list(validator.iter_errors(json.loads(encode_client_frame(request)))) == [], name
+    refused = [
+        {"type": "subscribe", "id": "", "channel": "a"},
+        {"type": "subscribe", "id": "r1", "channel": "a\u0000"},
+        {"type": "subscribe", "id": "r1", "channel": "a", "epoch": "e"},
+        {"type": "subscribe", "id": "r1", "channel": "a", "epoch": "e", "last_seq": -1},
+        {"type": "subscribe", "id": "r1", "channel": "a", "presence": "yes"},
+        {"type": "subscribe", "id": "x" * 65, "channel": "a"},
+    ]
+    validator = jsonschema.Draft202012Validator(schemas["subscribe"])
+    for frame in refused:
+        assert list(validator.iter_errors(frame)) != [], frame
+        with pytest.raises(ProtocolError):
+            decode_client_frame(json.dumps(frame), protocol=2)

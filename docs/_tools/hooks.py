@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from rtbroadcast import CloseCode, ProtocolError, ResyncReason
-from rtbroadcast.protocol import ObservedCloseCode
+from rtbroadcast.protocol import ObservedCloseCode, SubscriptionErrorCode
 
 SNIPPETS = Path(__file__).parent.parent / "snippets"
 ROOT = Path(__file__).parent.parent.parent
@@ -80,15 +80,24 @@ def error_codes_table() -> str:
     return "\n".join(rows)
 
 
+def subscription_error_codes_table() -> str:
+    """Return the Markdown table of protocol 2's ``error`` codes about one subscription."""
+    rows = ["| `code` | Meaning |", "| --- | --- |"]
+    for name, comment in commented_members(SubscriptionErrorCode):
+        rows.append(f"| `{getattr(SubscriptionErrorCode, name)}` | {_cell(comment)} |")
+    return "\n".join(rows)
+
+
 MARKERS: dict[str, Callable[[], str]] = {
     "<!-- rtbroadcast:close-codes -->": close_codes_table,
     "<!-- rtbroadcast:resync-reasons -->": resync_reasons_table,
     "<!-- rtbroadcast:error-codes -->": error_codes_table,
+    "<!-- rtbroadcast:subscription-error-codes -->": subscription_error_codes_table,
 }
 
 
 #: Tables kept in the Markdown between ``<!-- rtbroadcast:NAME -->`` and ``<!-- /rtbroadcast:NAME -->``.
-KEPT = ("close-codes", "error-codes", "resync-reasons")
+KEPT = ("close-codes", "error-codes", "resync-reasons", "subscription-error-codes")
 PAGES_WITH_KEPT_TABLES = (
     ROOT / "docs" / "reference" / "protocol.md",
     ROOT / "docs" / "concepts" / "resume.md",

@@ -6,7 +6,7 @@ Publish typed events on channels; every subscriber of a channel receives them in
 
 from ._version import __version__
 from .backends import Backend, BackendListener, Envelope, History, StreamPosition, load_backend
-from .broadcaster import Broadcaster, BroadcasterState, Received, Subscription
+from .broadcaster import Broadcaster, BroadcasterState, Received, Subscription, SubscriptionObserver
 from .connection import Connection, QueueLimits
 from .errors import (
     BackendError,
@@ -14,6 +14,7 @@ from .errors import (
     ConfigurationError,
     ConnectionLimitReached,
     FrameTooLarge,
+    InvalidChannel,
     InvalidEvent,
     InvalidFrame,
     MalformedFrame,
@@ -21,12 +22,24 @@ from .errors import (
     RTBroadcastError,
     StateError,
     SubscriptionClosed,
+    SubscriptionRefused,
     UnknownMessageType,
 )
 from .events import Event, EventRegistry, decode_event, format_timestamp, registry, utc_now
-from .protocol import CloseCode, ResumePoint, ResyncReason, ResyncRequired, Welcome
+from .identity import Allow, Deny, Identity
+from .presence import PresenceChange, PresenceMember, PresenceMode, PresenceSnapshot
+from .protocol import (
+    PROTOCOL_VERSIONS,
+    CloseCode,
+    ResumePoint,
+    ResyncReason,
+    ResyncRequired,
+    Welcome,
+)
 
 __all__ = [
+    "PROTOCOL_VERSIONS",
+    "Allow",
     "Backend",
     "BackendError",
     "BackendListener",
@@ -37,14 +50,21 @@ __all__ = [
     "ConfigurationError",
     "Connection",
     "ConnectionLimitReached",
+    "Deny",
     "Envelope",
     "Event",
     "EventRegistry",
     "FrameTooLarge",
     "History",
+    "Identity",
+    "InvalidChannel",
     "InvalidEvent",
     "InvalidFrame",
     "MalformedFrame",
+    "PresenceChange",
+    "PresenceMember",
+    "PresenceMode",
+    "PresenceSnapshot",
     "ProtocolError",
     "QueueLimits",
     "RTBroadcastError",
@@ -56,6 +76,8 @@ __all__ = [
     "StreamPosition",
     "Subscription",
     "SubscriptionClosed",
+    "SubscriptionObserver",
+    "SubscriptionRefused",
     "UnknownMessageType",
     "Welcome",
     "__version__",

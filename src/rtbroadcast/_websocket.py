@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
 from typing import Any, Protocol, TypeAlias
 
 from .backends import Envelope
-from .connection import Connection, item_text
+from .connection import Connection, item_text, item_text_v2
 from .protocol import CloseCode
 
 __all__ = [
@@ -143,6 +143,7 @@ class WebSocketSession:
         "frame_of",
         "owner",
         "send",
+        "text_of",
         "write_frame",
         "writer",
     )
@@ -161,13 +162,17 @@ class WebSocketSession:
         self.direct = direct
         #: Writes one frame directly, if this connection may (no extension, or shareable deflate).
         self.write_frame: Callable[[bytes], bool] | None = None
+        v2 = connection.protocol >= 2
+        #: The wire text of a queued item in this connection's protocol.
+        self.text_of: Callable[[Envelope | str], str] = item_text_v2 if v2 else item_text
         #: Builds (once per event for all connections alike) the frame this connection needs.
-        self.frame_of: Callable[[Envelope | str], bytes] = _frame_of
+        self.frame_of: Callable[[Envelope | str], bytes] = _frame_of_v2 if v2 else _frame_of
         if write_frames and direct is not None and direct.frames_allowed:
             self.write_frame = direct.write
             bits = direct.deflate_window_bits
             if bits is not None:
-                self.frame_of = _DEFLATERS.setdefault(bits, _Deflater(bits))
+                deflaters = _DEFLATERS_V2 if v2 else _DEFLATERS
+                self.frame_of = deflaters.setdefault(bits, _Deflater(bits, v2=v2))
         self.client_gone = False
         #: The task serving the connection, cancelled if the close frame cannot be sent (``abandoned``).
         self.owner: asyncio.Task[Any] | None = None
@@ -209,11 +214,12 @@ class WebSocketSession:
         connection = self.connection
         write_frame = self.write_frame
         frame_of = self.frame_of
+        text_of = self.text_of
         try:
             item = first if first is not None else connection.get_nowait()
             while item is not None:
                 if write_frame is None or not write_frame(frame_of(item)):
-                    await self.send({"type": "websocket.send", "text": item_text(item)})
+                    await self.send({"type": "websocket.send", "text": text_of(item)})
                 connection.sent += 1
                 item = connection.get_nowait()
         except asyncio.CancelledError:
@@ -284,6 +290,9 @@ class _FrameCache:
 
 
 _frame_cache = _FrameCache()
+# Protocol 2's frame of the same envelope differs (it is wrapped): a cache of its own, so that a fan-out
+# to protocol-1 and protocol-2 connections alike builds each frame once, not once per switch between them.
+_frame_cache_v2 = _FrameCache()
 
 
 def _frame_of(item: Envelope | str) -> bytes:
@@ -296,13 +305,24 @@ def _frame_of(item: Envelope | str) -> bytes:
     return cache.frame
 
 
+def _frame_of_v2(item: Envelope | str) -> bytes:
+    if isinstance(item, str):
+        return text_frame(item.encode())
+    cache = _frame_cache_v2
+    if cache.envelope is not item:
+        cache.frame = text_frame(item.protocol2_text().encode())
+        cache.envelope = item
+    return cache.frame
+
+
 class _Deflater:
     """The compressed frame of the envelope being fanned out, for one window size: built once."""
 
-    __slots__ = ("envelope", "frame", "window_bits")
+    __slots__ = ("envelope", "frame", "v2", "window_bits")
 
-    def __init__(self, window_bits: int) -> None:
+    def __init__(self, window_bits: int, *, v2: bool = False) -> None:
         self.window_bits = window_bits
+        self.v2 = v2
         self.envelope: Envelope | None = None
         self.frame = b""
 
@@ -310,9 +330,11 @@ class _Deflater:
         if isinstance(item, str):
             return deflated_text_frame(item.encode(), self.window_bits)
         if self.envelope is not item:
-            self.frame = deflated_text_frame(item.data.encode(), self.window_bits)
+            text = item.protocol2_text() if self.v2 else item.data
+            self.frame = deflated_text_frame(text.encode(), self.window_bits)
             self.envelope = item
         return self.frame
 
 
 _DEFLATERS: dict[int, _Deflater] = {}
+_DEFLATERS_V2: dict[int, _Deflater] = {}

@@ -11,8 +11,8 @@ import inspect
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, Final, TypeAlias
 from urllib.parse import parse_qsl
 
@@ -27,29 +27,47 @@ from .errors import (
     ConnectionLimitReached,
     ProtocolError,
     StateError,
+    SubscriptionRefused,
 )
 from .events import format_timestamp, utc_now
+from .identity import Allow, Deny, Identity, presence_info
 from .protocol import (
     DEFAULT_MAX_FRAME_SIZE,
     CloseCode,
     ErrorFrame,
+    ErrorFrameV2,
     Ping,
     Pong,
     ResumePoint,
+    Subscribe,
+    SubscriptionErrorCode,
+    Unsubscribe,
     decode_client_frame,
+    decode_positions,
     encode_server_frame,
     is_valid_channel,
+    parse_protocol,
     parse_resume_point,
 )
 
+# Deny, Allow and Identity live in rtbroadcast.identity (in-process code uses them too) and are
+# re-exported here, where the hooks that return them are.
 __all__ = [
+    "DEFAULT_MAX_SUBSCRIPTIONS",
+    "Allow",
+    "Authenticator",
+    "Authorizer",
     "BroadcastEndpoint",
     "ChannelResolver",
     "ConnectionRequest",
     "Deny",
+    "Identity",
     "channel_from_query",
     "drain_on_signals",
 ]
+
+#: Default limit on the subscriptions of one protocol-2 connection (server-side ones included).
+DEFAULT_MAX_SUBSCRIPTIONS: Final = 128
 
 logger = logging.getLogger("rtbroadcast.asgi")
 
@@ -61,9 +79,11 @@ Send: TypeAlias = Callable[[Message], Awaitable[None]]
 
 @dataclass(frozen=True, slots=True)
 class ConnectionRequest:
-    """What a client asked for when it connected, as the channel resolver and ``authorize`` hook see it.
+    """What a client asked for when it connected, as the endpoint's hooks see it.
 
-    ``query`` keeps the last value of each parameter; ``headers`` have lower-case names.
+    ``query`` keeps the last value of each parameter; ``headers`` have lower-case names. ``protocol`` is
+    the wire protocol the client chose (``?protocol=2``; 1 by default); ``identity`` is what the
+    ``authenticate`` hook returned (``None`` before it ran, or for an anonymous connection).
     """
 
     scope: Scope
@@ -74,6 +94,8 @@ class ConnectionRequest:
     client: tuple[str, int] | None
     subprotocols: tuple[str, ...] = ()
     path_params: Mapping[str, Any] = field(default_factory=dict)
+    protocol: int = 1
+    identity: Identity | None = None
 
     @classmethod
     def from_scope(cls, scope: Scope) -> ConnectionRequest:
@@ -95,18 +117,22 @@ class ConnectionRequest:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class Deny:
-    """Returned by an ``authorize`` hook to refuse a connection; ``reason`` goes to the client."""
-
-    reason: str = "forbidden"
-
-
-#: Maps a connection request to its channel; returns ``None`` (or raises ``KeyError``/``ValueError``)
-#: when the request names no valid channel. May be a coroutine function.
-ChannelResolver: TypeAlias = Callable[[ConnectionRequest], "str | Awaitable[str | None] | None"]
-#: Decides whether a request may subscribe to a channel: ``True`` allows, ``False`` or :class:`Deny` refuses.
-Authorizer: TypeAlias = Callable[[ConnectionRequest, str], "bool | Deny | Awaitable[bool | Deny]"]
+#: Maps a connection request to its channel (protocol 1), or to its server-side channels (protocol 2: a
+#: sequence, or one name); returns ``None`` (or raises ``KeyError``/``ValueError``) when the request names
+#: none. May be a coroutine function.
+ChannelResolver: TypeAlias = Callable[
+    [ConnectionRequest], "str | Sequence[str] | Awaitable[str | Sequence[str] | None] | None"
+]
+#: Decides whether a request may subscribe to a channel: ``True`` or :class:`Allow` (with presence info)
+#: allows, ``False`` or :class:`Deny` refuses. Called for every channel a connection subscribes to.
+Authorizer: TypeAlias = Callable[
+    [ConnectionRequest, str], "bool | Deny | Allow | Awaitable[bool | Deny | Allow]"
+]
+#: Says who a request is, once per connection before anything else: an :class:`Identity`, ``None``
+#: (anonymous) or :class:`Deny` (refused: 4003, SSE 403). May be a coroutine function.
+Authenticator: TypeAlias = Callable[
+    [ConnectionRequest], "Identity | Deny | Awaitable[Identity | Deny | None] | None"
+]
 
 
 def channel_from_query(
@@ -169,6 +195,33 @@ async def _maybe_await(value: Any) -> Any:
     return value
 
 
+@dataclass(frozen=True, slots=True)
+class _Admission:
+    """What :meth:`BroadcastEndpoint._admit` let in: the request (with protocol and identity), its
+    resolved channels, protocol 1's authorization decision, and the resume points by channel."""
+
+    request: ConnectionRequest
+    channels: tuple[str, ...]
+    allow: Allow | None
+    positions: Mapping[str, ResumePoint]
+
+
+def _channels(resolved: object) -> tuple[str, ...] | None:
+    """Normalise what a resolver returned to a tuple of names; ``None`` if one of them is invalid."""
+    if resolved is None or resolved == "":
+        return ()
+    if isinstance(resolved, str):
+        resolved = (resolved,)
+    if not isinstance(resolved, Sequence):
+        return None
+    names: list[str] = []
+    for name in resolved:
+        if not is_valid_channel(name):
+            return None
+        names.append(name)
+    return tuple(dict.fromkeys(names))
+
+
 class _Refused(Exception):
     def __init__(self, code: int, reason: str) -> None:
         super().__init__(reason)
@@ -177,12 +230,25 @@ class _Refused(Exception):
 
 
 class BroadcastEndpoint:
-    """ASGI application that subscribes each WebSocket (or SSE request) to one channel.
+    """ASGI application that subscribes each WebSocket (or SSE request) to its channel or channels.
+
+    A client chooses the wire protocol with ``?protocol=``: absent or ``1``, protocol 1 (one channel,
+    from the resolver); ``2``, protocol 2 (the resolver's channels as server-side subscriptions, then
+    the client's ``subscribe`` frames); any other value is refused with ``4004``.
 
     Args:
         broadcaster: the broadcaster to attach connections to.
-        channel: resolves the request to its channel name (see :func:`channel_from_query`).
-        authorize: optional hook deciding whether the request may subscribe to the channel.
+        channel: resolves the request to its channel name (see :func:`channel_from_query`); on protocol
+            2 to its server-side channels (a sequence, one name, or ``None`` for none).
+        authorize: optional hook deciding whether the request may subscribe to a channel; asked for
+            every channel a connection subscribes to. ``True`` or :class:`Allow` allows, ``False`` or
+            :class:`Deny` refuses (protocol 1: close 4003; protocol 2: an ``error`` frame for that
+            subscription only).
+        authenticate: optional hook run once per connection, after the Origin check and before the
+            others: returns the connection's :class:`Identity` (then ``request.identity`` in the other
+            hooks), ``None`` (anonymous) or :class:`Deny` (close 4003, SSE 403).
+        max_subscriptions: most subscriptions one protocol-2 connection may hold, server-side ones
+            included; past it a ``subscribe`` gets ``error`` ``too_many_subscriptions``.
         allowed_origins: if given, WebSocket requests whose ``Origin`` header is not in it are refused
             (code 4003); requests without an Origin (native apps) are allowed.
         max_frame_size: largest client frame accepted, in bytes; larger ones get an ``error`` frame. The
@@ -214,6 +280,8 @@ class BroadcastEndpoint:
         channel: ChannelResolver,
         *,
         authorize: Authorizer | None = None,
+        authenticate: Authenticator | None = None,
+        max_subscriptions: int = DEFAULT_MAX_SUBSCRIPTIONS,
         allowed_origins: Iterable[str] | None = None,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         max_messages_per_second: float = 20.0,
@@ -227,9 +295,13 @@ class BroadcastEndpoint:
             raise ConfigurationError(f"channel must be a callable that resolves a request, not {channel!r}")
         if authorize is not None and not callable(authorize):
             raise ConfigurationError(f"authorize must be a callable or None, not {authorize!r}")
+        if authenticate is not None and not callable(authenticate):
+            raise ConfigurationError(f"authenticate must be a callable or None, not {authenticate!r}")
         self.broadcaster = broadcaster
         self.resolve_channel = channel
         self.authorize = authorize
+        self.authenticate = authenticate
+        self.max_subscriptions = count("max_subscriptions", max_subscriptions, minimum=1)
         self.allowed_origins = _origins(allowed_origins)
         self.max_frame_size = count("max_frame_size", max_frame_size, minimum=1)
         self.max_messages_per_second = seconds("max_messages_per_second", max_messages_per_second)
@@ -250,30 +322,80 @@ class BroadcastEndpoint:
         else:
             raise RuntimeError(f"BroadcastEndpoint does not handle ASGI scope type {scope['type']!r}")
 
-    async def _admit(self, request: ConnectionRequest) -> tuple[str, ResumePoint | None]:
-        """Check origin, channel, resume point and authorization; raise :class:`_Refused` if any fails."""
+    async def _admit(self, request: ConnectionRequest) -> _Admission:
+        """Check origin, protocol, identity, channels, resume points and (protocol 1) authorization.
+
+        Raises:
+            _Refused: one of them fails; the code says which (4003, 4004).
+        """
         if self.allowed_origins is not None and request.transport == "websocket":
             origin = request.headers.get("origin")
             if origin is not None and origin not in self.allowed_origins:
                 raise _Refused(CloseCode.FORBIDDEN, "origin not allowed")
         try:
-            channel = await _maybe_await(self.resolve_channel(request))
+            protocol = parse_protocol(request.query)
+        except ProtocolError as exc:
+            raise _Refused(CloseCode.BAD_REQUEST, exc.message) from None
+        request = replace(request, protocol=protocol)
+        if self.authenticate is not None:
+            identity = await _maybe_await(self.authenticate(request))
+            if isinstance(identity, Deny):
+                raise _Refused(CloseCode.FORBIDDEN, identity.reason)
+            if identity is not None and not isinstance(identity, Identity):
+                raise TypeError(f"authenticate must return an Identity, a Deny or None, not {identity!r}")
+            request = replace(request, identity=identity)
+        try:
+            resolved = await _maybe_await(self.resolve_channel(request))
         except (KeyError, ValueError):
-            channel = None
-        if not channel or not is_valid_channel(channel):
+            resolved = None
+        channels = _channels(resolved)
+        if channels is None:
             raise _Refused(CloseCode.BAD_REQUEST, "no valid channel in the request")
+        if protocol == 2:
+            return _Admission(request, channels, None, self._positions(request))
+        if len(channels) > 1:
+            raise _Refused(
+                CloseCode.BAD_REQUEST, "this endpoint resolves several channels; connect with ?protocol=2"
+            )
+        if not channels:
+            raise _Refused(CloseCode.BAD_REQUEST, "no valid channel in the request")
+        channel = channels[0]
         try:
             resume = parse_resume_point(request.query)
             if resume is None and request.transport == "sse":
                 resume = _parse_last_event_id(request.headers.get("last-event-id"))
         except ProtocolError as exc:
             raise _Refused(CloseCode.BAD_REQUEST, exc.message) from None
-        if self.authorize is not None:
-            decision = await _maybe_await(self.authorize(request, channel))
-            if decision is not True:
-                reason = decision.reason if isinstance(decision, Deny) else "forbidden"
-                raise _Refused(CloseCode.FORBIDDEN, reason)
-        return channel, resume
+        decision = await self._decide(request, channel)
+        if isinstance(decision, Deny):
+            raise _Refused(CloseCode.FORBIDDEN, decision.reason)
+        return _Admission(request, channels, decision, {channel: resume} if resume is not None else {})
+
+    def _positions(self, request: ConnectionRequest) -> dict[str, ResumePoint]:
+        """Read protocol 2's ``resume`` query parameter (the positions of server-side subscriptions)."""
+        if "epoch" in request.query or "last_seq" in request.query:
+            raise _Refused(
+                CloseCode.BAD_REQUEST,
+                "protocol 2 resumes per channel: 'resume' (server-side channels) or subscribe frames",
+            )
+        token = request.query.get("resume")
+        if not token:
+            return {}
+        try:
+            return decode_positions(token)
+        except ProtocolError as exc:
+            raise _Refused(CloseCode.BAD_REQUEST, exc.message) from None
+
+    async def _decide(self, request: ConnectionRequest, channel: str) -> Allow | Deny:
+        """Ask the ``authorize`` hook about ``channel``: an :class:`Allow` or a :class:`Deny`."""
+        if self.authorize is None:
+            return Allow()
+        decision = await _maybe_await(self.authorize(request, channel))
+        if decision is True:
+            return Allow()
+        if isinstance(decision, Allow | Deny):
+            return decision
+        return Deny()
 
     async def _attach(self, connection: Connection, resume: ResumePoint | None) -> None:
         try:
@@ -286,6 +408,20 @@ class BroadcastEndpoint:
             logger.warning("cannot attach a connection to %r: %s", connection.channel, exc)
             raise _Refused(CloseCode.TRY_AGAIN_LATER, "service unavailable, retry later") from None
 
+    def _connection(self, admission: _Admission) -> Connection:
+        request = admission.request
+        limits = self.broadcaster.queue_limits
+        if request.protocol == 2:
+            return Connection(
+                protocol=2,
+                limits=limits,
+                identity=request.identity,
+                max_subscriptions=self.max_subscriptions,
+            )
+        connection = Connection(admission.channels[0], limits=limits, identity=request.identity)
+        connection.cursor.info = presence_info(admission.allow, request.identity)
+        return connection
+
     # -- WebSocket --------------------------------------------------------------------------------
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -295,10 +431,11 @@ class BroadcastEndpoint:
         request = ConnectionRequest.from_scope(scope)
         connection: Connection | None = None
         try:
-            channel, resume = await self._admit(request)
+            admission = await self._admit(request)
+            request = admission.request
             await send({"type": "websocket.accept"})
-            connection = Connection(channel, limits=self.broadcaster.queue_limits)
-            await self._attach(connection, resume)
+            connection = self._connection(admission)
+            await self._attach(connection, admission.positions.get(connection.channel))
         except _Refused as refused:
             if connection is None:
                 await send({"type": "websocket.accept"})
@@ -311,7 +448,12 @@ class BroadcastEndpoint:
         session = WebSocketSession(connection, send, direct, write_frames=self.direct_write)
         session.start()
         try:
-            await self._read(connection, receive)
+            if request.protocol == 2:
+                for channel in admission.channels:
+                    await self._subscribe(
+                        connection, request, None, channel, admission.positions.get(channel)
+                    )
+            await self._read(connection, request, receive)
         except asyncio.CancelledError:
             # The session gave up on a close frame the server could not send: end this handler.
             if not session.abandoned:
@@ -323,6 +465,59 @@ class BroadcastEndpoint:
             session.client_gone = connection.close_code is None
             connection.close(CloseCode.NORMAL, "client disconnected")
             await session.finish()
+
+    async def _subscribe(
+        self,
+        connection: Connection,
+        request: ConnectionRequest,
+        request_id: str | None,
+        channel: str,
+        resume: ResumePoint | None,
+        presence: bool = False,
+    ) -> None:
+        """Authorize and make one protocol-2 subscription; queue its answer (subscribed, or an error)."""
+        if connection.closed:
+            return
+        code = SubscriptionErrorCode.FORBIDDEN
+        if connection.cursor_for(channel) is not None:
+            self._refuse(connection, request_id, channel, SubscriptionErrorCode.ALREADY_SUBSCRIBED, "")
+            return
+        try:
+            decision = await self._decide(request, channel)
+        except Exception:
+            logger.exception("the authorize hook failed on %r", channel)
+            connection.close(CloseCode.INTERNAL_ERROR, "authorization failed")
+            return
+        if isinstance(decision, Deny):
+            if request_id is None:
+                logger.warning("server-side channel %r denied by authorize: %s", channel, decision.reason)
+            self._refuse(connection, request_id, channel, code, decision.reason)
+            return
+        try:
+            await self.broadcaster.add_subscription(
+                connection,
+                channel,
+                resume,
+                request_id=request_id,
+                info=presence_info(decision, request.identity),
+                presence=presence,
+            )
+        except SubscriptionRefused as exc:
+            self._refuse(connection, request_id, channel, exc.code, exc.message)
+        except ConnectionLimitReached as exc:
+            self._refuse(connection, request_id, channel, SubscriptionErrorCode.TRY_AGAIN_LATER, str(exc))
+        except BackendUnavailable as exc:
+            logger.warning("cannot subscribe connection #%d to %r: %s", connection.id, channel, exc)
+            self._refuse(
+                connection, request_id, channel, SubscriptionErrorCode.TRY_AGAIN_LATER, "backend unavailable"
+            )
+        except StateError:
+            pass  # the connection closed, or the broadcaster is draining (which closed it)
+
+    def _refuse(
+        self, connection: Connection, request_id: str | None, channel: str | None, code: str, message: str
+    ) -> None:
+        connection.push_frame(encode_server_frame(ErrorFrameV2(request_id, code, message or code, channel)))
 
     def _check_server_limit(self, server_limit: int | None) -> None:
         """Warn once if the server buffers larger frames than this endpoint accepts."""
@@ -340,11 +535,12 @@ class BroadcastEndpoint:
                 self.max_frame_size,
             )
 
-    async def _read(self, connection: Connection, receive: Receive) -> None:
+    async def _read(self, connection: Connection, request: ConnectionRequest, receive: Receive) -> None:
         """Read client frames until the client disconnects or the connection is closed."""
         rate = self.max_messages_per_second
         tokens = rate
         last = time.monotonic()
+        protocol = connection.protocol
         while True:
             if self.idle_timeout is None:
                 message = await receive()
@@ -371,12 +567,24 @@ class BroadcastEndpoint:
             if data is None:
                 data = message.get("bytes") or b""
             try:
-                frame = decode_client_frame(data, max_size=self.max_frame_size)
+                frame = decode_client_frame(data, max_size=self.max_frame_size, protocol=protocol)
             except ProtocolError as exc:
-                connection.push_frame(encode_server_frame(ErrorFrame(exc.code, exc.message)))
+                if protocol == 1:
+                    connection.push_frame(encode_server_frame(ErrorFrame(exc.code, exc.message)))
+                else:
+                    self._refuse(connection, exc.request_id, exc.channel, exc.code, exc.message)
                 continue
             if isinstance(frame, Ping):
                 connection.push_frame(encode_server_frame(Pong(format_timestamp(utc_now()))))
+            elif isinstance(frame, Subscribe):
+                await self._subscribe(
+                    connection, request, frame.id, frame.channel, frame.resume, frame.presence
+                )
+            elif isinstance(frame, Unsubscribe):
+                try:
+                    self.broadcaster.remove_subscription(connection, frame.channel, request_id=frame.id)
+                except SubscriptionRefused as exc:
+                    self._refuse(connection, frame.id, frame.channel, exc.code, exc.message)
 
     # -- Server-Sent Events -----------------------------------------------------------------------
 
@@ -387,9 +595,12 @@ class BroadcastEndpoint:
         request = ConnectionRequest.from_scope(scope)
         connection = None
         try:
-            channel, resume = await self._admit(request)
-            connection = Connection(channel, limits=self.broadcaster.queue_limits)
-            await self._attach(connection, resume)
+            admission = await self._admit(request)
+            if admission.request.protocol == 2:
+                # Several channels on one stream is the SSE helper's to add; until then, say so plainly.
+                raise _Refused(CloseCode.BAD_REQUEST, "protocol 2 is not available over Server-Sent Events")
+            connection = self._connection(admission)
+            await self._attach(connection, admission.positions.get(connection.channel))
         except _Refused as refused:
             status = _SSE_STATUS.get(refused.code, 400)
             await _plain_response(send, status, refused.reason)

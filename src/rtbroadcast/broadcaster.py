@@ -6,10 +6,10 @@ import asyncio
 import contextlib
 import enum
 import logging
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Generic, Self, TypeVar
+from typing import Any, Generic, Protocol, Self, TypeAlias, TypeVar
 
 from . import _config
 from .backends import Backend, Envelope, History, load_backend
@@ -21,13 +21,32 @@ from .errors import (
     InvalidEvent,
     StateError,
     SubscriptionClosed,
+    SubscriptionRefused,
 )
 from .events import Event, decode_event, encode_event
+from .identity import Allow, presence_info
+from .presence import (
+    DEFAULT_PRESENCE_SNAPSHOT_LIMIT,
+    PresenceChange,
+    PresenceMember,
+    PresenceMode,
+    PresencePolicy,
+    PresenceRule,
+    PresenceSnapshot,
+    PresenceWatcher,
+    presence_frame,
+)
 from .protocol import (
     CloseCode,
+    ErrorFrameV2,
     ResumePoint,
     ResyncRequired,
+    Subscribed,
+    SubscriptionErrorCode,
+    Unsubscribed,
+    UnsubscribeReason,
     Welcome,
+    WelcomeV2,
     check_event_payload,
     decode_server_frame,
     encode_server_frame,
@@ -44,6 +63,7 @@ __all__ = [
     "BroadcasterState",
     "Received",
     "Subscription",
+    "SubscriptionObserver",
     "is_valid_channel",
     "validate_channel",
 ]
@@ -52,8 +72,40 @@ logger = logging.getLogger("rtbroadcast")
 
 E = TypeVar("E", bound=Event)
 
+#: Seconds :meth:`Broadcaster.disconnect` waits for the presence leaves of the connections it closed.
+_LEAVE_GRACE = 2.0
+
 #: Most events a resume or gap repair reads from history; beyond it the client resyncs.
 DEFAULT_MAX_RESUME = 1000
+
+#: Builds the frames that open a subscription's stream, from ``(channel, epoch, seq, resumed)``: protocol
+#: 1's welcome, or protocol 2's subscribed (and, where presence was asked for in vain, its error).
+_FirstFrame: TypeAlias = Callable[[str, str, int, bool], list[str]]
+
+
+class SubscriptionObserver(Protocol):
+    """Hears each subscription of a process start and end; the seam presence plugs into.
+
+    Register one with :meth:`Broadcaster.add_subscription_observer`. The ``cursor`` tells the channel
+    (``cursor.channel``), the connection (``cursor.connection``: its ``client_id``, ``identity`` and
+    ``protocol``), the subscription's presence info (``cursor.info``) and whether the subscriber asked
+    for presence frames (``cursor.presence``).
+    """
+
+    async def subscription_started(self, cursor: Cursor) -> PresenceSnapshot | None:
+        """A subscription starts (before its first frame); return the channel's presence, if it has any.
+
+        Raises:
+            BackendUnavailable: the subscription then fails as if the backend could not subscribe.
+        """
+
+    def subscription_ended(self, cursor: Cursor, reason: str) -> None:
+        """A started subscription ended (``"client"``, ``"server"`` or ``"disconnect"``). Must not block."""
+
+
+def _push_all(connection: Connection, frames: list[str]) -> None:
+    for frame in frames:
+        connection.push_frame(frame)
 
 
 class BroadcasterState(enum.Enum):
@@ -89,10 +141,19 @@ class Broadcaster:
         position_check_interval: seconds between checks of every subscribed channel's stream top against
             what its connections have received, catching a lost last message that no later event would
             reveal as a gap (``None`` disables the check).
+        presence: the channels with presence (see :doc:`presence </concepts/presence>`): a predicate
+            ``Callable[[str], bool]`` on the channel name, or a collection of channel-name prefixes such
+            as ``("restaurant:",)``. Default: none.
+        presence_count_only: the channels whose presence is only counted (same forms): their snapshots
+            hold no members and no join/leave frames are sent. Default: none.
+        presence_snapshot_limit: most members a snapshot lists (in a ``subscribed`` frame and from
+            :meth:`presence`); ``count`` is always the full count and ``truncated`` says when members
+            were left out.
 
     Raises:
         ConfigurationError: an option has the wrong type or an impossible value (a zero, negative, ``NaN``
-            or infinite interval; a negative ``max_resume``; a connection limit below 1), or the URL is
+            or infinite interval; a negative ``max_resume``; a connection limit below 1; a presence rule
+            that is neither a predicate nor prefixes; presence on a backend without it), or the URL is
             wrong (see :func:`~rtbroadcast.backends.load_backend`). The message names the option.
 
     Use it as an async context manager, or call :meth:`connect` and :meth:`disconnect`::
@@ -112,6 +173,9 @@ class Broadcaster:
         max_connections: int | None = None,
         max_connections_per_channel: int | None = None,
         position_check_interval: float | None = 10.0,
+        presence: PresenceRule | None = None,
+        presence_count_only: PresenceRule | None = None,
+        presence_snapshot_limit: int = DEFAULT_PRESENCE_SNAPSHOT_LIMIT,
     ) -> None:
         if url is not None and backend is not None:
             raise ConfigurationError("pass either a backend URL or a backend instance, not both")
@@ -139,6 +203,15 @@ class Broadcaster:
             "position_check_interval", position_check_interval
         )
         self.backend: Backend = backend if backend is not None else load_backend(url or "memory://")
+        self._presence = PresencePolicy(presence, presence_count_only)
+        self.presence_snapshot_limit = _config.count(
+            "presence_snapshot_limit", presence_snapshot_limit, minimum=0
+        )
+        if self._presence.enabled and not self.backend.supports_presence:
+            raise ConfigurationError(
+                f"presence is configured but the {self.backend.name} backend does not keep presence; "
+                "use the memory:// or redis:// backend, or leave presence= out"
+            )
         self.queue_limits = queue_limits
         self.registry = ConnectionRegistry(
             max_connections=max_connections, max_connections_per_channel=max_connections_per_channel
@@ -148,6 +221,7 @@ class Broadcaster:
         self._channel_locks: dict[str, asyncio.Lock] = {}
         self._history_reads: dict[tuple[str, int], asyncio.Future[History]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._observers: list[SubscriptionObserver] = []
         self._serving = 0
         self._drained: asyncio.Future[None] | None = None
         self._published = 0
@@ -155,6 +229,15 @@ class Broadcaster:
         self._repairs = 0
         self._lost_detected = 0
         self._resyncs = 0
+        # Presence: the subscriptions that asked for join/leave frames, per channel and client; the leaves
+        # on their way to the backend, so that a join of the same member waits for them.
+        self._watchers: dict[str, dict[str, PresenceWatcher]] = {}
+        self._leaving: dict[tuple[str, str], asyncio.Task[None]] = {}
+        # The members this process joined (channel, client), each with its join while it is in flight: a
+        # subscription that ends meanwhile leaves once the join is done, never before it.
+        self._members: dict[tuple[str, str], asyncio.Future[None]] = {}
+        # Connections of in-process subscriptions: the service's own code, not members.
+        self._in_process: set[int] = set()
 
     def __repr__(self) -> str:
         return f"<Broadcaster {self.backend.name} {self._state.value}>"
@@ -252,6 +335,7 @@ class Broadcaster:
         try:
             for connection in list(self.registry):
                 connection.close(CloseCode.GOING_AWAY, "server shutting down")
+            await self._finish_leaves()
             tasks = list(self._tasks)
             for task in tasks:
                 task.cancel()
@@ -259,6 +343,7 @@ class Broadcaster:
                 await asyncio.gather(*tasks, return_exceptions=True)
             self._subscribed.clear()
             self._channel_locks.clear()
+            self._watchers.clear()
             await self.backend.disconnect()
         finally:
             self._state = BroadcasterState.CLOSED
@@ -373,6 +458,134 @@ class Broadcaster:
                 if not cursor.connection.closed and not cursor.buffering:
                     self._schedule_repair(cursor)
 
+    def on_presence(self, change: PresenceChange) -> None:
+        """Queue a join/leave frame on every subscription of the channel that asked (called by the backend).
+
+        The frame is built once per change; count-only channels send none.
+        """
+        watchers = self._watchers.get(change.channel)
+        if not watchers:
+            return
+        frame = presence_frame(change.kind, change.channel, change.data)
+        for watcher in list(watchers.values()):
+            watcher.offer(change, frame)
+
+    # -- presence ---------------------------------------------------------------------------------
+
+    def presence_mode(self, channel: str) -> PresenceMode:
+        """Return how ``channel`` keeps presence (:attr:`PresenceMode.NONE` without it)."""
+        return self._presence.mode(channel)
+
+    async def presence(self, channel: str, *, limit: int | None = None) -> PresenceSnapshot:
+        """Return who is present on ``channel``, across every process: the count and the first members.
+
+        Args:
+            channel: a channel with presence.
+            limit: most members to list (default: ``presence_snapshot_limit``); a count-only channel lists
+                none.
+
+        Raises:
+            StateError: the broadcaster is not connected.
+            ConfigurationError: ``channel`` is not a valid channel name, has no presence, or ``limit`` is
+                not a count.
+            BackendUnavailable: the backend cannot be reached.
+        """
+        self._require_connected("read presence", draining=True)
+        mode = self._presence_mode_of(channel)
+        limit = self.presence_snapshot_limit if limit is None else _config.count("limit", limit, minimum=0)
+        if mode is PresenceMode.COUNT:
+            limit = 0
+        return await self.backend.presence_snapshot(channel, limit=limit)
+
+    async def presence_count(self, channel: str) -> int:
+        """Return how many members ``channel`` has, across every process.
+
+        Raises:
+            StateError: the broadcaster is not connected.
+            ConfigurationError: ``channel`` is not a valid channel name or has no presence.
+            BackendUnavailable: the backend cannot be reached.
+        """
+        self._require_connected("read presence", draining=True)
+        self._presence_mode_of(channel)
+        return await self.backend.presence_count(channel)
+
+    def _presence_mode_of(self, channel: str) -> PresenceMode:
+        validate_channel(channel)
+        mode = self._presence.mode(channel)
+        if mode is PresenceMode.NONE:
+            raise ConfigurationError(
+                f"channel {channel!r} has no presence; choose the channels with Broadcaster(presence=...)"
+            )
+        return mode
+
+    def presence_watch(self, channel: str, client: str, push: Callable[[str], None]) -> PresenceWatcher:
+        """Register a subscription for join/leave frames, holding them back until ``watcher.start()``.
+
+        For transports: call it before :meth:`presence_join` so that no change is lost between the
+        snapshot and the first frame, push the ``subscribed`` frame, then ``start(snapshot.version)``.
+        """
+        watcher = PresenceWatcher(channel, client, push)
+        self._watchers.setdefault(channel, {})[client] = watcher
+        return watcher
+
+    async def presence_join(
+        self, channel: str, member: PresenceMember, *, snapshot: bool = True
+    ) -> PresenceSnapshot:
+        """Make ``member`` present on ``channel`` (a presence channel) and return the capped snapshot.
+
+        With ``snapshot=False`` (a subscription that did not ask for presence) the snapshot holds only the
+        count, which spares reading members nobody will see.
+
+        Waits for a leave of the same member still on its way, so that a quick unsubscribe and subscribe
+        never ends with the member absent.
+
+        Raises:
+            ConfigurationError: ``channel`` has no presence, or ``member.info`` is not JSON-serialisable.
+            BackendUnavailable: the backend cannot be reached; the member did not join.
+        """
+        mode = self._presence_mode_of(channel)
+        leaving = self._leaving.get((channel, member.client))
+        if leaving is not None:
+            await asyncio.wait([leaving])
+        limit = self.presence_snapshot_limit if snapshot and mode is PresenceMode.MEMBERS else 0
+        return await self.backend.presence_join(
+            channel, member, limit=limit, notify=mode is PresenceMode.MEMBERS
+        )
+
+    def presence_leave(self, channel: str, client: str) -> None:
+        """Stop ``client``'s presence on ``channel`` (its join/leave frames end at once). Never raises."""
+        self._unwatch(channel, client)
+        key = (channel, client)
+        previous = self._leaving.get(key)
+        joined = self._members.pop(key, None)
+        task = asyncio.get_running_loop().create_task(self._leave(channel, client, previous, joined))
+        self._leaving[key] = task
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        task.add_done_callback(lambda done: self._leave_done(key, done))
+
+    async def _leave(
+        self,
+        channel: str,
+        client: str,
+        previous: asyncio.Task[None] | None,
+        joined: asyncio.Future[None] | None = None,
+    ) -> None:
+        for before in (previous, joined):
+            if before is not None and not before.done():
+                await asyncio.wait([before])
+        notify = self._presence.mode(channel) is PresenceMode.MEMBERS
+        await self.backend.presence_leave(channel, client, notify=notify)
+
+    def _leave_done(self, key: tuple[str, str], done: asyncio.Task[None]) -> None:
+        if self._leaving.get(key) is done:
+            del self._leaving[key]
+
+    async def _finish_leaves(self) -> None:
+        """Give the leaves of the connections just closed a moment to reach the backend."""
+        if self._leaving:
+            await asyncio.wait(list(self._leaving.values()), timeout=_LEAVE_GRACE)
+
     # -- connections ------------------------------------------------------------------------------
 
     async def attach(self, connection: Connection, resume: ResumePoint | None = None) -> None:
@@ -382,12 +595,25 @@ class Broadcaster:
         a ``resync_required`` frame follows the welcome. Live events published meanwhile are held back and
         merged by seq, so nothing is missed or doubled.
 
+        A protocol-2 connection (made without a channel) is registered with no subscription and gets
+        protocol 2's welcome; :meth:`add_subscription` then gives it its channels (``resume`` must be
+        ``None``).
+
         Raises:
             StateError: the broadcaster is not connected, or is draining.
             ConnectionLimitReached: a connection limit would be passed.
             BackendUnavailable: the backend cannot be reached (the connection is not registered).
         """
         self._require_connected("attach a connection")
+        if not connection.cursors and connection.protocol >= 2:
+            if resume is not None:
+                raise ConfigurationError("a protocol-2 connection resumes per subscription, not at attach")
+            self.registry.add(connection)
+            connection.add_close_callback(self.detach)
+            connection.push_frame(
+                encode_server_frame(WelcomeV2(self.heartbeat_interval, connection.client_id))
+            )
+            return
         cursor = connection.cursor
         validate_channel(cursor.channel)
         cursor.begin_buffering()
@@ -396,16 +622,209 @@ class Broadcaster:
         cursor.set_gap_handler(self._on_gap)
         try:
             await self._ensure_subscribed(cursor.channel)
-            await self._bring_up_to_date(cursor, resume, welcome=True)
+            await self._observe_start(cursor)
+            await self._bring_up_to_date(cursor, resume, self._welcome)
         except BaseException:
             self.detach(connection)
             raise
+
+    async def add_subscription(
+        self,
+        connection: Connection,
+        channel: str,
+        resume: ResumePoint | None = None,
+        *,
+        request_id: str | None = None,
+        info: Mapping[str, Any] | None = None,
+        presence: bool = False,
+    ) -> Cursor:
+        """Subscribe an attached protocol-2 ``connection`` to ``channel``: subscribed, missed events, live.
+
+        Queues the ``subscribed`` frame (with ``request_id``; ``None`` for a subscription the server makes),
+        the events missed since ``resume`` (or, when they cannot be replayed, one ``resync_required`` for
+        this channel), then live events, exactly as :meth:`attach` does for protocol 1. Authorization is
+        the caller's (the endpoint asks its ``authorize`` hook first).
+
+        Args:
+            connection: an attached connection made with ``Connection(protocol=2)``.
+            channel: the channel to follow.
+            resume: where the subscriber left off in ``channel``'s stream, if it did.
+            request_id: the client's request id, echoed in ``subscribed``.
+            info: this subscription's presence info (``None``: the identity's, else ``{}``).
+            presence: whether the subscriber wants the presence snapshot and join/leave frames.
+
+        Returns:
+            The subscription's cursor (also ``connection.cursor_for(channel)``).
+
+        Raises:
+            StateError: the broadcaster is not connected or is draining, the connection is closed or is a
+                protocol-1 connection.
+            ConfigurationError: ``channel`` is not a valid channel name.
+            SubscriptionRefused: the connection already follows ``channel`` (``already_subscribed``) or has
+                ``max_subscriptions`` (``too_many_subscriptions``).
+            ConnectionLimitReached: the channel's connection limit is reached.
+            BackendUnavailable: the backend cannot be reached (nothing stays subscribed).
+        """
+        self._require_connected("subscribe a connection")
+        validate_channel(channel)
+        cursor = connection.add_cursor(channel)
+        cursor.info = presence_info(Allow(info) if info is not None else None, connection.identity)
+        cursor.presence = presence
+        try:
+            self.registry.add_cursor(cursor)
+        except BaseException:
+            connection.remove_cursor(channel)
+            raise
+        cursor.set_gap_handler(self._on_gap)
+        try:
+            await self._ensure_subscribed(channel)
+            snapshot = await self._observe_start(cursor)
+            if connection.cursor_for(channel) is not cursor:
+                return cursor  # unsubscribed meanwhile: the unsubscribed frame said so
+
+            def subscribed(_channel: str, epoch: str, seq: int, resumed: bool) -> list[str]:
+                frame = Subscribed(request_id, channel, epoch, seq, resumed, snapshot if presence else None)
+                frames = [encode_server_frame(frame)]
+                if presence and snapshot is None:
+                    refusal = ErrorFrameV2(
+                        request_id,
+                        SubscriptionErrorCode.PRESENCE_UNAVAILABLE,
+                        f"channel {channel!r} has no presence",
+                        channel,
+                    )
+                    frames.append(encode_server_frame(refusal))
+                frames.extend(self._presence_frames(cursor, snapshot))
+                return frames
+
+            await self._bring_up_to_date(cursor, resume, subscribed)
+        except BaseException:
+            self._drop_cursor(cursor, UnsubscribeReason.SERVER)
+            raise
+        return cursor
+
+    def remove_subscription(
+        self,
+        connection: Connection,
+        channel: str,
+        *,
+        request_id: str | None = None,
+        reason: str = UnsubscribeReason.CLIENT,
+    ) -> None:
+        """End ``connection``'s subscription to ``channel`` and queue its ``unsubscribed`` frame.
+
+        No event of ``channel`` is queued on the connection after the ``unsubscribed`` frame. The backend
+        subscription ends with the channel's last subscriber in this process.
+
+        Raises:
+            SubscriptionRefused: the connection does not follow ``channel`` (``not_subscribed``; a
+                protocol-1 connection's one channel cannot be left either).
+        """
+        cursor = connection.cursor_for(channel)
+        if cursor is None or connection.protocol < 2 or cursor not in connection.cursors or connection.closed:
+            raise SubscriptionRefused(SubscriptionErrorCode.NOT_SUBSCRIBED, f"not subscribed to {channel!r}")
+        self._drop_cursor(cursor, reason)
+        connection.push_frame(encode_server_frame(Unsubscribed(request_id, channel, reason)))
+
+    def _drop_cursor(self, cursor: Cursor, reason: str) -> None:
+        connection = cursor.connection
+        # Only this cursor: the channel may have been left and subscribed again meanwhile.
+        if connection.cursor_for(cursor.channel) is not cursor:
+            return
+        connection.remove_cursor(cursor.channel)
+        cursor.set_gap_handler(None)
+        emptied = self.registry.remove_cursor(cursor)
+        self._observe_end(cursor, reason)
+        if emptied and self._state is BroadcasterState.CONNECTED:
+            self._spawn(self._release(cursor.channel))
+
+    def add_subscription_observer(self, observer: SubscriptionObserver) -> None:
+        """Tell ``observer`` when each subscription of this process starts and ends (presence's seam).
+
+        Every subscription counts: a protocol-1 connection's one channel, each protocol-2 subscription,
+        in-process subscriptions. ``observer.subscription_started(cursor)`` is awaited after the cursor is
+        registered and the backend subscribed, before the ``welcome``/``subscribed`` frame is queued; what
+        it returns is the presence snapshot a protocol-2 ``subscribed`` carries when the subscriber asked
+        for one (``None``: the channel has no presence). ``observer.subscription_ended(cursor, reason)`` is
+        called once per started subscription, synchronously (spawn a task for I/O), with ``reason`` one of
+        ``"client"``, ``"server"`` (an unsubscribe) or ``"disconnect"`` (the connection closed).
+        """
+        self._observers.append(observer)
+
+    async def _observe_start(self, cursor: Cursor) -> PresenceSnapshot | None:
+        cursor.observed = True
+        snapshot = await self._presence_started(cursor)
+        for observer in self._observers:
+            found = await observer.subscription_started(cursor)
+            if snapshot is None:
+                snapshot = found
+        return snapshot
+
+    def _observe_end(self, cursor: Cursor, reason: str) -> None:
+        if not cursor.observed:
+            return
+        cursor.observed = False
+        if (cursor.channel, cursor.connection.client_id) in self._members:
+            self.presence_leave(cursor.channel, cursor.connection.client_id)
+        for observer in self._observers:
+            try:
+                observer.subscription_ended(cursor, reason)
+            except Exception:
+                logger.exception("subscription observer failed on the end of %r", cursor)
+
+    async def _presence_started(self, cursor: Cursor) -> PresenceSnapshot | None:
+        """Join the subscription's member if its channel has presence; return the snapshot for it.
+
+        A protocol-2 subscription that asked for presence on a channel with members gets a watcher first,
+        holding back the changes that arrive while the join is on its way (see ``_subscribed_frames``).
+        """
+        channel = cursor.channel
+        mode = self._presence.mode(channel)
+        connection = cursor.connection
+        if mode is PresenceMode.NONE or connection.id in self._in_process:
+            return None
+        client = connection.client_id
+        identity = connection.identity
+        member = PresenceMember(client, identity.id if identity is not None else None, cursor.info)
+        if cursor.presence and mode is PresenceMode.MEMBERS and connection.protocol >= 2:
+            self.presence_watch(channel, client, connection.push_frame)
+        key = (channel, client)
+        joined: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._members[key] = joined
+        try:
+            snapshot = await self.presence_join(channel, member, snapshot=cursor.presence)
+        except BaseException:
+            if self._members.get(key) is joined:
+                del self._members[key]
+                self._unwatch(channel, client)
+            raise
+        finally:
+            joined.set_result(None)
+        if mode is PresenceMode.COUNT:
+            snapshot = PresenceSnapshot(snapshot.count, (), False, snapshot.version)
+        return snapshot
+
+    def _presence_frames(self, cursor: Cursor, snapshot: PresenceSnapshot | None) -> list[str]:
+        """Start the subscription's watcher after its ``subscribed``: the changes its snapshot missed."""
+        watchers = self._watchers.get(cursor.channel)
+        watcher = watchers.get(cursor.connection.client_id) if watchers else None
+        if watcher is None or snapshot is None or watcher.pending is None:
+            return []
+        return watcher.start(snapshot.version)
+
+    def _unwatch(self, channel: str, client: str) -> None:
+        watchers = self._watchers.get(channel)
+        if watchers is not None:
+            watchers.pop(client, None)
+            if not watchers:
+                del self._watchers[channel]
 
     def detach(self, connection: Connection) -> None:
         """Unregister ``connection``; a channel's backend subscription ends with its last connection."""
         for cursor in connection.cursors:
             cursor.set_gap_handler(None)
         emptied = self.registry.remove(connection)
+        for cursor in connection.cursors:
+            self._observe_end(cursor, "disconnect")
         if self._state is BroadcasterState.CONNECTED:
             for channel in emptied:
                 self._spawn(self._release(channel))
@@ -454,27 +873,35 @@ class Broadcaster:
     async def _repair(self, cursor: Cursor) -> None:
         self._repairs += 1
         try:
-            await self._bring_up_to_date(cursor, ResumePoint(cursor.epoch, cursor.last_seq), welcome=False)
+            await self._bring_up_to_date(cursor, ResumePoint(cursor.epoch, cursor.last_seq), None)
         except BackendUnavailable as exc:
             connection = cursor.connection
             logger.warning("cannot repair connection #%d on %r: %s", connection.id, cursor.channel, exc)
             connection.close(CloseCode.INTERNAL_ERROR, "backend unavailable; reconnect and resume")
 
-    async def _bring_up_to_date(self, cursor: Cursor, resume: ResumePoint | None, *, welcome: bool) -> None:
+    async def _bring_up_to_date(
+        self, cursor: Cursor, resume: ResumePoint | None, first: _FirstFrame | None
+    ) -> None:
         """Queue what ``cursor`` missed since ``resume`` (buffering live envelopes meanwhile).
 
-        The I/O half of a resume: the decision is :func:`~rtbroadcast.protocol.resync_reason`'s.
+        ``first(channel, epoch, seq, resumed)`` builds the frame that opens the stream (protocol 1's
+        welcome, protocol 2's subscribed); ``None`` for a gap repair. The I/O half of a resume: the
+        decision is :func:`~rtbroadcast.protocol.resync_reason`'s.
         """
         channel = cursor.channel
         connection = cursor.connection
         if resume is None:
             position = await self.backend.position(channel)
+            if connection.cursor_for(channel) is not cursor:
+                return  # unsubscribed meanwhile
             cursor.set_position(position.epoch, position.seq)
-            if welcome:
-                connection.push_frame(self._welcome(channel, position.epoch, position.seq, False))
+            if first is not None:
+                _push_all(connection, first(channel, position.epoch, position.seq, False))
             cursor.end_buffering()
             return
         history = await self._history(channel, resume.seq)
+        if connection.cursor_for(channel) is not cursor:
+            return
         position = history.position
         missed = history.envelopes
         # Missed events are queued at once, before anything is written: more than the queue holds would
@@ -482,16 +909,19 @@ class Broadcaster:
         fits = connection.has_room(len(missed) + 1, sum(len(envelope.data) for envelope in missed))
         reason = resync_reason(resume, position.epoch, position.seq, complete=history.complete, fits=fits)
         if reason is None:
-            if welcome:
-                connection.push_frame(self._welcome(channel, resume.epoch, resume.seq, True))
+            if first is not None:
+                _push_all(connection, first(channel, resume.epoch, resume.seq, True))
             cursor.set_position(resume.epoch, resume.seq)
             for envelope in missed:
                 cursor.deliver_history(envelope)
         else:
             self._resyncs += 1
-            if welcome:
-                connection.push_frame(self._welcome(channel, position.epoch, position.seq, False))
-            connection.push_frame(encode_server_frame(ResyncRequired(reason, position.epoch, position.seq)))
+            if first is not None:
+                _push_all(connection, first(channel, position.epoch, position.seq, False))
+            named = channel if connection.protocol >= 2 else None
+            connection.push_frame(
+                encode_server_frame(ResyncRequired(reason, position.epoch, position.seq, named))
+            )
             cursor.set_position(position.epoch, position.seq)
         cursor.end_buffering()
 
@@ -499,7 +929,7 @@ class Broadcaster:
         # A connection still behind the stream top at the same seq one interval later did not merely race
         # an in-flight publish: its event was lost on the way (a PUB/SUB message dropped during a
         # reconnect, say). Bring it up to date from history like any other gap.
-        behind: dict[int, tuple[str, int]] = {}
+        behind: dict[tuple[int, str], tuple[str, int]] = {}
         while True:
             await asyncio.sleep(interval)
             try:
@@ -507,13 +937,16 @@ class Broadcaster:
             except Exception:
                 logger.exception("position check failed; retrying in %.1f s", interval)
 
-    async def check_positions(self, behind: dict[int, tuple[str, int]]) -> dict[int, tuple[str, int]]:
-        """Compare each subscribed channel's top with its connections; repair those behind twice running.
+    async def check_positions(
+        self, behind: dict[tuple[int, str], tuple[str, int]]
+    ) -> dict[tuple[int, str], tuple[str, int]]:
+        """Compare each subscribed channel's top with its cursors; repair those behind twice running.
 
-        ``behind`` maps connection ids to the position they were behind at in the previous check; the
-        result is the same for this check. Runs by itself every ``position_check_interval`` seconds.
+        ``behind`` maps each cursor, as ``(connection id, channel)``, to the position it was behind at in
+        the previous check; the result is the same for this check. Runs by itself every
+        ``position_check_interval`` seconds.
         """
-        still_behind: dict[int, tuple[str, int]] = {}
+        still_behind: dict[tuple[int, str], tuple[str, int]] = {}
         for channel in list(self._subscribed):
             try:
                 top = await self.backend.position(channel)
@@ -526,11 +959,12 @@ class Broadcaster:
                 if cursor.epoch == top.epoch and cursor.last_seq >= top.seq:
                     continue
                 here = (cursor.epoch, cursor.last_seq)
-                if behind.get(connection.id) == here:
+                key = (connection.id, channel)
+                if behind.get(key) == here:
                     self._lost_detected += 1
                     self._schedule_repair(cursor)
                 else:
-                    still_behind[connection.id] = here
+                    still_behind[key] = here
         return still_behind
 
     async def _history(self, channel: str, since: int) -> History:
@@ -553,8 +987,9 @@ class Broadcaster:
         if not done.cancelled():
             done.exception()  # retrieved here: every waiter may have been cancelled meanwhile
 
-    def _welcome(self, channel: str, epoch: str, seq: int, resumed: bool) -> str:
-        return encode_server_frame(Welcome(channel, epoch, seq, self.heartbeat_interval, resumed))
+    def _welcome(self, channel: str, epoch: str, seq: int, resumed: bool) -> list[str]:
+        # The first frame of a protocol-1 stream (see _FirstFrame).
+        return [encode_server_frame(Welcome(channel, epoch, seq, self.heartbeat_interval, resumed))]
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -570,31 +1005,61 @@ class Broadcaster:
 
     def subscribe(
         self,
-        channel: str,
+        channel: str | Sequence[str],
         *,
-        resume: ResumePoint | None = None,
+        resume: ResumePoint | Mapping[str, ResumePoint] | None = None,
         model: type[E] = Event,  # type: ignore[assignment]
     ) -> Subscription[E]:
         """Subscribe this process to ``channel``: ``async with broadcaster.subscribe(ch) as sub:``.
 
-        Iterating the subscription yields a :class:`Received` per event, in seq order, and a
-        :class:`~rtbroadcast.protocol.ResyncRequired` where events could not be replayed. Events decode into
-        their registered models; ``model`` is the class every event on the channel is expected to be.
+        ``channel`` is one channel name, or a list of them: one subscription then follows every channel,
+        each in its own order (a :class:`Received` names its channel; so does a resync notice). Iterating
+        the subscription yields a :class:`Received` per event, in seq order per channel, and a
+        :class:`~rtbroadcast.protocol.ResyncRequired` where events could not be replayed. Events decode
+        into their registered models; ``model`` is the class every event is expected to be.
+
+        Args:
+            channel: a channel name, or a sequence of distinct channel names.
+            resume: for one channel, where to resume it (a :class:`~rtbroadcast.ResumePoint`); for a list,
+                a mapping from some of its channels to their resume points (``subscription.positions``
+                of an earlier subscription).
+            model: :class:`Event` or a subclass every event on the channels is an instance of.
 
         Raises:
-            ConfigurationError: ``channel`` is not a valid channel name, ``resume`` is not a
-                :class:`~rtbroadcast.ResumePoint` or ``None``, or ``model`` is not :class:`Event` or a
-                subclass of it.
+            ConfigurationError: a channel is not a valid channel name, a list is empty or names a channel
+                twice, ``resume`` does not fit the form of ``channel`` (or names a channel not in the
+                list), or ``model`` is not :class:`Event` or a subclass of it.
         """
-        validate_channel(channel)
-        if resume is not None and not isinstance(resume, ResumePoint):
-            raise ConfigurationError(
-                f"resume must be a ResumePoint(epoch, seq) or None, not {type(resume).__name__}; "
-                "pass subscription.position from an earlier subscription"
-            )
         if not (isinstance(model, type) and issubclass(model, Event)):
             raise ConfigurationError(f"model must be Event or a subclass of it, not {model!r}")
-        return Subscription(self, channel, resume=resume, model=model)
+        if isinstance(channel, str):
+            validate_channel(channel)
+            if resume is not None and not isinstance(resume, ResumePoint):
+                raise ConfigurationError(
+                    f"resume must be a ResumePoint(epoch, seq) or None, not {type(resume).__name__}; "
+                    "pass subscription.position from an earlier subscription"
+                )
+            return Subscription(self, channel, resume=resume, model=model)
+        if not isinstance(channel, Sequence):
+            raise ConfigurationError(f"channel must be a channel name or a list of them, not {channel!r}")
+        channels = tuple(channel)
+        if not channels:
+            raise ConfigurationError("subscribe to at least one channel")
+        for name in channels:
+            validate_channel(name)
+        if len(set(channels)) != len(channels):
+            raise ConfigurationError(f"the channels {channels!r} name one twice")
+        if resume is None:
+            resume = {}
+        if not isinstance(resume, Mapping) or not all(isinstance(p, ResumePoint) for p in resume.values()):
+            raise ConfigurationError(
+                "resume of several channels must map channel names to ResumePoint(epoch, seq); "
+                "pass subscription.positions from an earlier subscription"
+            )
+        unknown = set(resume) - set(channels)
+        if unknown:
+            raise ConfigurationError(f"resume names channels not subscribed to: {sorted(unknown)!r}")
+        return Subscription(self, channels, resume=dict(resume), model=model)
 
     # -- stats ------------------------------------------------------------------------------------
 
@@ -609,6 +1074,8 @@ class Broadcaster:
             "repairs": self._repairs,
             "lost_detected": self._lost_detected,
             "resyncs": self._resyncs,
+            "presence_members": len(self._members),
+            "presence_watchers": sum(len(watchers) for watchers in self._watchers.values()),
             **self.registry.stats().as_dict(),
         }
 
@@ -623,7 +1090,7 @@ class Received(Generic[E]):
 
 
 class Subscription(Generic[E]):
-    """An in-process subscription to one channel, with the same order and resume guarantees as a socket.
+    """An in-process subscription to one channel or several, with the same guarantees as a socket.
 
     Created by :meth:`Broadcaster.subscribe`; enter it with ``async with``, then iterate.
     """
@@ -631,35 +1098,81 @@ class Subscription(Generic[E]):
     def __init__(
         self,
         broadcaster: Broadcaster,
-        channel: str,
+        channel: str | tuple[str, ...],
         *,
-        resume: ResumePoint | None,
+        resume: ResumePoint | dict[str, ResumePoint] | None,
         model: type[E],
     ) -> None:
         self._broadcaster = broadcaster
         self._resume = resume
         self._model = model
-        self.connection = Connection(channel, limits=broadcaster.queue_limits)
+        self._channels = (channel,) if isinstance(channel, str) else channel
+        if isinstance(channel, str):
+            self.connection = Connection(channel, limits=broadcaster.queue_limits)
+        else:
+            self.connection = Connection(protocol=2, limits=broadcaster.queue_limits)
+        # In-process subscriptions are the service's own code: not presence members.
+        in_process = broadcaster._in_process
+        in_process.add(self.connection.id)
+        self.connection.add_close_callback(lambda connection: in_process.discard(connection.id))
+        #: The welcome frame of a one-channel subscription, once entered (``None`` for several channels).
         self.welcome: Welcome | None = None
 
     @property
     def channel(self) -> str:
-        """The channel subscribed to."""
-        return self.connection.channel
+        """The channel subscribed to (of a one-channel subscription).
+
+        Raises:
+            StateError: the subscription follows several channels: see :attr:`channels`.
+        """
+        if len(self._channels) != 1 or self.connection.protocol != 1:
+            raise StateError("this subscription follows several channels; see subscription.channels")
+        return self._channels[0]
+
+    @property
+    def channels(self) -> tuple[str, ...]:
+        """The channels subscribed to."""
+        return self._channels
 
     @property
     def position(self) -> ResumePoint:
-        """The stream position reached so far; pass it as ``resume`` to continue later."""
+        """The stream position reached so far; pass it as ``resume`` to continue later (one channel).
+
+        Raises:
+            StateError: the subscription follows several channels: see :attr:`positions`.
+        """
+        if self.connection.protocol != 1:
+            raise StateError("this subscription follows several channels; see subscription.positions")
         cursor = self.connection.cursor
         return ResumePoint(cursor.epoch, cursor.last_seq)
 
+    @property
+    def positions(self) -> dict[str, ResumePoint]:
+        """Each channel's position reached so far; pass it as ``resume`` to continue later."""
+        return {c.channel: ResumePoint(c.epoch, c.last_seq) for c in self.connection.cursors if c.epoch}
+
     async def __aenter__(self) -> Self:
-        await self._broadcaster.attach(self.connection, self._resume)
-        first = self.connection.get_nowait()
-        if first is not None:
-            frame = decode_server_frame(item_text(first))
-            if isinstance(frame, Welcome):
-                self.welcome = frame
+        broadcaster = self._broadcaster
+        connection = self.connection
+        if connection.protocol == 1:
+            resume = self._resume
+            assert resume is None or isinstance(resume, ResumePoint)
+            await broadcaster.attach(connection, resume)
+            first = connection.get_nowait()
+            if first is not None:
+                frame = decode_server_frame(item_text(first))
+                if isinstance(frame, Welcome):
+                    self.welcome = frame
+            return self
+        points = self._resume if isinstance(self._resume, dict) else {}
+        await broadcaster.attach(connection)
+        connection.get_nowait()  # protocol 2's welcome
+        try:
+            for channel in self._channels:
+                await broadcaster.add_subscription(connection, channel, points.get(channel))
+        except BaseException:
+            connection.close(CloseCode.NORMAL, "unsubscribed")
+            raise
         return self
 
     async def __aexit__(

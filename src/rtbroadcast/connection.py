@@ -7,14 +7,22 @@ closed, so one slow reader never holds up the others.
 
 Where the connection stands in a channel's stream (epoch, last seq, the envelopes held back during a resume,
 gap detection) is its ``Cursor`` (``rtbroadcast.cursor``) for that channel: one queue, one cursor per
-subscription. Today a connection follows exactly one channel, :attr:`Connection.cursor`; its ``channel``,
-``epoch``, ``last_seq`` and the position methods are shorthands for that cursor's.
+subscription. A protocol-1 connection follows exactly one channel, :attr:`Connection.cursor`; its
+``channel``, ``epoch``, ``last_seq`` and the position methods are shorthands for that cursor's. A
+protocol-2 connection (``Connection(protocol=2)``) starts with no cursor and gains and loses them at runtime
+(:meth:`Connection.add_cursor`, :meth:`Connection.remove_cursor`, which the broadcaster's
+``add_subscription`` / ``remove_subscription`` call).
+
+The queue holds envelopes, not text: the writer picks each envelope's text for its protocol
+(:func:`item_text` for protocol 1, :func:`item_text_v2` for protocol 2), and both are built once per
+envelope for every connection alike.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import secrets
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,12 +30,14 @@ from typing import TYPE_CHECKING, Final
 
 from ._config import count
 from .cursor import Cursor
-from .protocol import CloseCode
+from .errors import ConfigurationError, StateError, SubscriptionRefused
+from .protocol import PROTOCOL_VERSIONS, CloseCode, SubscriptionErrorCode
 
 if TYPE_CHECKING:
     from .backends.base import Envelope
+    from .identity import Identity
 
-__all__ = ["DEFAULT_LIMITS", "Connection", "QueueLimits", "item_text"]
+__all__ = ["DEFAULT_LIMITS", "Connection", "QueueLimits", "item_text", "item_text_v2"]
 
 _ids = itertools.count(1)
 
@@ -63,8 +73,16 @@ class Connection:
     thread-safe.
 
     Args:
-        channel: the channel the connection follows (its :attr:`cursor`).
+        channel: the channel a protocol-1 connection follows (its :attr:`cursor`); ``None`` for a
+            protocol-2 connection, which subscribes to channels later.
         limits: the bounds of its outbound queue.
+        protocol: the wire protocol its frames are written in (1 or 2).
+        identity: who the connection is (from the endpoint's ``authenticate`` hook), if known.
+        max_subscriptions: most cursors a protocol-2 connection may have (``None``: unlimited).
+
+    Raises:
+        ConfigurationError: ``protocol`` is not 1 or 2, a protocol-1 connection has no channel, or a
+            protocol-2 connection has one.
     """
 
     __slots__ = (
@@ -72,22 +90,51 @@ class Connection:
         "_cursors",
         "_limits",
         "_on_close",
+        "_primary",
         "_queue",
         "_send_now",
         "_size",
         "_waiter",
+        "client_id",
         "close_code",
         "close_reason",
-        "cursor",
         "direct",
         "dropped",
         "high_water",
         "id",
+        "identity",
+        "max_subscriptions",
+        "protocol",
         "sent",
     )
 
-    def __init__(self, channel: str, *, limits: QueueLimits = DEFAULT_LIMITS) -> None:
+    def __init__(
+        self,
+        channel: str | None = None,
+        *,
+        limits: QueueLimits = DEFAULT_LIMITS,
+        protocol: int = 1,
+        identity: Identity | None = None,
+        max_subscriptions: int | None = None,
+    ) -> None:
+        if protocol not in PROTOCOL_VERSIONS:
+            raise ConfigurationError(f"protocol must be one of {PROTOCOL_VERSIONS}, not {protocol!r}")
+        if protocol == 1 and channel is None:
+            raise ConfigurationError("a protocol-1 connection follows one channel: pass Connection(channel)")
+        if protocol != 1 and channel is not None:
+            raise ConfigurationError(
+                "a protocol-2 connection starts without a channel: Connection(protocol=2), then subscribe it"
+            )
         self.id = next(_ids)
+        #: The wire protocol the connection's frames are written in.
+        self.protocol = protocol
+        #: Who the connection is, from the endpoint's ``authenticate`` hook (``None``: anonymous).
+        self.identity = identity
+        #: The connection's opaque id on the wire (protocol 2's welcome; the ``client`` of its presence
+        #: members): random, so unique across processes.
+        self.client_id = secrets.token_hex(8)
+        #: Most cursors this connection may have (:meth:`add_cursor`); ``None``: unlimited.
+        self.max_subscriptions = max_subscriptions
         self.sent = 0
         self.dropped = 0
         self.high_water = 0
@@ -102,27 +149,84 @@ class Connection:
         self._closed = False
         self._on_close: list[Callable[[Connection], None]] = []
         self._send_now: Callable[[Envelope | str], bool] | None = None
-        #: The connection's position in its channel's stream.
-        self.cursor = Cursor(channel, self)
-        self._cursors: dict[str, Cursor] = {channel: self.cursor}
+        self._primary: Cursor | None = None
+        self._cursors: dict[str, Cursor] = {}
+        if channel is not None:
+            self._primary = Cursor(channel, self)
+            self._cursors[channel] = self._primary
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
+        if self._primary is None:
+            return f"<Connection #{self.id} protocol 2, {len(self._cursors)} channel(s) {state}>"
         return f"<Connection #{self.id} {self.channel!r} seq={self.last_seq} {state}>"
 
     @property
+    def cursor(self) -> Cursor:
+        """The position of a protocol-1 connection in its channel's stream.
+
+        Raises:
+            StateError: the connection was made without a channel (protocol 2): use :meth:`cursor_for`.
+        """
+        primary = self._primary
+        if primary is None:
+            raise StateError(
+                f"connection #{self.id} follows several channels; use cursor_for(channel) or cursors"
+            )
+        return primary
+
+    @property
     def cursors(self) -> tuple[Cursor, ...]:
-        """The connection's cursors, one per channel it follows (today exactly one: :attr:`cursor`)."""
+        """The connection's cursors, one per channel it follows."""
         return tuple(self._cursors.values())
 
     def cursor_for(self, channel: str) -> Cursor | None:
         """Return the connection's cursor on ``channel``, or ``None`` if it does not follow it."""
         return self._cursors.get(channel)
 
+    def add_cursor(self, channel: str) -> Cursor:
+        """Give the connection a new cursor on ``channel`` (holding live envelopes back until positioned).
+
+        The broadcaster's ``add_subscription`` calls it and then registers the cursor.
+
+        Raises:
+            StateError: the connection is closed, or is a protocol-1 connection.
+            SubscriptionRefused: it already follows ``channel`` (``already_subscribed``), or has
+                ``max_subscriptions`` cursors already (``too_many_subscriptions``).
+        """
+        if self._closed:
+            raise StateError(f"connection #{self.id} is closed")
+        if self._primary is not None:
+            raise StateError(f"connection #{self.id} is a protocol-1 connection: its one channel is fixed")
+        if channel in self._cursors:
+            raise SubscriptionRefused(
+                SubscriptionErrorCode.ALREADY_SUBSCRIBED, f"already subscribed to {channel!r}"
+            )
+        limit = self.max_subscriptions
+        if limit is not None and len(self._cursors) >= limit:
+            raise SubscriptionRefused(
+                SubscriptionErrorCode.TOO_MANY_SUBSCRIPTIONS, f"at most {limit} subscriptions per connection"
+            )
+        cursor = self._cursors[channel] = Cursor(channel, self)
+        return cursor
+
+    def remove_cursor(self, channel: str) -> Cursor | None:
+        """Drop the connection's cursor on ``channel`` (stopped); return it, or ``None`` if there was none.
+
+        The primary cursor of a protocol-1 connection is never removed (``None``).
+        """
+        cursor = self._cursors.get(channel)
+        if cursor is None or cursor is self._primary:
+            return None
+        del self._cursors[channel]
+        cursor.stop()
+        return cursor
+
     @property
     def channel(self) -> str:
-        """The channel the connection follows (its :attr:`cursor`'s)."""
-        return self.cursor.channel
+        """The channel a protocol-1 connection follows (its :attr:`cursor`'s); ``""`` on protocol 2."""
+        primary = self._primary
+        return "" if primary is None else primary.channel
 
     @property
     def epoch(self) -> str:
@@ -295,5 +399,10 @@ class Connection:
 
 
 def item_text(item: Envelope | str) -> str:
-    """Return the wire text of a queued item."""
+    """Return the protocol-1 wire text of a queued item."""
     return item if isinstance(item, str) else item.data
+
+
+def item_text_v2(item: Envelope | str) -> str:
+    """Return the protocol-2 wire text of a queued item (an envelope's is wrapped once, then cached)."""
+    return item if isinstance(item, str) else item.protocol2_text()

@@ -9,8 +9,8 @@ the outbound queue of the :class:`~rtbroadcast.Connection` that owns the cursor.
 
 Keeping the cursor apart from the queue is what lets one connection's single bounded queue (and its one
 writer, and its one slow-consumer bound) serve several subscriptions: each channel a connection follows has
-its own cursor, and fan-out goes channel -> cursors -> each cursor's connection queue. Today every connection
-has exactly one cursor (``connection.cursor``).
+its own cursor, and fan-out goes channel -> cursors -> each cursor's connection queue. A protocol-1
+connection has exactly one cursor (``connection.cursor``); a protocol-2 connection one per subscription.
 
 What a cursor does with an envelope, when it is not holding envelopes back:
 
@@ -24,8 +24,9 @@ What a cursor does with an envelope, when it is not holding envelopes back:
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .backends.base import Envelope
@@ -49,7 +50,17 @@ class Cursor:
     thread-safe: it runs on the connection's event loop.
     """
 
-    __slots__ = ("_buffer", "_on_gap", "channel", "connection", "epoch", "last_seq")
+    __slots__ = (
+        "_buffer",
+        "_on_gap",
+        "channel",
+        "connection",
+        "epoch",
+        "info",
+        "last_seq",
+        "observed",
+        "presence",
+    )
 
     def __init__(self, channel: str, connection: Connection) -> None:
         self.channel = channel
@@ -62,6 +73,13 @@ class Cursor:
         # here and are merged by seq afterwards; None when they are delivered as they come.
         self._buffer: list[Envelope] | None = []
         self._on_gap: GapHandler | None = None
+        #: This subscription's presence info (``authorize``'s ``Allow.info``, else the identity's, else {}).
+        self.info: Mapping[str, Any] = _EMPTY
+        #: Whether the subscriber asked for presence frames on this channel (protocol 2 ``presence: true``).
+        self.presence = False
+        #: Whether the broadcaster's subscription observers were told this subscription started (so that
+        #: they are told it ended exactly once).
+        self.observed = False
 
     def __repr__(self) -> str:
         return f"<Cursor {self.channel!r} {self.epoch or '-'}/{self.last_seq} of #{self.connection.id}>"
@@ -131,6 +149,9 @@ class Cursor:
     def set_gap_handler(self, handler: GapHandler | None) -> None:
         """Call ``handler(cursor, envelope)`` when a live envelope does not follow the last one."""
         self._on_gap = handler
+
+
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
 
 
 def _seq_of(envelope: Envelope) -> int:

@@ -12,7 +12,9 @@ Where the meaning fits, a standard exception is mixed in, so ``except ValueError
     │   ├── FrameTooLarge (ValueError)       longer than the configured limit
     │   ├── UnknownMessageType (ValueError)  a ``type`` the protocol does not define
     │   └── InvalidFrame (ValueError)        a known ``type`` with fields of the wrong shape
+    │       └── InvalidChannel               a protocol-2 frame names an invalid channel
     ├── ConnectionLimitReached               a per-process or per-channel connection limit is reached
+    ├── SubscriptionRefused                  a protocol-2 subscribe/unsubscribe cannot be done (has ``.code``)
     ├── BackendError                         the backend failed
     │   └── BackendUnavailable (ConnectionError)  it cannot be reached (publish fails fast)
     ├── SubscriptionClosed                   an in-process subscription ended (slow consumer, shutdown)
@@ -29,6 +31,7 @@ __all__ = [
     "ConfigurationError",
     "ConnectionLimitReached",
     "FrameTooLarge",
+    "InvalidChannel",
     "InvalidEvent",
     "InvalidFrame",
     "MalformedFrame",
@@ -36,6 +39,7 @@ __all__ = [
     "RTBroadcastError",
     "StateError",
     "SubscriptionClosed",
+    "SubscriptionRefused",
     "UnknownMessageType",
 ]
 
@@ -59,14 +63,17 @@ class InvalidEvent(RTBroadcastError, ValueError):
 class ProtocolError(RTBroadcastError):
     """A client frame breaks the wire protocol.
 
-    ``code`` is the machine-readable error code sent to the client in an ``error`` frame.
+    ``code`` is the machine-readable error code sent to the client in an ``error`` frame. On protocol 2,
+    ``request_id`` and ``channel`` are the frame's own, where it had a valid one (echoed in the error).
     """
 
     code: str = "protocol_error"
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, request_id: str | None = None, channel: str | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.request_id = request_id
+        self.channel = channel
 
 
 class MalformedFrame(ProtocolError, ValueError):
@@ -93,6 +100,12 @@ class InvalidFrame(ProtocolError, ValueError):
     code = "invalid_frame"
 
 
+class InvalidChannel(InvalidFrame):
+    """The frame names a channel that is not a valid channel name (protocol 2)."""
+
+    code = "invalid_channel"
+
+
 class ConnectionLimitReached(RTBroadcastError):
     """Accepting another connection would pass a configured limit; ``scope`` says which."""
 
@@ -100,6 +113,19 @@ class ConnectionLimitReached(RTBroadcastError):
         super().__init__(f"{scope} connection limit of {limit} reached")
         self.scope = scope
         self.limit = limit
+
+
+class SubscriptionRefused(RTBroadcastError):
+    """A subscription cannot be started or ended on a connection.
+
+    ``code`` is the ``error`` frame code a protocol-2 client gets (``already_subscribed``,
+    ``not_subscribed``, ``too_many_subscriptions``: see ``protocol.SubscriptionErrorCode``).
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
 
 
 class BackendError(RTBroadcastError):

@@ -108,6 +108,43 @@ class ConnectionRegistry:
             registered += 1
         self._connections[connection] = registered
 
+    def add_cursor(self, cursor: Cursor) -> None:
+        """Register one more cursor of an already registered connection (a protocol-2 subscription).
+
+        Raises:
+            ConnectionLimitReached: the per-channel limit would be passed (nothing is registered).
+            KeyError: the cursor's connection is not registered.
+        """
+        connection = cursor.connection
+        registered = self._connections[connection]
+        members = self._channels.get(cursor.channel)
+        if members is not None and cursor in members:
+            return
+        limit = self.max_connections_per_channel
+        if limit is not None and members is not None and len(members) >= limit:
+            raise ConnectionLimitReached("per-channel", limit)
+        if members is None:
+            members = self._channels[cursor.channel] = set()
+        members.add(cursor)
+        self._fanout[cursor.channel] = tuple(members)
+        self._connections[connection] = registered + 1
+
+    def remove_cursor(self, cursor: Cursor) -> bool:
+        """Unregister one cursor; return whether its channel is left without any (then release it)."""
+        members = self._channels.get(cursor.channel)
+        if members is None or cursor not in members:
+            return False
+        members.remove(cursor)
+        connection = cursor.connection
+        if connection in self._connections:
+            self._connections[connection] -= 1
+        if members:
+            self._fanout[cursor.channel] = tuple(members)
+            return False
+        del self._channels[cursor.channel]
+        del self._fanout[cursor.channel]
+        return True
+
     def remove(self, connection: Connection) -> list[str]:
         """Unregister ``connection``; return the channels it leaves without any connection."""
         if connection not in self._connections:

@@ -51,6 +51,8 @@ from .protocol import (
     Pong,
     ResyncReason,
     ResyncRequired,
+    SubscriptionErrorCode,
+    UnsubscribeReason,
     Welcome,
     encode_client_frame,
     encode_server_frame,
@@ -63,6 +65,7 @@ __all__ = [
     "asyncapi_document",
     "event_schema",
     "event_schemas",
+    "protocol2_schemas",
     "protocol_schemas",
 ]
 
@@ -352,6 +355,178 @@ def protocol_schemas() -> dict[str, dict[str, Any]]:
     """
     return {
         name: {"$schema": JSON_SCHEMA_DIALECT, **schema} for name, schema in _protocol_frame_schemas().items()
+    }
+
+
+def _codes(cls: type) -> list[str]:
+    return [value for name, value in vars(cls).items() if name.isupper() and isinstance(value, str)]
+
+
+def _protocol2_frame_schemas() -> dict[str, dict[str, Any]]:
+    # Keys are frame names, not types: protocol 2 sends two frames of type "welcome" and "error" that
+    # differ from protocol 1's, and titles end in "V2Frame" where they would clash with protocol 1's.
+    request_id = {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": 64,
+        "pattern": "^[^\\u0000-\\u001f\\u007f]+$",
+        "description": "The client's request id: 1 to 64 characters, no control characters.",
+    }
+    answer_id = {
+        "type": ["string", "null"],
+        "description": "The request's id; null for what the server did itself, or for no valid id.",
+    }
+    channel = {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": 256,
+        "pattern": "^[^\\u0000-\\u001f\\u007f]+$",
+        "description": "A channel name: 1 to 256 characters, no control characters.",
+    }
+    seq = {"type": "integer", "minimum": 0, "maximum": 2**63 - 1}
+    member = {
+        "type": "object",
+        "properties": {
+            "client": {"type": "string", "description": "The member's connection id (its welcome's)."},
+            "identity": {"type": ["string", "null"], "description": "The connection's identity id, if any."},
+            "info": {"type": "object", "description": "What the service shows of this member."},
+        },
+        "required": ["client", "identity", "info"],
+    }
+    codes = [*_protocol_error_codes(), *_codes(SubscriptionErrorCode)]
+    subscribe = _frame(
+        "subscribe",
+        "SubscribeFrame",
+        "Protocol 2, client: follow a channel, optionally resuming it (epoch and last_seq: both or neither).",
+        {"id": request_id, "channel": channel},
+    )
+    subscribe["properties"].update(
+        epoch=_epoch("Resume: the epoch of the last event applied on this channel."),
+        last_seq={**seq, "description": "Resume: the seq of the last event applied on this channel."},
+        presence={"type": "boolean", "description": "Ask for the channel's presence snapshot and frames."},
+    )
+    subscribe["dependentRequired"] = {"epoch": ["last_seq"], "last_seq": ["epoch"]}
+    subscribed = _frame(
+        "subscribed",
+        "SubscribedFrame",
+        "Protocol 2: a subscription started at epoch/seq (protocol 1's welcome, per channel); with "
+        "resumed, the missed events follow.",
+        {
+            "id": answer_id,
+            "channel": channel,
+            "epoch": _epoch("The stream's epoch."),
+            "seq": {
+                **seq,
+                "description": "The last seq the subscriber has; every event that follows is higher.",
+            },
+            "resumed": {"type": "boolean", "description": "True when the requested resume succeeded."},
+        },
+    )
+    subscribed["properties"]["presence"] = {
+        "type": "object",
+        "description": "The channel's presence, when asked for and the channel has presence.",
+        "properties": {
+            "count": {"type": "integer", "minimum": 0},
+            "members": {"type": "array", "items": member},
+            "truncated": {"type": "boolean"},
+        },
+        "required": ["count", "members", "truncated"],
+    }
+    presence = {
+        kind: _frame(
+            kind,
+            title,
+            f"Protocol 2: a member {verb} the channel (only to subscriptions that asked for presence).",
+            {"channel": channel, "member": member},
+        )
+        for kind, title, verb in (
+            ("presence_join", "PresenceJoinFrame", "joined"),
+            ("presence_leave", "PresenceLeaveFrame", "left"),
+        )
+    }
+    return {
+        "subscribe": subscribe,
+        "unsubscribe": _frame(
+            "unsubscribe",
+            "UnsubscribeFrame",
+            "Protocol 2, client: stop following a channel.",
+            {"id": request_id, "channel": channel},
+        ),
+        "welcome": _frame(
+            "welcome",
+            "WelcomeV2Frame",
+            "Protocol 2's first frame: no channel; the connection's id.",
+            {
+                "protocol": {"const": 2, "type": "integer"},
+                "heartbeat_interval": {"type": "number", "exclusiveMinimum": 0},
+                "connection": {"type": "string", "description": "This connection's opaque id."},
+            },
+        ),
+        "subscribed": subscribed,
+        "unsubscribed": _frame(
+            "unsubscribed",
+            "UnsubscribedFrame",
+            "Protocol 2: a subscription ended; no event of the channel follows.",
+            {
+                "id": answer_id,
+                "channel": channel,
+                "reason": {"type": "string", "examples": _codes(UnsubscribeReason)},
+            },
+        ),
+        "error": _frame(
+            "error",
+            "ErrorV2Frame",
+            "Protocol 2: a request was rejected; the connection and its other subscriptions stay.",
+            {
+                "id": answer_id,
+                "channel": {"type": ["string", "null"], "description": "The request's channel, if valid."},
+                "code": {
+                    "type": "string",
+                    "description": "Machine-readable: " + ", ".join(f"`{c}`" for c in codes) + ".",
+                    "examples": codes,
+                },
+                "message": {"type": "string"},
+            },
+        ),
+        "event": _frame(
+            "event",
+            "EventV2Frame",
+            "Protocol 2: an event of a channel, exactly its protocol-1 frame (with its own type and seq).",
+            {
+                "channel": channel,
+                "event": {
+                    "type": "object",
+                    "properties": {"type": {"type": "string"}, "seq": {**seq, "minimum": 1}},
+                    "required": ["type", "seq"],
+                },
+            },
+        ),
+        "resync_required": _frame(
+            "resync_required",
+            "ResyncRequiredV2Frame",
+            "Protocol 2: protocol 1's resync_required, for one channel.",
+            {
+                "channel": channel,
+                "reason": {"type": "string", "examples": _resync_reasons()},
+                "epoch": _epoch("The stream's current epoch."),
+                "seq": seq,
+            },
+        ),
+        **presence,
+    }
+
+
+def protocol2_schemas() -> dict[str, dict[str, Any]]:
+    """Return the JSON Schema (2020-12) of each protocol-2 frame, keyed by frame name.
+
+    The client sends ``subscribe`` and ``unsubscribe`` (and protocol 1's ``ping``); the server sends
+    ``welcome`` (protocol 2's), ``subscribed``, ``unsubscribed``, ``error`` (with the request id),
+    ``event``, ``resync_required`` (with the channel), ``presence_join`` and ``presence_leave`` (and
+    protocol 1's ``pong``). The AsyncAPI document describes protocol 1.
+    """
+    return {
+        name: {"$schema": JSON_SCHEMA_DIALECT, **schema}
+        for name, schema in _protocol2_frame_schemas().items()
     }
 
 

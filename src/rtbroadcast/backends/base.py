@@ -9,10 +9,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
 from ..errors import ConfigurationError
+from ..protocol import event_frame
+
+if TYPE_CHECKING:
+    from ..presence import PresenceChange, PresenceMember, PresenceSnapshot
 
 __all__ = ["Backend", "BackendListener", "Envelope", "History", "StreamPosition"]
 
@@ -22,13 +26,23 @@ class Envelope:
     """One published event as it travels: its channel, its place in the stream, and its wire text.
 
     ``data`` is the JSON text clients receive, ``seq`` included. It is encoded once per publish and the same
-    ``str`` is handed to every connection.
+    ``str`` is handed to every connection; :meth:`protocol2_text` is its protocol-2 frame, built once too.
     """
 
     channel: str
     seq: int
     epoch: str
     data: str
+    # The protocol-2 frame, built by the first protocol-2 connection that writes it and kept for the rest.
+    _text2: str | None = field(default=None, init=False, repr=False, compare=False)
+
+    def protocol2_text(self) -> str:
+        """Return the protocol-2 wire text: ``{"type":"event","channel":...,"event":<data>}``, built once."""
+        text = self._text2
+        if text is None:
+            text = event_frame(self.channel, self.data)
+            object.__setattr__(self, "_text2", text)  # a cache, invisible to equality and hashing
+        return text
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +78,13 @@ class BackendListener(Protocol):
     def on_interruption(self, channels: Collection[str], reason: str) -> None:
         """Hear that envelopes on ``channels`` may have been missed (say, after a reconnect)."""
 
+    def on_presence(self, change: PresenceChange) -> None:
+        """Hear that a member joined or left a channel this process subscribed to.
+
+        Only backends that :attr:`~Backend.supports_presence` call it, and only for channels subscribed
+        in this process (joins and leaves made by this process included), in each channel's version order.
+        """
+
 
 class Backend(ABC):
     """Abstract base class of backends.
@@ -71,10 +92,18 @@ class Backend(ABC):
     The broadcaster calls :meth:`connect` once before anything else and :meth:`disconnect` once at the end.
     It reference-counts local subscribers itself: :meth:`subscribe` is called for the first local subscriber
     of a channel and :meth:`unsubscribe` after the last one left.
+
+    Presence is a capability: a backend that keeps it sets :attr:`supports_presence` and overrides the
+    ``presence_*`` methods; one that does not stays a complete backend, and a broadcaster configured with
+    presence refuses it with :class:`~rtbroadcast.ConfigurationError`.
     """
 
     #: The URL scheme(s) this backend serves, for messages and stats.
     name: str = "backend"
+
+    #: Whether this backend keeps presence (the ``presence_*`` methods and
+    #: :meth:`BackendListener.on_presence`).
+    supports_presence: bool = False
 
     @abstractmethod
     async def connect(self, listener: BackendListener) -> None:
@@ -172,3 +201,61 @@ class Backend(ABC):
         :attr:`~rtbroadcast.BroadcasterState.FAILED` until it is disconnected.
         """
         return False
+
+    # -- presence (optional: see supports_presence) ---------------------------------------------------
+
+    async def presence_join(
+        self, channel: str, member: PresenceMember, *, limit: int, notify: bool = True
+    ) -> PresenceSnapshot:
+        """Add ``member`` to ``channel``'s presence and return the snapshot that includes it, atomically.
+
+        A member is keyed by ``member.client`` (one per subscription): joining again replaces it. With
+        ``notify``, every process subscribed to ``channel`` hears a ``join`` through
+        :meth:`BackendListener.on_presence` (this one too, with a version the snapshot already covers).
+
+        Args:
+            channel: the channel.
+            member: who joins.
+            limit: most members the returned snapshot lists (0: only the count).
+            notify: whether to tell subscribed processes (false on count-only channels).
+
+        Raises:
+            ConfigurationError: this backend does not keep presence.
+            BackendUnavailable: the backend cannot be reached; the member did not join.
+        """
+        raise self._no_presence()
+
+    async def presence_leave(self, channel: str, client: str, *, notify: bool = True) -> None:
+        """Remove the member ``client`` from ``channel``'s presence; a member that is not there is ignored.
+
+        Never raises for a backend that keeps presence: a leave that cannot reach the backend is retried
+        (or the member expires, see the backend's bound).
+
+        Raises:
+            ConfigurationError: this backend does not keep presence.
+        """
+        raise self._no_presence()
+
+    async def presence_snapshot(self, channel: str, *, limit: int) -> PresenceSnapshot:
+        """Return ``channel``'s presence: the full count and the first ``limit`` members in join order.
+
+        Raises:
+            ConfigurationError: this backend does not keep presence.
+            BackendUnavailable: the backend cannot be reached.
+        """
+        raise self._no_presence()
+
+    async def presence_count(self, channel: str) -> int:
+        """Return how many members ``channel`` has, across every process.
+
+        Raises:
+            ConfigurationError: this backend does not keep presence.
+            BackendUnavailable: the backend cannot be reached.
+        """
+        raise self._no_presence()
+
+    def _no_presence(self) -> ConfigurationError:
+        return ConfigurationError(
+            f"the {self.name} backend does not keep presence; use the memory or Redis backend for "
+            "channels with presence"
+        )

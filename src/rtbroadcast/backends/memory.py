@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import secrets
 import time
 from collections import OrderedDict, deque
@@ -11,6 +12,7 @@ from urllib.parse import urlsplit
 
 from .._config import count, optional_seconds, parse_query
 from ..errors import ConfigurationError, StateError
+from ..presence import PresenceChange, PresenceMember, PresenceSnapshot
 from ..protocol import with_seq
 from .base import Backend, BackendListener, Envelope, History, StreamPosition
 
@@ -45,6 +47,16 @@ class _Stream:
         self.keys: OrderedDict[str, Envelope] = OrderedDict()
 
 
+class _Presence:
+    """One channel's members in join order, each with its wire form, and the version of the last change."""
+
+    __slots__ = ("members", "version")
+
+    def __init__(self) -> None:
+        self.members: dict[str, tuple[PresenceMember, str]] = {}
+        self.version = 0
+
+
 class MemoryBackend(Backend):
     """Keep every channel's stream in this process.
 
@@ -70,6 +82,7 @@ class MemoryBackend(Backend):
     """
 
     name = "memory"
+    supports_presence = True
 
     def __init__(
         self,
@@ -92,6 +105,10 @@ class MemoryBackend(Backend):
         self._subscribed: dict[str, str] = {}
         self._listener: BackendListener | None = None
         self._evicted = 0
+        # Presence per channel, only while it has members. Versions come from one counter, so that a
+        # channel that emptied and filled again never reuses one.
+        self._presence: dict[str, _Presence] = {}
+        self._presence_versions = itertools.count(1)
 
     @classmethod
     def from_url(cls, url: str) -> MemoryBackend:
@@ -126,6 +143,7 @@ class MemoryBackend(Backend):
 
     async def disconnect(self) -> None:
         self._listener = None
+        self._presence.clear()
         now = time.monotonic()
         for channel in list(self._subscribed):
             self._release(channel, now)
@@ -193,7 +211,58 @@ class MemoryBackend(Backend):
             "channels": len(self._streams),
             "subscribed": len(self._subscribed),
             "evicted": self._evicted,
+            "presence_channels": len(self._presence),
         }
+
+    # -- presence ------------------------------------------------------------------------------------
+
+    async def presence_join(
+        self, channel: str, member: PresenceMember, *, limit: int, notify: bool = True
+    ) -> PresenceSnapshot:
+        if self._listener is None:
+            raise StateError("the memory backend is not connected; call connect() first")
+        data = member.to_json()
+        presence = self._presence.get(channel)
+        if presence is None:
+            presence = self._presence[channel] = _Presence()
+        presence.version = next(self._presence_versions)
+        presence.members[member.client] = (member, data)
+        snapshot = self._snapshot(presence, limit)
+        if notify:
+            self._notify(PresenceChange(channel, "join", member, presence.version, data))
+        return snapshot
+
+    async def presence_leave(self, channel: str, client: str, *, notify: bool = True) -> None:
+        presence = self._presence.get(channel)
+        if presence is None:
+            return
+        left = presence.members.pop(client, None)
+        if left is None:
+            return
+        presence.version = version = next(self._presence_versions)
+        if not presence.members:
+            del self._presence[channel]
+        if notify:
+            self._notify(PresenceChange(channel, "leave", left[0], version, left[1]))
+
+    async def presence_snapshot(self, channel: str, *, limit: int) -> PresenceSnapshot:
+        presence = self._presence.get(channel)
+        return PresenceSnapshot(0) if presence is None else self._snapshot(presence, limit)
+
+    async def presence_count(self, channel: str) -> int:
+        presence = self._presence.get(channel)
+        return 0 if presence is None else len(presence.members)
+
+    @staticmethod
+    def _snapshot(presence: _Presence, limit: int) -> PresenceSnapshot:
+        members = tuple(m for m, _ in itertools.islice(presence.members.values(), max(0, limit)))
+        count = len(presence.members)
+        return PresenceSnapshot(count, members, len(members) < count, presence.version)
+
+    def _notify(self, change: PresenceChange) -> None:
+        listener = self._listener
+        if listener is not None and change.channel in self._subscribed:
+            listener.on_presence(change)
 
     # -- streams' lifetime ---------------------------------------------------------------------------
 

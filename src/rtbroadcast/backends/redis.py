@@ -9,7 +9,8 @@ Keys of a channel share one hash tag, so that a move to Redis Cluster needs no k
     rtb:{<channel>}:meta          hash: epoch, seq
     rtb:{<channel>}:stream        stream: one entry per event, ID "<seq>-0", fields d (data) and t (ms)
     rtb:{<channel>}:idem:<key>    string "<epoch>:<seq>" for an idempotency key
-    rtb:{<channel>}               PUB/SUB channel: messages "<seq> <epoch> <data>"
+    rtb:{<channel>}               PUB/SUB channel: messages "<seq> <epoch> <data>" (and presence changes)
+    rtb:{<channel>}:presence...   presence, see rtbroadcast.backends.redis_presence
 
 ``{``, ``}`` and ``%`` in a channel name are percent-escaped in key names, so every channel has a hash tag
 of its own and no two channels can share a key.
@@ -58,8 +59,10 @@ from .._config import (
     seconds,
 )
 from ..errors import BackendError, BackendUnavailable, ConfigurationError, StateError
+from ..presence import DEFAULT_PRESENCE_HEARTBEAT
 from ..protocol import seq_prefix
-from .base import Backend, BackendListener, Envelope, History, StreamPosition
+from .base import BackendListener, Envelope, History, StreamPosition
+from .redis_presence import RedisPresence, RedisPresenceMixin, is_presence_message
 
 __all__ = ["RedisBackend"]
 
@@ -264,7 +267,7 @@ def _ms(seconds: float | None) -> int:
     return 0 if seconds is None else max(1, math.ceil(seconds * 1000))
 
 
-class RedisBackend(Backend):
+class RedisBackend(RedisPresenceMixin):
     """Share channels between processes through Redis: PUB/SUB for live events, Streams for history.
 
     Pass a URL (``redis://[:password@]host:port/db``, ``rediss://`` for TLS, ``unix:///path.sock``) or a
@@ -293,6 +296,9 @@ class RedisBackend(Backend):
             after each failure, with random jitter.
         max_reconnect_attempts: consecutive failed attempts after which the listener gives up (``None``:
             never). Once it gave up, the backend reports ``failed`` and subscribing raises.
+        presence_heartbeat: seconds; this process refreshes its presence members every half of it, and
+            the members of a process that died without leaving are gone within twice it. Give every
+            process the same value.
 
     Raises:
         ConfigurationError: an argument has the wrong type or an impossible value (zero, negative, ``NaN``
@@ -317,6 +323,7 @@ class RedisBackend(Backend):
         ping_interval: float = DEFAULT_PING_INTERVAL,
         reconnect_delay: tuple[float, float] = DEFAULT_RECONNECT_DELAY,
         max_reconnect_attempts: int | None = None,
+        presence_heartbeat: float = DEFAULT_PRESENCE_HEARTBEAT,
     ) -> None:
         if (url is None) == (client is None):
             raise ConfigurationError("pass either a Redis URL or a redis.asyncio.Redis client")
@@ -365,6 +372,7 @@ class RedisBackend(Backend):
         self._ping_interval = ping_interval
         self._reconnect_delay = (first_delay, max_delay)
         self._max_attempts = max_reconnect_attempts
+        self._presence = RedisPresence(self, seconds("presence_heartbeat", presence_heartbeat))
         self._scripts: dict[str, AsyncScript] = {}
         self._listener: BackendListener | None = None
         self._state = _State.NEW
@@ -496,6 +504,7 @@ class RedisBackend(Backend):
         self._handover = conn
         self._task = asyncio.get_running_loop().create_task(self._listen(), name="rtbroadcast-redis-listener")
         self._task.add_done_callback(self._listener_done)
+        self._presence.start(client)
         logger.debug("connected to Redis at %s", self._where())
 
     async def disconnect(self) -> None:
@@ -508,6 +517,7 @@ class RedisBackend(Backend):
             task.cancel()
             # wait() neither raises the task's exception nor swallows a cancellation of disconnect() itself.
             await asyncio.wait([task])
+        await self._presence.stop()
         self._fail_waiters(StateError("the Redis backend was disconnected"))
         for conn in (self._conn, self._handover):
             if conn is not None:
@@ -554,6 +564,7 @@ class RedisBackend(Backend):
             "listener_errors": self._listener_errors,
             "last_error": self._last_error,
             "last_error_at": self._last_error_at,
+            **self._presence.stats(),
         }
 
     def _require(self, action: str) -> Redis:
@@ -940,9 +951,13 @@ class RedisBackend(Backend):
         listener = self._listener
         if channel is None or listener is None:
             return  # unsubscribed while the message was on its way
+        text = _text(message)
+        if is_presence_message(text):
+            self._presence.deliver(channel, text)
+            return
         self._received += 1
         try:
-            seq, epoch, data = _text(message).split(" ", 2)
+            seq, epoch, data = text.split(" ", 2)
             envelope = Envelope(channel, int(seq), epoch, data)
         except ValueError:
             self._listener_errors += 1
@@ -1017,6 +1032,7 @@ _URL_OPTIONS: dict[str, Callable[[str], Any]] = {
     "timeout": float,
     "ping_interval": float,
     "max_reconnect_attempts": int,
+    "presence_heartbeat": float,
 }
 
 
