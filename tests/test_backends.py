@@ -37,6 +37,8 @@ BACKENDS = [
     pytest.param("redis", marks=pytest.mark.redis),
     pytest.param("postgresql", marks=pytest.mark.postgresql),
 ]
+#: The backends that keep presence (Backend.supports_presence); tests/test_presence_backends.py runs on these.
+PRESENCE_BACKENDS = ["memory", pytest.param("redis", marks=pytest.mark.redis)]
 
 
 class Recorder(BackendListener):

@@ -23,7 +23,7 @@ from rtbroadcast.presence import PresenceChange, PresenceMember, PresenceMode, P
 
 from .redis_support import RedisServer
 from .support import MS, until
-from .test_backends import BACKENDS, Harness  # noqa: F401  (harness is the fixture)
+from .test_backends import PRESENCE_BACKENDS, Harness
 from .test_backends import harness as harness
 
 pytestmark = pytest.mark.asyncio_only
@@ -70,6 +70,7 @@ async def peer_of(harness: Harness, backend: Backend, **options: object) -> tupl
     return await open_watched(harness, **options)
 
 
+@pytest.mark.parametrize("harness", PRESENCE_BACKENDS, indirect=True)
 async def test_a_join_returns_the_snapshot_that_includes_it(harness: Harness) -> None:
     backend, _ = await open_watched(harness)
     assert backend.supports_presence
@@ -83,6 +84,7 @@ async def test_a_join_returns_the_snapshot_that_includes_it(harness: Harness) ->
     assert (await backend.presence_snapshot("elsewhere", limit=10)) == PresenceSnapshot(0)
 
 
+@pytest.mark.parametrize("harness", PRESENCE_BACKENDS, indirect=True)
 async def test_snapshots_keep_join_order_and_are_capped(harness: Harness) -> None:
     backend, _ = await open_watched(harness)
     for n in range(12):
@@ -98,6 +100,7 @@ async def test_snapshots_keep_join_order_and_are_capped(harness: Harness) -> Non
     assert again.count == 12 and again.members[3] == member(3, info="new")
 
 
+@pytest.mark.parametrize("harness", PRESENCE_BACKENDS, indirect=True)
 async def test_a_leave_removes_the_member_and_an_unknown_leave_is_ignored(harness: Harness) -> None:
     backend, _ = await open_watched(harness)
     peer, _ = await peer_of(harness, backend)
@@ -110,6 +113,7 @@ async def test_a_leave_removes_the_member_and_an_unknown_leave_is_ignored(harnes
     assert snapshot.members == (member(2),) and snapshot.count == 1
 
 
+@pytest.mark.parametrize("harness", PRESENCE_BACKENDS, indirect=True)
 async def test_subscribed_processes_hear_joins_and_leaves_in_order(harness: Harness) -> None:
     backend, watcher = await open_watched(harness)
     peer, peer_watcher = await peer_of(harness, backend)
@@ -133,6 +137,7 @@ async def test_subscribed_processes_hear_joins_and_leaves_in_order(harness: Harn
         assert heard.seen("other") == []
 
 
+@pytest.mark.parametrize("harness", PRESENCE_BACKENDS, indirect=True)
 async def test_changes_without_notify_are_not_heard(harness: Harness) -> None:
     backend, watcher = await open_watched(harness)
     await backend.subscribe("room")
@@ -143,6 +148,7 @@ async def test_changes_without_notify_are_not_heard(harness: Harness) -> None:
     assert watcher.seen("room") == [("join", "client-2")]
 
 
+@pytest.mark.parametrize("harness", PRESENCE_BACKENDS, indirect=True)
 async def test_info_that_is_not_json_is_refused(harness: Harness) -> None:
     backend, _ = await open_watched(harness)
     with pytest.raises(ConfigurationError, match="JSON-serialisable"):

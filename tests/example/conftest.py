@@ -107,7 +107,7 @@ async def engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
     pg_engine = create_engine(url, connect_args={"server_settings": {"search_path": schema}})
     if request.param == "pg-broadcast":
         plain = url.replace("postgresql+asyncpg://", "postgresql://")
-        _BROADCAST_URLS[id(pg_engine)] = f"{plain}?schema={schema}&trim_interval=1"
+        _BROADCAST_URLS[id(pg_engine)] = f"{plain}?schema={schema}"
     try:
         yield pg_engine
     finally:
