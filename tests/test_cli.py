@@ -278,36 +278,53 @@ async def test_listen_exits_3_when_unreachable() -> None:
     assert err[-1] == "giving up: 3 attempt(s) in a row failed"
 
 
-async def test_listen_shows_gaps_resyncs_errors_and_a_clean_end() -> None:
-    """Against a scripted server that misbehaves on purpose: what a correct server never sends."""
+async def test_listen_shows_gaps_duplicates_resyncs_errors_and_a_clean_end() -> None:
+    """Against a scripted server that misbehaves on purpose: what a correct server never sends.
+
+    ``listen`` is the client: it applies what follows, drops a duplicate, reconnects on a gap (resuming
+    from the last event applied) and shows each on stderr.
+    """
+    connections: list[str] = []
 
     async def script(ws: ServerConnection) -> None:
-        frames: list[dict[str, Any]] = [
-            {"type": "welcome", "channel": "c", "epoch": "e1", "seq": 0, "heartbeat_interval": 30,
-             "resumed": False, "protocol": 1},
-            {"type": "x", "seq": 1},
-            {"type": "x", "seq": 4},
-            {"type": "x", "seq": 4},
-            {"type": "error", "code": "unknown_type", "message": "nope"},
-            {"type": "resync_required", "reason": "history_trimmed", "epoch": "e2", "seq": 10},
-            {"type": "x", "seq": 11, "timestamp": "2025-08-16T07:21:27.177385Z"},
-        ]  # fmt: skip
+        assert ws.request is not None
+        connections.append(ws.request.path)
+        welcome = {"type": "welcome", "channel": "c", "epoch": "e1", "heartbeat_interval": 30, "protocol": 1}
+        if len(connections) == 1:
+            frames: list[dict[str, Any]] = [
+                {**welcome, "seq": 0, "resumed": False},
+                {"type": "x", "seq": 1},
+                {"type": "x", "seq": 4},  # a gap: the client reconnects from seq 1
+            ]
+        else:
+            frames = [
+                {**welcome, "seq": 1, "resumed": True},
+                {"type": "x", "seq": 2},
+                {"type": "x", "seq": 2},
+                {"type": "error", "code": "unknown_type", "message": "nope"},
+                {"type": "resync_required", "reason": "history_trimmed", "epoch": "e2", "seq": 10},
+                {"type": "x", "seq": 11, "timestamp": "2025-08-16T07:21:27.177385Z"},
+            ]
         for frame in frames:
             await ws.send(json.dumps(frame))
+        if len(connections) == 1:
+            await ws.wait_closed()
+            return
         await ws.send("not json")
         await ws.close(1000, "done")
 
     async with ws_serve(script, "127.0.0.1", 0) as server:
         port = server.sockets[0].getsockname()[1]
-        async with cli("listen", f"ws://127.0.0.1:{port}/") as proc:
+        async with cli("listen", f"ws://127.0.0.1:{port}/", "--retry-delay", "0.01") as proc:
             code, out, err = await proc.finish()
     assert code == EXIT_OK
-    assert [line.split(" (")[0] for line in out] == ["seq 1 x", "seq 4 x", "seq 4 x", "seq 11 x"]
+    assert [line.split(" (")[0] for line in out] == ["seq 1 x", "seq 2 x", "seq 11 x"]
     assert "latency ?" in out[0]
-    assert "latency ?" not in out[3]
+    assert "latency ?" not in out[2]
+    assert len(connections) == 2 and "epoch=e1" in connections[1] and "last_seq=1" in connections[1]
     text = "\n".join(err)
-    assert "gap: expected seq 2, got 4 (2 missing)" in text
-    assert "out of order: seq 4 after 4" in text
+    assert "gap: expected seq 2, received 4" in text
+    assert "duplicate: seq 2 (already applied): dropped" in text
     assert "error from server: unknown_type: nope" in text
     assert "resync_required: history_trimmed; continuing from epoch e2 seq 10" in text
     assert "unreadable frame" in text

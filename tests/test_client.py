@@ -20,10 +20,10 @@ from rtbroadcast.backends.redis import RedisBackend
 from rtbroadcast.client import (
     Backoff,
     Client,
-    Cursor,
     DisconnectInfo,
     Received,
     Refused,
+    ResumeTracker,
     ResyncInfo,
     Unreachable,
     close_action,
@@ -61,14 +61,15 @@ async def publish(broadcaster: Broadcaster, channel: str, numbers: range) -> Non
 # -- sans I/O ----------------------------------------------------------------------------------------
 
 
-def test_cursor_applies_the_next_seq_drops_older_ones_and_sees_gaps() -> None:
-    cursor = Cursor()
-    assert cursor.judge(1) is None and cursor.resume_params() == {}
-    cursor.reset(("e", 4))
-    assert [cursor.judge(seq) for seq in (3, 4, 5, 6)] == ["duplicate", "duplicate", "apply", "gap"]
-    cursor.advance(5)
-    assert cursor.position == ResumePoint("e", 5)
-    assert cursor.resume_params() == {"epoch": "e", "last_seq": "5"}
+def test_the_tracker_applies_the_next_seq_drops_older_ones_and_sees_gaps() -> None:
+    tracker = ResumeTracker()
+    assert tracker.judge(1) == "ignore" and tracker.resume_params() == {}
+    tracker.reset(("e", 4))
+    assert [tracker.judge(seq) for seq in (3, 4, 5, 6)] == ["duplicate", "duplicate", "apply", "gap"]
+    assert tracker.judge(5, "e") == "apply" and tracker.judge(5, "another-epoch") == "ignore"
+    tracker.advance(5)
+    assert tracker.position == ResumePoint("e", 5)
+    assert tracker.resume_params() == {"epoch": "e", "last_seq": "5"}
 
 
 def test_backoff_is_full_jitter_below_a_capped_doubling_ceiling() -> None:

@@ -13,6 +13,7 @@ STACKS = (
     "rtbroadcast-memory",
     "rtbroadcast-redis",
     "rtbroadcast-postgres",
+    "rtbroadcast-cluster",
     "rtbroadcast-deflate",
 )
 
@@ -24,6 +25,7 @@ def main() -> None:
     parser.add_argument("--http-port", type=int, help="publish port of raw-websockets")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--postgres-url", help="postgresql:// URL (with ?schema=) of rtbroadcast-postgres")
+    parser.add_argument("--cluster-url", help="redis+cluster:// URL of rtbroadcast-cluster")
     args = parser.parse_args()
 
     if args.stack == "raw-websockets":
@@ -41,6 +43,10 @@ def main() -> None:
         if args.postgres_url is None:
             parser.error(f"{args.stack} needs --postgres-url")
         backend_url = args.postgres_url
+    if args.stack == "rtbroadcast-cluster":
+        if not args.cluster_url:
+            parser.error("rtbroadcast-cluster needs --cluster-url")
+        backend_url = args.cluster_url
     if args.stack == "naive-starlette":
         from .naive_starlette import app
 

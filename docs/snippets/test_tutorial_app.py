@@ -1,17 +1,13 @@
 """Tests of the tutorial's app: its broadcasts checked in-process, and over a real WebSocket."""
 
-import asyncio
-import contextlib
 import json
-from collections.abc import AsyncIterator
 
 import httpx
 import pytest
-import uvicorn
 import websockets
 
 from rtbroadcast import Received
-from rtbroadcast.client import Client
+from rtbroadcast.testing import serve
 from tutorial_app import MessagePosted, app, broadcaster
 
 
@@ -38,25 +34,11 @@ async def test_posting_a_message_broadcasts_it() -> None:
 
 
 # --8<-- [start:websocket]
-@contextlib.asynccontextmanager
-async def running(app: object) -> AsyncIterator[str]:
-    """Serve ``app`` with uvicorn on a free loopback port, lifespan included; yield ``host:port``."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    task = asyncio.create_task(server.serve())
-    while not server.started:  # noqa: ASYNC110 - uvicorn has no "started" event to await
-        await asyncio.sleep(0.01)
-    try:
-        yield f"127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        await task
-
-
 @pytest.mark.anyio
 async def test_websocket_clients_receive_it() -> None:
-    async with running(app) as host, websockets.connect(f"ws://{host}/realtime?room=tests-ws") as ws:
+    async with serve(app) as server, websockets.connect(server.ws_url("/realtime?room=tests-ws")) as ws:
         welcome = json.loads(await ws.recv())
-        async with httpx.AsyncClient(base_url=f"http://{host}") as client:
+        async with server.http() as client:
             await client.post("/rooms/tests-ws/messages", json={"author": "bob", "text": "hello"})
         event = json.loads(await ws.recv())
 
@@ -77,10 +59,10 @@ async def test_websocket_clients_receive_it() -> None:
 # --8<-- [start:client]
 @pytest.mark.anyio
 async def test_a_client_follows_the_room() -> None:
-    async with running(app) as host, Client(f"ws://{host}/realtime?room=tests-client") as client:
+    async with serve(app) as server, server.client("/realtime?room=tests-client") as client:
         subscription = client.subscribe(model=MessagePosted)
         await subscription.connected()  # from here on, every event published reaches the subscription
-        async with httpx.AsyncClient(base_url=f"http://{host}") as http:
+        async with server.http() as http:
             reply = await http.post("/rooms/tests-client/messages", json={"author": "cy", "text": "hey"})
         [received] = await subscription.take(1, timeout=5)
 

@@ -3,9 +3,10 @@
     rtbroadcast listen 'ws://127.0.0.1:8000/realtime?room=lobby'
     rtbroadcast schema myapp.realtime:broadcaster
 
-``listen`` prints every event on stdout with its seq and latency, and what happens to the connection on
-stderr (welcome, pongs, gaps, resyncs, closes and reconnects). It resumes after a reconnect with the
-``epoch`` and ``last_seq`` query parameters, as a client should.
+``listen`` is :class:`rtbroadcast.client.Client` with a printer attached: it prints every event the
+client applies on stdout with its seq and latency, and what happens to the connection on stderr (attempts,
+welcome, pongs, duplicates dropped, gaps, resyncs, closes and reconnects). It resumes after a reconnect
+with the ``epoch`` and ``last_seq`` query parameters, exactly as the client does for an application.
 
 Exit codes: 0 clean end (the server closed with 1000, ``--count`` reached, or Ctrl-C); 1 an error (bad
 command line, a module that does not import); 2 the server refused the connection (close code 4003/4004, or
@@ -17,36 +18,31 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import importlib
 import inspect
 import json
-import random
+import logging
 import re
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, NoReturn, TextIO
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
-from .errors import ProtocolError
 from .protocol import (
     CloseCode,
-    ErrorFrame,
     EventFrame,
     ObservedCloseCode,
-    Ping,
     Pong,
     ResyncRequired,
     ServerFrame,
     Welcome,
-    decode_server_frame,
-    encode_client_frame,
+    WelcomeV2,
+    judge_event,
 )
 
 if TYPE_CHECKING:
-    from websockets.asyncio.client import ClientConnection
+    from .client import Client, ClientError, DisconnectInfo, Refused, Subscription
 
 __all__ = ["EXIT_ERROR", "EXIT_OK", "EXIT_REFUSED", "EXIT_UNREACHABLE", "main"]
 
@@ -55,19 +51,14 @@ EXIT_ERROR: Final = 1
 EXIT_REFUSED: Final = 2
 EXIT_UNREACHABLE: Final = 3
 
-#: Close codes after which retrying with the same request cannot help.
-_REFUSED_CODES: Final = frozenset({CloseCode.FORBIDDEN, CloseCode.BAD_REQUEST})
-#: HTTP statuses of a refused handshake (the endpoint exists but will not have us, or does not exist).
-_REFUSED_STATUSES: Final = frozenset({403, 404})
 _MAX_DELAY: Final = 10.0
-
-
-class _Refused(Exception):
-    """The server refused the connection; retrying unchanged will not help."""
+#: ``--ping-interval 0``: no pings (and so no dead-connection detection): a day between them.
+_NO_PINGS: Final = 86_400.0
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 class Listener:
-    """Connect to a broadcast endpoint, print what arrives, and reconnect with resume.
+    """Follow a broadcast endpoint with :class:`rtbroadcast.client.Client` and print what happens.
 
     Args:
         url: the endpoint's ``ws://`` or ``wss://`` URL, channel parameters included.
@@ -77,7 +68,8 @@ class Listener:
             sends none.
         max_retries: retries after a failed connection attempt before giving up: at most ``max_retries + 1``
             attempts fail in a row. A connection that got its ``welcome`` resets the count.
-        retry_delay: the first delay between attempts; it doubles up to 10 s, with jitter.
+        retry_delay: the first backoff ceiling: each delay is random below it (full jitter), and it
+            doubles per failed attempt up to 10 s.
         count: stop after this many events.
         headers: extra HTTP headers for the handshake.
         out: where events go.
@@ -109,163 +101,117 @@ class Listener:
         self.out = out
         self.err = err
         self.received = 0
-        self._ping_sent: float | None = None
+        self._subscription: Subscription[dict[str, Any]] | None = None
+        self._requested = False  # whether the current attempt resumes from a position
+        self._failures = 0  # attempts in a row without a welcome
+        self._last_close: DisconnectInfo | None = None
+        self._client: Client | None = None
 
     def _say(self, text: str) -> None:
         print(text, file=self.err, flush=True)
 
-    def resume_url(self) -> str:
-        """Return the URL to connect to: ``url`` with ``epoch`` and ``last_seq`` when there is a position."""
-        if self.epoch is None or self.last_seq is None:
-            return self.url
-        parts = urlsplit(self.url)
-        query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in _RESUME_KEYS]
-        query += [("epoch", self.epoch), ("last_seq", str(self.last_seq))]
-        return urlunsplit(parts._replace(query=urlencode(query)))
-
     async def run(self) -> int:
         """Listen until a clean end, a refusal, or too many failed attempts; return the exit code."""
-        from websockets.asyncio.client import connect
-        from websockets.exceptions import InvalidHandshake, InvalidStatus
+        from .client import Backoff, Client, Refused, Unreachable
 
-        failures = 0
-        delay = self.retry_delay
-        while True:
-            url = self.resume_url()
-            self._say(f"connecting to {url}")
-            welcomed = False
+        interval = self.ping_interval
+        client = Client(
+            self.url,
+            headers=self.headers,
+            backoff=Backoff(initial_delay=self.retry_delay, max_delay=max(_MAX_DELAY, self.retry_delay)),
+            heartbeat_interval=None if interval is None else (interval or _NO_PINGS),
+            max_retries=self.max_retries,
+            on_connecting=self._on_connecting,
+            on_connect=self._on_welcome,
+            on_disconnect=self._on_disconnect,
+            on_error=self._on_error,
+            on_frame=self._on_frame,
+        )
+        self._client = client
+        position = None if self.epoch is None or self.last_seq is None else (self.epoch, self.last_seq)
+        async with client:
+            self._subscription = subscription = client.subscribe(position=position)
             try:
-                async with connect(
-                    url, additional_headers=self.headers, open_timeout=10, max_size=None, compression=None
-                ) as ws:
-                    welcomed, code = await self._session(ws)
-                if code is not None:
-                    return code
-            except InvalidStatus as exc:
-                status = exc.response.status_code
-                if status in _REFUSED_STATUSES:
-                    self._say(f"refused: {_refusal(status, url)}")
-                    return EXIT_REFUSED
-                self._say(f"handshake failed: HTTP {status}")
-            except _Refused as exc:
-                self._say(f"refused: {exc}")
-                return EXIT_REFUSED
-            except (OSError, TimeoutError, InvalidHandshake) as exc:
-                self._say(f"cannot connect: {exc or type(exc).__name__}")
-            if welcomed:
-                failures, delay = 0, self.retry_delay
-            else:
-                failures += 1
-                if failures > self.max_retries:
-                    self._say(f"giving up: {failures} attempt(s) in a row failed")
-                    return EXIT_UNREACHABLE
-            pause = delay * (0.5 + random.random() / 2)  # jitter, not cryptography
-            position = "" if self.epoch is None else f" (resume from epoch {self.epoch} seq {self.last_seq})"
-            self._say(f"reconnecting in {pause:.2f} s{position}")
-            await asyncio.sleep(pause)
-            delay = min(delay * 2, _MAX_DELAY)
-
-    async def _session(self, ws: ClientConnection) -> tuple[bool, int | None]:
-        """Read one connection; return whether it was welcomed, and an exit code to stop with, if any."""
-        from websockets.exceptions import ConnectionClosed
-
-        welcomed = False
-        pinger: asyncio.Task[None] | None = None
-        try:
-            async for message in ws:
-                frame = self._decode(message)
-                if isinstance(frame, Welcome):
-                    welcomed = True
-                    self._on_welcome(frame)
-                    interval = frame.heartbeat_interval if self.ping_interval is None else self.ping_interval
-                    if interval > 0 and pinger is None:
-                        pinger = asyncio.get_running_loop().create_task(self._ping(ws, interval))
-                elif isinstance(frame, EventFrame):
-                    self._on_event(frame, message)
+                async for received in subscription:
+                    self._print_event(received.seq, received.event)
                     if self.count is not None and self.received >= self.count:
-                        return welcomed, EXIT_OK
-                elif isinstance(frame, Pong):
-                    self._on_pong(frame)
-                elif isinstance(frame, ResyncRequired):
-                    self._on_resync(frame)
-                elif isinstance(frame, ErrorFrame):
-                    self._say(f"error from server: {frame.code}: {frame.message}")
-        except ConnectionClosed:
-            pass
-        finally:
-            if pinger is not None:
-                pinger.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await pinger
-        code = ws.close_code
-        reason = ws.close_reason or ""
-        self._say(f"closed: {_describe_close(code)}{f' {reason!r}' if reason else ''}")
-        if code in _REFUSED_CODES:
-            raise _Refused(f"close code {code} {_close_name(code)}{f': {reason}' if reason else ''}")
-        if code == CloseCode.NORMAL:
-            return welcomed, EXIT_OK
-        return welcomed, None
+                        break
+            except Refused as exc:
+                self._say(f"refused: {self._refusal(exc)}")
+                return EXIT_REFUSED
+            except Unreachable:
+                self._say(f"giving up: {self._failures} attempt(s) in a row failed")
+                return EXIT_UNREACHABLE
+        return EXIT_OK
 
-    def _decode(self, message: str | bytes) -> ServerFrame | None:
+    # -- what the client tells us ----------------------------------------------------------------------
 
-        try:
-            return decode_server_frame(message)
-        except ProtocolError as exc:
-            text = message if isinstance(message, str) else repr(message)
-            self._say(f"unreadable frame ({exc}): {text[:200]}")
-            return None
+    def _on_connecting(self, url: str) -> None:
+        self._requested = self._subscription is not None and self._subscription.position is not None
+        self._failures += 1
+        self._say(f"connecting to {url}")
 
-    def _on_welcome(self, frame: Welcome) -> None:
-        requested = self.epoch is not None
-        self._say(
-            f"welcome: channel {frame.channel!r}, epoch {frame.epoch}, seq {frame.seq}, "
-            f"heartbeat {frame.heartbeat_interval:g} s"
-            + (f", resumed: {'yes' if frame.resumed else 'no'}" if requested else "")
-        )
-        # Resumed: seq is where we asked to resume from. Not resumed: seq is the channel's current one, and
-        # a resync_required follows if we had asked to resume. Either way the next event follows it.
-        self.epoch, self.last_seq = frame.epoch, frame.seq
-
-    def _on_event(self, frame: EventFrame, text: str | bytes) -> None:
-        if self.last_seq is not None:
-            expected = self.last_seq + 1
-            if frame.seq > expected:
-                self._say(f"gap: expected seq {expected}, got {frame.seq} ({frame.seq - expected} missing)")
-            elif frame.seq < expected:
-                self._say(f"out of order: seq {frame.seq} after {self.last_seq}")
-        self.last_seq = frame.seq
-        self.received += 1
-        latency = _latency_ms(frame.data.get("timestamp"))
-        shown = f"latency {latency:.1f} ms" if latency is not None else "latency ?"
-        body = text if isinstance(text, str) else text.decode("utf-8", "replace")
-        print(f"seq {frame.seq} {frame.type} ({shown}) {body}", file=self.out, flush=True)
-
-    def _on_pong(self, frame: Pong) -> None:
-        sent, self._ping_sent = self._ping_sent, None
-        rtt = f"round trip {(time.monotonic() - sent) * 1000:.1f} ms" if sent is not None else "unsolicited"
-        self._say(f"pong: {rtt}, server time {frame.timestamp}")
-
-    def _on_resync(self, frame: ResyncRequired) -> None:
-        self._say(
-            f"resync_required: {frame.reason}; continuing from epoch {frame.epoch} seq {frame.seq} "
-            "(an app would reload its snapshot now)"
-        )
-        self.epoch, self.last_seq = frame.epoch, frame.seq
-
-    async def _ping(self, ws: ClientConnection, interval: float) -> None:
-        from websockets.exceptions import ConnectionClosed
-
-        ping = encode_client_frame(Ping())
-        try:
-            while True:
-                await asyncio.sleep(interval)
-                self._ping_sent = time.monotonic()
-                await ws.send(ping)
-        except ConnectionClosed:
+    def _on_welcome(self, welcome: Welcome | WelcomeV2) -> None:
+        self._failures = 0
+        if not isinstance(welcome, Welcome):  # listen speaks protocol 1
             return
+        self._say(
+            f"welcome: channel {welcome.channel!r}, epoch {welcome.epoch}, seq {welcome.seq}, "
+            f"heartbeat {welcome.heartbeat_interval:g} s"
+            + (f", resumed: {'yes' if welcome.resumed else 'no'}" if self._requested else "")
+        )
 
+    def _on_frame(self, frame: ServerFrame) -> None:
+        subscription = self._subscription
+        if isinstance(frame, Pong):
+            rtt = self._rtt()
+            shown = f"round trip {rtt * 1000:.1f} ms" if rtt is not None else "unsolicited"
+            self._say(f"pong: {shown}, server time {frame.timestamp}")
+        elif isinstance(frame, ResyncRequired):
+            self._say(
+                f"resync_required: {frame.reason}; continuing from epoch {frame.epoch} seq {frame.seq} "
+                "(an app would reload its snapshot now)"
+            )
+        elif (
+            isinstance(frame, EventFrame)
+            and subscription is not None
+            and judge_event(subscription.position, frame.seq) == "duplicate"
+        ):
+            self._say(f"duplicate: seq {frame.seq} (already applied): dropped")
 
-_RESUME_KEYS: Final = frozenset({"epoch", "last_seq"})
+    def _rtt(self) -> float | None:
+        return self._client.stats.round_trip if self._client is not None else None
+
+    def _on_error(self, error: ClientError) -> None:
+        text = error.message
+        if text.startswith("the server rejected a frame: "):
+            text = "error from server: " + text.removeprefix("the server rejected a frame: ")
+        self._say(text)
+
+    def _on_disconnect(self, info: DisconnectInfo) -> None:
+        self._last_close = info
+        reason = f" {info.reason!r}" if info.reason else ""
+        self._say(f"closed: {_describe_close(info.code)}{reason}")
+        if info.retry_in is None:
+            return
+        position = self._subscription.position if self._subscription is not None else None
+        resume = "" if position is None else f" (resume from epoch {position.epoch} seq {position.seq})"
+        self._say(f"reconnecting in {info.retry_in:.2f} s{resume}")
+
+    def _print_event(self, seq: int, event: dict[str, Any]) -> None:
+        self.received += 1
+        latency = _latency_ms(event.get("timestamp"))
+        shown = f"latency {latency:.1f} ms" if latency is not None else "latency ?"
+        print(
+            f"seq {seq} {event['type']} ({shown}) {_dumps({**event, 'seq': seq})}", file=self.out, flush=True
+        )
+
+    def _refusal(self, exc: Refused) -> str:
+        if exc.status is not None:
+            return _refusal(exc.status, self.url)
+        close = self._last_close
+        reason = close.reason if close is not None else ""
+        return f"close code {exc.code} {_close_name(exc.code)}{f': {reason}' if reason else ''}"
 
 
 def _latency_ms(timestamp: object) -> float | None:
@@ -480,7 +426,8 @@ def _parser() -> argparse.ArgumentParser:
         "--ping-interval",
         type=float,
         metavar="SECONDS",
-        help="seconds between JSON pings (default: the welcome's heartbeat interval; 0: none)",
+        help="seconds between JSON pings (default: the welcome's heartbeat interval; 0: none, and no "
+        "dead-connection detection)",
     )
     listen.add_argument(
         "--max-retries",
@@ -495,7 +442,7 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=0.5,
         metavar="SECONDS",
-        help="first delay between attempts; doubles up to 10 s (default: 0.5)",
+        help="first backoff ceiling: delays are random below it, doubling up to 10 s (default: 0.5)",
     )
     listen.add_argument("--count", type=int, metavar="N", help="exit after N events")
     listen.add_argument(
@@ -570,6 +517,11 @@ def _listen_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         count=args.count,
         headers=args.header,
     )
+    # Everything the client has to say reaches the listener's callbacks, which print it; its logger would
+    # only say it twice.
+    client_logger = logging.getLogger("rtbroadcast.client")
+    client_logger.addHandler(logging.NullHandler())
+    client_logger.propagate = False
     try:
         return asyncio.run(listener.run())
     except KeyboardInterrupt:

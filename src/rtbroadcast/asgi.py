@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import logging
 import random
 import time
@@ -44,6 +45,7 @@ from .protocol import (
     Unsubscribe,
     decode_client_frame,
     decode_positions,
+    encode_positions,
     encode_server_frame,
     is_valid_channel,
     parse_protocol,
@@ -596,12 +598,14 @@ class BroadcastEndpoint:
         connection = None
         try:
             admission = await self._admit(request)
-            if admission.request.protocol == 2:
-                # Several channels on one stream is the SSE helper's to add; until then, say so plainly.
-                raise _Refused(CloseCode.BAD_REQUEST, "protocol 2 is not available over Server-Sent Events")
             connection = self._connection(admission)
-            await self._attach(connection, admission.positions.get(connection.channel))
+            if admission.request.protocol == 2:
+                await self._sse_subscribe(connection, admission)
+            else:
+                await self._attach(connection, admission.positions.get(connection.channel))
         except _Refused as refused:
+            if connection is not None:
+                connection.close(CloseCode.NORMAL, "refused")
             status = _SSE_STATUS.get(refused.code, 400)
             await _plain_response(send, status, refused.reason)
             return
@@ -618,7 +622,10 @@ class BroadcastEndpoint:
         )
         watcher = asyncio.get_running_loop().create_task(_watch_disconnect(receive, connection))
         try:
-            await self._stream(connection, send)
+            if connection.protocol == 2:
+                await self._stream_v2(connection, send)
+            else:
+                await self._stream(connection, send)
             code = connection.close_code
             connection.close(CloseCode.NORMAL, "stream ended")
             watcher.cancel()
@@ -655,6 +662,110 @@ class BroadcastEndpoint:
                 chunk = f"id: {item.epoch}:{item.seq}\ndata: {item.data}\n\n"
             await send({"type": "http.response.body", "body": chunk.encode(), "more_body": True})
             connection.sent += 1
+
+    async def _sse_subscribe(self, connection: Connection, admission: _Admission) -> None:
+        """Attach a protocol-2 SSE stream and subscribe it to the resolver's and the URL's channels.
+
+        The channels are the resolver's (server-side) and those of the repeated ``channel=`` query
+        parameters, each asked of ``authorize``; each resumes from the ``Last-Event-ID`` header (or the
+        ``resume`` parameter). A denied channel gets an ``error`` frame and the stream goes on; a request
+        none of whose channels could be subscribed is refused (403, or 503 if the backend is unavailable).
+
+        Raises:
+            _Refused: the channels, the positions, or every subscription failed.
+        """
+        request = admission.request
+        raw_query = request.scope.get("query_string", b"").decode("latin-1")
+        asked = [value for key, value in parse_qsl(raw_query, keep_blank_values=True) if key == "channel"]
+        for channel in asked:
+            if not is_valid_channel(channel):
+                raise _Refused(
+                    CloseCode.BAD_REQUEST,
+                    f"invalid channel name in channel=: {channel[:64]!r} (1 to 256 characters, no control "
+                    "characters)",
+                )
+        channels = tuple(dict.fromkeys((*admission.channels, *asked)))
+        if len(channels) > self.max_subscriptions:
+            raise _Refused(
+                CloseCode.BAD_REQUEST,
+                f"{len(channels)} channels, more than this endpoint's max_subscriptions "
+                f"({self.max_subscriptions})",
+            )
+        positions = admission.positions
+        last_event_id = request.headers.get("last-event-id")
+        if last_event_id:
+            # A reconnecting EventSource sends it with the URL it first opened: it is the newer position.
+            try:
+                positions = decode_positions(last_event_id)
+            except ProtocolError as exc:
+                raise _Refused(CloseCode.BAD_REQUEST, f"Last-Event-ID: {exc.message}") from None
+        await self._attach(connection, None)
+        for channel in channels:
+            await self._subscribe(connection, request, None, channel, positions.get(channel))
+        if channels and not connection.cursors:
+            raise _Refused(*_refusal_of(connection))
+
+    async def _stream_v2(self, connection: Connection, send: Send) -> None:
+        """Write protocol-2 frames as SSE events; each that moves a channel's position gets an ``id:``.
+
+        The id holds every channel's position after that frame (:func:`~rtbroadcast.protocol.
+        encode_positions`), from what was written, not from the cursors (which run ahead by what is
+        queued), so that the browser's ``Last-Event-ID`` resumes each channel right after its last event.
+        """
+        interval = self.broadcaster.heartbeat_interval
+        positions: dict[str, ResumePoint] = {}
+        while True:
+            try:
+                async with asyncio.timeout(interval):
+                    item = await connection.get()
+            except TimeoutError:
+                await send({"type": "http.response.body", "body": b": ping\n\n", "more_body": True})
+                continue
+            if item is None:
+                return
+            if isinstance(item, str):
+                text = item
+                moved = _track_position(positions, item)
+            else:
+                text = item.protocol2_text()
+                positions[item.channel] = ResumePoint(item.epoch, item.seq)
+                moved = True
+            chunk = f"id: {encode_positions(positions)}\ndata: {text}\n\n" if moved else f"data: {text}\n\n"
+            await send({"type": "http.response.body", "body": chunk.encode(), "more_body": True})
+            connection.sent += 1
+
+
+def _track_position(positions: dict[str, ResumePoint], frame: str) -> bool:
+    """Update ``positions`` from a protocol frame; return whether it moved one (then the id changes)."""
+    # Only the frames that carry a position: subscribed, resync_required (set it), unsubscribed (drop it).
+    if not frame.startswith(('{"type":"subscribed"', '{"type":"resync_required"', '{"type":"unsubscribed"')):
+        return False
+    body = json.loads(frame)
+    channel = body.get("channel")
+    if not isinstance(channel, str):
+        return False
+    if body["type"] == "unsubscribed":
+        return positions.pop(channel, None) is not None
+    positions[channel] = ResumePoint(body["epoch"], body["seq"])
+    return True
+
+
+def _refusal_of(connection: Connection) -> tuple[int, str]:
+    """The close code and reason of a protocol-2 SSE request none of whose subscriptions succeeded.
+
+    Read from the ``error`` frames queued for it: ``forbidden`` (403) unless the backend or a limit was
+    the reason (``try_again_later``: 503).
+    """
+    code, reason = CloseCode.FORBIDDEN, "forbidden"
+    while (item := connection.get_nowait()) is not None:
+        if not isinstance(item, str) or not item.startswith('{"type":"error"'):
+            continue
+        error = json.loads(item)
+        if error.get("code") == SubscriptionErrorCode.TRY_AGAIN_LATER:
+            return CloseCode.TRY_AGAIN_LATER, str(error.get("message", "try again later"))
+        if error.get("code") == SubscriptionErrorCode.FORBIDDEN:
+            reason = str(error.get("message") or reason)
+    return code, reason
 
 
 #: The broadcaster's states once the process has begun to stop.

@@ -32,6 +32,7 @@ import contextlib
 import logging
 import random
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -47,32 +48,44 @@ from .protocol import (
     CloseCode,
     ErrorFrame,
     EventFrame,
+    EventVerdict,
     ObservedCloseCode,
     Ping,
     Pong,
     ResumePoint,
     ResyncRequired,
+    ServerFrame,
+    Subscribed,
     Welcome,
+    WelcomeV2,
     decode_server_frame,
     encode_client_frame,
+    is_valid_channel,
+    judge_event,
 )
 
 if TYPE_CHECKING:
     from websockets.asyncio.client import ClientConnection
 
+    from ._client2 import _Multiplexer
+
 __all__ = [
     "Backoff",
+    "ChannelSubscription",
     "Client",
     "ClientError",
     "ClientState",
     "ClientStats",
     "CloseAction",
-    "Cursor",
     "DisconnectInfo",
+    "Presence",
+    "PresenceChange",
     "Received",
     "Refused",
+    "ResumeTracker",
     "ResyncInfo",
     "Subscription",
+    "SubscriptionDenied",
     "SubscriptionStats",
     "TokenRequest",
     "Unreachable",
@@ -92,12 +105,17 @@ Position: TypeAlias = ResumePoint | tuple[str, int]
 
 
 class ClientError(RTBroadcastError):
-    """The client stopped, or reports a problem; ``code`` is the close code (or HTTP status) if any."""
+    """The client stopped, or reports a problem.
 
-    def __init__(self, message: str, code: int | None = None) -> None:
+    ``code`` is the close code if any (a refused handshake counts as the close code it stands for: HTTP
+    401/403 as ``4003``, 400/404 as ``4004``); ``status`` is the HTTP status of a refused handshake.
+    """
+
+    def __init__(self, message: str, code: int | None = None, *, status: int | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.code = code
+        self.status = status
 
 
 class Refused(ClientError):
@@ -110,33 +128,31 @@ class Unreachable(ClientError, ConnectionError):
 
 # -- sans I/O: position, verdicts, backoff, close codes ------------------------------------------
 
-#: What to do with an event: apply it, drop it (already applied), or reconnect (a seq was skipped).
-Verdict: TypeAlias = Literal["apply", "duplicate", "gap"]
+#: What to do with an event (:func:`rtbroadcast.protocol.judge_event` decides): ``apply`` it, drop it as
+#: a ``duplicate``, reconnect on a ``gap``, or ``ignore`` it (no position yet, or another stream's).
+Verdict: TypeAlias = EventVerdict
 
 
-class Cursor:
-    """One subscription's position in its channel's stream: the last event applied, or a snapshot's.
+class ResumeTracker:
+    """One subscription's place in its channel's stream: the last event applied, or a snapshot's position.
 
-    Sans I/O (no sockets, no clock), so a client on another platform can copy it line by line.
+    What the client resumes from after a drop. Sans I/O (no sockets, no clock), so a client on another
+    platform can copy it line by line; the decision itself is :func:`rtbroadcast.protocol.judge_event`.
+    (The server's :class:`rtbroadcast.cursor.Cursor` is the other end: where a server-side subscription
+    stands in what it delivered.)
     """
 
     def __init__(self, position: Position | None = None) -> None:
         self.position: ResumePoint | None = None if position is None else _position(position)
 
-    def judge(self, seq: int) -> Verdict | None:
-        """Judge an event at ``seq``; ``None`` while there is no position (the welcome sets one)."""
-        if self.position is None:
-            return None
-        if seq <= self.position.seq:
-            return "duplicate"
-        if seq == self.position.seq + 1:
-            return "apply"
-        return "gap"
+    def judge(self, seq: int, epoch: str | None = None) -> Verdict:
+        """Judge an event at ``seq`` of the stream in ``epoch`` (``None``: the position's own)."""
+        return judge_event(self.position, seq, epoch=epoch)
 
     def advance(self, seq: int) -> None:
         """Record that the event at ``seq`` was applied."""
         if self.position is None:
-            raise RuntimeError("advance() before the cursor has a position")
+            raise RuntimeError("advance() before the tracker has a position")
         self.position = ResumePoint(self.position.epoch, seq)
 
     def reset(self, position: Position | None) -> None:
@@ -275,6 +291,8 @@ class ClientStats:
     resumed: int = 0
     #: Connections declared dead by the heartbeat.
     heartbeat_timeouts: int = 0
+    #: Seconds between the last ``ping`` and the ``pong`` that answered it; ``None`` before the first.
+    round_trip: float | None = None
 
 
 @dataclass(slots=True)
@@ -307,10 +325,11 @@ _BAD_STATUSES: Final = frozenset({400, 404})
 class _Closed(Exception):
     """The current connection ended with ``code`` (internal: turned into a retry, a stop or an end)."""
 
-    def __init__(self, code: int, reason: str) -> None:
+    def __init__(self, code: int, reason: str, status: int | None = None) -> None:
         super().__init__(code, reason)
         self.code = code
         self.reason = reason
+        self.status = status
 
 
 class _Ended(Exception):
@@ -345,10 +364,20 @@ class Client:
         max_retries: failed attempts in a row (without a welcome) after which iteration raises
             :class:`Unreachable`; ``None`` retries for ever.
         events: the registry that maps event types to models (default: :data:`rtbroadcast.registry`).
-        on_connect: called with each ``welcome``.
+        on_connect: called with each ``welcome`` (a :class:`~rtbroadcast.protocol.WelcomeV2` on
+            protocol 2).
         on_disconnect: called when a connection ends, with what happens next.
         on_error: called with problems that do not stop the client (an ``error`` frame, an unreadable
             frame, a failed ``resync``); default: logged on the ``rtbroadcast.client`` logger.
+        protocol: the wire protocol: 1 (one channel per connection, named by the URL) or 2 (one
+            connection carries every :meth:`subscribe`; the server must speak it).
+        on_server_subscription: protocol 2: called with a :class:`Subscription` the server made (a
+            ``subscribed`` frame without a request) for a channel not subscribed to with
+            ``server_side=True``; without it, such channels are ignored.
+        on_connecting: called before each connection attempt with the URL it opens (the resume
+            parameters and the token included: mind where you log it).
+        on_frame: called with every frame the server sends (decoded: a :class:`~rtbroadcast.Welcome`,
+            an event, a pong...) before the client acts on it; for tools, traces and tests.
 
     Raises:
         ConfigurationError: an option is invalid.
@@ -369,9 +398,13 @@ class Client:
         connect_timeout: float = 10.0,
         max_retries: int | None = None,
         events: EventRegistry | None = None,
-        on_connect: Callable[[Welcome], object] | None = None,
+        on_connect: Callable[[Welcome | WelcomeV2], object] | None = None,
         on_disconnect: Callable[[DisconnectInfo], object] | None = None,
         on_error: Callable[[ClientError], object] | None = None,
+        on_connecting: Callable[[str], object] | None = None,
+        on_frame: Callable[[ServerFrame], object] | None = None,
+        protocol: int = 1,
+        on_server_subscription: Callable[[Subscription[Any]], object] | None = None,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("ws", "wss") or not parts.netloc:
@@ -381,6 +414,8 @@ class Client:
         seconds("connect_timeout", connect_timeout)
         optional_seconds("heartbeat_interval", heartbeat_interval)
         optional_count("max_retries", max_retries, minimum=0)
+        if protocol not in (1, 2) or isinstance(protocol, bool):
+            raise ConfigurationError(f"protocol must be 1 or 2, not {protocol!r}")
         if not isinstance(backoff, Backoff):
             raise ConfigurationError(f"backoff must be a Backoff, not {type(backoff).__name__}")
         self.url = url
@@ -398,6 +433,12 @@ class Client:
         self.on_connect = on_connect
         self.on_disconnect = on_disconnect
         self.on_error = on_error
+        self.on_connecting = on_connecting
+        self.on_frame = on_frame
+        #: The wire protocol this client speaks (1 or 2).
+        self.protocol = protocol
+        self.on_server_subscription = on_server_subscription
+        self._multiplexer: _Multiplexer | None = None
         #: Counters of the connection state machine.
         self.stats = ClientStats()
         self._state: ClientState = "idle"
@@ -422,6 +463,9 @@ class Client:
         model: None = None,
         position: Position | None = None,
         resync: ResyncCallback | None = None,
+        presence: bool = False,
+        on_presence: Callable[[PresenceChange], object] | None = None,
+        server_side: bool = False,
     ) -> Subscription[dict[str, Any]]: ...
 
     @overload
@@ -433,6 +477,9 @@ class Client:
         model: type[E],
         position: Position | None = None,
         resync: ResyncCallback | None = None,
+        presence: bool = False,
+        on_presence: Callable[[PresenceChange], object] | None = None,
+        server_side: bool = False,
     ) -> Subscription[E]: ...
 
     def subscribe(
@@ -443,16 +490,21 @@ class Client:
         model: type[Any] | None = None,
         position: Position | None = None,
         resync: ResyncCallback | None = None,
+        presence: bool = False,
+        on_presence: Callable[[PresenceChange], object] | None = None,
+        server_side: bool = False,
     ) -> Subscription[Any]:
-        """Subscribe to the stream; iterate the result to receive its events.
+        """Subscribe to a channel's stream; iterate the result to receive its events.
 
-        Protocol 1 carries one channel per connection, so a client has one subscription; nothing is
-        opened until it is iterated (or :meth:`Subscription.connected` is awaited).
+        Protocol 1 carries one channel per connection, so a client has one subscription. Protocol 2
+        carries any number on one connection, each with its own position and ``resync``. Nothing is
+        opened until a subscription is iterated (or :meth:`Subscription.connected` is awaited).
 
         Args:
-            channel: the channel the server must confirm in its ``welcome`` (protocol 1: the URL names
-                it; a different one raises :class:`ClientError`). Optional.
-            params: query parameters added to the URL (``{"room": "lobby"}``).
+            channel: protocol 1: the channel the server must confirm in its ``welcome`` (the URL names
+                it; a different one raises :class:`ClientError`), optional. Protocol 2: the channel to
+                subscribe to, required.
+            params: protocol 1: query parameters added to the URL (``{"room": "lobby"}``).
             model: decode events into this model: an :class:`~rtbroadcast.Event` subclass (a base class
                 of several events works: each event is decoded into the model its ``type`` is registered
                 with) or any pydantic model. Without it, events are ``dict``\\ s (their ``type``
@@ -464,28 +516,86 @@ class Client:
                 first connection when no ``position`` is given, and whenever the server says
                 ``resync_required``. Without it the subscription continues from the server's position,
                 and the events missed are missing (logged at WARNING).
+            presence: protocol 2: ask for the channel's presence (where the channel has it):
+                :attr:`ChannelSubscription.presence` is kept up to date.
+            on_presence: protocol 2: called with each :class:`PresenceChange` (snapshot, join, leave).
+            server_side: protocol 2: the server makes this subscription (its resolver at connect, or
+                the service later): the client does not ask for it, only receives it (and resumes it
+                at each reconnect through the ``resume`` query parameter).
 
         Raises:
-            ClientError: the client already has its subscription, or is closed.
-            ConfigurationError: ``position`` is not a stream position.
+            ClientError: the client already has its subscription (protocol 1) or one of this channel
+                (protocol 2), or is closed.
+            ConfigurationError: ``position`` is not a stream position, or an argument does not fit the
+                client's protocol.
         """
         if self._state == "closed":
             raise ClientError("the client is closed")
+        if self.protocol == 2:
+            return self._subscribe_v2(
+                channel, params, model, position, resync, presence, on_presence, server_side
+            )
+        if presence or on_presence is not None or server_side:
+            raise ConfigurationError("presence, on_presence and server_side need protocol=2")
         if self._subscription is not None:
             raise ClientError(
                 "protocol 1 carries one channel per connection: this client already has its subscription"
             )
-        subscription: Subscription[Any] = Subscription(
+        subscription: Subscription[Any] = _SingleSubscription(
             self, channel=channel, params=params, model=model, position=position, resync=resync
         )
         self._subscription = subscription
         return subscription
 
+    @property
+    def subscriptions(self) -> Mapping[str, Subscription[Any]]:
+        """The subscriptions this client carries, by channel (protocol 1: once the channel is known)."""
+        if self._multiplexer is not None:
+            return dict(self._multiplexer.subscriptions)
+        single = self._subscription
+        return {single.channel: single} if single is not None and single.channel is not None else {}
+
+    @property
+    def connection_id(self) -> str | None:
+        """Protocol 2: the server's id of the current connection (presence's ``client``), else ``None``."""
+        welcome = self._multiplexer.welcome if self._multiplexer is not None else None
+        return welcome.connection if welcome is not None else None
+
+    def _subscribe_v2(
+        self,
+        channel: str | None,
+        params: Mapping[str, str] | None,
+        model: type[Any] | None,
+        position: Position | None,
+        resync: ResyncCallback | None,
+        presence: bool,
+        on_presence: Callable[[PresenceChange], object] | None,
+        server_side: bool,
+    ) -> Subscription[Any]:
+        from ._client2 import _Multiplexer
+
+        if channel is None or not is_valid_channel(channel):
+            raise ConfigurationError(f"protocol 2 subscribes to a channel by name: not {channel!r}")
+        if params:
+            raise ConfigurationError("params name a protocol-1 channel; on protocol 2 put them in the url")
+        if self._multiplexer is None:
+            self._multiplexer = _Multiplexer(self)
+        if channel in self._multiplexer.subscriptions:
+            raise ClientError(f"this client already has a subscription to {channel!r}")
+        subscription: ChannelSubscription[Any] = ChannelSubscription(
+            self, self._multiplexer, channel, model=model, position=position, resync=resync,
+            presence=presence, on_presence=on_presence, server_side=server_side,
+        )  # fmt: skip
+        self._multiplexer.add(subscription)
+        return subscription
+
     async def close(self) -> None:
-        """Stop for good: close the connection (code 1000), end the subscription's iteration."""
+        """Stop for good: close the connection (code 1000), end every subscription's iteration."""
         self._state = "closed"
         if self._subscription is not None:
             await self._subscription.close()
+        if self._multiplexer is not None:
+            await self._multiplexer.close()
 
     async def __aenter__(self) -> Self:
         return self
@@ -505,13 +615,14 @@ class Client:
             logger.warning("%s", error)
 
 
-class Subscription(Generic[E]):
+class Subscription(ABC, Generic[E]):
     """One channel's stream as the application sees it: events in seq order, each once.
 
     Created by :meth:`Client.subscribe`. Iterating it yields :class:`~rtbroadcast.Received` items (the
     event, its ``seq`` and its channel) and drives the connection: it connects, reconnects and resyncs
     as needed, and raises :class:`Refused` or :class:`Unreachable` when it stops for good. Iteration
-    ends when the server closes with ``1000`` or the client is closed.
+    ends when the server closes with ``1000``, the client is closed, or (protocol 2) the subscription is
+    closed or ended by the server.
 
     An event that does not decode into the subscription's ``model`` raises
     :class:`~rtbroadcast.InvalidEvent`; the position has moved past it, so iteration can go on.
@@ -521,50 +632,35 @@ class Subscription(Generic[E]):
         self,
         client: Client,
         *,
-        channel: str | None,
-        params: Mapping[str, str] | None,
         model: type[Any] | None,
         position: Position | None,
         resync: ResyncCallback | None,
     ) -> None:
         self._client = client
-        self._channel = channel
-        self._expected_channel = channel
-        self._params = dict(params or {})
         self._model = model
-        self._cursor = Cursor(position)
+        self._tracker = ResumeTracker(position)
         self._resync_callback = resync
         #: Counters: events applied, duplicates dropped, gaps seen, resyncs run.
         self.stats = SubscriptionStats()
-        #: The last ``welcome`` received.
-        self.welcome: Welcome | None = None
-        self._ws: ClientConnection | None = None
-        self._pinger: asyncio.Task[None] | None = None
-        self._read_timeout = 0.0
-        self._stream_epoch: str | None = None  # the epoch of the events the connection delivers now
-        self._connected_at = 0.0
-        self._retry = 0  # retries since the last stable connection: the backoff's step
-        self._failures = 0  # attempts in a row without a welcome: for max_retries
-        self._next_delay: float | None = None
-        self._attempt_from: ResumePoint | None = None
-        self._stalled_resumes = 0
-        self._welcomed_attempt = False
-        self._drop_reason: str | None = None
-        self._restart_reason: str | None = "initial" if position is None and resync is not None else None
+        #: Protocol 2, ``presence=True`` on a channel with presence: who is there, kept current.
+        self.presence: Presence | None = None
         self._requested = False
-        self._pending_resync: ResyncInfo | None = None
-        self._closed = asyncio.Event()
         self._busy = False
 
     @property
+    @abstractmethod
     def channel(self) -> str | None:
         """The channel: as given to :meth:`Client.subscribe`, else from the server's welcome."""
-        return self._channel
+
+    @property
+    def client(self) -> Client:
+        """The client that carries this subscription."""
+        return self._client
 
     @property
     def position(self) -> ResumePoint | None:
         """The last event applied (or the snapshot's position); ``None`` before the first welcome."""
-        return self._cursor.position
+        return self._tracker.position
 
     def resync(self) -> None:
         """Reload the snapshot through the ``resync`` callback before the next event is returned."""
@@ -572,21 +668,31 @@ class Subscription(Generic[E]):
             raise ClientError("resync() needs a resync callback: pass resync= to Client.subscribe()")
         self._requested = True
 
-    async def connected(self) -> Welcome:
-        """Connect now if not connected, and return the connection's ``welcome`` (handy in tests).
+    @abstractmethod
+    async def connected(self) -> Welcome | Subscribed:
+        """Connect now if not connected; return the ``welcome`` (protocol 1) or ``subscribed`` (2).
 
-        Events that follow the welcome wait on the connection until the subscription is iterated.
+        Events that follow wait until the subscription is iterated (handy in tests: publish after it).
 
         Raises:
             Refused, Unreachable: as iteration would.
         """
-        async with self._turn():
-            try:
-                await self._stopping_on_errors(self._connection())
-            except StopAsyncIteration:
-                raise ClientError("the subscription is closed") from None
-        assert self.welcome is not None
-        return self.welcome
+
+    @abstractmethod
+    async def close(self) -> None:
+        """End the subscription (protocol 1: close the connection with code 1000) and its iteration."""
+
+    @abstractmethod
+    async def __anext__(self) -> Received[E]:
+        """Return the next event in seq order, connecting, resuming and resyncing as needed.
+
+        Raises:
+            Refused: the server refused the connection and no fresh token came.
+            Unreachable: ``max_retries`` attempts in a row failed.
+            InvalidEvent: the event does not decode into the subscription's model.
+            ClientError: the server confirmed another channel than the one subscribed to, or refused
+                the subscription (protocol 2: ``code`` is ``None``, the message names the error code).
+        """
 
     # The bound is the helper's point: its error says how many events did arrive.
     async def take(self, count: int, *, timeout: float = 10.0) -> list[Received[E]]:  # noqa: ASYNC109
@@ -607,12 +713,6 @@ class Subscription(Generic[E]):
             raise ClientError(f"the stream ended after {len(received)} of {count} events") from None
         return received
 
-    async def close(self) -> None:
-        """Close the connection (code 1000) and end the iteration."""
-        self._closed.set()
-        self._client._state = "closed"
-        await self._disconnect(graceful=True)
-
     async def __aenter__(self) -> Self:
         return self
 
@@ -627,15 +727,115 @@ class Subscription(Generic[E]):
     def __aiter__(self) -> Self:
         return self
 
-    async def __anext__(self) -> Received[E]:
-        """Return the next event in seq order, connecting, resuming and resyncing as needed.
+    @contextlib.asynccontextmanager
+    async def _turn(self) -> Any:
+        if self._busy:
+            raise ClientError("the subscription is already being read by another task")
+        self._busy = True
+        try:
+            yield
+        finally:
+            self._busy = False
+
+    def _decode(self, frame: EventFrame) -> E:
+        event: E = _decode_event(frame, self._model, self._client.events)
+        return event
+
+
+def _decode_event(frame: EventFrame, model: type[Any] | None, events: EventRegistry) -> Any:
+    """Decode an event frame into ``model`` (see :meth:`Client.subscribe`), or a ``dict`` without one.
+
+    Raises:
+        InvalidEvent: the event does not fit the model.
+        ConfigurationError: ``model`` is not a pydantic model class.
+    """
+    obj = {"type": frame.type, **frame.data}
+    if model is None:
+        return obj
+    try:
+        if isinstance(model, type) and issubclass(model, Event):
+            registered = events.get(frame.type)
+            if registered is not None and issubclass(registered, model):
+                return registered.model_validate(obj)
+            if model.__rtbroadcast_type__ != frame.type:
+                raise InvalidEvent(
+                    f"event of type {frame.type!r} (seq {frame.seq}) is not a {model.__qualname__}; "
+                    "subscribe with the base class of every event on the channel"
+                )
+        if isinstance(model, type) and issubclass(model, BaseModel):
+            return model.model_validate(obj)
+    except ValidationError as exc:
+        raise InvalidEvent(
+            f"event of type {frame.type!r} (seq {frame.seq}) does not match {model.__qualname__}: {exc}"
+        ) from exc
+    raise ConfigurationError(f"model must be a pydantic model class, not {model!r}")
+
+
+class _SingleSubscription(Subscription[E]):
+    """Protocol 1: the one channel of a connection; iterating it drives the connection."""
+
+    def __init__(
+        self,
+        client: Client,
+        *,
+        channel: str | None,
+        params: Mapping[str, str] | None,
+        model: type[Any] | None,
+        position: Position | None,
+        resync: ResyncCallback | None,
+    ) -> None:
+        super().__init__(client, model=model, position=position, resync=resync)
+        self._channel = channel
+        self._expected_channel = channel
+        self._params = dict(params or {})
+        #: The last ``welcome`` received.
+        self.welcome: Welcome | None = None
+        self._ws: ClientConnection | None = None
+        self._pinger: asyncio.Task[None] | None = None
+        self._read_timeout = 0.0
+        self._stream_epoch: str | None = None  # the epoch of the events the connection delivers now
+        self._connected_at = 0.0
+        self._retry = 0  # retries since the last stable connection: the backoff's step
+        self._failures = 0  # attempts in a row without a welcome: for max_retries
+        self._next_delay: float | None = None
+        self._attempt_from: ResumePoint | None = None
+        self._stalled_resumes = 0
+        self._welcomed_attempt = False
+        self._drop_reason: str | None = None
+        self._restart_reason: str | None = "initial" if position is None and resync is not None else None
+        self._pending_resync: ResyncInfo | None = None
+        self._status: int | None = None  # the HTTP status of the last refused handshake
+        self._ping_sent: float | None = None
+        self._closed = asyncio.Event()
+
+    @property
+    def channel(self) -> str | None:
+        """The channel: as given to :meth:`Client.subscribe`, else from the server's welcome."""
+        return self._channel
+
+    async def connected(self) -> Welcome:
+        """Connect now if not connected, and return the connection's ``welcome`` (handy in tests).
+
+        Events that follow the welcome wait on the connection until the subscription is iterated.
 
         Raises:
-            Refused: the server refused the connection and no fresh token came.
-            Unreachable: ``max_retries`` attempts in a row failed.
-            InvalidEvent: the event does not decode into the subscription's model.
-            ClientError: the server confirmed another channel than the one subscribed to.
+            Refused, Unreachable: as iteration would.
         """
+        async with self._turn():
+            try:
+                await self._stopping_on_errors(self._connection())
+            except StopAsyncIteration:
+                raise ClientError("the subscription is closed") from None
+        assert self.welcome is not None
+        return self.welcome
+
+    async def close(self) -> None:
+        """Close the connection (code 1000) and end the iteration."""
+        self._closed.set()
+        self._client._state = "closed"
+        await self._disconnect(graceful=True)
+
+    async def __anext__(self) -> Received[E]:
         async with self._turn():
             return await self._stopping_on_errors(self._next())
 
@@ -652,16 +852,6 @@ class Subscription(Generic[E]):
             self._client._state = "closed"
             await self._disconnect(graceful=True)
             raise
-
-    @contextlib.asynccontextmanager
-    async def _turn(self) -> Any:
-        if self._busy:
-            raise ClientError("the subscription is already being read by another task")
-        self._busy = True
-        try:
-            yield
-        finally:
-            self._busy = False
 
     # -- the state machine -----------------------------------------------------------------------------
 
@@ -718,11 +908,11 @@ class Subscription(Generic[E]):
         if reason is not None:
             self.stats.resyncs += 1
             if self._resync_callback is None:
-                self._cursor.reset(None)  # start at the server's current position
+                self._tracker.reset(None)  # start at the server's current position
             else:
                 try:
                     snapshot = await self._resync_callback(ResyncInfo(reason, self._channel))
-                    self._cursor.reset(_position(snapshot))
+                    self._tracker.reset(_position(snapshot))
                 except Exception as exc:
                     client._report(_failed(f"resync ({reason}) failed", exc))
                     raise _Closed(_ABNORMAL, "resync failed") from None
@@ -744,7 +934,7 @@ class Subscription(Generic[E]):
         replaced = {"epoch", "last_seq", self._client.token_param, *self._params}
         query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in replaced]
         query += list(self._params.items())
-        query += list(self._cursor.resume_params().items())
+        query += list(self._tracker.resume_params().items())
         if self._client.token is not None:
             query.append((self._client.token_param, self._client.token))
         return urlunsplit(parts._replace(query=urlencode(query)))
@@ -756,12 +946,16 @@ class Subscription(Generic[E]):
 
         client = self._client
         client.stats.attempts += 1
-        self._attempt_from = self._cursor.position
+        self._attempt_from = self._tracker.position
+        self._status = None
+        url = self._url()
+        if client.on_connecting is not None:
+            client.on_connecting(url)
         ws: ClientConnection | None = None
         try:
             async with asyncio.timeout(client.connect_timeout):
                 ws = await connect(
-                    self._url(),
+                    url,
                     additional_headers=client.headers,
                     open_timeout=None,  # the timeout above covers the handshake and the welcome
                     ping_interval=None,  # the JSON heartbeat below sees dead connections instead
@@ -772,8 +966,10 @@ class Subscription(Generic[E]):
         except InvalidStatus as exc:
             status = exc.response.status_code
             if status in _FORBIDDEN_STATUSES:
+                self._status = status
                 raise _Closed(int(CloseCode.FORBIDDEN), f"HTTP {status} on the handshake") from None
             if status in _BAD_STATUSES:
+                self._status = status
                 raise _Closed(int(CloseCode.BAD_REQUEST), f"HTTP {status} on the handshake") from None
             raise _Closed(_ABNORMAL, f"HTTP {status} on the handshake") from None
         except ConnectionClosed as exc:
@@ -795,6 +991,8 @@ class Subscription(Generic[E]):
         except ProtocolError as exc:
             frame = None
             client._report(ClientError(f"unreadable first frame: {exc}"))
+        if frame is not None and client.on_frame is not None:
+            client.on_frame(frame)
         if not isinstance(frame, Welcome):
             _abort(ws)
             raise _Closed(_ABNORMAL, "the first frame was not a welcome")
@@ -819,12 +1017,15 @@ class Subscription(Generic[E]):
         client.stats.resumed += welcome.resumed
         # Without a position, start at the channel's current one. With one, either the resume succeeded,
         # or a resync_required follows at once.
-        if self._cursor.position is None:
-            self._cursor.reset(ResumePoint(welcome.epoch, welcome.seq))
+        if self._tracker.position is None:
+            self._tracker.reset(ResumePoint(welcome.epoch, welcome.seq))
         interval = client.heartbeat_interval or welcome.heartbeat_interval
         interval = max(0.1, interval)
         self._read_timeout = interval + client.heartbeat_timeout
-        self._pinger = asyncio.get_running_loop().create_task(_ping(ws, interval), name="rtbroadcast-ping")
+        self._ping_sent = None
+        self._pinger = asyncio.get_running_loop().create_task(
+            self._ping(ws, interval), name="rtbroadcast-ping"
+        )
         client._state = "connected"
         if client.on_connect is not None:
             client.on_connect(welcome)
@@ -858,6 +1059,11 @@ class Subscription(Generic[E]):
         except ProtocolError as exc:
             self._client._report(ClientError(f"unreadable frame ({exc}): {text[:200]}"))
             return None
+        if isinstance(frame, Pong) and self._ping_sent is not None:
+            self._client.stats.round_trip = time.monotonic() - self._ping_sent
+            self._ping_sent = None
+        if self._client.on_frame is not None:
+            self._client.on_frame(frame)
         if isinstance(frame, EventFrame):
             return self._event(frame)
         if isinstance(frame, ResyncRequired):
@@ -867,17 +1073,15 @@ class Subscription(Generic[E]):
             self._client._report(ClientError(f"the server rejected a frame: {frame.code}: {frame.message}"))
         elif isinstance(frame, Welcome):
             self._client._report(ClientError("a second welcome on one connection: ignored"))
-        elif isinstance(frame, Pong):
-            pass
         return None
 
     def _event(self, frame: EventFrame) -> Received[E] | None:
-        position = self._cursor.position
-        # An event of another stream than the position's: a resync_required is on its way (the resume
-        # failed), or the snapshot came from another epoch and a reconnect is under way.
-        if position is None or position.epoch != self._stream_epoch:
+        position = self._tracker.position
+        # "ignore": an event of another stream than the position's: a resync_required is on its way (the
+        # resume failed), or the snapshot came from another epoch and a reconnect is under way.
+        verdict = self._tracker.judge(frame.seq, self._stream_epoch)
+        if verdict == "ignore" or position is None:
             return None
-        verdict = self._cursor.judge(frame.seq)
         if verdict == "duplicate":
             self.stats.duplicates += 1
             return None
@@ -888,33 +1092,10 @@ class Subscription(Generic[E]):
             self._client._report(ClientError(f"gap: expected seq {position.seq + 1}, received {frame.seq}"))
             self._drop_connection(f"gap after seq {position.seq}")
             return None
-        self._cursor.advance(frame.seq)
+        self._tracker.advance(frame.seq)
         self.stats.applied += 1
         channel = self._channel or ""
         return Received(channel, frame.seq, self._decode(frame))
-
-    def _decode(self, frame: EventFrame) -> E:
-        obj = {"type": frame.type, **frame.data}
-        model = self._model
-        if model is None:
-            return obj  # type: ignore[return-value]  # E is dict[str, Any] without a model
-        try:
-            if isinstance(model, type) and issubclass(model, Event):
-                registered = self._client.events.get(frame.type)
-                if registered is not None and issubclass(registered, model):
-                    return registered.model_validate(obj)  # type: ignore[return-value]
-                if model.__rtbroadcast_type__ != frame.type:
-                    raise InvalidEvent(
-                        f"event of type {frame.type!r} (seq {frame.seq}) is not a {model.__qualname__}; "
-                        "subscribe with the base class of every event on the channel"
-                    )
-            if isinstance(model, type) and issubclass(model, BaseModel):
-                return model.model_validate(obj)  # type: ignore[return-value]
-        except ValidationError as exc:
-            raise InvalidEvent(
-                f"event of type {frame.type!r} (seq {frame.seq}) does not match {model.__qualname__}: {exc}"
-            ) from exc
-        raise ConfigurationError(f"model must be a pydantic model class, not {model!r}")
 
     async def _run_resync(self, info: ResyncInfo) -> None:
         self.stats.resyncs += 1
@@ -926,7 +1107,7 @@ class Subscription(Generic[E]):
                     info.reason,
                     self._channel,
                 )
-                self._cursor.reset(ResumePoint(info.epoch, info.seq))
+                self._tracker.reset(ResumePoint(info.epoch, info.seq))
             return
         # Kept until the callback returns: an iteration cancelled meanwhile (a timeout around it) runs it
         # again next time instead of going on from a position the stream has left.
@@ -941,7 +1122,7 @@ class Subscription(Generic[E]):
             self._drop_connection("resync failed")
             return
         self._pending_resync = None
-        self._cursor.reset(position)
+        self._tracker.reset(position)
         stream_epoch = info.epoch or self._stream_epoch
         if self._ws is not None and stream_epoch is not None and position.epoch != stream_epoch:
             # The snapshot belongs to another stream than this connection's (the server restarted between
@@ -1005,7 +1186,8 @@ class Subscription(Generic[E]):
 
     def _stop(self, code: int, reason: str) -> NoReturn:
         self._notify(code, reason, None)
-        raise Refused(f"the server refused the connection: {code} {reason}".rstrip(), code)
+        status, self._status = self._status, None
+        raise Refused(f"the server refused the connection: {code} {reason}".rstrip(), code, status=status)
 
     def _notify(self, code: int, reason: str, retry_in: float | None) -> None:
         client = self._client
@@ -1016,6 +1198,17 @@ class Subscription(Generic[E]):
         if client.on_disconnect is not None:
             retry = 0 if retry_in is None else self._retry
             client.on_disconnect(DisconnectInfo(code, reason, retry_in, retry))
+
+    async def _ping(self, ws: ClientConnection, interval: float) -> None:
+        from websockets.exceptions import ConnectionClosed
+
+        try:
+            while True:
+                await asyncio.sleep(interval)
+                self._ping_sent = time.monotonic()
+                await ws.send(_PING)
+        except ConnectionClosed:
+            return
 
     async def _disconnect(self, *, graceful: bool) -> None:
         ws, self._ws = self._ws, None
@@ -1033,17 +1226,6 @@ class Subscription(Generic[E]):
             await ws.wait_closed()
 
 
-async def _ping(ws: ClientConnection, interval: float) -> None:
-    from websockets.exceptions import ConnectionClosed
-
-    try:
-        while True:
-            await asyncio.sleep(interval)
-            await ws.send(_PING)
-    except ConnectionClosed:
-        return
-
-
 def _abort(ws: ClientConnection | None) -> None:
     """Cut the connection without a closing handshake (a dead peer would never answer one)."""
     if ws is not None:
@@ -1054,3 +1236,7 @@ def _failed(message: str, exc: BaseException) -> ClientError:
     error = ClientError(f"{message}: {type(exc).__name__}: {exc}")
     error.__cause__ = exc
     return error
+
+
+# Protocol 2 lives in its own module, which builds on everything above: imported last, on purpose.
+from ._client2 import ChannelSubscription, Presence, PresenceChange, SubscriptionDenied  # noqa: E402

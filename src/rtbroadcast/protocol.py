@@ -18,7 +18,8 @@ event in ``{"type":"event","channel":C,"event":<the protocol-1 frame>}`` (:func:
 
 The rules that decide what goes on the wire live here too: which channel names are valid
 (:func:`is_valid_channel`), where an event's ``seq`` goes (:func:`with_seq`), and whether a client resumes
-or must resync (:func:`resync_reason`).
+or must resync (:func:`resync_reason`), and, on the client side, what to do with an incoming event
+(:func:`judge_event`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any, Final, TypeAlias
+from typing import Any, Final, Literal, TypeAlias
 
 from .errors import (
     ConfigurationError,
@@ -132,7 +133,8 @@ class CloseCode(IntEnum):
     SLOW_CONSUMER = 4001
     #: Nothing was heard from the client within the heartbeat timeout: reconnect with resume.
     HEARTBEAT_TIMEOUT = 4002
-    #: Not allowed: the ``authorize`` hook denied the channel, or the Origin is not allowed. Do not retry
+    #: Not allowed: the ``authorize`` hook denied the channel, or the Origin is not allowed; or the service
+    #: closed the connection (``Broadcaster.disconnect_connections()``, a banned user, say). Do not retry
     #: with the same credentials.
     FORBIDDEN = 4003
     #: The connection request is invalid (no channel, bad resume parameters). Do not retry unchanged.
@@ -1049,3 +1051,44 @@ def validate_channel(channel: str) -> None:
         raise ConfigurationError(
             f"invalid channel name {channel!r}: use 1 to 256 characters, no control characters"
         )
+
+
+# ==================================================================================================
+# Client side: what a client does with an incoming event (sans I/O).
+#
+# Kept in its own section at the end of the module on purpose: the protocol-2 frames are added above.
+# The Python client (rtbroadcast.client.ResumeTracker) decides with judge_event(); the TypeScript
+# client's Cursor.judge() implements the same rule, and the server's rtbroadcast.cursor.Cursor applies
+# it inline on its hot path (tests/test_resume_tracking.py checks that they agree).
+# ==================================================================================================
+
+__all__ += ["EventVerdict", "judge_event"]
+
+#: What a client does with an event: ``apply`` it (the next one), drop it as a ``duplicate`` (already
+#: applied, or contained in the snapshot), reconnect on a ``gap`` (a seq was skipped: resuming from the
+#: last event applied lets the server replay it), or ``ignore`` it (no position yet, or the event belongs
+#: to another stream than the position's: a ``resync_required`` for it is on its way).
+EventVerdict: TypeAlias = Literal["apply", "duplicate", "gap", "ignore"]
+
+
+def judge_event(position: ResumePoint | None, seq: int, *, epoch: str | None = None) -> EventVerdict:
+    """Decide what a client that last applied ``position`` does with an event at ``seq``.
+
+    Args:
+        position: the last event applied, or the snapshot's position; ``None`` before the first
+            ``welcome`` (or ``subscribed``) gave one.
+        seq: the event's seq.
+        epoch: the epoch of the stream the connection delivers now (the last ``welcome``,
+            ``subscribed`` or ``resync_required``); ``None`` when it is the position's.
+
+    Returns:
+        The :data:`EventVerdict`: ``ignore`` without a position or for another epoch, ``duplicate`` for
+        ``seq <= position.seq``, ``apply`` for ``position.seq + 1``, ``gap`` beyond.
+    """
+    if position is None or (epoch is not None and epoch != position.epoch):
+        return "ignore"
+    if seq <= position.seq:
+        return "duplicate"
+    if seq == position.seq + 1:
+        return "apply"
+    return "gap"

@@ -1,10 +1,23 @@
 // The client state machine: one Client owns one connection at a time (WebSocket, or SSE as a fallback)
 // and the subscriptions it carries. Protocol 1 carries one channel per connection, named by the URL, so
-// a Client has at most one Subscription; protocol 2 will let it carry several, with the same API.
+// a Client has at most one Subscription; protocol 2 (`protocol: 2`) carries several on one connection,
+// each with its own position, resync and events, plus the ones the server makes itself.
 
 import { Cursor, backoffDelay, checkPosition, closeAction, type BackoffOptions, type Position } from "./cursor.js";
 import { Emitter, type Unsubscribe } from "./emitter.js";
-import { FrameError, decodeFrame, type ResyncRequired, type Welcome } from "./frames.js";
+import {
+  FrameError,
+  decodeFrame,
+  decodeFrameV2,
+  encodePositions,
+  type ErrorFrame,
+  type PresenceMember,
+  type PresenceSnapshot,
+  type ResyncRequired,
+  type Subscribed,
+  type Welcome,
+  type WelcomeV2,
+} from "./frames.js";
 import {
   ABNORMAL_CLOSURE,
   openEventSource,
@@ -20,6 +33,14 @@ import {
 export interface AnyEvent {
   readonly type: string;
   readonly [field: string]: unknown;
+}
+
+/**
+ * What an event type parameter must be: an object with a string `type`. Interfaces qualify (such as
+ * the ones `scripts/asyncapi-to-ts.mjs` generates), as do object types.
+ */
+export interface EventShape {
+  readonly type: string;
 }
 
 /** An event as delivered: the service's fields plus its `seq` in the channel. */
@@ -42,9 +63,21 @@ export interface TokenRequest {
   readonly message?: string;
 }
 
-export interface ClientOptions {
+export interface ClientOptions<E extends EventShape = AnyEvent> {
   /** The stream's WebSocket address with its channel parameters, e.g. `ws://host/realtime?room=lobby`. */
   readonly url: string;
+  /**
+   * The wire protocol: 1 (default: one channel, named by the URL) or 2 (`?protocol=2`: the subscriptions
+   * of `subscribe({channel})` on one connection, plus the server's own).
+   */
+  readonly protocol?: 1 | 2;
+  /**
+   * Protocol 2: the options of a subscription the server makes itself (`subscribed` with no request id),
+   * such as a `resync` callback that loads the channel's snapshot and an `onEvent`. Without it (or when
+   * it returns `undefined`) the subscription starts at the server's position; listen to the client's
+   * `subscription` event to follow it.
+   */
+  readonly serverSubscription?: (channel: string) => Omit<SubscriptionOptions<E>, "channel" | "position"> | undefined;
   /**
    * The Server-Sent Events address of the same stream. Default: `url` with `http(s)` and `/sse` appended
    * to its path (what `broadcast_routes` mounts). `null` turns the fallback off.
@@ -89,7 +122,7 @@ export interface ClientStats {
   attempts: number;
   /** `welcome` frames received. */
   welcomes: number;
-  /** Welcomes with `resumed: true`. */
+  /** Welcomes with `resumed: true` (protocol 2: `subscribed` frames with `resumed: true`). */
   resumed: number;
   /** Connections declared dead by the heartbeat. */
   heartbeatTimeouts: number;
@@ -108,7 +141,7 @@ export interface DisconnectInfo {
 
 /** An error the client reports; `code` is the close code when the server refused or ended the stream. */
 export class ClientError extends Error {
-  override readonly name = "ClientError";
+  override readonly name: string = "ClientError";
   readonly code: number | undefined;
   constructor(message: string, code?: number, options?: { cause?: unknown }) {
     super(message, options);
@@ -116,12 +149,41 @@ export class ClientError extends Error {
   }
 }
 
-type ClientEvents = {
+type ClientEvents<E extends EventShape> = {
   state: [state: ClientState];
-  connected: [welcome: Welcome];
+  /** The `welcome` frame (protocol 2: its `WelcomeV2`, before the subscriptions are confirmed). */
+  connected: [welcome: Welcome | WelcomeV2];
   disconnect: [info: DisconnectInfo];
   error: [error: Error];
+  /** Protocol 2: the server subscribed this connection to a channel the client did not ask for. */
+  subscription: [subscription: Subscription<E>];
+  /** Protocol 2: a subscription ended: `client` (its `unsubscribe()`), `server` (the service ended it). */
+  unsubscribed: [subscription: Subscription<E>, reason: string];
 };
+
+/**
+ * The server refused or ended one subscription (protocol 2): `reason` is the server's error code
+ * (`forbidden`, `invalid_channel`, `too_many_subscriptions`, `try_again_later`, `presence_unavailable`, ...).
+ */
+export class SubscriptionError extends ClientError {
+  override readonly name: string = "SubscriptionError";
+  readonly reason: string;
+  readonly channel: string | null;
+  constructor(message: string, reason: string, channel: string | null) {
+    super(message);
+    this.reason = reason;
+    this.channel = channel;
+  }
+}
+
+/** A change of a channel's presence, as `presence` listeners see it. */
+export interface PresenceUpdate {
+  /** `snapshot`: a fresh one (each confirmed subscription with `presence: true`); `join` / `leave`: one member. */
+  readonly kind: "snapshot" | "join" | "leave";
+  readonly member: PresenceMember | null;
+  /** The presence after the change. */
+  readonly presence: PresenceSnapshot;
+}
 
 /** What `resync` receives: why, and the stream position the server is at. */
 export interface ResyncInfo {
@@ -152,9 +214,17 @@ export interface SubscriptionOptions<E> {
   readonly resync?: (info: ResyncInfo) => Position | Promise<Position>;
   /** Apply one event; awaited before the next one, and the position advances once it settles. */
   readonly onEvent?: (event: Received<E>) => unknown;
+  /**
+   * Protocol 2: ask for the channel's presence (a snapshot with each confirmation, then join and leave
+   * frames) where the service has presence on the channel; else a `presence_unavailable` error is reported.
+   */
+  readonly presence?: boolean;
 }
 
-/** `idle` until the first welcome, `live` while events are applied, `resyncing` while `resync` runs. */
+/**
+ * `idle` until the first welcome (protocol 2: `subscribed`), `live` while events are applied,
+ * `resyncing` while `resync` runs, `closed` after `unsubscribe()`, a refusal, or `client.close()`.
+ */
 export type SubscriptionState = "idle" | "live" | "resyncing" | "closed";
 
 type SubscriptionEvents<E> = {
@@ -162,6 +232,10 @@ type SubscriptionEvents<E> = {
   resync: [info: ResyncInfo];
   position: [position: Position];
   state: [state: SubscriptionState];
+  /** Protocol 2: the presence snapshot, or a member that joined or left. */
+  presence: [update: PresenceUpdate];
+  /** Protocol 2: the server refused the subscription (it is closed then, except `presence_unavailable`). */
+  error: [error: SubscriptionError];
 };
 
 type QueueItem<E> =
@@ -172,10 +246,11 @@ type QueueItem<E> =
 interface SubscriptionHost {
   reconnect(reason: string): void;
   report(error: Error): void;
+  unsubscribe(subscription: Subscription<never>): void;
 }
 
 /** One channel's stream as the application sees it: events in order, each once, and resyncs. */
-export class Subscription<E extends AnyEvent = AnyEvent> extends Emitter<SubscriptionEvents<E>> {
+export class Subscription<E extends EventShape = AnyEvent> extends Emitter<SubscriptionEvents<E>> {
   #channel: string | null;
   #state: SubscriptionState = "idle";
   readonly #cursor: Cursor;
@@ -183,18 +258,51 @@ export class Subscription<E extends AnyEvent = AnyEvent> extends Emitter<Subscri
   readonly #host: SubscriptionHost;
   #queue: QueueItem<E>[] = [];
   #running = false;
+  /** The event `onEvent` is applying now. */
+  #applying: Received<E> | null = null;
   /** The epoch of the events the connection delivers now (its welcome's, then each resync_required's). */
   #streamEpoch: string | null = null;
+  #presence: PresenceSnapshot | null = null;
   /** Counters: events applied, duplicates dropped, gaps seen, resyncs run. */
   readonly stats = { applied: 0, duplicates: 0, gaps: 0, resyncs: 0 };
+  /** Protocol 2: the server made this subscription (`subscribed` without a request id). */
+  readonly serverSide: boolean;
+  /** Protocol 2: the confirmation of the current connection arrived. */
+  #confirmed = false;
+  /**
+   * @internal Protocol 2: the server confirmed this channel with no request id (its resolver subscribes
+   * the connection to it): the next connection resumes it through the `resume` query parameter.
+   */
+  resumeInUrl = false;
 
   /** Use `Client.subscribe`. */
-  constructor(host: SubscriptionHost, options: SubscriptionOptions<E>) {
+  constructor(host: SubscriptionHost, options: SubscriptionOptions<E>, serverSide = false) {
     super();
     this.#host = host;
     this.#options = options;
     this.#channel = options.channel ?? null;
     this.#cursor = new Cursor(options.position ?? null);
+    this.serverSide = serverSide;
+  }
+
+  /** Protocol 2: who is subscribed to the channel, when `presence: true` was asked and the channel has it. */
+  get presence(): PresenceSnapshot | null {
+    return this.#presence;
+  }
+
+  /** Whether the subscription asked for presence. */
+  get wantsPresence(): boolean {
+    return this.#options.presence === true;
+  }
+
+  /**
+   * Protocol 2: end this subscription (an `unsubscribe` frame when connected). No event is delivered
+   * after this call; the client's `unsubscribed` event follows once the server confirmed.
+   */
+  unsubscribe(): void {
+    if (this.#state === "closed") return;
+    this.close();
+    this.#host.unsubscribe(this as unknown as Subscription<never>);
   }
 
   /** The channel; known from the options or from the server's welcome. */
@@ -209,6 +317,15 @@ export class Subscription<E extends AnyEvent = AnyEvent> extends Emitter<Subscri
   /** The last event applied (or the snapshot's position); `null` before the first welcome. */
   get position(): Position | null {
     return this.#cursor.position;
+  }
+
+  /**
+   * The events received and not applied yet, in arrival order (the one `onEvent` is applying now
+   * first): a backlog to show or to wait for. A copy.
+   */
+  get pending(): ReadonlyArray<Received<E>> {
+    const queued = this.#queue.flatMap((item) => (item.kind === "event" ? [item.event] : []));
+    return this.#applying === null ? queued : [this.#applying, ...queued];
   }
 
   /** Reload the snapshot through the `resync` callback now (for example after applying an event failed). */
@@ -261,10 +378,63 @@ export class Subscription<E extends AnyEvent = AnyEvent> extends Emitter<Subscri
       );
     }
     this.#channel = welcome.channel;
-    this.#streamEpoch = welcome.epoch;
+    this.#confirm(welcome.epoch, welcome.seq);
+  }
+
+  /** @internal Protocol 2: the subscription is confirmed on this connection. */
+  subscribed(frame: Subscribed): void {
+    const initial = this.#cursor.position === null && this.#options.resync !== undefined;
+    this.#confirmed = true;
+    this.#confirm(frame.epoch, frame.seq);
+    if (initial) {
+      // A server-side subscription (or one made without its first snapshot): load it now; the events
+      // that follow wait behind it, and those the snapshot holds are dropped.
+      this.#push({ kind: "resync", info: { reason: "initial", channel: this.#channel, epoch: null, seq: null } });
+    }
+    if (frame.presence !== undefined) {
+      this.#presence = frame.presence;
+      this.emit("presence", { kind: "snapshot", member: null, presence: frame.presence });
+    }
+  }
+
+  /** @internal Protocol 2: the connection is gone; the next one confirms again. */
+  disconnected(): void {
+    this.#confirmed = false;
+  }
+
+  /** @internal */
+  get confirmed(): boolean {
+    return this.#confirmed;
+  }
+
+  /** @internal Protocol 2: a member joined or left. */
+  presenceChanged(kind: "join" | "leave", member: PresenceMember): void {
+    const current = this.#presence;
+    if (current === null || this.#state === "closed") return;
+    let members = current.members;
+    if (kind === "join") {
+      // A truncated snapshot holds the first members in join order: a newcomer is past its end.
+      if (!current.truncated && !members.some((m) => m.client === member.client)) members = [...members, member];
+    } else {
+      members = members.filter((m) => m.client !== member.client);
+    }
+    const count = Math.max(0, current.count + (kind === "join" ? 1 : -1));
+    const presence = { count, members, truncated: current.truncated && members.length < count };
+    this.#presence = presence;
+    this.emit("presence", { kind, member, presence });
+  }
+
+  /** @internal Protocol 2: the server refused this subscription (or its presence). */
+  refused(error: SubscriptionError): void {
+    if (error.reason !== "presence_unavailable") this.close();
+    this.emit("error", error);
+  }
+
+  #confirm(epoch: string, seq: number): void {
+    this.#streamEpoch = epoch;
     // Without a position, start at the channel's current one. With one, either the resume succeeded, or
     // a resync_required follows at once.
-    if (this.#cursor.position === null) this.#cursor.reset({ epoch: welcome.epoch, seq: welcome.seq });
+    if (this.#cursor.position === null) this.#cursor.reset({ epoch, seq });
     if (this.#state === "idle") this.#setState("live");
   }
 
@@ -282,7 +452,20 @@ export class Subscription<E extends AnyEvent = AnyEvent> extends Emitter<Subscri
   /** @internal */
   close(): void {
     this.#queue = [];
+    this.#confirmed = false;
     this.#setState("closed");
+  }
+
+  /** @internal The subscription's position, as protocol 2's subscribe frame carries it. */
+  subscribeFrame(id: string): string {
+    const frame: Record<string, unknown> = { type: "subscribe", id, channel: this.#channel };
+    const position = this.#cursor.position;
+    if (position !== null) {
+      frame["epoch"] = position.epoch;
+      frame["last_seq"] = position.seq;
+    }
+    if (this.#options.presence === true) frame["presence"] = true;
+    return JSON.stringify(frame);
   }
 
   // -- applying, one item at a time ----------------------------------------------------------------
@@ -324,11 +507,14 @@ export class Subscription<E extends AnyEvent = AnyEvent> extends Emitter<Subscri
       this.#host.reconnect(`gap: expected seq ${position.seq + 1}, received ${event.seq}`);
       return;
     }
+    this.#applying = event;
     try {
       await this.#options.onEvent?.(event);
       await Promise.all(this.listeners("event").map((listener) => listener(event)));
     } catch (error) {
       this.#host.report(new ClientError(`applying event seq ${event.seq} failed`, undefined, { cause: error }));
+    } finally {
+      this.#applying = null;
     }
     if (this.#state === "closed" || this.#cursor.position !== position) return; // replaced meanwhile
     this.#cursor.advance(event.seq);
@@ -384,12 +570,16 @@ export class Subscription<E extends AnyEvent = AnyEvent> extends Emitter<Subscri
 
 interface Attempt {
   readonly transport: Transport;
-  /** The subscription's position when the attempt started, to tell whether it made progress. */
-  readonly from: Position | null;
+  /** Each subscription's position when the attempt started, to tell whether it made progress. */
+  readonly from: Map<Subscription<never>, Position | null>;
   opened: boolean;
-  welcome: Welcome | null;
+  welcome: Welcome | WelcomeV2 | null;
   /** The epoch of the events arriving now: the welcome's, then that of each resync_required. */
   epoch: string | null;
+  /** Protocol 2: the same per channel (set by `subscribed`, then each `resync_required`). */
+  readonly epochs: Map<string, string>;
+  /** Protocol 2: subscribe requests sent on this connection and not answered, by request id. */
+  readonly requests: Map<string, { readonly kind: "subscribe" | "unsubscribe"; readonly subscription: Subscription<never> }>;
 }
 
 const NOT_GIVEN = Symbol("not given");
@@ -397,6 +587,17 @@ const NOT_GIVEN = Symbol("not given");
 const SLOW_CONSUMER = 4001;
 
 const samePosition = (a: Position, b: Position | null): boolean => b !== null && a.epoch === b.epoch && a.seq === b.seq;
+
+/** Whether every subscription that had a position when the attempt started still has that one. */
+const madeNoProgress = (from: ReadonlyMap<Subscription<never>, Position | null>): boolean => {
+  let any = false;
+  for (const [subscription, position] of from) {
+    if (position === null) continue;
+    any = true;
+    if (!samePosition(position, subscription.position)) return false;
+  }
+  return any;
+};
 
 /**
  * A connection to one rtbroadcast stream that keeps itself up: it reconnects with capped exponential
@@ -409,13 +610,18 @@ const samePosition = (a: Position, b: Position | null): boolean => b !== null &&
  * client.connect();
  * ```
  */
-export class Client<E extends AnyEvent = AnyEvent> extends Emitter<ClientEvents> {
-  readonly #options: ClientOptions;
+export class Client<E extends EventShape = AnyEvent> extends Emitter<ClientEvents<E>> {
+  readonly #options: ClientOptions<E>;
+  readonly #protocol: 1 | 2;
   readonly #WebSocket: WebSocketConstructor | undefined;
   readonly #EventSource: EventSourceConstructor | undefined;
   readonly #sseUrl: string | null;
   #state: ClientState = "idle";
+  /** Protocol 1: the one subscription. */
   #subscription: Subscription<E> | null = null;
+  /** Protocol 2: the subscriptions by channel (the client's and the server's). */
+  readonly #subscriptions = new Map<string, Subscription<E>>();
+  #nextRequest = 0;
   #attempt: Attempt | null = null;
   #failures = 0;
   #websocketFailures = 0;
@@ -431,17 +637,23 @@ export class Client<E extends AnyEvent = AnyEvent> extends Emitter<ClientEvents>
     ping: undefined,
     dead: undefined,
   };
+  /** Protocol 2: subscribe requests answered `try_again_later`, retried after a backoff. */
+  readonly #retrySubscribe = new Map<Subscription<E>, { failures: number; timer: ReturnType<typeof setTimeout> | undefined }>();
   #removePageListeners: (() => void) | null = null;
   /** Counters of the connection state machine. */
   readonly stats: ClientStats = { attempts: 0, welcomes: 0, resumed: 0, heartbeatTimeouts: 0 };
 
-  constructor(options: ClientOptions) {
+  constructor(options: ClientOptions<E>) {
     super();
     this.#options = options;
     const url = new URL(options.url); // throws TypeError on a malformed address
     if (url.protocol !== "ws:" && url.protocol !== "wss:") {
       throw new TypeError(`url must be a ws:// or wss:// address, not ${url.protocol}`);
     }
+    if (options.protocol !== undefined && options.protocol !== 1 && options.protocol !== 2) {
+      throw new TypeError(`protocol must be 1 or 2, not ${String(options.protocol)}`);
+    }
+    this.#protocol = options.protocol ?? 1;
     const g = globalThis as { WebSocket?: WebSocketConstructor; EventSource?: EventSourceConstructor };
     this.#WebSocket = options.WebSocket ?? g.WebSocket;
     this.#EventSource = options.EventSource ?? g.EventSource;
@@ -460,37 +672,62 @@ export class Client<E extends AnyEvent = AnyEvent> extends Emitter<ClientEvents>
     return this.#state;
   }
 
+  /** The wire protocol this client speaks. */
+  get protocol(): 1 | 2 {
+    return this.#protocol;
+  }
+
   /** The transport the next (or current) attempt uses. */
   get transport(): TransportKind {
     return this.#transport;
   }
 
-  /** The subscription this client carries, if any. */
+  /** The subscription this client carries (protocol 1), if any. */
   get subscription(): Subscription<E> | null {
     return this.#subscription;
   }
 
+  /** Protocol 2: the subscriptions by channel, the server's included (protocol 1: the one, once its channel is known). */
+  get subscriptions(): ReadonlyMap<string, Subscription<E>> {
+    if (this.#protocol === 2) return new Map(this.#subscriptions);
+    const channel = this.#subscription?.channel ?? null;
+    return channel === null ? new Map() : new Map([[channel, this.#subscription!]]);
+  }
+
   /**
-   * Subscribe to the stream. Protocol 1 carries one channel per connection: the URL names it, and a
-   * client has one subscription. Call before `connect()`.
+   * Subscribe to a channel's stream.
+   *
+   * Protocol 1 carries one channel per connection: the URL names it, and a client has one subscription;
+   * call before `connect()`. Protocol 2: give the `channel`; call any time, each channel once (a new
+   * subscription after `unsubscribe()` is fine).
+   *
+   * @throws ClientError when the client is closed, or (protocol 1) already has its subscription, or
+   *   (protocol 2) already subscribes to the channel.
+   * @throws TypeError (protocol 2) without a channel.
    */
   subscribe<T extends E = E>(options: SubscriptionOptions<T> = {}): Subscription<T> {
-    if (this.#subscription !== null) {
-      throw new ClientError("protocol 1 carries one channel per connection: this client already has its subscription");
-    }
     if (this.#state === "closed") throw new ClientError("the client is closed");
-    const subscription = new Subscription<T>(
-      { reconnect: (reason) => this.#reconnect(reason), report: (error) => this.emit("error", error) },
-      options,
-    );
-    this.#subscription = subscription as unknown as Subscription<E>;
+    if (this.#protocol === 1) {
+      if (this.#subscription !== null) {
+        throw new ClientError("protocol 1 carries one channel per connection: this client already has its subscription");
+      }
+      const subscription = new Subscription<T>(this.#host(), options);
+      this.#subscription = subscription as unknown as Subscription<E>;
+      return subscription;
+    }
+    const channel = options.channel;
+    if (typeof channel !== "string" || channel === "") throw new TypeError("protocol 2: subscribe({channel}) needs the channel's name");
+    if (this.#subscriptions.has(channel)) throw new ClientError(`this client already subscribes to '${channel}'`);
+    const subscription = new Subscription<T>(this.#host(), options);
+    this.#subscriptions.set(channel, subscription as unknown as Subscription<E>);
+    if (this.#state !== "idle") void this.#activate(subscription as unknown as Subscription<E>);
     return subscription;
   }
 
-  /** Start connecting (and keep reconnecting until `close()` or a refusal). Subscribes if nobody did. */
+  /** Start connecting (and keep reconnecting until `close()` or a refusal). Protocol 1: subscribes if nobody did. */
   connect(): void {
     if (this.#state !== "idle") return;
-    if (this.#subscription === null) this.subscribe();
+    if (this.#protocol === 1 && this.#subscription === null) this.subscribe();
     this.#watchPage();
     void this.#open();
   }
@@ -500,6 +737,9 @@ export class Client<E extends AnyEvent = AnyEvent> extends Emitter<ClientEvents>
     if (this.#state === "closed") return;
     this.#stop();
     this.#subscription?.close();
+    for (const subscription of this.#subscriptions.values()) subscription.close();
+    for (const retry of this.#retrySubscribe.values()) clearTimeout(retry.timer);
+    this.#retrySubscribe.clear();
   }
 
   /** Resolve once the client reaches `state` (for example `connected`); reject if it closes first. */
@@ -530,15 +770,30 @@ export class Client<E extends AnyEvent = AnyEvent> extends Emitter<ClientEvents>
     });
   }
 
+  #host(): SubscriptionHost {
+    return {
+      reconnect: (reason) => this.#reconnect(reason),
+      report: (error) => this.emit("error", error),
+      unsubscribe: (subscription) => this.#unsubscribe(subscription as unknown as Subscription<E>),
+    };
+  }
+
+  /** Every subscription the connection carries. */
+  #all(): Subscription<E>[] {
+    if (this.#protocol === 1) return this.#subscription === null ? [] : [this.#subscription];
+    return [...this.#subscriptions.values()];
+  }
+
   // -- connecting ------------------------------------------------------------------------------------
 
   async #open(): Promise<void> {
     this.#setState("connecting");
-    const subscription = this.#subscription!;
+    const subscriptions = this.#all();
     try {
-      if (subscription.needsInitialSnapshot) await subscription.loadInitialSnapshot();
+      await Promise.all(subscriptions.map((s) => (s.needsInitialSnapshot ? s.loadInitialSnapshot() : undefined)));
       if (this.#restartReason !== null) {
-        await subscription.restart(this.#restartReason);
+        const reason = this.#restartReason;
+        await Promise.all(subscriptions.map((s) => s.restart(reason)));
         this.#restartReason = null;
       }
       if (this.#token === NOT_GIVEN && this.#options.getToken !== undefined) {
@@ -556,7 +811,11 @@ export class Client<E extends AnyEvent = AnyEvent> extends Emitter<ClientEvents>
     const url = new URL(base);
     url.searchParams.delete("epoch");
     url.searchParams.delete("last_seq");
-    for (const [name, value] of Object.entries(subscription.resumeParams())) url.searchParams.set(name, value);
+    if (this.#protocol === 1) {
+      for (const [name, value] of Object.entries(this.#subscription!.resumeParams())) url.searchParams.set(name, value);
+    } else {
+      this.#protocol2Query(url, kind);
+    }
     if (this.#token !== NOT_GIVEN && this.#token !== undefined) {
       url.searchParams.set(this.#options.tokenParam ?? "token", this.#token);
     }
@@ -578,7 +837,9 @@ export class Client<E extends AnyEvent = AnyEvent> extends Emitter<ClientEvents>
         kind === "websocket"
           ? openWebSocket(this.#WebSocket!, url.toString(), handlers)
           : openEventSource(this.#EventSource!, url.toString(), handlers);
-      attempt = { transport, from: subscription.position, opened: false, welcome: null, epoch: null };
+      const from = new Map<Subscription<never>, Position | null>();
+      for (const s of subscriptions) from.set(s as unknown as Subscription<never>, s.position);
+      attempt = { transport, from, opened: false, welcome: null, epoch: null, epochs: new Map(), requests: new Map() };
     } catch (error) {
       this.emit("error", new ClientError(`cannot open ${url.toString()}`, undefined, { cause: error }));
       this.#retry(ABNORMAL_CLOSURE, "cannot open the connection");
@@ -591,8 +852,33 @@ export class Client<E extends AnyEvent = AnyEvent> extends Emitter<ClientEvents>
     }, connectTimeout);
   }
 
+  /**
+   * Protocol 2's query: `protocol=2`, and `resume` with the positions the server resumes itself: on a
+   * WebSocket those of its own (server-side) subscriptions, the client's resume in their subscribe
+   * frames; over SSE, which has no client frames, every channel (the client's as `channel=` parameters).
+   */
+  #protocol2Query(url: URL, kind: TransportKind): void {
+    url.searchParams.set("protocol", "2");
+    url.searchParams.delete("resume");
+    url.searchParams.delete("channel");
+    const positions = new Map<string, Position>();
+    for (const [channel, subscription] of this.#subscriptions) {
+      if (subscription.state === "closed") continue;
+      if (kind === "sse" && !subscription.serverSide) url.searchParams.append("channel", channel);
+      const position = subscription.position;
+      if (position !== null && (kind === "sse" || subscription.serverSide || subscription.resumeInUrl)) {
+        positions.set(channel, position);
+      }
+    }
+    if (positions.size > 0) url.searchParams.set("resume", encodePositions(positions));
+  }
+
   #onMessage(attempt: Attempt, text: string): void {
     this.#armDeadline();
+    if (this.#protocol === 2) {
+      this.#onMessageV2(attempt, text);
+      return;
+    }
     let decoded;
     try {
       decoded = decodeFrame(text);
@@ -606,7 +892,7 @@ export class Client<E extends AnyEvent = AnyEvent> extends Emitter<ClientEvents>
         this.emit("error", new ClientError(`event seq ${decoded.event.seq} before the welcome: ignored`));
         return;
       }
-      subscription.event(decoded.event as Received<E>, attempt.epoch);
+      subscription.event(decoded.event as unknown as Received<E>, attempt.epoch);
       return;
     }
     const frame = decoded.frame;
@@ -626,30 +912,237 @@ export class Client<E extends AnyEvent = AnyEvent> extends Emitter<ClientEvents>
     }
   }
 
-  #onWelcome(attempt: Attempt, welcome: Welcome): void {
+  #onMessageV2(attempt: Attempt, text: string): void {
+    let decoded;
+    try {
+      decoded = decodeFrameV2(text);
+    } catch (error) {
+      this.emit("error", error instanceof FrameError ? error : new ClientError("bad frame", undefined, { cause: error }));
+      return;
+    }
+    if (decoded === null) return; // a frame type of a later server
+    if ("event" in decoded) {
+      const epoch = attempt.epochs.get(decoded.channel);
+      const subscription = this.#subscriptions.get(decoded.channel);
+      // Not (or no longer) subscribed here: an event queued before an unsubscribe was confirmed.
+      if (epoch === undefined || subscription === undefined || subscription.state === "closed") return;
+      subscription.event(decoded.event as unknown as Received<E>, epoch);
+      return;
+    }
+    const frame = decoded.frame;
+    switch (frame.type) {
+      case "welcome":
+        if (frame.protocol !== 2) {
+          this.#drop(attempt, ABNORMAL_CLOSURE, `the server answered with protocol ${String(frame.protocol)}, not 2`);
+          return;
+        }
+        this.#onWelcome(attempt, frame);
+        return;
+      case "subscribed":
+        this.#onSubscribed(attempt, frame);
+        return;
+      case "unsubscribed": {
+        const request = frame.id === null ? undefined : attempt.requests.get(frame.id);
+        if (request !== undefined) attempt.requests.delete(frame.id!);
+        attempt.epochs.delete(frame.channel);
+        const subscription = request?.subscription ?? this.#subscriptions.get(frame.channel);
+        if (subscription === undefined) return;
+        const current = this.#subscriptions.get(frame.channel);
+        if (current === (subscription as unknown)) this.#subscriptions.delete(frame.channel);
+        subscription.close();
+        this.emit("unsubscribed", subscription as unknown as Subscription<E>, frame.reason);
+        if (current !== undefined && current !== (subscription as unknown) && current.state !== "closed") {
+          this.#sendSubscribe(attempt, current); // subscribed again while the unsubscribe was on its way
+        }
+        return;
+      }
+      case "resync_required": {
+        const subscription = this.#subscriptions.get(frame.channel!);
+        if (subscription === undefined || subscription.state === "closed") return;
+        attempt.epochs.set(frame.channel!, frame.epoch);
+        subscription.resyncRequired(frame);
+        return;
+      }
+      case "presence_join":
+      case "presence_leave":
+        this.#subscriptions.get(frame.channel)?.presenceChanged(frame.type === "presence_join" ? "join" : "leave", frame.member);
+        return;
+      case "error":
+        this.#onErrorV2(attempt, frame);
+        return;
+      case "pong":
+        return;
+    }
+  }
+
+  #onSubscribed(attempt: Attempt, frame: Subscribed): void {
+    const request = frame.id === null ? undefined : attempt.requests.get(frame.id);
+    if (request !== undefined) attempt.requests.delete(frame.id!);
+    let subscription = this.#subscriptions.get(frame.channel);
+    if (request !== undefined && (request.subscription as unknown) !== subscription) return; // unsubscribed meanwhile
+    let created = false;
+    if (subscription === undefined || subscription.state === "closed") {
+      if (frame.id !== null) return; // an answer to a request of a subscription that is gone
+      const options = this.#options.serverSubscription?.(frame.channel) ?? {};
+      subscription = new Subscription<E>(this.#host(), { ...options, channel: frame.channel }, true);
+      this.#subscriptions.set(frame.channel, subscription);
+      created = true;
+    }
+    attempt.epochs.set(frame.channel, frame.epoch);
+    if (frame.id === null) subscription.resumeInUrl = true;
+    if (frame.resumed) this.stats.resumed += 1;
+    if (created) this.emit("subscription", subscription);
+    subscription.subscribed(frame);
+  }
+
+  #onErrorV2(attempt: Attempt, frame: ErrorFrame): void {
+    const request = frame.id === null || frame.id === undefined ? undefined : attempt.requests.get(frame.id);
+    const channel = frame.channel ?? null;
+    const error = new SubscriptionError(
+      `the server refused ${request?.kind ?? "a frame"}${channel !== null ? ` of '${channel}'` : ""}: ${frame.code}: ${frame.message}`,
+      frame.code,
+      channel,
+    );
+    if (frame.code === "presence_unavailable") {
+      // Follows the subscription's confirmation: it stands, without presence.
+      const subscription = channel === null ? undefined : this.#subscriptions.get(channel);
+      subscription?.refused(error);
+      this.emit("error", error);
+      return;
+    }
+    if (request === undefined) {
+      this.emit("error", error); // a server-side channel refused at connect, or a frame the server could not read
+      return;
+    }
+    attempt.requests.delete(frame.id!);
+    const subscription = request.subscription as unknown as Subscription<E>;
+    if (request.kind === "unsubscribe") {
+      if (frame.code !== "not_subscribed") this.emit("error", error);
+      return; // not subscribed (any more): nothing to end
+    }
+    if (this.#subscriptions.get(subscription.channel!) !== subscription || subscription.state === "closed") return;
+    if (frame.code === "already_subscribed" && subscription.confirmed) {
+      // The server subscribed this connection to the channel itself (its `subscribed` with id null came
+      // after this client's request was sent): the subscription stands.
+      return;
+    }
+    if (frame.code === "try_again_later") {
+      // A channel's connection limit, or the server's backend is down: ask again after a backoff.
+      const retry = this.#retrySubscribe.get(subscription) ?? { failures: 0, timer: undefined };
+      const delay = backoffDelay(retry.failures, this.#options.backoff);
+      retry.failures += 1;
+      clearTimeout(retry.timer);
+      retry.timer = setTimeout(() => {
+        const now = this.#attempt;
+        if (now !== null && now.welcome !== null && subscription.state !== "closed") this.#sendSubscribe(now, subscription);
+      }, delay);
+      this.#retrySubscribe.set(subscription, retry);
+      this.emit("error", error);
+      return;
+    }
+    this.#subscriptions.delete(subscription.channel!);
+    subscription.refused(error);
+    this.emit("error", error);
+  }
+
+  /** Protocol 2: send `subscription`'s subscribe frame on `attempt` (WebSocket), or reconnect (SSE). */
+  #sendSubscribe(attempt: Attempt, subscription: Subscription<E>): void {
+    if (subscription.state === "closed" || subscription.confirmed) return;
+    for (const pending of attempt.requests.values()) {
+      if (pending.subscription === (subscription as unknown)) return; // asked already
+      // Still unsubscribing an earlier subscription of this channel: ask once that is confirmed.
+      if (pending.kind === "unsubscribe" && pending.subscription.channel === subscription.channel) return;
+    }
+    if (attempt.transport.kind === "sse") {
+      // No client frames over SSE: a new connection names every channel in its URL.
+      this.#reconnect("subscribing over SSE");
+      return;
+    }
+    const id = `s${++this.#nextRequest}`;
+    if (attempt.transport.send(subscription.subscribeFrame(id))) {
+      attempt.requests.set(id, { kind: "subscribe", subscription: subscription as unknown as Subscription<never> });
+    }
+  }
+
+  /** Protocol 2: a subscription made while the client runs: its first snapshot, then its subscribe frame. */
+  async #activate(subscription: Subscription<E>): Promise<void> {
+    if (subscription.needsInitialSnapshot) {
+      try {
+        await subscription.loadInitialSnapshot();
+      } catch (error) {
+        this.emit("error", new ClientError(`the first snapshot of '${subscription.channel}' failed`, undefined, { cause: error }));
+        // The next connection tries again (#open loads what is missing).
+        return;
+      }
+    }
+    const attempt = this.#attempt;
+    if (attempt !== null && attempt.welcome !== null && this.#state === "connected") this.#sendSubscribe(attempt, subscription);
+  }
+
+  #unsubscribe(subscription: Subscription<E>): void {
+    if (this.#protocol === 1) {
+      this.close(); // protocol 1: the connection is the subscription
+      return;
+    }
+    const channel = subscription.channel!;
+    const retry = this.#retrySubscribe.get(subscription);
+    if (retry !== undefined) clearTimeout(retry.timer);
+    this.#retrySubscribe.delete(subscription);
+    const attempt = this.#attempt;
+    const live = attempt !== null && attempt.welcome !== null;
+    if (!live || attempt.transport.kind === "sse") {
+      if (this.#subscriptions.get(channel) === subscription) this.#subscriptions.delete(channel);
+      this.emit("unsubscribed", subscription, "client");
+      if (live) this.#reconnect("unsubscribing over SSE");
+      return;
+    }
+    // Keep the entry until the server confirms, so that events in flight find a closed subscription.
+    const id = `u${++this.#nextRequest}`;
+    if (attempt.transport.send(JSON.stringify({ type: "unsubscribe", id, channel }))) {
+      attempt.requests.set(id, { kind: "unsubscribe", subscription: subscription as unknown as Subscription<never> });
+    } else if (this.#subscriptions.get(channel) === subscription) {
+      this.#subscriptions.delete(channel);
+      this.emit("unsubscribed", subscription, "client");
+    }
+  }
+
+  #onWelcome(attempt: Attempt, welcome: Welcome | WelcomeV2): void {
     clearTimeout(this.#timers.connect);
     attempt.opened = true;
     attempt.welcome = welcome;
-    attempt.epoch = welcome.epoch;
     this.#websocketFailures = 0;
     this.stats.welcomes += 1;
-    if (welcome.resumed) this.stats.resumed += 1;
-    this.#subscription!.welcome(welcome);
+    if ("channel" in welcome) {
+      attempt.epoch = welcome.epoch;
+      if (welcome.resumed) this.stats.resumed += 1;
+      this.#subscription!.welcome(welcome);
+    }
     this.#timers.stable = setTimeout(() => {
       if (this.#attempt === attempt) this.#failures = 0;
     }, this.#options.stableAfter ?? 5000);
     if (attempt.transport.kind === "websocket") this.#startHeartbeat(attempt, welcome);
     this.#setState("connected");
     this.emit("connected", welcome);
+    if (this.#protocol === 2) {
+      for (const subscription of this.#subscriptions.values()) {
+        // Server-side subscriptions come back by themselves (their positions are in the URL); over SSE
+        // every channel is in the URL.
+        if (!subscription.serverSide && attempt.transport.kind === "websocket" && !subscription.needsInitialSnapshot) {
+          this.#sendSubscribe(attempt, subscription);
+        } else if (subscription.needsInitialSnapshot && !subscription.serverSide) {
+          void this.#activate(subscription);
+        }
+      }
+    }
   }
 
   // -- heartbeat -------------------------------------------------------------------------------------
 
-  #pingPeriod(welcome: Welcome): number {
+  #pingPeriod(welcome: { readonly heartbeat_interval: number }): number {
     return Math.max(100, this.#options.heartbeatInterval ?? welcome.heartbeat_interval * 1000);
   }
 
-  #startHeartbeat(attempt: Attempt, welcome: Welcome): void {
+  #startHeartbeat(attempt: Attempt, welcome: Welcome | WelcomeV2): void {
     const period = this.#pingPeriod(welcome);
     this.#timers.ping = setInterval(() => {
       if (this.#attempt === attempt) attempt.transport.send('{"type":"ping"}');
@@ -689,6 +1182,14 @@ export class Client<E extends AnyEvent = AnyEvent> extends Emitter<ClientEvents>
   #onClose(attempt: Attempt, code: number, reason: string): void {
     this.#clearConnectionTimers();
     this.#attempt = null;
+    for (const [channel, subscription] of this.#subscriptions) {
+      subscription.disconnected();
+      if (subscription.state === "closed") {
+        // Its unsubscribe was not confirmed before the drop: the next connection does not carry it.
+        this.#subscriptions.delete(channel);
+        this.emit("unsubscribed", subscription, "client");
+      }
+    }
     if (attempt.transport.kind === "websocket" && !attempt.opened) {
       this.#websocketFailures += 1;
       const threshold = this.#options.sseFallbackAfter ?? 2;
@@ -696,7 +1197,7 @@ export class Client<E extends AnyEvent = AnyEvent> extends Emitter<ClientEvents>
         this.#transport = "sse";
       }
     }
-    if (code === SLOW_CONSUMER && attempt.from !== null && samePosition(attempt.from, this.#subscription!.position)) {
+    if (code === SLOW_CONSUMER && madeNoProgress(attempt.from)) {
       // Closed for falling behind before a single event was applied: the replay of what was missed is
       // larger than the server's queue bound, so resuming again would fail again. Reload instead.
       this.#stalledResumes += 1;

@@ -4,7 +4,10 @@ export {
   Client,
   ClientError,
   Subscription,
+  SubscriptionError,
+  type PresenceUpdate,
   type AnyEvent,
+  type EventShape,
   type ClientOptions,
   type ClientState,
   type ClientStats,
@@ -27,7 +30,26 @@ export {
   type Verdict,
 } from "./cursor.js";
 export { Emitter, type Unsubscribe } from "./emitter.js";
-export { FrameError, decodeFrame, type ErrorFrame, type Pong, type ProtocolFrame, type ResyncRequired, type Welcome, type WireEvent } from "./frames.js";
+export {
+  FrameError,
+  decodeFrame,
+  decodeFrameV2,
+  encodePositions,
+  type DecodedV2,
+  type ErrorFrame,
+  type Pong,
+  type PresenceChange,
+  type PresenceMember,
+  type PresenceSnapshot,
+  type ProtocolFrame,
+  type ProtocolFrameV2,
+  type ResyncRequired,
+  type Subscribed,
+  type Unsubscribed,
+  type Welcome,
+  type WelcomeV2,
+  type WireEvent,
+} from "./frames.js";
 export {
   sseUrlFor,
   type EventSourceConstructor,
@@ -37,5 +59,7 @@ export {
   type WebSocketLike,
 } from "./transport.js";
 
-/** The wire protocol version this client speaks. */
+/** The wire protocol version a client speaks by default (`protocol` option). */
 export const PROTOCOL_VERSION = 1;
+/** The wire protocol versions this client speaks. */
+export const PROTOCOL_VERSIONS: readonly number[] = [1, 2];

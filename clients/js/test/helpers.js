@@ -49,6 +49,11 @@ export class TestServer {
     this.http = `http://127.0.0.1:${port}`;
   }
 
+  /** The WebSocket address of the endpoint, without a channel (protocol 2 subscribes with frames). */
+  get wsBase() {
+    return `ws://127.0.0.1:${this.port}/realtime`;
+  }
+
   /** The WebSocket address of `room`'s stream. */
   wsUrl(room) {
     return `ws://127.0.0.1:${this.port}/realtime?room=${encodeURIComponent(room)}`;
@@ -168,3 +173,38 @@ export const range = (n) => Array.from({ length: n }, (_, i) => i + 1);
 
 /** The item numbers an application holds, sorted. */
 export const numbers = (app) => [...app.items.keys()].sort((a, b) => a - b);
+
+/** An application's state for one room, fed by a subscription (see `followChannel`). */
+export function roomApp() {
+  return { items: new Map(), applied: [], resyncs: [], snapshots: 0, presence: [], errors: [] };
+}
+
+/** The subscription options of an application that shows `room`'s items (protocol 2: one per channel). */
+export function roomOptions(server, room, app, extra = {}) {
+  return {
+    channel: `room:${room}`,
+    async resync(info) {
+      app.resyncs.push(info);
+      const response = await fetch(`${server.http}/rooms/${encodeURIComponent(room)}/items`);
+      if (!response.ok) throw new Error(`snapshot: ${response.status}`);
+      const body = await response.json();
+      app.items = new Map(body.items.map((item) => [item.n, item]));
+      app.snapshots += 1;
+      return { epoch: response.headers.get("x-stream-epoch"), seq: Number(response.headers.get("x-stream-seq")) };
+    },
+    onEvent(event) {
+      app.applied.push(event.seq);
+      app.items.set(event.n, { n: event.n, room: event.room });
+    },
+    ...extra,
+  };
+}
+
+/** Subscribe `client` (protocol 2) to `room` with an application that records what happens. */
+export function followChannel(client, server, room, extra = {}) {
+  const app = roomApp();
+  const subscription = client.subscribe(roomOptions(server, room, app, extra));
+  subscription.on("presence", (update) => app.presence.push(update));
+  subscription.on("error", (error) => app.errors.push(error));
+  return { subscription, app };
+}

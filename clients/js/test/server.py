@@ -4,7 +4,9 @@ Run with the repository's virtualenv: ``python test/server.py --port 0``. It pri
 uvicorn listens on 127.0.0.1, and serves:
 
 - ``/realtime?room=R`` (WebSocket) and ``/realtime/sse?room=R`` (Server-Sent Events): channel ``room:R``.
-  A ``token`` query parameter, if given, must not be revoked (else close code 4003).
+  A ``token`` query parameter, if given, must not be revoked (else close code 4003). With ``protocol=2``
+  ``room=R`` is a server-side subscription (and optional); clients subscribe to ``room:...`` channels,
+  of which ``room:forbidden...`` ones are denied (``error`` ``forbidden``).
 - ``GET /rooms/R/items``: the snapshot: every item published in the room, with the stream position it
   reflects in the body and in ``X-Stream-Epoch`` / ``X-Stream-Seq`` headers.
 - ``POST /control/publish?room=R&n=N[&size=B][&background=1]``: publish N items (``size`` bytes of padding
@@ -14,7 +16,9 @@ uvicorn listens on 127.0.0.1, and serves:
   and SSE requests get 503 (the service is "down" while the process keeps its history).
 - ``POST /control/revoke?token=T``: refuse token T from now on (4003 "token expired").
 - ``/pkg/...``: with ``--serve-package``, the files of ``clients/js`` (the built module, the test page).
-- ``GET /control/stats``: connection attempts (per transport and token), refusals, the broadcaster's stats.
+- ``GET /control/stats``: connection attempts (per transport and token), refusals, the broadcaster's stats,
+  and whether this rtbroadcast has presence (``--presence PREFIX`` turns it on for those channels).
+- A ``device=NAME`` query parameter authenticates the connection as ``Identity(NAME, info={"name": NAME})``.
 
 Items are kept in ``--state FILE`` (JSON) when given, so that a restarted process still has the data of
 its "database" while the memory backend's stream starts again in a new epoch.
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import inspect
 import json
 import os
 import sys
@@ -38,7 +43,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from rtbroadcast import Broadcaster, Event, QueueLimits
+from rtbroadcast import Broadcaster, Event, Identity, QueueLimits
 from rtbroadcast.asgi import ConnectionRequest, Deny, channel_from_query
 from rtbroadcast.starlette import broadcast_routes, lifespan
 
@@ -52,12 +57,23 @@ class Item(Event):
     pad: str = ""
 
 
+#: Whether this rtbroadcast has presence (``Broadcaster(presence=...)``): ``--presence`` needs it.
+HAS_PRESENCE = "presence" in inspect.signature(Broadcaster).parameters
+
+
 def build_app(args: argparse.Namespace) -> Any:
+    options: dict[str, Any] = {}
+    if args.presence:
+        if HAS_PRESENCE:
+            options["presence"] = (args.presence,)
+        else:  # the tests ask /control/stats and skip what needs it
+            sys.stderr.write("server.py: --presence ignored: this rtbroadcast has no presence\n")
     broadcaster = Broadcaster(
         args.backend,
         heartbeat_interval=args.heartbeat,
         queue_limits=QueueLimits(max_size=args.queue_max_size),
         max_resume=100_000,
+        **options,
     )
     state_file = Path(args.state) if args.state else None
     items: dict[str, list[dict[str, Any]]] = (
@@ -78,7 +94,14 @@ def build_app(args: argparse.Namespace) -> Any:
         if token is not None and token in revoked:
             count("refused")
             return Deny("token expired")
+        if channel.startswith("room:forbidden"):
+            return Deny("not your room")
         return True
+
+    def authenticate(request: ConnectionRequest) -> Identity | None:
+        # ``device=NAME``: the connection's identity (its presence member shows it); none: anonymous.
+        device = request.query.get("device")
+        return Identity(device, info={"name": device}) if device else None
 
     async def publish(room: str, n: int, size: int) -> tuple[int, int]:
         first = last = 0
@@ -125,7 +148,7 @@ def build_app(args: argparse.Namespace) -> Any:
         return JSONResponse({"revoked": sorted(revoked)})
 
     async def control_stats(request: Request) -> JSONResponse:
-        return JSONResponse({"counts": counts, "broadcaster": broadcaster.stats()})
+        return JSONResponse({"counts": counts, "broadcaster": broadcaster.stats(), "presence": HAS_PRESENCE})
 
     async def snapshot(request: Request) -> JSONResponse:
         room = request.path_params["room"]
@@ -143,7 +166,11 @@ def build_app(args: argparse.Namespace) -> Any:
         Route("/control/revoke", control_revoke, methods=["POST"]),
         Route("/control/stats", control_stats, methods=["GET"]),
         *broadcast_routes(
-            "/realtime", broadcaster, channel=channel_from_query("room", prefix="room:"), authorize=authorize
+            "/realtime",
+            broadcaster,
+            channel=channel_from_query("room", prefix="room:"),
+            authorize=authorize,
+            authenticate=authenticate,
         ),
     ]
     if args.serve_package:
@@ -177,6 +204,7 @@ async def main() -> None:
     parser.add_argument("--queue-max-size", type=int, default=1024 * 1024)
     parser.add_argument("--state", default="")
     parser.add_argument("--serve-package", action="store_true")
+    parser.add_argument("--presence", default="", metavar="PREFIX", help="channels with presence")
     args = parser.parse_args()
     config = uvicorn.Config(
         build_app(args), host="127.0.0.1", port=args.port, log_level="warning", lifespan="on"

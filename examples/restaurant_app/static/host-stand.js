@@ -1,11 +1,11 @@
 // Host stand: one restaurant's waitlist and tables, kept live over the service's WebSocket.
 //
-// How it stays exact (see the service README, "Snapshots, ETags and polling"):
-//   1. GET the guest and table lists; keep their epoch and the lower of their two seqs.
-//   2. Connect to /realtime with ?epoch=E&last_seq=N: the server replays every event after N, then live ones.
-//   3. Apply events in seq order, ignoring any seq <= the last one applied; remember the last seq.
-//   4. When the socket drops, reconnect with backoff and resume from the last seq applied.
-//   5. On resync_required (history lost or trimmed), load the snapshot again and go back to 2.
+// The connection is @rtbroadcast/client (clients/js in the repository; its built ES module is served
+// from vendor/rtbroadcast-client/, copied there by `npm run vendor`). The client does what keeps the page
+// exact (see the service README, "Snapshots, ETags and polling"): it loads the snapshot through the page's
+// `resync` callback, connects with its epoch and seq so the server replays what was published since,
+// applies events in seq order once each, reconnects with backoff and resumes from the last event applied,
+// and calls `resync` again when the server says resync_required (history lost or trimmed).
 // Writes go over HTTP and are not applied locally: the page changes when their event arrives, like any
 // other device's. The page URL takes ?restaurant_id=... and an optional ?token=..., which is passed on
 // as ?token= on the WebSocket and as a bearer token on HTTP requests.
@@ -34,12 +34,11 @@
     resyncing: "Reloading…",
     error: "Stopped",
   };
-  const BACKOFF_INITIAL_MS = 250;
-  const BACKOFF_MAX_MS = 8000;
+  // Reconnect delays: full jitter below a ceiling that starts at 250 ms and doubles up to 8 s.
+  const BACKOFF = { initialDelay: 250, maxDelay: 8000 };
   const REQUEST_TIMEOUT_MS = 10000;
-  // Close codes after which retrying unchanged cannot help: 4003 forbidden (the token or the Origin was
-  // refused), 4004 bad request (bad restaurant id or resume parameters). Reload the page to try again.
-  const FATAL_CLOSE_CODES = new Set([4003, 4004]);
+  // After 4003 (the token or the Origin was refused) and 4004 (bad restaurant id or resume parameters)
+  // the client stops: retrying unchanged cannot help. Reload the page to try again.
 
   const params = new URLSearchParams(window.location.search);
   const restaurantId = params.get("restaurant_id") || "test-restaurant-1";
@@ -53,18 +52,37 @@
     lastSeq: null, // seq of the last event applied (or of the snapshot)
   };
   const link = {
-    socket: null,
-    state: "connecting",
-    attempt: 0, // reconnection attempts since the last welcome
-    retryTimer: null,
-    heartbeatTimer: null,
-    lastMessageAt: 0,
-    generation: 0, // bumped by every snapshot load; work begun under an older one is dropped
-    queue: [], // received events not applied yet, in seq order
-    applying: false,
+    client: null, // the @rtbroadcast/client Client, once the module is loaded
+    subscription: null,
+    state: "connecting", // what the badge shows
+    get queue() {
+      // Received events not applied yet, in seq order.
+      return link.subscription?.pending ?? [];
+    },
   };
-  // Counters, for people and for the browser tests.
-  const stats = { snapshots: 0, connects: 0, welcomes: 0, resumed: 0, resyncs: 0, applied: 0 };
+  // Counters, for people and for the browser tests: the page's own (snapshots loaded, resyncs run,
+  // events applied) and the client's (connection attempts, welcomes, resumed welcomes).
+  const counts = { snapshots: 0, resyncs: 0, applied: 0 };
+  const stats = {
+    get snapshots() {
+      return counts.snapshots;
+    },
+    get connects() {
+      return link.client?.stats.attempts ?? 0;
+    },
+    get welcomes() {
+      return link.client?.stats.welcomes ?? 0;
+    },
+    get resumed() {
+      return link.client?.stats.resumed ?? 0;
+    },
+    get resyncs() {
+      return counts.resyncs;
+    },
+    get applied() {
+      return counts.applied;
+    },
+  };
   window.hostStand = { model, link, stats, restaurantId };
 
   const $ = (id) => document.getElementById(id);
@@ -116,12 +134,31 @@
 
   // -- snapshot -----------------------------------------------------------------------------------
 
-  // Returns false when a newer load started meanwhile (that one carries on).
-  async function loadSnapshot() {
-    const generation = ++link.generation;
-    link.queue = [];
-    const [guests, tables] = await Promise.all([api("GET", `${base}/guests`), api("GET", `${base}/tables`)]);
-    if (generation !== link.generation) return false;
+  // The subscription's `resync` callback: load both lists, show them, and return the stream position
+  // they reflect (the lower of their two seqs: events the later read already holds apply again harmlessly,
+  // as each one merges the entity's new fields).
+  const fetchLists = () => Promise.all([api("GET", `${base}/guests`), api("GET", `${base}/tables`)]);
+  // The first snapshot's requests start while the client module loads (see start()).
+  let firstLists = null;
+
+  async function loadSnapshot(info) {
+    if (info.reason !== "initial") counts.resyncs += 1;
+    const lists = info.reason === "initial" && firstLists !== null ? firstLists : fetchLists();
+    firstLists = null;
+    let guests;
+    let tables;
+    try {
+      [guests, tables] = await lists;
+    } catch (error) {
+      console.warn("host stand: snapshot failed:", error.message);
+      if (error.status >= 400 && error.status < 500 && error.status !== 408 && error.status !== 429) {
+        // Refused (bad restaurant id, not allowed): asking again unchanged cannot help.
+        link.client.close();
+        setState("error", `(${error.status})`);
+        showMessage(error.message);
+      }
+      throw error; // otherwise the client retries after a backoff
+    }
     if (guests.epoch == null || guests.epoch !== tables.epoch) {
       // The broadcast backend is unreachable (or changed between the two reads): no position to resume from.
       throw new Error("the service has no stream position to offer; retrying");
@@ -130,194 +167,89 @@
     model.tables = new Map(tables.tables.map((table) => [table.id, table]));
     model.epoch = guests.epoch;
     model.lastSeq = Math.min(guests.seq, tables.seq);
-    stats.snapshots += 1;
+    counts.snapshots += 1;
     render();
-    return true;
+    return { epoch: model.epoch, seq: model.lastSeq };
   }
 
-  // -- WebSocket ----------------------------------------------------------------------------------
+  // -- connection ---------------------------------------------------------------------------------
 
   function setState(state, detail) {
+    if (link.state === "error") return; // stopped: stays so
     link.state = state;
     const badge = $("connection");
     badge.dataset.state = state;
     badge.textContent = CONNECTION_LABELS[state] + (detail ? ` ${detail}` : "");
   }
 
-  function socketUrl() {
-    const query = new URLSearchParams({ restaurant_id: restaurantId });
-    if (model.epoch != null) {
-      query.set("epoch", model.epoch);
-      query.set("last_seq", String(model.lastSeq));
+  async function start() {
+    firstLists = fetchLists();
+    firstLists.catch(() => {}); // handled by loadSnapshot; not an unhandled rejection meanwhile
+    let Client;
+    try {
+      ({ Client } = await import("./vendor/rtbroadcast-client/index.js"));
+    } catch (error) {
+      setState("error", "(the client module did not load)");
+      showMessage(String(error));
+      return;
     }
-    if (token) query.set("token", token);
     const scheme = window.location.protocol === "https:" ? "wss:" : "ws:";
-    return `${scheme}//${window.location.host}/realtime?${query}`;
-  }
-
-  function connect() {
-    clearTimeout(link.retryTimer);
-    link.retryTimer = null;
-    dropSocket();
-    const socket = new WebSocket(socketUrl());
-    link.socket = socket;
-    link.lastMessageAt = Date.now();
-    stats.connects += 1;
-    socket.onmessage = (message) => {
-      if (link.socket !== socket) return;
-      link.lastMessageAt = Date.now();
-      let frame;
-      try {
-        frame = JSON.parse(message.data);
-      } catch (_) {
-        console.warn("host stand: ignoring a frame that is not JSON", message.data);
-        return;
+    const url = `${scheme}//${window.location.host}/realtime?${new URLSearchParams({ restaurant_id: restaurantId })}`;
+    const client = new Client({
+      url,
+      ...(token ? { token } : {}),
+      backoff: BACKOFF,
+      // WebSocket only, as before: the SSE fallback would stay on SSE after a server outage, without the
+      // heartbeat, and a 4003 over SSE cannot be told from an outage.
+      sseUrl: null,
+    });
+    const subscription = client.subscribe({ resync: loadSnapshot, onEvent: applyEvent });
+    link.client = client;
+    link.subscription = subscription;
+    let dropped = false; // once the first connection (or attempt) is gone, "connecting" reads "reconnecting"
+    let retry = 0;
+    client.on("state", (state) => {
+      if (state === "connected") setState(subscription.state === "resyncing" ? "resyncing" : "live");
+      else if (state === "connecting" || state === "waiting") {
+        if (dropped) setState("reconnecting", retry > 1 ? `(attempt ${retry})` : "");
+        else setState("connecting");
       }
-      onFrame(frame);
-    };
-    socket.onclose = (event) => {
-      if (link.socket !== socket) return; // closed on purpose, already replaced
-      link.socket = null;
-      stopHeartbeat();
-      if (FATAL_CLOSE_CODES.has(event.code)) {
-        setState("error", `(${event.code} ${event.reason || "refused"})`);
-        return;
-      }
-      scheduleReconnect();
-    };
-  }
-
-  function dropSocket() {
-    const socket = link.socket;
-    link.socket = null;
-    stopHeartbeat();
-    if (socket) socket.close(1000, "client reloading");
-  }
-
-  function scheduleReconnect() {
-    if (link.retryTimer !== null) return;
-    const ceiling = Math.min(BACKOFF_MAX_MS, BACKOFF_INITIAL_MS * 2 ** link.attempt);
-    const delay = ceiling / 2 + Math.random() * (ceiling / 2);
-    link.attempt += 1;
-    setState("reconnecting", link.attempt > 1 ? `(attempt ${link.attempt})` : "");
-    link.retryTimer = setTimeout(() => {
-      link.retryTimer = null;
-      // Without a position (the first snapshot never loaded), start from a snapshot; otherwise resume.
-      if (model.epoch == null) start();
-      else connect();
-    }, delay);
-  }
-
-  function start() {
-    const generation = link.generation + 1;
-    loadSnapshot().then(
-      (current) => {
-        if (current) connect();
-      },
-      (error) => {
-        console.warn("host stand: snapshot failed:", error.message);
-        if (generation !== link.generation) return;
-        if (error.status >= 400 && error.status < 500 && error.status !== 408 && error.status !== 429) {
-          // Refused (bad restaurant id, not allowed): asking again unchanged cannot help.
-          setState("error", `(${error.status})`);
-          showMessage(error.message);
-          return;
-        }
-        scheduleReconnect();
-      },
-    );
-  }
-
-  function resync() {
-    stats.resyncs += 1;
-    dropSocket();
-    setState("resyncing");
-    start();
-  }
-
-  function startHeartbeat(intervalSeconds) {
-    stopHeartbeat();
-    const every = Math.min(Math.max(intervalSeconds || 25, 5), 25) * 1000;
-    link.heartbeatTimer = setInterval(() => {
-      const socket = link.socket;
-      if (!socket || socket.readyState !== WebSocket.OPEN) return;
-      if (Date.now() - link.lastMessageAt > 2 * every) {
-        socket.close(4000, "no answer to pings"); // onclose reconnects
-        return;
-      }
-      socket.send(JSON.stringify({ type: "ping" }));
-    }, every);
-  }
-
-  function stopHeartbeat() {
-    clearInterval(link.heartbeatTimer);
-    link.heartbeatTimer = null;
-  }
-
-  function onFrame(frame) {
-    switch (frame.type) {
-      case "welcome":
-        stats.welcomes += 1;
-        if (frame.resumed) stats.resumed += 1;
-        link.attempt = 0;
-        setState("live");
-        startHeartbeat(frame.heartbeat_interval);
-        return; // when the resume failed, resync_required follows
-      case "resync_required":
-        resync();
-        return;
-      case "pong":
-        return;
-      case "error":
-        console.warn("host stand: the server refused a frame:", frame);
-        return;
-      default:
-        if (typeof frame.seq !== "number") {
-          console.warn("host stand: ignoring a frame without seq", frame);
-          return;
-        }
-        enqueue(frame);
-    }
+    });
+    client.on("disconnect", (info) => {
+      dropped = true;
+      retry = info.retry;
+      if (info.retryIn === null) setState("error", `(${info.code} ${info.reason || "refused"})`);
+      else setState("reconnecting", retry > 1 ? `(attempt ${retry})` : "");
+    });
+    client.on("connected", () => {
+      retry = 0;
+    });
+    client.on("error", (error) => console.warn("host stand:", error.message, error.cause ?? ""));
+    subscription.on("state", (state) => {
+      if (state === "resyncing") setState("resyncing");
+      else if (state === "live" && client.state === "connected") setState("live");
+    });
+    subscription.on("position", (position) => {
+      model.epoch = position.epoch;
+      model.lastSeq = position.seq;
+      render();
+    });
+    client.connect();
   }
 
   // -- events -------------------------------------------------------------------------------------
 
-  function enqueue(event) {
-    if (model.lastSeq !== null && event.seq <= model.lastSeq) return;
-    const queue = link.queue;
-    let index = queue.length;
-    while (index > 0 && queue[index - 1].seq > event.seq) index -= 1;
-    if (index > 0 && queue[index - 1].seq === event.seq) return; // already queued (a replay)
-    queue.splice(index, 0, event);
-    drain();
-  }
-
-  async function drain() {
-    if (link.applying) return;
-    link.applying = true;
+  // The subscription's `onEvent`: the client calls it once per event, in seq order, and waits for it.
+  async function applyEvent(event) {
     try {
-      while (link.queue.length) {
-        const generation = link.generation;
-        const event = link.queue.shift();
-        if (event.seq <= model.lastSeq) continue;
-        try {
-          await apply(event);
-        } catch (error) {
-          // Reloading the affected entities failed (the service went away): start over from a snapshot.
-          console.warn("host stand: could not apply event", event.seq, error.message);
-          if (generation === link.generation) resync();
-          return;
-        }
-        if (generation !== link.generation) return; // a snapshot replaced everything meanwhile
-        model.lastSeq = event.seq;
-        stats.applied += 1;
-        render();
-      }
-    } finally {
-      link.applying = false;
-      // Events queued while this run was waiting, under a newer snapshot, still need a run.
-      if (link.queue.length) queueMicrotask(drain);
+      await apply(event);
+    } catch (error) {
+      // Reloading the affected entities failed (the service went away): start over from a snapshot.
+      console.warn("host stand: could not apply event", event.seq, error.message);
+      link.subscription.resync();
+      return;
     }
+    counts.applied += 1;
   }
 
   function merge(map, id, data) {
@@ -561,19 +493,8 @@
 
   document.addEventListener("DOMContentLoaded", () => {
     $("walk-in-form").addEventListener("submit", addWalkIn);
-    // Back online, or back in front of someone (browsers slow down timers in background tabs): retry now
-    // rather than at the end of the current backoff.
-    const retryNow = () => {
-      if (link.retryTimer === null) return;
-      clearTimeout(link.retryTimer);
-      link.retryTimer = null;
-      if (model.epoch == null) start();
-      else connect();
-    };
-    window.addEventListener("online", retryNow);
-    document.addEventListener("visibilitychange", () => {
-      if (document.visibilityState === "visible") retryNow();
-    });
+    // The client also retries at once when the browser is back online or the page visible again,
+    // rather than at the end of its current backoff (browsers slow timers down in background tabs).
     setState("connecting");
     render();
     start();

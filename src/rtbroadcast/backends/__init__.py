@@ -19,12 +19,14 @@ _BACKENDS: dict[str, tuple[str, str, str | None]] = {
     "unix": ("rtbroadcast.backends.redis", "RedisBackend", "redis"),
     "postgresql": ("rtbroadcast.backends.postgres", "PostgresBackend", "postgres"),
     "postgres": ("rtbroadcast.backends.postgres", "PostgresBackend", "postgres"),
+    "redis+cluster": ("rtbroadcast.backends.redis_cluster", "RedisClusterBackend", "redis"),
+    "rediss+cluster": ("rtbroadcast.backends.redis_cluster", "RedisClusterBackend", "redis"),
 }
 
 
 def load_backend(url: str) -> Backend:
-    """Create the backend a URL names: ``memory://``, ``redis://host:port/db`` (``rediss://`` for TLS) or
-    ``postgresql://user@host:port/db``.
+    """Create the backend a URL names: ``memory://``, ``redis://host:port/db`` (``rediss://`` for TLS),
+    ``redis+cluster://host:port,host:port`` for a Redis Cluster, or ``postgresql://user@host:port/db``.
 
     Each backend reads its options from the URL's query and refuses one it does not know, naming it.
 
