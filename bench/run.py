@@ -7,6 +7,7 @@ generator pinned to another, collect the figures, print Markdown tables and writ
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import datetime as dt
 import json
@@ -30,6 +31,7 @@ from .scenarios import (
     CLUSTER_STACKS,
     FULL,
     FULL_TIMING,
+    POSTGRES_STACKS,
     QUICK,
     QUICK_STACKS,
     QUICK_TIMING,
@@ -72,6 +74,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--server-cpu", type=int, default=0, help="core for the server (default 0)")
     parser.add_argument("--loadgen-cpu", type=int, default=1, help="core for the load generator (default 1)")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument(
+        "--postgres-url",
+        default="postgresql://postgres@127.0.0.1:5432/test",
+        help="PostgreSQL of the rtbroadcast-postgres stack; it works in a schema rtbench_<run id> of its "
+        "own, dropped at the end of each scenario",
+    )
     parser.add_argument(
         "--cluster-url",
         help="redis+cluster://host:port,... for the rtbroadcast-cluster stack (skipped without it); "
@@ -222,6 +230,47 @@ def redis_cleanup(url: str, marker: str) -> int:
     return deleted
 
 
+# -- postgres --------------------------------------------------------------------------------------
+
+
+def postgres_schema(run_id: str) -> str:
+    return f"rtbench_{run_id}"
+
+
+def postgres_version(url: str) -> str | None:
+    """Return the server's version, or None when it does not answer (the stack is then skipped)."""
+    try:
+        import asyncpg
+    except ImportError:
+        return None
+
+    async def ask() -> str:
+        conn = await asyncpg.connect(url, timeout=3)
+        try:
+            return str(await conn.fetchval("SHOW server_version"))
+        finally:
+            await conn.close()
+
+    try:
+        return asyncio.run(ask())
+    except Exception:  # whatever the driver raises, there is no PostgreSQL to run on
+        return None
+
+
+def postgres_drop(url: str, schema: str) -> None:
+    """Drop the run's schema (the only thing the benchmark creates in PostgreSQL)."""
+    import asyncpg
+
+    async def drop() -> None:
+        conn = await asyncpg.connect(url, timeout=5)
+        try:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        finally:
+            await conn.close()
+
+    asyncio.run(drop())
+
+
 def cluster_cleanup(url: str, marker: str) -> int:
     """Delete this run's keys on every primary of the cluster at ``url``."""
     import redis
@@ -253,6 +302,8 @@ def start_server(
         cmd += ["--http-port", str(http_port)]
     if stack in REDIS_STACKS:
         cmd += ["--redis-url", args.redis_url]
+    if stack in POSTGRES_STACKS:
+        cmd += ["--postgres-url", f"{args.postgres_url}?schema={postgres_schema(args.run_id)}"]
     if stack in CLUSTER_STACKS:
         cmd += ["--cluster-url", args.cluster_url]
     with open(log_path, "wb") as log_file:
@@ -434,6 +485,9 @@ def run_group(
             stop(server)
             if records[stack]["status"] != "ok" and "server_log" not in records[stack]:
                 records[stack]["server_log"] = tail(logs / f"{scenario.name}-{stack}.log")
+        if any(s in POSTGRES_STACKS for s in stacks):
+            with contextlib.suppress(Exception):
+                postgres_drop(args.postgres_url, postgres_schema(run_id))
         if redis is not None and any(s in REDIS_STACKS for s in stacks):
             with contextlib.suppress(Exception):
                 deleted = redis_cleanup(args.redis_url, f"rtbench-{run_id}")
@@ -492,7 +546,11 @@ def machine() -> dict[str, Any]:
 
 
 def stacks_available(
-    wanted: list[str], explicit: bool, redis: dict[str, Any] | None, cluster_url: str | None = None
+    wanted: list[str],
+    explicit: bool,
+    redis: dict[str, Any] | None,
+    cluster_url: str | None = None,
+    postgres: str | None = None,
 ) -> tuple[list[str], dict[str, str]]:
     skipped: dict[str, str] = {}
     try:
@@ -506,6 +564,10 @@ def stacks_available(
         for stack in wanted:
             if stack in REDIS_STACKS:
                 skipped.setdefault(stack, "no Redis answering at --redis-url")
+    if postgres is None:
+        for stack in wanted:
+            if stack in POSTGRES_STACKS:
+                skipped.setdefault(stack, "no PostgreSQL answering at --postgres-url (or no asyncpg)")
     if not cluster_url:
         for stack in wanted:
             if stack in CLUSTER_STACKS:
@@ -524,7 +586,8 @@ def main(argv: list[str] | None = None) -> int:
         scenarios = tuple(by_name[name] for name in chosen_scenarios)
     wanted = select(args.stacks, STACKS, "stack") or list(QUICK_STACKS if args.quick else STACKS)
     redis = redis_info(args.redis_url)
-    stacks, skipped = stacks_available(wanted, args.stacks is not None, redis, args.cluster_url)
+    postgres = postgres_version(args.postgres_url) if POSTGRES_STACKS & set(wanted) else None
+    stacks, skipped = stacks_available(wanted, args.stacks is not None, redis, args.cluster_url, postgres)
     timing = dict(QUICK_TIMING if args.quick else FULL_TIMING)
     for key, value in (
         ("rounds", args.rounds),
@@ -542,6 +605,7 @@ def main(argv: list[str] | None = None) -> int:
     os.sched_setaffinity(0, {args.loadgen_cpu})
 
     run_id = secrets.token_hex(3)
+    args.run_id = run_id
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     out = args.out or RESULTS / f"{stamp}{'-quick' if args.quick else ''}.json"
     logs = RESULTS / "logs" / stamp
@@ -552,6 +616,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": machine(),
         "redis": redis,
+        "postgres": postgres,
         "server_cpu": args.server_cpu,
         "loadgen_cpu": args.loadgen_cpu,
         "timing": timing,

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from . import postgres_support
 from .redis_support import (
     RedisClusterFixture,
     RedisServer,
@@ -110,6 +111,24 @@ def redis_prefix(redis_url: str) -> Iterator[str]:
 def redis_server() -> Iterator[RedisServer]:
     with throwaway_server() as server:
         yield server
+
+
+# -- PostgreSQL -------------------------------------------------------------------------------------------
+#
+# ``postgres_url``: the shared server (see tests/postgres_support.py); skipped when it does not answer,
+# unless CI=true. ``postgres_schema``: a schema of the test's own, dropped afterwards.
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    return postgres_support.postgres_url()
+
+
+@pytest.fixture
+def postgres_schema(postgres_url: str) -> Iterator[str]:
+    schema = postgres_support.new_schema()
+    yield schema
+    postgres_support.run_sync(postgres_support.drop_schema(postgres_url, schema))
 
 
 # ``redis_cluster``: a Redis Cluster (3 primaries, 3 replicas) shared by the session's cluster tests, which

@@ -1,4 +1,4 @@
-"""The backend contract, run against every backend: memory, Redis and Redis Cluster.
+"""The backend contract, run against every backend: memory, Redis, Redis Cluster and PostgreSQL.
 
 A new backend is one module plus one entry in ``_BUILDERS`` (and one line in ``BACKENDS``). A "peer" is a
 second backend instance on the same store, standing in for another process: for Redis a second
@@ -25,6 +25,7 @@ from rtbroadcast import Backend, BackendListener, ConfigurationError, Envelope, 
 from rtbroadcast._control import CONTROL_CHANNEL
 from rtbroadcast.backends import load_backend
 from rtbroadcast.backends.memory import MemoryBackend
+from rtbroadcast.backends.postgres import PostgresBackend
 from rtbroadcast.backends.redis import RedisBackend
 from rtbroadcast.backends.redis_cluster import RedisClusterBackend
 from rtbroadcast.events import with_seq
@@ -37,6 +38,7 @@ BACKENDS = [
     "memory",
     pytest.param("redis", marks=pytest.mark.redis),
     pytest.param("redis-cluster", marks=pytest.mark.redis),
+    pytest.param("postgresql", marks=pytest.mark.postgresql),
 ]
 
 
@@ -74,6 +76,12 @@ def _redis(request: pytest.FixtureRequest, options: dict[str, Any]) -> Backend:
     return RedisBackend(url, key_prefix=prefix, **options)
 
 
+def _postgres(request: pytest.FixtureRequest, options: dict[str, Any]) -> Backend:
+    url = request.getfixturevalue("postgres_url")
+    schema = request.getfixturevalue("postgres_schema")
+    return PostgresBackend(url, schema=schema, **options)
+
+
 def _redis_cluster(request: pytest.FixtureRequest, options: dict[str, Any]) -> Backend:
     cluster = request.getfixturevalue("redis_cluster")
     prefix = request.getfixturevalue("redis_cluster_prefix")
@@ -85,6 +93,7 @@ def _redis_cluster(request: pytest.FixtureRequest, options: dict[str, Any]) -> B
 _BUILDERS: dict[str, tuple[Callable[[pytest.FixtureRequest, dict[str, Any]], Backend], bool]] = {
     "memory": (_memory, False),
     "redis": (_redis, True),
+    "postgresql": (_postgres, True),
     "redis-cluster": (_redis_cluster, True),
 }
 
@@ -371,7 +380,8 @@ async def test_disconnect_is_idempotent_and_stats_are_json(harness: Harness) -> 
 
 # -- backend URLs: every mistake is refused when the backend is created ------------------------------------
 
-#: Each backend URL with the options its query takes (for Redis: rtbroadcast's and redis-py's).
+#: Each backend URL with the options its query takes (for Redis: rtbroadcast's and redis-py's; for
+#: PostgreSQL: rtbroadcast's and some of the libpq options asyncpg reads).
 URL_OPTIONS: dict[str, tuple[str, ...]] = {
     "memory://": ("history_size", "history_ttl"),
     "redis://127.0.0.1:1/0": (
@@ -393,6 +403,23 @@ URL_OPTIONS: dict[str, tuple[str, ...]] = {
         "health_check_interval",
         "client_name",
         "protocol",
+    ),
+    "postgresql://127.0.0.1:1/db": (
+        "schema",
+        "create_schema",
+        "history_size",
+        "history_ttl",
+        "idempotency_ttl",
+        "unpublished_ttl",
+        "timeout",
+        "ping_interval",
+        "trim_interval",
+        "max_reconnect_attempts",
+        "max_connections",
+        "sslmode",
+        "sslrootcert",
+        "application_name",
+        "target_session_attrs",
     ),
 }
 _KNOWN = {name for names in URL_OPTIONS.values() for name in names}
@@ -436,7 +463,8 @@ def test_a_misspelt_url_option_is_refused_naming_it(option: tuple[str, str, str]
         ),
         (
             "127.0.0.1:6379",
-            r"\(no scheme\); expected one of memory://, redis://, redis\+cluster://, rediss://, rediss\+cluster://, unix://",
+            r"\(no scheme\); expected one of memory://, postgres://, postgresql://, redis://, redis\+cluster://, "
+            r"rediss://, rediss\+cluster://, unix://",
         ),
         ("kafka://user:s3cret@host", r"'kafka://user:\*\*\*@host'"),
         ("memory://?history_size=10&history_size=20", "'history_size' is given twice"),

@@ -26,8 +26,11 @@ from .redis_support import RedisServer
 from .support import MS, until
 from .test_backends import BACKENDS, Harness
 
-#: Every backend that keeps presence: Redis Cluster does not (yet), and says so (supports_presence).
-PRESENCE_BACKENDS = [b for b in BACKENDS if getattr(b, "values", (b,))[0] != "redis-cluster"]
+#: Every backend that keeps presence: Redis Cluster (not yet) and PostgreSQL do not, and say so
+#: (supports_presence).
+PRESENCE_BACKENDS = [
+    b for b in BACKENDS if getattr(b, "values", (b,))[0] not in ("redis-cluster", "postgresql")
+]
 
 
 @pytest.fixture(params=PRESENCE_BACKENDS)

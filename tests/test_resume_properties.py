@@ -15,9 +15,11 @@ from hypothesis import strategies as st
 
 from rtbroadcast import Backend, Broadcaster, Event, Received, ResumePoint, ResyncRequired, Subscription
 from rtbroadcast.backends.memory import MemoryBackend
+from rtbroadcast.backends.postgres import PostgresBackend
 from rtbroadcast.backends.redis import RedisBackend
 from rtbroadcast.backends.redis_cluster import RedisClusterBackend
 
+from .postgres_support import drop_schema, new_schema
 from .redis_support import RedisClusterFixture, delete_cluster_keys, delete_keys
 from .support import MS
 
@@ -154,6 +156,21 @@ def test_every_subscriber_sees_the_exact_stream_on_redis(
         )
     finally:
         delete_keys(redis_url, prefix)
+
+
+@pytest.mark.postgresql
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=operations)
+def test_every_subscriber_sees_the_exact_stream_on_postgresql(
+    postgres_url: str, ops: list[Publish | Connect | Disconnect]
+) -> None:
+    schema = new_schema()
+    try:
+        asyncio.run(
+            run(ops, PostgresBackend(postgres_url, schema=schema, history_size=HISTORY), exact_trim=True)
+        )
+    finally:
+        asyncio.run(drop_schema(postgres_url, schema))
 
 
 @pytest.mark.redis

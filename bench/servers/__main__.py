@@ -1,4 +1,5 @@
-"""``python -m bench.servers STACK --port N [--http-port M] [--redis-url URL]``: run one server."""
+"""``python -m bench.servers STACK --port N [--http-port M] [--redis-url URL] [--postgres-url URL]``: run one
+server."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ STACKS = (
     "broadcaster-redis",
     "rtbroadcast-memory",
     "rtbroadcast-redis",
+    "rtbroadcast-postgres",
     "rtbroadcast-cluster",
     "rtbroadcast-deflate",
 )
@@ -22,6 +24,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True, help="WebSocket (and HTTP) port")
     parser.add_argument("--http-port", type=int, help="publish port of raw-websockets")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--postgres-url", help="postgresql:// URL (with ?schema=) of rtbroadcast-postgres")
     parser.add_argument("--cluster-url", help="redis+cluster:// URL of rtbroadcast-cluster")
     args = parser.parse_args()
 
@@ -36,6 +39,10 @@ def main() -> None:
     from .common import run_uvicorn
 
     backend_url = args.redis_url if args.stack.endswith("-redis") else "memory://"
+    if args.stack.endswith("-postgres"):
+        if args.postgres_url is None:
+            parser.error(f"{args.stack} needs --postgres-url")
+        backend_url = args.postgres_url
     if args.stack == "rtbroadcast-cluster":
         if not args.cluster_url:
             parser.error("rtbroadcast-cluster needs --cluster-url")

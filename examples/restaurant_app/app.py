@@ -9,12 +9,14 @@ import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.exceptions import HTTPException
@@ -31,9 +33,16 @@ from .db import create_engine, create_schema
 from .limits import RequestBodyLimit, validation_error_response
 from .outbox import TransactionalOutbox
 from .schemas import RESTAURANT_ID_PATTERN, TableCreate
-from .service import CHANNEL_PREFIX, NotFound, RestaurantService, channel_for
+from .service import (
+    CHANNEL_PREFIX,
+    EventDispatcher,
+    NotFound,
+    PublishInTransaction,
+    RestaurantService,
+    channel_for,
+)
 
-__all__ = ["DEMO_RESTAURANT_ID", "DEMO_TABLES", "create_app"]
+__all__ = ["DEMO_RESTAURANT_ID", "DEMO_TABLES", "create_app", "publishes_in_transaction"]
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +81,14 @@ def create_app(
     database = engine if engine is not None else create_engine(settings.database_url)
     if broadcaster is None:
         broadcaster = Broadcaster(settings.broadcast_url, heartbeat_interval=settings.heartbeat_interval)
-    outbox = TransactionalOutbox(database, broadcaster, channel_for=channel_for) if settings.outbox else None
-    service = RestaurantService(database, broadcaster, dispatcher=outbox)
+    outbox: TransactionalOutbox | None = None
+    dispatcher: EventDispatcher | None = None
+    if publishes_in_transaction(settings.broadcast_url, database):
+        # Events commit with the writes, in commit order: no outbox needed.
+        dispatcher = PublishInTransaction(broadcaster)
+    elif settings.outbox:
+        dispatcher = outbox = TransactionalOutbox(database, broadcaster, channel_for=channel_for)
+    service = RestaurantService(database, broadcaster, dispatcher=dispatcher)
 
     @asynccontextmanager
     async def storage(app: FastAPI) -> AsyncIterator[None]:
@@ -126,6 +141,36 @@ def create_app(
         [WebSocketRoute("/realtime", realtime), Route("/realtime/sse", realtime, methods=["GET"])]
     )
     return app
+
+
+def publishes_in_transaction(broadcast_url: str, engine: AsyncEngine) -> bool:
+    """Whether writes publish inside their own transaction: a ``postgresql://`` broadcast backend on the
+    service's own PostgreSQL database.
+
+    Raises:
+        ValueError: the broadcast backend is on PostgreSQL but not on the service's database (its events
+            could not commit with the writes).
+    """
+    if urlsplit(broadcast_url).scheme not in ("postgresql", "postgres"):
+        return False
+    if engine.dialect.name != "postgresql":
+        raise ValueError(
+            "BROADCAST_URL is a PostgreSQL database but DATABASE_URL is not: put both on the same "
+            "PostgreSQL database (events then commit with the writes), or use memory:// or redis://"
+        )
+    broadcast = make_url(broadcast_url)
+    database = engine.url
+
+    def where(url: URL) -> tuple[str, int, str | None]:
+        return (url.host or "localhost", url.port or 5432, url.database)
+
+    if where(broadcast) != where(database):
+        raise ValueError(
+            f"BROADCAST_URL names PostgreSQL database {where(broadcast)} but DATABASE_URL {where(database)}: "
+            "the broadcast backend must be on the service's own database, so that events commit with the "
+            "writes"
+        )
+    return True
 
 
 def _log_access_mode(settings: Settings) -> None:

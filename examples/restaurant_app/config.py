@@ -25,12 +25,15 @@ class Settings:
 
     Args:
         database_url: SQLAlchemy URL; ``sqlite://`` and ``postgresql://`` get their async drivers.
-        broadcast_url: rtbroadcast backend URL, ``memory://`` or ``redis://host:port/db``.
+        broadcast_url: rtbroadcast backend URL, ``memory://``, ``redis://host:port/db``, or
+            ``postgresql://...`` on the service's own PostgreSQL database (writes then publish inside
+            their transaction, and ``outbox`` does not apply).
         heartbeat_interval: seconds between WebSocket pings, also announced in the welcome frame.
         heartbeat_timeout: seconds to wait for a pong before the server drops a dead connection.
         demo: seed the demo restaurant at startup.
         outbox: write events to a transactional outbox relayed to the broadcaster (the default); off
-            publishes right after each commit, and an event whose publish fails is lost.
+            publishes right after each commit, and an event whose publish fails is lost. Not used with
+            a ``postgresql://`` broadcast backend.
         log_level: level of the root logger when started with ``python -m examples.restaurant_app``.
         token_secret: HS256 secret of the device tokens (at least 32 bytes). When set, every request for
             a restaurant's data needs a token bound to that restaurant. Never shown in ``repr``.

@@ -153,6 +153,30 @@ class PublishAfterCommit:
             )
 
 
+class PublishInTransaction:
+    """Publish each event inside the write's own transaction (the PostgreSQL backend, same database).
+
+    The backend stores the event and its notification in the write's transaction: the event exists if
+    and only if the write commits, and a restaurant's events are numbered in commit order across every
+    process, with no outbox and no relay. A publish that fails fails the write (nothing is changed).
+    """
+
+    def __init__(self, broadcaster: Broadcaster) -> None:
+        self.broadcaster = broadcaster
+
+    async def stage(
+        self, session: AsyncSession, restaurant_id: str, events: Sequence[RestaurantEvent]
+    ) -> None:
+        """Publish ``events`` in order, inside the session's transaction."""
+        channel = channel_for(restaurant_id)
+        for event in events:
+            seq = await self.broadcaster.publish(channel, event, transaction=session)
+            logger.info("broadcast %s restaurant=%s seq=%d (at commit)", event.type, restaurant_id, seq)
+
+    async def committed(self, restaurant_id: str, events: Sequence[RestaurantEvent]) -> None:
+        """Nothing left to do: the commit sent them."""
+
+
 @dataclass(frozen=True, slots=True)
 class Snapshot(Generic[T]):
     """What a read returned, and where the restaurant's stream stood just before it was read.
@@ -205,7 +229,8 @@ class RestaurantService:
         self._sessions = session_factory(engine)
         self._insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
         # Writes of one restaurant commit and publish one at a time in this process, so that its
-        # clients receive events in commit order. Across processes that takes the outbox.
+        # clients receive events in commit order. Across processes that takes the outbox, or publishing
+        # inside the transaction (PublishInTransaction).
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
     # -- transactions -----------------------------------------------------------------------------

@@ -385,32 +385,43 @@ class Broadcaster:
 
     # -- publishing -------------------------------------------------------------------------------
 
-    async def publish(self, channel: str, event: Event, *, idempotency_key: str | None = None) -> int:
+    async def publish(
+        self, channel: str, event: Event, *, idempotency_key: str | None = None, transaction: Any = None
+    ) -> int:
         """Publish ``event`` on ``channel`` and return the ``seq`` the backend assigned to it.
 
         The event is serialised once; every subscriber receives the same text plus ``"seq"``. With an
         ``idempotency_key`` already used recently on this channel, nothing is published again and the first
         publish's seq is returned.
 
+        With ``transaction`` (PostgreSQL backend only: an asyncpg connection inside a transaction, or a
+        SQLAlchemy ``AsyncSession`` / ``AsyncConnection``), the event is stored in that transaction and
+        sent if and only if it commits, in commit order; the seq returned is the event's once it commits.
+        See :meth:`~rtbroadcast.backends.Backend.publish_in_transaction`.
+
         Raises:
             StateError: the broadcaster is not connected.
             InvalidEvent: ``event`` is not an instance of an :class:`Event` subclass that declares its
                 ``type`` (see :func:`~rtbroadcast.events.encode_event`).
-            ConfigurationError: ``channel`` is not a valid channel name, or ``idempotency_key`` is not a
-                non-empty string.
+            ConfigurationError: ``channel`` is not a valid channel name, ``idempotency_key`` is not a
+                non-empty string, or ``transaction`` is given to a backend that cannot publish inside
+                one (memory, Redis) or is not a transaction the backend can use.
             BackendUnavailable: the backend cannot be reached; the event was not published (or, if the
                 backend timed out mid-request, may have been: retry with the same ``idempotency_key``).
         """
         self._require_connected("publish", draining=True)
         validate_channel(channel)
-        return await self._publish(channel, encode_event(event), idempotency_key)
+        return await self._publish(channel, encode_event(event), idempotency_key, transaction)
 
-    async def publish_json(self, channel: str, payload: str, *, idempotency_key: str | None = None) -> int:
+    async def publish_json(
+        self, channel: str, payload: str, *, idempotency_key: str | None = None, transaction: Any = None
+    ) -> int:
         """Publish ``payload``, the text of a JSON object with a string ``type``, as it is.
 
-        For events that are already serialised (an outbox row, a relay). The text is sent as it is, once
-        checked: a JSON object with a non-empty string ``type`` that the protocol does not reserve, without
-        ``seq`` (the server adds it), without a key given twice and without ``NaN`` or ``Infinity``.
+        For events that are already serialised (an outbox row, a relay); ``transaction`` as for
+        :meth:`publish`. The text is sent as it is, once checked: a JSON object with a non-empty string
+        ``type`` that the protocol does not reserve, without ``seq`` (the server adds it), without a key
+        given twice and without ``NaN`` or ``Infinity``.
 
         Raises:
             StateError: the broadcaster is not connected.
@@ -423,20 +434,26 @@ class Broadcaster:
         """
         self._require_connected("publish", draining=True)
         validate_channel(channel)
-        return await self._publish(channel, check_event_payload(payload), idempotency_key)
+        return await self._publish(channel, check_event_payload(payload), idempotency_key, transaction)
 
-    async def _publish(self, channel: str, text: str, idempotency_key: str | None) -> int:
+    async def _publish(self, channel: str, text: str, idempotency_key: str | None, transaction: Any) -> int:
         if idempotency_key is not None and (not isinstance(idempotency_key, str) or not idempotency_key):
             raise ConfigurationError(
                 f"idempotency_key must be a non-empty string or None, not {idempotency_key!r}"
             )
+        if transaction is None:
+            request = self.backend.publish(channel, text, idempotency_key=idempotency_key)
+        else:
+            request = self.backend.publish_in_transaction(
+                transaction, channel, text, idempotency_key=idempotency_key
+            )
         observer = self._metrics_observer
         if observer is None:
-            envelope = await self.backend.publish(channel, text, idempotency_key=idempotency_key)
+            envelope = await request
         else:
             start = time.perf_counter()
             try:
-                envelope = await self.backend.publish(channel, text, idempotency_key=idempotency_key)
+                envelope = await request
             except Exception as exc:  # a cancelled publish (the request went away) is not a failure
                 observer.publish_failed(channel, time.perf_counter() - start, exc)
                 raise

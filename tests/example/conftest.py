@@ -12,6 +12,7 @@ its tests are skipped, unless ``CI=true``: then they fail.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -70,11 +71,24 @@ async def _postgres_url() -> tuple[str | None, str]:
     return None, _postgres_probe["error"] or ""
 
 
+#: id(engine) -> the ``postgresql://`` broadcast URL of a ``pg-broadcast`` engine (its own schema).
+_BROADCAST_URLS: dict[int, str] = {}
+
+
 @pytest.fixture(
-    params=[pytest.param("sqlite"), pytest.param("postgresql", marks=pytest.mark.postgresql)],
+    params=[
+        pytest.param("sqlite"),
+        pytest.param("postgresql", marks=pytest.mark.postgresql),
+        pytest.param("pg-broadcast", marks=pytest.mark.postgresql),
+    ],
 )
 async def engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[AsyncEngine]:
-    """A database engine on an empty database: a SQLite file, or a fresh PostgreSQL schema."""
+    """A database engine on an empty database: a SQLite file, or a fresh PostgreSQL schema.
+
+    ``pg-broadcast`` is PostgreSQL too, and the services :func:`start_service` starts on it (with the
+    default broadcaster) broadcast through the ``postgresql://`` backend on the same database: their
+    writes publish inside their transactions, with no outbox.
+    """
     if request.param == "sqlite":
         sqlite_engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'restaurant.db'}")
         yield sqlite_engine
@@ -91,9 +105,13 @@ async def engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
     async with admin.begin() as connection:
         await connection.execute(text(f'CREATE SCHEMA "{schema}"'))
     pg_engine = create_engine(url, connect_args={"server_settings": {"search_path": schema}})
+    if request.param == "pg-broadcast":
+        plain = url.replace("postgresql+asyncpg://", "postgresql://")
+        _BROADCAST_URLS[id(pg_engine)] = f"{plain}?schema={schema}"
     try:
         yield pg_engine
     finally:
+        _BROADCAST_URLS.pop(id(pg_engine), None)
         await pg_engine.dispose()
         async with admin.begin() as connection:
             await connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
@@ -185,6 +203,9 @@ async def start_service(engine: AsyncEngine) -> AsyncIterator[StartService]:
             *, broadcaster: Broadcaster | None = None, settings: Settings | None = None
         ) -> Running:
             settings = settings or Settings(token_secret=TEST_SECRET)
+            pg_broadcast = _BROADCAST_URLS.get(id(engine))
+            if pg_broadcast is not None and broadcaster is None and settings.broadcast_url == "memory://":
+                settings = dataclasses.replace(settings, broadcast_url=pg_broadcast)
             app = create_app(settings, engine=engine, broadcaster=broadcaster)
             address = await stack.enter_async_context(serve(app))
             auth = DeviceAuth(settings.token_secret) if settings.token_secret is not None else None

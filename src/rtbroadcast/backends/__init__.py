@@ -1,4 +1,4 @@
-"""Backends, loaded lazily by URL scheme so that ``import rtbroadcast`` never imports ``redis``."""
+"""Backends, loaded lazily by URL scheme: ``import rtbroadcast`` never imports ``redis`` or ``asyncpg``."""
 
 from __future__ import annotations
 
@@ -17,14 +17,16 @@ _BACKENDS: dict[str, tuple[str, str, str | None]] = {
     "redis": ("rtbroadcast.backends.redis", "RedisBackend", "redis"),
     "rediss": ("rtbroadcast.backends.redis", "RedisBackend", "redis"),
     "unix": ("rtbroadcast.backends.redis", "RedisBackend", "redis"),
+    "postgresql": ("rtbroadcast.backends.postgres", "PostgresBackend", "postgres"),
+    "postgres": ("rtbroadcast.backends.postgres", "PostgresBackend", "postgres"),
     "redis+cluster": ("rtbroadcast.backends.redis_cluster", "RedisClusterBackend", "redis"),
     "rediss+cluster": ("rtbroadcast.backends.redis_cluster", "RedisClusterBackend", "redis"),
 }
 
 
 def load_backend(url: str) -> Backend:
-    """Create the backend a URL names: ``memory://``, ``redis://host:port/db`` (``rediss://`` for TLS), or
-    ``redis+cluster://host:port,host:port`` for a Redis Cluster.
+    """Create the backend a URL names: ``memory://``, ``redis://host:port/db`` (``rediss://`` for TLS),
+    ``redis+cluster://host:port,host:port`` for a Redis Cluster, or ``postgresql://user@host:port/db``.
 
     Each backend reads its options from the URL's query and refuses one it does not know, naming it.
 

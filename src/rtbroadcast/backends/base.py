@@ -175,6 +175,25 @@ class Backend(ABC):
             BackendUnavailable: the backend cannot be reached.
         """
 
+    async def publish_in_transaction(
+        self, transaction: object, channel: str, payload: str, *, idempotency_key: str | None = None
+    ) -> Envelope:
+        """Publish like :meth:`publish`, inside the caller's open database ``transaction``.
+
+        The event must exist if and only if the transaction commits, and the channel's seq order must be
+        the commit order. Backends that keep their streams outside the caller's database cannot promise
+        that and keep this default, which refuses.
+
+        Raises:
+            ConfigurationError: this backend cannot publish inside a transaction (the default), or
+                ``transaction`` is not one it can use.
+        """
+        raise ConfigurationError(
+            f"the {self.name} backend cannot publish inside a database transaction: transaction= needs "
+            "the postgresql:// backend on the same database. Publish after the commit instead (a "
+            "transactional outbox keeps commit order), or switch the broadcaster to PostgreSQL"
+        )
+
     def stats(self) -> Mapping[str, object]:
         """Return backend-specific figures for health endpoints (JSON-serialisable)."""
         return {"backend": self.name}
