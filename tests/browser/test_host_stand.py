@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,13 @@ import pytest
 from examples.restaurant_app import Settings, create_app
 from examples.restaurant_app.app import DEMO_RESTAURANT_ID
 from examples.restaurant_app.auth import mint_token
+from examples.restaurant_app.db import create_engine
 from playwright.async_api import Browser, Locator, Page
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from rtbroadcast import Broadcaster
+from tests.example.conftest import _postgres_url
 from tests.support import MS, serve
 
 pytestmark = [pytest.mark.asyncio_only, pytest.mark.slow]
@@ -270,6 +274,45 @@ async def test_on_redis_b_reconnects_after_its_server_restarts_and_catches_up(
     # resumes from is the one in Redis.
     separator = "&" if "?" in redis_url else "?"
     broadcast_url = f"{redis_url}{separator}key_prefix={redis_prefix}"
+    await restart_scenario(
+        browser,
+        create_app(settings(demo=True, broadcast_url=broadcast_url), engine=engine),
+        lambda: create_app(settings(broadcast_url=broadcast_url), engine=engine),
+    )
+
+
+@pytest.fixture
+async def pg_broadcast() -> AsyncIterator[tuple[AsyncEngine, str]]:
+    """The service's database on PostgreSQL (a fresh schema) and a ``postgresql://`` broadcast URL on it.
+
+    The configuration with no Redis and no outbox: every write publishes inside its own transaction.
+    """
+    url, why = await _postgres_url()
+    if url is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"PostgreSQL is not reachable ({why}); CI=true requires it")
+        pytest.skip(f"PostgreSQL is not reachable ({why})")
+    schema = f"rtb_browser_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(url)
+    async with admin.begin() as connection:
+        await connection.execute(text(f'CREATE SCHEMA "{schema}"'))
+    engine = create_engine(url, connect_args={"server_settings": {"search_path": schema}})
+    try:
+        yield engine, f"{url.replace('postgresql+asyncpg://', 'postgresql://')}?schema={schema}"
+    finally:
+        await engine.dispose()
+        async with admin.begin() as connection:
+            await connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        await admin.dispose()
+
+
+@pytest.mark.postgresql
+async def test_on_postgresql_b_reconnects_after_its_server_restarts_and_catches_up(
+    browser: Browser, pg_broadcast: tuple[AsyncEngine, str]
+) -> None:
+    # The PostgreSQL backend, no Redis: each server has its own broadcaster, and the history page B
+    # resumes from is in the database, written in the same transactions as the guests and tables.
+    engine, broadcast_url = pg_broadcast
     await restart_scenario(
         browser,
         create_app(settings(demo=True, broadcast_url=broadcast_url), engine=engine),
