@@ -21,16 +21,17 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Route, WebSocketRoute
 
 from rtbroadcast import Broadcaster
-from rtbroadcast.asgi import BroadcastEndpoint, channel_from_query
+from rtbroadcast.asgi import BroadcastEndpoint
 from rtbroadcast.starlette import lifespan
 
 from . import api
 from .auth import AccessPolicy, CloseOnTokenExpiry
 from .config import Settings
 from .db import create_engine, create_schema
+from .devices import RealtimeAccess
 from .limits import RequestBodyLimit, validation_error_response
 from .outbox import TransactionalOutbox
-from .schemas import RESTAURANT_ID_PATTERN, TableCreate
+from .schemas import TableCreate
 from .service import CHANNEL_PREFIX, NotFound, RestaurantService, channel_for
 
 __all__ = ["DEMO_RESTAURANT_ID", "DEMO_TABLES", "create_app"]
@@ -71,7 +72,11 @@ def create_app(
     owns_engine = engine is None
     database = engine if engine is not None else create_engine(settings.database_url)
     if broadcaster is None:
-        broadcaster = Broadcaster(settings.broadcast_url, heartbeat_interval=settings.heartbeat_interval)
+        broadcaster = Broadcaster(
+            settings.broadcast_url,
+            heartbeat_interval=settings.heartbeat_interval,
+            presence=(CHANNEL_PREFIX,),  # who is online at a restaurant; protocol 1 never sees it
+        )
     outbox = TransactionalOutbox(database, broadcaster, channel_for=channel_for) if settings.outbox else None
     service = RestaurantService(database, broadcaster, dispatcher=outbox)
 
@@ -112,12 +117,15 @@ def create_app(
     app.add_middleware(RequestBodyLimit, max_body_size=settings.max_body_size)
     app.add_api_route("/", _to_host_stand, include_in_schema=False)
     app.mount("/host-stand", StaticFiles(directory=STATIC_DIR, html=True), name="host-stand")
-    # The library's endpoint, wrapped so that a connection ends when its token expires.
+    # The library's endpoint, wrapped so that a connection ends when its token expires. Protocol 1:
+    # ?restaurant_id= names the one channel; protocol 2: see devices.py (presence, the device channel).
+    devices = RealtimeAccess(access)
     realtime = CloseOnTokenExpiry(
         BroadcastEndpoint(
             broadcaster,
-            channel_from_query("restaurant_id", prefix=CHANNEL_PREFIX, pattern=RESTAURANT_ID_PATTERN),
-            authorize=access.authorize,
+            devices.channel,
+            authenticate=devices.authenticate,
+            authorize=devices.authorize,
             allowed_origins=settings.allowed_origins,
         ),
         access,
