@@ -11,9 +11,11 @@ load::
 The difference between the two totals ("Collected"), divided by 200, is the cost of one publish fanned
 out to 1,000 connections. Without valgrind it prints the wall-clock time per publish. A third argument
 ``direct`` gives every connection a transport that takes each frame at once (``set_send_now``), the path
-of a WebSocket client that keeps reading, instead of leaving frames in the queue. A fourth, ``p2``, makes
+of a WebSocket client that keeps reading, instead of leaving frames in the queue. A word ``p2`` makes
 every connection a protocol-2 connection subscribed to the channel (its transport takes the wrapped
-protocol-2 text, built once per envelope and shared).
+protocol-2 text, built once per envelope and shared). The word ``metrics`` enables
+:class:`rtbroadcast.metrics.PrometheusMetrics`, to measure what it adds. Flags come after the two counts,
+in any order (``1000 200 direct p2 metrics``).
 """
 
 from __future__ import annotations
@@ -37,9 +39,17 @@ def _take_v2(item: object) -> bool:
     return True
 
 
-async def run(connections: int, publishes: int, *, direct: bool = False, p2: bool = False) -> float:
+async def run(
+    connections: int, publishes: int, *, direct: bool = False, p2: bool = False, metrics: bool = False
+) -> float:
     """Attach ``connections`` queue-only connections, publish ``publishes`` events; return seconds taken."""
     async with Broadcaster("memory://", position_check_interval=None) as broadcaster:
+        if metrics:
+            from prometheus_client import CollectorRegistry
+
+            from rtbroadcast.metrics import PrometheusMetrics
+
+            PrometheusMetrics(broadcaster, registry=CollectorRegistry())
         limits = broadcaster.queue_limits
         if p2:
             attached = [Connection(protocol=2, limits=limits) for _ in range(connections)]
@@ -65,9 +75,10 @@ async def run(connections: int, publishes: int, *, direct: bool = False, p2: boo
 def main() -> None:
     connections = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
     publishes = int(sys.argv[2]) if len(sys.argv) > 2 else 200
-    direct = len(sys.argv) > 3 and sys.argv[3] == "direct"
-    p2 = len(sys.argv) > 4 and sys.argv[4] == "p2"
-    elapsed = asyncio.run(run(connections, publishes, direct=direct, p2=p2))
+    flags = set(sys.argv[3:])
+    elapsed = asyncio.run(
+        run(connections, publishes, direct="direct" in flags, p2="p2" in flags, metrics="metrics" in flags)
+    )
     if publishes:
         per = elapsed / publishes * 1e6
         print(f"{publishes} publishes x {connections} connections: {per:.1f} us per publish")

@@ -278,12 +278,13 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             for target in order:
                 counter = target.counter
                 goal = counter.deliveries + expected
-                cpu0, t0 = target.cpu(), time.perf_counter()
+                cpu0, t0, own0 = target.cpu(), time.perf_counter(), time.process_time()
                 publish_seconds = await target.burst(spec)
                 if not await until(lambda c=counter, g=goal: c.deliveries >= g, 120):
                     raise RuntimeError(f"{target.name}: {goal - counter.deliveries} deliveries missing")
                 wall = time.perf_counter() - t0
                 cpu = target.cpu() - cpu0
+                own = time.process_time() - own0
                 target.rounds.append(
                     {
                         "deliveries": expected,
@@ -292,6 +293,8 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                         "publish_seconds": publish_seconds,
                         "deliveries_per_s": expected / wall,
                         "deliveries_per_cpu_s": expected / cpu,
+                        "loadgen_busy": own / wall,
+                        "server_busy": cpu / wall,
                     }
                 )
         await asyncio.sleep(0.2)
@@ -308,6 +311,8 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             "rounds": rounds,
             "deliveries_per_s": statistics.median(r["deliveries_per_s"] for r in rounds),
             "deliveries_per_cpu_s": statistics.median(r["deliveries_per_cpu_s"] for r in rounds),
+            "loadgen_busy": statistics.median(r["loadgen_busy"] for r in rounds),
+            "server_busy": statistics.median(r["server_busy"] for r in rounds),
         }
     p2r, p1r = result["protocol 2"], result["protocol 1"]
     subs = len(p1_plan)
@@ -327,13 +332,15 @@ def report(result: dict[str, Any]) -> str:
         f"{config['per_connection']} channels; protocol 1 = {p1['connections']:,} connections; "
         f"{config['channels']:,} channels, {config['events']:,} events per round x {config['rounds']} rounds",
         "",
-        "| | deliveries/s (wall) | deliveries per server CPU-second | server RSS per subscription | errors |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| | deliveries/s (wall) | deliveries per server CPU-second | server RSS per subscription | "
+        "server / loadgen core busy | errors |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, row in (("protocol 2", p2), ("protocol 1", p1)):
         lines.append(
             f"| {name} | {row['deliveries_per_s']:,.0f} | {row['deliveries_per_cpu_s']:,.0f} | "
-            f"{row['bytes_per_subscription'] / 1024:.2f} KiB | {row['integrity_errors']} |"
+            f"{row['bytes_per_subscription'] / 1024:.2f} KiB | {row['server_busy']:.0%} / "
+            f"{row['loadgen_busy']:.0%} | {row['integrity_errors']} |"
         )
     lines += [
         "",

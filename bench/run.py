@@ -27,6 +27,7 @@ from typing import Any, cast
 
 from .report import failures, markdown
 from .scenarios import (
+    CLUSTER_STACKS,
     FULL,
     FULL_TIMING,
     QUICK,
@@ -71,6 +72,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--server-cpu", type=int, default=0, help="core for the server (default 0)")
     parser.add_argument("--loadgen-cpu", type=int, default=1, help="core for the load generator (default 1)")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument(
+        "--cluster-url",
+        help="redis+cluster://host:port,... for the rtbroadcast-cluster stack (skipped without it); "
+        "`python -m bench.cluster` starts a throwaway one",
+    )
     parser.add_argument("--rounds", type=int, help="interleaved rounds of trials per stack (full 3, quick 1)")
     parser.add_argument("--rate-seconds", type=float, help="length of one fixed-rate latency trial")
     parser.add_argument("--sat-seconds", type=float, help="length of one saturation trial")
@@ -216,6 +222,24 @@ def redis_cleanup(url: str, marker: str) -> int:
     return deleted
 
 
+def cluster_cleanup(url: str, marker: str) -> int:
+    """Delete this run's keys on every primary of the cluster at ``url``."""
+    import redis
+
+    deleted = 0
+    for node in url.split("://", 1)[1].split("?", 1)[0].strip("/").split(","):
+        host, _, port = node.rpartition(":")
+        client = redis.Redis(host=host, port=int(port), socket_timeout=5)
+        try:
+            if client.info("replication").get("role") == "master":
+                deleted += redis_cleanup(f"redis://{host}:{port}/0", marker)
+        except (redis.RedisError, OSError):
+            continue
+        finally:
+            client.close()
+    return deleted
+
+
 # -- one scenario, every stack ---------------------------------------------------------------------
 
 
@@ -229,6 +253,8 @@ def start_server(
         cmd += ["--http-port", str(http_port)]
     if stack in REDIS_STACKS:
         cmd += ["--redis-url", args.redis_url]
+    if stack in CLUSTER_STACKS:
+        cmd += ["--cluster-url", args.cluster_url]
     with open(log_path, "wb") as log_file:
         server = subprocess.Popen(
             cmd,
@@ -414,6 +440,12 @@ def run_group(
                 for stack in stacks:
                     if stack in REDIS_STACKS:
                         records[stack]["redis_keys_deleted"] = deleted
+        if args.cluster_url and any(s in CLUSTER_STACKS for s in stacks):
+            with contextlib.suppress(Exception):
+                deleted = cluster_cleanup(args.cluster_url, f"rtbench-{run_id}")
+                for stack in stacks:
+                    if stack in CLUSTER_STACKS:
+                        records[stack]["redis_keys_deleted"] = deleted
 
 
 # -- the whole run ---------------------------------------------------------------------------------
@@ -460,7 +492,7 @@ def machine() -> dict[str, Any]:
 
 
 def stacks_available(
-    wanted: list[str], explicit: bool, redis: dict[str, Any] | None
+    wanted: list[str], explicit: bool, redis: dict[str, Any] | None, cluster_url: str | None = None
 ) -> tuple[list[str], dict[str, str]]:
     skipped: dict[str, str] = {}
     try:
@@ -474,6 +506,10 @@ def stacks_available(
         for stack in wanted:
             if stack in REDIS_STACKS:
                 skipped.setdefault(stack, "no Redis answering at --redis-url")
+    if not cluster_url:
+        for stack in wanted:
+            if stack in CLUSTER_STACKS:
+                skipped.setdefault(stack, "no --cluster-url given")
     if explicit and skipped:
         raise SystemExit("cannot run: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
     return [s for s in wanted if s not in skipped], skipped
@@ -488,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
         scenarios = tuple(by_name[name] for name in chosen_scenarios)
     wanted = select(args.stacks, STACKS, "stack") or list(QUICK_STACKS if args.quick else STACKS)
     redis = redis_info(args.redis_url)
-    stacks, skipped = stacks_available(wanted, args.stacks is not None, redis)
+    stacks, skipped = stacks_available(wanted, args.stacks is not None, redis, args.cluster_url)
     timing = dict(QUICK_TIMING if args.quick else FULL_TIMING)
     for key, value in (
         ("rounds", args.rounds),

@@ -12,10 +12,12 @@ STACKS: dict[str, str] = {
     "broadcaster-redis": "encode/broadcaster Redis backend + Starlette (reference 3)",
     "rtbroadcast-memory": "rtbroadcast memory backend + Starlette (target)",
     "rtbroadcast-redis": "rtbroadcast Redis backend + Starlette (target)",
+    "rtbroadcast-cluster": "rtbroadcast Redis Cluster backend + Starlette (target; needs --cluster-url)",
     "rtbroadcast-deflate": "rtbroadcast memory backend, permessage-deflate accepted (the opt-in)",
 }
 REFERENCE = "raw-websockets"
 REDIS_STACKS = frozenset(s for s in STACKS if s.endswith("-redis"))
+CLUSTER_STACKS = frozenset({"rtbroadcast-cluster"})
 QUICK_STACKS = ("raw-websockets", "rtbroadcast-memory", "rtbroadcast-redis")
 
 

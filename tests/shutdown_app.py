@@ -35,7 +35,7 @@ async def publish(request: Request) -> JSONResponse:
 
 
 async def health(request: Request) -> JSONResponse:
-    return JSONResponse(broadcaster.stats())
+    return JSONResponse(broadcaster.stats().as_dict())
 
 
 app = Starlette(

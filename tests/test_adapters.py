@@ -67,7 +67,7 @@ async def test_refusals_have_documented_close_codes() -> None:
         ok = await connect(f"ws://{host}/ws?room=a", origin="https://ok.example")  # type: ignore[arg-type]
         assert (await recv_json(ok))["type"] == "welcome"
         await ok.close()
-        assert broadcaster.stats()["published"] == 0
+        assert broadcaster.stats().published == 0
 
 
 async def test_client_frames_get_answers_and_errors_keep_the_connection() -> None:

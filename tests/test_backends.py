@@ -1,4 +1,4 @@
-"""The backend contract, run against every backend: memory and Redis.
+"""The backend contract, run against every backend: memory, Redis and Redis Cluster.
 
 A new backend is one module plus one entry in ``_BUILDERS`` (and one line in ``BACKENDS``). A "peer" is a
 second backend instance on the same store, standing in for another process: for Redis a second
@@ -22,16 +22,22 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from rtbroadcast import Backend, BackendListener, ConfigurationError, Envelope, StateError
+from rtbroadcast._control import CONTROL_CHANNEL
 from rtbroadcast.backends import load_backend
 from rtbroadcast.backends.memory import MemoryBackend
 from rtbroadcast.backends.redis import RedisBackend
+from rtbroadcast.backends.redis_cluster import RedisClusterBackend
 from rtbroadcast.events import with_seq
 
 from .support import MS, until
 
 pytestmark = pytest.mark.asyncio_only
 
-BACKENDS = ["memory", pytest.param("redis", marks=pytest.mark.redis)]
+BACKENDS = [
+    "memory",
+    pytest.param("redis", marks=pytest.mark.redis),
+    pytest.param("redis-cluster", marks=pytest.mark.redis),
+]
 
 
 class Recorder(BackendListener):
@@ -68,10 +74,18 @@ def _redis(request: pytest.FixtureRequest, options: dict[str, Any]) -> Backend:
     return RedisBackend(url, key_prefix=prefix, **options)
 
 
+def _redis_cluster(request: pytest.FixtureRequest, options: dict[str, Any]) -> Backend:
+    cluster = request.getfixturevalue("redis_cluster")
+    prefix = request.getfixturevalue("redis_cluster_prefix")
+    seeds = [("127.0.0.1", node.port) for node in cluster.nodes]
+    return RedisClusterBackend(seeds, key_prefix=prefix, **options)
+
+
 #: kind -> (build a backend, whether two instances share one store)
 _BUILDERS: dict[str, tuple[Callable[[pytest.FixtureRequest, dict[str, Any]], Backend], bool]] = {
     "memory": (_memory, False),
     "redis": (_redis, True),
+    "redis-cluster": (_redis_cluster, True),
 }
 
 
@@ -185,6 +199,21 @@ async def test_channels_are_independent_whatever_their_names(harness: Harness) -
         assert history.complete
         assert [e.seq for e in history.envelopes] == [1, 2, 3]
         assert all(e.channel == name for e in history.envelopes)
+
+
+async def test_the_broadcasters_reserved_channel_is_carried_like_any_other(harness: Harness) -> None:
+    # Server-side subscription commands travel on a channel whose name holds a control character (so no
+    # client can name it): a backend must publish, deliver and keep history for it like any other.
+    backend, recorder = await harness.open()
+    peer, _ = await harness.peer(backend)
+    await backend.subscribe(CONTROL_CHANNEL)
+    sent = [await peer.publish(CONTROL_CHANNEL, payload(n, "rtb_control")) for n in range(3)]
+    await recorder.wait_for(lambda: len(recorder.seqs(CONTROL_CHANNEL)) == 3)
+    assert [e for e in recorder.envelopes if e.channel == CONTROL_CHANNEL] == sent
+    history = await backend.history(CONTROL_CHANNEL, 1, limit=10)
+    assert history.complete and [e.seq for e in history.envelopes] == [2, 3]
+    # ... and apart from every channel a client can name.
+    assert (await backend.position(CONTROL_CHANNEL.strip("\x1f"))).seq == 0
 
 
 async def test_history_returns_what_was_missed(harness: Harness) -> None:
@@ -405,7 +434,10 @@ def test_a_misspelt_url_option_is_refused_naming_it(option: tuple[str, str, str]
             "reddis://127.0.0.1/0",
             r"unknown backend URL 'reddis://127.0.0.1/0' \(scheme 'reddis' \(did you mean 'redis'",
         ),
-        ("127.0.0.1:6379", r"\(no scheme\); expected one of memory://, redis://, rediss://, unix://"),
+        (
+            "127.0.0.1:6379",
+            r"\(no scheme\); expected one of memory://, redis://, redis\+cluster://, rediss://, rediss\+cluster://, unix://",
+        ),
         ("kafka://user:s3cret@host", r"'kafka://user:\*\*\*@host'"),
         ("memory://?history_size=10&history_size=20", "'history_size' is given twice"),
         ("memory://?history_size=many", "invalid value 'many' for memory:// option 'history_size'"),

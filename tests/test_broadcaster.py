@@ -261,7 +261,7 @@ async def test_slow_in_process_subscriber_is_closed_not_unbounded() -> None:
                 await anext(fast)
             with pytest.raises(SubscriptionClosed, match="slow_consumer"):
                 await anext(slow)
-        assert broadcaster.stats()["slow_consumers_closed"] == 1
+        assert broadcaster.stats().slow_consumers_closed == 1
 
 
 async def test_disconnect_ends_subscriptions_and_tasks() -> None:
@@ -324,7 +324,7 @@ async def test_a_gap_while_live_is_filled_from_history() -> None:
                 await broadcaster.publish("c", Tick(n=i))
             got = [await asyncio.wait_for(anext(sub), 2_000 * MS) for _ in range(4)]
         assert [(g.seq, g.event.n) for g in got if isinstance(g, Received)] == [(i, i) for i in range(1, 5)]
-        assert broadcaster.stats()["repairs"] == 1
+        assert broadcaster.stats().repairs == 1
 
 
 async def test_a_lost_last_message_is_caught_by_the_position_check() -> None:
@@ -335,7 +335,7 @@ async def test_a_lost_last_message_is_caught_by_the_position_check() -> None:
             await broadcaster.publish("c", Tick(n=2))
             got = [await asyncio.wait_for(anext(sub), 2_000 * MS) for _ in range(2)]
         assert [g.seq for g in got if isinstance(g, Received)] == [1, 2]
-        assert broadcaster.stats()["lost_detected"] == 1
+        assert broadcaster.stats().lost_detected == 1
 
 
 class CountingMemoryBackend(MemoryBackend):
@@ -366,4 +366,4 @@ async def test_an_interruption_repairs_a_channel_with_one_history_read() -> None
             assert item.seq == 2
             await sub.__aexit__(None, None, None)
         assert backend.history_reads == 1
-        assert broadcaster.stats()["repairs"] == 50
+        assert broadcaster.stats().repairs == 50

@@ -225,7 +225,7 @@ async def test_direct_writes_stop_at_flow_control_and_the_queue_bound_applies() 
             await asyncio.sleep(0)
         await asyncio.wait_for(task, 20)
         assert received == list(range(1, 1001))
-        assert broadcaster.stats()["slow_consumers_closed"] == 1
+        assert broadcaster.stats().slow_consumers_closed == 1
         await reader.close()
         stalled.close()
 

@@ -142,6 +142,36 @@ async def test_the_tutorials_own_tests_pass() -> None:
 # -- how-to guides ---------------------------------------------------------------------------------
 
 
+async def test_the_testing_howtos_tests_pass() -> None:
+    tests = snippet("test_fastapi_app")
+    await tests.test_placing_an_order_broadcasts_it()
+    await tests.test_a_device_receives_the_order_as_json()
+    await tests.test_a_malformed_shop_id_is_refused()
+
+
+async def test_fastapi_auth_reuses_the_apps_depends() -> None:
+    from rtbroadcast.testing import connect, serve
+
+    auth = snippet("fastapi_auth")
+    async with serve(auth.app) as server:
+        good = {"Authorization": "Bearer token-ada"}
+        async with connect(server.ws_url("/realtime"), headers=good) as ws:
+            assert ws.welcome is not None
+            assert ws.welcome.channel == "user:ada"  # type: ignore[union-attr]
+            await auth.broadcaster.publish_json("user:ada", '{"type":"note"}')
+            assert (await ws.event())["type"] == "note"
+        with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
+            async with connect(server.ws_url("/realtime"), headers={"Authorization": "Bearer nope"}):
+                pass
+        assert refused.value.response.status_code == 401
+        async with httpx.AsyncClient() as http:
+            assert (await http.get(server.url("/me"), headers=good)).json() == {"id": "ada"}
+
+
+def test_the_testing_howtos_test_client_test_passes() -> None:
+    snippet("test_fastapi_app").test_with_fastapis_test_client()
+
+
 async def test_fastapi_app() -> None:
     fastapi_app = snippet("fastapi_app")
     async with serve(fastapi_app.app) as host:

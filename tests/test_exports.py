@@ -23,6 +23,7 @@ PUBLIC = {
     "BackendUnavailable",
     "Broadcaster",
     "BroadcasterState",
+    "BroadcasterStats",
     "CloseCode",
     "ConfigurationError",
     "Connection",
@@ -81,7 +82,7 @@ def test_errors_share_one_root() -> None:
 def test_import_pulls_in_no_framework_or_redis() -> None:
     code = (
         "import sys, rtbroadcast, rtbroadcast.asgi, rtbroadcast.backends.memory, rtbroadcast.client\n"
-        "frameworks = ('starlette', 'redis', 'fastapi', 'uvicorn', 'websockets')\n"
+        "frameworks = ('starlette', 'redis', 'fastapi', 'uvicorn', 'websockets', 'prometheus_client', 'opentelemetry')\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in frameworks)\n"
         "assert not bad, bad\n"
     )

@@ -122,7 +122,7 @@ async def test_join_and_leave_frames_follow_subscribes_and_unsubscribes_in_order
         assert left["type"] == "presence_leave" and left["member"]["client"] == carol_id
 
         stats = broadcaster.stats()
-        assert stats["presence_members"] == 1 and stats["presence_watchers"] == 1
+        assert stats.presence_members == 1 and stats.presence_watchers == 1
         snapshot = await broadcaster.presence("room:1")
         assert snapshot.members == (PresenceMember(alice_id, "alice", {"desk": "host-stand"}),)
         await alice.close()
@@ -238,7 +238,7 @@ async def test_server_side_subscriptions_are_members_and_in_process_ones_are_not
         assert snapshot.members == (PresenceMember(client, "dave", {"name": "user dave"}),)
         await ws.close()
         await until(lambda: broadcaster.connection_count("room:9") == 1)  # the in-process one
-        await until(lambda: broadcaster.stats()["presence_members"] == 0)
+        await until(lambda: broadcaster.stats().presence_members == 0)
         assert await broadcaster.presence_count("room:9") == 0
 
 

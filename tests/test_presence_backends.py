@@ -7,10 +7,11 @@ server and prefix, standing in for another process). The ``kill -9`` test runs a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import sys
 import time
-from collections.abc import Collection
+from collections.abc import AsyncIterator, Collection
 from pathlib import Path
 
 import pytest
@@ -23,8 +24,17 @@ from rtbroadcast.presence import PresenceChange, PresenceMember, PresenceMode, P
 
 from .redis_support import RedisServer
 from .support import MS, until
-from .test_backends import BACKENDS, Harness  # noqa: F401  (harness is the fixture)
-from .test_backends import harness as harness
+from .test_backends import BACKENDS, Harness
+
+#: Every backend that keeps presence: Redis Cluster does not (yet), and says so (supports_presence).
+PRESENCE_BACKENDS = [b for b in BACKENDS if getattr(b, "values", (b,))[0] != "redis-cluster"]
+
+
+@pytest.fixture(params=PRESENCE_BACKENDS)
+async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
+    async with contextlib.AsyncExitStack() as stack:
+        yield Harness(request.param, request, stack)
+
 
 pytestmark = pytest.mark.asyncio_only
 

@@ -427,3 +427,49 @@ async def test_an_invalid_channel_from_the_resolver_refuses_protocol_2_with_4004
         ws = await connect(f"ws://{host}/ws?protocol=2")
         await asyncio.wait_for(ws.wait_closed(), 5_000 * MS)
         assert ws.close_code == 4004
+
+
+@pytest.mark.parametrize("ws_protocol", ["direct", "deflate"])
+async def test_direct_writes_serve_both_protocols_on_one_channel_each_its_own_frame(ws_protocol: str) -> None:
+    """Under rtbroadcast.uvicorn each event's frame is built once per protocol (and per deflate window):
+    protocol-1 and protocol-2 connections of one channel, interleaved in fan-out, each get their own."""
+    from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFactory
+
+    broadcaster = Broadcaster("memory://")
+    server_ws = {
+        "direct": "rtbroadcast.uvicorn:WebSocketProtocol",
+        "deflate": "rtbroadcast.uvicorn:DeflateWebSocketProtocol",
+    }
+    options: dict[str, Any] = {"compression": None, "max_size": None}
+    if ws_protocol == "deflate":
+        options["extensions"] = [ClientPerMessageDeflateFactory(client_max_window_bits=True)]
+
+    def room(request: ConnectionRequest) -> str | None:
+        return request.query.get("room")
+
+    async with serve(broadcast_app(broadcaster, channel=room), ws=server_ws[ws_protocol]) as host:
+        clients: list[tuple[int, Any]] = []
+        for n in range(6):
+            if n % 2:
+                ws = await connect(f"ws://{host}/ws?room=r", **options)
+                assert (await recv_json(ws))["type"] == "welcome"
+                clients.append((1, ws))
+            else:
+                ws = await connect(f"ws://{host}/ws?protocol=2", **options)
+                assert (await recv_json(ws))["type"] == "welcome"
+                await _send(ws, {"type": "subscribe", "id": "r1", "channel": "r"})
+                assert (await recv_json(ws))["type"] == "subscribed"
+                clients.append((2, ws))
+        await until(lambda: broadcaster.connection_count("r") == 6)
+        assert all(cursor.connection.direct for cursor in broadcaster.registry.cursors("r"))
+        pads = ["a" * size for size in (0, 100, 70_000)] + ["b" * 200]
+        for pad in pads:
+            await broadcaster.publish_json("r", json.dumps({"type": "x", "pad": pad}))
+        for protocol, ws in clients:
+            for seq, pad in enumerate(pads, start=1):
+                frame = await recv_json(ws)
+                event = frame if protocol == 1 else frame["event"]
+                if protocol == 2:
+                    assert (frame["type"], frame["channel"]) == ("event", "r")
+                assert (event["type"], event["seq"], event["pad"]) == ("x", seq, pad)
+            await ws.close()

@@ -470,7 +470,7 @@ async def test_after_a_restart_that_kept_the_data_clients_catch_up_without_resyn
             assert [(r.seq, r.event.n) for r in received] == [(n + 1, n) for n in range(6)]  # type: ignore[union-attr]
             assert subscription.position.epoch == epoch
             stats = broadcaster.stats()
-            assert stats["interruptions"] == 1 and stats["resyncs"] == 0
+            assert stats.interruptions == 1 and stats.resyncs == 0
     finally:
         await other.disconnect()
         server.close()
@@ -546,9 +546,9 @@ async def test_a_listener_that_gives_up_says_so(
             await until(lambda: backend.stats()["state"] == "failed")
         assert any("listener stopped" in r.getMessage() for r in caplog.records)
         stats = broadcaster.stats()
-        assert stats["backend_available"] is False and stats["interruptions"] == 1
-        assert stats["backend"]["state"] == "failed" and stats["backend"]["listener"] == "failed"  # type: ignore[index]
-        assert stats["backend"]["reconnect_attempts"] == 3  # type: ignore[index]
+        assert stats.backend_available is False and stats.interruptions == 1
+        assert stats.backend["state"] == "failed" and stats.backend["listener"] == "failed"
+        assert stats.backend["reconnect_attempts"] == 3
         await asyncio.to_thread(redis_server.start)  # too late: the listener gave up, and subscribing says so
         with pytest.raises(BackendUnavailable, match="gave up"):
             await backend.subscribe("d")
@@ -614,6 +614,6 @@ async def test_a_listener_that_gives_up_shows_in_the_broadcaster_state(redis_ser
         assert broadcaster.state is BroadcasterState.CONNECTED
         redis_server.kill()
         await until(lambda: broadcaster.state is BroadcasterState.FAILED, timeout=15_000 * MS)
-        assert broadcaster.stats()["state"] == "failed"
-        assert broadcaster.stats()["backend_available"] is False
+        assert broadcaster.stats().state is BroadcasterState.FAILED
+        assert broadcaster.stats().backend_available is False
     assert broadcaster.state is BroadcasterState.CLOSED

@@ -61,8 +61,8 @@ async def test_redis_killed_mid_stream_then_restarted(redis_server: RedisServer)
             await asyncio.sleep(2.0)
             assert sum(1 for o, _ in outcomes if o == "unavailable") >= 20
             stats = broadcaster.stats()
-            assert stats["backend_available"] is False
-            assert stats["backend"]["state"] == "reconnecting"  # type: ignore[index]
+            assert stats.backend_available is False
+            assert stats.backend["state"] == "reconnecting"
             restarted = time.monotonic()
             await asyncio.to_thread(redis_server.start)
             await until(lambda: broadcaster.backend.available, timeout=5_000 * MS)
@@ -110,8 +110,8 @@ async def test_redis_killed_mid_stream_then_restarted(redis_server: RedisServer)
             message = await recv_json(ws)
             assert (message["type"], message["n"], message["seq"]) == ("redis_fault_beat", -1, seq)
         stats = broadcaster.stats()
-        assert stats["backend"]["reconnects"] == 1  # type: ignore[index]
-        assert stats["interruptions"] >= 1 and stats["resyncs"] >= 3  # type: ignore[operator]
+        assert stats.backend["reconnects"] == 1
+        assert stats.interruptions >= 1 and stats.resyncs >= 3
         for ws in clients:
             await ws.close()
     # The lifespan disconnected the broadcaster: the listener task and every per-connection task are gone.

@@ -16,8 +16,9 @@ from hypothesis import strategies as st
 from rtbroadcast import Backend, Broadcaster, Event, Received, ResumePoint, ResyncRequired, Subscription
 from rtbroadcast.backends.memory import MemoryBackend
 from rtbroadcast.backends.redis import RedisBackend
+from rtbroadcast.backends.redis_cluster import RedisClusterBackend
 
-from .redis_support import delete_keys
+from .redis_support import RedisClusterFixture, delete_cluster_keys, delete_keys
 from .support import MS
 
 HISTORY = 5
@@ -153,3 +154,19 @@ def test_every_subscriber_sees_the_exact_stream_on_redis(
         )
     finally:
         delete_keys(redis_url, prefix)
+
+
+@pytest.mark.redis
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=operations)
+def test_every_subscriber_sees_the_exact_stream_on_redis_cluster(
+    redis_cluster: RedisClusterFixture, ops: list[Publish | Connect | Disconnect]
+) -> None:
+    prefix = f"rtbprop-{uuid.uuid4().hex[:12]}"
+    seeds = [("127.0.0.1", node.port) for node in redis_cluster.nodes]
+    try:
+        asyncio.run(
+            run(ops, RedisClusterBackend(seeds, key_prefix=prefix, history_size=HISTORY), exact_trim=False)
+        )
+    finally:
+        delete_cluster_keys(redis_cluster, prefix)

@@ -154,7 +154,7 @@ async def test_drain_closes_connections_with_1001_and_refuses_new_ones_while_pub
         with pytest.raises(StateError, match="draining"):
             async with broadcaster.subscribe("room:1"):
                 pass
-    assert broadcaster.stats()["state"] == "closed"
+    assert broadcaster.stats().state is BroadcasterState.CLOSED
 
 
 async def test_drain_waits_for_the_sse_stream_to_end_with_a_retry_line() -> None:

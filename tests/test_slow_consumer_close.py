@@ -32,7 +32,7 @@ async def _stall_until_closed(broadcaster: Broadcaster, host: str) -> StalledCli
     async with asyncio.timeout(20):
         while broadcaster.connection_count("s") == 0:
             await asyncio.sleep(0.01)
-        while broadcaster.stats()["slow_consumers_closed"] == 0:
+        while broadcaster.stats().slow_consumers_closed == 0:
             await broadcaster.publish_json("s", payload)
             await asyncio.sleep(0)
     return client

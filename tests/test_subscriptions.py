@@ -162,7 +162,7 @@ async def test_position_check_repairs_each_cursor_of_one_connection() -> None:
             await asyncio.sleep(MS)
         got = frames(connection)
         assert sorted((f["channel"], f["event"]["seq"]) for f in got) == [("a", 1), ("b", 1)]  # type: ignore[index]
-        assert broadcaster.stats()["lost_detected"] == 2
+        assert broadcaster.stats().lost_detected == 2
         connection.close()
 
 

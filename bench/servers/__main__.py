@@ -11,6 +11,7 @@ STACKS = (
     "broadcaster-redis",
     "rtbroadcast-memory",
     "rtbroadcast-redis",
+    "rtbroadcast-cluster",
     "rtbroadcast-deflate",
 )
 
@@ -21,6 +22,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True, help="WebSocket (and HTTP) port")
     parser.add_argument("--http-port", type=int, help="publish port of raw-websockets")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--cluster-url", help="redis+cluster:// URL of rtbroadcast-cluster")
     args = parser.parse_args()
 
     if args.stack == "raw-websockets":
@@ -34,6 +36,10 @@ def main() -> None:
     from .common import run_uvicorn
 
     backend_url = args.redis_url if args.stack.endswith("-redis") else "memory://"
+    if args.stack == "rtbroadcast-cluster":
+        if not args.cluster_url:
+            parser.error("rtbroadcast-cluster needs --cluster-url")
+        backend_url = args.cluster_url
     if args.stack == "naive-starlette":
         from .naive_starlette import app
 

@@ -49,4 +49,4 @@ async def place_order(shop_id: str, order: NewOrder) -> dict[str, int]:
 
 @app.get("/health")
 async def health() -> dict[str, object]:
-    return broadcaster.stats()
+    return broadcaster.stats().as_dict()

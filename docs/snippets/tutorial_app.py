@@ -43,7 +43,7 @@ async def list_messages(request: Request) -> JSONResponse:
     # The snapshot says which point of the stream it reflects, so that a client can resume right after
     # it. In one process on the memory backend nothing runs between these two lines; with several
     # processes, store the seq with your data instead.
-    position = await broadcaster.backend.position(f"room:{room}")
+    position = await broadcaster.position(f"room:{room}")
     snapshot = list(messages.get(room, []))
     return JSONResponse({"epoch": position.epoch, "seq": position.seq, "messages": snapshot})
 

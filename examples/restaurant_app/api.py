@@ -421,12 +421,11 @@ async def health(request: Request, service: Service) -> JSONResponse:
     except Exception as exc:  # any failure means the same thing here: the database cannot serve
         logger.warning("health check: database unavailable: %r", exc)
         database.update(status="error", error=f"{type(exc).__name__}: {exc}"[:300])
-    backend_up = bool(stats.get("backend_available")) and broadcaster.state is BroadcasterState.CONNECTED
-    channels = stats.get("channels")
+    backend_up = stats.backend_available and stats.state is BroadcasterState.CONNECTED
     restaurants = {
         channel.removeprefix(CHANNEL_PREFIX): count
-        for channel, count in (channels.items() if isinstance(channels, dict) else ())
-        if isinstance(channel, str) and channel.startswith(CHANNEL_PREFIX)
+        for channel, count in stats.channels.items()
+        if channel.startswith(CHANNEL_PREFIX)
     }
     if database["status"] != "ok":
         status = "unhealthy"
@@ -439,16 +438,16 @@ async def health(request: Request, service: Service) -> JSONResponse:
         "status": status,
         "auth": access.mode if isinstance(access, AccessPolicy) else None,
         "backend": {
-            "name": broadcaster.backend.name,
+            "name": stats.backend_name,
             "available": backend_up,
-            "state": broadcaster.state.value,
+            "state": stats.state.value,
         },
         "database": database,
         "websocket": {
-            "total_connections": stats.get("connections", 0),
+            "total_connections": stats.connections,
             "restaurants": restaurants,
-            "messages_sent": stats.get("messages_sent", 0),
-            "messages_dropped": stats.get("messages_dropped", 0),
+            "messages_sent": stats.messages_sent,
+            "messages_dropped": stats.messages_dropped,
         },
     }
     outbox = getattr(request.app.state, "outbox", None)

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from rtbroadcast.asgi import BroadcastEndpoint
 from rtbroadcast.starlette import lifespan
 
 from . import api
-from .auth import AccessPolicy, CloseOnTokenExpiry
+from .auth import AccessPolicy
 from .config import Settings
 from .db import create_engine, create_schema
 from .devices import RealtimeAccess
@@ -116,19 +116,18 @@ def create_app(
     app.add_exception_handler(DBAPIError, _database_error)
     app.add_middleware(RequestBodyLimit, max_body_size=settings.max_body_size)
     app.add_api_route("/", _to_host_stand, include_in_schema=False)
+    if settings.metrics:
+        app.add_api_route("/metrics", _metrics_endpoint(broadcaster), include_in_schema=False)
     app.mount("/host-stand", StaticFiles(directory=STATIC_DIR, html=True), name="host-stand")
-    # The library's endpoint, wrapped so that a connection ends when its token expires. Protocol 1:
+    # The library closes a connection when its token expires (the identity's expires_at). Protocol 1:
     # ?restaurant_id= names the one channel; protocol 2: see devices.py (presence, the device channel).
     devices = RealtimeAccess(access)
-    realtime = CloseOnTokenExpiry(
-        BroadcastEndpoint(
-            broadcaster,
-            devices.channel,
-            authenticate=devices.authenticate,
-            authorize=devices.authorize,
-            allowed_origins=settings.allowed_origins,
-        ),
-        access,
+    realtime = BroadcastEndpoint(
+        broadcaster,
+        devices.channel,
+        authenticate=devices.authenticate,
+        authorize=devices.authorize,
+        allowed_origins=settings.allowed_origins,
     )
     app.router.routes.extend(
         [WebSocketRoute("/realtime", realtime), Route("/realtime/sse", realtime, methods=["GET"])]
@@ -154,6 +153,23 @@ def _log_access_mode(settings: Settings) -> None:
         logger.info("device tokens required on /realtime and /restaurants/...")
     if settings.allowed_origins is not None:
         logger.info("WebSocket origins allowed: %s", ", ".join(settings.allowed_origins))
+
+
+def _metrics_endpoint(broadcaster: Broadcaster) -> Callable[[], Awaitable[Response]]:
+    """Serve the broadcaster's Prometheus metrics (imported here: only a service that enables them pays)."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+    from rtbroadcast.metrics import PrometheusMetrics
+
+    # A registry per app, so that tests (and reloads) can build several apps in one process.
+    registry = CollectorRegistry()
+    PrometheusMetrics(broadcaster, registry=registry)
+
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return metrics
 
 
 async def _to_host_stand(request: Request) -> RedirectResponse:

@@ -9,18 +9,17 @@ without a valid token, 403 with a token for another restaurant).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import secrets
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import jwt
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from rtbroadcast import CloseCode
+from rtbroadcast import Identity
 from rtbroadcast.asgi import ConnectionRequest, Deny
 
 from .config import Settings
@@ -30,7 +29,6 @@ from .service import CHANNEL_PREFIX
 __all__ = [
     "ALGORITHM",
     "AccessPolicy",
-    "CloseOnTokenExpiry",
     "DeviceClaims",
     "Forbidden",
     "TokenError",
@@ -244,66 +242,22 @@ class AccessPolicy:
             )
         return True
 
-    def token_deadline(self, request: ConnectionRequest) -> float | None:
-        """When the valid token of a realtime request stops being accepted (Unix time), else ``None``."""
+    def identify(self, request: ConnectionRequest) -> Identity | None:
+        """The realtime endpoints' ``authenticate`` hook: the device of a valid token, until it expires.
+
+        rtbroadcast closes the connection (4003 ``token expired``) when ``expires_at`` passes; the device
+        reconnects, and resumes, with a fresh token. A missing or invalid token gives ``None``: the
+        ``authorize`` hook refuses it then, with the reason (after the channel is known to be valid).
+        """
         token = realtime_token(request)
         if self._secret is None or token is None:
             return None
         try:
-            return verify_token(self._secret, token).expires_at + LEEWAY
+            device = verify_token(self._secret, token)
         except TokenError:
-            return None  # the endpoint's authorize hook refuses it
-
-
-class CloseOnTokenExpiry:
-    """ASGI wrapper of the realtime endpoint: ends a connection when the token it opened with expires.
-
-    The endpoint checks the token once, when the connection opens; without this wrapper an open WebSocket or
-    SSE stream would outlive its token. At the deadline the endpoint is told that the client left, and the
-    WebSocket is closed with 4003 ``token expired``; the device reconnects (and resumes) with a fresh token.
-    """
-
-    def __init__(self, app: ASGIApp, policy: AccessPolicy) -> None:
-        self.app = app
-        self.policy = policy
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("websocket", "http"):
-            await self.app(scope, receive, send)
-            return
-        deadline = self.policy.token_deadline(ConnectionRequest.from_scope(scope))
-        if deadline is None:
-            await self.app(scope, receive, send)
-            return
-        websocket = scope["type"] == "websocket"
-        gone: Message = (
-            {"type": "websocket.disconnect", "code": int(CloseCode.FORBIDDEN)}
-            if websocket
-            else {"type": "http.disconnect"}
-        )
-        expired = False
-
-        async def receive_until_deadline() -> Message:
-            nonlocal expired
-            if expired:
-                return gone
-            loop = asyncio.get_running_loop()
-            try:
-                async with asyncio.timeout_at(loop.time() + deadline - time.time()):
-                    return await receive()
-            except TimeoutError:
-                expired = True
-                return gone
-
-        await self.app(scope, receive_until_deadline, send)
-        if expired and websocket:
-            logger.info("closing %s: token expired", scope.get("path", ""))
-            try:
-                await send(
-                    {"type": "websocket.close", "code": int(CloseCode.FORBIDDEN), "reason": "token expired"}
-                )
-            except Exception as exc:  # already closed, or the client is gone
-                logger.debug("closing an expired connection failed: %r", exc)
+            return None
+        expires = datetime.fromtimestamp(device.expires_at + LEEWAY, UTC)
+        return Identity(device.device_id, tags=frozenset({device.restaurant_id}), expires_at=expires)
 
 
 def realtime_token(request: ConnectionRequest) -> str | None:

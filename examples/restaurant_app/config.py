@@ -39,6 +39,7 @@ class Settings:
         allowed_origins: if set, WebSocket requests whose ``Origin`` is not listed are refused (4003).
         max_body_size: largest HTTP request body accepted, in bytes; a larger one gets 413 while it is
             being read (a ``Content-Length`` over it before the request is handled).
+        metrics: serve the broadcaster's Prometheus metrics on ``/metrics``.
     """
 
     database_url: str = DEFAULT_DATABASE_URL
@@ -52,6 +53,7 @@ class Settings:
     allow_legacy_unauthenticated: bool = False
     allowed_origins: tuple[str, ...] | None = None
     max_body_size: int = DEFAULT_MAX_BODY_SIZE
+    metrics: bool = True
 
     def __post_init__(self) -> None:
         if self.max_body_size < 1:
@@ -89,6 +91,7 @@ class Settings:
             allow_legacy_unauthenticated=_flag(env, "RESTAURANT_ALLOW_LEGACY_UNAUTHENTICATED", False),
             allowed_origins=_origins(env),
             max_body_size=_byte_count(env, "MAX_BODY_SIZE", DEFAULT_MAX_BODY_SIZE),
+            metrics=_flag(env, "METRICS", True),
         )
 
 

@@ -27,10 +27,10 @@ from rtbroadcast import Broadcaster, Deny, Identity
 from rtbroadcast.asgi import ConnectionRequest, channel_from_query
 from rtbroadcast.protocol import is_valid_channel
 
-from .auth import AccessPolicy, DeviceClaims, TokenError, realtime_token
+from .auth import LEEWAY, AccessPolicy, DeviceClaims, TokenError, realtime_token
 from .events import DeviceMessage
 from .schemas import RESTAURANT_ID_PATTERN
-from .service import CHANNEL_PREFIX, channel_for
+from .service import CHANNEL_PREFIX
 
 __all__ = ["DEVICE_CHANNEL_PREFIX", "RealtimeAccess", "device_channel", "send_device_message"]
 
@@ -48,13 +48,17 @@ def device_channel(restaurant_id: str, device_id: str) -> str:
 
 
 def device_identity(device: DeviceClaims) -> Identity:
-    """The identity of a device connection: its id, its restaurant as a tag, its presence info."""
+    """The identity of a device connection: its id, its restaurant as its tag, its presence info.
+
+    As :meth:`AccessPolicy.identify`, plus the presence info: rtbroadcast closes the connection
+    (4003 ``token expired``) when ``expires_at`` (the token's expiry plus the leeway) passes.
+    """
     info: dict[str, Any] = {"device": device.device_id, "name": device.name or device.device_id}
     return Identity(
         id=device.device_id,
-        tags=frozenset({channel_for(device.restaurant_id)}),
+        tags=frozenset({device.restaurant_id}),
         info=info,
-        expires_at=datetime.fromtimestamp(device.expires_at, UTC),
+        expires_at=datetime.fromtimestamp(device.expires_at + LEEWAY, UTC),
     )
 
 
@@ -107,9 +111,8 @@ class RealtimeAccess:
 
     @staticmethod
     def _own_channel(identity: Identity) -> str | None:
-        restaurants = [
-            tag.removeprefix(CHANNEL_PREFIX) for tag in identity.tags if tag.startswith(CHANNEL_PREFIX)
-        ]
+        # The identity's tag is its restaurant id (as AccessPolicy.identify makes it).
+        restaurants = [tag for tag in identity.tags if _RESTAURANT_ID.fullmatch(tag) is not None]
         return device_channel(restaurants[0], identity.id) if len(restaurants) == 1 else None
 
 

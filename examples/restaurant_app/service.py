@@ -241,7 +241,7 @@ class RestaurantService:
 
     async def _position(self, restaurant_id: str) -> StreamPosition | None:
         try:
-            return await self.broadcaster.backend.position(channel_for(restaurant_id))
+            return await self.broadcaster.position(channel_for(restaurant_id))
         except RTBroadcastError as exc:
             logger.debug("no stream position for restaurant %s: %s", restaurant_id, exc)
             return None

@@ -36,6 +36,7 @@ from .protocol import (
     ResyncRequired,
     Welcome,
 )
+from .stats import BroadcasterStats
 
 __all__ = [
     "PROTOCOL_VERSIONS",
@@ -46,6 +47,7 @@ __all__ = [
     "BackendUnavailable",
     "Broadcaster",
     "BroadcasterState",
+    "BroadcasterStats",
     "CloseCode",
     "ConfigurationError",
     "Connection",

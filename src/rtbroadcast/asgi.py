@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any, Final, TypeAlias
 from urllib.parse import parse_qsl
 
@@ -44,6 +46,7 @@ from .protocol import (
     Unsubscribe,
     decode_client_frame,
     decode_positions,
+    encode_positions,
     encode_server_frame,
     is_valid_channel,
     parse_protocol,
@@ -54,6 +57,8 @@ from .protocol import (
 # re-exported here, where the hooks that return them are.
 __all__ = [
     "DEFAULT_MAX_SUBSCRIPTIONS",
+    "IDENTITY_SCOPE_KEY",
+    "TOKEN_EXPIRED",
     "Allow",
     "Authenticator",
     "Authorizer",
@@ -62,7 +67,9 @@ __all__ = [
     "ConnectionRequest",
     "Deny",
     "Identity",
+    "bearer_token",
     "channel_from_query",
+    "cookie",
     "drain_on_signals",
 ]
 
@@ -121,7 +128,8 @@ class ConnectionRequest:
 #: sequence, or one name); returns ``None`` (or raises ``KeyError``/``ValueError``) when the request names
 #: none. May be a coroutine function.
 ChannelResolver: TypeAlias = Callable[
-    [ConnectionRequest], "str | Sequence[str] | Awaitable[str | Sequence[str] | None] | None"
+    [ConnectionRequest],
+    "str | Sequence[str] | Deny | Awaitable[str | Sequence[str] | Deny | None] | None",
 ]
 #: Decides whether a request may subscribe to a channel: ``True`` or :class:`Allow` (with presence info)
 #: allows, ``False`` or :class:`Deny` refuses. Called for every channel a connection subscribes to.
@@ -163,6 +171,48 @@ def channel_from_query(
         return prefix + value
 
     return resolve
+
+
+def bearer_token(request: ConnectionRequest, *, query: str | None = None) -> str | None:
+    """Return the token of ``Authorization: Bearer <token>`` (the scheme in any case), else ``None``.
+
+    Browsers cannot set headers on a WebSocket: with ``query`` (``"token"``), a request without the header
+    is read from that query parameter instead (keep such URLs out of access logs). For ``authenticate``::
+
+        def authenticate(request: ConnectionRequest) -> Identity | Deny:
+            token = bearer_token(request, query="token")
+            if token is None:
+                return Deny("sign in first")
+            ...
+    """
+    header = request.headers.get("authorization")
+    if header is not None:
+        scheme, _, token = header.strip().partition(" ")
+        token = token.strip()
+        return token if scheme.lower() == "bearer" and token and " " not in token else None
+    if query is not None:
+        return request.query.get(query) or None
+    return None
+
+
+def cookie(request: ConnectionRequest, name: str) -> str | None:
+    """Return the value of cookie ``name`` sent with the request (a session cookie), else ``None``.
+
+    Browsers send the site's cookies with a WebSocket handshake and an ``EventSource`` request, so a
+    service that signs its users in with a cookie authenticates its realtime connections with it too;
+    restrict ``allowed_origins`` then, so that another site cannot open a connection with them.
+    """
+    header = request.headers.get("cookie")
+    if not header:
+        return None
+    for part in header.split(";"):
+        key, sep, value = part.strip().partition("=")
+        if sep and key == name:
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] == '"':
+                value = value[1:-1]
+            return value
+    return None
 
 
 def _origins(value: Iterable[str] | None) -> frozenset[str] | None:
@@ -239,14 +289,19 @@ class BroadcastEndpoint:
     Args:
         broadcaster: the broadcaster to attach connections to.
         channel: resolves the request to its channel name (see :func:`channel_from_query`); on protocol
-            2 to its server-side channels (a sequence, one name, or ``None`` for none).
+            2 to its server-side channels (a sequence, one name, or ``None`` for none). It may refuse
+            with a reason by returning :class:`Deny` (close 4003 with that reason, SSE 403): say "sign in
+            first" rather than leave the client with 4004 "no valid channel in the request".
         authorize: optional hook deciding whether the request may subscribe to a channel; asked for
             every channel a connection subscribes to. ``True`` or :class:`Allow` allows, ``False`` or
             :class:`Deny` refuses (protocol 1: close 4003; protocol 2: an ``error`` frame for that
             subscription only).
         authenticate: optional hook run once per connection, after the Origin check and before the
             others: returns the connection's :class:`Identity` (then ``request.identity`` in the other
-            hooks), ``None`` (anonymous) or :class:`Deny` (close 4003, SSE 403).
+            hooks), ``None`` (anonymous) or :class:`Deny` (close 4003, SSE 403). An identity with an
+            ``expires_at`` is closed when it passes: code 4003, reason :data:`TOKEN_EXPIRED` (``"token
+            expired"``); one already past is refused so. The client gets fresh credentials, then
+            reconnects and resumes.
         max_subscriptions: most subscriptions one protocol-2 connection may hold, server-side ones
             included; past it a ``subscribe`` gets ``error`` ``too_many_subscriptions``.
         allowed_origins: if given, WebSocket requests whose ``Origin`` header is not in it are refused
@@ -337,17 +392,25 @@ class BroadcastEndpoint:
         except ProtocolError as exc:
             raise _Refused(CloseCode.BAD_REQUEST, exc.message) from None
         request = replace(request, protocol=protocol)
-        if self.authenticate is not None:
-            identity = await _maybe_await(self.authenticate(request))
+        authenticated = IDENTITY_SCOPE_KEY in request.scope or self.authenticate is not None
+        if authenticated:
+            if IDENTITY_SCOPE_KEY in request.scope:  # established by the app (serve_websocket, a middleware)
+                identity = request.scope[IDENTITY_SCOPE_KEY]
+            elif self.authenticate is not None:
+                identity = await _maybe_await(self.authenticate(request))
             if isinstance(identity, Deny):
                 raise _Refused(CloseCode.FORBIDDEN, identity.reason)
             if identity is not None and not isinstance(identity, Identity):
                 raise TypeError(f"authenticate must return an Identity, a Deny or None, not {identity!r}")
+            if identity is not None and identity.expires_at is not None and _seconds_left(identity) <= 0:
+                raise _Refused(CloseCode.FORBIDDEN, TOKEN_EXPIRED)
             request = replace(request, identity=identity)
         try:
             resolved = await _maybe_await(self.resolve_channel(request))
         except (KeyError, ValueError):
             resolved = None
+        if isinstance(resolved, Deny):  # a refusal with a reason, not a request without a channel
+            raise _Refused(CloseCode.FORBIDDEN, resolved.reason)
         channels = _channels(resolved)
         if channels is None:
             raise _Refused(CloseCode.BAD_REQUEST, "no valid channel in the request")
@@ -400,6 +463,7 @@ class BroadcastEndpoint:
     async def _attach(self, connection: Connection, resume: ResumePoint | None) -> None:
         try:
             await self.broadcaster.attach(connection, resume)
+            _close_at_expiry(connection)
         except ConnectionLimitReached as exc:
             raise _Refused(CloseCode.TRY_AGAIN_LATER, str(exc)) from None
         except (BackendUnavailable, StateError) as exc:
@@ -412,14 +476,16 @@ class BroadcastEndpoint:
         request = admission.request
         limits = self.broadcaster.queue_limits
         if request.protocol == 2:
-            return Connection(
+            connection = Connection(
                 protocol=2,
                 limits=limits,
                 identity=request.identity,
                 max_subscriptions=self.max_subscriptions,
             )
-        connection = Connection(admission.channels[0], limits=limits, identity=request.identity)
-        connection.cursor.info = presence_info(admission.allow, request.identity)
+        else:
+            connection = Connection(admission.channels[0], limits=limits, identity=request.identity)
+            connection.cursor.info = presence_info(admission.allow, request.identity)
+        connection.transport = request.transport
         return connection
 
     # -- WebSocket --------------------------------------------------------------------------------
@@ -596,12 +662,14 @@ class BroadcastEndpoint:
         connection = None
         try:
             admission = await self._admit(request)
-            if admission.request.protocol == 2:
-                # Several channels on one stream is the SSE helper's to add; until then, say so plainly.
-                raise _Refused(CloseCode.BAD_REQUEST, "protocol 2 is not available over Server-Sent Events")
             connection = self._connection(admission)
-            await self._attach(connection, admission.positions.get(connection.channel))
+            if admission.request.protocol == 2:
+                await self._sse_subscribe(connection, admission)
+            else:
+                await self._attach(connection, admission.positions.get(connection.channel))
         except _Refused as refused:
+            if connection is not None:
+                connection.close(CloseCode.NORMAL, "refused")
             status = _SSE_STATUS.get(refused.code, 400)
             await _plain_response(send, status, refused.reason)
             return
@@ -618,7 +686,10 @@ class BroadcastEndpoint:
         )
         watcher = asyncio.get_running_loop().create_task(_watch_disconnect(receive, connection))
         try:
-            await self._stream(connection, send)
+            if connection.protocol == 2:
+                await self._stream_v2(connection, send)
+            else:
+                await self._stream(connection, send)
             code = connection.close_code
             connection.close(CloseCode.NORMAL, "stream ended")
             watcher.cancel()
@@ -656,6 +727,110 @@ class BroadcastEndpoint:
             await send({"type": "http.response.body", "body": chunk.encode(), "more_body": True})
             connection.sent += 1
 
+    async def _sse_subscribe(self, connection: Connection, admission: _Admission) -> None:
+        """Attach a protocol-2 SSE stream and subscribe it to the resolver's and the URL's channels.
+
+        The channels are the resolver's (server-side) and those of the repeated ``channel=`` query
+        parameters, each asked of ``authorize``; each resumes from the ``Last-Event-ID`` header (or the
+        ``resume`` parameter). A denied channel gets an ``error`` frame and the stream goes on; a request
+        none of whose channels could be subscribed is refused (403, or 503 if the backend is unavailable).
+
+        Raises:
+            _Refused: the channels, the positions, or every subscription failed.
+        """
+        request = admission.request
+        raw_query = request.scope.get("query_string", b"").decode("latin-1")
+        asked = [value for key, value in parse_qsl(raw_query, keep_blank_values=True) if key == "channel"]
+        for channel in asked:
+            if not is_valid_channel(channel):
+                raise _Refused(
+                    CloseCode.BAD_REQUEST,
+                    f"invalid channel name in channel=: {channel[:64]!r} (1 to 256 characters, no control "
+                    "characters)",
+                )
+        channels = tuple(dict.fromkeys((*admission.channels, *asked)))
+        if len(channels) > self.max_subscriptions:
+            raise _Refused(
+                CloseCode.BAD_REQUEST,
+                f"{len(channels)} channels, more than this endpoint's max_subscriptions "
+                f"({self.max_subscriptions})",
+            )
+        positions = admission.positions
+        last_event_id = request.headers.get("last-event-id")
+        if last_event_id:
+            # A reconnecting EventSource sends it with the URL it first opened: it is the newer position.
+            try:
+                positions = decode_positions(last_event_id)
+            except ProtocolError as exc:
+                raise _Refused(CloseCode.BAD_REQUEST, f"Last-Event-ID: {exc.message}") from None
+        await self._attach(connection, None)
+        for channel in channels:
+            await self._subscribe(connection, request, None, channel, positions.get(channel))
+        if channels and not connection.cursors:
+            raise _Refused(*_refusal_of(connection))
+
+    async def _stream_v2(self, connection: Connection, send: Send) -> None:
+        """Write protocol-2 frames as SSE events; each that moves a channel's position gets an ``id:``.
+
+        The id holds every channel's position after that frame (:func:`~rtbroadcast.protocol.
+        encode_positions`), from what was written, not from the cursors (which run ahead by what is
+        queued), so that the browser's ``Last-Event-ID`` resumes each channel right after its last event.
+        """
+        interval = self.broadcaster.heartbeat_interval
+        positions: dict[str, ResumePoint] = {}
+        while True:
+            try:
+                async with asyncio.timeout(interval):
+                    item = await connection.get()
+            except TimeoutError:
+                await send({"type": "http.response.body", "body": b": ping\n\n", "more_body": True})
+                continue
+            if item is None:
+                return
+            if isinstance(item, str):
+                text = item
+                moved = _track_position(positions, item)
+            else:
+                text = item.protocol2_text()
+                positions[item.channel] = ResumePoint(item.epoch, item.seq)
+                moved = True
+            chunk = f"id: {encode_positions(positions)}\ndata: {text}\n\n" if moved else f"data: {text}\n\n"
+            await send({"type": "http.response.body", "body": chunk.encode(), "more_body": True})
+            connection.sent += 1
+
+
+def _track_position(positions: dict[str, ResumePoint], frame: str) -> bool:
+    """Update ``positions`` from a protocol frame; return whether it moved one (then the id changes)."""
+    # Only the frames that carry a position: subscribed, resync_required (set it), unsubscribed (drop it).
+    if not frame.startswith(('{"type":"subscribed"', '{"type":"resync_required"', '{"type":"unsubscribed"')):
+        return False
+    body = json.loads(frame)
+    channel = body.get("channel")
+    if not isinstance(channel, str):
+        return False
+    if body["type"] == "unsubscribed":
+        return positions.pop(channel, None) is not None
+    positions[channel] = ResumePoint(body["epoch"], body["seq"])
+    return True
+
+
+def _refusal_of(connection: Connection) -> tuple[int, str]:
+    """The close code and reason of a protocol-2 SSE request none of whose subscriptions succeeded.
+
+    Read from the ``error`` frames queued for it: ``forbidden`` (403) unless the backend or a limit was
+    the reason (``try_again_later``: 503).
+    """
+    code, reason = CloseCode.FORBIDDEN, "forbidden"
+    while (item := connection.get_nowait()) is not None:
+        if not isinstance(item, str) or not item.startswith('{"type":"error"'):
+            continue
+        error = json.loads(item)
+        if error.get("code") == SubscriptionErrorCode.TRY_AGAIN_LATER:
+            return CloseCode.TRY_AGAIN_LATER, str(error.get("message", "try again later"))
+        if error.get("code") == SubscriptionErrorCode.FORBIDDEN:
+            reason = str(error.get("message") or reason)
+    return code, reason
+
 
 #: The broadcaster's states once the process has begun to stop.
 _STOPPING: Final = frozenset(
@@ -679,6 +854,33 @@ def _sse_farewell(code: int, reason: str) -> bytes:
     """The last chunk of an SSE stream the server ended: why (a comment), and when to reconnect."""
     reason = " ".join(reason.split())
     return f": closed {code} {reason}\nretry: {random.randint(*SSE_RETRY_MS)}\n\n".encode()
+
+
+#: The ASGI scope key under which an app hands the endpoint a connection's :class:`Identity` (or ``None``)
+#: it established itself, as :func:`rtbroadcast.starlette.serve_websocket` does for a FastAPI route's
+#: ``Depends``: the endpoint then uses it instead of calling ``authenticate``.
+IDENTITY_SCOPE_KEY: Final = "rtbroadcast.identity"
+
+#: The close reason (with code 4003) of a connection whose :attr:`Identity.expires_at` passed: the client
+#: gets fresh credentials, then reconnects and resumes. An SSE request already expired gets 403 with it.
+TOKEN_EXPIRED: Final = "token expired"
+
+
+def _seconds_left(identity: Identity) -> float:
+    assert identity.expires_at is not None
+    return (identity.expires_at - datetime.now(UTC)).total_seconds()
+
+
+def _close_at_expiry(connection: Connection) -> None:
+    """Close ``connection`` with 4003 ``token expired`` when its identity's ``expires_at`` passes."""
+    identity = connection.identity
+    if identity is None or identity.expires_at is None:
+        return
+    loop = asyncio.get_running_loop()
+    timer = loop.call_at(
+        loop.time() + max(0.0, _seconds_left(identity)), connection.close, CloseCode.FORBIDDEN, TOKEN_EXPIRED
+    )
+    connection.add_close_callback(lambda _: timer.cancel())
 
 
 async def _watch_disconnect(receive: Receive, connection: Connection) -> None:

@@ -6,25 +6,31 @@ import asyncio
 import contextlib
 import enum
 import logging
+import random
+import secrets
+import time
+from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import TracebackType
-from typing import Any, Generic, Protocol, Self, TypeAlias, TypeVar
+from typing import Any, Final, Generic, Protocol, Self, TypeAlias, TypeVar
 
 from . import _config
-from .backends import Backend, Envelope, History, load_backend
+from ._control import CONTROL_CHANNEL, ControlAction, ControlCommand, decode_control, encode_control
+from .backends import Backend, Envelope, History, StreamPosition, load_backend
 from .connection import DEFAULT_LIMITS, Connection, QueueLimits, item_text
 from .cursor import Cursor
 from .errors import (
     BackendUnavailable,
     ConfigurationError,
+    ConnectionLimitReached,
     InvalidEvent,
     StateError,
     SubscriptionClosed,
     SubscriptionRefused,
 )
 from .events import Event, decode_event, encode_event
-from .identity import Allow, presence_info
+from .identity import Allow, Identity, presence_info
 from .presence import (
     DEFAULT_PRESENCE_SNAPSHOT_LIMIT,
     PresenceChange,
@@ -55,6 +61,7 @@ from .protocol import (
     validate_channel,
 )
 from .registry import ConnectionRegistry
+from .stats import BroadcasterStats, MetricsObserver
 
 # is_valid_channel and validate_channel are re-exported: they lived here before the wire rules moved to the
 # protocol module.
@@ -229,6 +236,11 @@ class Broadcaster:
         self._repairs = 0
         self._lost_detected = 0
         self._resyncs = 0
+        self._control = _ControlInbox(self)
+        self._resumes = 0
+        self._resync_reasons: Counter[str] = Counter()
+        self._interruption_reasons: Counter[str] = Counter()
+        self._metrics_observer: MetricsObserver | None = None
         # Presence: the subscriptions that asked for join/leave frames, per channel and client; the leaves
         # on their way to the backend, so that a join of the same member waits for them.
         self._watchers: dict[str, dict[str, PresenceWatcher]] = {}
@@ -335,6 +347,7 @@ class Broadcaster:
         try:
             for connection in list(self.registry):
                 connection.close(CloseCode.GOING_AWAY, "server shutting down")
+            self._control.stop()
             await self._finish_leaves()
             tasks = list(self._tasks)
             for task in tasks:
@@ -417,9 +430,35 @@ class Broadcaster:
             raise ConfigurationError(
                 f"idempotency_key must be a non-empty string or None, not {idempotency_key!r}"
             )
-        envelope = await self.backend.publish(channel, text, idempotency_key=idempotency_key)
+        observer = self._metrics_observer
+        if observer is None:
+            envelope = await self.backend.publish(channel, text, idempotency_key=idempotency_key)
+        else:
+            start = time.perf_counter()
+            try:
+                envelope = await self.backend.publish(channel, text, idempotency_key=idempotency_key)
+            except Exception as exc:  # a cancelled publish (the request went away) is not a failure
+                observer.publish_failed(channel, time.perf_counter() - start, exc)
+                raise
+            observer.published(channel, time.perf_counter() - start)
         self._published += 1
         return envelope.seq
+
+    async def position(self, channel: str) -> StreamPosition:
+        """Return the top of ``channel``'s stream: its ``epoch`` and the ``seq`` of its last event.
+
+        What a REST snapshot should carry, so that a client can resume the stream exactly after it: read
+        the position *before* the data (an event published in between is then replayed, not missed).
+        A channel never published to has seq 0.
+
+        Raises:
+            StateError: the broadcaster is not connected.
+            ConfigurationError: ``channel`` is not a valid channel name.
+            BackendUnavailable: the backend cannot be reached.
+        """
+        self._require_connected("read a position", draining=True)
+        validate_channel(channel)
+        return await self.backend.position(channel)
 
     # -- backend listener -------------------------------------------------------------------------
 
@@ -428,12 +467,21 @@ class Broadcaster:
 
         Each cursor of the channel queues the same envelope (encoded once) on its connection.
         """
-        for cursor in self.registry.cursors(envelope.channel):
+        observer = self._metrics_observer
+        if observer is None:
+            for cursor in self.registry.cursors(envelope.channel):
+                cursor.push(envelope)
+            return
+        start = time.perf_counter()
+        cursors = self.registry.cursors(envelope.channel)
+        for cursor in cursors:
             cursor.push(envelope)
+        observer.fanned_out(envelope, len(cursors), time.perf_counter() - start)
 
     def on_interruption(self, channels: Collection[str], reason: str) -> None:
         """Bring every connection of ``channels`` up to date after the backend may have lost envelopes."""
         self._interruptions += 1
+        self._interruption_reasons[reason] += 1
         logger.warning(
             "backend interruption (%s): checking %d channel(s) for missed events", reason, len(channels)
         )
@@ -594,6 +642,12 @@ class Broadcaster:
                 raise ConfigurationError("a protocol-2 connection resumes per subscription, not at attach")
             self.registry.add(connection)
             connection.add_close_callback(self.detach)
+            if connection.identity is not None:
+                try:
+                    await self._control.start()
+                except BaseException:
+                    self.detach(connection)
+                    raise
             connection.push_frame(
                 encode_server_frame(WelcomeV2(self.heartbeat_interval, connection.client_id))
             )
@@ -605,6 +659,8 @@ class Broadcaster:
         connection.add_close_callback(self.detach)
         cursor.set_gap_handler(self._on_gap)
         try:
+            if connection.identity is not None:
+                await self._control.start()
             await self._ensure_subscribed(cursor.channel)
             await self._observe_start(cursor)
             await self._bring_up_to_date(cursor, resume, self._welcome)
@@ -812,6 +868,8 @@ class Broadcaster:
         if self._state is BroadcasterState.CONNECTED:
             for channel in emptied:
                 self._spawn(self._release(channel))
+            if connection.identity is not None and not self.registry.identified:
+                self._control.release_soon()
 
     def connection_count(self, channel: str | None = None) -> int:
         """Return how many connections this process has, on ``channel`` or in all."""
@@ -824,11 +882,12 @@ class Broadcaster:
                 self._subscribed.add(channel)
 
     async def _release(self, channel: str) -> None:
+        # cursors(), not count(): the broadcaster's own cursor on a reserved channel is not a connection.
         async with self._lock(channel):
-            if channel in self._subscribed and not self.registry.count(channel):
+            if channel in self._subscribed and not self.registry.cursors(channel):
                 self._subscribed.discard(channel)
                 await self.backend.unsubscribe(channel)
-        if not self.registry.count(channel):
+        if not self.registry.cursors(channel):
             self._channel_locks.pop(channel, None)
 
     def _lock(self, channel: str) -> asyncio.Lock:
@@ -894,12 +953,14 @@ class Broadcaster:
         reason = resync_reason(resume, position.epoch, position.seq, complete=history.complete, fits=fits)
         if reason is None:
             if first is not None:
+                self._resumes += 1
                 _push_all(connection, first(channel, resume.epoch, resume.seq, True))
             cursor.set_position(resume.epoch, resume.seq)
             for envelope in missed:
                 cursor.deliver_history(envelope)
         else:
             self._resyncs += 1
+            self._resync_reasons[reason] += 1
             if first is not None:
                 _push_all(connection, first(channel, position.epoch, position.seq, False))
             named = channel if connection.protocol >= 2 else None
@@ -1045,23 +1106,237 @@ class Broadcaster:
             raise ConfigurationError(f"resume names channels not subscribed to: {sorted(unknown)!r}")
         return Subscription(self, channels, resume=dict(resume), model=model)
 
+    # -- server-side subscriptions ----------------------------------------------------------------
+
+    async def subscribe_connections(
+        self,
+        channel: str,
+        *,
+        identity: str | Identity | None = None,
+        tag: str | None = None,
+        info: Mapping[str, Any] | None = None,
+    ) -> int:
+        """Subscribe every protocol-2 connection of an identity (or with a tag) to ``channel``, everywhere.
+
+        Applied by every process sharing the backend (this one included, in the same order everywhere),
+        to the connections open there at that moment: each gets ``subscribed`` with ``"id": null``, then
+        the channel's events from its current position. This is the service's own decision: the endpoint's
+        ``authorize`` hook is not asked. Protocol-1 connections (one channel, fixed by their URL) and
+        connections already subscribed to ``channel`` are left as they are. A connection at its
+        ``max_subscriptions`` gets an ``error`` frame (``too_many_subscriptions``, ``"id": null``) instead.
+
+        Connections that open later get their channels from the endpoint's resolver: change what it reads
+        first, then call this, so that no connection opening meanwhile is left out.
+
+        Args:
+            channel: the channel to subscribe to.
+            identity: select the connections whose ``Identity.id`` is this (an :class:`Identity` stands
+                for its ``id``).
+            tag: select the connections whose ``Identity.tags`` hold this; give ``identity`` or ``tag``.
+            info: the presence info of the new subscriptions (``None``: each identity's ``info``).
+
+        Returns:
+            How many connections of this process were subscribed (those of other processes are not
+            counted: they are changed there, at about the same time).
+
+        Raises:
+            StateError: the broadcaster is not connected.
+            ConfigurationError: not exactly one of ``identity`` and ``tag`` is given, ``channel`` is not a
+                valid channel name, or ``info`` is not a JSON-serialisable mapping.
+            BackendUnavailable: the command could not be published (no process applies it), or it was
+                published but this process did not apply it within 10 s (the others may have).
+        """
+        return await self._command(
+            ControlCommand(
+                ControlAction.SUBSCRIBE, identity=_identity_id(identity), tag=tag, channel=channel, info=info
+            )
+        )
+
+    async def unsubscribe_connections(
+        self, channel: str, *, identity: str | Identity | None = None, tag: str | None = None
+    ) -> int:
+        """Unsubscribe every protocol-2 connection of an identity (or carrying a tag) from ``channel``.
+
+        Applied by every process, like :meth:`subscribe_connections`: each subscribed connection gets
+        ``unsubscribed`` (``"id": null``, ``"reason": "server"``), after which no event of ``channel``
+        reaches it. A subscription the client made itself is removed too. Protocol-1 connections are left
+        as they are: close them with :meth:`disconnect_connections`.
+
+        Returns:
+            How many connections of this process were unsubscribed.
+
+        Raises:
+            StateError: the broadcaster is not connected.
+            ConfigurationError: not exactly one of ``identity`` and ``tag`` is given, or ``channel`` is not
+                a valid channel name.
+            BackendUnavailable: as for :meth:`subscribe_connections`.
+        """
+        return await self._command(
+            ControlCommand(
+                ControlAction.UNSUBSCRIBE, identity=_identity_id(identity), tag=tag, channel=channel
+            )
+        )
+
+    async def disconnect_connections(
+        self,
+        *,
+        identity: str | Identity | None = None,
+        tag: str | None = None,
+        code: int = CloseCode.FORBIDDEN,
+        reason: str = "disconnected by the server",
+    ) -> int:
+        """Close every connection of an identity (or carrying a tag), on either protocol, on every process.
+
+        WebSocket clients get a close frame with ``code`` and ``reason``; SSE streams end with a ``:
+        closed <code> <reason>`` comment. The default, ``4003``, tells clients not to reconnect with the
+        same credentials: a banned user's new connections must be refused by the endpoint's
+        ``authenticate`` hook, since this reaches only the connections open when it is applied.
+
+        Args:
+            identity: select the connections whose ``Identity.id`` is this.
+            tag: select the connections whose ``Identity.tags`` hold this; give ``identity`` or ``tag``.
+            code: the close code: 1000, 1001, 1008 or 3000-4999.
+            reason: the close reason, at most 123 UTF-8 bytes.
+
+        Returns:
+            How many connections of this process were closed.
+
+        Raises:
+            StateError: the broadcaster is not connected.
+            ConfigurationError: not exactly one of ``identity`` and ``tag`` is given, or the code or
+                reason cannot go in a close frame.
+            BackendUnavailable: as for :meth:`subscribe_connections`.
+        """
+        return await self._command(
+            ControlCommand(
+                ControlAction.DISCONNECT, identity=_identity_id(identity), tag=tag, code=code, reason=reason
+            )
+        )
+
+    async def _command(self, command: ControlCommand) -> int:
+        """Publish ``command`` for every process; wait until this one applied it (if it has any to change)."""
+        self._require_connected("change connections", draining=True)
+        control = self._control
+        nonce = ""
+        waiter: asyncio.Future[int] | None = None
+        if control.active:
+            nonce = secrets.token_hex(8)
+            waiter = control.waiters[nonce] = asyncio.get_running_loop().create_future()
+        try:
+            await self.backend.publish(CONTROL_CHANNEL, encode_control(replace(command, nonce=nonce)))
+            if waiter is None:
+                return 0
+            try:
+                async with asyncio.timeout(CONTROL_APPLY_TIMEOUT):
+                    return await waiter
+            except TimeoutError:
+                raise BackendUnavailable(
+                    f"the {command.action} command was published, but this process did not apply it "
+                    f"within {CONTROL_APPLY_TIMEOUT:g} s (its backend listener may be reconnecting; it will "
+                    "apply it from history when it is back); other processes may have applied it"
+                ) from None
+        finally:
+            if nonce:
+                control.waiters.pop(nonce, None)
+
+    async def _apply_control(self, command: ControlCommand) -> int:
+        """Apply one command to this process's connections; return how many it changed."""
+        connections = self.registry.matching(identity=command.identity, tag=command.tag)
+        if command.action is ControlAction.DISCONNECT:
+            changed = 0
+            for connection in connections:
+                if not connection.closed:
+                    connection.close(command.code, command.reason)
+                    changed += 1
+            return changed
+        channel = command.channel
+        assert channel is not None  # checked by ControlCommand
+        targets = [c for c in connections if c.protocol >= 2 and not c.closed]
+        if command.action is ControlAction.UNSUBSCRIBE:
+            changed = 0
+            for connection in targets:
+                if connection.cursor_for(channel) is not None:
+                    self.remove_subscription(connection, channel, reason=UnsubscribeReason.SERVER)
+                    changed += 1
+            return changed
+        # Subscriptions of many connections at once (a tag) each read the channel's position: concurrently.
+        todo = [c for c in targets if c.cursor_for(channel) is None]
+        done = await asyncio.gather(*(self._server_subscribe(c, channel, command.info) for c in todo))
+        return sum(done)
+
+    async def _server_subscribe(
+        self, connection: Connection, channel: str, info: Mapping[str, Any] | None
+    ) -> bool:
+        """Subscribe one connection for the service; a refusal goes to the client as an ``error``."""
+        try:
+            await self.add_subscription(connection, channel, None, request_id=None, info=info)
+        except SubscriptionRefused as exc:
+            code, message = exc.code, exc.message
+        except ConnectionLimitReached as exc:
+            code, message = SubscriptionErrorCode.TRY_AGAIN_LATER, str(exc)
+        except BackendUnavailable as exc:
+            logger.warning("cannot subscribe connection #%d to %r: %s", connection.id, channel, exc)
+            code, message = SubscriptionErrorCode.TRY_AGAIN_LATER, "backend unavailable"
+        except StateError:
+            return False  # closed meanwhile, or the broadcaster is draining (which closes it)
+        else:
+            return connection.cursor_for(channel) is not None
+        if code == SubscriptionErrorCode.ALREADY_SUBSCRIBED:
+            return False  # subscribed by the client meanwhile: nothing to say
+        logger.info("server-side subscription of #%d to %r refused: %s", connection.id, channel, message)
+        connection.push_frame(encode_server_frame(ErrorFrameV2(None, code, message, channel)))
+        return False
+
     # -- stats ------------------------------------------------------------------------------------
 
-    def stats(self) -> dict[str, object]:
-        """Return counters for health endpoints (JSON-serialisable)."""
-        return {
-            "state": self.state.value,
-            "backend": dict(self.backend.stats()),
-            "backend_available": self.backend.available,
-            "published": self._published,
-            "interruptions": self._interruptions,
-            "repairs": self._repairs,
-            "lost_detected": self._lost_detected,
-            "resyncs": self._resyncs,
-            "presence_members": len(self._members),
-            "presence_watchers": sum(len(watchers) for watchers in self._watchers.values()),
-            **self.registry.stats().as_dict(),
-        }
+    def set_metrics_observer(self, observer: MetricsObserver | None) -> None:
+        """Tell ``observer`` how long each publish and each fan-out took (``None``: stop telling).
+
+        For metrics integrations, such as :class:`rtbroadcast.metrics.PrometheusMetrics`, which sets
+        itself. Without an observer, publishing and fan-out time nothing. One observer at a time: setting
+        one replaces the previous.
+        """
+        self._metrics_observer = observer
+
+    @property
+    def metrics_observer(self) -> MetricsObserver | None:
+        """The observer :meth:`set_metrics_observer` set, if any."""
+        return self._metrics_observer
+
+    def stats(self) -> BroadcasterStats:
+        """Return a snapshot of this process's state, backend and counters (see :class:`BroadcasterStats`).
+
+        For a health endpoint: ``JSONResponse(broadcaster.stats().as_dict())``.
+        """
+        registry = self.registry.stats()
+        return BroadcasterStats(
+            state=self.state,
+            backend_name=self.backend.name,
+            backend_available=self.backend.available,
+            published=self._published,
+            interruptions=self._interruptions,
+            repairs=self._repairs,
+            lost_detected=self._lost_detected,
+            resyncs=self._resyncs,
+            control_applied=self._control.applied,
+            control_lost=self._control.lost,
+            presence_members=len(self._members),
+            presence_watchers=sum(len(watchers) for watchers in self._watchers.values()),
+            resumes=self._resumes,
+            resyncs_by_reason=dict(self._resync_reasons),
+            interruptions_by_reason=dict(self._interruption_reasons),
+            connections=registry.connections,
+            channels=dict(registry.channels),
+            messages_sent=registry.messages_sent,
+            messages_dropped=registry.messages_dropped,
+            queue_high_water=registry.queue_high_water,
+            slow_consumers_closed=registry.slow_consumers_closed,
+            backend=dict(self.backend.stats()),
+        )
+
+
+def _identity_id(identity: str | Identity | None) -> str | None:
+    return identity.id if isinstance(identity, Identity) else identity
 
 
 @dataclass(frozen=True, slots=True)
@@ -1196,3 +1471,189 @@ class Subscription(Generic[E]):
                 f"{self._model.__qualname__}; subscribe with the base class of every event on the channel"
             )
         return Received(item.channel, item.seq, event)
+
+
+#: Bounds of the control inbox's queue: commands are small, and a burst of them must not be lost to the
+#: slow-consumer bound while earlier ones wait on the backend (one subscribe reads a position).
+_CONTROL_LIMITS: Final = QueueLimits(max_messages=65_536, max_size=32 * 1024 * 1024)
+#: Seconds a ``*_connections()`` call waits for this process to apply its own command.
+CONTROL_APPLY_TIMEOUT: Final = 10.0
+
+
+class _ControlInbox:
+    """This process's subscription to the reserved ``CONTROL_CHANNEL``, and the task applying it.
+
+    It exists while the process holds connections with an identity (only those can be selected), like a
+    channel's backend subscription while it has connections: started by the first such attach, stopped
+    after the last one detached. Its cursor is fanned out to like any other (gap repair, the position
+    check and the repair after a backend reconnect included), so a command lost on the way is read from
+    history; commands are applied one at a time, in seq order, by one task.
+    """
+
+    def __init__(self, broadcaster: Broadcaster) -> None:
+        self._broadcaster = broadcaster
+        self._connection: Connection | None = None
+        self._starting: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        #: Commands sent by this process, by nonce, waiting to be applied here: the future gets the count.
+        self.waiters: dict[str, asyncio.Future[int]] = {}
+        self.applied = 0
+        self.lost = 0
+        self._busy = False
+
+    @property
+    def active(self) -> bool:
+        """Whether commands published from now on will be applied here (the inbox is positioned)."""
+        return self._task is not None and self._starting is None
+
+    async def start(self) -> None:
+        """Subscribe to the control channel unless already subscribed; return once positioned.
+
+        Raises:
+            BackendUnavailable: the backend cannot be reached.
+        """
+        if self._task is not None and self._starting is None:
+            return
+        if self._starting is not None:
+            await asyncio.shield(self._starting)
+            return
+        starting = self._starting = asyncio.get_running_loop().create_future()
+        try:
+            connection, start = await self._open(None)
+        except BaseException as exc:
+            self._starting = None
+            starting.set_exception(exc)
+            starting.exception()  # retrieved: no other waiter may be there
+            raise
+        self._starting = None
+        starting.set_result(None)
+        broadcaster = self._broadcaster
+        task = self._task = asyncio.get_running_loop().create_task(
+            self._run(connection, start), name="rtbroadcast-control-inbox"
+        )
+        broadcaster._tasks.add(task)
+        task.add_done_callback(broadcaster._task_done)
+
+    async def _open(self, resume: ResumePoint | None) -> tuple[Connection, ResumePoint]:
+        """Subscribe a new inbox from ``resume`` (``None``: from now); return it and where it starts.
+
+        The start is known before anything is queued, so that an inbox closed before it applied anything
+        reopens from there, not from the stream's top (which would skip what arrived meanwhile).
+        """
+        broadcaster = self._broadcaster
+        connection = Connection(CONTROL_CHANNEL, limits=_CONTROL_LIMITS)
+        cursor = connection.cursor
+        cursor.begin_buffering()
+        broadcaster.registry.add_internal(cursor)
+        cursor.set_gap_handler(broadcaster._on_gap)
+        self._connection = connection
+        try:
+            await broadcaster._ensure_subscribed(CONTROL_CHANNEL)
+            if resume is None:
+                top = await broadcaster.backend.position(CONTROL_CHANNEL)
+                resume = ResumePoint(top.epoch, top.seq)
+            await broadcaster._bring_up_to_date(cursor, resume, None)
+        except BaseException:
+            self._close(connection)
+            raise
+        return connection, resume
+
+    def _close(self, connection: Connection) -> None:
+        connection.cursor.set_gap_handler(None)
+        connection.close(CloseCode.NORMAL, "control inbox stopped")
+        broadcaster = self._broadcaster
+        broadcaster.registry.remove_internal(connection.cursor)
+        if self._connection is connection:
+            self._connection = None
+        if broadcaster._state is BroadcasterState.CONNECTED:
+            broadcaster._spawn(broadcaster._release(CONTROL_CHANNEL))
+
+    def release_soon(self) -> None:
+        """Stop once the current command (if any) is applied, unless identified connections came back."""
+        asyncio.get_running_loop().call_soon(self._release_if_idle)
+
+    def _release_if_idle(self) -> None:
+        broadcaster = self._broadcaster
+        if (
+            self._busy
+            or broadcaster.registry.identified
+            or broadcaster._state is not BroadcasterState.CONNECTED
+        ):
+            return
+        self.stop()
+
+    def stop(self) -> None:
+        """Unsubscribe; commands still on their way are not applied (there is nothing here to change)."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+        connection = self._connection
+        if connection is not None:
+            self._close(connection)
+        for waiter in self.waiters.values():
+            if not waiter.done():
+                waiter.set_result(0)
+
+    async def _run(self, connection: Connection, position: ResumePoint) -> None:
+        """Apply commands in order from ``position``; reopen the inbox (resuming) if it closes under us."""
+        while True:
+            item = await connection.get()
+            if item is None:
+                if self._task is not asyncio.current_task():
+                    return  # stopped
+                code = connection.close_code
+                self._close(connection)
+                logger.warning(
+                    "the server-side subscription inbox closed (%s %s); reopening it",
+                    code,
+                    connection.close_reason,
+                )
+                connection, position = await self._reopen(position)
+                continue
+            if isinstance(item, str):
+                try:
+                    frame = decode_server_frame(item)
+                except Exception:  # only the broadcaster's own frames are queued here: never stop on one
+                    logger.exception("unexpected frame in the server-side subscription inbox")
+                    continue
+                if isinstance(frame, ResyncRequired):
+                    self.lost += 1
+                    logger.warning(
+                        "server-side subscription commands may have been lost (%s): connections "
+                        "changed by subscribe_connections(), unsubscribe_connections() or "
+                        "disconnect_connections() meanwhile may not have been changed on this process",
+                        frame.reason,
+                    )
+                    position = ResumePoint(frame.epoch, frame.seq)
+                continue
+            position = ResumePoint(item.epoch, item.seq)
+            try:
+                command = decode_control(item.data)
+            except ValueError as exc:
+                logger.error("ignoring control message %d: %s", item.seq, exc)
+                continue
+            self._busy = True
+            try:
+                changed = await self._broadcaster._apply_control(command)
+            except Exception:
+                logger.exception("applying control command %d (%s) failed", item.seq, command.action)
+                changed = 0
+            finally:
+                self._busy = False
+            self.applied += 1
+            waiter = self.waiters.get(command.nonce) if command.nonce else None
+            if waiter is not None and not waiter.done():
+                waiter.set_result(changed)
+            if not self._broadcaster.registry.identified:
+                self.release_soon()
+
+    async def _reopen(self, position: ResumePoint) -> tuple[Connection, ResumePoint]:
+        """Open the inbox again from ``position``, retrying with capped exponential backoff and jitter."""
+        delay = 0.1
+        while True:
+            try:
+                return await self._open(position)
+            except Exception as exc:  # the task must not die: it is the process's only way to hear commands
+                logger.warning("cannot reopen the server-side subscription inbox: %s", exc)
+                await asyncio.sleep(random.uniform(delay / 2, delay))
+                delay = min(delay * 2, 5.0)

@@ -106,6 +106,7 @@ class Connection:
         "max_subscriptions",
         "protocol",
         "sent",
+        "transport",
     )
 
     def __init__(
@@ -142,6 +143,8 @@ class Connection:
         self.close_reason = ""
         #: Whether the transport writes frames straight to the server's socket (see BroadcastEndpoint).
         self.direct = False
+        #: What carries it, for stats and metrics: ``"websocket"``, ``"sse"`` or ``"in_process"``.
+        self.transport = "in_process"
         self._limits = limits
         self._queue: deque[Envelope | str] = deque()
         self._size = 0

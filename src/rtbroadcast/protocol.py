@@ -133,8 +133,10 @@ class CloseCode(IntEnum):
     SLOW_CONSUMER = 4001
     #: Nothing was heard from the client within the heartbeat timeout: reconnect with resume.
     HEARTBEAT_TIMEOUT = 4002
-    #: Not allowed: the ``authorize`` hook denied the channel, or the Origin is not allowed. Do not retry
-    #: with the same credentials.
+    #: Not allowed: the ``authorize`` hook denied the channel, or the Origin is not allowed; or the service
+    #: closed the connection (``Broadcaster.disconnect_connections()``, a banned user, say). Do not retry
+    #: with the same credentials. With the reason ``token expired``: the credentials the connection was
+    #: opened with expired (``Identity.expires_at``); get fresh ones, then reconnect with resume.
     FORBIDDEN = 4003
     #: The connection request is invalid (no channel, bad resume parameters). Do not retry unchanged.
     BAD_REQUEST = 4004

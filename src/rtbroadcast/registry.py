@@ -3,11 +3,17 @@
 The registry maps each channel to the cursors that follow it (one per subscription, each knowing its
 connection), so fan-out goes channel -> cursors -> each cursor's connection queue. Connections are counted
 apart from cursors: one connection may follow several channels, through one cursor each.
+
+Connections that carry an identity are also indexed by its ``id`` and by each of its ``tags``, so that a
+server-side subscription change (``Broadcaster.subscribe_connections()`` and the like) finds them without a
+scan. The broadcaster's own cursors on its reserved channels (``CONTROL_CHANNEL`` (``rtbroadcast._control``))
+are fanned out to like any other but are not connections: they are neither counted nor iterated.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 from ._config import optional_count
@@ -69,10 +75,19 @@ class ConnectionRegistry:
         self._fanout: dict[str, tuple[Cursor, ...]] = {}
         # Registered connections, in registration order, with how many of their cursors are registered.
         self._connections: dict[Connection, int] = {}
+        # Registered connections by Identity.id and by each of Identity.tags (insertion-ordered sets).
+        self._by_identity: dict[str, dict[Connection, None]] = {}
+        self._by_tag: dict[str, dict[Connection, None]] = {}
+        self._identified = 0
+        # The broadcaster's own cursors, per reserved channel (see internal()).
+        self._internal: dict[str, tuple[Cursor, ...]] = {}
         self._sent_closed = 0
         self._dropped_closed = 0
         self._high_water = 0
         self._slow_closed = 0
+        # Connections registered and unregistered over the process's lifetime, by kind (and close code).
+        self._opened: Counter[tuple[str, int]] = Counter()
+        self._closed: Counter[tuple[str, int, int | None]] = Counter()
 
     def __len__(self) -> int:
         return len(self._connections)
@@ -97,14 +112,18 @@ class ConnectionRegistry:
             for cursor in cursors:
                 if len(self._channels.get(cursor.channel, ())) >= limit:
                     raise ConnectionLimitReached("per-channel", limit)
-        registered = self._connections.get(connection, 0)
+        registered = self._connections.get(connection)
+        if registered is None:
+            registered = 0
+            self._index(connection)
+            self._opened[connection.transport, connection.protocol] += 1
         for cursor in cursors:
             channel = cursor.channel
             members = self._channels.get(channel)
             if members is None:
                 members = self._channels[channel] = set()
             members.add(cursor)
-            self._fanout[channel] = tuple(members)
+            self._fanout[channel] = (*members, *self._internal.get(channel, ()))
             registered += 1
         self._connections[connection] = registered
 
@@ -126,7 +145,7 @@ class ConnectionRegistry:
         if members is None:
             members = self._channels[cursor.channel] = set()
         members.add(cursor)
-        self._fanout[cursor.channel] = tuple(members)
+        self._refan(cursor.channel)
         self._connections[connection] = registered + 1
 
     def remove_cursor(self, cursor: Cursor) -> bool:
@@ -139,10 +158,10 @@ class ConnectionRegistry:
         if connection in self._connections:
             self._connections[connection] -= 1
         if members:
-            self._fanout[cursor.channel] = tuple(members)
+            self._refan(cursor.channel)
             return False
         del self._channels[cursor.channel]
-        del self._fanout[cursor.channel]
+        self._refan(cursor.channel)
         return True
 
     def remove(self, connection: Connection) -> list[str]:
@@ -150,11 +169,13 @@ class ConnectionRegistry:
         if connection not in self._connections:
             return []
         del self._connections[connection]
+        self._unindex(connection)
         self._sent_closed += connection.sent
         self._dropped_closed += connection.dropped
         self._high_water = max(self._high_water, connection.high_water)
         if connection.close_code == CloseCode.SLOW_CONSUMER:
             self._slow_closed += 1
+        self._closed[connection.transport, connection.protocol, connection.close_code] += 1
         emptied = []
         for cursor in connection.cursors:
             channel = cursor.channel
@@ -163,12 +184,72 @@ class ConnectionRegistry:
                 continue
             members.remove(cursor)
             if members:
-                self._fanout[channel] = tuple(members)
+                self._fanout[channel] = (*members, *self._internal.get(channel, ()))
             else:
                 del self._channels[channel]
-                del self._fanout[channel]
+                self._refan(channel)
                 emptied.append(channel)
         return emptied
+
+    def _index(self, connection: Connection) -> None:
+        identity = connection.identity
+        if identity is None:
+            return
+        self._identified += 1
+        self._by_identity.setdefault(identity.id, {})[connection] = None
+        for tag in identity.tags:
+            self._by_tag.setdefault(tag, {})[connection] = None
+
+    def _unindex(self, connection: Connection) -> None:
+        identity = connection.identity
+        if identity is None:
+            return
+        self._identified -= 1
+        _discard(self._by_identity, identity.id, connection)
+        for tag in identity.tags:
+            _discard(self._by_tag, tag, connection)
+
+    def matching(self, *, identity: str | None = None, tag: str | None = None) -> tuple[Connection, ...]:
+        """Return the registered connections whose ``Identity.id`` is ``identity``, or that carry ``tag``.
+
+        In registration order; connections without an identity never match.
+        """
+        if identity is not None:
+            return tuple(self._by_identity.get(identity, ()))
+        if tag is not None:
+            return tuple(self._by_tag.get(tag, ()))
+        return ()
+
+    @property
+    def identified(self) -> int:
+        """How many registered connections carry an identity."""
+        return self._identified
+
+    def add_internal(self, cursor: Cursor) -> None:
+        """Fan ``cursor.channel``'s envelopes out to ``cursor`` too, without counting it as a connection.
+
+        For the broadcaster's own subscriptions to its reserved channels, which no client can name.
+        """
+        channel = cursor.channel
+        self._internal[channel] = (*self._internal.get(channel, ()), cursor)
+        self._refan(channel)
+
+    def remove_internal(self, cursor: Cursor) -> None:
+        """Stop fanning out to a cursor given to :meth:`add_internal` (nothing if it was not)."""
+        channel = cursor.channel
+        kept = tuple(c for c in self._internal.get(channel, ()) if c is not cursor)
+        if kept:
+            self._internal[channel] = kept
+        else:
+            self._internal.pop(channel, None)
+        self._refan(channel)
+
+    def _refan(self, channel: str) -> None:
+        members = (*self._channels.get(channel, ()), *self._internal.get(channel, ()))
+        if members:
+            self._fanout[channel] = members
+        else:
+            self._fanout.pop(channel, None)
 
     def cursors(self, channel: str) -> tuple[Cursor, ...]:
         """Return the cursors that follow ``channel`` (an empty tuple if none): what fan-out iterates."""
@@ -188,6 +269,14 @@ class ConnectionRegistry:
             return len(self._connections)
         return len(self._channels.get(channel, ()))
 
+    def opened(self) -> Mapping[tuple[str, int], int]:
+        """Return how many connections were registered, by ``(transport, protocol)``, since the start."""
+        return dict(self._opened)
+
+    def closed(self) -> Mapping[tuple[str, int, int | None], int]:
+        """Return how many connections were unregistered, by ``(transport, protocol, close_code)``."""
+        return dict(self._closed)
+
     def stats(self) -> RegistryStats:
         """Return a snapshot of the counters."""
         sent, dropped, high = self._sent_closed, self._dropped_closed, self._high_water
@@ -203,3 +292,11 @@ class ConnectionRegistry:
             queue_high_water=high,
             slow_consumers_closed=self._slow_closed,
         )
+
+
+def _discard(index: dict[str, dict[Connection, None]], key: str, connection: Connection) -> None:
+    members = index.get(key)
+    if members is not None:
+        members.pop(connection, None)
+        if not members:
+            del index[key]

@@ -20,13 +20,15 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, TypeVar
 
 from starlette.routing import BaseRoute, Route, WebSocketRoute
+from starlette.websockets import WebSocket
 
 from ._config import wait_seconds
 from ._shutdown import drain_on_signals
-from .asgi import Authorizer, BroadcastEndpoint, ChannelResolver
+from .asgi import IDENTITY_SCOPE_KEY, Authorizer, BroadcastEndpoint, ChannelResolver
 from .broadcaster import Broadcaster
+from .identity import Identity
 
-__all__ = ["broadcast_routes", "lifespan", "websocket_route"]
+__all__ = ["broadcast_routes", "lifespan", "serve_websocket", "websocket_route"]
 
 AppT = TypeVar("AppT")
 
@@ -104,3 +106,28 @@ def lifespan(
             yield
 
     return _lifespan
+
+
+async def serve_websocket(
+    endpoint: BroadcastEndpoint, websocket: WebSocket, *, identity: Identity | None = None
+) -> None:
+    """Serve ``websocket``, which a Starlette or FastAPI route received, as the connection of ``identity``.
+
+    The FastAPI way to reuse the app's own authentication (``Depends``) on the realtime route: the route
+    resolves its dependencies as for any other route (a dependency that raises ``HTTPException`` refuses
+    the handshake before anything is accepted), then hands the socket to the endpoint with the identity
+    it established. The endpoint does everything else as usual (Origin check, channel, ``authorize``
+    with ``request.identity``, resume, expiry at ``identity.expires_at``); its own ``authenticate`` hook
+    is not called::
+
+        realtime = BroadcastEndpoint(broadcaster, channel=channel_of_user)
+
+        @app.websocket("/realtime")
+        async def realtime_route(websocket: WebSocket, user: User = Depends(current_user)) -> None:
+            await serve_websocket(realtime, websocket, identity=Identity(user.id, expires_at=user.expires))
+
+    Call it before anything else touches the socket (do not ``accept()`` it): the endpoint accepts.
+    """
+    scope = dict(websocket.scope)
+    scope[IDENTITY_SCOPE_KEY] = identity
+    await endpoint(scope, websocket.receive, websocket.send)

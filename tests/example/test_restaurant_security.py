@@ -226,8 +226,10 @@ async def test_connections_end_when_their_token_expires(service: Running) -> Non
         token = service.token(VICTIM, ttl=60, now=time.time() - 60 - LEEWAY + 3)
         params = {"restaurant_id": VICTIM, "token": token}
         async with anonymous, anonymous.stream("GET", "/realtime/sse", params=params) as stream:
-            lines = [line async for line in stream.aiter_lines() if line]  # ends at expiry
-            assert len(lines) == 1 and json.loads(lines[0].removeprefix("data: "))["type"] == "welcome"
+            lines = [line async for line in stream.aiter_lines() if line]  # ends at expiry, saying why
+            assert json.loads(lines[0].removeprefix("data: "))["type"] == "welcome"
+            assert lines[1:2] == [": closed 4003 token expired"] and lines[2].startswith("retry: ")
+            assert len(lines) == 3
         # The connection opened with a lasting token is untouched.
         await assert_nothing_queued(lasting)
         await assert_refused(service.ws_url(VICTIM, token=token), "token expired")

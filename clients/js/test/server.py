@@ -148,7 +148,9 @@ def build_app(args: argparse.Namespace) -> Any:
         return JSONResponse({"revoked": sorted(revoked)})
 
     async def control_stats(request: Request) -> JSONResponse:
-        return JSONResponse({"counts": counts, "broadcaster": broadcaster.stats(), "presence": HAS_PRESENCE})
+        return JSONResponse(
+            {"counts": counts, "broadcaster": broadcaster.stats().as_dict(), "presence": HAS_PRESENCE}
+        )
 
     async def snapshot(request: Request) -> JSONResponse:
         room = request.path_params["room"]

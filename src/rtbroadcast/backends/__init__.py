@@ -17,11 +17,14 @@ _BACKENDS: dict[str, tuple[str, str, str | None]] = {
     "redis": ("rtbroadcast.backends.redis", "RedisBackend", "redis"),
     "rediss": ("rtbroadcast.backends.redis", "RedisBackend", "redis"),
     "unix": ("rtbroadcast.backends.redis", "RedisBackend", "redis"),
+    "redis+cluster": ("rtbroadcast.backends.redis_cluster", "RedisClusterBackend", "redis"),
+    "rediss+cluster": ("rtbroadcast.backends.redis_cluster", "RedisClusterBackend", "redis"),
 }
 
 
 def load_backend(url: str) -> Backend:
-    """Create the backend a URL names: ``memory://`` or ``redis://host:port/db`` (``rediss://`` for TLS).
+    """Create the backend a URL names: ``memory://``, ``redis://host:port/db`` (``rediss://`` for TLS), or
+    ``redis+cluster://host:port,host:port`` for a Redis Cluster.
 
     Each backend reads its options from the URL's query and refuses one it does not know, naming it.
 

@@ -96,6 +96,16 @@ class Backend(ABC):
     Presence is a capability: a backend that keeps it sets :attr:`supports_presence` and overrides the
     ``presence_*`` methods; one that does not stays a complete backend, and a broadcaster configured with
     presence refuses it with :class:`~rtbroadcast.ConfigurationError`.
+
+    **Reserved channels.** The broadcaster also uses channels of its own, whose names hold a control
+    character (``"\\x1frtbroadcast:control"``, never NUL) so that no client can name them: server-side
+    subscription commands (``Broadcaster.subscribe_connections()`` and the like) are published on one and
+    followed by every process that holds connections with an identity. A backend carries them exactly
+    like any other channel (publish, deliver, history, position): that is what makes those commands reach
+    every process sharing it, in one order, and repaired from history when a message is lost. A backend
+    must therefore not validate channel names itself, and must map every name (any string without NUL)
+    to its own keys. Nothing else is asked of it: there is no method to implement, and a backend that
+    shares nothing between processes (memory) reaches exactly the processes there are, that is one.
     """
 
     #: The URL scheme(s) this backend serves, for messages and stats.

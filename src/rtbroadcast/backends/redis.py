@@ -2,9 +2,11 @@
 
 Live fan-out travels over Redis PUB/SUB (one connection per process); history lives in a Redis Stream per
 channel. One Lua script per publish assigns the seq, appends to the stream and PUBLISHes, so the live
-stream and the history can never disagree.
+stream and the history can never disagree. Publishes and reads share one pipelined command connection per
+process: those made in one loop turn go out in one write (``_redis_pipe``), each with its own reply,
+error and deadline.
 
-Keys of a channel share one hash tag, so that a move to Redis Cluster needs no key change::
+Keys of a channel share one hash tag, so that Redis Cluster (``redis_cluster``) uses the same layout::
 
     rtb:{<channel>}:meta          hash: epoch, seq
     rtb:{<channel>}:stream        stream: one entry per event, ID "<seq>-0", fields d (data) and t (ms)
@@ -21,11 +23,11 @@ from __future__ import annotations
 import asyncio
 import enum
 import functools
+import hashlib
 import inspect
 import logging
 import math
 import random
-import secrets
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -44,7 +46,6 @@ from redis.asyncio.connection import (
 )
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -61,6 +62,7 @@ from .._config import (
 from ..errors import BackendError, BackendUnavailable, ConfigurationError, StateError
 from ..presence import DEFAULT_PRESENCE_HEARTBEAT
 from ..protocol import seq_prefix
+from ._redis_pipe import CommandPipe, open_pipe, pack
 from .base import BackendListener, Envelope, History, StreamPosition
 from .redis_presence import RedisPresence, RedisPresenceMixin, is_presence_message
 
@@ -75,7 +77,8 @@ DEFAULT_IDEMPOTENCY_TTL: Final = 3600.0
 DEFAULT_TIMEOUT: Final = 5.0
 DEFAULT_PING_INTERVAL: Final = 10.0
 DEFAULT_RECONNECT_DELAY: Final = (0.1, 3.0)
-#: Command connections per process (the PUB/SUB connection is extra); more commands wait for one.
+#: Connections of the redis-py client's pool (for hooks that use the client); publishes and reads go on the
+#: pipelined command connection instead (see _redis_pipe).
 DEFAULT_MAX_CONNECTIONS: Final = 50
 
 #: The reason given to the listener after the PUB/SUB connection was re-established.
@@ -241,6 +244,38 @@ return {epoch, top, out}
 )
 
 
+class _Script:
+    """A Lua script, ready to be sent: ``EVALSHA`` while Redis has it cached, ``EVAL`` when it has not."""
+
+    __slots__ = ("body", "eval_head", "evalsha_head", "load")
+
+    def __init__(self, body: str) -> None:
+        self.body = body.encode()
+        sha = hashlib.sha1(self.body).hexdigest().encode()  # Redis names scripts by SHA-1
+        self.evalsha_head = (b"EVALSHA", sha)
+        self.eval_head = (b"EVAL", self.body)
+        self.load = pack(b"SCRIPT", b"LOAD", self.body)
+
+    def evalsha(self, keys: list[bytes], args: list[bytes]) -> bytes:
+        return pack(*self.evalsha_head, b"%d" % len(keys), *keys, *args)
+
+    def eval(self, keys: list[bytes], args: list[bytes]) -> bytes:
+        return pack(*self.eval_head, b"%d" % len(keys), *keys, *args)
+
+
+_SCRIPTS: Final = {"publish": _Script(_PUBLISH), "position": _Script(_POSITION), "history": _Script(_HISTORY)}
+
+
+def _candidate_epoch() -> bytes:
+    # Not a secret: epochs go to every client. The module's generator is reseeded after a fork.
+    return b"%016x" % random.getrandbits(64)
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 class _State(enum.Enum):
     NEW = "new"
     CONNECTING = "connecting"
@@ -373,7 +408,12 @@ class RedisBackend(RedisPresenceMixin):
         self._reconnect_delay = (first_delay, max_delay)
         self._max_attempts = max_reconnect_attempts
         self._presence = RedisPresence(self, seconds("presence_heartbeat", presence_heartbeat))
-        self._scripts: dict[str, AsyncScript] = {}
+        # The command connection every publish and read shares (see _redis_pipe), and its opening.
+        self._pipe: CommandPipe | None = None
+        self._pipe_opening: asyncio.Task[CommandPipe] | None = None
+        self._encoding = ("utf-8", "strict")
+        self._publish_tail: list[bytes] = []
+        self._key_cache: dict[str, tuple[str, bytes, bytes, bytes]] = {}
         self._listener: BackendListener | None = None
         self._state = _State.NEW
         self._task: asyncio.Task[None] | None = None
@@ -484,14 +524,22 @@ class RedisBackend(RedisPresenceMixin):
         client = self._client
         db = int(client.connection_pool.connection_kwargs.get("db", 0) or 0)
         self._pubsub_suffix = f":db{db}" if db else ""
-        self._scripts = {
-            "publish": client.register_script(_PUBLISH),
-            "position": client.register_script(_POSITION),
-            "history": client.register_script(_HISTORY),
-        }
+        kwargs = client.connection_pool.connection_kwargs
+        self._encoding = (kwargs.get("encoding", "utf-8"), kwargs.get("encoding_errors", "strict"))
+        self._key_cache = {}
+        self._publish_tail = [
+            b"%d" % n for n in (self._history_size, self._history_ms, self._meta_ms, self._idempotency_ms)
+        ]
         try:
             conn = await self._open()
+            try:
+                async with asyncio.timeout(self._timeout):
+                    await self._open_pipe()
+            except BaseException:
+                await _close(conn)
+                raise
         except BaseException as exc:
+            await self._close_pipe()
             await self._close_client()
             self._state = _State.CLOSED
             if isinstance(exc, (*_UNREACHABLE, RedisError)):
@@ -519,6 +567,7 @@ class RedisBackend(RedisPresenceMixin):
             await asyncio.wait([task])
         await self._presence.stop()
         self._fail_waiters(StateError("the Redis backend was disconnected"))
+        await self._close_pipe()
         for conn in (self._conn, self._handover):
             if conn is not None:
                 await _close(conn)
@@ -587,33 +636,99 @@ class RedisBackend(RedisPresenceMixin):
         return BackendUnavailable(f"cannot {action} on Redis at {self._where()}: {detail}")
 
     async def _run(
-        self, script: str, keys: list[str], args: list[str | int], action: str, *, retry: bool = False
+        self, script: _Script, keys: list[bytes], args: list[bytes], action: str, *, retry: bool = False
     ) -> Any:
-        """Run one of the scripts within the timeout, translating Redis errors.
+        """Run one of the scripts on the shared command connection within the timeout.
 
-        With ``retry``, a connection error is retried once (within the same timeout): a pooled connection
-        may have died with a Redis restart that nobody used it through yet. Only scripts that may run
-        twice (reads) retry; a publish must not, since its first attempt may have been applied.
+        With ``retry``, a connection error is retried once (within the same timeout): the connection may
+        have died with a Redis restart that nobody used it through yet. Only scripts that may run twice
+        (reads) retry; a publish must not, since its first attempt may have been applied.
 
         Raises:
             BackendUnavailable: Redis cannot be reached, or answered "not now" (memory full, loading).
             BackendError: Redis refused the command for another reason.
         """
-        client = self._require(action)
+        self._require(action)
+        deadline = asyncio.get_running_loop().time() + self._timeout
         try:
-            async with asyncio.timeout(self._timeout):
+            while True:
                 try:
-                    return await self._scripts[script](keys=keys, args=args, client=client)
+                    pipe = self._pipe
+                    if pipe is None or pipe.closed:
+                        async with asyncio.timeout_at(deadline):
+                            pipe = await self._open_pipe()
+                    reply = await pipe.request(script.evalsha(keys, args), deadline)
+                    if isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT"):
+                        # Not run, so safe to send again; EVAL also puts it back in Redis's cache.
+                        reply = await pipe.request(script.eval(keys, args), deadline)
+                    if isinstance(reply, ResponseError):
+                        raise reply
+                    return reply
                 except RedisConnectionError:
                     if not retry:
                         raise
-                    return await self._scripts[script](keys=keys, args=args, client=client)
+                    retry = False
         except (*_UNREACHABLE, RedisError) as exc:
-            if isinstance(exc, RedisConnectionError):
-                # The pool's other idle connections most likely lead to the same dead server: close them,
-                # so that one failed command, not one per pooled connection, pays for the outage.
-                await self._drop_idle_connections()
             raise self._translate(exc, action) from exc
+
+    async def _open_pipe(self) -> CommandPipe:
+        """Return the command connection, opening it if needed; concurrent callers share one opening.
+
+        Raises:
+            redis.exceptions.ConnectionError, TimeoutError: Redis cannot be reached.
+        """
+        if self._pipe is not None and not self._pipe.closed:
+            return self._pipe
+        task = self._pipe_opening
+        if task is None:
+            task = self._pipe_opening = asyncio.get_running_loop().create_task(self._new_pipe())
+            task.add_done_callback(_consume)
+        # A caller that gives up (its timeout) must not cancel the opening others wait for.
+        return await asyncio.shield(task)
+
+    async def _new_pipe(self) -> CommandPipe:
+        try:
+            assert self._client is not None
+            pool = self._client.connection_pool
+            # A connection object that is never connected: it says where and how (TLS, login) to connect.
+            template = pool.connection_class(**pool.connection_kwargs)
+            async with asyncio.timeout(self._timeout):
+                pipe = await open_pipe(template, request_timeout=self._timeout, where=self._where())
+            # Scripts first, so that EVALSHA finds them even on a Redis that just restarted.
+            for script in _SCRIPTS.values():
+                pipe.request(script.load).add_done_callback(_consume)
+            old, self._pipe = self._pipe, pipe
+            if old is not None:
+                await old.close()
+            return pipe
+        finally:
+            self._pipe_opening = None
+
+    async def _close_pipe(self) -> None:
+        task, self._pipe_opening = self._pipe_opening, None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait([task])
+        pipe, self._pipe = self._pipe, None
+        if pipe is not None:
+            await pipe.close()
+
+    def _channel_keys(self, channel: str) -> tuple[str, bytes, bytes, bytes]:
+        """Return ``channel``'s key base and, encoded, its meta and stream keys and PUB/SUB name."""
+        found = self._key_cache.get(channel)
+        if found is None:
+            if len(self._key_cache) >= 10_000:
+                self._key_cache.clear()  # bounded: a service with more channels recomputes some names
+            base = self._base(channel)
+            encoding, errors = self._encoding
+            found = (
+                base,
+                f"{base}:meta".encode(encoding, errors),
+                f"{base}:stream".encode(encoding, errors),
+                (base + self._pubsub_suffix).encode(encoding, errors),
+            )
+            self._key_cache[channel] = found
+        return found
 
     # -- publishing and reading ---------------------------------------------------------------------
 
@@ -628,28 +743,20 @@ class RedisBackend(RedisPresenceMixin):
             BackendUnavailable: Redis cannot be reached within the timeout.
             BackendError: Redis refused the script.
         """
-        base = self._base(channel)
-        keys = [f"{base}:meta", f"{base}:stream"]
+        base, meta, stream, name = self._channel_keys(channel)
+        encoding, errors = self._encoding
+        keys = [meta, stream]
         if idempotency_key is not None:
-            keys.append(f"{base}:idem:{idempotency_key}")
+            keys.append(f"{base}:idem:{idempotency_key}".encode(encoding, errors))
         head = seq_prefix(payload)
-        args: list[str | int] = [
-            secrets.token_hex(8),
-            head,
-            base + self._pubsub_suffix,
-            self._history_size,
-            self._history_ms,
-            self._meta_ms,
-            self._idempotency_ms,
-        ]
+        args = [_candidate_epoch(), head.encode(encoding, errors), name, *self._publish_tail]
         try:
-            seq, epoch, duplicate, stored = await self._run("publish", keys, args, "publish")
+            seq, epoch, duplicate, stored = await self._run(_SCRIPTS["publish"], keys, args, "publish")
         except BackendError:
             self._publish_errors += 1
             raise
-        seq = int(seq)
         data = _text(stored) if duplicate and stored is not None else f"{head}{seq}}}"
-        return Envelope(channel, seq, _text(epoch), data)
+        return Envelope(channel, int(seq), _text(epoch), data)
 
     async def position(self, channel: str) -> StreamPosition:
         """Return the channel's epoch and seq, read together; creates the epoch of a new channel.
@@ -658,11 +765,11 @@ class RedisBackend(RedisPresenceMixin):
             StateError: the backend is not connected.
             BackendUnavailable: Redis cannot be reached within the timeout.
         """
-        base = self._base(channel)
+        _, meta, stream, _ = self._channel_keys(channel)
         epoch, seq = await self._run(
-            "position",
-            [f"{base}:meta", f"{base}:stream"],
-            [secrets.token_hex(8), self._meta_ms, self._unpublished_ms],
+            _SCRIPTS["position"],
+            [meta, stream],
+            [_candidate_epoch(), b"%d" % self._meta_ms, b"%d" % self._unpublished_ms],
             "read position",
             retry=True,
         )
@@ -675,11 +782,12 @@ class RedisBackend(RedisPresenceMixin):
             StateError: the backend is not connected.
             BackendUnavailable: Redis cannot be reached within the timeout.
         """
-        base = self._base(channel)
+        _, meta, stream, _ = self._channel_keys(channel)
+        numbers = (self._meta_ms, self._unpublished_ms, since, limit, self._history_ms)
         epoch_raw, top, flat = await self._run(
-            "history",
-            [f"{base}:meta", f"{base}:stream"],
-            [secrets.token_hex(8), self._meta_ms, self._unpublished_ms, since, limit, self._history_ms],
+            _SCRIPTS["history"],
+            [meta, stream],
+            [_candidate_epoch(), *(b"%d" % n for n in numbers)],
             "read history",
             retry=True,
         )
@@ -773,8 +881,8 @@ class RedisBackend(RedisPresenceMixin):
 
     # -- the listener -------------------------------------------------------------------------------
 
-    async def _open(self) -> AbstractConnection:
-        """Open a PUB/SUB connection of our own, outside the client's pool.
+    async def _open(self, **overrides: Any) -> AbstractConnection:
+        """Open a connection of our own (PUB/SUB, or the command pipe), outside the client's pool.
 
         Raises:
             redis.exceptions.ConnectionError, TimeoutError: Redis cannot be reached.
@@ -784,7 +892,7 @@ class RedisBackend(RedisPresenceMixin):
         kwargs = dict(pool.connection_kwargs)
         # This connection is the listener's alone: no retries of its own (we reconnect, and we must know
         # when we did), no health checks that would read replies our loop expects.
-        kwargs.update(retry=Retry(NoBackoff(), 0), health_check_interval=0)
+        kwargs.update(retry=Retry(NoBackoff(), 0), health_check_interval=0, **overrides)
         conn: AbstractConnection = pool.connection_class(**kwargs)
         try:
             async with asyncio.timeout(self._timeout):
