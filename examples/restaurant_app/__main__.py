@@ -74,12 +74,17 @@ def token_command(argv: list[str]) -> None:
     parser.add_argument("--restaurant", required=True, help="the restaurant id the token is bound to")
     parser.add_argument("--ttl", type=float, default=3600, help="lifetime in seconds (default: 3600)")
     parser.add_argument("--device", default=None, help="device id, the token's `sub` (default: random)")
+    parser.add_argument(
+        "--name", default=None, help="display name other devices see (presence; default: none)"
+    )
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
         if settings.token_secret is None:
             raise ValueError("RESTAURANT_TOKEN_SECRET is not set: the token would not be accepted")
-        token = mint_token(settings.token_secret, args.restaurant, device_id=args.device, ttl=args.ttl)
+        token = mint_token(
+            settings.token_secret, args.restaurant, device_id=args.device, name=args.name, ttl=args.ttl
+        )
     except ValueError as exc:
         parser.error(str(exc))
     print(token)

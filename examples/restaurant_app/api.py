@@ -12,14 +12,17 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 
-from rtbroadcast import Broadcaster, BroadcasterState, StreamPosition
+from rtbroadcast import Broadcaster, BroadcasterState, RTBroadcastError, StreamPosition
 
 from .asyncapi import document as asyncapi_document
 from .auth import AccessPolicy, DeviceClaims, Forbidden, TokenError, require_restaurant
+from .devices import send_device_message
 from .schemas import (
     RESTAURANT_ID_PATTERN,
     AtomicRequest,
     AtomicResult,
+    DeviceMessageCreate,
+    DeviceMessageResult,
     EntityId,
     Guest,
     GuestCreate,
@@ -27,13 +30,15 @@ from .schemas import (
     GuestStatus,
     GuestUpdate,
     NotFoundBody,
+    OnlineDevice,
+    OnlineDeviceList,
     Table,
     TableCreate,
     TableList,
     TableUpdate,
 )
 from .schemas import RestaurantId as RestaurantIdText
-from .service import CHANNEL_PREFIX, RestaurantService, Snapshot
+from .service import CHANNEL_PREFIX, RestaurantService, Snapshot, channel_for
 
 __all__ = ["router"]
 
@@ -285,6 +290,84 @@ async def update_table(
 ) -> Table:
     """Change the fields sent; broadcasts ``table_updated`` when something changed."""
     return await service.update_table(restaurant_id, table_id, body)
+
+
+# -- devices: who is online, direct messages ----------------------------------------------------------
+
+DeviceId = Annotated[
+    EntityId, Path(description="A device's id (its token's `sub`): letters, digits, '_' and '-'.")
+]
+
+
+@restaurants.get(
+    "/restaurants/{restaurant_id}/devices",
+    tags=["devices"],
+    responses={503: {"description": "The broadcast backend is down, or this service runs without presence."}},
+)
+async def online_devices(restaurant_id: RestaurantId, request: Request) -> OnlineDeviceList:
+    """List the devices connected to the restaurant's channel (presence: protocol-2 connections).
+
+    Each entry is one subscription, named from its token (``device``, ``name``), never by the client.
+    At most 100 are listed (``count`` is the full count, ``truncated`` says so).
+    """
+    try:
+        snapshot = await _broadcaster(request).presence(channel_for(restaurant_id))
+    except RTBroadcastError as exc:
+        raise HTTPException(503, f"presence unavailable: {exc}") from None
+    devices = [
+        OnlineDevice(
+            device=member.identity,
+            name=_text(member.info.get("name")),
+            connection=member.client,
+        )
+        for member in snapshot.members
+    ]
+    return OnlineDeviceList(
+        restaurant_id=restaurant_id, count=snapshot.count, devices=devices, truncated=snapshot.truncated
+    )
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+@restaurants.post(
+    "/restaurants/{restaurant_id}/devices/{device_id}/messages",
+    status_code=202,
+    tags=["devices"],
+    responses={
+        **_BODY_RESPONSES,
+        503: {"description": "The broadcast backend is down: nothing was sent; retry."},
+    },
+)
+async def send_message(
+    restaurant_id: RestaurantId,
+    device_id: DeviceId,
+    body: DeviceMessageCreate,
+    request: Request,
+    device: Device,
+) -> DeviceMessageResult:
+    """Send a direct message to one device of the restaurant (e.g. from the manager's device).
+
+    Published as ``device_message`` on the device's own channel ``device:<restaurant_id>:<device_id>``,
+    which the device receives over protocol 2 (and on resume, from the channel's history, if it was
+    offline briefly). ``sender`` is the id of the token that sent it. Accepted (202) whether or not the
+    device is connected.
+    """
+    try:
+        channel, seq = await send_device_message(
+            _broadcaster(request),
+            restaurant_id,
+            device_id,
+            body.text,
+            sender=device.device_id if device is not None else None,
+        )
+    except RTBroadcastError as exc:
+        logger.warning("device message to %s (restaurant %s) not sent: %s", device_id, restaurant_id, exc)
+        raise HTTPException(
+            503, "the broadcast backend is unavailable; nothing was sent", headers={"Retry-After": "1"}
+        ) from None
+    return DeviceMessageResult(channel=channel, seq=seq)
 
 
 router.include_router(restaurants)

@@ -23,16 +23,18 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Route, WebSocketRoute
 
 from rtbroadcast import Broadcaster
-from rtbroadcast.asgi import BroadcastEndpoint, channel_from_query
+from rtbroadcast.asgi import BroadcastEndpoint
+from rtbroadcast.backends import load_backend
 from rtbroadcast.starlette import lifespan
 
 from . import api
 from .auth import AccessPolicy
 from .config import Settings
 from .db import create_engine, create_schema
+from .devices import RealtimeAccess
 from .limits import RequestBodyLimit, validation_error_response
 from .outbox import TransactionalOutbox
-from .schemas import RESTAURANT_ID_PATTERN, TableCreate
+from .schemas import TableCreate
 from .service import (
     CHANNEL_PREFIX,
     EventDispatcher,
@@ -80,7 +82,14 @@ def create_app(
     owns_engine = engine is None
     database = engine if engine is not None else create_engine(settings.database_url)
     if broadcaster is None:
-        broadcaster = Broadcaster(settings.broadcast_url, heartbeat_interval=settings.heartbeat_interval)
+        # Who is online at a restaurant (protocol 1 never sees it), where the backend keeps presence:
+        # memory and Redis do, PostgreSQL and Redis Cluster do not (the page then says so).
+        backend = load_backend(settings.broadcast_url)
+        broadcaster = Broadcaster(
+            backend=backend,
+            heartbeat_interval=settings.heartbeat_interval,
+            presence=(CHANNEL_PREFIX,) if backend.supports_presence else None,
+        )
     outbox: TransactionalOutbox | None = None
     dispatcher: EventDispatcher | None = None
     if publishes_in_transaction(settings.broadcast_url, database):
@@ -129,12 +138,14 @@ def create_app(
     if settings.metrics:
         app.add_api_route("/metrics", _metrics_endpoint(broadcaster), include_in_schema=False)
     app.mount("/host-stand", StaticFiles(directory=STATIC_DIR, html=True), name="host-stand")
-    # The library closes a connection when its token expires (AccessPolicy.identify gives the expiry).
+    # The library closes a connection when its token expires (the identity's expires_at). Protocol 1:
+    # ?restaurant_id= names the one channel; protocol 2: see devices.py (presence, the device channel).
+    devices = RealtimeAccess(access)
     realtime = BroadcastEndpoint(
         broadcaster,
-        channel_from_query("restaurant_id", prefix=CHANNEL_PREFIX, pattern=RESTAURANT_ID_PATTERN),
-        authenticate=access.identify,
-        authorize=access.authorize,
+        devices.channel,
+        authenticate=devices.authenticate,
+        authorize=devices.authorize,
         allowed_origins=settings.allowed_origins,
     )
     app.router.routes.extend(

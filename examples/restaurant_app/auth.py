@@ -45,6 +45,8 @@ ALGORITHM = "HS256"
 REQUIRED_CLAIMS = ("sub", "restaurant_id", "iat", "exp")
 #: Longer tokens are refused before any parsing.
 MAX_TOKEN_LENGTH = 4096
+#: Longest ``name`` claim accepted.
+MAX_NAME_LENGTH = 100
 #: Clock skew tolerated on ``exp`` and ``iat``, in seconds.
 LEEWAY = 10.0
 
@@ -77,6 +79,8 @@ class DeviceClaims:
     restaurant_id: str
     issued_at: int
     expires_at: int
+    #: the optional ``name`` claim: how other devices see this one (presence); at most 100 characters.
+    name: str | None = None
 
 
 def mint_token(
@@ -84,6 +88,7 @@ def mint_token(
     restaurant_id: str,
     *,
     device_id: str | None = None,
+    name: str | None = None,
     ttl: float = 3600,
     now: float | None = None,
 ) -> str:
@@ -93,14 +98,18 @@ def mint_token(
         secret: the service's ``RESTAURANT_TOKEN_SECRET``.
         restaurant_id: the one restaurant the device may read and change.
         device_id: the ``sub`` claim; a random ``device-...`` id when omitted.
+        name: the ``name`` claim, the device's display name (e.g. ``Host stand``); none when omitted.
         ttl: lifetime in seconds.
         now: issue time (Unix seconds); the current time when omitted.
 
     Raises:
-        ValueError: ``restaurant_id`` is not a valid restaurant id, or ``ttl`` is not positive.
+        ValueError: ``restaurant_id`` is not a valid restaurant id, ``name`` is empty or too long, or
+            ``ttl`` is not positive.
     """
     if _RESTAURANT_ID.fullmatch(restaurant_id) is None:
         raise ValueError(f"not a valid restaurant id: {restaurant_id!r}")
+    if name is not None and not 0 < len(name) <= MAX_NAME_LENGTH:
+        raise ValueError(f"name must be 1 to {MAX_NAME_LENGTH} characters, not {len(name)}")
     if not 0 < ttl < _MAX_TIMESTAMP:
         raise ValueError(f"ttl must be a positive number of seconds, not {ttl!r}")
     issued = int(time.time() if now is None else now)
@@ -110,6 +119,8 @@ def mint_token(
         "iat": issued,
         "exp": issued + int(ttl),
     }
+    if name is not None:
+        claims["name"] = name
     return jwt.encode(claims, secret, algorithm=ALGORITHM)
 
 
@@ -136,14 +147,15 @@ def verify_token(secret: str, token: str) -> DeviceClaims:
         raise TokenError("invalid token") from None
     subject, restaurant_id = claims["sub"], claims["restaurant_id"]
     issued_at, expires_at = int(claims["iat"]), int(claims["exp"])  # PyJWT checked that they are numbers
-    if (
+    name = claims.get("name")
+    if (name is not None and (not isinstance(name, str) or not 0 < len(name) <= MAX_NAME_LENGTH)) or (
         not isinstance(subject, str)
         or not isinstance(restaurant_id, str)
         or _RESTAURANT_ID.fullmatch(restaurant_id) is None
         or not 0 <= issued_at <= expires_at <= _MAX_TIMESTAMP
     ):
         raise TokenError("invalid token")
-    return DeviceClaims(subject, restaurant_id, issued_at, expires_at)
+    return DeviceClaims(subject, restaurant_id, issued_at, expires_at, name)
 
 
 def bearer_token(authorization: str | None) -> str | None:

@@ -1,5 +1,8 @@
 """The events the service broadcasts on ``restaurant:<restaurant_id>``, in the reference's exact format.
 
+(:class:`DeviceMessage` alone goes to one device's own channel, ``device:<restaurant_id>:<device_id>``,
+which only protocol-2 connections receive; see ``devices.py``.)
+
 Clients receive each event's JSON plus ``seq``. ``timestamp`` is UTC with microseconds and a ``Z``
 (``2025-08-16T07:21:27.177385Z``). ``guest_updated.action`` says what kind of change it was:
 
@@ -24,6 +27,7 @@ from rtbroadcast import Event
 
 __all__ = [
     "AtomicTransactionComplete",
+    "DeviceMessage",
     "GuestAction",
     "GuestCreated",
     "GuestCreatedData",
@@ -142,3 +146,16 @@ class AtomicTransactionComplete(RestaurantEvent):
 
     type: Literal["atomic_transaction_complete"] = "atomic_transaction_complete"
     affected_entities: list[str]
+
+
+class DeviceMessage(RestaurantEvent):
+    """A direct message to one device (``POST /restaurants/{rid}/devices/{device_id}/messages``).
+
+    Sent on the device's own channel ``device:<restaurant_id>:<device_id>``, never on the restaurant's:
+    ``sender`` is the device id of the token that sent it (``None`` in the service's open modes).
+    """
+
+    type: Literal["device_message"] = "device_message"
+    device_id: str
+    text: str
+    sender: str | None

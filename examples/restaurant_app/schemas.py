@@ -33,6 +33,8 @@ __all__ = [
     "AtomicRequest",
     "AtomicResult",
     "CreateGuestOp",
+    "DeviceMessageCreate",
+    "DeviceMessageResult",
     "EntityId",
     "Guest",
     "GuestCreate",
@@ -40,6 +42,8 @@ __all__ = [
     "GuestStatus",
     "GuestUpdate",
     "NotFoundBody",
+    "OnlineDevice",
+    "OnlineDeviceList",
     "OperationResult",
     "RestaurantId",
     "Table",
@@ -373,3 +377,38 @@ class AtomicResult(BaseModel):
     restaurant_id: str
     affected_entities: list[str]
     results: list[OperationResult]
+
+
+# -- devices: direct messages and presence -------------------------------------------------------------
+
+MessageText = Annotated[str, StringConstraints(min_length=1, max_length=500), Text(strip=True, blank=False)]
+
+
+class DeviceMessageCreate(_Request):
+    """Body of ``POST /restaurants/{rid}/devices/{device_id}/messages``."""
+
+    text: MessageText
+
+
+class DeviceMessageResult(BaseModel):
+    """A direct message was published on the device's channel (whether the device is online or not)."""
+
+    channel: str
+    seq: int
+
+
+class OnlineDevice(BaseModel):
+    """One connection of a device at the restaurant (a device with two pages open is listed twice)."""
+
+    device: str | None
+    name: str | None
+    connection: str
+
+
+class OnlineDeviceList(BaseModel):
+    """Who is subscribed to the restaurant's channel on protocol 2, in join order (capped)."""
+
+    restaurant_id: str
+    count: int
+    devices: list[OnlineDevice]
+    truncated: bool

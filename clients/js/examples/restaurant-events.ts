@@ -13,6 +13,27 @@ export interface AtomicTransactionComplete {
   seq: number;
 }
 
+/**
+ * A direct message to one device (``POST /restaurants/{rid}/devices/{device_id}/messages``).
+ *
+ * A direct message to one device (``POST /restaurants/{rid}/devices/{device_id}/messages``).
+ *
+ * Sent on the device's own channel ``device:<restaurant_id>:<device_id>``, never on the restaurant's:
+ * ``sender`` is the device id of the token that sent it (``None`` in the service's open modes).
+ */
+export interface DeviceMessage {
+  /** The event type. */
+  type: "device_message";
+  /** When the event was created (UTC). Always UTC, microseconds, and a 'Z'. */
+  timestamp: string;
+  restaurant_id: string;
+  device_id: string;
+  text: string;
+  sender: string | null;
+  /** The event's position in its channel's stream: 1 for the first event, then +1 each. */
+  seq: number;
+}
+
 /** A guest joined the waitlist (``POST /restaurants/{rid}/guests``). */
 export interface GuestCreated {
   /** The event type. */
@@ -128,7 +149,8 @@ export type ServiceEvent =
   | GuestDeleted
   | TableCreated
   | TableUpdated
-  | AtomicTransactionComplete;
+  | AtomicTransactionComplete
+  | DeviceMessage;
 
 /** The event types. */
 export type ServiceEventType = ServiceEvent["type"];
@@ -141,6 +163,7 @@ export interface ServiceEventMap {
   table_created: TableCreated;
   table_updated: TableUpdated;
   atomic_transaction_complete: AtomicTransactionComplete;
+  device_message: DeviceMessage;
 }
 
 /** The event types, as values (for a `switch` that must cover them all, or a runtime check). */
@@ -151,4 +174,5 @@ export const serviceEventTypes: readonly ServiceEventType[] = [
   "table_created",
   "table_updated",
   "atomic_transaction_complete",
+  "device_message",
 ];

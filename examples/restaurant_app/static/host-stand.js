@@ -9,6 +9,12 @@
 // Writes go over HTTP and are not applied locally: the page changes when their event arrives, like any
 // other device's. The page URL takes ?restaurant_id=... and an optional ?token=..., which is passed on
 // as ?token= on the WebSocket and as a bearer token on HTTP requests.
+//
+// The page speaks protocol 2 (`?protocol=2`): one connection carries the restaurant's channel, asked
+// with `presence: true` so that the page lists the devices online at the restaurant (a snapshot on every
+// subscribe, then one frame per join or leave; who each device is comes from its token, on the server),
+// and the page's own device channel, which the server subscribes it to and where the manager's direct
+// messages arrive. The restaurant's events are the same frames as on protocol 1, wrapped per channel.
 (() => {
   "use strict";
 
@@ -44,12 +50,24 @@
   const restaurantId = params.get("restaurant_id") || "test-restaurant-1";
   const token = params.get("token");
   const base = `/restaurants/${encodeURIComponent(restaurantId)}`;
+  const channel = `restaurant:${restaurantId}`;
+  // This device's id, read (not verified: for display only) from its token's `sub`.
+  const ownDevice = (() => {
+    try {
+      const payload = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+      return JSON.parse(atob(payload)).sub ?? null;
+    } catch (_) {
+      return null;
+    }
+  })();
 
   const model = {
     guests: new Map(), // id -> guest (wire field names: guestName, partySize, status, table_id)
     tables: new Map(), // id -> table (name, capacity, status, guest_id)
     epoch: null, // stream epoch of the data shown
     lastSeq: null, // seq of the last event applied (or of the snapshot)
+    presence: null, // who is online at the restaurant: {count, members, truncated}, or null (not known)
+    messages: [], // direct messages to this device, newest last: {text, sender, timestamp}
   };
   const link = {
     client: null, // the @rtbroadcast/client Client, once the module is loaded
@@ -83,7 +101,7 @@
       return counts.applied;
     },
   };
-  window.hostStand = { model, link, stats, restaurantId };
+  window.hostStand = { model, link, stats, restaurantId, sendMessage };
 
   const $ = (id) => document.getElementById(id);
 
@@ -194,16 +212,19 @@
       return;
     }
     const scheme = window.location.protocol === "https:" ? "wss:" : "ws:";
-    const url = `${scheme}//${window.location.host}/realtime?${new URLSearchParams({ restaurant_id: restaurantId })}`;
+    const url = `${scheme}//${window.location.host}/realtime`;
     const client = new Client({
       url,
+      protocol: 2,
+      // The server subscribes the page to its own device channel (device:<restaurant>:<device>).
+      serverSubscription: () => ({ onEvent: receiveDeviceEvent }),
       ...(token ? { token } : {}),
       backoff: BACKOFF,
       // WebSocket only, as before: the SSE fallback would stay on SSE after a server outage, without the
       // heartbeat, and a 4003 over SSE cannot be told from an outage.
       sseUrl: null,
     });
-    const subscription = client.subscribe({ resync: loadSnapshot, onEvent: applyEvent });
+    const subscription = client.subscribe({ channel, presence: true, resync: loadSnapshot, onEvent: applyEvent });
     link.client = client;
     link.subscription = subscription;
     let dropped = false; // once the first connection (or attempt) is gone, "connecting" reads "reconnecting"
@@ -228,6 +249,25 @@
     subscription.on("state", (state) => {
       if (state === "resyncing") setState("resyncing");
       else if (state === "live" && client.state === "connected") setState("live");
+    });
+    subscription.on("presence", ({ presence }) => {
+      model.presence = presence;
+      renderDevices();
+    });
+    subscription.on("error", (error) => {
+      if (error.reason === "presence_unavailable") {
+        model.presence = null;
+        renderDevices("Presence is not available on this service.");
+      } else if (error.reason !== "try_again_later") {
+        // The restaurant's channel was refused on this connection: nothing more can arrive.
+        client.close();
+        setState("error", `(${error.reason})`);
+        showMessage(error.message);
+      }
+    });
+    client.on("disconnect", () => {
+      model.presence = null; // stale until the next snapshot
+      renderDevices();
     });
     subscription.on("position", (position) => {
       model.epoch = position.epoch;
@@ -294,6 +334,23 @@
       if (error.status !== 404) throw error;
       map.delete(id); // deleted since; its own event follows
     }
+  }
+
+  // -- the device channel: direct messages ---------------------------------------------------------
+
+  function receiveDeviceEvent(event) {
+    if (event.type !== "device_message") {
+      console.warn("host stand: unknown device event", event.type);
+      return;
+    }
+    model.messages.push({ text: event.text, sender: event.sender, timestamp: event.timestamp });
+    if (model.messages.length > 20) model.messages.shift();
+    renderMessages();
+  }
+
+  // Send a direct message to a device of the restaurant (its device channel), over HTTP.
+  function sendMessage(deviceId, text) {
+    return write("POST", `${base}/devices/${encodeURIComponent(deviceId)}/messages`, { text });
   }
 
   // -- actions ------------------------------------------------------------------------------------
@@ -487,6 +544,47 @@
     $("waitlist-empty").hidden = waitlist.length > 0;
     $("done-empty").hidden = done.length > 0;
     $("tables-empty").hidden = tables.length > 0;
+  }
+
+  function renderDevices(note) {
+    const list = $("devices");
+    const presence = model.presence;
+    const members = presence ? presence.members : [];
+    const items = members.map((member) => {
+      const item = element("li");
+      item.dataset.client = member.client;
+      if (member.identity != null) item.dataset.device = member.identity;
+      const name = member.info && typeof member.info.name === "string" ? member.info.name : null;
+      item.append(element("span", "device-name", name ?? member.identity ?? "Anonymous device"));
+      if (member.identity != null && member.identity === ownDevice) {
+        item.append(element("span", "device-self", " (this device)"));
+      } else if (member.identity != null) {
+        const button = element("button", "secondary message-button", "Message");
+        button.type = "button";
+        button.addEventListener("click", () => {
+          const text = window.prompt(`Message to ${name ?? member.identity}`);
+          if (text) sendMessage(member.identity, text);
+        });
+        item.append(button);
+      }
+      return item;
+    });
+    list.replaceChildren(...items);
+    $("devices-count").textContent = presence ? `(${presence.count})` : "";
+    const empty = $("devices-empty");
+    empty.textContent = note ?? (presence ? "No device online." : "Not connected.");
+    empty.hidden = items.length > 0;
+    $("devices-truncated").hidden = !(presence && presence.truncated);
+  }
+
+  function renderMessages() {
+    const items = model.messages.map((message) => {
+      const item = element("li", "device-message", message.text);
+      if (message.sender) item.title = `from ${message.sender}`;
+      return item;
+    });
+    $("device-messages").replaceChildren(...items.reverse());
+    $("device-messages-section").hidden = items.length === 0;
   }
 
   // -- start --------------------------------------------------------------------------------------
