@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 
-from rtbroadcast import Broadcaster, BroadcasterState, RTBroadcastError, StreamPosition
+from rtbroadcast import Broadcaster, BroadcasterState, ConfigurationError, RTBroadcastError, StreamPosition
 
 from .asyncapi import document as asyncapi_document
 from .auth import AccessPolicy, DeviceClaims, Forbidden, TokenError, require_restaurant
@@ -302,7 +302,10 @@ DeviceId = Annotated[
 @restaurants.get(
     "/restaurants/{restaurant_id}/devices",
     tags=["devices"],
-    responses={503: {"description": "The broadcast backend is down, or this service runs without presence."}},
+    responses={
+        404: {"description": "This service runs without presence (its broadcast backend keeps none)."},
+        503: {"description": "The broadcast backend is down."},
+    },
 )
 async def online_devices(restaurant_id: RestaurantId, request: Request) -> OnlineDeviceList:
     """List the devices connected to the restaurant's channel (presence: protocol-2 connections).
@@ -312,6 +315,10 @@ async def online_devices(restaurant_id: RestaurantId, request: Request) -> Onlin
     """
     try:
         snapshot = await _broadcaster(request).presence(channel_for(restaurant_id))
+    except ConfigurationError:
+        raise HTTPException(
+            404, "this service runs without presence: its broadcast backend keeps none"
+        ) from None
     except RTBroadcastError as exc:
         raise HTTPException(503, f"presence unavailable: {exc}") from None
     devices = [
