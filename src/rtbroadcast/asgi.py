@@ -21,6 +21,7 @@ from urllib.parse import parse_qsl
 from ._config import count, optional_seconds, seconds
 from ._shutdown import drain_on_signals
 from ._websocket import WebSocketSession, direct_transport
+from .backends import Envelope
 from .broadcaster import Broadcaster, BroadcasterState
 from .connection import Connection
 from .errors import (
@@ -711,15 +712,7 @@ class BroadcastEndpoint:
     async def _stream(self, connection: Connection, send: Send) -> None:
         """Write the connection's frames as SSE events, with a comment every heartbeat, until it closes."""
         interval = self.broadcaster.heartbeat_interval
-        while True:
-            try:
-                async with asyncio.timeout(interval):
-                    item = await connection.get()
-            except TimeoutError:
-                await send({"type": "http.response.body", "body": b": ping\n\n", "more_body": True})
-                continue
-            if item is None:
-                return
+        while (item := await _next_item(connection, send, interval)) is not None:
             if isinstance(item, str):
                 chunk = f"data: {item}\n\n"
             else:
@@ -778,15 +771,7 @@ class BroadcastEndpoint:
         """
         interval = self.broadcaster.heartbeat_interval
         positions: dict[str, ResumePoint] = {}
-        while True:
-            try:
-                async with asyncio.timeout(interval):
-                    item = await connection.get()
-            except TimeoutError:
-                await send({"type": "http.response.body", "body": b": ping\n\n", "more_body": True})
-                continue
-            if item is None:
-                return
+        while (item := await _next_item(connection, send, interval)) is not None:
             if isinstance(item, str):
                 text = item
                 moved = _track_position(positions, item)
@@ -797,6 +782,19 @@ class BroadcastEndpoint:
             chunk = f"id: {encode_positions(positions)}\ndata: {text}\n\n" if moved else f"data: {text}\n\n"
             await send({"type": "http.response.body", "body": chunk.encode(), "more_body": True})
             connection.sent += 1
+
+
+async def _next_item(connection: Connection, send: Send, interval: float) -> Envelope | str | None:
+    """Wait for the connection's next frame, writing an SSE comment every ``interval`` seconds meanwhile.
+
+    Returns ``None`` once the connection is closed.
+    """
+    while True:
+        try:
+            async with asyncio.timeout(interval):
+                return await connection.get()
+        except TimeoutError:
+            await send({"type": "http.response.body", "body": b": ping\n\n", "more_body": True})
 
 
 def _track_position(positions: dict[str, ResumePoint], frame: str) -> bool:
