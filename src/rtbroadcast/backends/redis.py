@@ -266,6 +266,19 @@ class _Script:
 _SCRIPTS: Final = {"publish": _Script(_PUBLISH), "position": _Script(_POSITION), "history": _Script(_HISTORY)}
 
 
+def _history_of(channel: str, since: int, limit: int, epoch_raw: Any, top: Any, flat: Any) -> History:
+    """Build the :class:`History` of the ``history`` script's reply: epoch, stream top, flat id/data pairs."""
+    epoch = _text(epoch_raw)
+    seq = int(top)
+    envelopes = tuple(
+        Envelope(channel, int(_text(flat[i]).partition("-")[0]), epoch, _text(flat[i + 1]))
+        for i in range(0, len(flat), 2)
+    )
+    missed = seq - since
+    complete = missed <= 0 or (missed <= limit and len(envelopes) == missed)
+    return History(StreamPosition(epoch, seq), envelopes, complete)
+
+
 def _candidate_epoch() -> bytes:
     # Not a secret: epochs go to every client. The module's generator is reseeded after a fork.
     return b"%016x" % random.getrandbits(64)
@@ -791,15 +804,7 @@ class RedisBackend(RedisPresenceMixin):
             "read history",
             retry=True,
         )
-        epoch = _text(epoch_raw)
-        top = int(top)
-        envelopes = tuple(
-            Envelope(channel, int(_text(flat[i]).partition("-")[0]), epoch, _text(flat[i + 1]))
-            for i in range(0, len(flat), 2)
-        )
-        missed = top - since
-        complete = missed <= 0 or (missed <= limit and len(envelopes) == missed)
-        return History(StreamPosition(epoch, top), envelopes, complete)
+        return _history_of(channel, since, limit, epoch_raw, top, flat)
 
     # -- subscriptions ------------------------------------------------------------------------------
 

@@ -62,6 +62,7 @@ from .redis import (
     _check_redis_py_url,
     _consume,
     _escape,
+    _history_of,
     _ms,
     _Script,
     _text,
@@ -732,15 +733,7 @@ class RedisClusterBackend(Backend):
             "read history",
             retry=True,
         )
-        epoch = _text(epoch_raw)
-        top = int(top)
-        envelopes = tuple(
-            Envelope(channel, int(_text(flat[i]).partition("-")[0]), epoch, _text(flat[i + 1]))
-            for i in range(0, len(flat), 2)
-        )
-        missed = top - since
-        complete = missed <= 0 or (missed <= limit and len(envelopes) == missed)
-        return History(StreamPosition(epoch, top), envelopes, complete)
+        return _history_of(channel, since, limit, epoch_raw, top, flat)
 
     # -- subscriptions ------------------------------------------------------------------------------
 
