@@ -265,6 +265,10 @@ async function play(scenario, protocol) {
         case "revoke":
           await control(harness, "POST", `/revoke?token=${encodeURIComponent(step.token)}`);
           break;
+        case "join":
+        case "leave":
+          await control(harness, "POST", `/${step.op}?room=${encodeURIComponent(step.room)}`);
+          break;
         case "arm_snapshot":
           await control(harness, "POST", `/arm_snapshot?room=${encodeURIComponent(step.room)}&n=${step.n}`);
           break;
