@@ -4,7 +4,6 @@
 // client option or step this runner does not know fails the test: nothing is skipped in silence.
 
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
 import { once } from "node:events";
 import { readFileSync } from "node:fs";
 import path from "node:path";
@@ -12,7 +11,7 @@ import { fileURLToPath } from "node:url";
 import { test } from "node:test";
 
 import { Client } from "../dist/index.js";
-import { MS, python, sleep } from "./helpers.js";
+import { MS, sleep, spawnPython } from "./helpers.js";
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const suiteDir = path.resolve(here, "../../../tests/conformance");
@@ -27,27 +26,11 @@ const WAIT = 10000 * MS;
 
 /** Start harness.py with `server` options; resolves with its addresses once it printed READY. */
 async function startHarness(server) {
-  const child = spawn(python, [path.join(suiteDir, "harness.py"), JSON.stringify(server)], {
-    stdio: ["pipe", "pipe", "inherit"],
+  const { child, match } = await spawnPython(path.join(suiteDir, "harness.py"), [JSON.stringify(server)], {
+    ready: /^READY (.*)\n/m,
+    stdin: "pipe", // the harness stops when its stdin closes
   });
-  let output = "";
-  const ready = new Promise((resolve, reject) => {
-    child.stdout.setEncoding("utf8");
-    child.stdout.on("data", (chunk) => {
-      output += chunk;
-      const line = output.split("\n").find((l) => l.startsWith("READY "));
-      if (line !== undefined) resolve(JSON.parse(line.slice("READY ".length)));
-    });
-    child.once("exit", (code) => reject(new Error(`harness.py exited with ${code} before READY:\n${output}`)));
-    child.once("error", reject);
-  });
-  const timer = setTimeout(() => child.kill("SIGKILL"), 20000 * MS);
-  try {
-    const addresses = await ready;
-    return { child, ...addresses };
-  } finally {
-    clearTimeout(timer);
-  }
+  return { child, ...JSON.parse(match[1]) };
 }
 
 async function stopHarness(harness) {
