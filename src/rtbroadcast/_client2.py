@@ -17,10 +17,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
+from typing import Any, Final, Literal, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ._session import _ABNORMAL, _abort, _Closed, _Ended, _failed, _Session
@@ -54,11 +53,6 @@ from .protocol import (
     encode_client_frame,
     encode_positions,
 )
-
-if TYPE_CHECKING:
-    pass
-
-logger = logging.getLogger("rtbroadcast.client")
 
 E = TypeVar("E")
 
@@ -148,8 +142,6 @@ class ChannelSubscription(Subscription[E]):
         self._last_routed: Subscribed | None = None  # the subscribed the reader routed on this connection
         self._ready = position is not None or resync is None or server_side  # no initial snapshot due
         self._request_id: str | None = None
-        self._stream_epoch: str | None = None
-        self._pending_resync: ResyncInfo | None = None
         self._retries = 0
         self._closed = False
 
@@ -271,7 +263,7 @@ class ChannelSubscription(Subscription[E]):
                 self._tracker.reset(ResumePoint(item.epoch, item.seq))
             return None
         if isinstance(item, ChannelEvent):
-            return self._event(item)
+            return self._judged(item.event)
         if isinstance(item, ResyncRequired):
             self._stream_epoch = item.epoch
             await self._run_resync(ResyncInfo(item.reason, self._channel, item.epoch, item.seq))
@@ -299,54 +291,11 @@ class ChannelSubscription(Subscription[E]):
             frame.code,
         )
 
-    def _event(self, frame: ChannelEvent) -> Received[E] | None:
-        event = frame.event
-        position = self._tracker.position
-        verdict = self._tracker.judge(event.seq, self._stream_epoch)
-        if verdict == "ignore" or position is None:
-            return None
-        if verdict == "duplicate":
-            self.stats.duplicates += 1
-            return None
-        if verdict == "gap":
-            self.stats.gaps += 1
-            self._client._report(
-                ClientError(
-                    f"gap on {self._channel!r}: expected seq {position.seq + 1}, received {event.seq}"
-                )
-            )
-            self._mux._drop_connection(f"gap on {self._channel!r} after seq {position.seq}")
-            return None
-        self._tracker.advance(event.seq)
-        self.stats.applied += 1
-        return Received(self._channel, event.seq, self._decode(event))
+    def _drop(self, reason: str) -> None:
+        self._mux._drop_connection(reason)
 
-    async def _run_resync(self, info: ResyncInfo) -> None:
-        self.stats.resyncs += 1
-        if self._resync_callback is None:
-            if info.epoch is not None and info.seq is not None:
-                logger.warning(
-                    "resync_required (%s) on %r without a resync callback: continuing from the server's "
-                    "position, without the events missed",
-                    info.reason,
-                    self._channel,
-                )
-                self._tracker.reset(ResumePoint(info.epoch, info.seq))
-            return
-        self._pending_resync = info
-        try:
-            position = _position(await self._resync_callback(info))
-        except Exception as exc:
-            self._pending_resync = None
-            self._client._report(_failed(f"resync ({info.reason}) of {self._channel!r} failed", exc))
-            self._mux._drop_connection("resync failed")
-            return
-        self._pending_resync = None
-        self._tracker.reset(position)
-        stream_epoch = info.epoch or self._stream_epoch
-        if stream_epoch is not None and position.epoch != stream_epoch:
-            # The snapshot belongs to another stream than the connection's: resume from it anew.
-            self._mux._drop_connection(f"the snapshot of {self._channel!r} is of another epoch")
+    def _about(self, preposition: str) -> str:
+        return f" {preposition} {self._channel!r}"
 
     # -- the reader's side ----------------------------------------------------------------------------
 

@@ -619,6 +619,8 @@ class Subscription(ABC, Generic[E]):
         self.presence: Presence | None = None
         self._requested = False
         self._busy = False
+        self._stream_epoch: str | None = None  # the epoch of the events the connection delivers now
+        self._pending_resync: ResyncInfo | None = None
 
     @property
     @abstractmethod
@@ -714,6 +716,75 @@ class Subscription(ABC, Generic[E]):
         event: E = _decode_event(frame, self._model, self._client.events)
         return event
 
+    # -- an event, a resync: what both protocols decide, between two of the application's reads -------
+
+    @abstractmethod
+    def _drop(self, reason: str) -> None:
+        """Give up on the connection at once: it reconnects (after a backoff) and resumes."""
+
+    def _about(self, preposition: str) -> str:
+        """The channel, as a message names it (``" on 'room:a'"``); protocol 1 names none (one channel)."""
+        return ""
+
+    def _judged(self, frame: EventFrame) -> Received[E] | None:
+        """Apply an event (return it) or drop it: a duplicate, another stream's, or a gap (reconnect)."""
+        position = self._tracker.position
+        # "ignore": an event of another stream than the position's: a resync_required is on its way (the
+        # resume failed), or the snapshot came from another epoch and a reconnect is under way.
+        verdict = self._tracker.judge(frame.seq, self._stream_epoch)
+        if verdict == "ignore" or position is None:
+            return None
+        if verdict == "duplicate":
+            self.stats.duplicates += 1
+            return None
+        if verdict == "gap":
+            # A correct server never skips a seq; reconnecting from the last applied event lets it replay
+            # what is missing, or say resync_required where it cannot.
+            self.stats.gaps += 1
+            self._client._report(
+                ClientError(f"gap{self._about('on')}: expected seq {position.seq + 1}, received {frame.seq}")
+            )
+            self._drop(f"gap{self._about('on')} after seq {position.seq}")
+            return None
+        self._tracker.advance(frame.seq)
+        self.stats.applied += 1
+        return Received(self.channel or "", frame.seq, self._decode(frame))
+
+    async def _run_resync(self, info: ResyncInfo) -> None:
+        """Reload the snapshot through the ``resync`` callback (without one: go on from the server's)."""
+        self.stats.resyncs += 1
+        if self._resync_callback is None:
+            if info.epoch is not None and info.seq is not None:
+                logger.warning(
+                    "resync_required (%s) on %r without a resync callback: continuing from the server's "
+                    "position, without the events missed",
+                    info.reason,
+                    self.channel,
+                )
+                self._tracker.reset(ResumePoint(info.epoch, info.seq))
+            return
+        # Kept until the callback returns: an iteration cancelled meanwhile (a timeout around it) runs it
+        # again next time instead of going on from a position the stream has left.
+        self._pending_resync = info
+        try:
+            position = _position(await self._resync_callback(info))
+        except Exception as exc:
+            # No consistent state to continue from: reconnect from the old position, after a backoff. The
+            # server replays from there, or says resync_required again and this runs again.
+            self._pending_resync = None
+            self._client._report(_failed(f"resync ({info.reason}){self._about('of')} failed", exc))
+            self._drop("resync failed")
+            return
+        self._pending_resync = None
+        self._tracker.reset(position)
+        stream_epoch = info.epoch or self._stream_epoch
+        if stream_epoch is not None and position.epoch != stream_epoch:
+            # The snapshot belongs to another stream than this connection's (the server restarted between
+            # the two): resume from the snapshot on a new connection.
+            self._drop(f"the snapshot's epoch differs from the stream's{self._about('on')}")
+        # Events that follow and that the snapshot already contains are dropped as duplicates; a snapshot
+        # older than the server's position shows up as a gap (reconnect, resume).
+
 
 def _decode_event(frame: EventFrame, model: type[Any] | None, events: EventRegistry) -> Any:
     """Decode an event frame into ``model`` (see :meth:`Client.subscribe`), or a ``dict`` without one.
@@ -768,11 +839,9 @@ class _SingleSubscription(Subscription[E], _Session):
         self._params = dict(params or {})
         #: The last ``welcome`` received.
         self.welcome: Welcome | None = None
-        self._stream_epoch: str | None = None  # the epoch of the events the connection delivers now
         self._attempt_from: ResumePoint | None = None
         self._stalled_resumes = 0
         self._restart_reason: str | None = "initial" if position is None and resync is not None else None
-        self._pending_resync: ResyncInfo | None = None
         self._closed = asyncio.Event()
 
     @property
@@ -926,7 +995,7 @@ class _SingleSubscription(Subscription[E], _Session):
     async def _handle(self, text: str) -> Received[E] | None:
         frame = self._decode_frame(text)
         if isinstance(frame, EventFrame):
-            return self._event(frame)
+            return self._judged(frame)
         if isinstance(frame, ResyncRequired):
             self._stream_epoch = frame.epoch
             await self._run_resync(ResyncInfo(frame.reason, self._channel, frame.epoch, frame.seq))
@@ -936,61 +1005,8 @@ class _SingleSubscription(Subscription[E], _Session):
             self._client._report(ClientError("a second welcome on one connection: ignored"))
         return None
 
-    def _event(self, frame: EventFrame) -> Received[E] | None:
-        position = self._tracker.position
-        # "ignore": an event of another stream than the position's: a resync_required is on its way (the
-        # resume failed), or the snapshot came from another epoch and a reconnect is under way.
-        verdict = self._tracker.judge(frame.seq, self._stream_epoch)
-        if verdict == "ignore" or position is None:
-            return None
-        if verdict == "duplicate":
-            self.stats.duplicates += 1
-            return None
-        if verdict == "gap":
-            # A correct server never skips a seq; reconnecting from the last applied event lets it replay
-            # what is missing, or say resync_required where it cannot.
-            self.stats.gaps += 1
-            self._client._report(ClientError(f"gap: expected seq {position.seq + 1}, received {frame.seq}"))
-            self._drop_connection(f"gap after seq {position.seq}")
-            return None
-        self._tracker.advance(frame.seq)
-        self.stats.applied += 1
-        channel = self._channel or ""
-        return Received(channel, frame.seq, self._decode(frame))
-
-    async def _run_resync(self, info: ResyncInfo) -> None:
-        self.stats.resyncs += 1
-        if self._resync_callback is None:
-            if info.epoch is not None and info.seq is not None:
-                logger.warning(
-                    "resync_required (%s) on %r without a resync callback: continuing from the server's "
-                    "position, without the events missed",
-                    info.reason,
-                    self._channel,
-                )
-                self._tracker.reset(ResumePoint(info.epoch, info.seq))
-            return
-        # Kept until the callback returns: an iteration cancelled meanwhile (a timeout around it) runs it
-        # again next time instead of going on from a position the stream has left.
-        self._pending_resync = info
-        try:
-            position = _position(await self._resync_callback(info))
-        except Exception as exc:
-            # No consistent state to continue from: reconnect from the old position, after a backoff. The
-            # server replays from there, or says resync_required again and this runs again.
-            self._pending_resync = None
-            self._client._report(_failed(f"resync ({info.reason}) failed", exc))
-            self._drop_connection("resync failed")
-            return
-        self._pending_resync = None
-        self._tracker.reset(position)
-        stream_epoch = info.epoch or self._stream_epoch
-        if self._ws is not None and stream_epoch is not None and position.epoch != stream_epoch:
-            # The snapshot belongs to another stream than this connection's (the server restarted between
-            # the two): resume from the snapshot on a new connection.
-            self._drop_connection("the snapshot's epoch differs from the stream's")
-        # Events that follow and that the snapshot already contains are dropped as duplicates; a snapshot
-        # older than the server's position shows up as a gap (reconnect, resume).
+    def _drop(self, reason: str) -> None:
+        self._drop_connection(reason)
 
     async def _after_close(self, code: int, reason: str) -> None:
         """Count the resumes a ``4001`` closed before any event arrived, then decide as every session."""
