@@ -117,3 +117,11 @@ def test_the_api_page_hides_what_only_adapters_and_backends_call() -> None:
 def test_the_site_requests_no_external_fonts() -> None:
     config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
     assert config["theme"]["font"] is False  # Material otherwise loads Google Fonts from fonts.googleapis.com
+
+
+def test_the_api_page_documents_every_starlette_helper() -> None:
+    import rtbroadcast.starlette
+
+    page = (ROOT / "docs" / "reference" / "api.md").read_text()
+    members = _directive_options(page, "rtbroadcast.starlette")["members"]
+    assert sorted(members) == sorted(rtbroadcast.starlette.__all__)

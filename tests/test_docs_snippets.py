@@ -26,6 +26,7 @@ from rtbroadcast.protocol import (
 )
 
 from .asyncapi_support import asyncapi_errors
+from .sse_support import open_sse
 from .support import MS, recv_json, serve, until
 
 ROOT = Path(__file__).parent.parent
@@ -166,6 +167,15 @@ async def test_fastapi_auth_reuses_the_apps_depends() -> None:
         assert refused.value.response.status_code == 401
         async with httpx.AsyncClient() as http:
             assert (await http.get(server.url("/me"), headers=good)).json() == {"id": "ada"}
+            nope = await http.get(server.url("/realtime/sse"), headers={"Authorization": "Bearer nope"})
+            assert nope.status_code == 401
+        async with (
+            httpx.AsyncClient(headers=good) as http,
+            open_sse(http, server.url("/realtime/sse")) as sse,
+        ):
+            assert (await sse.next_json())["channel"] == "user:ada"
+            await auth.broadcaster.publish_json("user:ada", '{"type":"note"}')
+            assert (await sse.next_json())["type"] == "note"
 
 
 def test_the_testing_howtos_test_client_test_passes() -> None:
