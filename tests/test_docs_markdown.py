@@ -101,6 +101,9 @@ def test_publish_after_commit_advice_warns_about_commit_order() -> None:
         text = " ".join(page.read_text().split())
         assert "not commit order" in text, page
         assert "outbox" in text, page
+        # Both transactional options: the outbox, and publishing inside the transaction on PostgreSQL.
+        assert "postgresql.md" in text or page.name == "postgresql.md", page
+        assert "is planned" not in text, page  # the PostgreSQL backend shipped
 
 
 # -- the site ----------------------------------------------------------------------------------------
