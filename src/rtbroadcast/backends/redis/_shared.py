@@ -37,6 +37,8 @@ __all__ = [
     "ChannelSettings",
     "check_reconnect_delay",
     "consume",
+    "envelope_of",
+    "reconnect_pause",
     "text",
 ]
 
@@ -98,6 +100,29 @@ def check_reconnect_delay(reconnect_delay: object) -> tuple[float, float]:
             f"reconnect_delay must be (first, most) seconds with 0 < first <= most, not {reconnect_delay!r}"
         )
     return (float(delays[0]), float(delays[1]))
+
+
+def reconnect_pause(rng: random.Random, failures: int, delays: tuple[float, float]) -> float:
+    """Return the seconds to wait before the next reconnect attempt, after ``failures`` in a row.
+
+    The delay doubles with each failure from ``first`` up to ``most`` (``delays``), and is drawn at random
+    from its upper half: jitter spreads the reconnects of many processes after a Redis restart. ``rng`` is
+    the backend's own generator, seeded when it connects, so that a service that seeds the ``random``
+    module (or a generator forked with the process) does not make every process wait alike.
+    """
+    first, most = delays
+    delay = min(most, first * 2 ** min(failures, 32))  # the exponent is capped: no overflow
+    return rng.uniform(delay / 2, delay)
+
+
+def envelope_of(channel: str, message: str) -> Envelope:
+    """Parse a channel's PUB/SUB message, ``"<seq> <epoch> <data>"`` (what the publish script sends).
+
+    Raises:
+        ValueError: the message is not of that form.
+    """
+    seq, epoch, data = message.split(" ", 2)
+    return Envelope(channel, int(seq), epoch, data)
 
 
 class ChannelSettings:
