@@ -535,3 +535,18 @@ async def test_the_frames_a_protocol_2_client_receives_match_the_channels_messag
     event = frames[4]
     event["event"]["parcel_id"] = 7  # what the event's own schema refuses, inside the frame
     assert not _validates(document, "v2.event.schema_test.parcel_shipped", event)
+
+
+def test_protocol_2_message_examples_validate_and_decode() -> None:
+    document = _protocol2_document()
+    messages = document["components"]["messages"]
+    with_examples = [key for key in messages if key.startswith("v2.") and "examples" in messages[key]]
+    assert set(with_examples) >= {"v2.welcome", "v2.subscribed", "v2.error", "v2.subscribe"}
+    for key in with_examples:
+        for example in messages[key]["examples"]:
+            assert _validates(document, key, example["payload"]), (key, example)
+            text = json.dumps(example["payload"])
+            if key in ("v2.subscribe", "v2.unsubscribe"):
+                decode_client_frame(text, protocol=2)
+            else:
+                decode_server_frame(text)

@@ -46,14 +46,21 @@ from .protocol import (
     PROTOCOL_VERSION,
     CloseCode,
     ErrorFrame,
+    ErrorFrameV2,
     ObservedCloseCode,
     Ping,
     Pong,
+    ResumePoint,
     ResyncReason,
     ResyncRequired,
+    Subscribe,
+    Subscribed,
     SubscriptionErrorCode,
+    Unsubscribe,
+    Unsubscribed,
     UnsubscribeReason,
     Welcome,
+    WelcomeV2,
     encode_client_frame,
     encode_server_frame,
 )
@@ -573,6 +580,46 @@ def _protocol_examples(heartbeat_interval: float) -> dict[str, list[dict[str, An
     }
 
 
+def _protocol2_examples(heartbeat_interval: float) -> dict[str, list[dict[str, Any]]]:
+    """Return examples of protocol 2's frames, encoded by the protocol module itself."""
+
+    def example(name: str, text: str) -> dict[str, Any]:
+        return {"name": name, "payload": json.loads(text)}
+
+    channel, epoch = "user:42", _EXAMPLE_EPOCH
+    return {
+        "welcome": [
+            example("welcome", encode_server_frame(WelcomeV2(heartbeat_interval, "c7f3a1e09b2d4f58")))
+        ],
+        "subscribed": [
+            example("server-side", encode_server_frame(Subscribed(None, channel, epoch, 7))),
+            example("resumed", encode_server_frame(Subscribed("r1", "room:1", epoch, 3, resumed=True))),
+        ],
+        "unsubscribed": [
+            example("client", encode_server_frame(Unsubscribed("r2", "room:1"))),
+        ],
+        "error": [
+            example(
+                "forbidden",
+                encode_server_frame(
+                    ErrorFrameV2("r3", SubscriptionErrorCode.FORBIDDEN, "not your tenant", "tenant-b:orders")
+                ),
+            )
+        ],
+        "resync_required": [
+            example(
+                "history_trimmed",
+                encode_server_frame(ResyncRequired(ResyncReason.HISTORY_TRIMMED, epoch, 41, "room:1")),
+            )
+        ],
+        "subscribe": [
+            example("fresh", encode_client_frame(Subscribe("r1", "room:1"))),
+            example("resume", encode_client_frame(Subscribe("r1", "room:1", ResumePoint(epoch, 3)))),
+        ],
+        "unsubscribe": [example("unsubscribe", encode_client_frame(Unsubscribe("r2", "room:1")))],
+    }
+
+
 # -- AsyncAPI --------------------------------------------------------------------------------------
 
 _KEY_RE = re.compile(r"[^\w.\-]")
@@ -828,8 +875,11 @@ def _security_refs(spec: ChannelSpec, schemes: dict[str, Any]) -> list[dict[str,
     return refs
 
 
-def _protocol2_messages(schemas: dict[str, Any], messages: dict[str, Any]) -> dict[str, str]:
+def _protocol2_messages(
+    schemas: dict[str, Any], messages: dict[str, Any], heartbeat_interval: float
+) -> dict[str, str]:
     """Add protocol 2's frames to ``schemas`` and ``messages``; return each frame's message key."""
+    examples = _protocol2_examples(heartbeat_interval)
     keys: dict[str, str] = {}
     for name, schema in _protocol2_frame_schemas().items():
         if name == "event":  # each event gets a frame of its own (_event_frames)
@@ -843,6 +893,7 @@ def _protocol2_messages(schemas: dict[str, Any], messages: dict[str, Any]) -> di
             "summary": _PROTOCOL2_SUMMARIES[name],
             "contentType": "application/json",
             "payload": {"$ref": f"#/components/schemas/{schema_name}"},
+            **({"examples": examples[name]} if name in examples else {}),
             "tags": [{"name": "protocol"}, {"name": "protocol 2"}],
         }
     return keys
@@ -967,7 +1018,7 @@ def asyncapi_document(
     frames2: dict[str, str] = {}
     event_frames: dict[type[Event], str] = {}
     if any(spec.protocol == 2 for spec in specs):
-        frames2 = _protocol2_messages(schemas, messages)
+        frames2 = _protocol2_messages(schemas, messages, heartbeat if heartbeat is not None else 25.0)
         models2 = {
             model: None
             for spec in specs
