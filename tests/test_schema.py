@@ -458,6 +458,12 @@ def test_a_protocol_2_channel_lists_protocol_2_frames_and_query() -> None:
     wrapped = document["components"]["messages"]["v2.event.schema_test.parcel_shipped"]
     assert {"name": "protocol"} in wrapped["tags"]
     assert wrapped["title"] == "ParcelShippedEventFrame"
+    # Every protocol schema is titled ...Frame, so that generated classes shadow no built-in (Error).
+    protocol = {k: v for k, v in document["components"]["schemas"].items() if k.startswith("rtbroadcast.")}
+    assert {"rtbroadcast.ErrorV2Frame", "rtbroadcast.WelcomeV2Frame", "rtbroadcast.SubscribedFrame"} <= set(
+        protocol
+    )
+    assert all(schema["title"].endswith("Frame") for schema in protocol.values())
 
 
 def test_a_protocol_1_document_has_no_protocol_2_parts() -> None:
