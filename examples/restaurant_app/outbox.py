@@ -46,14 +46,15 @@ backend would drop a new event as a repeat of an old one still in its idempotenc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime, timedelta
 
 from sqlalchemy import DateTime, Index, Integer, String, Text, delete, func, select, update
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
 from rtbroadcast import BackendUnavailable, Broadcaster, utc_now
@@ -146,14 +147,33 @@ class TransactionalOutbox:
         self.prune_interval = prune_interval
         self._next_prune = 0.0
         self._wake = asyncio.Event()
-        # Each relay statement commits on its own: a relay that stalls between two holds no lock.
-        self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
         # One relay per channel at a time in this process (the request's and the task's); across
         # processes relays may overlap, which the idempotency keys make safe.
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self.published = 0
         self.pruned = 0
         self.outage_since: float | None = None
+
+    @contextlib.asynccontextmanager
+    async def _autocommit(self) -> AsyncIterator[AsyncConnection]:
+        """A pooled connection on which each statement commits on its own, so that a relay that stalls
+        between two statements holds no lock.
+
+        The switch to autocommit is made on the connection once it is ours, not by an engine with the
+        option: that engine switches inside the pool checkout, and a task cancelled right then (the relay
+        task at shutdown, a request's relay when its client goes away) stranded the connection, which
+        nothing returned to the pool (SQLAlchemy's ``Connection`` does not give it back when its
+        ``engine_connect`` handler raises), and the garbage collector later reported it. A switch
+        interrupted here leaves the connection in an unknown isolation level: it is invalidated (closed,
+        never reused) rather than returned to the pool as it is.
+        """
+        async with self.engine.connect() as connection:
+            try:
+                await connection.execution_options(isolation_level="AUTOCOMMIT")
+            except BaseException:
+                await connection.invalidate()
+                raise
+            yield connection
 
     async def stage(
         self, session: AsyncSession, restaurant_id: str, events: Sequence[RestaurantEvent]
@@ -190,7 +210,7 @@ class TransactionalOutbox:
 
     async def pending(self) -> int:
         """Return how many events wait to be published."""
-        async with self._autocommit.connect() as connection:
+        async with self._autocommit() as connection:
             result = await connection.execute(
                 select(func.count()).select_from(OutboxRow).where(OutboxRow.published_seq.is_(None))
             )
@@ -198,7 +218,7 @@ class TransactionalOutbox:
 
     async def size(self) -> int:
         """Return how many rows the outbox table holds, pending and published."""
-        async with self._autocommit.connect() as connection:
+        async with self._autocommit() as connection:
             result = await connection.execute(select(func.count()).select_from(OutboxRow))
             return int(result.scalar_one())
 
@@ -223,7 +243,7 @@ class TransactionalOutbox:
             # locks (its writes take turns) and SQLAlchemy leaves the clause out there.
             .with_for_update(skip_locked=True)
         )
-        async with self._autocommit.connect() as connection:
+        async with self._autocommit() as connection:
             result = await connection.execute(delete(OutboxRow).where(OutboxRow.id.in_(batch)))
         deleted = max(result.rowcount, 0)
         self.pruned += deleted
@@ -292,7 +312,7 @@ class TransactionalOutbox:
         Raises:
             BackendUnavailable: the backend cannot be reached; rows not yet published stay pending.
         """
-        async with self._autocommit.connect() as connection:
+        async with self._autocommit() as connection:
             channels = (
                 await connection.execute(
                     select(OutboxRow.channel)
@@ -324,7 +344,7 @@ class TransactionalOutbox:
         if lock is None:
             lock = self._locks[channel] = asyncio.Lock()
         loop = asyncio.get_running_loop()
-        async with lock, self._autocommit.connect() as connection:
+        async with lock, self._autocommit() as connection:
             rows = (
                 await connection.execute(
                     select(OutboxRow.id, OutboxRow.restaurant_id, OutboxRow.event_type, OutboxRow.payload)
