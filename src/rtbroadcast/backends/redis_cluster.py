@@ -60,6 +60,7 @@ from .redis._shared import (
     ChannelSettings,
     check_reconnect_delay,
     consume,
+    headed_envelope,
     text,
 )
 
@@ -155,6 +156,7 @@ class RedisClusterBackend(Backend):
     """
 
     name = "redis+cluster"
+    supports_headers = True
 
     def __init__(
         self,
@@ -601,7 +603,14 @@ class RedisClusterBackend(Backend):
 
     # -- publishing and reading ---------------------------------------------------------------------
 
-    async def publish(self, channel: str, payload: str, *, idempotency_key: str | None = None) -> Envelope:
+    async def publish(
+        self,
+        channel: str,
+        payload: str,
+        *,
+        idempotency_key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Envelope:
         """Assign the next seq, append to the stream and SPUBLISH, in one script on the channel's shard.
 
         Raises:
@@ -611,7 +620,7 @@ class RedisClusterBackend(Backend):
             BackendError: Redis refused the script.
         """
         try:
-            return await self._scripts.publish(channel, payload, idempotency_key)
+            return await self._scripts.publish(channel, payload, idempotency_key, headers)
         except BackendError:
             self._publish_errors += 1
             raise
@@ -690,13 +699,18 @@ class RedisClusterBackend(Backend):
         if channel is None or listener is None:
             return  # unsubscribed while the message was on its way
         self._received += 1
+        body = message.decode()
         try:
-            seq, epoch, data = message.decode().split(" ", 2)
+            seq, epoch, data = body.split(" ", 2)
             envelope = Envelope(channel, int(seq), epoch, data)
         except ValueError:
-            self._listener_errors += 1
-            logger.error("ignoring a malformed message on Redis channel %r: %.80r", name, message)
-            return
+            # Not "<seq> ...": an envelope with headers (read here, off the path of those without), or junk.
+            headed = headed_envelope(channel, body)
+            if headed is None:
+                self._listener_errors += 1
+                logger.error("ignoring a malformed message on Redis channel %r: %.80r", name, message)
+                return
+            envelope = headed
         try:
             listener.on_envelope(envelope)
         except Exception:

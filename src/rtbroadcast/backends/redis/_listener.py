@@ -32,7 +32,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from ...errors import BackendUnavailable
 from ..base import BackendListener, Envelope
 from ._presence import is_presence_message
-from ._shared import RECONNECTED, UNREACHABLE, text
+from ._shared import RECONNECTED, UNREACHABLE, headed_envelope, text
 
 if TYPE_CHECKING:
     from ._presence import RedisPresence
@@ -383,9 +383,13 @@ class PubSubListener:
             seq, epoch, data = body.split(" ", 2)
             envelope = Envelope(channel, int(seq), epoch, data)
         except ValueError:
-            self.listener_errors += 1
-            logger.error("ignoring a malformed message on Redis channel %r: %.80r", name, message)
-            return
+            # Not "<seq> ...": an envelope with headers (read here, off the path of those without), or junk.
+            headed = headed_envelope(channel, body)
+            if headed is None:
+                self.listener_errors += 1
+                logger.error("ignoring a malformed message on Redis channel %r: %.80r", name, message)
+                return
+            envelope = headed
         try:
             listener.on_envelope(envelope)
         except Exception:
