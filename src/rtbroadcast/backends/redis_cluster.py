@@ -60,7 +60,8 @@ from .redis._shared import (
     ChannelSettings,
     check_reconnect_delay,
     consume,
-    headed_envelope,
+    envelope_of,
+    reconnect_pause,
     text,
 )
 
@@ -202,6 +203,8 @@ class RedisClusterBackend(Backend):
         self._max_attempts = optional_count("max_reconnect_attempts", max_reconnect_attempts, minimum=1)
         self._scripts = ChannelScripts(self._run, CLUSTER_SCRIPTS, self._keys, settings)
         self._topology = _Topology()
+        # For the shards' reconnect jitter: seeded again by connect(), in the process that connects.
+        self._random = random.Random()
         self._refreshing: asyncio.Task[None] | None = None
         self._pipes: dict[tuple[str, int], CommandPipe] = {}
         self._opening: dict[tuple[str, int], asyncio.Task[CommandPipe]] = {}
@@ -321,6 +324,7 @@ class RedisClusterBackend(Backend):
                 f"cannot connect a Redis Cluster backend that is {self._state}; disconnect() first"
             )
         self._state = "connecting"
+        self._random.seed()  # from os.urandom: a process forked after the backend was made has its own
         try:
             async with asyncio.timeout(self._timeout):
                 await self._refresh_now()
@@ -699,18 +703,12 @@ class RedisClusterBackend(Backend):
         if channel is None or listener is None:
             return  # unsubscribed while the message was on its way
         self._received += 1
-        body = message.decode()
         try:
-            seq, epoch, data = body.split(" ", 2)
-            envelope = Envelope(channel, int(seq), epoch, data)
+            envelope = envelope_of(channel, message.decode())
         except ValueError:
-            # Not "<seq> ...": an envelope with headers (read here, off the path of those without), or junk.
-            headed = headed_envelope(channel, body)
-            if headed is None:
-                self._listener_errors += 1
-                logger.error("ignoring a malformed message on Redis channel %r: %.80r", name, message)
-                return
-            envelope = headed
+            self._listener_errors += 1
+            logger.error("ignoring a malformed message on Redis channel %r: %.80r", name, message)
+            return
         try:
             listener.on_envelope(envelope)
         except Exception:
@@ -1021,9 +1019,8 @@ class _Shard:
             del self.backend._shards[self.key]
 
     async def _backoff(self) -> None:
-        first, most = self.backend._reconnect_delay
-        delay = min(most, first * 2 ** min(self.attempts, 32))
-        await asyncio.sleep(random.uniform(delay / 2, delay))
+        backend = self.backend
+        await asyncio.sleep(reconnect_pause(backend._random, self.attempts, backend._reconnect_delay))
         self.attempts += 1
         limit = self.backend._max_attempts
         if limit is not None and self.attempts >= limit:
