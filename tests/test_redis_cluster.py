@@ -484,7 +484,9 @@ async def test_a_killed_primary_leaves_no_silent_gap_and_no_vanished_publish() -
         await failover_scenario(cluster)
 
 
-async def failover_scenario(cluster: RedisClusterFixture) -> None:
+async def failover_scenario(cluster: RedisClusterFixture) -> dict[str, float]:
+    """Kill a primary under traffic, check what every subscriber got; return how long the victim's channels
+    took publishes again after the kill, and how many publishes failed meanwhile (for the docs' figures)."""
     subscriber = Broadcaster(backend=RedisClusterBackend(seeds(cluster), **FAST), position_check_interval=0.5)
     publisher = RedisClusterBackend(seeds(cluster), **FAST)
     await publisher.connect(Recorder())
@@ -497,6 +499,7 @@ async def failover_scenario(cluster: RedisClusterFixture) -> None:
         await traffic.start(stack)
         killed = recovered = False
         recovered_at = 0
+        killed_at = outage = 0.0
         started = time.monotonic()
         # Publish round-robin; kill the victim's primary after a while; go on until its channels take
         # publishes again (the replica took over), and a little longer. Bounded in count and time.
@@ -505,11 +508,13 @@ async def failover_scenario(cluster: RedisClusterFixture) -> None:
             if killed and acknowledged and name in groups[victim_port] and not recovered:
                 recovered = True
                 recovered_at = traffic.n
+                outage = time.monotonic() - killed_at
             if not killed and traffic.n == 300:
                 victim.process.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
                 victim.process.wait(10)  # type: ignore[union-attr]
                 victim.process = None
                 killed = True
+                killed_at = time.monotonic()
             if recovered and traffic.n >= recovered_at + 300:
                 break
         assert recovered, "the replica never took the dead primary's slots over"
@@ -533,6 +538,7 @@ async def failover_scenario(cluster: RedisClusterFixture) -> None:
                 traffic.resyncs(name),
                 traffic.failed[name],
             )
+    return {"outage_s": outage, "failed": sum(len(f) for f in traffic.failed.values())}
 
 
 def check_no_silent_gap(
