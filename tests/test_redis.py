@@ -178,6 +178,20 @@ async def test_a_lost_meta_hash_starts_a_new_epoch_without_the_old_history(
     assert history.complete and [e.data for e in history.envelopes] == [envelope.data]
 
 
+async def test_an_application_seeding_random_never_makes_a_lost_channel_reuse_its_epoch(
+    backend: RedisBackend, raw: redis.asyncio.Redis
+) -> None:
+    # The same seed before each loss (a service that seeds `random` at start-up, restarted): if the epoch
+    # came from the `random` module, the channel would get its old epoch back, and its clients, holding seq
+    # 3 of that epoch, would take the new events 1..3 for ones they had.
+    epochs = []
+    for _ in range(3):
+        random.seed(1234)
+        epochs.append((await backend.publish("c", payload(1))).epoch)
+        await raw.delete(backend.keys("c")["meta"], backend.keys("c")["stream"])
+    assert len(set(epochs)) == 3, epochs
+
+
 async def test_a_lost_stream_leaves_history_incomplete_and_seqs_going_on(
     backend: RedisBackend, raw: redis.asyncio.Redis
 ) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import random
 from typing import Any, Final, Protocol
 
@@ -83,9 +84,16 @@ def _ms(seconds: float | None) -> int:
     return 0 if seconds is None else max(1, math.ceil(seconds * 1000))
 
 
+# Epochs are not secrets (every client sees them), but they must never repeat: a channel whose data Redis
+# lost gets a new epoch, and an old one coming back would make its clients take new events for ones they
+# had. So they come from a generator of our own, seeded by the OS (and again in a forked child), never from
+# the ``random`` module, which an application may seed.
+_epochs = random.Random(os.urandom(32))
+os.register_at_fork(after_in_child=lambda: _epochs.seed(os.urandom(32)))
+
+
 def _candidate_epoch() -> bytes:
-    # Not a secret: epochs go to every client. The module's generator is reseeded after a fork.
-    return b"%016x" % random.getrandbits(64)
+    return b"%016x" % _epochs.getrandbits(64)
 
 
 def check_reconnect_delay(reconnect_delay: object) -> tuple[float, float]:
