@@ -100,6 +100,7 @@ class RedisBackend(RedisPresenceMixin):
     """
 
     name = "redis"
+    supports_headers = True
 
     def __init__(
         self,
@@ -414,7 +415,14 @@ class RedisBackend(RedisPresenceMixin):
 
     # -- publishing and reading ---------------------------------------------------------------------
 
-    async def publish(self, channel: str, payload: str, *, idempotency_key: str | None = None) -> Envelope:
+    async def publish(
+        self,
+        channel: str,
+        payload: str,
+        *,
+        idempotency_key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Envelope:
         """Assign the next seq, append to the channel's stream and PUBLISH, in one Lua script.
 
         A publish that times out after Redis received it may still have been applied; retry with the same
@@ -426,7 +434,7 @@ class RedisBackend(RedisPresenceMixin):
             BackendError: Redis refused the script.
         """
         try:
-            return await self._scripts.publish(channel, payload, idempotency_key)
+            return await self._scripts.publish(channel, payload, idempotency_key, headers)
         except BackendError:
             self._publish_errors += 1
             raise
