@@ -8,7 +8,7 @@ from typing import Literal
 
 import pytest
 
-from rtbroadcast import BackendUnavailable, Broadcaster, Event
+from rtbroadcast import BackendUnavailable, Broadcaster, BroadcasterState, Event, Received, SubscriptionClosed
 from rtbroadcast.backends.redis import RedisBackend
 
 from .redis_support import RedisServer
@@ -117,3 +117,25 @@ async def test_redis_killed_mid_stream_then_restarted(redis_server: RedisServer)
     # The lifespan disconnected the broadcaster: the listener task and every per-connection task are gone.
     await no_task_left(since=tasks_before)
     assert broadcaster.backend.stats()["state"] == "closed"
+
+
+async def test_a_subscription_whose_repair_fails_is_closed_as_backend_unavailable_not_shutdown(
+    redis_server: RedisServer,
+) -> None:
+    # The listener gives up at once, asks for every subscription to be repaired, and the repair's history
+    # read finds Redis gone: the subscription ends, though nothing shut down.
+    backend = RedisBackend(redis_server.url, max_reconnect_attempts=1, timeout=0.5)
+    async with (
+        Broadcaster(backend=backend) as broadcaster,
+        broadcaster.subscribe("room:a", model=Beat) as sub,
+    ):
+        seq = await broadcaster.publish("room:a", Beat(n=1))
+        first = await asyncio.wait_for(anext(sub), 5)
+        assert isinstance(first, Received) and first.seq == seq
+        await asyncio.to_thread(redis_server.kill)
+        with pytest.raises(SubscriptionClosed) as closed:
+            await asyncio.wait_for(anext(sub), 15)
+        assert closed.value.reason == "backend_unavailable"
+        assert str(closed.value) == "subscription closed: backend_unavailable"
+        assert broadcaster.state is BroadcasterState.FAILED
+        assert broadcaster.stats().repairs >= 1

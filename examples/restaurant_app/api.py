@@ -461,7 +461,9 @@ async def health(request: Request, service: Service) -> JSONResponse:
     if outbox is not None:
         body["outbox"] = {
             "pending": await outbox.pending(),
+            "rows": await outbox.size(),
             "published": outbox.published,
+            "pruned": outbox.pruned,
             "backend_outage": outbox.outage_since is not None,
         }
     return JSONResponse(body, status_code=503 if status == "unhealthy" else 200)

@@ -96,7 +96,9 @@ def create_app(
         # Events commit with the writes, in commit order: no outbox needed.
         dispatcher = PublishInTransaction(broadcaster)
     elif settings.outbox:
-        dispatcher = outbox = TransactionalOutbox(database, broadcaster, channel_for=channel_for)
+        dispatcher = outbox = TransactionalOutbox(
+            database, broadcaster, channel_for=channel_for, retention=settings.outbox_retention
+        )
     service = RestaurantService(database, broadcaster, dispatcher=dispatcher)
 
     @asynccontextmanager

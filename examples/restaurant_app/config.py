@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-__all__ = ["DEFAULT_DATABASE_URL", "DEFAULT_MAX_BODY_SIZE", "MIN_SECRET_BYTES", "Settings"]
+__all__ = [
+    "DEFAULT_DATABASE_URL",
+    "DEFAULT_MAX_BODY_SIZE",
+    "DEFAULT_OUTBOX_RETENTION",
+    "MIN_SECRET_BYTES",
+    "Settings",
+]
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./restaurant.db"
+#: Seconds a published outbox row is kept before the relay deletes it (one hour).
+DEFAULT_OUTBOX_RETENTION = 3600.0
 #: Largest HTTP request body accepted, in bytes (1 MiB); a larger one gets 413 before it is read.
 DEFAULT_MAX_BODY_SIZE = 1024 * 1024
 #: Shortest token secret accepted: HS256 keys shorter than the hash (RFC 7518 section 3.2) are refused.
@@ -34,6 +43,8 @@ class Settings:
         outbox: write events to a transactional outbox relayed to the broadcaster (the default); off
             publishes right after each commit, and an event whose publish fails is lost. Not used with
             a ``postgresql://`` broadcast backend.
+        outbox_retention: seconds an outbox row is kept after it was published; the relay then deletes
+            it (``0``: at its next prune). Pending rows are never deleted.
         log_level: level of the root logger when started with ``python -m examples.restaurant_app``.
         token_secret: HS256 secret of the device tokens (at least 32 bytes). When set, every request for
             a restaurant's data needs a token bound to that restaurant. Never shown in ``repr``.
@@ -51,6 +62,7 @@ class Settings:
     heartbeat_timeout: float = 10.0
     demo: bool = False
     outbox: bool = True
+    outbox_retention: float = DEFAULT_OUTBOX_RETENTION
     log_level: str = "INFO"
     token_secret: str | None = field(default=None, repr=False)
     allow_legacy_unauthenticated: bool = False
@@ -59,6 +71,10 @@ class Settings:
     metrics: bool = True
 
     def __post_init__(self) -> None:
+        if not math.isfinite(self.outbox_retention) or self.outbox_retention < 0:
+            raise ValueError(
+                f"OUTBOX_RETENTION must be a finite number of seconds >= 0, not {self.outbox_retention}"
+            )
         if self.max_body_size < 1:
             raise ValueError(f"MAX_BODY_SIZE must be a positive number of bytes, not {self.max_body_size}")
         if self.token_secret is not None and len(self.token_secret.encode()) < MIN_SECRET_BYTES:
@@ -89,6 +105,7 @@ class Settings:
             heartbeat_timeout=_positive(env, "HEARTBEAT_TIMEOUT", 10.0),
             demo=_flag(env, "DEMO", False),
             outbox=_flag(env, "OUTBOX", True),
+            outbox_retention=_seconds(env, "OUTBOX_RETENTION", DEFAULT_OUTBOX_RETENTION),
             log_level=_log_level(env),
             token_secret=env.get("RESTAURANT_TOKEN_SECRET") or None,
             allow_legacy_unauthenticated=_flag(env, "RESTAURANT_ALLOW_LEGACY_UNAUTHENTICATED", False),
@@ -123,6 +140,20 @@ def _positive(env: Mapping[str, str], name: str, default: float) -> float:
         raise ValueError(f"{name} must be a number of seconds, not {raw!r}") from None
     if value <= 0:
         raise ValueError(f"{name} must be positive, not {raw!r}")
+    return value
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    """A finite number of seconds, zero allowed."""
+    raw = env.get(name)
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number of seconds, not {raw!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number of seconds >= 0, not {raw!r}")
     return value
 
 

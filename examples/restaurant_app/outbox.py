@@ -31,18 +31,30 @@ Locking, and what a stalled process (frozen, swapped out, stuck) costs the other
   forgotten the idempotency key of (``lease`` must stay well below the backend's idempotency window,
   one hour by default on Redis). What is left is a process stalled for longer than that window between
   the lease check and the write of the publish command to its socket.
+
+Pruning: published rows are deleted once they were published more than ``retention`` seconds ago, by the
+relay task of every process, ``prune_batch`` rows per statement (each its own autocommit transaction, so no
+lock is held for long). Only rows with a ``published_seq`` are ever deleted, and rows are only ever
+updated from pending to published, so a pending row is never deleted. Writers insert new rows and never
+touch published ones, so pruning waits for no writer and no writer waits for it; on PostgreSQL two
+processes pruning at once skip each other's locked rows (``FOR UPDATE SKIP LOCKED``) instead of waiting.
+The row with the highest id is always kept: SQLite hands out ``max(id) + 1`` for a new row, so deleting
+the newest row would let ids, and with them the idempotency keys ``outbox:<id>``, be used again, and the
+backend would drop a new event as a repeat of an old one still in its idempotency window.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import math
 import weakref
-from collections.abc import Callable, Sequence
-from datetime import datetime
+from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import datetime, timedelta
 
-from sqlalchemy import DateTime, Index, Integer, String, Text, func, select, update
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy import DateTime, Index, Integer, String, Text, delete, func, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
 from rtbroadcast import BackendUnavailable, Broadcaster, utc_now
@@ -50,9 +62,14 @@ from rtbroadcast import BackendUnavailable, Broadcaster, utc_now
 from .db import Base
 from .events import RestaurantEvent
 
-__all__ = ["OutboxRow", "TransactionalOutbox"]
+__all__ = ["DEFAULT_RETENTION", "MAX_PRUNE_INTERVAL", "OutboxRow", "TransactionalOutbox"]
 
 logger = logging.getLogger(__name__)
+
+#: Seconds a published row is kept by default (an hour: as long as Redis remembers idempotency keys).
+DEFAULT_RETENTION = 3600.0
+#: The longest wait between two prunes when ``prune_interval`` is not given.
+MAX_PRUNE_INTERVAL = 10.0
 
 
 class OutboxRow(Base):
@@ -84,9 +101,14 @@ class TransactionalOutbox:
         max_backoff: longest wait between retries while the backend is unavailable.
         lease: seconds after reading a batch that a relay may still publish from it (keep it well below
             the backend's idempotency window).
+        retention: seconds a row is kept after it was published; ``0`` deletes it at the next prune.
+        prune_batch: most rows one prune statement deletes.
+        prune_interval: seconds between prunes while there is no backlog to delete; by default
+            ``retention`` clamped between ``poll_interval`` and :data:`MAX_PRUNE_INTERVAL`.
 
     Raises:
-        ValueError: ``lease`` is not positive.
+        ValueError: ``lease``, ``prune_batch`` or ``prune_interval`` is not positive, or ``retention`` is
+            negative or not finite.
     """
 
     def __init__(
@@ -99,9 +121,20 @@ class TransactionalOutbox:
         batch_size: int = 100,
         max_backoff: float = 5.0,
         lease: float = 30.0,
+        retention: float = DEFAULT_RETENTION,
+        prune_batch: int = 1000,
+        prune_interval: float | None = None,
     ) -> None:
         if lease <= 0:
             raise ValueError(f"lease must be positive, not {lease}")
+        if not math.isfinite(retention) or retention < 0:
+            raise ValueError(f"retention must be a finite number of seconds >= 0, not {retention}")
+        if prune_batch < 1:
+            raise ValueError(f"prune_batch must be a positive number of rows, not {prune_batch}")
+        if prune_interval is None:
+            prune_interval = min(MAX_PRUNE_INTERVAL, max(retention, poll_interval))
+        if not prune_interval > 0:
+            raise ValueError(f"prune_interval must be positive, not {prune_interval}")
         self.engine = engine
         self.broadcaster = broadcaster
         self.channel_for = channel_for
@@ -109,14 +142,38 @@ class TransactionalOutbox:
         self.batch_size = batch_size
         self.max_backoff = max_backoff
         self.lease = lease
+        self.retention = retention
+        self.prune_batch = prune_batch
+        self.prune_interval = prune_interval
+        self._next_prune = 0.0
         self._wake = asyncio.Event()
-        # Each relay statement commits on its own: a relay that stalls between two holds no lock.
-        self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
         # One relay per channel at a time in this process (the request's and the task's); across
         # processes relays may overlap, which the idempotency keys make safe.
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self.published = 0
+        self.pruned = 0
         self.outage_since: float | None = None
+
+    @contextlib.asynccontextmanager
+    async def _autocommit(self) -> AsyncIterator[AsyncConnection]:
+        """A pooled connection on which each statement commits on its own, so that a relay that stalls
+        between two statements holds no lock.
+
+        The switch to autocommit is made on the connection once it is ours, not by an engine with the
+        option: that engine switches inside the pool checkout, and a task cancelled right then (the relay
+        task at shutdown, a request's relay when its client goes away) stranded the connection, which
+        nothing returned to the pool (SQLAlchemy's ``Connection`` does not give it back when its
+        ``engine_connect`` handler raises), and the garbage collector later reported it. A switch
+        interrupted here leaves the connection in an unknown isolation level: it is invalidated (closed,
+        never reused) rather than returned to the pool as it is.
+        """
+        async with self.engine.connect() as connection:
+            try:
+                await connection.execution_options(isolation_level="AUTOCOMMIT")
+            except BaseException:
+                await connection.invalidate()
+                raise
+            yield connection
 
     async def stage(
         self, session: AsyncSession, restaurant_id: str, events: Sequence[RestaurantEvent]
@@ -153,11 +210,63 @@ class TransactionalOutbox:
 
     async def pending(self) -> int:
         """Return how many events wait to be published."""
-        async with self._autocommit.connect() as connection:
+        async with self._autocommit() as connection:
             result = await connection.execute(
                 select(func.count()).select_from(OutboxRow).where(OutboxRow.published_seq.is_(None))
             )
             return int(result.scalar_one())
+
+    async def size(self) -> int:
+        """Return how many rows the outbox table holds, pending and published."""
+        async with self._autocommit() as connection:
+            result = await connection.execute(select(func.count()).select_from(OutboxRow))
+            return int(result.scalar_one())
+
+    async def prune_once(self) -> int:
+        """Delete up to ``prune_batch`` rows published more than ``retention`` seconds ago, oldest first.
+
+        Never deletes a pending row, nor the row with the highest id (see the module's docstring). Returns
+        how many rows this call deleted (rows another process deleted first are not counted).
+        """
+        cutoff = utc_now() - timedelta(seconds=self.retention)
+        newest = select(func.max(OutboxRow.id)).scalar_subquery()
+        batch = (
+            select(OutboxRow.id)
+            .where(
+                OutboxRow.published_seq.is_not(None),
+                OutboxRow.published_at < cutoff,
+                OutboxRow.id < newest,
+            )
+            .order_by(OutboxRow.id)
+            .limit(self.prune_batch)
+            # PostgreSQL: rows another pruner is deleting are skipped, not waited for. SQLite has no row
+            # locks (its writes take turns) and SQLAlchemy leaves the clause out there.
+            .with_for_update(skip_locked=True)
+        )
+        async with self._autocommit() as connection:
+            result = await connection.execute(delete(OutboxRow).where(OutboxRow.id.in_(batch)))
+        deleted = max(result.rowcount, 0)
+        self.pruned += deleted
+        return deleted
+
+    async def _prune_if_due(self) -> int:
+        """Prune one batch if ``prune_interval`` passed since the last prune that found no backlog.
+
+        Returns how many rows were deleted; a full batch means more may be waiting, so the next round
+        prunes again at once. A failure is logged and retried after ``prune_interval``: it never stops
+        the relay.
+        """
+        now = asyncio.get_running_loop().time()
+        if now < self._next_prune:
+            return 0
+        try:
+            deleted = await self.prune_once()
+        except Exception:
+            logger.exception("outbox prune failed; retrying in %.1f s", self.prune_interval)
+            deleted = 0
+        if deleted < self.prune_batch:
+            self._next_prune = now + self.prune_interval
+        return deleted
 
     async def run(self) -> None:
         """Relay until cancelled; never dies on an error (it logs and retries)."""
@@ -181,7 +290,8 @@ class TransactionalOutbox:
                 logger.info("outbox relay: backend back after %.1f s", loop.time() - self.outage_since)
                 self.outage_since = None
             backoff = 0.0
-            if sent < self.batch_size:
+            pruned = await self._prune_if_due()
+            if sent < self.batch_size and pruned < self.prune_batch:
                 await self._sleep(self.poll_interval)
 
     async def _sleep(self, seconds: float) -> None:
@@ -202,7 +312,7 @@ class TransactionalOutbox:
         Raises:
             BackendUnavailable: the backend cannot be reached; rows not yet published stay pending.
         """
-        async with self._autocommit.connect() as connection:
+        async with self._autocommit() as connection:
             channels = (
                 await connection.execute(
                     select(OutboxRow.channel)
@@ -234,7 +344,7 @@ class TransactionalOutbox:
         if lock is None:
             lock = self._locks[channel] = asyncio.Lock()
         loop = asyncio.get_running_loop()
-        async with lock, self._autocommit.connect() as connection:
+        async with lock, self._autocommit() as connection:
             rows = (
                 await connection.execute(
                     select(OutboxRow.id, OutboxRow.restaurant_id, OutboxRow.event_type, OutboxRow.payload)

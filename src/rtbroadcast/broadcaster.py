@@ -1006,6 +1006,7 @@ class Broadcaster:
         except BackendUnavailable as exc:
             connection = cursor.connection
             logger.warning("cannot repair connection #%d on %r: %s", connection.id, cursor.channel, exc)
+            # An in-process subscription reads this code as SubscriptionClosed("backend_unavailable").
             connection.close(CloseCode.INTERNAL_ERROR, "backend unavailable; reconnect and resume")
 
     async def _bring_up_to_date(
@@ -1549,7 +1550,8 @@ class Subscription(Generic[E]):
         """Return the next event, or a resync notice.
 
         Raises:
-            SubscriptionClosed: the subscription fell behind its queue bound or the broadcaster shut down.
+            SubscriptionClosed: the subscription fell behind its queue bound, the backend could not be
+                reached to fill a gap in it, or the broadcaster shut down (see its ``reason``).
             InvalidEvent: an event does not decode into ``model``.
         """
         item = await self.connection.get()
@@ -1557,8 +1559,7 @@ class Subscription(Generic[E]):
             code = self.connection.close_code
             if code == CloseCode.NORMAL:
                 raise StopAsyncIteration
-            reason = "slow_consumer" if code == CloseCode.SLOW_CONSUMER else "shutdown"
-            raise SubscriptionClosed(reason)
+            raise SubscriptionClosed(_subscription_closed_reason(code))
         if isinstance(item, str):
             frame = decode_server_frame(item)
             if isinstance(frame, ResyncRequired):
@@ -1571,6 +1572,25 @@ class Subscription(Generic[E]):
                 f"{self._model.__qualname__}; subscribe with the base class of every event on the channel"
             )
         return Received(item.channel, item.seq, event)
+
+
+#: The ``SubscriptionClosed.reason`` of each close code an in-process subscription's connection can get.
+_SUBSCRIPTION_CLOSE_REASONS: Final[Mapping[int, str]] = {
+    CloseCode.GOING_AWAY: "shutdown",  # drain() or disconnect()
+    CloseCode.SLOW_CONSUMER: "slow_consumer",
+    # A gap repair (after a lost event or a backend interruption) that could not read the history.
+    CloseCode.INTERNAL_ERROR: "backend_unavailable",
+}
+
+
+def _subscription_closed_reason(code: int | None) -> str:
+    """Return the ``SubscriptionClosed.reason`` of a subscription closed with ``code``.
+
+    ``"shutdown"``, ``"slow_consumer"`` or ``"backend_unavailable"``; ``"closed"`` for any other code.
+    """
+    if code is None:
+        return "closed"
+    return _SUBSCRIPTION_CLOSE_REASONS.get(code, "closed")
 
 
 #: Bounds of the control inbox's queue: commands are small, and a burst of them must not be lost to the

@@ -17,7 +17,7 @@ Where the meaning fits, a standard exception is mixed in, so ``except ValueError
     ├── SubscriptionRefused                  a protocol-2 subscribe/unsubscribe cannot be done (has ``.code``)
     ├── BackendError                         the backend failed
     │   └── BackendUnavailable (ConnectionError)  it cannot be reached (publish fails fast)
-    ├── SubscriptionClosed                   an in-process subscription ended (slow consumer, shutdown)
+    ├── SubscriptionClosed                   an in-process subscription ended (has ``.reason``)
     └── rtbroadcast.client.ClientError       the asyncio client stopped or reports a problem (has ``.code``)
         ├── Refused                          the server refused the connection (4003, 4004)
         └── Unreachable (ConnectionError)    ``max_retries`` attempts in a row failed
@@ -139,8 +139,15 @@ class BackendUnavailable(BackendError, ConnectionError):
 class SubscriptionClosed(RTBroadcastError):
     """An in-process subscription was closed.
 
-    ``reason`` says why: ``"slow_consumer"`` when it fell behind its queue bound, ``"shutdown"`` when the
-    broadcaster disconnected.
+    ``reason`` says why:
+
+    - ``"slow_consumer"``: it fell behind its queue bound.
+    - ``"shutdown"``: the broadcaster drained or disconnected.
+    - ``"backend_unavailable"``: events were missed (a gap in the seqs, or a backend interruption) and
+      the backend could not be reached to read them from history. Nothing shut down: subscribe again
+      with ``resume=subscription.position`` once the backend is back, and the missed events follow (or
+      a resync notice, if the history no longer has them).
+    - ``"closed"``: any other close (not sent by rtbroadcast itself today).
     """
 
     def __init__(self, reason: str) -> None:

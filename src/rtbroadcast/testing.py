@@ -243,7 +243,8 @@ class Capture(Generic[E]):
 
         Raises:
             TestTimeout: fewer arrived in time (the message says how many, and what they were).
-            SubscriptionClosed: the subscription ended (the broadcaster shut down, or it fell behind).
+            SubscriptionClosed: the subscription ended (the broadcaster shut down, it fell behind, or the
+                backend could not be reached to fill a gap: see its ``reason``).
         """
         wanted = self._taken + count
         try:

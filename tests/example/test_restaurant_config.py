@@ -19,8 +19,12 @@ def test_defaults_and_overrides() -> None:
             "DEMO": "yes",
             "LOG_LEVEL": "debug",
             "MAX_BODY_SIZE": "65536",
+            "OUTBOX_RETENTION": "0",
         }
     )
+    assert settings.outbox_retention == 0.0
+    assert Settings().outbox_retention == 3600.0
+    assert Settings.from_env({"OUTBOX_RETENTION": "86400"}).outbox_retention == 86400.0
     assert settings.max_body_size == 65536
     assert Settings().max_body_size == 1024 * 1024
     assert settings.broadcast_url == "redis://cache:6379/0"
@@ -40,8 +44,17 @@ def test_defaults_and_overrides() -> None:
         ("LOG_LEVEL", "LOUD"),
         ("MAX_BODY_SIZE", "1MB"),
         ("MAX_BODY_SIZE", "0"),
+        ("OUTBOX_RETENTION", "-1"),
+        ("OUTBOX_RETENTION", "nan"),
+        ("OUTBOX_RETENTION", "inf"),
+        ("OUTBOX_RETENTION", "a day"),
     ],
 )
 def test_bad_values_are_refused_with_the_variable_named(name: str, value: str) -> None:
     with pytest.raises(ValueError, match=name):
         Settings.from_env({name: value})
+
+
+def test_a_nonsense_outbox_retention_is_refused_when_built_directly() -> None:
+    with pytest.raises(ValueError, match="OUTBOX_RETENTION must be a finite number of seconds >= 0"):
+        Settings(outbox_retention=-5)
