@@ -40,6 +40,8 @@ def test_defaults_and_overrides() -> None:
     [
         ("HEARTBEAT_INTERVAL", "soon"),
         ("HEARTBEAT_TIMEOUT", "-1"),
+        ("HEARTBEAT_INTERVAL", "nan"),
+        ("HEARTBEAT_TIMEOUT", "inf"),
         ("DEMO", "maybe"),
         ("LOG_LEVEL", "LOUD"),
         ("MAX_BODY_SIZE", "1MB"),
