@@ -22,6 +22,7 @@ from rtbroadcast import (
     ConfigurationError,
     Envelope,
     Event,
+    PresenceMember,
     Received,
     load_backend,
 )
@@ -85,6 +86,10 @@ async def test_keys_are_hash_tagged_per_channel_and_expire(
         "stream": f"{redis_prefix}:{tag}:stream",
         "idempotency": f"{redis_prefix}:{tag}:idem:",
         "pubsub": f"{redis_prefix}:{tag}",
+        "presence": f"{redis_prefix}:{tag}:presence",
+        "presence_order": f"{redis_prefix}:{tag}:presence:order",
+        "presence_procs": f"{redis_prefix}:{tag}:presence:procs",
+        "presence_version": f"{redis_prefix}:{tag}:presence:version",
     }
     envelope = await backend.publish("room:{1}", payload(1), idempotency_key="k")
     meta = await raw.hgetall(keys["meta"])
@@ -99,6 +104,17 @@ async def test_keys_are_hash_tagged_per_channel_and_expire(
     assert sorted(await raw.keys(f"{redis_prefix}:*")) == sorted(
         k.encode() for k in (keys["meta"], keys["stream"], keys["idempotency"] + "k")
     )
+
+
+async def test_keys_name_the_presence_keys_a_join_writes(
+    backend: RedisBackend, raw: redis.asyncio.Redis, redis_prefix: str
+) -> None:
+    keys = backend.keys("room:{1}")
+    presence = {keys[role] for role in ("presence", "presence_order", "presence_procs", "presence_version")}
+    await backend.presence_join("room:{1}", PresenceMember("client-1", "user-1"), limit=0)
+    written = {k.decode() for k in await raw.keys(f"{redis_prefix}:*")}
+    assert written == presence
+    await backend.presence_leave("room:{1}", "client-1")
 
 
 async def test_ttls_follow_the_options(redis_url: str, redis_prefix: str, raw: redis.asyncio.Redis) -> None:
