@@ -26,9 +26,8 @@ from rtbroadcast._control import CONTROL_CHANNEL
 from rtbroadcast.backends import load_backend
 from rtbroadcast.backends.memory import MemoryBackend
 from rtbroadcast.backends.postgres import PostgresBackend
-from rtbroadcast.backends.redis import RedisBackend
+from rtbroadcast.backends.redis import RedisBackend, RedisSentinelBackend
 from rtbroadcast.backends.redis_cluster import RedisClusterBackend
-from rtbroadcast.backends.redis_sentinel import RedisSentinelBackend
 from rtbroadcast.events import with_seq
 
 from .support import MS, until

@@ -25,7 +25,7 @@ from rtbroadcast import (
     SubscriptionClosed,
     load_backend,
 )
-from rtbroadcast.backends.redis_sentinel import RedisSentinelBackend
+from rtbroadcast.backends.redis import RedisSentinelBackend
 from rtbroadcast.protocol import ResyncRequired
 
 from .redis_support import RedisSentinelFixture, throwaway_sentinel
@@ -58,7 +58,7 @@ def test_sentinel_urls_name_the_sentinels_the_service_and_options() -> None:
     assert backend.stats()["server"] == "redis+sentinel://s1:26380,s2:26379,[::1]:26381/orders"
     assert backend.keys("c")["meta"] == "app:{c}:meta"
     on_db = RedisSentinelBackend.from_url("redis+sentinel://user:s3cret@h:1/orders/3")
-    assert on_db.keys("c")["pubsub"] == "rtb:{c}:db3"
+    assert on_db.stats()["server"] == "redis+sentinel://h:1/orders/3"
     assert "s3cret" not in repr(on_db) and "s3cret" not in str(on_db.stats())
     tls = RedisSentinelBackend.from_url(
         "rediss+sentinel://h:1/orders?ssl_ca_certs=/ca.pem&sentinel_password=x&sentinel_username=u"
@@ -150,7 +150,9 @@ async def test_both_connections_go_to_the_master_and_channels_record_its_id(
             meta = client.hgetall(backend.keys("c")["meta"])
             assert meta == {b"epoch": envelope.epoch.encode(), b"seq": b"1", b"node": replid.encode()}
             # Both of the backend's connections are on the master (and none on the replica).
-            names = {c["addr"] for c in client.client_list() if c.get("cmd") in ("subscribe", "evalsha", "eval")}
+            names = {
+                c["addr"] for c in client.client_list() if c.get("cmd") in ("subscribe", "evalsha", "eval")
+            }
             assert len(names) >= 2, client.client_list()
         finally:
             client.close()
@@ -164,7 +166,9 @@ async def test_both_connections_go_to_the_master_and_channels_record_its_id(
         client.close()
 
 
-async def test_a_channel_written_by_another_master_starts_a_new_epoch(deployment: RedisSentinelFixture) -> None:
+async def test_a_channel_written_by_another_master_starts_a_new_epoch(
+    deployment: RedisSentinelFixture,
+) -> None:
     # What a failover leaves behind, made by hand: the meta hash names a master that is not this one.
     backend = backend_of(deployment, key_prefix="rtbtest-sentinel-foreign")
     await backend.connect(Recorder())
