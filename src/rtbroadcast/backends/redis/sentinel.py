@@ -32,18 +32,18 @@ from redis.asyncio.connection import (
     parse_url,
 )
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.asyncio.sentinel import MasterNotFoundError, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from ..._config import count, parse_query, redact_url
 from ...errors import ConfigurationError
-from .._redis_pipe import CommandPipe, pack
+from .._redis_pipe import CommandPipe, open_pipe, pack
 from ._listener import close_connection
 from ._options import URL_OPTIONS, check_redis_py_url
 from ._scripts import NODE_SCRIPTS, Script
-from ._shared import text
+from ._shared import UNREACHABLE, text
 from .backend import DEFAULT_MAX_CONNECTIONS, RedisBackend
 
 __all__ = ["RedisSentinelBackend"]
@@ -251,7 +251,7 @@ class RedisSentinelBackend(RedisBackend):
         self._sentinel_password = sentinel_password
         self._tls = bool(tls)
         self._ssl = dict(ssl or {})
-        self._sentinel: Sentinel | None = None
+        self._sentinel: _Sentinels | None = None
         # The master each command connection was opened to (checked before any script went on it), the
         # one the latest went to, and the address the Sentinels named for it.
         self._masters: weakref.WeakKeyDictionary[CommandPipe, _Master] = weakref.WeakKeyDictionary()
@@ -329,22 +329,10 @@ class RedisSentinelBackend(RedisBackend):
         """Create a redis-py client whose connections go to the master the Sentinels name."""
         # As for one Redis: no retries inside redis-py (a retried publish could be applied twice), RESP2,
         # and a pool that waits for a free connection. Each Sentinel gets a quarter of the timeout, so
-        # that one that does not answer leaves time to ask the others.
+        # that one that does not answer leaves time to ask the others. The pool asks _Sentinels where the
+        # master is, whenever a connection connects.
         common: dict[str, Any] = {"retry": Retry(NoBackoff(), 0), "protocol": 2}
-        asking = self._timeout / 4
-        sentinel_kwargs: dict[str, Any] = {
-            **common,
-            "socket_timeout": asking,
-            "socket_connect_timeout": asking,
-            "username": self._sentinel_username,
-            "password": self._sentinel_password,
-        }
-        if self._tls:
-            sentinel_kwargs.update(ssl=True, **self._ssl)
-        # Untyped in redis-py:
-        self._sentinel = Sentinel(  # type: ignore[no-untyped-call]
-            self._sentinel_addresses, sentinel_kwargs=sentinel_kwargs
-        )
+        self._sentinel = _Sentinels(self, self._timeout / 4)
         pool = _BlockingSentinelPool(  # type: ignore[no-untyped-call]
             self._service,
             self._sentinel,
@@ -360,15 +348,6 @@ class RedisSentinelBackend(RedisBackend):
             **common,
         )
         return Redis(connection_pool=pool)
-
-    async def _close_client(self) -> None:
-        await super()._close_client()
-        sentinel, self._sentinel = self._sentinel, None
-        if sentinel is not None:
-            try:
-                await sentinel.aclose()
-            except Exception as exc:
-                logger.debug("closing the Sentinel clients failed: %r", exc)
 
     async def _discover(self) -> tuple[str, int]:
         """Ask the Sentinels where the master is.
@@ -485,3 +464,67 @@ def _is_address(address: object) -> bool:
         and not isinstance(address[1], bool)
         and 0 < address[1] < 65536
     )
+
+
+class _Sentinels:
+    """Ask the Sentinels in turn where the master of the service is (for redis-py's Sentinel pool).
+
+    Each question goes on a connection of its own, closed once answered: discovery happens only when a
+    connection (re)connects, and nothing is left open between failovers. The Sentinel that answered is asked
+    first next time.
+    """
+
+    def __init__(self, backend: RedisSentinelBackend, timeout: float) -> None:
+        self._backend = backend
+        self._timeout = timeout
+        self._order = list(backend._sentinel_addresses)
+
+    async def discover_master(self, service_name: str) -> tuple[str, int]:
+        """Return the address of the master the first Sentinel that sees it up names.
+
+        Raises:
+            redis.asyncio.sentinel.MasterNotFoundError: no Sentinel answers, or none names a master it
+                sees up (the message says what each one said).
+        """
+        said: list[str] = []
+        for index, (host, port) in enumerate(self._order):
+            try:
+                async with asyncio.timeout(self._timeout):
+                    found = await self._ask(host, port, service_name)
+            except (*UNREACHABLE, RedisError) as exc:
+                said.append(f"{host}:{port}: {exc or type(exc).__name__}")
+                continue
+            if isinstance(found, str):
+                said.append(f"{host}:{port}: {found}")
+                continue
+            if index:
+                self._order.insert(0, self._order.pop(index))
+            return found
+        raise MasterNotFoundError(f"No master found for {service_name!r}: {'; '.join(said)}")
+
+    async def discover_slaves(self, service_name: str) -> list[tuple[str, int]]:
+        """Replicas are never used: every connection goes to the master."""
+        return []
+
+    async def _ask(self, host: str, port: int, service_name: str) -> tuple[str, int] | str:
+        """Return the master's address, or why this Sentinel names none it sees up."""
+        backend = self._backend
+        options: dict[str, Any] = {
+            "host": host,
+            "port": port,
+            "username": backend._sentinel_username,
+            "password": backend._sentinel_password,
+        }
+        template = SSLConnection(**options, **backend._ssl) if backend._tls else Connection(**options)
+        pipe = await open_pipe(template, request_timeout=self._timeout, where=f"Sentinel {host}:{port}")
+        try:
+            reply = await pipe.request(pack(b"SENTINEL", b"MASTER", service_name.encode()))
+        finally:
+            await pipe.close()
+        if isinstance(reply, ResponseError):
+            return str(reply)  # ERR No such master with that name
+        fields = {text(reply[i]): text(reply[i + 1]) for i in range(0, len(reply) - 1, 2)}
+        flags = set(fields.get("flags", "").split(","))
+        if "master" not in flags or flags & {"s_down", "o_down", "disconnected"}:
+            return f"the master is {fields.get('flags', 'unknown')}"
+        return fields["ip"], int(fields["port"])
