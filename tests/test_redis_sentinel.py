@@ -297,3 +297,49 @@ async def failover_scenario(deployment: RedisSentinelFixture) -> None:
         resyncs = [r for r in received[name] if isinstance(r, ResyncRequired)]
         assert len(epochs) == 2, (name, epochs)
         assert [r.reason for r in resyncs] == ["epoch_changed"], (name, resyncs)
+
+
+@pytest.mark.slow
+async def test_a_planned_failover_moves_both_connections_to_the_new_master() -> None:
+    # SENTINEL FAILOVER: the old master stays up, is demoted (its clients disconnected, writes refused with
+    # READONLY), and the replica takes over. The backend must find the new master on its own.
+    with throwaway_sentinel() as fresh:
+        backend = backend_of(fresh, db=1)
+        recorder = Recorder()
+        await backend.connect(recorder)
+        try:
+            await backend.subscribe("c")
+            before = await backend.publish("c", payload(1))
+            old = fresh.current_master()
+            sentinel = redis.Redis(port=fresh.sentinels[0].port)
+            try:
+                assert sentinel.execute_command("SENTINEL", "FAILOVER", fresh.service)
+            finally:
+                sentinel.close()
+            new = fresh.wait_for_failover(old)
+            # Until the Sentinels demote it, the old master still takes writes (Sentinel does not pause
+            # it): a publish may succeed there, in the old epoch, and be lost with the demotion; its
+            # clients resync when the new master's epoch reaches them. Publish on, as a service would.
+            started = time.monotonic()
+            after = before
+            while after.epoch == before.epoch:
+                assert time.monotonic() - started < 20, backend.stats()
+                await asyncio.sleep(0.05)
+                with contextlib.suppress(BackendUnavailable):
+                    after = await backend.publish("c", payload(2))
+            assert after.seq == 1
+            stats = backend.stats()
+            assert stats["master"] == f"127.0.0.1:{new.port}" and stats["master_changes"] == 1, stats
+            # The listener followed too: it resubscribed on the new master and reported the interruption.
+            await recorder.wait_for(lambda: bool(recorder.interruptions))
+            third = await backend.publish("c", payload(3))
+            await recorder.wait_for(lambda: third in recorder.envelopes)
+            # On database 1, as asked; the demoted master holds the new master's data as its replica.
+            client = redis.Redis(port=new.port, db=1)
+            try:
+                assert client.hget(backend.keys("c")["meta"], "epoch") == after.epoch.encode()
+            finally:
+                client.close()
+            assert backend.keys("c")["pubsub"].endswith(":db1")
+        finally:
+            await backend.disconnect()
