@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 from typing import Any, Literal
 
 import pytest
@@ -41,6 +42,10 @@ FAST: dict[str, Any] = {"timeout": 2.0, "reconnect_delay": (0.05, 0.2)}
 class Numbered(Event):
     type: Literal["sentinel_test_numbered"] = "sentinel_test_numbered"
     n: int
+
+
+def unique_prefix() -> str:
+    return f"rtbtest-{uuid.uuid4().hex[:12]}"
 
 
 def backend_of(deployment: RedisSentinelFixture, **options: Any) -> RedisSentinelBackend:
@@ -112,10 +117,10 @@ def test_nonsense_constructor_arguments_are_refused(arguments: dict[str, Any], m
 # -- finding the master -----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def deployment() -> Any:
-    with throwaway_sentinel() as found:
-        yield found
+@pytest.fixture
+def deployment(redis_sentinel: RedisSentinelFixture) -> RedisSentinelFixture:
+    """The session's deployment (tests/conftest.py); tests here use key prefixes of their own."""
+    return redis_sentinel
 
 
 async def test_connecting_without_any_sentinel_fails_fast() -> None:
@@ -136,7 +141,7 @@ async def test_an_unknown_service_is_refused_naming_it(deployment: RedisSentinel
 async def test_both_connections_go_to_the_master_and_channels_record_its_id(
     deployment: RedisSentinelFixture,
 ) -> None:
-    backend = backend_of(deployment, key_prefix="rtbtest-sentinel-id")
+    backend = backend_of(deployment, key_prefix=unique_prefix())
     recorder = Recorder()
     await backend.connect(recorder)
     try:
@@ -170,7 +175,7 @@ async def test_a_channel_written_by_another_master_starts_a_new_epoch(
     deployment: RedisSentinelFixture,
 ) -> None:
     # What a failover leaves behind, made by hand: the meta hash names a master that is not this one.
-    backend = backend_of(deployment, key_prefix="rtbtest-sentinel-foreign")
+    backend = backend_of(deployment, key_prefix=unique_prefix())
     await backend.connect(Recorder())
     try:
         first = await backend.publish("c", payload(1))
@@ -185,6 +190,30 @@ async def test_a_channel_written_by_another_master_starts_a_new_epoch(
         assert (await backend.history("c", 0, limit=10)).envelopes == ()
         assert (await backend.publish("c", payload(3))).seq == 1
     finally:
+        await backend.disconnect()
+
+
+async def test_a_master_that_refuses_writes_fails_publishes_as_unavailable(
+    deployment: RedisSentinelFixture,
+) -> None:
+    # min-replicas-to-write above the replicas it has: the master answers NOREPLICAS, as one cut off from
+    # its replicas would. Publishes fail with BackendUnavailable (never a silent loss), the command
+    # connection asks the Sentinels again, and publishes succeed once the master takes writes again.
+    backend = backend_of(deployment, key_prefix=unique_prefix())
+    await backend.connect(Recorder())
+    master = redis.Redis(port=deployment.current_master().port)
+    try:
+        first = await backend.publish("c", payload(1))
+        master.config_set("min-replicas-to-write", 2)
+        with pytest.raises(BackendUnavailable, match="NOREPLICAS"):
+            await backend.publish("c", payload(2))
+        master.config_set("min-replicas-to-write", 0)
+        again = await backend.publish("c", payload(3))
+        assert (again.epoch, again.seq) == (first.epoch, 2)
+        assert backend.stats()["master_changes"] == 0
+    finally:
+        master.config_set("min-replicas-to-write", 0)
+        master.close()
         await backend.disconnect()
 
 

@@ -53,11 +53,13 @@ RECONNECTED: Final = "backend_reconnected"
 
 #: Errors that mean "Redis cannot be reached right now" (BusyLoadingError is a ConnectionError).
 UNREACHABLE: Final = (RedisConnectionError, RedisTimeoutError, TimeoutError, OSError)
-#: Error replies that mean "not now" rather than "never": memory full, failover, loading, busy script.
+#: Error replies that mean "not now" rather than "never": memory full, failover (a replica, a master cut off
+#: from its replicas under ``min-replicas-to-write``), loading, busy script.
 TRANSIENT_REPLIES: Final = (
     "OOM",
     "READONLY",
     "MASTERDOWN",
+    "NOREPLICAS",
     "LOADING",
     "BUSY",
     "TRYAGAIN",

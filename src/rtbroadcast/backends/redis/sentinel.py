@@ -52,8 +52,9 @@ logger = logging.getLogger("rtbroadcast.redis")
 
 DEFAULT_SENTINEL_PORT: Final = 26379
 
-#: Error replies that mean "this server is not the master (any more)": find the master again.
-_NOT_MASTER: Final = ("READONLY", "MASTERDOWN")
+#: Error replies that mean "this server is not the master (any more)", or may not be (cut off from its
+#: replicas under ``min-replicas-to-write``): ask the Sentinels again.
+_NOT_MASTER: Final = ("READONLY", "MASTERDOWN", "NOREPLICAS")
 
 #: Options of a ``redis+sentinel://`` URL besides rtbroadcast's own (``ssl_*`` only on ``rediss+sentinel://``).
 _SENTINEL_OPTIONS: Final = ("sentinel_username", "sentinel_password")
