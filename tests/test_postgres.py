@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import asyncpg
 import pytest
@@ -47,6 +47,22 @@ async def db(postgres_url: str, postgres_schema: str) -> AsyncIterator[asyncpg.P
         yield pool
     finally:
         await pool.close()
+
+
+@pytest.fixture
+def trimmable(
+    postgres_url: str, postgres_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> Callable[..., PostgresBackend]:
+    """Make backends on the test's schema with these options, whose rows may be trimmed at once.
+
+    Without the delivery grace a trim does not wait for rows a listener may still be reading.
+    """
+    monkeypatch.setattr("rtbroadcast.backends.postgres.DELIVERY_GRACE", 0.0)
+
+    def make(**options: Any) -> PostgresBackend:
+        return PostgresBackend(postgres_url, schema=postgres_schema, **options)
+
+    return make
 
 
 async def rows(pool: asyncpg.Pool, query: str) -> list[asyncpg.Record]:
@@ -175,10 +191,9 @@ async def test_an_idempotency_key_in_a_transaction_publishes_once(
 
 
 async def test_trimming_deletes_old_rows_and_never_waits_for_a_publisher(
-    postgres_url: str, postgres_schema: str, db: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+    trimmable: Callable[..., PostgresBackend], postgres_schema: str, db: asyncpg.Pool
 ) -> None:
-    monkeypatch.setattr("rtbroadcast.backends.postgres.DELIVERY_GRACE", 0.0)
-    backend = PostgresBackend(postgres_url, schema=postgres_schema, history_size=10, trim_interval=3600)
+    backend = trimmable(history_size=10, trim_interval=3600)
     async with Broadcaster(backend=backend) as broadcaster:
         for n in range(50):
             await broadcaster.publish("a", Bid(n=n))
@@ -204,10 +219,9 @@ async def test_trimming_deletes_old_rows_and_never_waits_for_a_publisher(
 
 
 async def test_trimming_by_age(
-    postgres_url: str, postgres_schema: str, db: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+    trimmable: Callable[..., PostgresBackend], postgres_schema: str, db: asyncpg.Pool
 ) -> None:
-    monkeypatch.setattr("rtbroadcast.backends.postgres.DELIVERY_GRACE", 0.0)
-    backend = PostgresBackend(postgres_url, schema=postgres_schema, history_ttl=0.3, trim_interval=3600)
+    backend = trimmable(history_ttl=0.3, trim_interval=3600)
     async with Broadcaster(backend=backend) as broadcaster:
         await broadcaster.publish("a", Bid(n=1), idempotency_key="old")
         await asyncio.sleep(0.4)
@@ -217,10 +231,9 @@ async def test_trimming_by_age(
 
 
 async def test_the_trimmer_runs_by_itself(
-    postgres_url: str, postgres_schema: str, db: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+    trimmable: Callable[..., PostgresBackend], postgres_schema: str, db: asyncpg.Pool
 ) -> None:
-    monkeypatch.setattr("rtbroadcast.backends.postgres.DELIVERY_GRACE", 0.0)
-    backend = PostgresBackend(postgres_url, schema=postgres_schema, history_size=2, trim_interval=0.1)
+    backend = trimmable(history_size=2, trim_interval=0.1)
     async with Broadcaster(backend=backend) as broadcaster:
         for n in range(10):
             await broadcaster.publish("a", Bid(n=n))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import shutil
 import subprocess
 import time
@@ -27,6 +28,7 @@ from rtbroadcast import (
     load_backend,
 )
 from rtbroadcast.backends.redis import RedisBackend
+from rtbroadcast.backends.redis._shared import reconnect_pause
 
 from .redis_support import RedisServer, free_port, redis_server_binary
 from .support import MS, no_task_left, until
@@ -174,6 +176,20 @@ async def test_a_lost_meta_hash_starts_a_new_epoch_without_the_old_history(
     assert (envelope.seq, envelope.epoch) == (1, fresh.epoch)
     history = await backend.history("c", 0, limit=10)
     assert history.complete and [e.data for e in history.envelopes] == [envelope.data]
+
+
+async def test_an_application_seeding_random_never_makes_a_lost_channel_reuse_its_epoch(
+    backend: RedisBackend, raw: redis.asyncio.Redis
+) -> None:
+    # The same seed before each loss (a service that seeds `random` at start-up, restarted): if the epoch
+    # came from the `random` module, the channel would get its old epoch back, and its clients, holding seq
+    # 3 of that epoch, would take the new events 1..3 for ones they had.
+    epochs = []
+    for _ in range(3):
+        random.seed(1234)
+        epochs.append((await backend.publish("c", payload(1))).epoch)
+        await raw.delete(backend.keys("c")["meta"], backend.keys("c")["stream"])
+    assert len(set(epochs)) == 3, epochs
 
 
 async def test_a_lost_stream_leaves_history_incomplete_and_seqs_going_on(
@@ -459,6 +475,30 @@ async def test_a_dropped_connection_is_restored_and_reported(redis_server: Redis
     finally:
         await admin.aclose()
         await backend.disconnect()
+
+
+async def test_the_reconnect_jitter_leaves_the_random_module_alone(redis_server: RedisServer) -> None:
+    # A service that seeds `random` (or tests that do) must not make every process back off alike.
+    backend, recorder = await connected(redis_server.url, **FAST)  # type: ignore[arg-type]
+    admin = redis.asyncio.Redis.from_url(redis_server.url)
+    try:
+        await backend.subscribe("a")
+        before = random.getstate()
+        assert await admin.client_kill_filter(_type="pubsub") == 1
+        await recorder.wait_for(lambda: recorder.interruptions == [(["a"], "backend_reconnected")])
+        assert random.getstate() == before
+    finally:
+        await admin.aclose()
+        await backend.disconnect()
+
+
+def test_reconnect_pauses_double_up_to_the_most_with_jitter_in_the_upper_half() -> None:
+    rng = random.Random(7)
+    for failures in (0, 1, 2, 5, 40, 10_000):
+        delay = min(3.0, 0.1 * 2 ** min(failures, 32))
+        pauses = [reconnect_pause(rng, failures, (0.1, 3.0)) for _ in range(200)]
+        assert all(delay / 2 <= pause <= delay for pause in pauses), (failures, min(pauses), max(pauses))
+        assert max(pauses) - min(pauses) > delay / 4  # jittered, not one fixed value
 
 
 async def test_after_a_restart_that_kept_the_data_clients_catch_up_without_resync() -> None:

@@ -60,6 +60,8 @@ from .redis._shared import (
     ChannelSettings,
     check_reconnect_delay,
     consume,
+    envelope_of,
+    reconnect_pause,
     text,
 )
 
@@ -76,14 +78,9 @@ _REDIRECTED: Final = ("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN", "NOSCRIPT")
 
 @dataclass(frozen=True, slots=True)
 class _Node:
-    host: str
-    port: int
+    key: tuple[str, int]  # (host, port): what connections are found by
     id: bytes
     replicas: int
-
-    @property
-    def key(self) -> tuple[str, int]:
-        return (self.host, self.port)
 
 
 class _Topology:
@@ -98,7 +95,7 @@ class _Topology:
         for entry in reply:
             start, end, primary, *replicas = entry
             host = text(primary[0]) or "127.0.0.1"
-            node = _Node(host, int(primary[1]), bytes(primary[2]), len(replicas))
+            node = _Node((host, int(primary[1])), bytes(primary[2]), len(replicas))
             for slot in range(int(start), int(end) + 1):
                 slots[slot] = node
         self.slots = slots
@@ -200,8 +197,14 @@ class RedisClusterBackend(Backend):
         self._max_attempts = optional_count("max_reconnect_attempts", max_reconnect_attempts, minimum=1)
         self._scripts = ChannelScripts(self._run, CLUSTER_SCRIPTS, self._keys, settings)
         self._topology = _Topology()
+        # For the shards' reconnect jitter: seeded again by connect(), in the process that connects.
+        self._random = random.Random()
         self._refreshing: asyncio.Task[None] | None = None
         self._pipes: dict[tuple[str, int], CommandPipe] = {}
+        #: The node ID of each command connection's node (``CLUSTER MYID``), for scripts sent after ``ASK``.
+        self._node_ids: dict[tuple[str, int], bytes] = {}
+        #: The slot of each channel's first key, as ``_run`` is given it (bounded like the key cache).
+        self._slots: dict[bytes, int] = {}
         self._opening: dict[tuple[str, int], asyncio.Task[CommandPipe]] = {}
         self._shards: dict[tuple[str, int], _Shard] = {}
         self._channels: dict[str, str] = {}  # channel -> PUB/SUB name
@@ -319,6 +322,7 @@ class RedisClusterBackend(Backend):
                 f"cannot connect a Redis Cluster backend that is {self._state}; disconnect() first"
             )
         self._state = "connecting"
+        self._random.seed()  # from os.urandom: a process forked after the backend was made has its own
         try:
             async with asyncio.timeout(self._timeout):
                 await self._refresh_now()
@@ -426,6 +430,7 @@ class RedisClusterBackend(Backend):
             after = {n.key for n in self._topology.nodes()}
             for gone in before - after:  # no longer a primary: its command connection is not needed
                 stale = self._pipes.pop(gone, None)
+                self._node_ids.pop(gone, None)
                 if stale is not None:
                     asyncio.get_running_loop().create_task(stale.close()).add_done_callback(consume)
             if before and before != after:
@@ -473,8 +478,18 @@ class RedisClusterBackend(Backend):
                 pipe = await open_pipe(
                     self._template(*key), request_timeout=self._timeout, where=f"{key[0]}:{key[1]}"
                 )
-            for script in CLUSTER_SCRIPTS.values():
-                pipe.request(script.load).add_done_callback(consume)
+                for script in CLUSTER_SCRIPTS.values():
+                    pipe.request(script.load).add_done_callback(consume)
+                # Which node this is: a script sent here after an ASK (its slot is being migrated here) says
+                # so, so that the channel's epoch changes once, when it first runs here, and not again when
+                # the migration ends. A node that cannot say is left out: such scripts then name nobody.
+                try:
+                    node_id = await pipe.request(pack(b"CLUSTER", b"MYID"))
+                except BaseException:
+                    await pipe.close()
+                    raise
+            if isinstance(node_id, bytes) and node_id:
+                self._node_ids[key] = node_id
             self._pipes[key] = pipe
             return pipe
         finally:
@@ -501,7 +516,9 @@ class RedisClusterBackend(Backend):
         """
         self._require(action)
         deadline = asyncio.get_running_loop().time() + self._timeout
-        slot = key_slot(keys[0])
+        slot = self._slots.get(keys[0])
+        if slot is None:
+            slot = self._slot_of(keys[0])
         # The usual case first, with nothing but the request's own deadline: the slot's primary is known
         # and its connection is up. Anything else (a redirection, a failover, no connection yet) goes the
         # careful way below, from the start: the script did not run, or may run again (reads).
@@ -523,6 +540,12 @@ class RedisClusterBackend(Backend):
                 if not str(reply).startswith(_REDIRECTED):
                     raise self._failure(reply, action) from reply
         return await self._run_carefully(script, keys, args, action, slot, deadline, retry)
+
+    def _slot_of(self, key: bytes) -> int:
+        if len(self._slots) >= 10_000:
+            self._slots.clear()  # bounded: a service with more channels computes some slots again
+        slot = self._slots[key] = int(key_slot(key))
+        return slot
 
     async def _run_carefully(
         self,
@@ -549,7 +572,7 @@ class RedisClusterBackend(Backend):
                         await self._refresh()
                         asking = None
                         continue
-                    node_id = node.id if asking is None else b""
+                    node_id = node.id if asking is None else self._node_ids.get(asking, b"")
                     command = script.evalsha(keys, [*args, node_id])
                     if asking is not None:
                         pipe.request(pack(b"ASKING")).add_done_callback(consume)
@@ -691,8 +714,7 @@ class RedisClusterBackend(Backend):
             return  # unsubscribed while the message was on its way
         self._received += 1
         try:
-            seq, epoch, data = message.decode().split(" ", 2)
-            envelope = Envelope(channel, int(seq), epoch, data)
+            envelope = envelope_of(channel, message.decode())
         except ValueError:
             self._listener_errors += 1
             logger.error("ignoring a malformed message on Redis channel %r: %.80r", name, message)
@@ -1007,9 +1029,8 @@ class _Shard:
             del self.backend._shards[self.key]
 
     async def _backoff(self) -> None:
-        first, most = self.backend._reconnect_delay
-        delay = min(most, first * 2 ** min(self.attempts, 32))
-        await asyncio.sleep(random.uniform(delay / 2, delay))
+        backend = self.backend
+        await asyncio.sleep(reconnect_pause(backend._random, self.attempts, backend._reconnect_delay))
         self.attempts += 1
         limit = self.backend._max_attempts
         if limit is not None and self.attempts >= limit:

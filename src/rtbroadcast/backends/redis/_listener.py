@@ -30,9 +30,9 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ...errors import BackendUnavailable
-from ..base import BackendListener, Envelope
+from ..base import BackendListener
 from ._presence import is_presence_message
-from ._shared import RECONNECTED, UNREACHABLE, text
+from ._shared import RECONNECTED, UNREACHABLE, envelope_of, reconnect_pause, text
 
 if TYPE_CHECKING:
     from ._presence import RedisPresence
@@ -113,12 +113,15 @@ class PubSubListener:
         self.down_since: float | None = None
         self.received = 0
         self.listener_errors = 0
+        # For the reconnect jitter: seeded again by start(), in the process that connects.
+        self._random = random.Random()
 
     # -- what the backend calls ---------------------------------------------------------------------
 
     def start(self, conn: AbstractConnection) -> None:
         """Mark the backend connected and start the task that reads ``conn`` (already connected)."""
         self.state = State.CONNECTED
+        self._random.seed()  # from os.urandom: a process forked after the backend was made has its own
         # Held here until the task takes it, so that a stop() before the task ever ran closes it.
         self._handover = conn
         self._task = asyncio.get_running_loop().create_task(self._listen(), name="rtbroadcast-redis-listener")
@@ -264,13 +267,10 @@ class PubSubListener:
             _ListenerGaveUp: ``max_reconnect_attempts`` failed in a row.
         """
         host = self._host
-        first, most = host._reconnect_delay
         # The count goes back to 0 only once a connection is fully restored (_restored), so a connection
         # that opens but fails at once (say, an ACL refusing SUBSCRIBE) still backs off, and can give up.
         while True:
-            delay = min(most, first * 2 ** min(self.attempts, 32))  # the exponent is capped: no overflow
-            # Jitter spreads the reconnects of many processes after a Redis restart.
-            await asyncio.sleep(random.uniform(delay / 2, delay))
+            await asyncio.sleep(reconnect_pause(self._random, self.attempts, host._reconnect_delay))
             self.attempts += 1
             try:
                 return await host._open()
@@ -380,8 +380,7 @@ class PubSubListener:
             return
         self.received += 1
         try:
-            seq, epoch, data = body.split(" ", 2)
-            envelope = Envelope(channel, int(seq), epoch, data)
+            envelope = envelope_of(channel, body)
         except ValueError:
             self.listener_errors += 1
             logger.error("ignoring a malformed message on Redis channel %r: %.80r", name, message)

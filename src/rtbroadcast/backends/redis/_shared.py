@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import random
 from typing import Any, Final, Protocol
 
@@ -37,6 +38,8 @@ __all__ = [
     "ChannelSettings",
     "check_reconnect_delay",
     "consume",
+    "envelope_of",
+    "reconnect_pause",
     "text",
 ]
 
@@ -83,9 +86,16 @@ def _ms(seconds: float | None) -> int:
     return 0 if seconds is None else max(1, math.ceil(seconds * 1000))
 
 
+# Epochs are not secrets (every client sees them), but they must never repeat: a channel whose data Redis
+# lost gets a new epoch, and an old one coming back would make its clients take new events for ones they
+# had. So they come from a generator of our own, seeded by the OS (and again in a forked child), never from
+# the ``random`` module, which an application may seed.
+_epochs = random.Random(os.urandom(32))
+os.register_at_fork(after_in_child=lambda: _epochs.seed(os.urandom(32)))
+
+
 def _candidate_epoch() -> bytes:
-    # Not a secret: epochs go to every client. The module's generator is reseeded after a fork.
-    return b"%016x" % random.getrandbits(64)
+    return b"%016x" % _epochs.getrandbits(64)
 
 
 def check_reconnect_delay(reconnect_delay: object) -> tuple[float, float]:
@@ -100,6 +110,29 @@ def check_reconnect_delay(reconnect_delay: object) -> tuple[float, float]:
             f"reconnect_delay must be (first, most) seconds with 0 < first <= most, not {reconnect_delay!r}"
         )
     return (float(delays[0]), float(delays[1]))
+
+
+def reconnect_pause(rng: random.Random, failures: int, delays: tuple[float, float]) -> float:
+    """Return the seconds to wait before the next reconnect attempt, after ``failures`` in a row.
+
+    The delay doubles with each failure from ``first`` up to ``most`` (``delays``), and is drawn at random
+    from its upper half: jitter spreads the reconnects of many processes after a Redis restart. ``rng`` is
+    the backend's own generator, seeded when it connects, so that a service that seeds the ``random``
+    module (or a generator forked with the process) does not make every process wait alike.
+    """
+    first, most = delays
+    delay = min(most, first * 2 ** min(failures, 32))  # the exponent is capped: no overflow
+    return rng.uniform(delay / 2, delay)
+
+
+def envelope_of(channel: str, message: str) -> Envelope:
+    """Parse a channel's PUB/SUB message, ``"<seq> <epoch> <data>"`` (what the publish script sends).
+
+    Raises:
+        ValueError: the message is not of that form.
+    """
+    seq, epoch, data = message.split(" ", 2)
+    return Envelope(channel, int(seq), epoch, data)
 
 
 class ChannelSettings:
