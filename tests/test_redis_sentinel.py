@@ -1,8 +1,8 @@
 """What only the Redis Sentinel backend does: its URL, finding the master through the Sentinels, the
 master's ID on every channel, and a master killed while the Sentinels promote its replica.
 
-The shared backend contract and presence run on a Sentinel deployment too (tests/test_backends.py,
-tests/test_presence_backends.py). The deployments here are the test's own: a master, a replica and three
+The shared backend contract, presence and the resume properties run on a Sentinel deployment too
+(tests/test_backends.py, tests/test_presence_backends.py, tests/test_resume_properties.py). The deployments here are the test's own: a master, a replica and three
 Sentinels on free loopback ports.
 """
 
