@@ -365,7 +365,10 @@ class RedisBackend(RedisPresenceMixin):
                     if pipe is None or pipe.closed:
                         async with asyncio.timeout_at(deadline):
                             pipe = await self._open_pipe()
-                    reply = await self._request(pipe, script, keys, args, deadline)
+                    reply = await self._send(pipe, script, keys, args, deadline)
+                    if isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT"):
+                        # Not run, so safe to send again; EVAL also puts it back in Redis's cache.
+                        reply = await self._send(pipe, script, keys, args, deadline, cached=False)
                     if isinstance(reply, ResponseError):
                         raise reply
                     return reply
@@ -421,15 +424,22 @@ class RedisBackend(RedisPresenceMixin):
     async def _pipe_opened(self, pipe: CommandPipe) -> None:
         """Check a new command connection before any script goes on it (nothing to check on one Redis)."""
 
-    async def _request(
-        self, pipe: CommandPipe, script: Script, keys: list[bytes], args: list[bytes], deadline: float
-    ) -> Any:
-        """Send ``script`` on ``pipe`` and return its reply (a ``ResponseError`` for an error reply)."""
-        reply = await pipe.request(script.evalsha(keys, args), deadline)
-        if isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT"):
-            # Not run, so safe to send again; EVAL also puts it back in Redis's cache.
-            reply = await pipe.request(script.eval(keys, args), deadline)
-        return reply
+    def _send(
+        self,
+        pipe: CommandPipe,
+        script: Script,
+        keys: list[bytes],
+        args: list[bytes],
+        deadline: float,
+        *,
+        cached: bool = True,
+    ) -> asyncio.Future[Any]:
+        """Queue ``script`` on ``pipe`` (``EVALSHA``, or ``EVAL`` if not ``cached``); return its reply.
+
+        Raises:
+            redis.exceptions.ConnectionError: the pipe is closed.
+        """
+        return pipe.request(script.evalsha(keys, args) if cached else script.eval(keys, args), deadline)
 
     async def _close_pipe(self) -> None:
         task, self._pipe_opening = self._pipe_opening, None

@@ -3,7 +3,8 @@
 Everything the single-Redis backend does (:mod:`.backend`: one pipelined command connection, one PUB/SUB
 connection, the Lua scripts, Streams history, presence) happens on the master the Sentinels name. Both
 connections ask the Sentinels where the master is whenever they (re)connect, and check that the server they
-reached says it is the master (``ROLE``, ``INFO replication``) before using it.
+reached says it is the master (``ROLE``, ``INFO replication``) before using it. The Sentinels are asked on
+connections of their own, each closed once it answered (:class:`_Sentinels`).
 
 A failover may lose the last writes of the old master (replication is asynchronous), and subscribers may have
 seen them live. As on Redis Cluster, the channel's meta hash records the ID of the master that last wrote it,
@@ -17,6 +18,7 @@ that wrote the channel before.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import weakref
 from collections.abc import Iterable, Mapping
@@ -403,16 +405,31 @@ class RedisSentinelBackend(RedisBackend):
                 previous.port,
             )
 
-    async def _request(
-        self, pipe: CommandPipe, script: Script, keys: list[bytes], args: list[bytes], deadline: float
-    ) -> Any:
-        """Send ``script`` with the replication ID of ``pipe``'s master as its last ARGV."""
+    def _send(
+        self,
+        pipe: CommandPipe,
+        script: Script,
+        keys: list[bytes],
+        args: list[bytes],
+        deadline: float,
+        *,
+        cached: bool = True,
+    ) -> asyncio.Future[Any]:
+        """Queue ``script`` with the replication ID of ``pipe``'s master as its last ARGV."""
         master = self._masters.get(pipe)
         if master is None:  # not a connection _pipe_opened() checked: never send a script on it
             raise RedisConnectionError(f"the command connection to {pipe.where} has no master recorded")
-        reply = await super()._request(pipe, script, keys, [*args, master.replid], deadline)
+        future = super()._send(pipe, script, keys, [*args, master.replid], deadline, cached=cached)
+        future.add_done_callback(functools.partial(self._check_reply, pipe, master))
+        return future
+
+    def _check_reply(self, pipe: CommandPipe, master: _Master, future: asyncio.Future[Any]) -> None:
+        """Close ``pipe`` when its server says it is no longer the master: the next command asks the
+        Sentinels again (a demotion while this connection stayed open)."""
+        if future.cancelled() or future.exception() is not None or pipe.closed:
+            return
+        reply = future.result()
         if isinstance(reply, ResponseError) and str(reply).startswith(_NOT_MASTER):
-            # Demoted while this connection stayed open: ask the Sentinels again at the next command.
             logger.warning(
                 "%s:%d is no longer the master of %r (%s); asking the Sentinels again",
                 master.host,
@@ -420,8 +437,7 @@ class RedisSentinelBackend(RedisBackend):
                 self._service,
                 reply,
             )
-            await pipe.close()
-        return reply
+            pipe.abort("closed: its server is no longer the master")
 
     async def _open(self, **overrides: Any) -> AbstractConnection:
         """Open a PUB/SUB connection to the master the Sentinels name, and check that it is the master.
