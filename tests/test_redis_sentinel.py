@@ -27,6 +27,7 @@ from rtbroadcast import (
     load_backend,
 )
 from rtbroadcast.backends.redis import RedisSentinelBackend
+from rtbroadcast.backends.redis._shared import error_code
 from rtbroadcast.protocol import ResyncRequired
 
 from .redis_support import RedisSentinelFixture, throwaway_sentinel
@@ -112,6 +113,29 @@ def test_a_wrong_sentinel_url_is_refused_at_construction(url: str, message: str)
 def test_nonsense_constructor_arguments_are_refused(arguments: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigurationError, match=message):
         RedisSentinelBackend(**arguments)
+
+
+@pytest.mark.parametrize(
+    ("message", "code"),
+    [
+        ("READONLY You can't write against a read only replica.", "READONLY"),
+        (
+            "NOREPLICAS Not enough good replicas to write. script: fdbf, on @user_script:49.",
+            "NOREPLICAS",
+        ),
+        (
+            "ERR Error running script (call to f_fdbf): @user_script:49: @user_script: 49: "
+            "-NOREPLICAS Not enough good replicas to write.",
+            "NOREPLICAS",
+        ),
+        ("ERR Error running script (call to f_fdbf): @user_script:3: wrong number of args", "ERR"),
+        ("NOSCRIPT No matching script. Please use EVAL.", "NOSCRIPT"),
+    ],
+)
+def test_error_codes_are_read_inside_script_errors_of_redis_6_and_7(message: str, code: str) -> None:
+    # Redis 6 wraps the error of a command inside a script; a demoted master's READONLY must still be
+    # "not now" (BackendUnavailable) and make the Sentinel backend ask the Sentinels again.
+    assert error_code(message) == code
 
 
 # -- finding the master -----------------------------------------------------------------------------------

@@ -71,6 +71,24 @@ TRANSIENT_REPLIES: Final = (
 )
 
 
+def error_code(message: str) -> str:
+    """Return the code of an error reply (``READONLY``), also from inside a script's error.
+
+    Redis 7 starts a script's error with the code of the command that failed in it; Redis 6 wraps it:
+    ``ERR Error running script (call to f_...): @user_script:49: @user_script: 49: -NOREPLICAS ...``.
+    """
+    if message.startswith("ERR Error running script"):
+        _, found, inner = message.rpartition(": -")
+        if found:
+            message = inner
+    return message.partition(" ")[0]
+
+
+def is_transient(message: str) -> bool:
+    """Return whether an error reply means "not now" (one of :data:`TRANSIENT_REPLIES`)."""
+    return error_code(message) in TRANSIENT_REPLIES
+
+
 def text(value: bytes | str) -> str:
     """Return a reply as text."""
     return value.decode() if isinstance(value, bytes) else value

@@ -43,12 +43,12 @@ from ._shared import (
     DEFAULT_RECONNECT_DELAY,
     DEFAULT_TIMEOUT,
     DEFAULT_UNPUBLISHED_TTL,
-    TRANSIENT_REPLIES,
     UNREACHABLE,
     ChannelScripts,
     ChannelSettings,
     check_reconnect_delay,
     consume,
+    is_transient,
 )
 
 __all__ = ["DEFAULT_MAX_CONNECTIONS", "RedisBackend"]
@@ -335,7 +335,7 @@ class RedisBackend(RedisPresenceMixin):
 
     def _translate(self, exc: BaseException, action: str) -> BackendError:
         self._note_error(exc)
-        if isinstance(exc, ResponseError) and not str(exc).startswith(TRANSIENT_REPLIES):
+        if isinstance(exc, ResponseError) and not is_transient(str(exc)):
             return BackendError(f"Redis refused to {action}: {exc}")
         if isinstance(exc, TimeoutError | RedisTimeoutError):
             detail = f"no answer within {self._timeout} s"

@@ -45,7 +45,7 @@ from .._redis_pipe import CommandPipe, open_pipe, pack
 from ._listener import close_connection
 from ._options import URL_OPTIONS, check_redis_py_url
 from ._scripts import NODE_SCRIPTS, Script
-from ._shared import UNREACHABLE, text
+from ._shared import UNREACHABLE, error_code, text
 from .backend import DEFAULT_MAX_CONNECTIONS, RedisBackend
 
 __all__ = ["RedisSentinelBackend"]
@@ -429,7 +429,7 @@ class RedisSentinelBackend(RedisBackend):
         if future.cancelled() or future.exception() is not None or pipe.closed:
             return
         reply = future.result()
-        if isinstance(reply, ResponseError) and str(reply).startswith(_NOT_MASTER):
+        if isinstance(reply, ResponseError) and error_code(str(reply)) in _NOT_MASTER:
             logger.warning(
                 "%s:%d is no longer the master of %r (%s); asking the Sentinels again",
                 master.host,
