@@ -152,6 +152,7 @@ class RedisClusterBackend(Backend):
     """
 
     name = "redis+cluster"
+    supports_headers = True
 
     def __init__(
         self,
@@ -624,7 +625,14 @@ class RedisClusterBackend(Backend):
 
     # -- publishing and reading ---------------------------------------------------------------------
 
-    async def publish(self, channel: str, payload: str, *, idempotency_key: str | None = None) -> Envelope:
+    async def publish(
+        self,
+        channel: str,
+        payload: str,
+        *,
+        idempotency_key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Envelope:
         """Assign the next seq, append to the stream and SPUBLISH, in one script on the channel's shard.
 
         Raises:
@@ -634,7 +642,7 @@ class RedisClusterBackend(Backend):
             BackendError: Redis refused the script.
         """
         try:
-            return await self._scripts.publish(channel, payload, idempotency_key)
+            return await self._scripts.publish(channel, payload, idempotency_key, headers)
         except BackendError:
             self._publish_errors += 1
             raise

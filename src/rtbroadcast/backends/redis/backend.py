@@ -100,6 +100,7 @@ class RedisBackend(RedisPresenceMixin):
     """
 
     name = "redis"
+    supports_headers = True
 
     #: The channel scripts, by name (the Sentinel backend's also check which master wrote a channel).
     _script_set: ClassVar[dict[str, Script]] = SCRIPTS
@@ -452,7 +453,14 @@ class RedisBackend(RedisPresenceMixin):
 
     # -- publishing and reading ---------------------------------------------------------------------
 
-    async def publish(self, channel: str, payload: str, *, idempotency_key: str | None = None) -> Envelope:
+    async def publish(
+        self,
+        channel: str,
+        payload: str,
+        *,
+        idempotency_key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Envelope:
         """Assign the next seq, append to the channel's stream and PUBLISH, in one Lua script.
 
         A publish that times out after Redis received it may still have been applied; retry with the same
@@ -464,7 +472,7 @@ class RedisBackend(RedisPresenceMixin):
             BackendError: Redis refused the script.
         """
         try:
-            return await self._scripts.publish(channel, payload, idempotency_key)
+            return await self._scripts.publish(channel, payload, idempotency_key, headers)
         except BackendError:
             self._publish_errors += 1
             raise
