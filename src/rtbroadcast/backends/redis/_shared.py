@@ -64,17 +64,37 @@ RECONNECTED: Final = "backend_reconnected"
 
 #: Errors that mean "Redis cannot be reached right now" (BusyLoadingError is a ConnectionError).
 UNREACHABLE: Final = (RedisConnectionError, RedisTimeoutError, TimeoutError, OSError)
-#: Error replies that mean "not now" rather than "never": memory full, failover, loading, busy script.
+#: Error replies that mean "not now" rather than "never": memory full, failover (a replica, a master cut off
+#: from its replicas under ``min-replicas-to-write``), loading, busy script.
 TRANSIENT_REPLIES: Final = (
     "OOM",
     "READONLY",
     "MASTERDOWN",
+    "NOREPLICAS",
     "LOADING",
     "BUSY",
     "TRYAGAIN",
     "CLUSTERDOWN",
     "NOSCRIPT",
 )
+
+
+def error_code(message: str) -> str:
+    """Return the code of an error reply (``READONLY``), also from inside a script's error.
+
+    Redis 7 starts a script's error with the code of the command that failed in it; Redis 6 wraps it:
+    ``ERR Error running script (call to f_...): @user_script:49: @user_script: 49: -NOREPLICAS ...``.
+    """
+    if message.startswith("ERR Error running script"):
+        _, found, inner = message.rpartition(": -")
+        if found:
+            message = inner
+    return message.partition(" ")[0]
+
+
+def is_transient(message: str) -> bool:
+    """Return whether an error reply means "not now" (one of :data:`TRANSIENT_REPLIES`)."""
+    return error_code(message) in TRANSIENT_REPLIES
 
 
 def text(value: bytes | str) -> str:

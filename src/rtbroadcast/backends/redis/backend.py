@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 from urllib.parse import urlsplit
 
 from redis.asyncio import Redis
@@ -43,12 +43,12 @@ from ._shared import (
     DEFAULT_RECONNECT_DELAY,
     DEFAULT_TIMEOUT,
     DEFAULT_UNPUBLISHED_TTL,
-    TRANSIENT_REPLIES,
     UNREACHABLE,
     ChannelScripts,
     ChannelSettings,
     check_reconnect_delay,
     consume,
+    is_transient,
 )
 
 __all__ = ["DEFAULT_MAX_CONNECTIONS", "RedisBackend"]
@@ -102,6 +102,11 @@ class RedisBackend(RedisPresenceMixin):
     name = "redis"
     supports_headers = True
 
+    #: The channel scripts, by name (the Sentinel backend's also check which master wrote a channel).
+    _script_set: ClassVar[dict[str, Script]] = SCRIPTS
+    #: Whether the backend finds its server itself (Sentinel) rather than from ``url`` or ``client``.
+    _finds_server: ClassVar[bool] = False
+
     def __init__(
         self,
         url: str | None = None,
@@ -119,7 +124,7 @@ class RedisBackend(RedisPresenceMixin):
         max_reconnect_attempts: int | None = None,
         presence_heartbeat: float = DEFAULT_PRESENCE_HEARTBEAT,
     ) -> None:
-        if (url is None) == (client is None):
+        if (url is None) == (client is None) and not self._finds_server:
             raise ConfigurationError("pass either a Redis URL or a redis.asyncio.Redis client")
         if client is not None and not isinstance(client, Redis):
             raise ConfigurationError(
@@ -149,7 +154,7 @@ class RedisBackend(RedisPresenceMixin):
         self._url = url
         self._own_client = client is None
         self._client: Redis | None = client
-        self._scripts = ChannelScripts(self._run, SCRIPTS, self._keys, settings)
+        self._scripts = ChannelScripts(self._run, self._script_set, self._keys, settings)
         self._presence = RedisPresence(self, seconds("presence_heartbeat", presence_heartbeat))
         # The command connection every publish and read shares (see _redis_pipe), and its opening.
         self._pipe: CommandPipe | None = None
@@ -218,24 +223,7 @@ class RedisBackend(RedisPresenceMixin):
             )
         pubsub.state = State.CONNECTING
         if self._client is None:
-            assert self._url is not None
-            # No retries inside redis-py: a retried publish could be applied twice, and a retry loop would
-            # outlast the timeout. The listener reconnects on its own schedule. RESP2 unless the URL says
-            # otherwise: redis-py 8.1.0 over RESP3 hands out pooled connections the server has closed, so
-            # the first commands after a Redis restart fail (redis/redis-py#4252).
-            # A blocking pool: a burst of commands (thousands of clients attaching at once) waits for one of
-            # its connections instead of failing with "Too many connections" past redis-py's default of 100.
-            # `?max_connections=N` in the URL sets the size.
-            pool = BlockingConnectionPool.from_url(
-                self._url,
-                max_connections=DEFAULT_MAX_CONNECTIONS,
-                timeout=self._timeout,
-                retry=Retry(NoBackoff(), 0),
-                socket_timeout=self._timeout,
-                socket_connect_timeout=self._timeout,
-                protocol=2,
-            )
-            self._client = Redis(connection_pool=pool)
+            self._client = self._new_client()
         client = self._client
         kwargs = client.connection_pool.connection_kwargs
         self._keys.configure(
@@ -262,6 +250,27 @@ class RedisBackend(RedisPresenceMixin):
         pubsub.start(conn)
         self._presence.start(client)
         logger.debug("connected to Redis at %s", self._where())
+
+    def _new_client(self) -> Redis:
+        """Create the redis-py client for ``url`` (at connect, when none was given)."""
+        assert self._url is not None
+        # No retries inside redis-py: a retried publish could be applied twice, and a retry loop would
+        # outlast the timeout. The listener reconnects on its own schedule. RESP2 unless the URL says
+        # otherwise: redis-py 8.1.0 over RESP3 hands out pooled connections the server has closed, so
+        # the first commands after a Redis restart fail (redis/redis-py#4252).
+        # A blocking pool: a burst of commands (thousands of clients attaching at once) waits for one of
+        # its connections instead of failing with "Too many connections" past redis-py's default of 100.
+        # `?max_connections=N` in the URL sets the size.
+        pool = BlockingConnectionPool.from_url(
+            self._url,
+            max_connections=DEFAULT_MAX_CONNECTIONS,
+            timeout=self._timeout,
+            retry=Retry(NoBackoff(), 0),
+            socket_timeout=self._timeout,
+            socket_connect_timeout=self._timeout,
+            protocol=2,
+        )
+        return Redis(connection_pool=pool)
 
     async def disconnect(self) -> None:
         """Stop the listener, fail pending subscribes and close connections. Never raises."""
@@ -327,7 +336,7 @@ class RedisBackend(RedisPresenceMixin):
 
     def _translate(self, exc: BaseException, action: str) -> BackendError:
         self._note_error(exc)
-        if isinstance(exc, ResponseError) and not str(exc).startswith(TRANSIENT_REPLIES):
+        if isinstance(exc, ResponseError) and not is_transient(str(exc)):
             return BackendError(f"Redis refused to {action}: {exc}")
         if isinstance(exc, TimeoutError | RedisTimeoutError):
             detail = f"no answer within {self._timeout} s"
@@ -357,10 +366,10 @@ class RedisBackend(RedisPresenceMixin):
                     if pipe is None or pipe.closed:
                         async with asyncio.timeout_at(deadline):
                             pipe = await self._open_pipe()
-                    reply = await pipe.request(script.evalsha(keys, args), deadline)
+                    reply = await self._send(pipe, script, keys, args, deadline)
                     if isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT"):
                         # Not run, so safe to send again; EVAL also puts it back in Redis's cache.
-                        reply = await pipe.request(script.eval(keys, args), deadline)
+                        reply = await self._send(pipe, script, keys, args, deadline, cached=False)
                     if isinstance(reply, ResponseError):
                         raise reply
                     return reply
@@ -388,14 +397,16 @@ class RedisBackend(RedisPresenceMixin):
 
     async def _new_pipe(self) -> CommandPipe:
         try:
-            assert self._client is not None
-            pool = self._client.connection_pool
-            # A connection object that is never connected: it says where and how (TLS, login) to connect.
-            template = pool.connection_class(**pool.connection_kwargs)
             async with asyncio.timeout(self._timeout):
+                template = await self._pipe_template()
                 pipe = await open_pipe(template, request_timeout=self._timeout, where=self._where())
+                try:
+                    await self._pipe_opened(pipe)
+                except BaseException:
+                    await pipe.close()
+                    raise
             # Scripts first, so that EVALSHA finds them even on a Redis that just restarted.
-            for script in SCRIPTS.values():
+            for script in self._script_set.values():
                 pipe.request(script.load).add_done_callback(consume)
             old, self._pipe = self._pipe, pipe
             if old is not None:
@@ -403,6 +414,33 @@ class RedisBackend(RedisPresenceMixin):
             return pipe
         finally:
             self._pipe_opening = None
+
+    async def _pipe_template(self) -> AbstractConnection:
+        """Return a connection object that is never connected: it says where and how (TLS, login) the
+        command connection connects."""
+        assert self._client is not None
+        pool = self._client.connection_pool
+        return pool.connection_class(**pool.connection_kwargs)
+
+    async def _pipe_opened(self, pipe: CommandPipe) -> None:
+        """Check a new command connection before any script goes on it (nothing to check on one Redis)."""
+
+    def _send(
+        self,
+        pipe: CommandPipe,
+        script: Script,
+        keys: list[bytes],
+        args: list[bytes],
+        deadline: float,
+        *,
+        cached: bool = True,
+    ) -> asyncio.Future[Any]:
+        """Queue ``script`` on ``pipe`` (``EVALSHA``, or ``EVAL`` if not ``cached``); return its reply.
+
+        Raises:
+            redis.exceptions.ConnectionError: the pipe is closed.
+        """
+        return pipe.request(script.evalsha(keys, args) if cached else script.eval(keys, args), deadline)
 
     async def _close_pipe(self) -> None:
         task, self._pipe_opening = self._pipe_opening, None
