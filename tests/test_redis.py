@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import shutil
 import subprocess
 import time
@@ -22,10 +23,12 @@ from rtbroadcast import (
     ConfigurationError,
     Envelope,
     Event,
+    PresenceMember,
     Received,
     load_backend,
 )
 from rtbroadcast.backends.redis import RedisBackend
+from rtbroadcast.backends.redis._shared import reconnect_pause
 
 from .redis_support import RedisServer, free_port, redis_server_binary
 from .support import MS, no_task_left, until
@@ -85,6 +88,10 @@ async def test_keys_are_hash_tagged_per_channel_and_expire(
         "stream": f"{redis_prefix}:{tag}:stream",
         "idempotency": f"{redis_prefix}:{tag}:idem:",
         "pubsub": f"{redis_prefix}:{tag}",
+        "presence": f"{redis_prefix}:{tag}:presence",
+        "presence_order": f"{redis_prefix}:{tag}:presence:order",
+        "presence_procs": f"{redis_prefix}:{tag}:presence:procs",
+        "presence_version": f"{redis_prefix}:{tag}:presence:version",
     }
     envelope = await backend.publish("room:{1}", payload(1), idempotency_key="k")
     meta = await raw.hgetall(keys["meta"])
@@ -99,6 +106,17 @@ async def test_keys_are_hash_tagged_per_channel_and_expire(
     assert sorted(await raw.keys(f"{redis_prefix}:*")) == sorted(
         k.encode() for k in (keys["meta"], keys["stream"], keys["idempotency"] + "k")
     )
+
+
+async def test_keys_name_the_presence_keys_a_join_writes(
+    backend: RedisBackend, raw: redis.asyncio.Redis, redis_prefix: str
+) -> None:
+    keys = backend.keys("room:{1}")
+    presence = {keys[role] for role in ("presence", "presence_order", "presence_procs", "presence_version")}
+    await backend.presence_join("room:{1}", PresenceMember("client-1", "user-1"), limit=0)
+    written = {k.decode() for k in await raw.keys(f"{redis_prefix}:*")}
+    assert written == presence
+    await backend.presence_leave("room:{1}", "client-1")
 
 
 async def test_ttls_follow_the_options(redis_url: str, redis_prefix: str, raw: redis.asyncio.Redis) -> None:
@@ -443,6 +461,30 @@ async def test_a_dropped_connection_is_restored_and_reported(redis_server: Redis
     finally:
         await admin.aclose()
         await backend.disconnect()
+
+
+async def test_the_reconnect_jitter_leaves_the_random_module_alone(redis_server: RedisServer) -> None:
+    # A service that seeds `random` (or tests that do) must not make every process back off alike.
+    backend, recorder = await connected(redis_server.url, **FAST)  # type: ignore[arg-type]
+    admin = redis.asyncio.Redis.from_url(redis_server.url)
+    try:
+        await backend.subscribe("a")
+        before = random.getstate()
+        assert await admin.client_kill_filter(_type="pubsub") == 1
+        await recorder.wait_for(lambda: recorder.interruptions == [(["a"], "backend_reconnected")])
+        assert random.getstate() == before
+    finally:
+        await admin.aclose()
+        await backend.disconnect()
+
+
+def test_reconnect_pauses_double_up_to_the_most_with_jitter_in_the_upper_half() -> None:
+    rng = random.Random(7)
+    for failures in (0, 1, 2, 5, 40, 10_000):
+        delay = min(3.0, 0.1 * 2 ** min(failures, 32))
+        pauses = [reconnect_pause(rng, failures, (0.1, 3.0)) for _ in range(200)]
+        assert all(delay / 2 <= pause <= delay for pause in pauses), (failures, min(pauses), max(pauses))
+        assert max(pauses) - min(pauses) > delay / 4  # jittered, not one fixed value
 
 
 async def test_after_a_restart_that_kept_the_data_clients_catch_up_without_resync() -> None:

@@ -1,7 +1,7 @@
 """The Redis Cluster backend: channels spread over the shards of a Redis Cluster (Redis 7+).
 
-A channel's keys share one hash tag (``rtb:{<channel>}:...``, the key layout of :mod:`.redis`), so its epoch,
-seq, stream and idempotency keys live on one slot, and its live fan-out goes through *sharded* PUB/SUB
+A channel's keys share one hash tag (``rtb:{<channel>}:...``, the key layout in ``redis/_keys.py``), so its
+epoch, seq, stream and idempotency keys live on one slot, and its live fan-out goes through *sharded* PUB/SUB
 (``SPUBLISH``/``SSUBSCRIBE``) on the shard that owns that slot: the same Lua script assigns the seq, appends
 to the stream and ``SPUBLISH``es, so live events and history never disagree, exactly as on one Redis.
 
@@ -38,18 +38,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .._config import count, is_seconds, optional_count, optional_seconds, redact_url, seconds
+from .._config import optional_count, redact_url, seconds
 from ..errors import BackendError, BackendUnavailable, ConfigurationError, StateError
-from ..protocol import seq_prefix
 from ._redis_pipe import CommandPipe, check_login, connect, login_commands, open_pipe, pack
 from .base import Backend, BackendListener, Envelope, History, StreamPosition
-from .redis import (
-    _HISTORY,
-    _POSITION,
-    _PUBLISH,
-    _TRANSIENT_REPLIES,
-    _UNREACHABLE,
-    _URL_OPTIONS,
+from .redis._keys import KeyLayout, check_key_prefix
+from .redis._options import URL_OPTIONS, check_redis_py_url, read_option
+from .redis._scripts import CLUSTER_SCRIPTS, Script
+from .redis._shared import (
     DEFAULT_HISTORY_SIZE,
     DEFAULT_IDEMPOTENCY_TTL,
     DEFAULT_META_TTL,
@@ -58,14 +54,15 @@ from .redis import (
     DEFAULT_TIMEOUT,
     DEFAULT_UNPUBLISHED_TTL,
     RECONNECTED,
-    _candidate_epoch,
-    _check_redis_py_url,
-    _consume,
-    _escape,
-    _history_of,
-    _ms,
-    _Script,
-    _text,
+    TRANSIENT_REPLIES,
+    UNREACHABLE,
+    ChannelScripts,
+    ChannelSettings,
+    check_reconnect_delay,
+    consume,
+    envelope_of,
+    reconnect_pause,
+    text,
 )
 
 __all__ = ["RedisClusterBackend"]
@@ -77,41 +74,6 @@ SLOTS: Final = 16384
 _MAX_REDIRECTS: Final = 8
 #: Replies that mean the script did not run here: send it again, the careful way.
 _REDIRECTED: Final = ("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN", "NOSCRIPT")
-
-# -- Lua: the single-Redis scripts, with the epoch tied to the primary that wrote it, and SPUBLISH -----------
-
-
-def _cluster_script(body: str) -> str:
-    """Return ``body`` with ``ensure_epoch`` checking the writer's node ID (the last ARGV) and SPUBLISH."""
-    old_check = """  local epoch = redis.call('HGET', meta, 'epoch')
-  if epoch then
-    return epoch
-  end
-  redis.call('DEL', stream)
-  redis.call('HSET', meta, 'epoch', candidate, 'seq', 0)
-  return candidate"""
-    new_check = """  local found = redis.call('HMGET', meta, 'epoch', 'node')
-  local epoch = found[1]
-  if epoch and found[2] == ARGV[#ARGV] then
-    return epoch
-  end
-  -- A channel last written by another primary (a failover, which may have lost its last writes, or a slot
-  -- migration): a new epoch, so that no client takes a seq it saw on the old primary for a new event.
-  redis.call('DEL', stream)
-  redis.call('HSET', meta, 'epoch', candidate, 'seq', 0, 'node', ARGV[#ARGV])
-  return candidate"""
-    assert body.count(old_check) == 1
-    body = body.replace(old_check, new_check)
-    if "redis.call('PUBLISH'" in body:
-        body = body.replace("redis.call('PUBLISH'", "redis.call('SPUBLISH'")
-    return body
-
-
-_SCRIPTS: Final = {
-    "publish": _Script(_cluster_script(_PUBLISH)),
-    "position": _Script(_cluster_script(_POSITION)),
-    "history": _Script(_cluster_script(_HISTORY)),
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +99,7 @@ class _Topology:
         slots: list[_Node | None] = [None] * SLOTS
         for entry in reply:
             start, end, primary, *replicas = entry
-            host = _text(primary[0]) or "127.0.0.1"
+            host = text(primary[0]) or "127.0.0.1"
             node = _Node(host, int(primary[1]), bytes(primary[2]), len(replicas))
             for slot in range(int(start), int(end) + 1):
                 slots[slot] = node
@@ -221,36 +183,27 @@ class RedisClusterBackend(Backend):
             for n in seeds
         ):
             raise ConfigurationError(f"nodes must be a non-empty list of (host, port) pairs, not {nodes!r}")
-        if not isinstance(key_prefix, str) or not key_prefix or any(c in key_prefix for c in "{} "):
-            raise ConfigurationError(
-                f"key_prefix must be a non-empty string without braces or spaces, not {key_prefix!r}"
-            )
-        delays = tuple(reconnect_delay) if isinstance(reconnect_delay, tuple | list) else ()
-        if len(delays) != 2 or not all(map(is_seconds, delays)) or delays[0] > delays[1]:
-            raise ConfigurationError(
-                "reconnect_delay must be (first, most) seconds with 0 < first <= most, "
-                f"not {reconnect_delay!r}"
-            )
+        self._keys = KeyLayout(check_key_prefix(key_prefix))
+        self._reconnect_delay = check_reconnect_delay(reconnect_delay)
         self._seeds = seeds
         self._username = username
         self._password = password
         self._tls = bool(tls)
         self._ssl = dict(ssl or {})
-        self._prefix = key_prefix
-        self._history_size = count("history_size", history_size, minimum=0)
-        self._history_ms = _ms(optional_seconds("history_ttl", history_ttl))
-        self._meta_ms = _ms(optional_seconds("meta_ttl", meta_ttl))
-        self._unpublished_ms = _ms(seconds("unpublished_ttl", unpublished_ttl))
-        self._idempotency_ms = _ms(seconds("idempotency_ttl", idempotency_ttl))
+        settings = ChannelSettings(
+            history_size=history_size,
+            history_ttl=history_ttl,
+            meta_ttl=meta_ttl,
+            unpublished_ttl=unpublished_ttl,
+            idempotency_ttl=idempotency_ttl,
+        )
         self._timeout = seconds("timeout", timeout)
         self._ping_interval = seconds("ping_interval", ping_interval)
-        self._reconnect_delay = (float(delays[0]), float(delays[1]))
         self._max_attempts = optional_count("max_reconnect_attempts", max_reconnect_attempts, minimum=1)
-        self._publish_tail = [
-            b"%d" % n for n in (self._history_size, self._history_ms, self._meta_ms, self._idempotency_ms)
-        ]
+        self._scripts = ChannelScripts(self._run, CLUSTER_SCRIPTS, self._keys, settings)
         self._topology = _Topology()
-        self._key_cache: dict[str, tuple[str, bytes, bytes, bytes]] = {}
+        # For the shards' reconnect jitter: seeded again by connect(), in the process that connects.
+        self._random = random.Random()
         self._refreshing: asyncio.Task[None] | None = None
         self._pipes: dict[tuple[str, int], CommandPipe] = {}
         self._opening: dict[tuple[str, int], asyncio.Task[CommandPipe]] = {}
@@ -317,58 +270,33 @@ class RedisClusterBackend(Backend):
             if key in seen:
                 raise ConfigurationError(f"Redis URL option {key!r} is given twice")
             seen.add(key)
-            if key in _URL_OPTIONS:
-                try:
-                    options[key] = _URL_OPTIONS[key](value)
-                except ValueError:
-                    raise ConfigurationError(
-                        f"invalid value {value!r} for Redis URL option {key!r}"
-                    ) from None
+            if key in URL_OPTIONS:
+                options[key] = read_option(key, value)
             elif key.startswith("ssl_"):
                 ssl[key] = value
                 theirs.append((key, value))
             else:
                 raise ConfigurationError(
                     f"unknown Redis Cluster URL option {key!r}; rtbroadcast's options: "
-                    f"{', '.join(sorted(_URL_OPTIONS))}, and redis-py's ssl_* options"
+                    f"{', '.join(sorted(URL_OPTIONS))}, and redis-py's ssl_* options"
                 )
         tls = parts.scheme == "rediss+cluster"
         if ssl and not tls:
             raise ConfigurationError("ssl_* options need a rediss+cluster:// URL")
         if theirs:
             # The same checks as for one Redis, on an equivalent single-node URL.
-            _check_redis_py_url(f"rediss://{nodes[0][0]}:{nodes[0][1]}/0?{urlencode(theirs)}")
+            check_redis_py_url(f"rediss://{nodes[0][0]}:{nodes[0][1]}/0?{urlencode(theirs)}")
         return cls(nodes, username=username, password=password, tls=tls, ssl=ssl, **options)
 
     # -- naming -------------------------------------------------------------------------------------
 
-    def _base(self, channel: str) -> str:
-        return f"{self._prefix}:{{{_escape(channel)}}}"
-
     def keys(self, channel: str) -> dict[str, str]:
         """Return the Redis keys and the sharded PUB/SUB channel used for ``channel``."""
-        base = self._base(channel)
-        return {
-            "meta": f"{base}:meta",
-            "stream": f"{base}:stream",
-            "idempotency": f"{base}:idem:",
-            "pubsub": base,
-        }
-
-    def _channel_keys(self, channel: str) -> tuple[str, bytes, bytes, bytes]:
-        """Return ``channel``'s key base and, encoded, its meta and stream keys and PUB/SUB name."""
-        found = self._key_cache.get(channel)
-        if found is None:
-            if len(self._key_cache) >= 10_000:
-                self._key_cache.clear()  # bounded: a service with more channels recomputes some names
-            base = self._base(channel)
-            found = (base, f"{base}:meta".encode(), f"{base}:stream".encode(), base.encode())
-            self._key_cache[channel] = found
-        return found
+        return self._keys.describe(channel, presence=False)
 
     def slot(self, channel: str) -> int:
         """Return the cluster slot that holds ``channel``'s keys and PUB/SUB channel."""
-        return int(key_slot(self._base(channel).encode()))
+        return int(key_slot(self._keys.base(channel).encode()))
 
     def _where(self) -> str:
         scheme = "rediss+cluster" if self._tls else "redis+cluster"
@@ -395,6 +323,7 @@ class RedisClusterBackend(Backend):
                 f"cannot connect a Redis Cluster backend that is {self._state}; disconnect() first"
             )
         self._state = "connecting"
+        self._random.seed()  # from os.urandom: a process forked after the backend was made has its own
         try:
             async with asyncio.timeout(self._timeout):
                 await self._refresh_now()
@@ -402,7 +331,7 @@ class RedisClusterBackend(Backend):
         except BaseException as exc:
             await self._close_all()
             self._state = "closed"
-            if isinstance(exc, (*_UNREACHABLE, RedisError)):
+            if isinstance(exc, (*UNREACHABLE, RedisError)):
                 self._note_error(exc)
                 raise BackendUnavailable(
                     f"cannot connect to Redis Cluster at {self._where()}: {exc}"
@@ -491,7 +420,7 @@ class RedisClusterBackend(Backend):
             try:
                 pipe = await self._pipe(key)
                 reply = await pipe.request(pack(b"CLUSTER", b"SLOTS"))
-            except (*_UNREACHABLE, RedisError) as exc:
+            except (*UNREACHABLE, RedisError) as exc:
                 errors.append(f"{key[0]}:{key[1]}: {exc}")
                 continue
             if isinstance(reply, ResponseError) or not reply:
@@ -503,7 +432,7 @@ class RedisClusterBackend(Backend):
             for gone in before - after:  # no longer a primary: its command connection is not needed
                 stale = self._pipes.pop(gone, None)
                 if stale is not None:
-                    asyncio.get_running_loop().create_task(stale.close()).add_done_callback(_consume)
+                    asyncio.get_running_loop().create_task(stale.close()).add_done_callback(consume)
             if before and before != after:
                 self._failovers += 1
             return
@@ -517,13 +446,13 @@ class RedisClusterBackend(Backend):
             task.add_done_callback(self._refreshed)
         try:
             await asyncio.shield(task)
-        except (*_UNREACHABLE, RedisError) as exc:
+        except (*UNREACHABLE, RedisError) as exc:
             self._note_error(exc)
 
     def _refreshed(self, task: asyncio.Task[None]) -> None:
         if self._refreshing is task:
             self._refreshing = None
-        _consume(task)
+        consume(task)
 
     def _node_for(self, slot: int) -> _Node:
         node = self._topology.slots[slot]
@@ -540,7 +469,7 @@ class RedisClusterBackend(Backend):
         task = self._opening.get(key)
         if task is None:
             task = self._opening[key] = asyncio.get_running_loop().create_task(self._new_pipe(key))
-            task.add_done_callback(_consume)
+            task.add_done_callback(consume)
         return await asyncio.shield(task)
 
     async def _new_pipe(self, key: tuple[str, int]) -> CommandPipe:
@@ -549,8 +478,8 @@ class RedisClusterBackend(Backend):
                 pipe = await open_pipe(
                     self._template(*key), request_timeout=self._timeout, where=f"{key[0]}:{key[1]}"
                 )
-            for script in _SCRIPTS.values():
-                pipe.request(script.load).add_done_callback(_consume)
+            for script in CLUSTER_SCRIPTS.values():
+                pipe.request(script.load).add_done_callback(consume)
             self._pipes[key] = pipe
             return pipe
         finally:
@@ -558,7 +487,7 @@ class RedisClusterBackend(Backend):
 
     async def _run(
         self,
-        script: _Script,
+        script: Script,
         keys: list[bytes],
         args: list[bytes],
         action: str,
@@ -591,7 +520,7 @@ class RedisClusterBackend(Backend):
                 if not retry:
                     raise self._failure(exc, action) from exc
                 retry = False
-            except (*_UNREACHABLE, RedisError) as exc:
+            except (*UNREACHABLE, RedisError) as exc:
                 raise self._failure(exc, action) from exc
             else:
                 if not isinstance(reply, ResponseError):
@@ -602,7 +531,7 @@ class RedisClusterBackend(Backend):
 
     async def _run_carefully(
         self,
-        script: _Script,
+        script: Script,
         keys: list[bytes],
         args: list[bytes],
         action: str,
@@ -618,7 +547,7 @@ class RedisClusterBackend(Backend):
                     target = asking or node.key
                     try:
                         pipe = await self._pipe(target)
-                    except (*_UNREACHABLE, RedisConnectionError) as exc:
+                    except (*UNREACHABLE, RedisConnectionError) as exc:
                         # Nothing was sent: the node is down (a failover under way). Look again.
                         self._note_error(exc)
                         await asyncio.sleep(min(0.05 * (attempt + 1), 0.5))
@@ -628,7 +557,7 @@ class RedisClusterBackend(Backend):
                     node_id = node.id if asking is None else b""
                     command = script.evalsha(keys, [*args, node_id])
                     if asking is not None:
-                        pipe.request(pack(b"ASKING")).add_done_callback(_consume)
+                        pipe.request(pack(b"ASKING")).add_done_callback(consume)
                     try:
                         reply = await pipe.request(command, deadline)
                         if isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT"):
@@ -657,12 +586,12 @@ class RedisClusterBackend(Backend):
                         raise reply
                     return reply
                 raise ResponseError(f"TRYAGAIN still redirected after {_MAX_REDIRECTS} tries")
-        except (*_UNREACHABLE, RedisError) as exc:
+        except (*UNREACHABLE, RedisError) as exc:
             raise self._failure(exc, action) from exc
 
     def _failure(self, exc: BaseException, action: str) -> BackendError:
         self._note_error(exc)
-        if isinstance(exc, ResponseError) and not str(exc).startswith(_TRANSIENT_REPLIES):
+        if isinstance(exc, ResponseError) and not str(exc).startswith(TRANSIENT_REPLIES):
             return BackendError(f"Redis Cluster refused to {action}: {exc}")
         if isinstance(exc, TimeoutError) and not isinstance(exc, RedisTimeoutError):
             detail = f"no answer within {self._timeout} s"
@@ -686,19 +615,11 @@ class RedisClusterBackend(Backend):
                 just before may still have been applied: retry with the same ``idempotency_key``).
             BackendError: Redis refused the script.
         """
-        base, meta, stream, name = self._channel_keys(channel)
-        keys = [meta, stream]
-        if idempotency_key is not None:
-            keys.append(f"{base}:idem:{idempotency_key}".encode())
-        head = seq_prefix(payload)
-        args = [_candidate_epoch(), head.encode(), name, *self._publish_tail]
         try:
-            seq, epoch, duplicate, stored = await self._run(_SCRIPTS["publish"], keys, args, "publish")
+            return await self._scripts.publish(channel, payload, idempotency_key)
         except BackendError:
             self._publish_errors += 1
             raise
-        data = _text(stored) if duplicate and stored is not None else f"{head}{seq}}}"
-        return Envelope(channel, int(seq), _text(epoch), data)
 
     async def position(self, channel: str) -> StreamPosition:
         """Return the channel's epoch and seq, read together on its shard.
@@ -707,15 +628,7 @@ class RedisClusterBackend(Backend):
             StateError: the backend is not connected.
             BackendUnavailable: the shard cannot be reached within the timeout.
         """
-        _, meta, stream, _ = self._channel_keys(channel)
-        epoch, seq = await self._run(
-            _SCRIPTS["position"],
-            [meta, stream],
-            [_candidate_epoch(), b"%d" % self._meta_ms, b"%d" % self._unpublished_ms],
-            "read position",
-            retry=True,
-        )
-        return StreamPosition(_text(epoch), int(seq))
+        return await self._scripts.position(channel)
 
     async def history(self, channel: str, since: int, *, limit: int) -> History:
         """Read the envelopes after ``since`` and the position, in one script on the channel's shard.
@@ -724,16 +637,7 @@ class RedisClusterBackend(Backend):
             StateError: the backend is not connected.
             BackendUnavailable: the shard cannot be reached within the timeout.
         """
-        _, meta, stream, _ = self._channel_keys(channel)
-        numbers = (self._meta_ms, self._unpublished_ms, since, limit, self._history_ms)
-        epoch_raw, top, flat = await self._run(
-            _SCRIPTS["history"],
-            [meta, stream],
-            [_candidate_epoch(), *(b"%d" % n for n in numbers)],
-            "read history",
-            retry=True,
-        )
-        return _history_of(channel, since, limit, epoch_raw, top, flat)
+        return await self._scripts.history(channel, since, limit)
 
     # -- subscriptions ------------------------------------------------------------------------------
 
@@ -747,7 +651,7 @@ class RedisClusterBackend(Backend):
         self._require("subscribe")
         if self._state == "failed":
             raise BackendUnavailable(f"a Redis Cluster shard's subscriber gave up: {self._last_error}")
-        name = self._base(channel)
+        name = self._keys.pubsub(channel)
         self._channels[channel] = name
         self._names[name] = channel
         try:
@@ -757,7 +661,7 @@ class RedisClusterBackend(Backend):
                     await self._refresh()
                     node = self._node_for(key_slot(name.encode()))
                 await self._shard(node.key).add(name)
-        except (TimeoutError, *_UNREACHABLE, RedisError) as exc:
+        except (TimeoutError, *UNREACHABLE, RedisError) as exc:
             if self._channels.get(channel) == name:
                 del self._channels[channel]
                 self._names.pop(name, None)
@@ -792,8 +696,7 @@ class RedisClusterBackend(Backend):
             return  # unsubscribed while the message was on its way
         self._received += 1
         try:
-            seq, epoch, data = message.decode().split(" ", 2)
-            envelope = Envelope(channel, int(seq), epoch, data)
+            envelope = envelope_of(channel, message.decode())
         except ValueError:
             self._listener_errors += 1
             logger.error("ignoring a malformed message on Redis channel %r: %.80r", name, message)
@@ -1024,9 +927,9 @@ class _Shard:
         if kind == b"smessage":
             self.backend._deliver(reply[1], reply[2])
         elif kind == b"ssubscribe":
-            self._on_subscribed(_text(reply[1]))
+            self._on_subscribed(text(reply[1]))
         elif kind == b"sunsubscribe":
-            name = _text(reply[1])
+            name = text(reply[1])
             expected = self._expected_unsubscribes.get(name, 0)
             if expected:
                 if expected == 1:
@@ -1067,7 +970,7 @@ class _Shard:
                     self._interrupted.add(name)
                     self._protocol.send(pack(b"SSUBSCRIBE", name.encode()))
 
-        asyncio.get_running_loop().create_task(move()).add_done_callback(_consume)
+        asyncio.get_running_loop().create_task(move()).add_done_callback(consume)
 
     def _report(self) -> None:
         # Once every interrupted channel is back, in one report (one repair round, one log line).
@@ -1108,9 +1011,8 @@ class _Shard:
             del self.backend._shards[self.key]
 
     async def _backoff(self) -> None:
-        first, most = self.backend._reconnect_delay
-        delay = min(most, first * 2 ** min(self.attempts, 32))
-        await asyncio.sleep(random.uniform(delay / 2, delay))
+        backend = self.backend
+        await asyncio.sleep(reconnect_pause(backend._random, self.attempts, backend._reconnect_delay))
         self.attempts += 1
         limit = self.backend._max_attempts
         if limit is not None and self.attempts >= limit:

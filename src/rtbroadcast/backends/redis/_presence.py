@@ -1,11 +1,7 @@
 """Presence on Redis: every process's members in per-channel keys, kept alive by a heartbeat.
 
-Keys of a channel share its hash tag (see :mod:`rtbroadcast.backends.redis`)::
-
-    rtb:{<channel>}:presence           hash: client -> "<process> <member JSON>"
-    rtb:{<channel>}:presence:order     sorted set: client -> version of its join (join order)
-    rtb:{<channel>}:presence:procs     sorted set: process -> deadline (ms since the epoch)
-    rtb:{<channel>}:presence:version   string: the version of the channel's last presence change
+A channel's presence lives in four keys of its own hash tag (members, join order, processes' deadlines,
+version), named in ``_keys`` with every other key; the Lua scripts are in ``_scripts``.
 
 Joins and leaves are PUBLISHed on the channel's own PUB/SUB channel, as ``p <version> j|l <member JSON>``
 (an event's message starts with its seq, a digit), so that exactly the processes subscribed to the
@@ -31,9 +27,11 @@ import secrets
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
-from ..errors import BackendError, StateError
-from ..presence import PresenceChange, PresenceMember, PresenceSnapshot
-from .base import Backend, BackendListener
+from ...errors import BackendError, StateError
+from ...presence import PresenceChange, PresenceMember, PresenceSnapshot
+from ..base import Backend, BackendListener
+from ._keys import KeyLayout
+from ._scripts import PRESENCE_JOIN, PRESENCE_LEAVE, PRESENCE_REFRESH, PRESENCE_SNAPSHOT
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -46,170 +44,15 @@ logger = logging.getLogger("rtbroadcast.redis")
 #: How a presence message on a channel's PUB/SUB channel starts (an event's starts with a digit).
 PRESENCE_MESSAGE_PREFIX: Final = "p "
 
-# -- Lua ------------------------------------------------------------------------------------------------
-
-_COMMON = """
-local function now_ms()
-  local now = redis.call('TIME')
-  return tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-end
--- Lua numbers are doubles: '%.0f' prints a version (< 2^53) exactly, where '..' would round it.
-local function fmt(n)
-  return string.format('%.0f', n)
-end
-local function next_version(version)
-  if redis.call('EXISTS', version) == 0 then
-    local now = redis.call('TIME')
-    redis.call('SET', version, fmt(tonumber(now[1]) * 1000000 + tonumber(now[2])))
-  end
-  return redis.call('INCR', version)
-end
--- Remove the members of every process past its deadline, publishing their leaves.
-local function reap(members, order, procs, version, now, pubsub)
-  local dead = redis.call('ZRANGEBYSCORE', procs, '-inf', now)
-  if #dead == 0 then
-    return
-  end
-  local gone = {}
-  for _, proc in ipairs(dead) do
-    gone[proc] = true
-    redis.call('ZREM', procs, proc)
-  end
-  local all = redis.call('HGETALL', members)
-  for i = 1, #all, 2 do
-    local value = all[i + 1]
-    local sep = string.find(value, ' ', 1, true)
-    if sep and gone[string.sub(value, 1, sep - 1)] then
-      redis.call('HDEL', members, all[i])
-      redis.call('ZREM', order, all[i])
-      local v = next_version(version)
-      redis.call('PUBLISH', pubsub, 'p ' .. fmt(v) .. ' l ' .. string.sub(value, sep + 1))
-    end
-  end
-end
--- Make the keys live at least ttl ms more (never shorten what a process with a longer heartbeat set).
-local function keep(keys, ttl)
-  for _, key in ipairs(keys) do
-    if redis.call('PTTL', key) < ttl then
-      redis.call('PEXPIRE', key, ttl)
-    end
-  end
-end
--- The first limit members in join order, as "<process> <member JSON>".
-local function first(members, order, limit)
-  local out = {}
-  if limit <= 0 then
-    return out
-  end
-  local ids = redis.call('ZRANGE', order, 0, limit - 1)
-  for _, id in ipairs(ids) do
-    local value = redis.call('HGET', members, id)
-    if value then
-      out[#out + 1] = value
-    end
-  end
-  return out
-end
-local function current(version)
-  local v = redis.call('GET', version)
-  if v then
-    return tonumber(v)
-  end
-  return 0
-end
-"""
-
-# KEYS: members, order, procs, version
-# ARGV: process, client, member JSON, deadline ms from now, key ttl ms, limit, pubsub, notify (0/1)
-# Returns {count, version, {"<process> <json>", ...}}.
-_JOIN = (
-    _COMMON
-    + """
-local members, order, procs, version = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local now = now_ms()
-reap(members, order, procs, version, now, ARGV[7])
-redis.call('ZADD', procs, now + tonumber(ARGV[4]), ARGV[1])
-local v = next_version(version)
-redis.call('HSET', members, ARGV[2], ARGV[1] .. ' ' .. ARGV[3])
-redis.call('ZADD', order, 'NX', v, ARGV[2])
-keep(KEYS, tonumber(ARGV[5]))
-if ARGV[8] == '1' then
-  redis.call('PUBLISH', ARGV[7], 'p ' .. fmt(v) .. ' j ' .. ARGV[3])
-end
-return {redis.call('HLEN', members), v, first(members, order, tonumber(ARGV[6]))}
-"""
-)
-
-# KEYS: members, order, procs, version
-# ARGV: process, client, pubsub, notify (0/1), last (1: the process has no other member here)
-# Returns 1 if the member left, 0 if it was not there.
-_LEAVE = (
-    _COMMON
-    + """
-local members, order, procs, version = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-if ARGV[5] == '1' then
-  -- Nothing left to keep alive: no later reap has to look for this process's members.
-  redis.call('ZREM', procs, ARGV[1])
-end
-local value = redis.call('HGET', members, ARGV[2])
-if not value then
-  return 0
-end
-local sep = string.find(value, ' ', 1, true)
-if not sep or string.sub(value, 1, sep - 1) ~= ARGV[1] then
-  return 0
-end
-redis.call('HDEL', members, ARGV[2])
-redis.call('ZREM', order, ARGV[2])
-local v = next_version(version)
-if ARGV[4] == '1' then
-  redis.call('PUBLISH', ARGV[3], 'p ' .. fmt(v) .. ' l ' .. string.sub(value, sep + 1))
-end
-return 1
-"""
-)
-
-# KEYS: members, order, procs, version
-# ARGV: limit, pubsub
-# Returns {count, version, {"<process> <json>", ...}}.
-_SNAPSHOT = (
-    _COMMON
-    + """
-local members, order, procs, version = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-reap(members, order, procs, version, now_ms(), ARGV[2])
-return {redis.call('HLEN', members), current(version), first(members, order, tonumber(ARGV[1]))}
-"""
-)
-
-# KEYS: members, order, procs, version
-# ARGV: process, deadline ms from now, key ttl ms, pubsub
-# Returns 1 if the process was still there (its deadline pushed back), 0 if it must join its members again.
-_REFRESH = (
-    _COMMON
-    + """
-local members, order, procs, version = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local now = now_ms()
-reap(members, order, procs, version, now, ARGV[4])
-local alive = redis.call('ZADD', procs, 'XX', 'CH', now + tonumber(ARGV[2]), ARGV[1])
-keep(KEYS, tonumber(ARGV[3]))
-if alive == 1 or redis.call('ZSCORE', procs, ARGV[1]) then
-  return 1
-end
-return 0
-"""
-)
-
 
 class _Host(Protocol):
     """What :class:`RedisPresence` needs of the :class:`~rtbroadcast.backends.redis.RedisBackend`."""
 
     _timeout: float
-    _pubsub_suffix: str
+    _keys: KeyLayout
     _listener: BackendListener | None
 
     def _require(self, action: str) -> Redis: ...
-
-    def _base(self, channel: str) -> str: ...
 
     def _translate(self, exc: BaseException, action: str) -> BackendError: ...
 
@@ -254,10 +97,10 @@ class RedisPresence:
         """
         self._process = secrets.token_hex(8)
         self._scripts = {
-            "join": client.register_script(_JOIN),
-            "leave": client.register_script(_LEAVE),
-            "snapshot": client.register_script(_SNAPSHOT),
-            "refresh": client.register_script(_REFRESH),
+            "join": client.register_script(PRESENCE_JOIN),
+            "leave": client.register_script(PRESENCE_LEAVE),
+            "snapshot": client.register_script(PRESENCE_SNAPSHOT),
+            "refresh": client.register_script(PRESENCE_REFRESH),
         }
 
     def _ensure_heartbeat(self) -> None:
@@ -289,16 +132,10 @@ class RedisPresence:
 
     def keys(self, channel: str) -> list[str]:
         """Return the presence keys of ``channel``: members, order, processes, version."""
-        base = self._host._base(channel)
-        return [
-            f"{base}:presence",
-            f"{base}:presence:order",
-            f"{base}:presence:procs",
-            f"{base}:presence:version",
-        ]
+        return self._host._keys.presence(channel)
 
     def _pubsub(self, channel: str) -> str:
-        return self._host._base(channel) + self._host._pubsub_suffix
+        return self._host._keys.pubsub(channel)
 
     async def _run(self, script: str, keys: list[str], args: Sequence[str | int], action: str) -> Any:
         """Run a presence script within the backend's timeout.

@@ -1,0 +1,244 @@
+"""What the single-Redis and Redis Cluster backends share: defaults, checks, the channel scripts' calls.
+
+The two differ in how a script reaches Redis (one pipelined connection; or the primary of the slot, following
+redirections), which each passes to :class:`ChannelScripts` as its ``run``; what goes into a script and what
+comes out of it is the same, and lives here once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+from typing import Any, Final, Protocol
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from ..._config import count, is_seconds, optional_seconds, seconds
+from ...errors import ConfigurationError
+from ...protocol import seq_prefix
+from ..base import Envelope, History, StreamPosition
+from ._keys import KeyLayout
+from ._scripts import Script
+
+__all__ = [
+    "DEFAULT_HISTORY_SIZE",
+    "DEFAULT_IDEMPOTENCY_TTL",
+    "DEFAULT_META_TTL",
+    "DEFAULT_PING_INTERVAL",
+    "DEFAULT_RECONNECT_DELAY",
+    "DEFAULT_TIMEOUT",
+    "DEFAULT_UNPUBLISHED_TTL",
+    "RECONNECTED",
+    "TRANSIENT_REPLIES",
+    "UNREACHABLE",
+    "ChannelScripts",
+    "ChannelSettings",
+    "check_reconnect_delay",
+    "consume",
+    "envelope_of",
+    "reconnect_pause",
+    "text",
+]
+
+DEFAULT_HISTORY_SIZE: Final = 1000
+DEFAULT_META_TTL: Final = 30 * 24 * 3600.0
+DEFAULT_UNPUBLISHED_TTL: Final = 24 * 3600.0
+DEFAULT_IDEMPOTENCY_TTL: Final = 3600.0
+DEFAULT_TIMEOUT: Final = 5.0
+DEFAULT_PING_INTERVAL: Final = 10.0
+DEFAULT_RECONNECT_DELAY: Final = (0.1, 3.0)
+
+#: The reason given to the listener after the PUB/SUB connection was re-established.
+RECONNECTED: Final = "backend_reconnected"
+
+#: Errors that mean "Redis cannot be reached right now" (BusyLoadingError is a ConnectionError).
+UNREACHABLE: Final = (RedisConnectionError, RedisTimeoutError, TimeoutError, OSError)
+#: Error replies that mean "not now" rather than "never": memory full, failover, loading, busy script.
+TRANSIENT_REPLIES: Final = (
+    "OOM",
+    "READONLY",
+    "MASTERDOWN",
+    "LOADING",
+    "BUSY",
+    "TRYAGAIN",
+    "CLUSTERDOWN",
+    "NOSCRIPT",
+)
+
+
+def text(value: bytes | str) -> str:
+    """Return a reply as text."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def consume(future: asyncio.Future[Any]) -> None:
+    """Retrieve a finished future's exception, so that asyncio does not log it as never retrieved."""
+    if not future.cancelled():
+        future.exception()
+
+
+def _ms(seconds: float | None) -> int:
+    return 0 if seconds is None else max(1, math.ceil(seconds * 1000))
+
+
+def _candidate_epoch() -> bytes:
+    # Not a secret: epochs go to every client. The module's generator is reseeded after a fork.
+    return b"%016x" % random.getrandbits(64)
+
+
+def check_reconnect_delay(reconnect_delay: object) -> tuple[float, float]:
+    """Return ``(first, most)`` seconds between reconnect attempts.
+
+    Raises:
+        ConfigurationError: not a pair of durations with ``0 < first <= most``.
+    """
+    delays = tuple(reconnect_delay) if isinstance(reconnect_delay, tuple | list) else ()
+    if len(delays) != 2 or not all(map(is_seconds, delays)) or delays[0] > delays[1]:
+        raise ConfigurationError(
+            f"reconnect_delay must be (first, most) seconds with 0 < first <= most, not {reconnect_delay!r}"
+        )
+    return (float(delays[0]), float(delays[1]))
+
+
+def reconnect_pause(rng: random.Random, failures: int, delays: tuple[float, float]) -> float:
+    """Return the seconds to wait before the next reconnect attempt, after ``failures`` in a row.
+
+    The delay doubles with each failure from ``first`` up to ``most`` (``delays``), and is drawn at random
+    from its upper half: jitter spreads the reconnects of many processes after a Redis restart. ``rng`` is
+    the backend's own generator, seeded when it connects, so that a service that seeds the ``random``
+    module (or a generator forked with the process) does not make every process wait alike.
+    """
+    first, most = delays
+    delay = min(most, first * 2 ** min(failures, 32))  # the exponent is capped: no overflow
+    return rng.uniform(delay / 2, delay)
+
+
+def envelope_of(channel: str, message: str) -> Envelope:
+    """Parse a channel's PUB/SUB message, ``"<seq> <epoch> <data>"`` (what the publish script sends).
+
+    Raises:
+        ValueError: the message is not of that form.
+    """
+    seq, epoch, data = message.split(" ", 2)
+    return Envelope(channel, int(seq), epoch, data)
+
+
+class ChannelSettings:
+    """How much history a channel keeps and how long its keys live, checked, in the scripts' units (ms).
+
+    Raises:
+        ConfigurationError: naming the option with the wrong type or an impossible value.
+    """
+
+    __slots__ = (
+        "history_ms",
+        "history_size",
+        "idempotency_ms",
+        "meta_ms",
+        "position_tail",
+        "publish_tail",
+        "unpublished_ms",
+    )
+
+    def __init__(
+        self,
+        *,
+        history_size: int,
+        history_ttl: float | None,
+        meta_ttl: float | None,
+        unpublished_ttl: float,
+        idempotency_ttl: float,
+    ) -> None:
+        self.history_size = count("history_size", history_size, minimum=0)
+        self.history_ms = _ms(optional_seconds("history_ttl", history_ttl))
+        self.meta_ms = _ms(optional_seconds("meta_ttl", meta_ttl))
+        self.unpublished_ms = _ms(seconds("unpublished_ttl", unpublished_ttl))
+        self.idempotency_ms = _ms(seconds("idempotency_ttl", idempotency_ttl))
+        #: The last ARGV of the publish and position scripts (see _scripts).
+        self.publish_tail = [
+            b"%d" % n for n in (self.history_size, self.history_ms, self.meta_ms, self.idempotency_ms)
+        ]
+        self.position_tail = [b"%d" % self.meta_ms, b"%d" % self.unpublished_ms]
+
+
+class RunScript(Protocol):
+    """How a backend sends a script: within its timeout, translating errors to ``BackendError``."""
+
+    async def __call__(
+        self, script: Script, keys: list[bytes], args: list[bytes], action: str, *, retry: bool = False
+    ) -> Any: ...
+
+
+class ChannelScripts:
+    """A channel's publish, position and history: the scripts' arguments in, envelopes and positions out.
+
+    Args:
+        run: how the backend sends a script.
+        scripts: the backend's scripts by name (``publish``, ``position``, ``history``).
+        keys: the backend's key layout.
+        settings: the backend's history size and ttls.
+    """
+
+    __slots__ = ("_keys", "_run", "_scripts", "_settings")
+
+    def __init__(
+        self, run: RunScript, scripts: dict[str, Script], keys: KeyLayout, settings: ChannelSettings
+    ) -> None:
+        self._run = run
+        self._scripts = scripts
+        self._keys = keys
+        self._settings = settings
+
+    async def publish(self, channel: str, payload: str, idempotency_key: str | None) -> Envelope:
+        """Run the publish script: assign the next seq, append to the stream, PUBLISH (see ``_scripts``)."""
+        layout = self._keys
+        names = layout.channel(channel)
+        keys = [names.meta, names.stream]
+        if idempotency_key is not None:
+            keys.append(layout.idempotency(names, idempotency_key))
+        head = seq_prefix(payload)
+        args = [_candidate_epoch(), layout.encode(head), names.pubsub, *self._settings.publish_tail]
+        seq, epoch, duplicate, stored = await self._run(self._scripts["publish"], keys, args, "publish")
+        data = text(stored) if duplicate and stored is not None else f"{head}{seq}}}"
+        return Envelope(channel, int(seq), text(epoch), data)
+
+    async def position(self, channel: str) -> StreamPosition:
+        """Run the position script: the channel's epoch and seq; creates the epoch of a new channel."""
+        names = self._keys.channel(channel)
+        epoch, seq = await self._run(
+            self._scripts["position"],
+            [names.meta, names.stream],
+            [_candidate_epoch(), *self._settings.position_tail],
+            "read position",
+            retry=True,
+        )
+        return StreamPosition(text(epoch), int(seq))
+
+    async def history(self, channel: str, since: int, limit: int) -> History:
+        """Run the history script: the envelopes after ``since`` (at most ``limit``) and the position."""
+        names = self._keys.channel(channel)
+        settings = self._settings
+        numbers = (settings.meta_ms, settings.unpublished_ms, since, limit, settings.history_ms)
+        epoch_raw, top, flat = await self._run(
+            self._scripts["history"],
+            [names.meta, names.stream],
+            [_candidate_epoch(), *(b"%d" % n for n in numbers)],
+            "read history",
+            retry=True,
+        )
+        return _history_of(channel, since, limit, epoch_raw, top, flat)
+
+
+def _history_of(channel: str, since: int, limit: int, epoch_raw: Any, top: Any, flat: Any) -> History:
+    """Build the :class:`History` of the ``history`` script's reply: epoch, stream top, flat id/data pairs."""
+    epoch = text(epoch_raw)
+    seq = int(top)
+    envelopes = tuple(
+        Envelope(channel, int(text(flat[i]).partition("-")[0]), epoch, text(flat[i + 1]))
+        for i in range(0, len(flat), 2)
+    )
+    missed = seq - since
+    complete = missed <= 0 or (missed <= limit and len(envelopes) == missed)
+    return History(StreamPosition(epoch, seq), envelopes, complete)
