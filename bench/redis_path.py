@@ -85,11 +85,11 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
     }
 
 
-async def _wait_for(sink: _Sink, expected: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
+async def _wait_for(sink: _Sink, expected: int, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
     while sink.delivered < expected:
         if time.monotonic() > deadline:
-            raise SystemExit(f"only {sink.delivered} of {expected} deliveries within {timeout} s")
+            raise SystemExit(f"only {sink.delivered} of {expected} deliveries within {seconds} s")
         await asyncio.sleep(0.001)
     if sink.delivered != expected:
         raise SystemExit(f"{sink.delivered} deliveries, expected {expected}")
