@@ -24,7 +24,7 @@ import asyncio
 import logging
 import socket
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Final, TypeVar, cast
 
 import hiredis
@@ -36,13 +36,13 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 __all__ = [
     "CommandPipe",
     "PushConnection",
-    "bulk",
     "check_login",
     "connect",
     "login_commands",
     "open_pipe",
     "open_push",
     "pack",
+    "pack_after",
 ]
 
 logger = logging.getLogger("rtbroadcast.redis")
@@ -58,17 +58,24 @@ _BULK_HEADS: Final = tuple(b"$%d\r\n" % n for n in range(1024))
 
 def pack(*parts: bytes) -> bytes:
     """Encode one command in RESP: an array of bulk strings."""
-    count = len(parts)
-    chunks = [_ARRAY_HEADS[count] if count < 64 else b"*%d\r\n" % count]
-    for part in parts:
-        chunks.append(bulk(part))
+    return pack_after(b"", len(parts), parts)
+
+
+def pack_after(packed: bytes, count: int, *groups: Sequence[bytes]) -> bytes:
+    """Encode a command of ``count`` bulk strings: those already in ``packed``, then those of ``groups``.
+
+    ``packed`` is what :func:`pack` makes of the leading ones, without its array header (``*<n>\\r\\n``):
+    a command's fixed head, encoded once.
+    """
+    chunks = [_ARRAY_HEADS[count] if count < 64 else b"*%d\r\n" % count, packed]
+    append = chunks.append
+    for parts in groups:
+        for part in parts:
+            size = len(part)
+            append(_BULK_HEADS[size] if size < 1024 else b"$%d\r\n" % size)
+            append(part)
+            append(b"\r\n")
     return b"".join(chunks)
-
-
-def bulk(part: bytes) -> bytes:
-    """Encode one RESP bulk string (``$<length>\\r\\n<bytes>\\r\\n``), to join into a packed command."""
-    size = len(part)
-    return (_BULK_HEADS[size] if size < 1024 else b"$%d\r\n" % size) + part + b"\r\n"
 
 
 class CommandPipe(asyncio.Protocol):

@@ -49,6 +49,7 @@ from ._shared import (
     ChannelSettings,
     check_reconnect_delay,
     consume,
+    published,
 )
 
 __all__ = ["DEFAULT_MAX_CONNECTIONS", "RedisBackend"]
@@ -425,11 +426,13 @@ class RedisBackend(RedisPresenceMixin):
             BackendUnavailable: Redis cannot be reached within the timeout.
             BackendError: Redis refused the script.
         """
+        keys, args, head = self._scripts.publish_request(channel, payload, idempotency_key)
         try:
-            return await self._scripts.publish(channel, payload, idempotency_key)
+            reply = await self._run(SCRIPTS["publish"], keys, args, "publish")
         except BackendError:
             self._publish_errors += 1
             raise
+        return published(channel, head, reply)
 
     async def position(self, channel: str) -> StreamPosition:
         """Return the channel's epoch and seq, read together; creates the epoch of a new channel.
