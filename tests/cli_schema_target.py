@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI, WebSocket
 from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
 
 from rtbroadcast import Broadcaster, Event
 from rtbroadcast.asgi import BroadcastEndpoint, channel_from_query
 from rtbroadcast.schema import ChannelSpec, asyncapi_document
-from rtbroadcast.starlette import broadcast_routes
+from rtbroadcast.starlette import broadcast_routes, serve_websocket
 
 
 class PingPong(Event):
@@ -49,3 +49,23 @@ app.mount(
     ),
 )
 empty_app = FastAPI()
+
+
+# The FastAPI auth how-to's shape: the realtime route is a function behind the app's own Depends, which
+# the CLI cannot see into; it says so, and what to pass instead.
+def current_user() -> str:
+    return "ada"
+
+
+depends_app = FastAPI()
+hidden = BroadcastEndpoint(broadcaster, channel_from_query("room"))
+
+
+@depends_app.websocket("/private")
+async def private(websocket: WebSocket, user: str = Depends(current_user)) -> None:
+    await serve_websocket(hidden, websocket)
+
+
+mixed_app = FastAPI()
+mixed_app.router.routes.extend(broadcast_routes("/realtime", broadcaster, channel=channel_from_query("room")))
+mixed_app.router.routes.extend(depends_app.router.routes)

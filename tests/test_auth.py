@@ -10,11 +10,11 @@ from typing import Annotated, Any
 
 import httpx
 import pytest
-from fastapi import Depends, FastAPI, HTTPException, WebSocket
+from fastapi import Depends, FastAPI, HTTPException, Response, WebSocket
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from websockets.exceptions import InvalidStatus
 
-from rtbroadcast import Broadcaster, CloseCode, Identity
+from rtbroadcast import Broadcaster, CloseCode, ConfigurationError, Identity
 from rtbroadcast.asgi import (
     TOKEN_EXPIRED,
     BroadcastEndpoint,
@@ -24,9 +24,10 @@ from rtbroadcast.asgi import (
     channel_from_query,
     cookie,
 )
-from rtbroadcast.starlette import lifespan, serve_websocket
+from rtbroadcast.starlette import lifespan, serve_websocket, sse_response
 from rtbroadcast.testing import connect, serve
 
+from .sse_support import open_sse
 from .support import broadcast_app, until
 
 
@@ -157,6 +158,12 @@ def fastapi_app(broadcaster: Broadcaster) -> FastAPI:
         identity = Identity(name, expires_at=datetime.now(UTC) + timedelta(seconds=ttl))
         await serve_websocket(endpoint, websocket, identity=identity)
 
+    @app.get("/realtime/sse")
+    async def realtime_sse(user: Annotated[User, Depends(current_user)]) -> Response:
+        name, ttl = user
+        identity = Identity(name, expires_at=datetime.now(UTC) + timedelta(seconds=ttl))
+        return sse_response(endpoint, identity=identity)
+
     return app
 
 
@@ -187,6 +194,57 @@ async def test_a_fastapi_route_reuses_the_apps_depends_authentication() -> None:
         ) as ws:
             assert ws.welcome is not None
             assert await ws.closed() == (CloseCode.FORBIDDEN, TOKEN_EXPIRED)
+
+
+async def test_a_fastapi_sse_route_reuses_the_apps_depends_authentication() -> None:
+    broadcaster = Broadcaster()
+    app = fastapi_app(broadcaster)
+    good, short = {"Authorization": "Bearer good"}, {"Authorization": "Bearer short"}
+    async with serve(app) as server:
+        url = server.url("/realtime/sse", user="ada")
+        async with httpx.AsyncClient(headers=good) as http, open_sse(http, url) as stream:
+            welcome = await stream.next_json()
+            assert (welcome["type"], welcome["channel"]) == ("welcome", "user:ada")
+            await broadcaster.publish_json("user:ada", '{"type":"auth_note"}')
+            event = await stream.next()
+            assert event.json()["type"] == "auth_note"
+            assert event.id == f"{welcome['epoch']}:1"
+        assert app.state.seen == ["ada"]  # authorize saw the identity the dependency established
+        async with httpx.AsyncClient() as http:
+            # The dependency refuses: FastAPI's own 401 (or 403 without a header), no stream.
+            refused = await http.get(url, headers={"Authorization": "Bearer nope"})
+            assert (refused.status_code, refused.json()) == (401, {"detail": "bad token"})
+            assert (await http.get(url)).status_code in (401, 403)
+            # Another user's channel: authorize refuses, as on an SSE route the endpoint was routed.
+            denied = await http.get(url, headers=short)
+            assert (denied.status_code, denied.text) == (403, "forbidden")
+        # A resume through Last-Event-ID is the endpoint's, as ever.
+        async with (
+            httpx.AsyncClient(headers=good) as http,
+            open_sse(http, url, last_event_id=f"{welcome['epoch']}:0") as stream,
+        ):
+            assert (await stream.next_json())["resumed"] is True
+            assert (await stream.next_json())["type"] == "auth_note"
+        # The dependency's expiry ends the stream, saying why, as with authenticate.
+        async with (
+            httpx.AsyncClient(headers=short) as http,
+            open_sse(http, server.url("/realtime/sse", user="bob")) as stream,
+        ):
+            assert (await stream.next_json())["type"] == "welcome"
+            assert await stream.until_end() == []
+            assert f"closed {CloseCode.FORBIDDEN} {TOKEN_EXPIRED}" in stream.comments
+            assert stream.retry is not None
+    assert broadcaster.connection_count() == 0
+
+
+def test_the_route_helpers_refuse_what_they_cannot_serve() -> None:
+    broadcaster = Broadcaster()
+    websocket_only = BroadcastEndpoint(broadcaster, channel_from_query("user"), sse=False)
+    with pytest.raises(ConfigurationError, match="sse=False"):
+        sse_response(websocket_only)
+    endpoint = BroadcastEndpoint(broadcaster, channel_from_query("user"))
+    with pytest.raises(ConfigurationError, match="Identity"):
+        sse_response(endpoint, identity="ada")  # type: ignore[arg-type]
 
 
 async def test_serve_websocket_works_with_direct_writes_and_a_client_that_leaves(

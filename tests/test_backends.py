@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from rtbroadcast import Backend, BackendListener, ConfigurationError, Envelope, StateError
 from rtbroadcast._control import CONTROL_CHANNEL
-from rtbroadcast.backends import load_backend
+from rtbroadcast.backends import PUBLISHED_AT, load_backend
 from rtbroadcast.backends.memory import MemoryBackend
 from rtbroadcast.backends.postgres import PostgresBackend
 from rtbroadcast.backends.redis import RedisBackend
@@ -314,6 +314,34 @@ async def test_subscribers_get_every_envelope_in_order(harness: Harness) -> None
     received = [e for e in recorder.envelopes if e.channel == "c"]
     assert received == sent
     assert recorder.seqs("other") == []
+
+
+#: Headers as a traced, stamped publish sends them, plus what a wire format could trip on.
+HEADERS = {
+    "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+    "tracestate": "congo=t61rcWkgMzE, rojo=00f067aa0ba902b7",  # a space inside: allowed by W3C
+    PUBLISHED_AT: "1764600000.123456",
+    "odd": 'ünï \n "quoted" {braces} \u2028',
+}
+
+
+async def test_headers_travel_with_the_envelope_live_and_into_history(harness: Harness) -> None:
+    backend, recorder = await harness.open()
+    assert backend.supports_headers
+    peer, peer_recorder = await harness.peer(backend)
+    listener = peer_recorder or recorder
+    await peer.subscribe("c")
+    sent = await backend.publish("c", payload(1), headers=HEADERS)
+    plain = await backend.publish("c", payload(2))
+    assert sent.headers == HEADERS and plain.headers is None
+    await listener.wait_for(lambda: len(listener.seqs("c")) == 2)
+    live = [e for e in listener.envelopes if e.channel == "c"]
+    assert [e.headers for e in live] == [HEADERS, None]
+    assert [e.data for e in live] == [with_seq(payload(1), 1), with_seq(payload(2), 2)]
+    assert live[0].published_at == 1764600000.123456
+    history = await peer.history("c", 0, limit=10)
+    assert [e.headers for e in history.envelopes] == [HEADERS, None]
+    assert [e.data for e in history.envelopes] == [e.data for e in live]
 
 
 async def test_unsubscribe_stops_delivery(harness: Harness) -> None:

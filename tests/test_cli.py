@@ -385,6 +385,18 @@ def test_schema_finds_the_broadcast_endpoints_of_a_fastapi_app(
     assert "cli_target.ping_pong" in channels["realtime"]["messages"]
 
 
+def test_schema_documents_what_it_finds_and_names_the_routes_it_cannot_see_into(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    assert main(["schema", "cli_schema_target:mixed_app"]) == EXIT_OK
+    out, err = capsys.readouterr()
+    assert set(json.loads(out)["channels"]) == {"realtime", "realtime_sse"}
+    assert "not documented: the WebSocket routes /private are functions" in err
+    assert main(["schema", "cli_schema_target:app"]) == EXIT_OK
+    assert capsys.readouterr().err == ""  # every WebSocket route of that app is an endpoint
+
+
 @pytest.mark.parametrize(
     ("target", "message"),
     [
@@ -395,6 +407,12 @@ def test_schema_finds_the_broadcast_endpoints_of_a_fastapi_app(
         (
             "cli_schema_target:empty_app",
             "found no BroadcastEndpoint in the routes of cli_schema_target:empty_app",
+        ),
+        (
+            "cli_schema_target:depends_app",
+            "the WebSocket routes /private are functions, which rtbroadcast cannot see into (a route that "
+            "calls serve_websocket() or returns sse_response() behind the app's Depends): describe them "
+            "with a ChannelSpec",
         ),
     ],
 )

@@ -35,6 +35,41 @@ def bare_uvicorn_installs(text: str) -> list[str]:
     return found
 
 
+#: The extras that bring ``uvicorn[standard]`` along.
+_SERVING_EXTRAS = {"testing", "example"}
+
+
+def adapter_installs_without_a_server(text: str) -> list[str]:
+    """Return the lines of ``text`` that install the Starlette adapter but no server to run it on."""
+    found = []
+    for line in text.splitlines():
+        requirements = [requirement.lower() for requirement in _installed(line)]
+        extras = {
+            extra.strip()
+            for requirement in requirements
+            if requirement.startswith("rtbroadcast[")
+            for extra in requirement.split("[", 1)[1].split("]", 1)[0].split(",")
+        }
+        serves = extras & _SERVING_EXTRAS or any(r.startswith("uvicorn[standard") for r in requirements)
+        if "starlette" in extras and not serves:
+            found.append(line.strip())
+    return found
+
+
+def test_the_check_finds_an_adapter_without_a_server() -> None:
+    assert adapter_installs_without_a_server("pip install 'rtbroadcast[starlette]'") != []
+    assert adapter_installs_without_a_server("pip install 'rtbroadcast[redis,starlette]' fastapi") != []
+    assert adapter_installs_without_a_server("pip install 'rtbroadcast[starlette]' 'uvicorn[standard]'") == []
+    assert adapter_installs_without_a_server("pip install 'rtbroadcast[starlette,testing]'") == []
+    assert adapter_installs_without_a_server("pip install 'rtbroadcast[redis]'") == []
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[page.relative_to(ROOT).as_posix() for page in PAGES])
+def test_installing_the_adapter_installs_a_server_that_speaks_websocket(page: Path) -> None:
+    """A reader who copies the line and then runs uvicorn would otherwise install plain uvicorn, or none."""
+    assert adapter_installs_without_a_server(page.read_text()) == []
+
+
 def test_the_check_finds_a_bare_uvicorn() -> None:
     assert bare_uvicorn_installs("pip install 'rtbroadcast[starlette]' uvicorn") != []
     assert bare_uvicorn_installs("tools first: `pip install pytest uvicorn>=0.29`.") != []
@@ -66,6 +101,9 @@ def test_publish_after_commit_advice_warns_about_commit_order() -> None:
         text = " ".join(page.read_text().split())
         assert "not commit order" in text, page
         assert "outbox" in text, page
+        # Both transactional options: the outbox, and publishing inside the transaction on PostgreSQL.
+        assert "postgresql.md" in text or page.name == "postgresql.md", page
+        assert "is planned" not in text, page  # the PostgreSQL backend shipped
 
 
 # -- the site ----------------------------------------------------------------------------------------
@@ -117,3 +155,11 @@ def test_the_api_page_hides_what_only_adapters_and_backends_call() -> None:
 def test_the_site_requests_no_external_fonts() -> None:
     config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
     assert config["theme"]["font"] is False  # Material otherwise loads Google Fonts from fonts.googleapis.com
+
+
+def test_the_api_page_documents_every_starlette_helper() -> None:
+    import rtbroadcast.starlette
+
+    page = (ROOT / "docs" / "reference" / "api.md").read_text()
+    members = _directive_options(page, "rtbroadcast.starlette")["members"]
+    assert sorted(members) == sorted(rtbroadcast.starlette.__all__)

@@ -6,6 +6,7 @@ import asyncio
 import importlib.util
 import json
 import re
+import subprocess
 import sys
 import uuid
 from pathlib import Path
@@ -26,6 +27,7 @@ from rtbroadcast.protocol import (
 )
 
 from .asyncapi_support import asyncapi_errors
+from .sse_support import open_sse
 from .support import MS, recv_json, serve, until
 
 ROOT = Path(__file__).parent.parent
@@ -166,6 +168,26 @@ async def test_fastapi_auth_reuses_the_apps_depends() -> None:
         assert refused.value.response.status_code == 401
         async with httpx.AsyncClient() as http:
             assert (await http.get(server.url("/me"), headers=good)).json() == {"id": "ada"}
+            nope = await http.get(server.url("/realtime/sse"), headers={"Authorization": "Bearer nope"})
+            assert nope.status_code == 401
+        async with (
+            httpx.AsyncClient(headers=good) as http,
+            open_sse(http, server.url("/realtime/sse")) as sse,
+        ):
+            assert (await sse.next_json())["channel"] == "user:ada"
+            await auth.broadcaster.publish_json("user:ada", '{"type":"note"}')
+            assert (await sse.next_json())["type"] == "note"
+
+
+def test_the_testing_howtos_file_passes_under_pytest_on_its_own(tmp_path: Path) -> None:
+    """As a user runs it: pytest on that one file (fixture included), with none of this suite's config."""
+    config = tmp_path / "pytest.ini"
+    config.write_text("[pytest]\nfilterwarnings = error\n")
+    command = [sys.executable, "-m", "pytest", str(SNIPPETS / "test_fastapi_app.py"), "-c", str(config)]
+    command += ["--rootdir", str(tmp_path), "-q", "-p", "no:cacheprovider", "-p", "no:randomly"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "5 passed" in result.stdout, result.stdout
 
 
 def test_the_testing_howtos_test_client_test_passes() -> None:

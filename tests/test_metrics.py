@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Literal
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from rtbroadcast import Broadcaster, ConfigurationError, Connection, Event
+from rtbroadcast.backends.redis import RECONNECTED
 from rtbroadcast.metrics import PrometheusMetrics, close_reason
+
+from .redis_support import RedisServer
+from .support import MS, until
 
 pytestmark = pytest.mark.asyncio_only
 
@@ -139,3 +144,23 @@ async def test_protocol_2_subscriptions_are_counted_by_protocol() -> None:
         await broadcaster.publish("room:a", Pinged())
         await ws.event(channel="room:a")
         assert sample(registry, "rtbroadcast_fanout_seconds_count") == 1
+
+
+async def test_a_backend_interruption_is_counted_and_the_availability_gauge_follows(
+    redis_server: RedisServer,
+) -> None:
+    """Redis (a server of the test's own) killed and restarted under a subscribed channel."""
+    registry = CollectorRegistry()
+    async with Broadcaster(f"{redis_server.url}?key_prefix=rtbmetrics") as broadcaster:
+        PrometheusMetrics(broadcaster, registry=registry)
+        async with broadcaster.subscribe("room:1"):
+            assert sample(registry, "rtbroadcast_backend_available") == 1
+            assert sample(registry, "rtbroadcast_backend_interruptions_total", reason=RECONNECTED) is None
+            await asyncio.to_thread(redis_server.kill)
+            await until(lambda: sample(registry, "rtbroadcast_backend_available") == 0, 10_000 * MS)
+            await asyncio.to_thread(redis_server.start)
+            await until(lambda: sample(registry, "rtbroadcast_backend_available") == 1, 10_000 * MS)
+            await until(
+                lambda: sample(registry, "rtbroadcast_backend_interruptions_total", reason=RECONNECTED) == 1,
+                5_000 * MS,
+            )

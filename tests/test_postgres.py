@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import asyncpg
 import pytest
@@ -47,6 +47,22 @@ async def db(postgres_url: str, postgres_schema: str) -> AsyncIterator[asyncpg.P
         yield pool
     finally:
         await pool.close()
+
+
+@pytest.fixture
+def trimmable(
+    postgres_url: str, postgres_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> Callable[..., PostgresBackend]:
+    """Make backends on the test's schema with these options, whose rows may be trimmed at once.
+
+    Without the delivery grace a trim does not wait for rows a listener may still be reading.
+    """
+    monkeypatch.setattr("rtbroadcast.backends.postgres.DELIVERY_GRACE", 0.0)
+
+    def make(**options: Any) -> PostgresBackend:
+        return PostgresBackend(postgres_url, schema=postgres_schema, **options)
+
+    return make
 
 
 async def rows(pool: asyncpg.Pool, query: str) -> list[asyncpg.Record]:
@@ -175,10 +191,9 @@ async def test_an_idempotency_key_in_a_transaction_publishes_once(
 
 
 async def test_trimming_deletes_old_rows_and_never_waits_for_a_publisher(
-    postgres_url: str, postgres_schema: str, db: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+    trimmable: Callable[..., PostgresBackend], postgres_schema: str, db: asyncpg.Pool
 ) -> None:
-    monkeypatch.setattr("rtbroadcast.backends.postgres.DELIVERY_GRACE", 0.0)
-    backend = PostgresBackend(postgres_url, schema=postgres_schema, history_size=10, trim_interval=3600)
+    backend = trimmable(history_size=10, trim_interval=3600)
     async with Broadcaster(backend=backend) as broadcaster:
         for n in range(50):
             await broadcaster.publish("a", Bid(n=n))
@@ -204,10 +219,9 @@ async def test_trimming_deletes_old_rows_and_never_waits_for_a_publisher(
 
 
 async def test_trimming_by_age(
-    postgres_url: str, postgres_schema: str, db: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+    trimmable: Callable[..., PostgresBackend], postgres_schema: str, db: asyncpg.Pool
 ) -> None:
-    monkeypatch.setattr("rtbroadcast.backends.postgres.DELIVERY_GRACE", 0.0)
-    backend = PostgresBackend(postgres_url, schema=postgres_schema, history_ttl=0.3, trim_interval=3600)
+    backend = trimmable(history_ttl=0.3, trim_interval=3600)
     async with Broadcaster(backend=backend) as broadcaster:
         await broadcaster.publish("a", Bid(n=1), idempotency_key="old")
         await asyncio.sleep(0.4)
@@ -217,10 +231,9 @@ async def test_trimming_by_age(
 
 
 async def test_the_trimmer_runs_by_itself(
-    postgres_url: str, postgres_schema: str, db: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+    trimmable: Callable[..., PostgresBackend], postgres_schema: str, db: asyncpg.Pool
 ) -> None:
-    monkeypatch.setattr("rtbroadcast.backends.postgres.DELIVERY_GRACE", 0.0)
-    backend = PostgresBackend(postgres_url, schema=postgres_schema, history_size=2, trim_interval=0.1)
+    backend = trimmable(history_size=2, trim_interval=0.1)
     async with Broadcaster(backend=backend) as broadcaster:
         for n in range(10):
             await broadcaster.publish("a", Bid(n=n))
@@ -333,3 +346,127 @@ async def test_tables_emptied_under_a_running_stream_start_a_new_epoch_and_subsc
         assert item == ResyncRequired("epoch_changed", new, 1)
     history = await broadcaster.backend.history("c", 0, limit=10)
     assert [e.seq for e in history.envelopes] == [1] and history.position.epoch == new
+
+
+# -- headers, and the upgrade from 0.1 (whose DDL tests/data/postgres_schema_0_1.sql keeps) ---------------
+
+OLD_DDL = (ROOT / "tests/data/postgres_schema_0_1.sql").read_text()
+# The statements 0.1 runs, verbatim but for the schema (its _Statements: publish, tail, history).
+OLD_PUBLISH = 'SELECT * FROM "{s}".publish($1, $2, $3, $4, $5, $6)'
+OLD_TAIL = (
+    'SELECT seq, data FROM "{s}".events WHERE channel = $1 AND epoch = $2 AND seq > $3 AND seq <= $4'
+    " ORDER BY seq LIMIT $5"
+)
+OLD_HISTORY = """
+    SELECT c.epoch, c.seq, e.seq, e.data FROM "{s}".channels c
+    LEFT JOIN LATERAL (
+        SELECT e.seq, e.data FROM "{s}".events e
+        WHERE e.channel = c.channel AND e.epoch = c.epoch AND e.seq > $2 AND e.seq <= c.seq
+          AND e.seq > c.seq - $4
+          AND ($5::float8 IS NULL OR e.created_at >= clock_timestamp() - make_interval(secs => $5))
+        ORDER BY e.seq LIMIT $3
+    ) e ON true
+    WHERE c.channel = $1 ORDER BY e.seq"""
+TRACED = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+
+
+async def old_publish(conn: asyncpg.Connection, backend: PostgresBackend, channel: str, n: int) -> int:
+    """Publish as a process of 0.1 does: the six-argument function."""
+    row = await conn.fetchrow(
+        OLD_PUBLISH.format(s=backend.schema),
+        channel, "0123456789abcdef", f'{{"type":"bid","n":{n},"seq":', backend.notify_channel(channel),
+        None, 3600.0,
+    )  # fmt: skip
+    assert row is not None
+    return int(row["seq"])
+
+
+async def test_an_upgrade_from_0_1_keeps_old_and_new_processes_publishing_and_reading_each_other(
+    postgres_url: str, postgres_schema: str
+) -> None:
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        await conn.execute(OLD_DDL.replace("__SCHEMA__", postgres_schema))
+        backend = PostgresBackend(postgres_url, schema=postgres_schema)
+        assert await old_publish(conn, backend, "c", 1) == 1  # before the upgrade
+        async with Broadcaster(backend=backend) as broadcaster:  # connecting migrates
+            columns = await conn.fetch(
+                "SELECT column_name FROM information_schema.columns WHERE table_schema = $1"
+                " AND table_name = 'events' ORDER BY ordinal_position",
+                postgres_schema,
+            )
+            assert [c["column_name"] for c in columns][-1] == "headers"
+            async with broadcaster.subscribe("c", model=Bid) as subscription:
+                # An old process publishes: this one delivers it, without headers.
+                assert await old_publish(conn, backend, "c", 2) == 2
+                got = await asyncio.wait_for(anext(subscription), 5_000 * MS)
+                assert isinstance(got, Received) and got.event.n == 2 and got.seq == 2
+            new = await backend.publish("c", '{"type":"bid","n":3}', headers=TRACED)
+            assert new.seq == 3
+            # An old process reads the new row with its own statements: the text clients get, intact.
+            epoch = new.epoch
+            tail = await conn.fetch(OLD_TAIL.format(s=postgres_schema), "c", epoch, 0, 3, 10)
+            assert [(r["seq"], r["data"]) for r in tail][-1] == (3, '{"type":"bid","n":3,"seq":3}')
+            old_history = await conn.fetch(OLD_HISTORY.format(s=postgres_schema), "c", 0, 10, 1000, None)
+            assert [r[2] for r in old_history] == [1, 2, 3]
+            history = await backend.history("c", 0, limit=10)
+            assert [e.headers for e in history.envelopes] == [None, None, TRACED]
+            # An old process that (re)connects re-runs its own DDL, after the upgrade: both versions still
+            # publish, and the migration of this one then runs again, as a no-op.
+            await conn.execute(OLD_DDL.replace("__SCHEMA__", postgres_schema))
+            assert await old_publish(conn, backend, "c", 4) == 4
+            assert (await backend.publish("c", '{"type":"bid","n":5}', headers=TRACED)).seq == 5
+            await conn.execute(schema_sql(postgres_schema))
+            assert await old_publish(conn, backend, "c", 6) == 6
+            history = await backend.history("c", 3, limit=10)
+            assert [(e.seq, e.headers) for e in history.envelopes] == [(4, None), (5, TRACED), (6, None)]
+    finally:
+        await conn.close()
+
+
+async def test_a_traced_publish_notifies_the_same_payload_and_stores_its_headers_as_json(
+    broadcaster: Broadcaster, postgres_url: str, postgres_schema: str
+) -> None:
+    backend = broadcaster.backend
+    assert isinstance(backend, PostgresBackend)
+    conn = await asyncpg.connect(postgres_url)
+    notified: asyncio.Queue[str] = asyncio.Queue()
+    try:
+        await conn.add_listener(backend.notify_channel("c"), lambda *args: notified.put_nowait(args[3]))
+        plain = await backend.publish("c", '{"type":"bid","n":1}')
+        traced = await backend.publish("c", '{"type":"bid","n":2}', headers=TRACED)
+        payloads = [await asyncio.wait_for(notified.get(), 5) for _ in range(2)]
+        assert payloads == [f"1 {plain.epoch} c", f"2 {traced.epoch} c"]
+        stored = await conn.fetch(f'SELECT seq, headers FROM "{postgres_schema}".events ORDER BY seq')
+        assert [(r["seq"], r["headers"]) for r in stored] == [
+            (1, None),
+            (2, json.dumps(TRACED, separators=(",", ":"))),
+        ]
+        # Headers that are not what this version writes (a hand edit, a future version) are dropped with
+        # a warning; the event is still delivered.
+        await conn.execute(f"UPDATE \"{postgres_schema}\".events SET headers = '[1]' WHERE seq = 2")
+        history = await backend.history("c", 0, limit=10)
+        assert [e.headers for e in history.envelopes] == [None, None]
+    finally:
+        await conn.close()
+
+
+async def test_a_publish_in_a_transaction_carries_headers(
+    broadcaster: Broadcaster, db: asyncpg.Pool, postgres_url: str
+) -> None:
+    backend = broadcaster.backend
+    assert isinstance(backend, PostgresBackend)
+    async with db.acquire() as conn, conn.transaction():
+        envelope = await backend.publish_in_transaction(conn, "c", '{"type":"bid","n":1}', headers=TRACED)
+    assert envelope.headers == TRACED
+    engine = create_async_engine(postgres_url.replace("postgresql://", "postgresql+asyncpg://"))
+    try:
+        async with AsyncSession(engine) as session, session.begin():
+            via_sqlalchemy = await backend.publish_in_transaction(
+                session, "c", '{"type":"bid","n":2}', headers=TRACED
+            )
+    finally:
+        await engine.dispose()
+    assert via_sqlalchemy.seq == 2
+    history = await backend.history("c", 0, limit=10)
+    assert [e.headers for e in history.envelopes] == [TRACED, TRACED]

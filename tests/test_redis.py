@@ -178,6 +178,20 @@ async def test_a_lost_meta_hash_starts_a_new_epoch_without_the_old_history(
     assert history.complete and [e.data for e in history.envelopes] == [envelope.data]
 
 
+async def test_an_application_seeding_random_never_makes_a_lost_channel_reuse_its_epoch(
+    backend: RedisBackend, raw: redis.asyncio.Redis
+) -> None:
+    # The same seed before each loss (a service that seeds `random` at start-up, restarted): if the epoch
+    # came from the `random` module, the channel would get its old epoch back, and its clients, holding seq
+    # 3 of that epoch, would take the new events 1..3 for ones they had.
+    epochs = []
+    for _ in range(3):
+        random.seed(1234)
+        epochs.append((await backend.publish("c", payload(1))).epoch)
+        await raw.delete(backend.keys("c")["meta"], backend.keys("c")["stream"])
+    assert len(set(epochs)) == 3, epochs
+
+
 async def test_a_lost_stream_leaves_history_incomplete_and_seqs_going_on(
     backend: RedisBackend, raw: redis.asyncio.Redis
 ) -> None:
@@ -659,3 +673,69 @@ async def test_a_listener_that_gives_up_shows_in_the_broadcaster_state(redis_ser
         assert broadcaster.stats().state is BroadcasterState.FAILED
         assert broadcaster.stats().backend_available is False
     assert broadcaster.state is BroadcasterState.CLOSED
+
+
+# -- the wire: headers, and processes of the version before them ------------------------------------------
+
+TRACED = {
+    "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+    "tracestate": "congo=t61rcWkgMzE, rojo=00f067aa0ba902b7",
+}
+
+
+async def test_without_headers_the_wire_is_the_one_before_them_and_with_them_old_readers_skip_it(
+    backend: RedisBackend, raw: redis.asyncio.Redis
+) -> None:
+    keys = backend.keys("c")
+    pubsub = raw.pubsub()
+    await pubsub.subscribe(keys["pubsub"])
+    try:
+        assert (await pubsub.get_message(timeout=5))["type"] == "subscribe"  # type: ignore[index]
+        plain = await backend.publish("c", payload(1))
+        traced = await backend.publish("c", payload(2), headers=TRACED)
+        messages = [(await pubsub.get_message(timeout=5))["data"].decode() for _ in range(2)]  # type: ignore[index]
+    finally:
+        await pubsub.aclose()
+    encoded = json.dumps(TRACED, separators=(",", ":"))
+    assert messages == [
+        f"1 {plain.epoch} {plain.data}",  # byte for byte what 0.1 publishes
+        f"h 2 {traced.epoch} {encoded}\n{traced.data}",
+    ]
+    entries = await raw.xrange(keys["stream"])
+    assert [sorted(fields) for _, fields in entries] == [[b"d", b"t"], [b"d", b"h", b"t"]]
+    assert entries[1][1][b"h"] == encoded.encode() and entries[1][1][b"d"] == traced.data.encode()
+    # 0.1's listener reads "<seq> <epoch> <data>" with int() on the first word: a headed message fails it,
+    # and it logs the message as malformed and skips it (repairing from history) rather than deliver
+    # "<epoch> <headers>..." as the event's text.
+    with pytest.raises(ValueError, match="invalid literal for int"):
+        int(messages[1].split(" ", 2)[0])
+
+
+async def test_messages_of_the_old_format_and_headed_ones_with_bad_headers_are_delivered(
+    redis_url: str, redis_prefix: str, raw: redis.asyncio.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    backend, recorder = await connected(redis_url, key_prefix=redis_prefix)
+    try:
+        await backend.subscribe("c")
+        name = backend.keys("c")["pubsub"]
+        epoch = (await backend.position("c")).epoch
+        with caplog.at_level(logging.WARNING):
+            await raw.publish(name, f'1 {epoch} {{"type":"a","seq":1}}')  # as 0.1 publishes
+            await raw.publish(name, f'h 2 {epoch} {{"traceparent":"x"}}\n{{"type":"a","seq":2}}')
+            await raw.publish(name, f'h 3 {epoch} not json\n{{"type":"a","seq":3}}')
+            await raw.publish(name, f"h 4 {epoch} no line break")
+            await raw.publish(name, f'h x {epoch} {{}}\n{{"type":"a","seq":5}}')
+            await raw.publish(name, f'6 {epoch} {{"type":"a","seq":6}}')
+            await recorder.wait_for(lambda: recorder.seqs("c")[-1:] == [6])
+        assert [(e.seq, e.data, e.headers) for e in recorder.envelopes] == [
+            (1, '{"type":"a","seq":1}', None),
+            (2, '{"type":"a","seq":2}', {"traceparent": "x"}),
+            (3, '{"type":"a","seq":3}', None),
+            (6, '{"type":"a","seq":6}', None),
+        ]
+        assert backend.stats()["listener_errors"] == 2
+        assert [r.levelname for r in caplog.records] == ["WARNING", "ERROR", "ERROR"]
+        assert caplog.records[0].getMessage() == "ignoring an envelope's malformed headers: 'not json'"
+        assert all("malformed message" in r.getMessage() for r in caplog.records[1:])
+    finally:
+        await backend.disconnect()

@@ -211,8 +211,14 @@ async def test_a_migrated_slot_moves_its_channels_to_the_new_shard(
         await asyncio.to_thread(migrate_slot, backend.slot(moving), ports[2], ports[0])
 
 
-def migrate_slot(slot: int, source: int, target: int) -> None:
-    """Move ``slot`` with its keys from the primary on port ``source`` to the one on ``target``."""
+def migrate_slot(slot: int, source: int, target: int, *, pause: float = 0.0) -> None:
+    """Move ``slot`` with its keys from the primary on port ``source`` to the one on ``target``, as
+    ``redis-cli --cluster reshard`` does.
+
+    With ``pause``, it waits that long after each step and moves one key per ``MIGRATE``, so that commands
+    sent meanwhile meet every intermediate state: both nodes flagged, some keys moved (``TRYAGAIN``), all
+    moved (``ASK``), the new owner set on the target only, then on both.
+    """
     src, dst = (
         redis.Redis(port=source, decode_responses=True),
         redis.Redis(port=target, decode_responses=True),
@@ -221,9 +227,13 @@ def migrate_slot(slot: int, source: int, target: int) -> None:
         src_id, dst_id = src.cluster("MYID"), dst.cluster("MYID")
         dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
         src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
-        while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
+        time.sleep(pause)
+        batch = 1 if pause else 100
+        while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, batch):
             src.execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *keys)
+            time.sleep(pause)
         dst.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+        time.sleep(pause)
         src.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
     finally:
         src.close()
@@ -243,6 +253,228 @@ def migrate_slot(slot: int, source: int, target: int) -> None:
     raise RuntimeError(f"slot {slot} did not settle on {target}")
 
 
+# -- under traffic: a broadcaster's subscriptions while a publisher numbers its events --------------------
+
+
+class Traffic:
+    """A broadcaster subscribed in-process to ``channels``, and a publisher numbering its events round-robin.
+
+    Keeps what each side saw, per channel: what the subscription yielded, the publishes acknowledged (with
+    their epoch and seq) and those that failed. The subscriptions do what a client does: when the server
+    closes one (a repair that met an outage closes with 1011), it comes back with its position and resumes,
+    or is told to resync.
+    """
+
+    def __init__(self, subscriber: Broadcaster, publisher: RedisClusterBackend, channels: list[str]) -> None:
+        self.subscriber = subscriber
+        self.publisher = publisher
+        self.channels = channels
+        self.received: dict[str, list[Received[Numbered] | ResyncRequired]] = {name: [] for name in channels}
+        self.acknowledged: dict[str, list[tuple[int, str, int]]] = {name: [] for name in channels}
+        self.failed: dict[str, list[int]] = {name: [] for name in channels}
+        self.reconnects: dict[str, int] = {name: 0 for name in channels}
+        self.n = 0
+        self._consumers: list[asyncio.Task[None]] = []
+
+    async def start(self, stack: contextlib.AsyncExitStack) -> None:
+        """Subscribe to every channel (confirmed) and start reading."""
+        for name in self.channels:
+            subscription = await stack.enter_async_context(self.subscriber.subscribe(name, model=Numbered))
+            self._consumers.append(asyncio.create_task(self._consume(name, subscription, stack)))
+
+    async def _consume(self, name: str, subscription: Any, stack: contextlib.AsyncExitStack) -> None:
+        while True:
+            try:
+                async for item in subscription:
+                    self.received[name].append(item)
+                return
+            except SubscriptionClosed:
+                position = subscription.position
+            while True:
+                self.reconnects[name] += 1
+                assert self.reconnects[name] < 100, f"{name}: cannot resubscribe"
+                await asyncio.sleep(0.2)
+                try:
+                    subscription = await stack.enter_async_context(
+                        self.subscriber.subscribe(name, resume=position, model=Numbered)
+                    )
+                    break
+                except BackendUnavailable:
+                    continue
+
+    async def publish_next(self) -> tuple[str, bool]:
+        """Publish event ``n + 1`` to the next channel; return the channel and whether it was acknowledged."""
+        self.n += 1
+        name = self.channels[self.n % len(self.channels)]
+        try:
+            envelope = await self.publisher.publish(name, Numbered(n=self.n).to_json())
+        except BackendUnavailable:
+            self.failed[name].append(self.n)
+            return name, False
+        self.acknowledged[name].append((self.n, envelope.epoch, envelope.seq))
+        return name, True
+
+    async def drain(self, timeout: float = 15_000 * MS) -> None:
+        """Wait until the last acknowledged event of every channel reached its subscription, or a
+        ``resync_required`` at or past it did (the client reloads a snapshot that includes it): after it,
+        nothing more is in flight."""
+        for name in self.channels:
+            if not self.acknowledged[name]:
+                continue
+            last = self.acknowledged[name][-1]
+
+            def arrived(name: str = name, last: tuple[int, str, int] = last) -> bool:
+                return any(
+                    (isinstance(r, Received) and r.event.n == last[0])
+                    or (isinstance(r, ResyncRequired) and r.epoch == last[1] and r.seq >= last[2])
+                    for r in self.received[name]
+                )
+
+            try:
+                await until(arrived, timeout=timeout)
+            except AssertionError:
+                raise AssertionError(
+                    f"{name} never got its last event {last}; it got {self.received[name][-3:]}; "
+                    f"subscriber backend: {self.subscriber.stats().backend}"
+                ) from None
+
+    async def stop(self) -> None:
+        for task in self._consumers:
+            task.cancel()
+        await asyncio.gather(*self._consumers, return_exceptions=True)
+
+    def resyncs(self, name: str) -> list[ResyncRequired]:
+        return [r for r in self.received[name] if isinstance(r, ResyncRequired)]
+
+    def epochs(self, name: str) -> set[str]:
+        return {epoch for _, epoch, _ in self.acknowledged[name]}
+
+    def check(self, name: str) -> None:
+        """No silent gap, nothing twice, nothing out of order on ``name`` (see :func:`check_no_silent_gap`)."""
+        check_no_silent_gap(name, self.received[name], self.acknowledged[name], self.failed[name])
+
+
+def pubsub_clients(port: int) -> int:
+    """Return how many connections to the node on ``port`` have sharded subscriptions."""
+    client = redis.Redis(port=port)
+    try:
+        return sum(1 for c in client.client_list() if int(c.get("ssub", 0)) > 0)
+    finally:
+        client.close()
+
+
+async def test_a_shard_subscriber_killed_under_traffic_repairs_only_that_shards_clients(
+    redis_cluster: RedisClusterFixture, redis_cluster_prefix: str
+) -> None:
+    options: dict[str, Any] = {**FAST, "key_prefix": redis_cluster_prefix}
+    groups = spread(RedisClusterBackend(seeds(redis_cluster), **options), redis_cluster)
+    victim = sorted(groups)[0]
+    channels = [name for names in groups.values() for name in names]
+    # No periodic position check: every repair counted below is one the interruption asked for.
+    subscriber = Broadcaster(
+        backend=RedisClusterBackend(seeds(redis_cluster), **options), position_check_interval=None
+    )
+    publisher = RedisClusterBackend(seeds(redis_cluster), **options)
+    await publisher.connect(Recorder())
+    try:
+        async with subscriber, contextlib.AsyncExitStack() as stack:
+            traffic = Traffic(subscriber, publisher, channels)
+            await traffic.start(stack)
+            for _ in range(120):
+                await traffic.publish_next()
+            admin = redis.asyncio.Redis(port=victim)
+            try:
+                assert await admin.client_kill_filter(_type="pubsub") == 1  # the subscriber's, nobody else's
+            finally:
+                await admin.aclose()
+            # Go on publishing while the shard's subscriber reconnects (its first delay is 25-50 ms).
+            for _ in range(300):
+                await traffic.publish_next()
+            await traffic.drain()
+            await traffic.stop()
+            stats = subscriber.stats()
+    finally:
+        await publisher.disconnect()
+    for name in channels:
+        traffic.check(name)
+        # Same shard, same data: the victim's clients were repaired from history, nobody resynced.
+        assert traffic.resyncs(name) == [] and traffic.failed[name] == [], name
+    assert stats.interruptions == 1 and stats.interruptions_by_reason == {"backend_reconnected": 1}
+    assert stats.repairs == len(groups[victim]), "a repair for a channel of another shard"
+    assert stats.resyncs == 0 and stats.backend["reconnects"] == 1
+
+
+async def test_a_slot_migrated_under_traffic_resyncs_its_clients_once_and_loses_nothing(
+    redis_cluster: RedisClusterFixture, redis_cluster_prefix: str
+) -> None:
+    """Resharding one slot, step by step (IMPORTING/MIGRATING, MIGRATE key by key, SETSLOT NODE on both
+    primaries), while events are published to it and its subscriber listens on the old primary."""
+    options: dict[str, Any] = {**FAST, "key_prefix": redis_cluster_prefix}
+    probe = RedisClusterBackend(seeds(redis_cluster), **options)
+    groups = spread(probe, redis_cluster)
+    source, elsewhere, target = sorted(groups)
+    moving, neighbour = groups[source]  # the neighbour stays on the old primary, in another slot
+    assert probe.slot(moving) != probe.slot(neighbour)
+    channels = [moving, neighbour, groups[elsewhere][0], groups[target][0]]
+    subscriber = Broadcaster(
+        backend=RedisClusterBackend(seeds(redis_cluster), **options), position_check_interval=None
+    )
+    publisher = RedisClusterBackend(seeds(redis_cluster), **options)
+    await publisher.connect(Recorder())
+    migrated = False
+    try:
+        async with subscriber, contextlib.AsyncExitStack() as stack:
+            traffic = Traffic(subscriber, publisher, channels)
+            await traffic.start(stack)
+            assert pubsub_clients(target) == 1  # for groups[target][0]
+            for _ in range(100):
+                await traffic.publish_next()
+            migration = asyncio.create_task(
+                asyncio.to_thread(migrate_slot, probe.slot(moving), source, target, pause=0.3)
+            )
+            started = time.monotonic()
+            while not migration.done() and time.monotonic() - started < 30 and traffic.n < 50_000:
+                await traffic.publish_next()
+            await migration
+            migrated = True
+            during = traffic.n
+            for _ in range(200):
+                await traffic.publish_next()
+            await traffic.drain()
+            # The subscriber listens to the moved channel on the new primary, on the connection it already
+            # had there; the old primary keeps the neighbour's.
+            assert sorted(subscriber.stats().backend["shards"]) == sorted(  # type: ignore[arg-type]
+                f"127.0.0.1:{port}" for port in (source, elsewhere, target)
+            )
+            assert pubsub_clients(target) == 1 and pubsub_clients(source) == 1
+            await traffic.stop()
+            stats = subscriber.stats()
+    finally:
+        await publisher.disconnect()
+        if migrated:  # give the slot back, so that the session's cluster keeps its layout
+            await asyncio.to_thread(migrate_slot, probe.slot(moving), target, source)
+    assert during > 100 + 20, "too few publishes during the migration to mean anything"
+    for name in channels:
+        traffic.check(name)
+        assert traffic.failed[name] == [], (name, traffic.failed[name])
+    # Written by another primary now: one new epoch, one resync for the moved channel's clients ...
+    assert len(traffic.epochs(moving)) == 2, (traffic.epochs(moving), traffic.resyncs(moving), stats)
+    assert [r.reason for r in traffic.resyncs(moving)] == ["epoch_changed"]
+    # ... and nothing at all for the others, on the old primary, the new one or the third.
+    for name in channels[1:]:
+        assert traffic.resyncs(name) == [] and len(traffic.epochs(name)) == 1, name
+    assert stats.interruptions == 1 and stats.repairs == 1 and stats.resyncs == 1
+
+
+async def test_presence_is_refused_on_a_cluster() -> None:
+    with pytest.raises(ConfigurationError, match="redis\\+cluster backend does not keep presence"):
+        Broadcaster("redis+cluster://127.0.0.1:7000", presence=("room:",))
+    backend = RedisClusterBackend([("127.0.0.1", 7000)])
+    assert not backend.supports_presence
+    with pytest.raises(ConfigurationError, match="does not keep presence"):
+        await backend.presence_count("room:1")
+
+
 # -- failover -------------------------------------------------------------------------------------------
 
 
@@ -252,112 +484,61 @@ async def test_a_killed_primary_leaves_no_silent_gap_and_no_vanished_publish() -
         await failover_scenario(cluster)
 
 
-async def failover_scenario(cluster: RedisClusterFixture) -> None:
+async def failover_scenario(cluster: RedisClusterFixture) -> dict[str, float]:
+    """Kill a primary under traffic, check what every subscriber got; return how long the victim's channels
+    took publishes again after the kill, and how many publishes failed meanwhile (for the docs' figures)."""
     subscriber = Broadcaster(backend=RedisClusterBackend(seeds(cluster), **FAST), position_check_interval=0.5)
     publisher = RedisClusterBackend(seeds(cluster), **FAST)
     await publisher.connect(Recorder())
+    groups = spread(RedisClusterBackend(seeds(cluster)), cluster)
+    victim_port = sorted(groups)[0]
+    victim: RedisServer = next(n for n in cluster.nodes if n.port == victim_port)
+    channels = [name for names in groups.values() for name in names]
     async with subscriber, contextlib.AsyncExitStack() as stack:
-        probe = RedisClusterBackend(seeds(cluster))
-        groups = spread(probe, cluster)
-        victim_port = sorted(groups)[0]
-        victim: RedisServer = next(n for n in cluster.nodes if n.port == victim_port)
-        channels = [name for names in groups.values() for name in names]
-        subscriptions = {
-            name: await stack.enter_async_context(subscriber.subscribe(name, model=Numbered))
-            for name in channels
-        }
-        received: dict[str, list[Received[Numbered] | ResyncRequired]] = {name: [] for name in channels}
-        acknowledged: dict[str, list[tuple[int, str, int]]] = {
-            name: [] for name in channels
-        }  # (n, epoch, seq)
-        failed: dict[str, list[int]] = {name: [] for name in channels}
-        reconnects: dict[str, int] = {name: 0 for name in channels}
-
-        async def consume(name: str) -> None:
-            # What a client does: when the server closes it (a repair that met the failover closes with
-            # 1011), it comes back with its position and resumes, or is told to resync.
-            subscription = subscriptions[name]
-            while True:
-                try:
-                    async for item in subscription:
-                        received[name].append(item)
-                    return
-                except SubscriptionClosed:
-                    position = subscription.position
-                while True:
-                    reconnects[name] += 1
-                    assert reconnects[name] < 100, f"{name}: cannot resubscribe"
-                    await asyncio.sleep(0.2)
-                    try:
-                        subscription = await stack.enter_async_context(
-                            subscriber.subscribe(name, resume=position, model=Numbered)
-                        )
-                        break
-                    except BackendUnavailable:
-                        continue
-
-        consumers = [asyncio.create_task(consume(name)) for name in channels]
-        n = 0
-        killed_at: float | None = None
-        recovered = False
+        traffic = Traffic(subscriber, publisher, channels)
+        await traffic.start(stack)
+        killed = recovered = False
         recovered_at = 0
+        killed_at = outage = 0.0
         started = time.monotonic()
         # Publish round-robin; kill the victim's primary after a while; go on until its channels take
         # publishes again (the replica took over), and a little longer. Bounded in count and time.
-        while n < 20_000 and time.monotonic() - started < 40:
-            n += 1
-            name = channels[n % len(channels)]
-            try:
-                envelope = await publisher.publish(name, Numbered(n=n).to_json())
-                acknowledged[name].append((n, envelope.epoch, envelope.seq))
-                if killed_at is not None and name in groups[victim_port] and not recovered:
-                    recovered = True
-                    recovered_at = n
-            except BackendUnavailable:
-                failed[name].append(n)
-            if killed_at is None and n == 300:
+        while traffic.n < 20_000 and time.monotonic() - started < 40:
+            name, acknowledged = await traffic.publish_next()
+            if killed and acknowledged and name in groups[victim_port] and not recovered:
+                recovered = True
+                recovered_at = traffic.n
+                outage = time.monotonic() - killed_at
+            if not killed and traffic.n == 300:
                 victim.process.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
                 victim.process.wait(10)  # type: ignore[union-attr]
                 victim.process = None
+                killed = True
                 killed_at = time.monotonic()
-            if recovered and n >= recovered_at + 300:
+            if recovered and traffic.n >= recovered_at + 300:
                 break
         assert recovered, "the replica never took the dead primary's slots over"
-        # The last event of each channel reaches its subscriber: after it, nothing more is in flight.
-        for name in channels:
-            last = acknowledged[name][-1]
-
-            def arrived(name: str = name, last: tuple[int, str, int] = last) -> bool:
-                # Delivered, or covered by a resync_required at or past it (the client reloads a snapshot
-                # that includes it).
-                return any(
-                    (isinstance(r, Received) and r.event.n == last[0])
-                    or (isinstance(r, ResyncRequired) and r.epoch == last[1] and r.seq >= last[2])
-                    for r in received[name]
-                )
-
-            try:
-                await until(arrived, timeout=15_000 * MS)
-            except AssertionError:
-                raise AssertionError(
-                    f"{name} (victim shard: {name in groups[victim_port]}) never got its last event "
-                    f"{last}; it got {received[name][-3:]}; subscriber backend: {subscriber.stats().backend}"
-                ) from None
-        for task in consumers:
-            task.cancel()
-        await asyncio.gather(*consumers, return_exceptions=True)
+        await traffic.drain()
+        await traffic.stop()
     await publisher.disconnect()
 
     for name in channels:
-        check_no_silent_gap(name, received[name], acknowledged[name], failed[name])
-        resyncs = [r for r in received[name] if isinstance(r, ResyncRequired)]
+        traffic.check(name)
         if name in groups[victim_port]:
             # The new primary started a new epoch: the channel's clients resynced, once.
-            epochs = {epoch for _, epoch, _ in acknowledged[name]}
-            assert len(epochs) == 2 and len(resyncs) == 1, (name, epochs, resyncs)
+            assert len(traffic.epochs(name)) == 2 and len(traffic.resyncs(name)) == 1, (
+                name,
+                traffic.epochs(name),
+                traffic.resyncs(name),
+            )
         else:
             # Other shards never noticed.
-            assert resyncs == [] and failed[name] == [], (name, resyncs, failed[name])
+            assert traffic.resyncs(name) == [] and traffic.failed[name] == [], (
+                name,
+                traffic.resyncs(name),
+                traffic.failed[name],
+            )
+    return {"outage_s": outage, "failed": sum(len(f) for f in traffic.failed.values())}
 
 
 def check_no_silent_gap(

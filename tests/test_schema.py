@@ -374,3 +374,185 @@ def test_protocol2_schemas_accept_what_the_protocol_module_encodes_and_refuse_wh
         assert list(validator.iter_errors(frame)) != [], frame
         with pytest.raises(ProtocolError):
             decode_client_frame(json.dumps(frame), protocol=2)
+
+
+# -- protocol 2 -----------------------------------------------------------------------------------
+
+
+def _protocol2_document() -> dict[str, Any]:
+    security = {"token": {"type": "httpApiKey", "name": "token", "in": "query"}}
+    return asyncapi_document(
+        [
+            ChannelSpec("/realtime?shop_id={shop_id}", name="shop", sse_address="/realtime/sse"),
+            ChannelSpec(
+                "/realtime?protocol=2",
+                name="inbox",
+                sse_address="/realtime/sse",
+                security=security,
+                protocol=2,
+                events=[ParcelShipped],
+            ),
+        ],
+        events=EVENTS,
+        servers={"local": "ws://127.0.0.1:8000"},
+    )
+
+
+def _validates(document: dict[str, Any], message_key: str, frame: dict[str, Any]) -> bool:
+    """Whether ``frame`` is valid against message ``message_key``'s payload, $refs resolved in ``document``."""
+    ref = document["components"]["messages"][message_key]["payload"]["$ref"]
+    schema = {"$ref": ref, "components": document["components"]}
+    return not list(jsonschema.Draft202012Validator(schema).iter_errors(frame))
+
+
+def test_a_protocol_2_channel_is_valid_asyncapi_and_its_refs_resolve() -> None:
+    document = _protocol2_document()
+    assert asyncapi_errors(document) == []
+    for ref in _refs(document):
+        assert _resolve(document, ref) is not None
+    for operation in document["operations"].values():
+        for message in operation["messages"]:
+            assert message["$ref"].startswith(operation["channel"]["$ref"] + "/messages/")
+    for channel in document["channels"].values():
+        assert not set("?#") & set(channel["address"])
+
+
+def test_a_protocol_2_channel_lists_protocol_2_frames_and_query() -> None:
+    document = _protocol2_document()
+    inbox = document["channels"]["inbox"]
+    assert inbox["address"] == "/realtime"
+    assert set(inbox["messages"]) == {
+        "v2.event.schema_test.parcel_shipped",  # this channel's one event, in its event frame
+        "v2.welcome",
+        "v2.subscribed",
+        "v2.unsubscribed",
+        "v2.error",
+        "v2.resync_required",
+        "v2.presence_join",
+        "v2.presence_leave",
+        "pong",
+        "v2.subscribe",
+        "v2.unsubscribe",
+        "ping",
+    }
+    query = inbox["bindings"]["ws"]["query"]
+    assert set(query["properties"]) == {"protocol", "resume", "token"}
+    assert query["properties"]["protocol"]["const"] == "2" and query["required"] == ["protocol"]
+    received = document["operations"]["inbox.receive"]["messages"]
+    assert [m["$ref"].rsplit("/", 1)[1] for m in received] == ["v2.subscribe", "v2.unsubscribe", "ping"]
+    assert "inbox.receivePing" not in document["operations"]
+    sent = {m["$ref"].rsplit("/", 1)[1] for m in document["operations"]["inbox.send"]["messages"]}
+    assert "v2.subscribe" not in sent and "v2.event.schema_test.parcel_shipped" in sent
+    # Its SSE stream: protocol 2's frames and positions, and the channel= parameters.
+    sse = document["channels"]["inbox_sse"]
+    assert "v2.presence_join" not in sse["messages"] and "v2.subscribed" in sse["messages"]
+    assert "Last-Event-ID" in sse["description"] and "channel=" in sse["description"]
+    http = document["operations"]["inbox_sse.send"]["bindings"]["http"]["query"]["properties"]
+    assert set(http) == {"protocol", "resume", "channel", "token"}
+    assert http["channel"]["type"] == "array"
+    # The protocol-1 channel of the same document is unchanged.
+    shop = document["channels"]["shop"]
+    assert "v2.welcome" not in shop["messages"] and "welcome" in shop["messages"]
+    assert set(shop["bindings"]["ws"]["query"]["properties"]) == {"shop_id", "epoch", "last_seq"}
+    # The wrapped events are protocol frames: a generator makes no second type per event from them.
+    wrapped = document["components"]["messages"]["v2.event.schema_test.parcel_shipped"]
+    assert {"name": "protocol"} in wrapped["tags"]
+    assert wrapped["title"] == "ParcelShippedEventFrame"
+    # Every protocol schema is titled ...Frame, so that generated classes shadow no built-in (Error).
+    protocol = {k: v for k, v in document["components"]["schemas"].items() if k.startswith("rtbroadcast.")}
+    assert {"rtbroadcast.ErrorV2Frame", "rtbroadcast.WelcomeV2Frame", "rtbroadcast.SubscribedFrame"} <= set(
+        protocol
+    )
+    assert all(schema["title"].endswith("Frame") for schema in protocol.values())
+
+
+def test_a_protocol_1_document_has_no_protocol_2_parts() -> None:
+    document = _documents()[0]
+    assert not [key for key in document["components"]["messages"] if key.startswith("v2.")]
+    assert not [key for key in document["components"]["schemas"] if "V2" in key or "EventFrame" in key]
+
+
+def test_the_address_and_the_protocol_must_agree() -> None:
+    with pytest.raises(ConfigurationError, match=r"protocol=2\)"):
+        asyncapi_document(ChannelSpec("/realtime?protocol=2"), events=EVENTS)
+    with pytest.raises(ConfigurationError, match=r"protocol=1\)"):
+        asyncapi_document(ChannelSpec("/realtime?protocol=1", protocol=2), events=EVENTS)
+    with pytest.raises(ConfigurationError, match="1 or 2"):
+        asyncapi_document(ChannelSpec("/realtime?protocol=3", protocol=2), events=EVENTS)
+    for bad in (3, "2", True):
+        with pytest.raises(ConfigurationError, match="protocol must be 1 or 2"):
+            ChannelSpec("/realtime", protocol=bad)  # type: ignore[arg-type]
+
+
+async def test_the_frames_a_protocol_2_client_receives_match_the_channels_messages() -> None:
+    """True to the wire: every frame of a real protocol-2 session matches one of the channel's messages,
+    and an event frame the one of its own event."""
+    import websockets
+
+    from rtbroadcast.asgi import Deny
+
+    from .support import broadcast_app, recv_json, serve
+
+    document = _protocol2_document()
+    inbox = document["channels"]["inbox"]
+    client_keys = {"v2.subscribe", "v2.unsubscribe", "ping"}
+    server_keys = set(inbox["messages"]) - client_keys
+
+    def authorize(request: object, channel: str) -> bool | Deny:
+        return Deny("not yours") if channel == "shop:other" else True
+
+    broadcaster = Broadcaster("memory://")
+    app = broadcast_app(broadcaster, channel=lambda request: ["shop:s1"], authorize=authorize)
+    frames: list[dict[str, Any]] = []
+    async with serve(app) as host, websockets.connect(f"ws://{host}/ws?protocol=2") as ws:
+        frames.append(await recv_json(ws))  # welcome
+        frames.append(await recv_json(ws))  # subscribed, by the server
+        sent = [
+            {"type": "subscribe", "id": "r1", "channel": "shop:s2", "epoch": "nope", "last_seq": 3},
+            {"type": "subscribe", "id": "r2", "channel": "shop:other"},
+            {"type": "ping"},
+            {"type": "unsubscribe", "id": "r3", "channel": "shop:s2"},
+        ]
+        await ws.send(json.dumps(sent[0]))
+        frames += [await recv_json(ws), await recv_json(ws)]  # subscribed, resync_required
+        await broadcaster.publish("shop:s1", ParcelShipped(parcel_id="p1", lines=[Line(sku="a")]))
+        frames.append(await recv_json(ws))  # the event
+        for request in sent[1:]:
+            await ws.send(json.dumps(request))
+            frames.append(await recv_json(ws))  # error, pong, unsubscribed
+    for request in sent:
+        assert [key for key in client_keys if _validates(document, key, request)], request
+    kinds = [frame["type"] for frame in frames]
+    assert kinds == [
+        "welcome",
+        "subscribed",
+        "subscribed",
+        "resync_required",
+        "event",
+        "error",
+        "pong",
+        "unsubscribed",
+    ]
+    for frame in frames:
+        matches = [key for key in server_keys if _validates(document, key, frame)]
+        assert matches, frame
+        if frame["type"] == "event":
+            assert matches == ["v2.event.schema_test.parcel_shipped"]
+    event = frames[4]
+    event["event"]["parcel_id"] = 7  # what the event's own schema refuses, inside the frame
+    assert not _validates(document, "v2.event.schema_test.parcel_shipped", event)
+
+
+def test_protocol_2_message_examples_validate_and_decode() -> None:
+    document = _protocol2_document()
+    messages = document["components"]["messages"]
+    with_examples = [key for key in messages if key.startswith("v2.") and "examples" in messages[key]]
+    assert set(with_examples) >= {"v2.welcome", "v2.subscribed", "v2.error", "v2.subscribe"}
+    for key in with_examples:
+        for example in messages[key]["examples"]:
+            assert _validates(document, key, example["payload"]), (key, example)
+            text = json.dumps(example["payload"])
+            if key in ("v2.subscribe", "v2.unsubscribe"):
+                decode_client_frame(text, protocol=2)
+            else:
+                decode_server_frame(text)

@@ -3,13 +3,13 @@
 from datetime import UTC, datetime
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, HTTPException, WebSocket
+from fastapi import Depends, FastAPI, HTTPException, Response, WebSocket
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 
 from rtbroadcast import Broadcaster, Identity
 from rtbroadcast.asgi import BroadcastEndpoint, ConnectionRequest, Deny
-from rtbroadcast.starlette import lifespan, serve_websocket
+from rtbroadcast.starlette import lifespan, serve_websocket, sse_response
 
 
 class User(BaseModel):
@@ -50,6 +50,13 @@ async def realtime_route(websocket: WebSocket, user: Annotated[User, Depends(cur
     # Closed with 4003 "token expired" when expires_at passes; the client reconnects with a fresh token.
     identity = Identity(user.id, expires_at=user.token_expires_at)
     await serve_websocket(realtime, websocket, identity=identity)
+
+
+@app.get("/realtime/sse")
+async def realtime_sse(user: Annotated[User, Depends(current_user)]) -> Response:
+    # The same for Server-Sent Events: the stream ends with "closed 4003 token expired" and a retry: line.
+    identity = Identity(user.id, expires_at=user.token_expires_at)
+    return sse_response(realtime, identity=identity)
 
 
 @app.get("/me")

@@ -1,12 +1,14 @@
 """Tests of the FastAPI how-to's app with rtbroadcast.testing: live server, capture, client, TestClient."""
 
+from collections.abc import AsyncIterator
+
 import httpx
 import pytest
 from fastapi.testclient import TestClient
 
 from fastapi_app import OrderPlaced, app, broadcaster
 from rtbroadcast import CloseCode, Welcome
-from rtbroadcast.testing import capture, connect, read_frame, serve
+from rtbroadcast.testing import LiveServer, capture, connect, read_frame, serve
 
 
 # --8<-- [start:capture]
@@ -57,6 +59,24 @@ async def test_a_malformed_shop_id_is_refused() -> None:
 
 
 # --8<-- [end:connect]
+
+
+# --8<-- [start:fixture]
+@pytest.fixture
+async def server() -> AsyncIterator[LiveServer]:
+    async with serve(app) as live:  # a fresh server per test
+        yield live
+
+
+@pytest.mark.anyio
+async def test_the_health_check_counts_a_device(server: LiveServer) -> None:
+    async with connect(server.ws_url("/realtime", shop_id="s4")), server.http() as http:
+        health = (await http.get("/health")).json()
+
+    assert health["channels"] == {"shop:s4": 1}
+
+
+# --8<-- [end:fixture]
 
 
 # --8<-- [start:testclient]

@@ -61,7 +61,8 @@ def document(server: str = "ws://127.0.0.1:8000") -> dict[str, Any]:
                 events=EVENTS,
             ),
             ChannelSpec(
-                "/realtime?protocol=2",
+                "/realtime",
+                protocol=2,
                 name="device",
                 title="One device's own channel (protocol 2)",
                 description="`device:<restaurant_id>:<device_id>`: a protocol-2 connection with a valid "

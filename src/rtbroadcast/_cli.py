@@ -320,15 +320,27 @@ def _app_specs(app: Any, target: str) -> list[Any]:
 
     # endpoint -> [WebSocket path, SSE path]: broadcast_routes mounts one endpoint on both.
     found: dict[int, tuple[Any, list[str | None]]] = {}
+    unseen: list[str] = []  # WebSocket routes served by a function (serve_websocket behind Depends)
     for path, is_websocket, endpoint in _broadcast_routes(app.routes, ""):
+        if endpoint is None:
+            unseen.append(path)
+            continue
         paths = found.setdefault(id(endpoint), (endpoint, [None, None]))[1]
         paths[0 if is_websocket else 1] = paths[0 if is_websocket else 1] or path
+    functions = (
+        f"the WebSocket routes {', '.join(unseen)} are functions, which rtbroadcast cannot see into (a "
+        "route that calls serve_websocket() or returns sse_response() behind the app's Depends): "
+        "describe them with a ChannelSpec, or a function returning a list of them"
+    )
     if not found:
         raise TypeError(
-            f"found no BroadcastEndpoint in the routes of {target} (a {type(app).__name__}); mount one "
-            "(broadcast_routes, websocket_route), or point at a Broadcaster, a ChannelSpec (or a list of "
-            "them), or a function returning an AsyncAPI document"
+            f"found no BroadcastEndpoint in the routes of {target} (a {type(app).__name__}); "
+            + (f"{functions}; " if unseen else "")
+            + "mount one (broadcast_routes, websocket_route), or point at a Broadcaster, a ChannelSpec (or "
+            "a list of them), or a function returning an AsyncAPI document"
         )
+    if unseen:
+        print(f"rtbroadcast schema: not documented: {functions}", file=sys.stderr)
     specs = []
     taken: set[str] = set()
     for endpoint, (websocket_path, sse_path) in found.values():
@@ -351,7 +363,10 @@ _KEY_RE: Final = re.compile(r"[^A-Za-z0-9_\-]")
 
 
 def _broadcast_routes(routes: list[Any], prefix: str) -> Iterator[tuple[str, bool, Any]]:
-    """Yield ``(path, is_websocket, endpoint)`` for each route, mounted ones too, that serves an endpoint."""
+    """Yield ``(path, is_websocket, endpoint)`` for each route, mounted ones too, that serves an endpoint.
+
+    A WebSocket route served by anything else (a function) is yielded with ``endpoint`` ``None``.
+    """
     from .asgi import BroadcastEndpoint
 
     for route in routes:
@@ -365,9 +380,12 @@ def _broadcast_routes(routes: list[Any], prefix: str) -> Iterator[tuple[str, boo
             if isinstance(candidate, BroadcastEndpoint) or candidate is None:
                 break
             candidate = getattr(candidate, "app", None)
+        # A WebSocket route has no HTTP methods.
+        is_websocket = getattr(route, "methods", None) is None and hasattr(route, "endpoint")
         if isinstance(candidate, BroadcastEndpoint):
-            # A WebSocket route has no HTTP methods.
-            yield path, getattr(route, "methods", None) is None, candidate
+            yield path, is_websocket, candidate
+        elif is_websocket:
+            yield path, True, None
 
 
 def _query_parameter(resolver: Any) -> str | None:

@@ -17,43 +17,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import logging
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, Literal, NoReturn, TypeVar
+from typing import Any, Final, Literal, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from ._session import _ABNORMAL, _abort, _Closed, _Ended, _failed, _Session
 from .client import (
-    _ABNORMAL,
-    _BAD_STATUSES,
-    _CLOSE_TIMEOUT,
-    _FORBIDDEN_STATUSES,
-    _PING,
     Client,
     ClientError,
-    DisconnectInfo,
     Position,
     Received,
     Refused,
     ResyncCallback,
     ResyncInfo,
     Subscription,
-    TokenRequest,
-    Unreachable,
-    _abort,
-    _Closed,
-    _Ended,
-    _failed,
     _position,
-    close_action,
 )
-from .errors import ConfigurationError, ProtocolError
 from .protocol import (
     ChannelEvent,
     CloseCode,
     ErrorFrameV2,
-    Pong,
     PresenceJoin,
     PresenceLeave,
     PresenceMember,
@@ -66,15 +50,9 @@ from .protocol import (
     Unsubscribed,
     Welcome,
     WelcomeV2,
-    decode_server_frame,
     encode_client_frame,
     encode_positions,
 )
-
-if TYPE_CHECKING:
-    from websockets.asyncio.client import ClientConnection
-
-logger = logging.getLogger("rtbroadcast.client")
 
 E = TypeVar("E")
 
@@ -164,8 +142,6 @@ class ChannelSubscription(Subscription[E]):
         self._last_routed: Subscribed | None = None  # the subscribed the reader routed on this connection
         self._ready = position is not None or resync is None or server_side  # no initial snapshot due
         self._request_id: str | None = None
-        self._stream_epoch: str | None = None
-        self._pending_resync: ResyncInfo | None = None
         self._retries = 0
         self._closed = False
 
@@ -287,7 +263,7 @@ class ChannelSubscription(Subscription[E]):
                 self._tracker.reset(ResumePoint(item.epoch, item.seq))
             return None
         if isinstance(item, ChannelEvent):
-            return self._event(item)
+            return self._judged(item.event)
         if isinstance(item, ResyncRequired):
             self._stream_epoch = item.epoch
             await self._run_resync(ResyncInfo(item.reason, self._channel, item.epoch, item.seq))
@@ -315,54 +291,11 @@ class ChannelSubscription(Subscription[E]):
             frame.code,
         )
 
-    def _event(self, frame: ChannelEvent) -> Received[E] | None:
-        event = frame.event
-        position = self._tracker.position
-        verdict = self._tracker.judge(event.seq, self._stream_epoch)
-        if verdict == "ignore" or position is None:
-            return None
-        if verdict == "duplicate":
-            self.stats.duplicates += 1
-            return None
-        if verdict == "gap":
-            self.stats.gaps += 1
-            self._client._report(
-                ClientError(
-                    f"gap on {self._channel!r}: expected seq {position.seq + 1}, received {event.seq}"
-                )
-            )
-            self._mux.drop_connection(f"gap on {self._channel!r} after seq {position.seq}")
-            return None
-        self._tracker.advance(event.seq)
-        self.stats.applied += 1
-        return Received(self._channel, event.seq, self._decode(event))
+    def _drop(self, reason: str) -> None:
+        self._mux._drop_connection(reason)
 
-    async def _run_resync(self, info: ResyncInfo) -> None:
-        self.stats.resyncs += 1
-        if self._resync_callback is None:
-            if info.epoch is not None and info.seq is not None:
-                logger.warning(
-                    "resync_required (%s) on %r without a resync callback: continuing from the server's "
-                    "position, without the events missed",
-                    info.reason,
-                    self._channel,
-                )
-                self._tracker.reset(ResumePoint(info.epoch, info.seq))
-            return
-        self._pending_resync = info
-        try:
-            position = _position(await self._resync_callback(info))
-        except Exception as exc:
-            self._pending_resync = None
-            self._client._report(_failed(f"resync ({info.reason}) of {self._channel!r} failed", exc))
-            self._mux.drop_connection("resync failed")
-            return
-        self._pending_resync = None
-        self._tracker.reset(position)
-        stream_epoch = info.epoch or self._stream_epoch
-        if stream_epoch is not None and position.epoch != stream_epoch:
-            # The snapshot belongs to another stream than the connection's: resume from it anew.
-            self._mux.drop_connection(f"the snapshot of {self._channel!r} is of another epoch")
+    def _about(self, preposition: str) -> str:
+        return f" {preposition} {self._channel!r}"
 
     # -- the reader's side ----------------------------------------------------------------------------
 
@@ -417,11 +350,11 @@ class ChannelSubscription(Subscription[E]):
         self._space.set()
 
 
-class _Multiplexer:
+class _Multiplexer(_Session):
     """The one connection of a protocol-2 client and the subscriptions it carries."""
 
     def __init__(self, client: Client) -> None:
-        self.client = client
+        super().__init__(client)
         self.subscriptions: dict[str, ChannelSubscription[Any]] = {}
         self.requests: dict[str, ChannelSubscription[Any]] = {}
         self.welcome: WelcomeV2 | None = None
@@ -433,17 +366,6 @@ class _Multiplexer:
         self.stopping = False
         self._ids = itertools.count(1)
         self._task: asyncio.Task[None] | None = None
-        self._ws: ClientConnection | None = None
-        self._pinger: asyncio.Task[None] | None = None
-        self._ping_sent: float | None = None
-        self._read_timeout = 0.0
-        self._retry = 0
-        self._failures = 0
-        self._connected_at = 0.0
-        self._next_delay: float | None = None
-        self._drop_reason: str | None = None
-        self._status: int | None = None
-        self._welcomed_attempt = False
 
     def start(self) -> None:
         if self._task is None and not self.stopped.is_set():
@@ -480,11 +402,6 @@ class _Multiplexer:
             with contextlib.suppress(Exception):
                 await ws.send(encode_client_frame(Unsubscribe(f"u{next(self._ids)}", subscription.channel)))
 
-    def drop_connection(self, reason: str) -> None:
-        if self._ws is not None:
-            self._drop_reason = reason
-            _abort(self._ws)
-
     async def close(self) -> None:
         """Stop for good: close the connection with 1000 and end every subscription."""
         self.stopping = True
@@ -499,7 +416,7 @@ class _Multiplexer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         self._wake_all()
-        self.client._state = "closed"
+        self._client._state = "closed"
 
     def _wake_all(self) -> None:
         for subscription in list(self.subscriptions.values()):
@@ -509,18 +426,12 @@ class _Multiplexer:
     # -- the connection's life -------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        client = self.client
+        client = self._client
         try:
             while not self.stopping:
-                if self._next_delay is not None:
-                    client._state = "waiting"
-                    delay, self._next_delay = self._next_delay, None
-                    await asyncio.sleep(delay)
-                client._state = "connecting"
-                self._welcomed_attempt = False
+                await self._start_attempt()
                 try:
-                    if client.token is None and client.get_token is not None:
-                        client.token = await self._ask_token(TokenRequest("connect"))
+                    await self._ensure_token()
                     await self._open()
                     await self._read_all()
                 except _Closed as closed:
@@ -536,8 +447,11 @@ class _Multiplexer:
             self.stopped.set()
             self._wake_all()
 
+    def _closing(self) -> bool:
+        return self.stopping
+
     def _url(self) -> str:
-        client = self.client
+        client = self._client
         parts = urlsplit(client.url)
         replaced = {"protocol", "resume", client.token_param}
         query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in replaced]
@@ -554,117 +468,28 @@ class _Multiplexer:
         return urlunsplit(parts._replace(query=urlencode(query)))
 
     async def _open(self) -> None:
-        from websockets.asyncio.client import connect
-        from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
-
-        client = self.client
-        client.stats.attempts += 1
-        self._status = None
-        url = self._url()
-        if client.on_connecting is not None:
-            client.on_connecting(url)
-        ws: ClientConnection | None = None
-        try:
-            async with asyncio.timeout(client.connect_timeout):
-                ws = await connect(
-                    url,
-                    additional_headers=client.headers,
-                    open_timeout=None,
-                    ping_interval=None,
-                    close_timeout=_CLOSE_TIMEOUT,
-                    max_size=None,
-                )
-                text = await ws.recv()
-        except InvalidStatus as exc:
-            status = exc.response.status_code
-            if status in _FORBIDDEN_STATUSES:
-                self._status = status
-                raise _Closed(int(CloseCode.FORBIDDEN), f"HTTP {status} on the handshake") from None
-            if status in _BAD_STATUSES:
-                self._status = status
-                raise _Closed(int(CloseCode.BAD_REQUEST), f"HTTP {status} on the handshake") from None
-            raise _Closed(_ABNORMAL, f"HTTP {status} on the handshake") from None
-        except ConnectionClosed as exc:
-            code, reason = (exc.rcvd.code, exc.rcvd.reason) if exc.rcvd is not None else (_ABNORMAL, "")
-            raise _Closed(code, reason or "closed before the welcome") from None
-        except TimeoutError:
-            _abort(ws)
-            raise _Closed(_ABNORMAL, f"no welcome within {client.connect_timeout} s") from None
-        except InvalidURI as exc:
-            raise ConfigurationError(f"invalid url: {exc}") from None
-        except (OSError, InvalidHandshake) as exc:
-            _abort(ws)
-            raise _Closed(_ABNORMAL, f"cannot connect: {exc or type(exc).__name__}") from None
-        except BaseException:
-            _abort(ws)
-            raise
-        try:
-            frame = decode_server_frame(text)
-        except ProtocolError as exc:
-            frame = None
-            client._report(ClientError(f"unreadable first frame: {exc}"))
-        if frame is not None and client.on_frame is not None:
-            client.on_frame(frame)
+        ws, frame = await self._handshake()
         if isinstance(frame, Welcome):
             _abort(ws)
             raise ClientError("the server answered with protocol 1: it does not speak protocol 2")
         if not isinstance(frame, WelcomeV2):
             _abort(ws)
             raise _Closed(_ABNORMAL, "the first frame was not a welcome")
-        self._ws = ws
         self.welcome = frame
-        self._failures = 0
-        self._welcomed_attempt = True
-        self._connected_at = time.monotonic()
-        client.stats.welcomes += 1
-        interval = max(0.1, client.heartbeat_interval or frame.heartbeat_interval)
-        self._read_timeout = interval + client.heartbeat_timeout
-        self._ping_sent = None
-        self._pinger = asyncio.get_running_loop().create_task(
-            self._ping(ws, interval), name="rtbroadcast-ping"
-        )
-        client._state = "connected"
-        if client.on_connect is not None:
-            client.on_connect(frame)
+        self._connected(ws, frame)
         for subscription in list(self.subscriptions.values()):
             if subscription._ready:
                 await self.request(subscription)
 
     async def _read_all(self) -> None:
-        from websockets.exceptions import ConnectionClosed
-
         ws = self._ws
         assert ws is not None
         while True:
-            try:
-                async with asyncio.timeout(self._read_timeout):
-                    message = await ws.recv()
-            except TimeoutError:
-                self.client.stats.heartbeat_timeouts += 1
-                raise _Closed(_ABNORMAL, f"no frame within {self._read_timeout:g} s") from None
-            except ConnectionClosed as exc:
-                if self._drop_reason is not None:
-                    reason, self._drop_reason = self._drop_reason, None
-                    raise _Closed(_ABNORMAL, reason) from None
-                code, reason = (exc.rcvd.code, exc.rcvd.reason) if exc.rcvd is not None else (_ABNORMAL, "")
-                raise _Closed(code, reason) from None
-            if not isinstance(message, str):
-                self.client._report(ClientError("a binary frame arrived: ignored"))
-                continue
-            await self._route(message)
+            await self._route(await self._receive(ws))
 
     async def _route(self, text: str) -> None:
-        client = self.client
-        try:
-            frame = decode_server_frame(text)
-        except ProtocolError as exc:
-            client._report(ClientError(f"unreadable frame ({exc}): {text[:200]}"))
-            return
-        if isinstance(frame, Pong) and self._ping_sent is not None:
-            client.stats.round_trip = time.monotonic() - self._ping_sent
-            self._ping_sent = None
-        if client.on_frame is not None:
-            client.on_frame(frame)
+        client = self._client
+        frame = self._decode_frame(text)
         if isinstance(frame, ChannelEvent | ResyncRequired | Unsubscribed | PresenceJoin | PresenceLeave):
             subscription = self.subscriptions.get(frame.channel or "")
             if subscription is None:
@@ -681,7 +506,7 @@ class _Multiplexer:
             client._report(ClientError("a second welcome on one connection: ignored"))
 
     async def _subscribed(self, frame: Subscribed) -> None:
-        client = self.client
+        client = self._client
         subscription = self.requests.pop(frame.id, None) if frame.id is not None else None
         if subscription is None:
             subscription = self.subscriptions.get(frame.channel)
@@ -703,90 +528,14 @@ class _Multiplexer:
             await subscription._deliver(frame)
             return
         where = f" ({frame.channel!r})" if frame.channel else ""
-        self.client._report(ClientError(f"the server rejected a frame{where}: {frame.code}: {frame.message}"))
+        self._client._report(
+            ClientError(f"the server rejected a frame{where}: {frame.code}: {frame.message}")
+        )
 
-    async def _after_close(self, code: int, reason: str) -> None:
-        client = self.client
-        await self._disconnect()
-        if self.stopping:
-            raise _Ended
-        if self._connected_at and time.monotonic() - self._connected_at >= client.stable_after:
-            self._retry = 0
-        self._connected_at = 0.0
-        action = close_action(code)
-        if action == "refresh_token":
-            if client.get_token is None:
-                self._stop(code, reason)
-            previous = client.token
-            try:
-                fresh = await self._ask_token(TokenRequest("refused", code, reason))
-            except Exception as exc:
-                client._report(_failed("get_token failed", exc))
-                fresh = previous
-            if fresh is None or fresh == previous:
-                self._stop(code, reason)
-            client.token = fresh
-        elif action == "stop":
-            if code == CloseCode.NORMAL:
-                self._notify(code, reason, None)
-                raise _Ended
-            self._stop(code, reason)
-        if not self._welcomed_attempt:
-            self._failures += 1
-            if client.max_retries is not None and self._failures > client.max_retries:
-                self._notify(code, reason, None)
-                last = f"{code} {reason}".rstrip()
-                raise Unreachable(f"giving up: {self._failures} attempt(s) in a row failed ({last})", code)
-        delay = client.backoff.delay(self._retry)
-        self._retry += 1
-        self._next_delay = delay
-        self._notify(code, reason, delay)
-
-    def _stop(self, code: int, reason: str) -> NoReturn:
-        self._notify(code, reason, None)
-        status, self._status = self._status, None
-        raise Refused(f"the server refused the connection: {code} {reason}".rstrip(), code, status=status)
-
-    def _notify(self, code: int, reason: str, retry_in: float | None) -> None:
-        client = self.client
-        client._state = "closed" if retry_in is None else "waiting"
-        if client.on_disconnect is not None:
-            client.on_disconnect(
-                DisconnectInfo(code, reason, retry_in, 0 if retry_in is None else self._retry)
-            )
-
-    async def _ask_token(self, request: TokenRequest) -> str | None:
-        assert self.client.get_token is not None
-        result = self.client.get_token(request)
-        if isinstance(result, Awaitable):
-            result = await result
-        if result is not None and not isinstance(result, str):
-            raise ConfigurationError(f"get_token must return a str or None, not {type(result).__name__}")
-        return result
-
-    async def _ping(self, ws: ClientConnection, interval: float) -> None:
-        from websockets.exceptions import ConnectionClosed
-
-        try:
-            while True:
-                await asyncio.sleep(interval)
-                self._ping_sent = time.monotonic()
-                await ws.send(_PING)
-        except ConnectionClosed:
-            return
-
-    async def _disconnect(self) -> None:
-        ws, self._ws = self._ws, None
-        pinger, self._pinger = self._pinger, None
+    async def _disconnect(self, *, graceful: bool = False) -> None:
+        """End the connection; what every subscription asked for or queued on it is stale now."""
         self._drop_reason = None
         self.requests.clear()
         for subscription in self.subscriptions.values():
             subscription._disconnected()
-        if pinger is not None:
-            pinger.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await pinger
-        if ws is not None:
-            _abort(ws)
-            with contextlib.suppress(Exception):
-                await ws.wait_closed()
+        await super()._disconnect(graceful=graceful)

@@ -10,14 +10,14 @@ import random
 import secrets
 import time
 from collections import Counter
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any, Final, Generic, Protocol, Self, TypeAlias, TypeVar
 
 from . import _config
 from ._control import CONTROL_CHANNEL, ControlAction, ControlCommand, decode_control, encode_control
-from .backends import Backend, Envelope, History, StreamPosition, load_backend
+from .backends import PUBLISHED_AT, Backend, Envelope, History, StreamPosition, load_backend
 from .connection import DEFAULT_LIMITS, Connection, QueueLimits, item_text
 from .cursor import Cursor
 from .errors import (
@@ -61,7 +61,7 @@ from .protocol import (
     validate_channel,
 )
 from .registry import ConnectionRegistry
-from .stats import BroadcasterStats, MetricsObserver
+from .stats import BroadcasterStats, MetricsObserver, TracingHook
 
 # is_valid_channel and validate_channel are re-exported: they lived here before the wire rules moved to the
 # protocol module.
@@ -156,6 +156,11 @@ class Broadcaster:
         presence_snapshot_limit: most members a snapshot lists (in a ``subscribed`` frame and from
             :meth:`presence`); ``count`` is always the full count and ``truncated`` says when members
             were left out.
+        stamp_publish_time: send each publish's wall-clock time with its envelope
+            (:attr:`Envelope.published_at`), so that every process that delivers it can time
+            publish-to-write across processes (``rtbroadcast_publish_to_write_seconds`` in
+            :mod:`rtbroadcast.metrics`). Turn it on once every process runs a version that reads it (see
+            the metrics how-to).
 
     Raises:
         ConfigurationError: an option has the wrong type or an impossible value (a zero, negative, ``NaN``
@@ -183,6 +188,7 @@ class Broadcaster:
         presence: PresenceRule | None = None,
         presence_count_only: PresenceRule | None = None,
         presence_snapshot_limit: int = DEFAULT_PRESENCE_SNAPSHOT_LIMIT,
+        stamp_publish_time: bool = False,
     ) -> None:
         if url is not None and backend is not None:
             raise ConfigurationError("pass either a backend URL or a backend instance, not both")
@@ -219,6 +225,14 @@ class Broadcaster:
                 f"presence is configured but the {self.backend.name} backend does not keep presence; "
                 "use the memory:// or redis:// backend, or leave presence= out"
             )
+        if not isinstance(stamp_publish_time, bool):
+            raise ConfigurationError(f"stamp_publish_time must be True or False, not {stamp_publish_time!r}")
+        if stamp_publish_time and not self.backend.supports_headers:
+            raise ConfigurationError(
+                f"stamp_publish_time=True needs a backend that carries headers, and the {self.backend.name} "
+                "backend does not (Backend.supports_headers); leave it out"
+            )
+        self.stamp_publish_time = stamp_publish_time
         self.queue_limits = queue_limits
         self.registry = ConnectionRegistry(
             max_connections=max_connections, max_connections_per_channel=max_connections_per_channel
@@ -241,6 +255,7 @@ class Broadcaster:
         self._resync_reasons: Counter[str] = Counter()
         self._interruption_reasons: Counter[str] = Counter()
         self._metrics_observer: MetricsObserver | None = None
+        self._tracing: TracingHook | None = None
         # Presence: the subscriptions that asked for join/leave frames, per channel and client; the leaves
         # on their way to the backend, so that a join of the same member waits for them.
         self._watchers: dict[str, dict[str, PresenceWatcher]] = {}
@@ -441,25 +456,74 @@ class Broadcaster:
             raise ConfigurationError(
                 f"idempotency_key must be a non-empty string or None, not {idempotency_key!r}"
             )
-        if transaction is None:
-            request = self.backend.publish(channel, text, idempotency_key=idempotency_key)
+        if self._tracing is not None or self.stamp_publish_time:
+            envelope = await self._publish_with_headers(channel, text, idempotency_key, transaction)
         else:
-            request = self.backend.publish_in_transaction(
-                transaction, channel, text, idempotency_key=idempotency_key
-            )
-        observer = self._metrics_observer
-        if observer is None:
-            envelope = await request
-        else:
-            start = time.perf_counter()
-            try:
+            # The path of every publish without tracing: as short as it was before headers existed.
+            request = self._request(channel, text, idempotency_key, transaction)
+            if self._metrics_observer is None:
                 envelope = await request
-            except Exception as exc:  # a cancelled publish (the request went away) is not a failure
-                observer.publish_failed(channel, time.perf_counter() - start, exc)
-                raise
-            observer.published(channel, time.perf_counter() - start)
+            else:
+                envelope = await self._timed(channel, request)
         self._published += 1
         return envelope.seq
+
+    def _request(
+        self,
+        channel: str,
+        text: str,
+        idempotency_key: str | None,
+        transaction: Any,
+        headers: dict[str, str] | None = None,
+    ) -> Coroutine[Any, Any, Envelope]:
+        backend = self.backend
+        if transaction is None:
+            if headers:
+                return backend.publish(channel, text, idempotency_key=idempotency_key, headers=headers)
+            return backend.publish(channel, text, idempotency_key=idempotency_key)
+        if headers:
+            return backend.publish_in_transaction(
+                transaction, channel, text, idempotency_key=idempotency_key, headers=headers
+            )
+        return backend.publish_in_transaction(transaction, channel, text, idempotency_key=idempotency_key)
+
+    async def _publish_with_headers(
+        self, channel: str, text: str, idempotency_key: str | None, transaction: Any
+    ) -> Envelope:
+        """Publish with the headers of a stamp and of a span: the path taken when either is on."""
+        headers: dict[str, str] = {}
+        if self.stamp_publish_time:
+            headers[PUBLISHED_AT] = f"{time.time():.6f}"
+        tracing = self._tracing
+        span = None if tracing is None else tracing.start_publish(channel, headers)
+        if not self.backend.supports_headers:
+            headers.clear()  # the span is still this process's; its context goes no further
+        request = self._request(channel, text, idempotency_key, transaction, headers)
+        if span is None:
+            return await self._timed(channel, request)
+        try:
+            envelope = await self._timed(channel, request)
+        except Exception as exc:
+            span.end(None, exc)
+            raise
+        except BaseException:
+            span.end(None, None)  # cancelled: not a failure of the publish
+            raise
+        span.end(envelope, None)
+        return envelope
+
+    async def _timed(self, channel: str, request: Awaitable[Envelope]) -> Envelope:
+        observer = self._metrics_observer
+        if observer is None:
+            return await request
+        start = time.perf_counter()
+        try:
+            envelope = await request
+        except Exception as exc:  # a cancelled publish (the request went away) is not a failure
+            observer.publish_failed(channel, time.perf_counter() - start, exc)
+            raise
+        observer.published(channel, time.perf_counter() - start)
+        return envelope
 
     async def position(self, channel: str) -> StreamPosition:
         """Return the top of ``channel``'s stream: its ``epoch`` and the ``seq`` of its last event.
@@ -485,15 +549,20 @@ class Broadcaster:
         Each cursor of the channel queues the same envelope (encoded once) on its connection.
         """
         observer = self._metrics_observer
-        if observer is None:
+        if observer is None and self._tracing is None:
             for cursor in self.registry.cursors(envelope.channel):
                 cursor.push(envelope)
             return
+        tracing = self._tracing if envelope.headers is not None else None
+        wall = time.time_ns() if tracing is not None else 0
         start = time.perf_counter()
         cursors = self.registry.cursors(envelope.channel)
         for cursor in cursors:
             cursor.push(envelope)
-        observer.fanned_out(envelope, len(cursors), time.perf_counter() - start)
+        if observer is not None:
+            observer.fanned_out(envelope, len(cursors), time.perf_counter() - start)
+        if tracing is not None:
+            tracing.delivered(envelope, len(cursors), wall, time.time_ns())
 
     def on_interruption(self, channels: Collection[str], reason: str) -> None:
         """Bring every connection of ``channels`` up to date after the backend may have lost envelopes."""
@@ -1319,6 +1388,20 @@ class Broadcaster:
     def metrics_observer(self) -> MetricsObserver | None:
         """The observer :meth:`set_metrics_observer` set, if any."""
         return self._metrics_observer
+
+    def set_tracing_hook(self, hook: TracingHook | None) -> None:
+        """Let ``hook`` trace each publish and each delivery of a traced envelope (``None``: stop).
+
+        For tracing integrations, such as :class:`rtbroadcast.tracing.OpenTelemetryTracing`, which sets
+        itself. Without a hook, publishing and fan-out trace nothing and send no headers. One hook at a
+        time: setting one replaces the previous.
+        """
+        self._tracing = hook
+
+    @property
+    def tracing_hook(self) -> TracingHook | None:
+        """The hook :meth:`set_tracing_hook` set, if any."""
+        return self._tracing
 
     def stats(self) -> BroadcasterStats:
         """Return a snapshot of this process's state, backend and counters (see :class:`BroadcasterStats`).

@@ -31,35 +31,29 @@ import asyncio
 import contextlib
 import logging
 import random
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Generic, Literal, NoReturn, Self, TypeAlias, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Final, Generic, Literal, Self, TypeAlias, TypeVar, overload
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from pydantic import BaseModel, ValidationError
 
 from ._config import optional_count, optional_seconds, seconds
-from .errors import ConfigurationError, InvalidEvent, ProtocolError, RTBroadcastError
+from .errors import ConfigurationError, InvalidEvent, RTBroadcastError
 from .events import Event, EventRegistry, registry
 from .protocol import (
     CloseCode,
     ErrorFrame,
     EventFrame,
     EventVerdict,
-    ObservedCloseCode,
-    Ping,
-    Pong,
     ResumePoint,
     ResyncRequired,
     ServerFrame,
     Subscribed,
     Welcome,
     WelcomeV2,
-    decode_server_frame,
-    encode_client_frame,
     is_valid_channel,
     judge_event,
 )
@@ -313,27 +307,6 @@ TokenCallback: TypeAlias = Callable[[TokenRequest], Awaitable[str | None] | str 
 ResyncCallback: TypeAlias = Callable[[ResyncInfo], Awaitable[Position]]
 
 _SLOW_CONSUMER: Final = int(CloseCode.SLOW_CONSUMER)
-_ABNORMAL: Final = int(ObservedCloseCode.ABNORMAL_CLOSURE)
-_PING: Final = encode_client_frame(Ping())
-#: How long a close waits for the server's close frame before it cuts the connection.
-_CLOSE_TIMEOUT: Final = 2.0
-#: Handshake statuses: a credential refused (as 4003), and a request that cannot succeed (as 4004).
-_FORBIDDEN_STATUSES: Final = frozenset({401, 403})
-_BAD_STATUSES: Final = frozenset({400, 404})
-
-
-class _Closed(Exception):
-    """The current connection ended with ``code`` (internal: turned into a retry, a stop or an end)."""
-
-    def __init__(self, code: int, reason: str, status: int | None = None) -> None:
-        super().__init__(code, reason)
-        self.code = code
-        self.reason = reason
-        self.status = status
-
-
-class _Ended(Exception):
-    """The stream ended on purpose (close code 1000, or :meth:`Client.close`)."""
 
 
 class Client:
@@ -646,6 +619,8 @@ class Subscription(ABC, Generic[E]):
         self.presence: Presence | None = None
         self._requested = False
         self._busy = False
+        self._stream_epoch: str | None = None  # the epoch of the events the connection delivers now
+        self._pending_resync: ResyncInfo | None = None
 
     @property
     @abstractmethod
@@ -741,6 +716,75 @@ class Subscription(ABC, Generic[E]):
         event: E = _decode_event(frame, self._model, self._client.events)
         return event
 
+    # -- an event, a resync: what both protocols decide, between two of the application's reads -------
+
+    @abstractmethod
+    def _drop(self, reason: str) -> None:
+        """Give up on the connection at once: it reconnects (after a backoff) and resumes."""
+
+    def _about(self, preposition: str) -> str:
+        """The channel, as a message names it (``" on 'room:a'"``); protocol 1 names none (one channel)."""
+        return ""
+
+    def _judged(self, frame: EventFrame) -> Received[E] | None:
+        """Apply an event (return it) or drop it: a duplicate, another stream's, or a gap (reconnect)."""
+        position = self._tracker.position
+        # "ignore": an event of another stream than the position's: a resync_required is on its way (the
+        # resume failed), or the snapshot came from another epoch and a reconnect is under way.
+        verdict = self._tracker.judge(frame.seq, self._stream_epoch)
+        if verdict == "ignore" or position is None:
+            return None
+        if verdict == "duplicate":
+            self.stats.duplicates += 1
+            return None
+        if verdict == "gap":
+            # A correct server never skips a seq; reconnecting from the last applied event lets it replay
+            # what is missing, or say resync_required where it cannot.
+            self.stats.gaps += 1
+            self._client._report(
+                ClientError(f"gap{self._about('on')}: expected seq {position.seq + 1}, received {frame.seq}")
+            )
+            self._drop(f"gap{self._about('on')} after seq {position.seq}")
+            return None
+        self._tracker.advance(frame.seq)
+        self.stats.applied += 1
+        return Received(self.channel or "", frame.seq, self._decode(frame))
+
+    async def _run_resync(self, info: ResyncInfo) -> None:
+        """Reload the snapshot through the ``resync`` callback (without one: go on from the server's)."""
+        self.stats.resyncs += 1
+        if self._resync_callback is None:
+            if info.epoch is not None and info.seq is not None:
+                logger.warning(
+                    "resync_required (%s) on %r without a resync callback: continuing from the server's "
+                    "position, without the events missed",
+                    info.reason,
+                    self.channel,
+                )
+                self._tracker.reset(ResumePoint(info.epoch, info.seq))
+            return
+        # Kept until the callback returns: an iteration cancelled meanwhile (a timeout around it) runs it
+        # again next time instead of going on from a position the stream has left.
+        self._pending_resync = info
+        try:
+            position = _position(await self._resync_callback(info))
+        except Exception as exc:
+            # No consistent state to continue from: reconnect from the old position, after a backoff. The
+            # server replays from there, or says resync_required again and this runs again.
+            self._pending_resync = None
+            self._client._report(_failed(f"resync ({info.reason}){self._about('of')} failed", exc))
+            self._drop("resync failed")
+            return
+        self._pending_resync = None
+        self._tracker.reset(position)
+        stream_epoch = info.epoch or self._stream_epoch
+        if stream_epoch is not None and position.epoch != stream_epoch:
+            # The snapshot belongs to another stream than this connection's (the server restarted between
+            # the two): resume from the snapshot on a new connection.
+            self._drop(f"the snapshot's epoch differs from the stream's{self._about('on')}")
+        # Events that follow and that the snapshot already contains are dropped as duplicates; a snapshot
+        # older than the server's position shows up as a gap (reconnect, resume).
+
 
 def _decode_event(frame: EventFrame, model: type[Any] | None, events: EventRegistry) -> Any:
     """Decode an event frame into ``model`` (see :meth:`Client.subscribe`), or a ``dict`` without one.
@@ -771,7 +815,11 @@ def _decode_event(frame: EventFrame, model: type[Any] | None, events: EventRegis
     raise ConfigurationError(f"model must be a pydantic model class, not {model!r}")
 
 
-class _SingleSubscription(Subscription[E]):
+# The session base class needs the names above (and this module needs it): imported here, on purpose.
+from ._session import _ABNORMAL, _abort, _Closed, _Ended, _failed, _Session  # noqa: E402
+
+
+class _SingleSubscription(Subscription[E], _Session):
     """Protocol 1: the one channel of a connection; iterating it drives the connection."""
 
     def __init__(
@@ -784,28 +832,16 @@ class _SingleSubscription(Subscription[E]):
         position: Position | None,
         resync: ResyncCallback | None,
     ) -> None:
-        super().__init__(client, model=model, position=position, resync=resync)
+        Subscription.__init__(self, client, model=model, position=position, resync=resync)
+        _Session.__init__(self, client)
         self._channel = channel
         self._expected_channel = channel
         self._params = dict(params or {})
         #: The last ``welcome`` received.
         self.welcome: Welcome | None = None
-        self._ws: ClientConnection | None = None
-        self._pinger: asyncio.Task[None] | None = None
-        self._read_timeout = 0.0
-        self._stream_epoch: str | None = None  # the epoch of the events the connection delivers now
-        self._connected_at = 0.0
-        self._retry = 0  # retries since the last stable connection: the backoff's step
-        self._failures = 0  # attempts in a row without a welcome: for max_retries
-        self._next_delay: float | None = None
         self._attempt_from: ResumePoint | None = None
         self._stalled_resumes = 0
-        self._welcomed_attempt = False
-        self._drop_reason: str | None = None
         self._restart_reason: str | None = "initial" if position is None and resync is not None else None
-        self._pending_resync: ResyncInfo | None = None
-        self._status: int | None = None  # the HTTP status of the last refused handshake
-        self._ping_sent: float | None = None
         self._closed = asyncio.Event()
 
     @property
@@ -853,7 +889,18 @@ class _SingleSubscription(Subscription[E]):
             await self._disconnect(graceful=True)
             raise
 
-    # -- the state machine -----------------------------------------------------------------------------
+    # -- the state machine (the part both protocols share is _Session's) -------------------------------
+
+    def _closing(self) -> bool:
+        return self._closed.is_set()
+
+    async def _pause(self, delay: float) -> None:
+        """Wait out the backoff delay, or end at once if the subscription is closed meanwhile."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await self._closed.wait()
+        if self._closed.is_set():
+            raise _Ended
 
     async def _next(self) -> Received[E]:
         while True:
@@ -866,11 +913,12 @@ class _SingleSubscription(Subscription[E]):
                 continue
             ws = await self._connection()
             if self._drop_reason is not None:
+                # Before reading on: an aborted connection may still hand out the frames it buffered.
                 reason, self._drop_reason = self._drop_reason, None
                 await self._after_close(_ABNORMAL, reason)
                 continue
             try:
-                text = await self._read(ws)
+                text = await self._receive(ws)
             except _Closed as closed:
                 await self._after_close(closed.code, closed.reason)
                 continue
@@ -880,20 +928,10 @@ class _SingleSubscription(Subscription[E]):
 
     async def _connection(self) -> ClientConnection:
         """The open, welcomed connection; open one (after the backoff delay) if there is none."""
-        client = self._client
         while self._ws is None:
             if self._closed.is_set():
                 raise _Ended
-            if self._next_delay is not None:
-                client._state = "waiting"
-                delay, self._next_delay = self._next_delay, None
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(delay):
-                        await self._closed.wait()
-                if self._closed.is_set():
-                    raise _Ended
-            client._state = "connecting"
-            self._welcomed_attempt = False
+            await self._start_attempt()
             try:
                 await self._prepare()
                 await self._open()
@@ -903,7 +941,6 @@ class _SingleSubscription(Subscription[E]):
 
     async def _prepare(self) -> None:
         """Before an attempt: load a snapshot if one is due, and a token if none was given."""
-        client = self._client
         reason = self._restart_reason
         if reason is not None:
             self.stats.resyncs += 1
@@ -914,20 +951,10 @@ class _SingleSubscription(Subscription[E]):
                     snapshot = await self._resync_callback(ResyncInfo(reason, self._channel))
                     self._tracker.reset(_position(snapshot))
                 except Exception as exc:
-                    client._report(_failed(f"resync ({reason}) failed", exc))
+                    self._client._report(_failed(f"resync ({reason}) failed", exc))
                     raise _Closed(_ABNORMAL, "resync failed") from None
             self._restart_reason = None  # only now: a cancelled load runs again at the next attempt
-        if client.token is None and client.get_token is not None:
-            client.token = await self._ask_token(TokenRequest("connect"))
-
-    async def _ask_token(self, request: TokenRequest) -> str | None:
-        assert self._client.get_token is not None
-        result = self._client.get_token(request)
-        if isinstance(result, Awaitable):
-            result = await result
-        if result is not None and not isinstance(result, str):
-            raise ConfigurationError(f"get_token must return a str or None, not {type(result).__name__}")
-        return result
+        await self._ensure_token()
 
     def _url(self) -> str:
         parts = urlsplit(self._client.url)
@@ -941,131 +968,34 @@ class _SingleSubscription(Subscription[E]):
 
     async def _open(self) -> None:
         """One attempt: handshake, then the welcome, within ``connect_timeout``."""
-        from websockets.asyncio.client import connect
-        from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
-
-        client = self._client
-        client.stats.attempts += 1
         self._attempt_from = self._tracker.position
-        self._status = None
-        url = self._url()
-        if client.on_connecting is not None:
-            client.on_connecting(url)
-        ws: ClientConnection | None = None
-        try:
-            async with asyncio.timeout(client.connect_timeout):
-                ws = await connect(
-                    url,
-                    additional_headers=client.headers,
-                    open_timeout=None,  # the timeout above covers the handshake and the welcome
-                    ping_interval=None,  # the JSON heartbeat below sees dead connections instead
-                    close_timeout=_CLOSE_TIMEOUT,
-                    max_size=None,
-                )
-                text = await ws.recv()
-        except InvalidStatus as exc:
-            status = exc.response.status_code
-            if status in _FORBIDDEN_STATUSES:
-                self._status = status
-                raise _Closed(int(CloseCode.FORBIDDEN), f"HTTP {status} on the handshake") from None
-            if status in _BAD_STATUSES:
-                self._status = status
-                raise _Closed(int(CloseCode.BAD_REQUEST), f"HTTP {status} on the handshake") from None
-            raise _Closed(_ABNORMAL, f"HTTP {status} on the handshake") from None
-        except ConnectionClosed as exc:
-            code, reason = (exc.rcvd.code, exc.rcvd.reason) if exc.rcvd is not None else (_ABNORMAL, "")
-            raise _Closed(code, reason or "closed before the welcome") from None
-        except TimeoutError:
-            _abort(ws)
-            raise _Closed(_ABNORMAL, f"no welcome within {client.connect_timeout} s") from None
-        except InvalidURI as exc:
-            raise ConfigurationError(f"invalid url: {exc}") from None
-        except (OSError, InvalidHandshake) as exc:
-            _abort(ws)
-            raise _Closed(_ABNORMAL, f"cannot connect: {exc or type(exc).__name__}") from None
-        except BaseException:
-            _abort(ws)
-            raise
-        try:
-            frame = decode_server_frame(text)
-        except ProtocolError as exc:
-            frame = None
-            client._report(ClientError(f"unreadable first frame: {exc}"))
-        if frame is not None and client.on_frame is not None:
-            client.on_frame(frame)
+        ws, frame = await self._handshake()
         if not isinstance(frame, Welcome):
             _abort(ws)
             raise _Closed(_ABNORMAL, "the first frame was not a welcome")
         self._welcomed(ws, frame)
 
     def _welcomed(self, ws: ClientConnection, welcome: Welcome) -> None:
-        client = self._client
         if self._expected_channel is not None and welcome.channel != self._expected_channel:
             _abort(ws)
             raise ClientError(
                 f"the server sent channel {welcome.channel!r}, the subscription asked for "
                 f"{self._expected_channel!r}"
             )
-        self._ws = ws
         self.welcome = welcome
         self._channel = welcome.channel
         self._stream_epoch = welcome.epoch
-        self._failures = 0
-        self._welcomed_attempt = True
-        self._connected_at = time.monotonic()
-        client.stats.welcomes += 1
-        client.stats.resumed += welcome.resumed
+        self._client.stats.resumed += welcome.resumed
         # Without a position, start at the channel's current one. With one, either the resume succeeded,
         # or a resync_required follows at once.
         if self._tracker.position is None:
             self._tracker.reset(ResumePoint(welcome.epoch, welcome.seq))
-        interval = client.heartbeat_interval or welcome.heartbeat_interval
-        interval = max(0.1, interval)
-        self._read_timeout = interval + client.heartbeat_timeout
-        self._ping_sent = None
-        self._pinger = asyncio.get_running_loop().create_task(
-            self._ping(ws, interval), name="rtbroadcast-ping"
-        )
-        client._state = "connected"
-        if client.on_connect is not None:
-            client.on_connect(welcome)
-
-    async def _read(self, ws: ClientConnection) -> str:
-        """The next text frame; raise :class:`_Closed` when the connection ends or falls silent."""
-        from websockets.exceptions import ConnectionClosed
-
-        while True:
-            try:
-                # Silence counts only while reading: a consumer busy with an event is not a dead network.
-                async with asyncio.timeout(self._read_timeout):
-                    message = await ws.recv()
-            except TimeoutError:
-                self._client.stats.heartbeat_timeouts += 1
-                await self._disconnect(graceful=False)
-                raise _Closed(_ABNORMAL, f"no frame within {self._read_timeout:g} s") from None
-            except ConnectionClosed as exc:
-                await self._disconnect(graceful=False)
-                if self._closed.is_set():
-                    raise _Ended from None
-                code, reason = (exc.rcvd.code, exc.rcvd.reason) if exc.rcvd is not None else (_ABNORMAL, "")
-                raise _Closed(code, reason) from None
-            if isinstance(message, str):
-                return message
-            self._client._report(ClientError("a binary frame arrived: ignored"))
+        self._connected(ws, welcome)
 
     async def _handle(self, text: str) -> Received[E] | None:
-        try:
-            frame = decode_server_frame(text)
-        except ProtocolError as exc:
-            self._client._report(ClientError(f"unreadable frame ({exc}): {text[:200]}"))
-            return None
-        if isinstance(frame, Pong) and self._ping_sent is not None:
-            self._client.stats.round_trip = time.monotonic() - self._ping_sent
-            self._ping_sent = None
-        if self._client.on_frame is not None:
-            self._client.on_frame(frame)
+        frame = self._decode_frame(text)
         if isinstance(frame, EventFrame):
-            return self._event(frame)
+            return self._judged(frame)
         if isinstance(frame, ResyncRequired):
             self._stream_epoch = frame.epoch
             await self._run_resync(ResyncInfo(frame.reason, self._channel, frame.epoch, frame.seq))
@@ -1075,77 +1005,11 @@ class _SingleSubscription(Subscription[E]):
             self._client._report(ClientError("a second welcome on one connection: ignored"))
         return None
 
-    def _event(self, frame: EventFrame) -> Received[E] | None:
-        position = self._tracker.position
-        # "ignore": an event of another stream than the position's: a resync_required is on its way (the
-        # resume failed), or the snapshot came from another epoch and a reconnect is under way.
-        verdict = self._tracker.judge(frame.seq, self._stream_epoch)
-        if verdict == "ignore" or position is None:
-            return None
-        if verdict == "duplicate":
-            self.stats.duplicates += 1
-            return None
-        if verdict == "gap":
-            # A correct server never skips a seq; reconnecting from the last applied event lets it replay
-            # what is missing, or say resync_required where it cannot.
-            self.stats.gaps += 1
-            self._client._report(ClientError(f"gap: expected seq {position.seq + 1}, received {frame.seq}"))
-            self._drop_connection(f"gap after seq {position.seq}")
-            return None
-        self._tracker.advance(frame.seq)
-        self.stats.applied += 1
-        channel = self._channel or ""
-        return Received(channel, frame.seq, self._decode(frame))
-
-    async def _run_resync(self, info: ResyncInfo) -> None:
-        self.stats.resyncs += 1
-        if self._resync_callback is None:
-            if info.epoch is not None and info.seq is not None:
-                logger.warning(
-                    "resync_required (%s) on %r without a resync callback: continuing from the server's "
-                    "position, without the events missed",
-                    info.reason,
-                    self._channel,
-                )
-                self._tracker.reset(ResumePoint(info.epoch, info.seq))
-            return
-        # Kept until the callback returns: an iteration cancelled meanwhile (a timeout around it) runs it
-        # again next time instead of going on from a position the stream has left.
-        self._pending_resync = info
-        try:
-            position = _position(await self._resync_callback(info))
-        except Exception as exc:
-            # No consistent state to continue from: reconnect from the old position, after a backoff. The
-            # server replays from there, or says resync_required again and this runs again.
-            self._pending_resync = None
-            self._client._report(_failed(f"resync ({info.reason}) failed", exc))
-            self._drop_connection("resync failed")
-            return
-        self._pending_resync = None
-        self._tracker.reset(position)
-        stream_epoch = info.epoch or self._stream_epoch
-        if self._ws is not None and stream_epoch is not None and position.epoch != stream_epoch:
-            # The snapshot belongs to another stream than this connection's (the server restarted between
-            # the two): resume from the snapshot on a new connection.
-            self._drop_connection("the snapshot's epoch differs from the stream's")
-        # Events that follow and that the snapshot already contains are dropped as duplicates; a snapshot
-        # older than the server's position shows up as a gap (reconnect, resume).
-
-    def _drop_connection(self, reason: str) -> None:
-        """Give up on the connection at once: the next read reconnects (after a backoff) with resume."""
-        if self._ws is not None:
-            self._drop_reason = reason
-            _abort(self._ws)
+    def _drop(self, reason: str) -> None:
+        self._drop_connection(reason)
 
     async def _after_close(self, code: int, reason: str) -> None:
-        """Decide, after a connection or an attempt ended with ``code``: retry, refresh, stop or end."""
-        client = self._client
-        await self._disconnect(graceful=False)
-        if self._closed.is_set():
-            raise _Ended
-        if self._connected_at and time.monotonic() - self._connected_at >= client.stable_after:
-            self._retry = 0
-        self._connected_at = 0.0
+        """Count the resumes a ``4001`` closed before any event arrived, then decide as every session."""
         if code == _SLOW_CONSUMER and self._attempt_from is not None and self._attempt_from == self.position:
             # Closed for falling behind before a single event was applied: the replay of what was missed
             # is larger than the server's queue bound, so resuming again would fail again. Reload instead.
@@ -1155,87 +1019,7 @@ class _SingleSubscription(Subscription[E]):
                 self._restart_reason = "resume_overflow"
         elif code == _SLOW_CONSUMER:
             self._stalled_resumes = 0
-        action = close_action(code)
-        if action == "refresh_token":
-            if client.get_token is None:
-                self._stop(code, reason)
-            previous = client.token
-            try:
-                fresh = await self._ask_token(TokenRequest("refused", code, reason))
-            except Exception as exc:
-                client._report(_failed("get_token failed", exc))
-                fresh = previous
-            if fresh is None or fresh == previous:
-                self._stop(code, reason)
-            client.token = fresh
-        elif action == "stop":
-            if code == CloseCode.NORMAL:
-                self._notify(code, reason, None)
-                raise _Ended
-            self._stop(code, reason)
-        if not self._welcomed_attempt:
-            self._failures += 1
-            if client.max_retries is not None and self._failures > client.max_retries:
-                self._notify(code, reason, None)
-                last = f"{code} {reason}".rstrip()
-                raise Unreachable(f"giving up: {self._failures} attempt(s) in a row failed ({last})", code)
-        delay = client.backoff.delay(self._retry)
-        self._retry += 1
-        self._next_delay = delay
-        self._notify(code, reason, delay)
-
-    def _stop(self, code: int, reason: str) -> NoReturn:
-        self._notify(code, reason, None)
-        status, self._status = self._status, None
-        raise Refused(f"the server refused the connection: {code} {reason}".rstrip(), code, status=status)
-
-    def _notify(self, code: int, reason: str, retry_in: float | None) -> None:
-        client = self._client
-        if retry_in is None:
-            client._state = "closed"
-        else:
-            client._state = "waiting"
-        if client.on_disconnect is not None:
-            retry = 0 if retry_in is None else self._retry
-            client.on_disconnect(DisconnectInfo(code, reason, retry_in, retry))
-
-    async def _ping(self, ws: ClientConnection, interval: float) -> None:
-        from websockets.exceptions import ConnectionClosed
-
-        try:
-            while True:
-                await asyncio.sleep(interval)
-                self._ping_sent = time.monotonic()
-                await ws.send(_PING)
-        except ConnectionClosed:
-            return
-
-    async def _disconnect(self, *, graceful: bool) -> None:
-        ws, self._ws = self._ws, None
-        pinger, self._pinger = self._pinger, None
-        if pinger is not None:
-            pinger.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await pinger
-        if ws is None:
-            return
-        if graceful:
-            await ws.close(int(CloseCode.NORMAL), "client closed")
-        else:
-            _abort(ws)
-            await ws.wait_closed()
-
-
-def _abort(ws: ClientConnection | None) -> None:
-    """Cut the connection without a closing handshake (a dead peer would never answer one)."""
-    if ws is not None:
-        ws.transport.abort()
-
-
-def _failed(message: str, exc: BaseException) -> ClientError:
-    error = ClientError(f"{message}: {type(exc).__name__}: {exc}")
-    error.__cause__ = exc
-    return error
+        await super()._after_close(code, reason)
 
 
 # Protocol 2 lives in its own module, which builds on everything above: imported last, on purpose.

@@ -8,7 +8,7 @@ Nothing else in rtbroadcast imports this module: without it, publishing and fan-
     metrics = PrometheusMetrics(broadcaster)  # registers on prometheus_client.REGISTRY
 
 Most figures are read from the broadcaster when Prometheus scrapes (its counters exist anyway, so they
-cost the fan-out nothing); only the two latency histograms are observed as events happen, once per publish
+cost the fan-out nothing); only the latency histograms are observed as events happen, once per publish
 and once per fan-out, never once per connection. No metric has a per-channel label: a label's values are
 a transport, a protocol version, a close reason, a resync reason or a backend's interruption reason, all
 from short fixed lists, so the number of series does not grow with channels or connections. The metrics
@@ -18,6 +18,7 @@ page of the docs lists every metric and has a Grafana dashboard.
 from __future__ import annotations
 
 import itertools
+import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Final
@@ -33,7 +34,13 @@ if TYPE_CHECKING:
     from .backends.base import Envelope
     from .broadcaster import Broadcaster
 
-__all__ = ["DEFAULT_FANOUT_BUCKETS", "DEFAULT_PUBLISH_BUCKETS", "PrometheusMetrics", "close_reason"]
+__all__ = [
+    "DEFAULT_FANOUT_BUCKETS",
+    "DEFAULT_PUBLISH_BUCKETS",
+    "DEFAULT_PUBLISH_TO_WRITE_BUCKETS",
+    "PrometheusMetrics",
+    "close_reason",
+]
 
 #: Buckets of ``rtbroadcast_backend_publish_seconds``: 100 µs (memory) to 2.5 s (a backend timing out).
 DEFAULT_PUBLISH_BUCKETS: Final = (
@@ -70,6 +77,23 @@ DEFAULT_FANOUT_BUCKETS: Final = (
     0.25,
 )
 
+#: Buckets of ``rtbroadcast_publish_to_write_seconds``: 1 ms (one host) to 10 s (a backend that stalled).
+DEFAULT_PUBLISH_TO_WRITE_BUCKETS: Final = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+
 _CLOSE_REASONS: Final = {int(code): code.name.lower() for code in CloseCode}
 
 
@@ -97,6 +121,8 @@ class PrometheusMetrics(Collector):
         namespace: the prefix of every metric name.
         publish_buckets: histogram buckets of the backend's publish latency, in seconds.
         fanout_buckets: histogram buckets of a fan-out's duration, in seconds.
+        publish_to_write_buckets: histogram buckets of the time from a stamped publish, in whichever
+            process made it, to the end of its fan-out here, in seconds.
 
     Raises:
         ConfigurationError: ``namespace`` is not a valid metric-name prefix, or buckets are not an
@@ -113,6 +139,7 @@ class PrometheusMetrics(Collector):
         namespace: str = "rtbroadcast",
         publish_buckets: Sequence[float] = DEFAULT_PUBLISH_BUCKETS,
         fanout_buckets: Sequence[float] = DEFAULT_FANOUT_BUCKETS,
+        publish_to_write_buckets: Sequence[float] = DEFAULT_PUBLISH_TO_WRITE_BUCKETS,
     ) -> None:
         if (
             not isinstance(namespace, str)
@@ -142,6 +169,16 @@ class PrometheusMetrics(Collector):
             buckets=_buckets("fanout_buckets", fanout_buckets),
             registry=None,
         )
+        self._publish_to_write = Histogram(
+            "publish_to_write_seconds",
+            "Time from publish() in the publishing process (its wall clock, carried with the envelope) to "
+            "the end of this process's fan-out; only envelopes stamped by a broadcaster with "
+            "stamp_publish_time=True.",
+            namespace=namespace,
+            buckets=_buckets("publish_to_write_buckets", publish_to_write_buckets),
+            registry=None,
+        )
+        self._skewed = 0
         self._publish_errors: Counter[str] = Counter()
         self._registry = registry
         if registry is not None:
@@ -168,8 +205,20 @@ class PrometheusMetrics(Collector):
         self._publish_errors[type(error).__name__] += 1
 
     def fanned_out(self, envelope: Envelope, subscribers: int, seconds: float) -> None:
-        """Observe one fan-out's duration."""
+        """Observe one fan-out's duration, and its time since the publish when the envelope is stamped."""
         self._fanout_seconds.observe(seconds)
+        if envelope.headers is None:
+            return
+        published = envelope.published_at
+        if published is None:
+            return
+        elapsed = time.time() - published
+        if elapsed < 0:
+            # This host's clock is behind the publisher's: a latency cannot be negative, so count the
+            # skew and observe the least latency there is.
+            self._skewed += 1
+            elapsed = 0.0
+        self._publish_to_write.observe(elapsed)
 
     # -- Collector ------------------------------------------------------------------------------------
 
@@ -283,8 +332,16 @@ class PrometheusMetrics(Collector):
             "The deepest any outbound queue has been, in frames.",
             stats.queue_high_water,
         )
+        yield _single(
+            CounterMetricFamily,
+            f"{ns}_publish_to_write_skewed",
+            "Stamped envelopes that reached this process before their publish time by its clock (the "
+            "hosts' clocks disagree); observed as 0 in publish_to_write_seconds.",
+            self._skewed,
+        )
         yield from self._publish_seconds.collect()
         yield from self._fanout_seconds.collect()
+        yield from self._publish_to_write.collect()
 
 
 def _buckets(name: str, buckets: Sequence[float]) -> tuple[float, ...]:

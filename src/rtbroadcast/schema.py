@@ -46,14 +46,21 @@ from .protocol import (
     PROTOCOL_VERSION,
     CloseCode,
     ErrorFrame,
+    ErrorFrameV2,
     ObservedCloseCode,
     Ping,
     Pong,
+    ResumePoint,
     ResyncReason,
     ResyncRequired,
+    Subscribe,
+    Subscribed,
     SubscriptionErrorCode,
+    Unsubscribe,
+    Unsubscribed,
     UnsubscribeReason,
     Welcome,
+    WelcomeV2,
     encode_client_frame,
     encode_server_frame,
 )
@@ -106,6 +113,12 @@ class ChannelSpec:
             ``{"type": "httpApiKey", "name": "token", "in": "query"}`` or ``{"type": "http", "scheme":
             "bearer", "bearerFormat": "JWT"}``. Any one of them is enough. A query API key is also listed
             among the query parameters.
+        protocol: the wire protocol the channel is documented in: ``1`` (one channel per connection) or
+            ``2`` (``?protocol=2``: subscriptions, events in ``event`` frames naming their channel). One
+            endpoint serves both; document it twice, under two names, to describe both.
+
+    Raises:
+        ConfigurationError: ``protocol`` is neither 1 nor 2.
     """
 
     address: str | None
@@ -117,6 +130,11 @@ class ChannelSpec:
     description: str | None = None
     sse_address: str | None = None
     security: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    protocol: int = 1
+
+    def __post_init__(self) -> None:
+        if type(self.protocol) is not int or self.protocol not in (1, 2):
+            raise ConfigurationError(f"protocol must be 1 or 2, not {self.protocol!r}")
 
 
 class _WireSchema(GenerateJsonSchema):
@@ -522,7 +540,8 @@ def protocol2_schemas() -> dict[str, dict[str, Any]]:
     The client sends ``subscribe`` and ``unsubscribe`` (and protocol 1's ``ping``); the server sends
     ``welcome`` (protocol 2's), ``subscribed``, ``unsubscribed``, ``error`` (with the request id),
     ``event``, ``resync_required`` (with the channel), ``presence_join`` and ``presence_leave`` (and
-    protocol 1's ``pong``). The AsyncAPI document describes protocol 1.
+    protocol 1's ``pong``). :func:`asyncapi_document` describes them on a ``ChannelSpec(...,
+    protocol=2)``.
     """
     return {
         name: {"$schema": JSON_SCHEMA_DIALECT, **schema}
@@ -561,6 +580,46 @@ def _protocol_examples(heartbeat_interval: float) -> dict[str, list[dict[str, An
     }
 
 
+def _protocol2_examples(heartbeat_interval: float) -> dict[str, list[dict[str, Any]]]:
+    """Return examples of protocol 2's frames, encoded by the protocol module itself."""
+
+    def example(name: str, text: str) -> dict[str, Any]:
+        return {"name": name, "payload": json.loads(text)}
+
+    channel, epoch = "user:42", _EXAMPLE_EPOCH
+    return {
+        "welcome": [
+            example("welcome", encode_server_frame(WelcomeV2(heartbeat_interval, "c7f3a1e09b2d4f58")))
+        ],
+        "subscribed": [
+            example("server-side", encode_server_frame(Subscribed(None, channel, epoch, 7))),
+            example("resumed", encode_server_frame(Subscribed("r1", "room:1", epoch, 3, resumed=True))),
+        ],
+        "unsubscribed": [
+            example("client", encode_server_frame(Unsubscribed("r2", "room:1"))),
+        ],
+        "error": [
+            example(
+                "forbidden",
+                encode_server_frame(
+                    ErrorFrameV2("r3", SubscriptionErrorCode.FORBIDDEN, "not your tenant", "tenant-b:orders")
+                ),
+            )
+        ],
+        "resync_required": [
+            example(
+                "history_trimmed",
+                encode_server_frame(ResyncRequired(ResyncReason.HISTORY_TRIMMED, epoch, 41, "room:1")),
+            )
+        ],
+        "subscribe": [
+            example("fresh", encode_client_frame(Subscribe("r1", "room:1"))),
+            example("resume", encode_client_frame(Subscribe("r1", "room:1", ResumePoint(epoch, 3)))),
+        ],
+        "unsubscribe": [example("unsubscribe", encode_client_frame(Unsubscribe("r2", "room:1")))],
+    }
+
+
 # -- AsyncAPI --------------------------------------------------------------------------------------
 
 _KEY_RE = re.compile(r"[^\w.\-]")
@@ -569,6 +628,32 @@ _PROTOCOL_SERVER_FRAMES: Final = ("welcome", "pong", "error", "resync_required")
 #: What an SSE stream carries besides events: no pongs and no errors, for the client sends nothing.
 _SSE_PROTOCOL_FRAMES: Final = ("welcome", "resync_required")
 _PROTOCOL_SCHEMA_PREFIX: Final = "rtbroadcast."
+#: Protocol 2's frames the server sends on a WebSocket (with protocol 1's pong, and the events' frames).
+_PROTOCOL2_SERVER_FRAMES: Final = (
+    "welcome",
+    "subscribed",
+    "unsubscribed",
+    "error",
+    "resync_required",
+    "presence_join",
+    "presence_leave",
+)
+#: What a protocol-2 SSE stream carries besides the events' frames (presence needs a subscribe frame).
+_PROTOCOL2_SSE_FRAMES: Final = ("welcome", "subscribed", "unsubscribed", "error", "resync_required")
+_PROTOCOL2_CLIENT_FRAMES: Final = ("subscribe", "unsubscribe")
+#: Protocol 2's message keys start with this, so that they keep clear of protocol 1's and the events'.
+_PROTOCOL2_KEY_PREFIX: Final = "v2."
+_PROTOCOL2_SUMMARIES: Final = {
+    "welcome": "First frame on a protocol-2 connection: no channel; the connection's id.",
+    "subscribed": "A subscription started (the answer to subscribe, or one the server made).",
+    "unsubscribed": "A subscription ended; no event of its channel follows.",
+    "error": "A request was refused; the connection and its other subscriptions stay.",
+    "resync_required": "A channel's missed events cannot be replayed: reload its snapshot.",
+    "presence_join": "A member joined a channel whose presence the client asked for.",
+    "presence_leave": "A member left a channel whose presence the client asked for.",
+    "subscribe": "The client follows a channel, optionally resuming it.",
+    "unsubscribe": "The client stops following a channel.",
+}
 _FRAME_SUMMARIES: Final = {
     "welcome": "First frame on every connection: the client's place in the stream.",
     "pong": "The answer to a ping.",
@@ -633,6 +718,13 @@ def _split_address(spec: ChannelSpec) -> _Address:
     query: dict[str, str] = {}
     for pair in filter(None, query_part.split("&")):
         key, _, value = pair.partition("=")
+        if key == "protocol":  # documented by the spec's protocol, not as a parameter of its own
+            if value != str(spec.protocol):
+                raise ConfigurationError(
+                    f"the address {spec.address!r} asks for protocol {value!r}: document it with "
+                    f"ChannelSpec(..., protocol={value})" + ("" if value in ("1", "2") else " (1 or 2)")
+                )
+            continue
         match = _PARAM_RE.fullmatch(value)
         query[key] = spec.parameters.get(match.group(1), "") if match else f"Always `{value}`."
     return _Address(path or "/", _PARAM_RE.findall(path), query)
@@ -642,7 +734,7 @@ def _path_parameters(spec: ChannelSpec, names: Sequence[str]) -> dict[str, Any]:
     return {name: {"description": spec.parameters[name]} if name in spec.parameters else {} for name in names}
 
 
-def _query_schema(spec: ChannelSpec, address: _Address) -> dict[str, Any]:
+def _query_schema(spec: ChannelSpec, address: _Address, *, sse: bool = False) -> dict[str, Any]:
     """Return the JSON Schema of the query string: the channel's parameters, credentials, the resume point."""
     described = {**address.query, **spec.query}
     for scheme in spec.security.values():
@@ -652,6 +744,8 @@ def _query_schema(spec: ChannelSpec, address: _Address) -> dict[str, Any]:
         name: {"type": "string", **({"description": text} if text else {})}
         for name, text in described.items()
     }
+    if spec.protocol == 2:
+        return _protocol2_query_schema(query, sse=sse)
     query["epoch"] = {
         "type": "string",
         "description": "Resume: the epoch of the last event the client applied (from `welcome`, an "
@@ -666,6 +760,26 @@ def _query_schema(spec: ChannelSpec, address: _Address) -> dict[str, Any]:
     return {"type": "object", "properties": query}
 
 
+def _protocol2_query_schema(query: dict[str, Any], *, sse: bool) -> dict[str, Any]:
+    query["protocol"] = {"type": "string", "const": "2", "description": "Protocol 2."}
+    query["resume"] = {
+        "type": "string",
+        "pattern": "^[A-Za-z0-9_-]*$",
+        "description": "Resume of the server-side subscriptions: base64url (no padding) of the compact "
+        'JSON `{"<channel>": ["<epoch>", <seq>], ...}` with the last position applied on each. Other '
+        "channels resume in their `subscribe` frames."
+        + (" An `EventSource` sends the same token back as `Last-Event-ID`, which wins." if sse else ""),
+    }
+    if sse:
+        query["channel"] = {
+            "type": "array",
+            "items": {"type": "string", "minLength": 1, "maxLength": 256},
+            "description": "Repeated (`channel=a&channel=b`): further channels for the stream besides "
+            "the server-side ones, each asked of the service's authorization.",
+        }
+    return {"type": "object", "properties": query, "required": ["protocol"]}
+
+
 def _channel(
     spec: ChannelSpec, address: _Address, message_keys: Sequence[str], heartbeat_interval: float | None
 ) -> dict[str, Any]:
@@ -673,11 +787,13 @@ def _channel(
     if spec.title:
         channel["title"] = spec.title
     description = spec.description or (
-        "A WebSocket connection subscribed to one rtbroadcast channel. The server sends `welcome` first, "
-        "then the channel's events in `seq` order, with `pong`, `error` and `resync_required` frames as "
-        "needed; the client sends `ping`. Resume after a reconnect with the `epoch` and `last_seq` query "
-        "parameters. Refusals are close codes after the handshake: `4003` (not allowed), `4004` (bad "
-        "request); see `x-rtbroadcast.close_codes`."
+        _PROTOCOL2_DESCRIPTION
+        if spec.protocol == 2
+        else "A WebSocket connection subscribed to one rtbroadcast channel. The server sends `welcome` "
+        "first, then the channel's events in `seq` order, with `pong`, `error` and `resync_required` "
+        "frames as needed; the client sends `ping`. Resume after a reconnect with the `epoch` and "
+        "`last_seq` query parameters. Refusals are close codes after the handshake: `4003` (not "
+        "allowed), `4004` (bad request); see `x-rtbroadcast.close_codes`."
     )
     if heartbeat_interval is not None:
         description += f" Heartbeat interval: {heartbeat_interval:g} s."
@@ -689,6 +805,41 @@ def _channel(
         "ws": {"method": "GET", "query": _query_schema(spec, address), "bindingVersion": "0.1.0"}
     }
     return channel
+
+
+_PROTOCOL2_DESCRIPTION: Final = (
+    "A protocol-2 WebSocket connection (`?protocol=2`): several subscriptions on one connection. The "
+    "server sends `welcome` (no channel) first, then `subscribed` (`id` null) for each channel it "
+    "subscribes the connection to itself, and answers each `subscribe` and `unsubscribe` with "
+    "`subscribed`, `unsubscribed` or `error`, echoing the request's `id`. Each event arrives in an "
+    "`event` frame that names its channel; per channel, events come in `seq` order and resume and "
+    "`resync_required` work as in protocol 1. Resume the server-side channels with the `resume` query "
+    "parameter, the others with `epoch` and `last_seq` in their `subscribe` frames. Refusals of the "
+    "connection are close codes after the handshake: `4003` (not allowed), `4004` (bad request); see "
+    "`x-rtbroadcast.close_codes`."
+)
+_SSE_DESCRIPTION: Final = (
+    "The same channel as a Server-Sent Events stream (`text/event-stream`), for clients that cannot "
+    "open a WebSocket: `GET` with the same query parameters. Each event is a `data:` line with "
+    "`id: <epoch>:<seq>`, so an `EventSource` resumes by itself with the `Last-Event-ID` header (the "
+    "`epoch` and `last_seq` query parameters work too); `welcome` and `resync_required` are `data:` "
+    "lines without an id; a `: ping` comment comes after {heartbeat} without a frame. A stream the "
+    "server ends finishes with a comment naming the close code and a `retry:` line. There is no "
+    "client -> server direction; refusals are HTTP statuses: `403` (for `4003`), `503` (for `1013` and "
+    "`1001`), `400` otherwise."
+)
+_PROTOCOL2_SSE_DESCRIPTION: Final = (
+    "The same connection as a Server-Sent Events stream (`text/event-stream`), for clients that cannot "
+    "open a WebSocket: `GET` with `protocol=2`, the server-side channels and those of repeated `channel=` "
+    "query parameters. Each protocol-2 frame is a `data:` line; each one that moves a channel's position "
+    "(`subscribed`, an event, `resync_required`, `unsubscribed`) has an `id:` holding every channel's "
+    "position (the `resume` token), so an `EventSource` resumes every channel by itself with the "
+    "`Last-Event-ID` header; a `: ping` comment comes after {heartbeat} without a frame. A channel the "
+    "service denies gets an `error` frame and the stream goes on. A stream the server ends finishes with "
+    "a comment naming the close code and a `retry:` line. There is no client -> server direction; a "
+    "request none of whose channels may be subscribed is refused with `403` (`503` when the backend or "
+    "a limit was the reason), other refusals with `400`."
+)
 
 
 def _sse_channel(
@@ -703,16 +854,8 @@ def _sse_channel(
         heartbeat = f"{heartbeat_interval:g} s"
     channel: dict[str, Any] = {"address": sse_path}
     channel["title"] = f"{spec.title or spec.name}, as Server-Sent Events"
-    channel["description"] = (
-        "The same channel as a Server-Sent Events stream (`text/event-stream`), for clients that cannot "
-        "open a WebSocket: `GET` with the same query parameters. Each event is a `data:` line with "
-        "`id: <epoch>:<seq>`, so an `EventSource` resumes by itself with the `Last-Event-ID` header (the "
-        "`epoch` and `last_seq` query parameters work too); `welcome` and `resync_required` are `data:` "
-        f"lines without an id; a `: ping` comment comes after {heartbeat} without a frame. A stream the "
-        "server ends finishes with a comment naming the close code and a `retry:` line. There is no "
-        "client -> server direction; refusals are HTTP statuses: `403` (for `4003`), `503` (for `1013` and "
-        "`1001`), `400` otherwise."
-    )
+    template = _PROTOCOL2_SSE_DESCRIPTION if spec.protocol == 2 else _SSE_DESCRIPTION
+    channel["description"] = template.format(heartbeat=heartbeat)
     names = _PARAM_RE.findall(sse_path)
     if names:
         channel["parameters"] = _path_parameters(spec, names)
@@ -732,6 +875,62 @@ def _security_refs(spec: ChannelSpec, schemes: dict[str, Any]) -> list[dict[str,
     return refs
 
 
+def _protocol2_messages(
+    schemas: dict[str, Any], messages: dict[str, Any], heartbeat_interval: float
+) -> dict[str, str]:
+    """Add protocol 2's frames to ``schemas`` and ``messages``; return each frame's message key."""
+    examples = _protocol2_examples(heartbeat_interval)
+    keys: dict[str, str] = {}
+    for name, schema in _protocol2_frame_schemas().items():
+        if name == "event":  # each event gets a frame of its own (_event_frames)
+            continue
+        schema_name = _component_key(_PROTOCOL_SCHEMA_PREFIX + schema["title"], schemas)
+        schemas[schema_name] = schema
+        keys[name] = _component_key(_PROTOCOL2_KEY_PREFIX + name, messages)
+        messages[keys[name]] = {
+            "name": name,
+            "title": schema["title"],
+            "summary": _PROTOCOL2_SUMMARIES[name],
+            "contentType": "application/json",
+            "payload": {"$ref": f"#/components/schemas/{schema_name}"},
+            **({"examples": examples[name]} if name in examples else {}),
+            "tags": [{"name": "protocol"}, {"name": "protocol 2"}],
+        }
+    return keys
+
+
+def _event_frames(
+    models: Sequence[type[Event]],
+    schema_names: Mapping[type[Event], str],
+    schemas: dict[str, Any],
+    messages: dict[str, Any],
+) -> dict[type[Event], str]:
+    """Add protocol 2's ``event`` frame of each model (the event inside, by reference); return their keys."""
+    template = _protocol2_frame_schemas()["event"]
+    keys: dict[type[Event], str] = {}
+    for model in models:
+        event_schema_name = schema_names[model]
+        schema = json.loads(json.dumps(template))  # a deep copy
+        schema["title"] = f"{event_schema_name}EventFrame"
+        schema["description"] = (
+            f"Protocol 2: a {model.__name__} event of the channel, as protocol 1 sends it."
+        )
+        schema["properties"]["event"] = {"$ref": f"#/components/schemas/{event_schema_name}"}
+        frame_schema_name = _component_key(_PROTOCOL_SCHEMA_PREFIX + schema["title"], schemas)
+        schemas[frame_schema_name] = schema
+        event_type = _event_type(model)
+        keys[model] = _component_key(f"{_PROTOCOL2_KEY_PREFIX}event.{event_type}", messages)
+        messages[keys[model]] = {
+            "name": event_type,
+            "title": schema["title"],
+            "summary": f"A {event_type} event, in protocol 2's event frame.",
+            "contentType": "application/json",
+            "payload": {"$ref": f"#/components/schemas/{frame_schema_name}"},
+            "tags": [{"name": "protocol"}, {"name": "protocol 2"}],
+        }
+    return keys
+
+
 def asyncapi_document(
     channels: Broadcaster | ChannelSpec | Sequence[ChannelSpec],
     events: Events = None,
@@ -743,9 +942,11 @@ def asyncapi_document(
 ) -> dict[str, Any]:
     """Return an AsyncAPI 3.0 document describing the channels, their events and the wire protocol.
 
-    The document describes the server: it *sends* the events and the protocol frames ``welcome``,
-    ``pong``, ``error`` and ``resync_required``, and *receives* the client's ``ping``. Serialise it with
-    :func:`json.dumps`.
+    The document describes the server: on a protocol-1 channel it *sends* the events and the protocol
+    frames ``welcome``, ``pong``, ``error`` and ``resync_required``, and *receives* the client's ``ping``;
+    on a protocol-2 channel (``ChannelSpec(..., protocol=2)``) it sends protocol 2's frames (message keys
+    ``v2.*``; each event in an ``event`` frame of its own, ``v2.event.<type>``) and receives
+    ``subscribe``, ``unsubscribe`` and ``ping``. Serialise it with :func:`json.dumps`.
 
     Args:
         channels: one or more :class:`ChannelSpec`; or a :class:`~rtbroadcast.Broadcaster`, which documents
@@ -814,6 +1015,19 @@ def asyncapi_document(
             "tags": [{"name": "protocol"}],
         }
 
+    frames2: dict[str, str] = {}
+    event_frames: dict[type[Event], str] = {}
+    if any(spec.protocol == 2 for spec in specs):
+        frames2 = _protocol2_messages(schemas, messages, heartbeat if heartbeat is not None else 25.0)
+        models2 = {
+            model: None
+            for spec in specs
+            if spec.protocol == 2
+            for model in (_models(spec.events) if spec.events is not None else document_models)
+        }
+        named = dict(zip(all_models, schema_names, strict=True))
+        event_frames = _event_frames(list(models2), named, schemas, messages)
+
     document_servers = {name: _server(url) for name, url in (servers or {}).items()}
     http_servers: dict[str, Any] = {}
     if any(spec.sse_address is not None for spec in specs):
@@ -828,12 +1042,22 @@ def asyncapi_document(
     security_schemes: dict[str, Any] = {}
     for spec in specs:
         channel_models = _models(spec.events) if spec.events is not None else document_models
-        event_keys = [model_keys[m] for m in channel_models]
-        server_keys = [*event_keys, *_PROTOCOL_SERVER_FRAMES]
+        if spec.protocol == 2:
+            event_keys = [event_frames[m] for m in channel_models]
+            server_keys = [*event_keys, *(frames2[f] for f in _PROTOCOL2_SERVER_FRAMES), "pong"]
+            client_keys = [*(frames2[f] for f in _PROTOCOL2_CLIENT_FRAMES), "ping"]
+            sse_keys = [*event_keys, *(frames2[f] for f in _PROTOCOL2_SSE_FRAMES)]
+            receive = ("receive", "Receive a client's subscribe, unsubscribe and ping frames; answer each.")
+        else:
+            event_keys = [model_keys[m] for m in channel_models]
+            server_keys = [*event_keys, *_PROTOCOL_SERVER_FRAMES]
+            client_keys = ["ping"]
+            sse_keys = [*event_keys, *_SSE_PROTOCOL_FRAMES]
+            receive = ("receivePing", "Receive a client's ping and answer it with a pong.")
         address = _split_address(spec)
         refs = _security_refs(spec, security_schemes)
         security: dict[str, Any] = {"security": refs} if refs else {}
-        channel = _channel(spec, address, [*server_keys, "ping"], heartbeat)
+        channel = _channel(spec, address, [*server_keys, *client_keys], heartbeat)
         if http_servers:  # the WebSocket channel is not served by the HTTP servers added for SSE
             channel["servers"] = [{"$ref": f"#/servers/{name}"} for name in document_servers]
         document_channels[spec.name] = channel
@@ -845,11 +1069,11 @@ def asyncapi_document(
             "messages": [{"$ref": f"#/channels/{spec.name}/messages/{key}"} for key in server_keys],
             **security,
         }
-        operations[f"{spec.name}.receivePing"] = {
+        operations[f"{spec.name}.{receive[0]}"] = {
             "action": "receive",
             "channel": channel_ref,
-            "summary": "Receive a client's ping and answer it with a pong.",
-            "messages": [{"$ref": f"#/channels/{spec.name}/messages/ping"}],
+            "summary": receive[1],
+            "messages": [{"$ref": f"#/channels/{spec.name}/messages/{key}"} for key in client_keys],
             **security,
         }
         if spec.sse_address is not None:
@@ -858,7 +1082,6 @@ def asyncapi_document(
                 raise ConfigurationError(
                     f"channel name {sse_name!r} is taken by the SSE channel of {spec.name!r}"
                 )
-            sse_keys = [*event_keys, *_SSE_PROTOCOL_FRAMES]
             sse = _sse_channel(spec, spec.sse_address, sse_keys, heartbeat)
             if http_servers:
                 sse["servers"] = [{"$ref": f"#/servers/{name}"} for name in http_servers]
@@ -871,7 +1094,7 @@ def asyncapi_document(
                 "bindings": {
                     "http": {
                         "method": "GET",
-                        "query": _query_schema(spec, address),
+                        "query": _query_schema(spec, address, sse=True),
                         "bindingVersion": "0.3.0",
                     }
                 },

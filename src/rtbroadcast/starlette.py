@@ -19,16 +19,19 @@ import contextlib
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, TypeVar
 
+from starlette.responses import Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
+from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from ._config import wait_seconds
 from ._shutdown import drain_on_signals
 from .asgi import IDENTITY_SCOPE_KEY, Authorizer, BroadcastEndpoint, ChannelResolver
 from .broadcaster import Broadcaster
+from .errors import ConfigurationError
 from .identity import Identity
 
-__all__ = ["broadcast_routes", "lifespan", "serve_websocket", "websocket_route"]
+__all__ = ["broadcast_routes", "lifespan", "serve_websocket", "sse_response", "websocket_route"]
 
 AppT = TypeVar("AppT")
 
@@ -126,8 +129,63 @@ async def serve_websocket(
         async def realtime_route(websocket: WebSocket, user: User = Depends(current_user)) -> None:
             await serve_websocket(realtime, websocket, identity=Identity(user.id, expires_at=user.expires))
 
-    Call it before anything else touches the socket (do not ``accept()`` it): the endpoint accepts.
+    Call it before anything else touches the socket (do not ``accept()`` it): the endpoint accepts. For
+    the Server-Sent Events route, see :func:`sse_response`.
+
+    Raises:
+        ConfigurationError: ``identity`` is neither an :class:`~rtbroadcast.Identity` nor ``None``.
     """
+    _check_identity(identity)
     scope = dict(websocket.scope)
     scope[IDENTITY_SCOPE_KEY] = identity
     await endpoint(scope, websocket.receive, websocket.send)
+
+
+def sse_response(endpoint: BroadcastEndpoint, *, identity: Identity | None = None) -> Response:
+    """Return the response that streams ``endpoint``'s Server-Sent Events to ``identity``, from a route.
+
+    The SSE twin of :func:`serve_websocket`: a FastAPI ``GET`` route resolves the app's own
+    dependencies (one that raises ``HTTPException`` answers before any stream starts), then returns
+    this response, and the endpoint serves the request as the connection of ``identity``, as it serves
+    an SSE request it was routed itself (channel, ``authorize`` with ``request.identity``,
+    ``Last-Event-ID`` resume, the end of the stream at ``identity.expires_at``); its own
+    ``authenticate`` hook is not called::
+
+        @app.get("/realtime/sse")
+        async def realtime_sse(user: User = Depends(current_user)) -> Response:
+            return sse_response(realtime, identity=Identity(user.id, expires_at=user.expires))
+
+    The endpoint writes the status and headers itself (``200`` and ``text/event-stream``, or the
+    refusal's ``403`` / ``400`` / ``503``): the response's own ``status_code``, ``headers`` and
+    ``media_type`` are not sent. A background task FastAPI attaches runs once the stream has ended.
+
+    Raises:
+        ConfigurationError: ``endpoint`` was made with ``sse=False``, or ``identity`` is neither an
+            :class:`~rtbroadcast.Identity` nor ``None``.
+    """
+    _check_identity(identity)
+    if not endpoint.sse:
+        raise ConfigurationError("this endpoint was made with sse=False: it serves no Server-Sent Events")
+    return _EndpointResponse(endpoint, identity)
+
+
+def _check_identity(identity: object) -> None:
+    if identity is not None and not isinstance(identity, Identity):
+        raise ConfigurationError(
+            f"identity must be an rtbroadcast.Identity (say Identity(user.id)) or None, not {identity!r}"
+        )
+
+
+class _EndpointResponse(Response):
+    """A response that hands the request to a :class:`BroadcastEndpoint` with an identity in its scope."""
+
+    def __init__(self, endpoint: BroadcastEndpoint, identity: Identity | None) -> None:
+        super().__init__()
+        self.endpoint = endpoint
+        self.identity = identity
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope = {**scope, IDENTITY_SCOPE_KEY: self.identity}
+        await self.endpoint(scope, receive, send)
+        if self.background is not None:
+            await self.background()

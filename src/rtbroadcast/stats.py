@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     from .backends.base import Envelope
     from .broadcaster import BroadcasterState
 
-__all__ = ["BroadcasterStats", "MetricsObserver"]
+__all__ = ["BroadcasterStats", "MetricsObserver", "PublishSpan", "TracingHook"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +150,39 @@ class MetricsObserver(Protocol):
 
         Timed from the backend's delivery to the last subscriber: each frame is then written (a
         direct write) or queued for its connection's writer.
+        """
+
+
+class PublishSpan(Protocol):
+    """One publish's span, as :meth:`TracingHook.start_publish` started it."""
+
+    def end(self, envelope: Envelope | None, error: BaseException | None) -> None:
+        """End the span: the backend returned ``envelope``, or the publish raised ``error``.
+
+        Both are ``None`` when the publish was cancelled. Called exactly once, in the task that
+        started the span.
+        """
+
+
+class TracingHook(Protocol):
+    """What :meth:`~rtbroadcast.Broadcaster.set_tracing_hook` takes: spans of publishes and deliveries.
+
+    :class:`rtbroadcast.tracing.OpenTelemetryTracing` is the one rtbroadcast ships. Called on the event
+    loop, inline: each method must be quick and must not raise or block.
+    """
+
+    def start_publish(self, channel: str, headers: dict[str, str]) -> PublishSpan:
+        """Start the span of a publish on ``channel``, and write its context into ``headers``.
+
+        ``headers`` travel with the envelope through the backend (:attr:`Envelope.headers
+        <rtbroadcast.Envelope.headers>`), so that every delivering process can link to this span.
+        """
+
+    def delivered(self, envelope: Envelope, subscribers: int, start_ns: int, end_ns: int) -> None:
+        """Hear that ``envelope``, received from the backend, was handed to ``subscribers`` here.
+
+        Called once per envelope per process (not once per connection), for envelopes that carry
+        headers only, with the fan-out's wall-clock start and end (:func:`time.time_ns`).
         """
 
 

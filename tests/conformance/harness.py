@@ -14,10 +14,11 @@ and exits when its stdin closes (the runner died) or on SIGTERM/SIGINT, stopping
 What runs:
 
 - **the service** (uvicorn on ``http``): ``/realtime?room=R`` (WebSocket, channel ``room:R``; a ``token``
-  query parameter must not be revoked, else close ``4003``), ``GET /rooms/R/items``: the snapshot (the
-  room's items ``[{"n": 1}, ...]`` with the stream position they reflect, in the body as ``epoch``/
-  ``seq`` and in the ``X-Stream-Epoch``/``X-Stream-Seq`` headers). Each event is
-  ``{"type": "item", "room": R, "n": N, "seq": S}``; ``n`` numbers a room's items from 1 and survives
+  query parameter must not be revoked, else close ``4003``; rooms named ``secret...`` are refused;
+  ``?protocol=2`` subscribes to ``room:R`` channels by name; with ``presence``, every room has presence),
+  ``GET /rooms/R/items``: the snapshot (the room's items ``[{"n": 1}, ...]`` with the stream position
+  they reflect, in the body as ``epoch``/``seq`` and in the ``X-Stream-Epoch``/``X-Stream-Seq``
+  headers). Each event is ``{"type": "item", "room": R, "n": N, "seq": S}``; ``n`` numbers a room's items from 1 and survives
   every restart (the harness's memory stands in for the service's database).
 - **a TCP proxy** in front of it: ``ws`` goes through it, so that ``POST /cut`` can silence the network.
 - **Redis** (``backend: redis``): a throwaway ``redis-server`` that keeps nothing on disk.
@@ -38,6 +39,9 @@ The control API (``control``; every call answers JSON, ``POST`` changes somethin
                                            then both in the snapshot and on the wire)
 ``GET /stats``                             ``attempts`` (WebSocket handshakes per token, ``-`` for
                                            none), ``refused``, ``gated``, ``snapshots``, ``items``
+``GET /subscribers?room=R``                ``count``: the connections subscribed to room R now
+``POST /join?room=R``, ``/leave?room=R``  another member joins room R (a protocol-2 connection of
+                                           the harness's own, past the proxy) / leaves it
 =========================================  =========================================================
 """
 
@@ -69,6 +73,7 @@ from starlette.routing import Route
 from rtbroadcast import Broadcaster, Event, QueueLimits
 from rtbroadcast.asgi import BroadcastEndpoint, ConnectionRequest, Deny, channel_from_query
 from rtbroadcast.backends.redis import RedisBackend
+from rtbroadcast.client import Backoff, Client
 from rtbroadcast.errors import BackendUnavailable
 from rtbroadcast.starlette import broadcast_routes, lifespan
 
@@ -78,7 +83,11 @@ DEFAULTS: dict[str, Any] = {
     "history_size": 1000,
     "heartbeat": 1.0,  # the welcome's heartbeat_interval, seconds
     "queue_max_size": 1024 * 1024,
+    "presence": False,  # presence on every room's channel (protocol 2)
 }
+#: Rooms whose names start with this are refused by the ``authorize`` hook (protocol 2: an error frame
+#: ``forbidden`` for that subscribe request; protocol 1: close 4003).
+REFUSED_ROOMS = "secret"
 
 
 class Item(Event):
@@ -245,6 +254,7 @@ class Harness:
         self.broadcaster: Broadcaster | None = None
         self.publisher: Broadcaster | None = None  # Redis: a separate process's broadcaster, in effect
         self.server: tuple[_Server, asyncio.Task[None]] | None = None
+        self.members: dict[str, Client] = {}  # room -> the other member's client (join/leave)
 
     def _broadcaster(self) -> Broadcaster:
         options: dict[str, Any] = {
@@ -252,6 +262,8 @@ class Harness:
             "queue_limits": QueueLimits(max_size=int(self.options["queue_max_size"])),
             "max_resume": 100_000,
         }
+        if self.options["presence"]:
+            options["presence"] = ("room:",)
         if self.redis is not None:
             backend = RedisBackend(
                 self.redis.url,
@@ -272,14 +284,17 @@ class Harness:
                 return Deny("token expired")
             return None
 
+        def allowed(channel: str) -> bool | Deny:
+            return Deny("a secret room") if channel.startswith(f"room:{REFUSED_ROOMS}") else True
+
         def authorize(request: ConnectionRequest, channel: str) -> bool | Deny:
-            return check_token(request) or True
+            return check_token(request) or allowed(channel)
 
         # Where the server has an authenticate hook (protocol 2's), the token is checked once per
         # connection, so that a revoked one is refused with 4003 on both protocols; before it, in authorize.
         hooks: dict[str, Any] = {"authorize": authorize}
         if "authenticate" in inspect.signature(BroadcastEndpoint).parameters:
-            hooks = {"authenticate": check_token}
+            hooks = {"authenticate": check_token, "authorize": lambda request, channel: allowed(channel)}
 
         async def snapshot(request: Request) -> JSONResponse:
             room = request.path_params["room"]
@@ -421,13 +436,35 @@ class Harness:
         async def stats(request: Request) -> JSONResponse:
             return JSONResponse({**self.counts, "items": self.items})
 
+        async def join(request: Request) -> JSONResponse:
+            room = room_of(request)
+            if room not in self.members:
+                member = Client(
+                    f"ws://127.0.0.1:{self.port}/realtime", protocol=2, backoff=Backoff(0.05, 0.2)
+                )
+                await member.subscribe(f"room:{room}", presence=True).connected()
+                self.members[room] = member
+            return JSONResponse({"members": sorted(self.members)})
+
+        async def leave(request: Request) -> JSONResponse:
+            member = self.members.pop(room_of(request), None)
+            if member is not None:
+                await member.close()
+            return JSONResponse({"members": sorted(self.members)})
+
+        async def subscribers(request: Request) -> JSONResponse:
+            if self.broadcaster is None:
+                return JSONResponse({"count": 0})
+            return JSONResponse({"count": self.broadcaster.registry.count("room:" + room_of(request))})
+
         post: list[tuple[str, Callable[[Request], Any]]] = [
             ("/publish", publish), ("/close", close), ("/stop", stop), ("/start", start),
             ("/restart", restart), ("/restart_redis", restart_redis), ("/cut", cut), ("/gate", gate),
-            ("/revoke", revoke), ("/arm_snapshot", arm_snapshot),
+            ("/revoke", revoke), ("/arm_snapshot", arm_snapshot), ("/join", join), ("/leave", leave),
         ]  # fmt: skip
         routes = [Route(path, handler, methods=["POST"]) for path, handler in post]
         routes.append(Route("/stats", stats, methods=["GET"]))
+        routes.append(Route("/subscribers", subscribers, methods=["GET"]))
         return Starlette(routes=routes)
 
     @contextlib.asynccontextmanager
@@ -447,6 +484,9 @@ class Harness:
                 control.should_exit = True
                 await control_task
         finally:
+            for member in self.members.values():
+                with contextlib.suppress(Exception):
+                    await member.close()
             with contextlib.suppress(Exception):
                 await self.stop()
             if self.publisher is not None:

@@ -16,29 +16,38 @@ export const python = process.env.RTB_PYTHON ?? path.resolve(here, "../../../.ve
 /** One timing unit for these tests (ms): bounds are multiples of it, so a loaded machine can slow them all. */
 export const MS = Number(process.env.RTB_TEST_MS ?? 1);
 
-/** Start test/server.py; resolves once it listens. `args` are its command-line options. */
-export async function startServer(args = [], { port = 0 } = {}) {
-  const child = spawn(python, [path.join(here, "server.py"), "--port", String(port), ...args], {
-    stdio: ["ignore", "pipe", "inherit"],
-  });
+/**
+ * Run a Python script of the repository (under its virtualenv) and wait for the line of its stdout
+ * that `ready` matches: resolves with the child and that match. A script that exits first, or says
+ * nothing within 20 s, fails. `stdin`: "ignore", or "pipe" for a script that stops when its stdin closes.
+ */
+export async function spawnPython(script, args, { ready, stdin = "ignore" }) {
+  const child = spawn(python, [script, ...args], { stdio: [stdin, "pipe", "inherit"] });
   let output = "";
-  const listening = new Promise((resolve, reject) => {
+  const started = new Promise((resolve, reject) => {
     child.stdout.setEncoding("utf8");
     child.stdout.on("data", (chunk) => {
       output += chunk;
-      const match = /PORT (\d+)/.exec(output);
-      if (match) resolve(Number(match[1]));
+      const match = ready.exec(output);
+      if (match) resolve(match);
     });
-    child.once("exit", (code) => reject(new Error(`server.py exited with ${code} before listening:\n${output}`)));
+    child.once("exit", (code) => reject(new Error(`${path.basename(script)} exited with ${code} before it was ready:\n${output}`)));
     child.once("error", reject);
   });
-  const timeout = setTimeout(() => child.kill("SIGKILL"), 20000);
+  const timeout = setTimeout(() => child.kill("SIGKILL"), 20000 * MS);
   try {
-    port = await listening;
+    return { child, match: await started };
   } finally {
     clearTimeout(timeout);
   }
-  return new TestServer(child, port, args);
+}
+
+/** Start test/server.py; resolves once it listens. `args` are its command-line options. */
+export async function startServer(args = [], { port = 0 } = {}) {
+  const { child, match } = await spawnPython(path.join(here, "server.py"), ["--port", String(port), ...args], {
+    ready: /PORT (\d+)\n/,
+  });
+  return new TestServer(child, Number(match[1]), args);
 }
 
 export class TestServer {
@@ -134,24 +143,11 @@ export function tempDir() {
  */
 export function follow(server, room, options = {}) {
   const { subscription: subscriptionOptions = {}, ...clientOptions } = options;
-  const app = { items: new Map(), applied: [], resyncs: [], errors: [], disconnects: [], snapshots: 0 };
+  const app = { ...roomApp(), disconnects: [] };
   const client = new Client({ url: server.wsUrl(room), backoff: { initialDelay: 100, maxDelay: 1000 }, ...clientOptions });
-  const subscription = client.subscribe({
-    async resync(info) {
-      app.resyncs.push(info);
-      const response = await fetch(`${server.http}/rooms/${encodeURIComponent(room)}/items`);
-      if (!response.ok) throw new Error(`snapshot: ${response.status}`);
-      const body = await response.json();
-      app.items = new Map(body.items.map((item) => [item.n, item]));
-      app.snapshots += 1;
-      return { epoch: response.headers.get("x-stream-epoch"), seq: Number(response.headers.get("x-stream-seq")) };
-    },
-    onEvent(event) {
-      app.applied.push(event.seq);
-      app.items.set(event.n, { n: event.n, room: event.room });
-    },
-    ...subscriptionOptions,
-  });
+  // Protocol 1: the URL names the channel (the subscription names one only to have it confirmed).
+  const { channel: _, ...snapshotAndEvents } = roomOptions(server, room, app);
+  const subscription = client.subscribe({ ...snapshotAndEvents, ...subscriptionOptions });
   client.on("error", (error) => app.errors.push(error));
   client.on("disconnect", (info) => app.disconnects.push({ ...info, at: Date.now() }));
   return { client, subscription, app };

@@ -7,9 +7,17 @@ from urllib.parse import urlsplit
 
 from .._config import did_you_mean, redact_url
 from ..errors import ConfigurationError
-from .base import Backend, BackendListener, Envelope, History, StreamPosition
+from .base import PUBLISHED_AT, Backend, BackendListener, Envelope, History, StreamPosition
 
-__all__ = ["Backend", "BackendListener", "Envelope", "History", "StreamPosition", "load_backend"]
+__all__ = [
+    "PUBLISHED_AT",
+    "Backend",
+    "BackendListener",
+    "Envelope",
+    "History",
+    "StreamPosition",
+    "load_backend",
+]
 
 #: URL scheme -> (module, class, extra to install). A new backend is one module plus one line here.
 _BACKENDS: dict[str, tuple[str, str, str | None]] = {

@@ -7,10 +7,13 @@ envelope to the listener of each process that subscribed to the channel.
 
 from __future__ import annotations
 
+import json
+import logging
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 from ..errors import ConfigurationError
 from ..protocol import event_frame
@@ -18,7 +21,49 @@ from ..protocol import event_frame
 if TYPE_CHECKING:
     from ..presence import PresenceChange, PresenceMember, PresenceSnapshot
 
-__all__ = ["Backend", "BackendListener", "Envelope", "History", "StreamPosition"]
+__all__ = [
+    "PUBLISHED_AT",
+    "Backend",
+    "BackendListener",
+    "Envelope",
+    "History",
+    "StreamPosition",
+    "decode_headers",
+    "encode_headers",
+]
+
+#: The header that carries a publish's wall-clock time (seconds since the Unix epoch, as text), when the
+#: publishing broadcaster stamps its publishes (``Broadcaster(stamp_publish_time=True)``).
+PUBLISHED_AT: Final = "rtb-published-at"
+
+logger = logging.getLogger("rtbroadcast.backends")
+
+
+def encode_headers(headers: Mapping[str, str]) -> str:
+    """Return ``headers`` as the text a backend stores: a compact JSON object, ASCII only.
+
+    The text never holds a line break (JSON escapes them inside strings), so that a wire format may end
+    it with one.
+    """
+    return json.dumps(dict(headers), ensure_ascii=True, separators=(",", ":"))
+
+
+def decode_headers(text: str | bytes) -> Mapping[str, str] | None:
+    """Read what :func:`encode_headers` wrote; ``None`` for anything else (logged, never raised).
+
+    Headers only ever help the servers (a trace, a latency figure): a process that cannot read them
+    still delivers the envelope, without them.
+    """
+    try:
+        headers = json.loads(text)
+    except ValueError:
+        headers = None
+    if isinstance(headers, dict) and all(
+        isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
+    ):
+        return headers
+    logger.warning("ignoring an envelope's malformed headers: %.80r", text)
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,12 +72,19 @@ class Envelope:
 
     ``data`` is the JSON text clients receive, ``seq`` included. It is encoded once per publish and the same
     ``str`` is handed to every connection; :meth:`protocol2_text` is its protocol-2 frame, built once too.
+
+    ``headers`` is what the publisher sent along for the servers, never for clients: a W3C trace context
+    (``traceparent``, ``tracestate``: see :mod:`rtbroadcast.tracing`) and the publish time
+    (:data:`PUBLISHED_AT`). ``None`` when there was nothing to send, which is the case unless tracing or
+    ``stamp_publish_time`` is on in the publishing process. Every built-in backend carries headers to
+    every delivering process and keeps them in history; they take no part in equality.
     """
 
     channel: str
     seq: int
     epoch: str
     data: str
+    headers: Mapping[str, str] | None = field(default=None, compare=False)
     # The protocol-2 frame, built by the first protocol-2 connection that writes it and kept for the rest.
     _text2: str | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -43,6 +95,24 @@ class Envelope:
             text = event_frame(self.channel, self.data)
             object.__setattr__(self, "_text2", text)  # a cache, invisible to equality and hashing
         return text
+
+    @property
+    def published_at(self) -> float | None:
+        """The publish's wall-clock time (:func:`time.time`, in the publishing process), if it was stamped.
+
+        ``None`` without the :data:`PUBLISHED_AT` header, or when its value is not a finite number.
+        """
+        headers = self.headers
+        if headers is None:
+            return None
+        text = headers.get(PUBLISHED_AT)
+        if text is None:
+            return None
+        try:
+            stamp = float(text)
+        except ValueError:
+            return None
+        return stamp if math.isfinite(stamp) else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +185,11 @@ class Backend(ABC):
     #: :meth:`BackendListener.on_presence`).
     supports_presence: bool = False
 
+    #: Whether :meth:`publish` and :meth:`publish_in_transaction` take ``headers=`` and deliver them with
+    #: the envelope (:attr:`Envelope.headers`). A backend without it is still complete: the broadcaster
+    #: then never passes headers (traces stop at the publishing process).
+    supports_headers: bool = False
+
     @abstractmethod
     async def connect(self, listener: BackendListener) -> None:
         """Open connections and start delivering envelopes to ``listener``.
@@ -128,12 +203,24 @@ class Backend(ABC):
         """Stop delivering, cancel background tasks and close connections. Never raises."""
 
     @abstractmethod
-    async def publish(self, channel: str, payload: str, *, idempotency_key: str | None = None) -> Envelope:
+    async def publish(
+        self,
+        channel: str,
+        payload: str,
+        *,
+        idempotency_key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Envelope:
         """Append ``payload`` (a JSON object's text, without ``seq``) to ``channel``'s stream.
 
         Assigns the next ``seq`` atomically, stores the envelope in history and delivers it to every
         subscribed process. With an ``idempotency_key`` seen recently on this channel, nothing is published
-        again and the envelope of the first publish is returned.
+        again and the envelope of the first publish is returned (its headers may be left out).
+
+        ``headers`` (only passed to backends that :attr:`supports_headers`; never empty) travel with the
+        envelope to every subscribed process and into history, as :attr:`Envelope.headers`. Without them,
+        a backend writes exactly what it wrote before headers existed, so that processes of an older
+        version keep reading its messages.
 
         Returns:
             The envelope as delivered, with its ``seq`` and ``epoch``.
@@ -176,7 +263,13 @@ class Backend(ABC):
         """
 
     async def publish_in_transaction(
-        self, transaction: object, channel: str, payload: str, *, idempotency_key: str | None = None
+        self,
+        transaction: object,
+        channel: str,
+        payload: str,
+        *,
+        idempotency_key: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> Envelope:
         """Publish like :meth:`publish`, inside the caller's open database ``transaction``.
 

@@ -83,6 +83,7 @@ class MemoryBackend(Backend):
 
     name = "memory"
     supports_presence = True
+    supports_headers = True
 
     def __init__(
         self,
@@ -148,7 +149,14 @@ class MemoryBackend(Backend):
         for channel in list(self._subscribed):
             self._release(channel, now)
 
-    async def publish(self, channel: str, payload: str, *, idempotency_key: str | None = None) -> Envelope:
+    async def publish(
+        self,
+        channel: str,
+        payload: str,
+        *,
+        idempotency_key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Envelope:
         listener = self._listener
         if listener is None:
             raise StateError("the memory backend is not connected; call connect() first")
@@ -160,7 +168,7 @@ class MemoryBackend(Backend):
             if seen is not None:
                 return seen
         stream.seq += 1
-        envelope = Envelope(channel, stream.seq, stream.epoch, with_seq(payload, stream.seq))
+        envelope = Envelope(channel, stream.seq, stream.epoch, with_seq(payload, stream.seq), headers)
         if self._history_size:
             stream.history.append(envelope)
             stream.stamps.append(now)

@@ -15,7 +15,8 @@ at commit, in commit order, and never those of a transaction that rolled back.
 Tables (``<schema>`` is the configured schema)::
 
     <schema>.channels          channel (key), epoch, seq, touched_at
-    <schema>.events            channel, epoch, seq (key), data (the envelope's text), created_at
+    <schema>.events            channel, epoch, seq (key), data (the envelope's text), created_at,
+                               headers (the envelope's headers as a JSON object, NULL without)
     <schema>.idempotency_keys  channel, key (key), epoch, seq, data, created_at
 
 History is trimmed by size and age in the background, a batch at a time, by one process at a time. It
@@ -53,7 +54,7 @@ from .._config import (
 )
 from ..errors import BackendError, BackendUnavailable, ConfigurationError, StateError
 from ..protocol import seq_prefix
-from .base import Backend, BackendListener, Envelope, History, StreamPosition
+from .base import Backend, BackendListener, Envelope, History, StreamPosition, decode_headers, encode_headers
 
 __all__ = ["DEFAULT_SCHEMA", "PostgresBackend", "schema_sql"]
 
@@ -124,15 +125,31 @@ CREATE TABLE IF NOT EXISTS {s}.channels (
 );
 
 -- The events of each channel's epoch, for the listeners and for resume; trimmed in the background.
+-- headers: what the publisher sent along for the servers (trace context, publish time), as a JSON
+-- object; NULL when it sent none.
 CREATE TABLE IF NOT EXISTS {s}.events (
     channel    text NOT NULL,
     epoch      text NOT NULL,
     seq        bigint NOT NULL,
     data       text NOT NULL,
     created_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    headers    text,
     PRIMARY KEY (channel, epoch, seq)
 );
 CREATE INDEX IF NOT EXISTS events_created_at ON {s}.events (created_at);
+-- Tables made before headers existed (0.1) get the column. A nullable column without a default is a
+-- change of the catalogue only (no rewrite), but ALTER TABLE waits for an exclusive lock even when the
+-- column exists: look first, so that only the first run after the upgrade takes that lock.
+DO $migrate$
+BEGIN
+    IF NOT EXISTS (
+        SELECT 1 FROM pg_attribute
+        WHERE attrelid = '{s}.events'::regclass AND attname = 'headers' AND NOT attisdropped
+    ) THEN
+        ALTER TABLE {s}.events ADD COLUMN headers text;
+    END IF;
+END
+$migrate$;
 
 -- Idempotency keys seen recently, with the envelope of the publish they named.
 CREATE TABLE IF NOT EXISTS {s}.idempotency_keys (
@@ -147,10 +164,11 @@ CREATE TABLE IF NOT EXISTS {s}.idempotency_keys (
 CREATE INDEX IF NOT EXISTS idempotency_keys_created_at ON {s}.idempotency_keys (created_at);
 
 -- Publish one event: lock the channel's row (creating it with the candidate epoch), answer a recent
--- idempotency key with its first publish, else take the next seq, store the event and notify its
--- position. Runs in the caller's transaction when there is one.
+-- idempotency key with its first publish, else take the next seq, store the event (with its headers)
+-- and notify its position. Runs in the caller's transaction when there is one.
 CREATE OR REPLACE FUNCTION {s}.publish(
-    p_channel text, p_epoch text, p_head text, p_notify text, p_key text, p_key_ttl double precision
+    p_channel text, p_epoch text, p_head text, p_notify text, p_key text, p_key_ttl double precision,
+    p_headers text
 ) RETURNS TABLE (epoch text, seq bigint, data text, duplicate boolean)
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -177,7 +195,8 @@ BEGIN
     v_seq := v_seq + 1;
     v_data := p_head || v_seq || '}}';
     UPDATE {s}.channels c SET seq = v_seq, touched_at = clock_timestamp() WHERE c.channel = p_channel;
-    INSERT INTO {s}.events (channel, epoch, seq, data) VALUES (p_channel, v_epoch, v_seq, v_data);
+    INSERT INTO {s}.events (channel, epoch, seq, data, headers)
+        VALUES (p_channel, v_epoch, v_seq, v_data, p_headers);
     IF p_key IS NOT NULL THEN
         INSERT INTO {s}.idempotency_keys AS k (channel, key, epoch, seq, data)
             VALUES (p_channel, p_key, v_epoch, v_seq, v_data)
@@ -187,6 +206,16 @@ BEGIN
     PERFORM pg_notify(p_notify, v_seq || ' ' || v_epoch || ' ' || p_channel);
     RETURN QUERY SELECT v_epoch, v_seq, v_data, false;
 END
+$$;
+
+-- The publish of processes older than headers (0.1), which call it with six arguments during a rolling
+-- upgrade: the same publish, without headers. (No DEFAULT on p_headers above: with one, a call with six
+-- arguments would match both functions and fail as ambiguous.)
+CREATE OR REPLACE FUNCTION {s}.publish(
+    p_channel text, p_epoch text, p_head text, p_notify text, p_key text, p_key_ttl double precision
+) RETURNS TABLE (epoch text, seq bigint, data text, duplicate boolean)
+LANGUAGE sql AS $$
+    SELECT * FROM {s}.publish(p_channel, p_epoch, p_head, p_notify, p_key, p_key_ttl, NULL::text)
 $$;
 """
 
@@ -261,6 +290,7 @@ class PostgresBackend(Backend):
     """
 
     name = "postgresql"
+    supports_headers = True
 
     def __init__(
         self,
@@ -561,7 +591,9 @@ class PostgresBackend(Backend):
 
     # -- publishing and reading ---------------------------------------------------------------------
 
-    def _publish_args(self, channel: str, payload: str, idempotency_key: str | None) -> tuple[object, ...]:
+    def _publish_args(
+        self, channel: str, payload: str, idempotency_key: str | None, headers: Mapping[str, str] | None
+    ) -> tuple[object, ...]:
         return (
             channel,
             secrets.token_hex(8),
@@ -569,9 +601,17 @@ class PostgresBackend(Backend):
             self.notify_channel(channel),
             idempotency_key,
             self._idempotency_ttl,
+            encode_headers(headers) if headers else None,
         )
 
-    async def publish(self, channel: str, payload: str, *, idempotency_key: str | None = None) -> Envelope:
+    async def publish(
+        self,
+        channel: str,
+        payload: str,
+        *,
+        idempotency_key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Envelope:
         """Publish in a transaction of its own: lock the channel's row, store the event, NOTIFY.
 
         A publish that times out after PostgreSQL received it may still have been applied; retry with the
@@ -582,18 +622,23 @@ class PostgresBackend(Backend):
             BackendUnavailable: PostgreSQL cannot be reached within the timeout.
             BackendError: PostgreSQL refused the statement.
         """
+        args = self._publish_args(channel, payload, idempotency_key, headers)
         try:
-            rows = await self._fetch(
-                self._sql.publish, *self._publish_args(channel, payload, idempotency_key), action="publish"
-            )
+            rows = await self._fetch(self._sql.publish, *args, action="publish")
         except BackendError:
             self._publish_errors += 1
             raise
-        epoch, seq, data, _ = rows[0]
-        return Envelope(channel, int(seq), epoch, data)
+        epoch, seq, data, duplicate = rows[0]
+        return Envelope(channel, int(seq), epoch, data, None if duplicate else headers)
 
     async def publish_in_transaction(
-        self, transaction: object, channel: str, payload: str, *, idempotency_key: str | None = None
+        self,
+        transaction: object,
+        channel: str,
+        payload: str,
+        *,
+        idempotency_key: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> Envelope:
         """Publish inside the caller's open transaction: the event exists if and only if it commits.
 
@@ -611,7 +656,7 @@ class PostgresBackend(Backend):
                 transaction, or a SQLAlchemy session on another database.
         """
         self._require("publish")
-        args = self._publish_args(channel, payload, idempotency_key)
+        args = self._publish_args(channel, payload, idempotency_key, headers)
         if isinstance(transaction, asyncpg.connection.Connection | asyncpg.pool.PoolConnectionProxy):
             if not transaction.is_in_transaction():
                 raise ConfigurationError(
@@ -620,10 +665,10 @@ class PostgresBackend(Backend):
                 )
             row = await transaction.fetchrow(self._sql.publish, *args)
             assert row is not None
-            epoch, seq, data = row[0], row[1], row[2]
+            epoch, seq, data, duplicate = row[0], row[1], row[2], row[3]
         else:
-            epoch, seq, data = await _publish_with_sqlalchemy(transaction, self._sql, args)
-        return Envelope(channel, int(seq), epoch, data)
+            epoch, seq, data, duplicate = await _publish_with_sqlalchemy(transaction, self._sql, args)
+        return Envelope(channel, int(seq), epoch, data, None if duplicate else headers)
 
     async def position(self, channel: str) -> StreamPosition:
         """Return the channel's epoch and seq; creates the row (and so the epoch) of a new channel.
@@ -671,7 +716,11 @@ class PostgresBackend(Backend):
         else:  # pragma: no cover
             raise BackendError(f"the row of channel {channel!r} keeps disappearing")
         epoch, top = rows[0][0], int(rows[0][1])
-        envelopes = tuple(Envelope(channel, int(r[2]), epoch, r[3]) for r in rows if r[2] is not None)
+        envelopes = tuple(
+            Envelope(channel, int(r[2]), epoch, r[3], decode_headers(r[4]) if r[4] is not None else None)
+            for r in rows
+            if r[2] is not None
+        )
         missed = top - since
         complete = missed <= 0 or (missed <= limit and len(envelopes) == missed)
         return History(StreamPosition(epoch, top), envelopes, complete)
@@ -823,13 +872,21 @@ class PostgresBackend(Backend):
                 tail.delivered = max(tail.delivered, upto)
                 continue
             listener = self._listener
-            for seq, data in rows:
+            for seq, data, headers in rows:
                 tail.delivered = int(seq)
                 self._read_rows += 1
                 if listener is None:
                     continue
                 try:
-                    listener.on_envelope(Envelope(channel, int(seq), epoch, data))
+                    listener.on_envelope(
+                        Envelope(
+                            channel,
+                            int(seq),
+                            epoch,
+                            data,
+                            decode_headers(headers) if headers is not None else None,
+                        )
+                    )
                 except Exception:
                     # One failing callback must not take the listener, and every other channel, down.
                     self._listener_errors += 1
@@ -1057,7 +1114,7 @@ class _Statements:
     """The SQL of one schema, built once."""
 
     def __init__(self, s: str) -> None:
-        self.publish = f"SELECT * FROM {s}.publish($1, $2, $3, $4, $5, $6)"
+        self.publish = f"SELECT * FROM {s}.publish($1, $2, $3, $4, $5, $6, $7::text)"
         self.position = (
             f"SELECT epoch, seq, (seq = 0 AND touched_at < clock_timestamp() - make_interval(secs => $2))"
             f" FROM {s}.channels WHERE channel = $1"
@@ -1069,9 +1126,9 @@ class _Statements:
         )
         # $2 since, $3 limit, $4 history size, $5 history ttl (NULL: none)
         self.history = f"""
-            SELECT c.epoch, c.seq, e.seq, e.data FROM {s}.channels c
+            SELECT c.epoch, c.seq, e.seq, e.data, e.headers FROM {s}.channels c
             LEFT JOIN LATERAL (
-                SELECT e.seq, e.data FROM {s}.events e
+                SELECT e.seq, e.data, e.headers FROM {s}.events e
                 WHERE e.channel = c.channel AND e.epoch = c.epoch AND e.seq > $2 AND e.seq <= c.seq
                   AND e.seq > c.seq - $4
                   AND ($5::float8 IS NULL OR e.created_at >= clock_timestamp() - make_interval(secs => $5))
@@ -1079,7 +1136,8 @@ class _Statements:
             ) e ON true
             WHERE c.channel = $1 ORDER BY e.seq"""
         self.tail = (
-            f"SELECT seq, data FROM {s}.events WHERE channel = $1 AND epoch = $2 AND seq > $3 AND seq <= $4"
+            f"SELECT seq, data, headers FROM {s}.events"
+            " WHERE channel = $1 AND epoch = $2 AND seq > $3 AND seq <= $4"
             " ORDER BY seq LIMIT $5"
         )
         self.trim_lock = "SELECT pg_try_advisory_lock(hashtext($1))"
@@ -1108,7 +1166,7 @@ class _Statements:
 
 async def _publish_with_sqlalchemy(
     transaction: object, sql: _Statements, args: tuple[object, ...]
-) -> tuple[str, int, str]:
+) -> tuple[str, int, str, bool]:
     """Run the publish through a SQLAlchemy ``AsyncSession`` or ``AsyncConnection``, in its transaction.
 
     Raises:
@@ -1134,14 +1192,15 @@ async def _publish_with_sqlalchemy(
             f"transaction= needs a session on the PostgreSQL database of the postgresql:// backend, not on "
             f"{dialect}"
         )
-    names = ("channel", "epoch", "head", "notify", "key", "key_ttl")
+    names = ("channel", "epoch", "head", "notify", "key", "key_ttl", "headers")
     statement = text(
         sql.publish.replace("$1", ":channel").replace("$2", ":epoch").replace("$3", ":head")
         .replace("$4", ":notify").replace("$5", ":key").replace("$6", ":key_ttl")
+        .replace("$7::text", "CAST(:headers AS text)")
     )  # fmt: skip
     result = await transaction.execute(statement, dict(zip(names, args, strict=True)))
     row = result.one()
-    return row[0], int(row[1]), row[2]
+    return row[0], int(row[1]), row[2], bool(row[3])
 
 
 async def _close(conn: asyncpg.Connection, *, broken: bool) -> None:

@@ -78,14 +78,9 @@ _REDIRECTED: Final = ("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN", "NOSCRIPT")
 
 @dataclass(frozen=True, slots=True)
 class _Node:
-    host: str
-    port: int
+    key: tuple[str, int]  # (host, port): what connections are found by
     id: bytes
     replicas: int
-
-    @property
-    def key(self) -> tuple[str, int]:
-        return (self.host, self.port)
 
 
 class _Topology:
@@ -100,7 +95,7 @@ class _Topology:
         for entry in reply:
             start, end, primary, *replicas = entry
             host = text(primary[0]) or "127.0.0.1"
-            node = _Node(host, int(primary[1]), bytes(primary[2]), len(replicas))
+            node = _Node((host, int(primary[1])), bytes(primary[2]), len(replicas))
             for slot in range(int(start), int(end) + 1):
                 slots[slot] = node
         self.slots = slots
@@ -157,6 +152,7 @@ class RedisClusterBackend(Backend):
     """
 
     name = "redis+cluster"
+    supports_headers = True
 
     def __init__(
         self,
@@ -206,6 +202,10 @@ class RedisClusterBackend(Backend):
         self._random = random.Random()
         self._refreshing: asyncio.Task[None] | None = None
         self._pipes: dict[tuple[str, int], CommandPipe] = {}
+        #: The node ID of each command connection's node (``CLUSTER MYID``), for scripts sent after ``ASK``.
+        self._node_ids: dict[tuple[str, int], bytes] = {}
+        #: The slot of each channel's first key, as ``_run`` is given it (bounded like the key cache).
+        self._slots: dict[bytes, int] = {}
         self._opening: dict[tuple[str, int], asyncio.Task[CommandPipe]] = {}
         self._shards: dict[tuple[str, int], _Shard] = {}
         self._channels: dict[str, str] = {}  # channel -> PUB/SUB name
@@ -431,6 +431,7 @@ class RedisClusterBackend(Backend):
             after = {n.key for n in self._topology.nodes()}
             for gone in before - after:  # no longer a primary: its command connection is not needed
                 stale = self._pipes.pop(gone, None)
+                self._node_ids.pop(gone, None)
                 if stale is not None:
                     asyncio.get_running_loop().create_task(stale.close()).add_done_callback(consume)
             if before and before != after:
@@ -478,8 +479,18 @@ class RedisClusterBackend(Backend):
                 pipe = await open_pipe(
                     self._template(*key), request_timeout=self._timeout, where=f"{key[0]}:{key[1]}"
                 )
-            for script in CLUSTER_SCRIPTS.values():
-                pipe.request(script.load).add_done_callback(consume)
+                for script in CLUSTER_SCRIPTS.values():
+                    pipe.request(script.load).add_done_callback(consume)
+                # Which node this is: a script sent here after an ASK (its slot is being migrated here) says
+                # so, so that the channel's epoch changes once, when it first runs here, and not again when
+                # the migration ends. A node that cannot say is left out: such scripts then name nobody.
+                try:
+                    node_id = await pipe.request(pack(b"CLUSTER", b"MYID"))
+                except BaseException:
+                    await pipe.close()
+                    raise
+            if isinstance(node_id, bytes) and node_id:
+                self._node_ids[key] = node_id
             self._pipes[key] = pipe
             return pipe
         finally:
@@ -506,7 +517,9 @@ class RedisClusterBackend(Backend):
         """
         self._require(action)
         deadline = asyncio.get_running_loop().time() + self._timeout
-        slot = key_slot(keys[0])
+        slot = self._slots.get(keys[0])
+        if slot is None:
+            slot = self._slot_of(keys[0])
         # The usual case first, with nothing but the request's own deadline: the slot's primary is known
         # and its connection is up. Anything else (a redirection, a failover, no connection yet) goes the
         # careful way below, from the start: the script did not run, or may run again (reads).
@@ -528,6 +541,12 @@ class RedisClusterBackend(Backend):
                 if not str(reply).startswith(_REDIRECTED):
                     raise self._failure(reply, action) from reply
         return await self._run_carefully(script, keys, args, action, slot, deadline, retry)
+
+    def _slot_of(self, key: bytes) -> int:
+        if len(self._slots) >= 10_000:
+            self._slots.clear()  # bounded: a service with more channels computes some slots again
+        slot = self._slots[key] = int(key_slot(key))
+        return slot
 
     async def _run_carefully(
         self,
@@ -554,7 +573,7 @@ class RedisClusterBackend(Backend):
                         await self._refresh()
                         asking = None
                         continue
-                    node_id = node.id if asking is None else b""
+                    node_id = node.id if asking is None else self._node_ids.get(asking, b"")
                     command = script.evalsha(keys, [*args, node_id])
                     if asking is not None:
                         pipe.request(pack(b"ASKING")).add_done_callback(consume)
@@ -606,7 +625,14 @@ class RedisClusterBackend(Backend):
 
     # -- publishing and reading ---------------------------------------------------------------------
 
-    async def publish(self, channel: str, payload: str, *, idempotency_key: str | None = None) -> Envelope:
+    async def publish(
+        self,
+        channel: str,
+        payload: str,
+        *,
+        idempotency_key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Envelope:
         """Assign the next seq, append to the stream and SPUBLISH, in one script on the channel's shard.
 
         Raises:
@@ -616,7 +642,7 @@ class RedisClusterBackend(Backend):
             BackendError: Redis refused the script.
         """
         try:
-            return await self._scripts.publish(channel, payload, idempotency_key)
+            return await self._scripts.publish(channel, payload, idempotency_key, headers)
         except BackendError:
             self._publish_errors += 1
             raise

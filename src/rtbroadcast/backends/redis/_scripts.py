@@ -60,8 +60,12 @@ end
 
 # KEYS: meta, stream[, idempotency key]
 # ARGV: candidate epoch, payload head (the envelope text up to the seq), PUB/SUB channel,
-#       history size, history ttl ms (0: none), meta ttl ms (0: none), idempotency ttl ms
+#       history size, history ttl ms (0: none), meta ttl ms (0: none), idempotency ttl ms,
+#       headers (encode_headers' JSON; '' for none)
 # Returns {seq, epoch, duplicate (0/1), stored data of a duplicate or false}.
+# The message PUBLISHed is '<seq> <epoch> <data>', or with headers 'h <seq> <epoch> <headers>\n<data>' (the
+# headers' JSON holds no line break); a stream entry has the fields d (data), t (ms) and, with headers, h.
+# Without headers, both are exactly what versions before headers wrote and read.
 _PUBLISH = (
     _ENSURE_EPOCH
     + """
@@ -86,15 +90,22 @@ if #KEYS == 3 then
 end
 local seq = redis.call('HINCRBY', meta, 'seq', 1)
 local data = ARGV[2] .. seq .. '}'
+local headers = ARGV[8]
 if size > 0 then
   local id = seq .. '-0'
   local ms = now_ms()
-  local added = redis.pcall('XADD', stream, 'MAXLEN', '~', size, id, 'd', data, 't', ms)
+  local function append(call)
+    if headers == '' then
+      return call('XADD', stream, 'MAXLEN', '~', size, id, 'd', data, 't', ms)
+    end
+    return call('XADD', stream, 'MAXLEN', '~', size, id, 'd', data, 't', ms, 'h', headers)
+  end
+  local added = append(redis.pcall)
   if type(added) == 'table' and added.err then
     -- The stream is ahead of the counter (a key was restored or edited by hand): drop the stale history
     -- rather than fail the publish; readers see incomplete history and resync.
     redis.call('DEL', stream)
-    redis.call('XADD', stream, 'MAXLEN', '~', size, id, 'd', data, 't', ms)
+    append(redis.call)
   end
   local stream_ms = history_ms
   if stream_ms == 0 then
@@ -112,7 +123,11 @@ end
 if #KEYS == 3 then
   redis.call('SET', KEYS[3], epoch .. ':' .. seq, 'PX', ARGV[7])
 end
-redis.call('PUBLISH', ARGV[3], seq .. ' ' .. epoch .. ' ' .. data)
+if headers == '' then
+  redis.call('PUBLISH', ARGV[3], seq .. ' ' .. epoch .. ' ' .. data)
+else
+  redis.call('PUBLISH', ARGV[3], 'h ' .. seq .. ' ' .. epoch .. ' ' .. headers .. '\\n' .. data)
+end
 return {seq, epoch, 0, false}
 """
 )
@@ -131,7 +146,8 @@ return {epoch, seq}
 
 # KEYS: meta, stream
 # ARGV: candidate epoch, meta ttl ms (0: none), unpublished ttl ms, since, limit, history ttl ms (0: none)
-# Returns {epoch, seq, {id, data, id, data, ...}}: the entries after since, at most limit, none expired.
+# Returns {epoch, seq, {id, data, headers, id, data, headers, ...}}: the entries after since, at most
+# limit, none expired; headers is '' for an entry without.
 _HISTORY = (
     _ENSURE_EPOCH
     + """
@@ -151,17 +167,20 @@ if top > since and limit > 0 then
   end
   for _, entry in ipairs(entries) do
     local fields = entry[2]
-    local data, stamp = nil, 0
+    local data, stamp, headers = nil, 0, ''
     for i = 1, #fields, 2 do
       if fields[i] == 'd' then
         data = fields[i + 1]
       elseif fields[i] == 't' then
         stamp = tonumber(fields[i + 1])
+      elseif fields[i] == 'h' then
+        headers = fields[i + 1]
       end
     end
     if data and stamp >= horizon then
       out[#out + 1] = entry[1]
       out[#out + 1] = data
+      out[#out + 1] = headers
     end
   end
 end

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import random
+from collections.abc import Mapping
 from typing import Any, Final, Protocol
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -18,7 +20,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from ..._config import count, is_seconds, optional_seconds, seconds
 from ...errors import ConfigurationError
 from ...protocol import seq_prefix
-from ..base import Envelope, History, StreamPosition
+from ..base import Envelope, History, StreamPosition, decode_headers, encode_headers
 from ._keys import KeyLayout
 from ._scripts import Script
 
@@ -30,6 +32,7 @@ __all__ = [
     "DEFAULT_RECONNECT_DELAY",
     "DEFAULT_TIMEOUT",
     "DEFAULT_UNPUBLISHED_TTL",
+    "HEADED_MESSAGE_PREFIX",
     "RECONNECTED",
     "TRANSIENT_REPLIES",
     "UNREACHABLE",
@@ -50,6 +53,12 @@ DEFAULT_IDEMPOTENCY_TTL: Final = 3600.0
 DEFAULT_TIMEOUT: Final = 5.0
 DEFAULT_PING_INTERVAL: Final = 10.0
 DEFAULT_RECONNECT_DELAY: Final = (0.1, 3.0)
+
+#: How a PUB/SUB message of an envelope with headers starts: ``h <seq> <epoch> <headers>\n<data>``. An
+#: envelope without headers is ``<seq> <epoch> <data>`` (it starts with a digit), a presence change
+#: ``p ...``. Versions before headers read a headed message as malformed: they log it, skip it, and
+#: repair the channel from history when the gap shows.
+HEADED_MESSAGE_PREFIX: Final = "h "
 
 #: The reason given to the listener after the PUB/SUB connection was re-established.
 RECONNECTED: Final = "backend_reconnected"
@@ -80,13 +89,38 @@ def consume(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
+def _headed_envelope(channel: str, message: str) -> Envelope | None:
+    """Read a PUB/SUB message of an envelope with headers; ``None`` if ``message`` is not one.
+
+    Headers that do not read (see :func:`~rtbroadcast.backends.base.decode_headers`) are dropped, and the
+    envelope is delivered without them.
+    """
+    if not message.startswith(HEADED_MESSAGE_PREFIX):
+        return None
+    try:
+        _, seq, epoch, rest = message.split(" ", 3)
+        headers, newline, data = rest.partition("\n")
+        if not newline:
+            return None
+        return Envelope(channel, int(seq), epoch, data, decode_headers(headers))
+    except ValueError:
+        return None
+
+
 def _ms(seconds: float | None) -> int:
     return 0 if seconds is None else max(1, math.ceil(seconds * 1000))
 
 
+# Epochs are not secrets (every client sees them), but they must never repeat: a channel whose data Redis
+# lost gets a new epoch, and an old one coming back would make its clients take new events for ones they
+# had. So they come from a generator of our own, seeded by the OS (and again in a forked child), never from
+# the ``random`` module, which an application may seed.
+_epochs = random.Random(os.urandom(32))
+os.register_at_fork(after_in_child=lambda: _epochs.seed(os.urandom(32)))
+
+
 def _candidate_epoch() -> bytes:
-    # Not a secret: epochs go to every client. The module's generator is reseeded after a fork.
-    return b"%016x" % random.getrandbits(64)
+    return b"%016x" % _epochs.getrandbits(64)
 
 
 def check_reconnect_delay(reconnect_delay: object) -> tuple[float, float]:
@@ -119,11 +153,20 @@ def reconnect_pause(rng: random.Random, failures: int, delays: tuple[float, floa
 def envelope_of(channel: str, message: str) -> Envelope:
     """Parse a channel's PUB/SUB message, ``"<seq> <epoch> <data>"`` (what the publish script sends).
 
+    A message of an envelope with headers, ``"h <seq> <epoch> <headers>\\n<data>"``, is read too, off the
+    path of those without (where ``int()`` of its first word fails), so that they cost nothing more.
+
     Raises:
-        ValueError: the message is not of that form.
+        ValueError: the message is of neither form.
     """
-    seq, epoch, data = message.split(" ", 2)
-    return Envelope(channel, int(seq), epoch, data)
+    try:
+        seq, epoch, data = message.split(" ", 2)
+        return Envelope(channel, int(seq), epoch, data)
+    except ValueError:
+        headed = _headed_envelope(channel, message)
+        if headed is None:
+            raise
+        return headed
 
 
 class ChannelSettings:
@@ -192,14 +235,16 @@ class ChannelScripts:
         self._keys = keys
         self._settings = settings
 
-    async def publish(self, channel: str, payload: str, idempotency_key: str | None) -> Envelope:
+    async def publish(
+        self, channel: str, payload: str, idempotency_key: str | None, headers: Mapping[str, str] | None
+    ) -> Envelope:
         """Run the publish script: assign the next seq, append to the stream, PUBLISH (see ``_scripts``)."""
-        keys, args, head = self.publish_request(channel, payload, idempotency_key)
+        keys, args, head = self.publish_request(channel, payload, idempotency_key, headers)
         reply = await self._run(self._scripts["publish"], keys, args, "publish")
-        return published(channel, head, reply)
+        return published(channel, head, reply, headers)
 
     def publish_request(
-        self, channel: str, payload: str, idempotency_key: str | None
+        self, channel: str, payload: str, idempotency_key: str | None, headers: Mapping[str, str] | None
     ) -> tuple[list[bytes], list[bytes], str]:
         """Return the publish script's keys and arguments, and the envelope's text up to its seq.
 
@@ -212,7 +257,8 @@ class ChannelScripts:
         if idempotency_key is not None:
             keys.append(layout.idempotency(names, idempotency_key))
         head = seq_prefix(payload)
-        args = [_candidate_epoch(), layout.encode(head), names.pubsub, *self._settings.publish_tail]
+        wire = encode_headers(headers).encode() if headers else b""
+        args = [_candidate_epoch(), layout.encode(head), names.pubsub, *self._settings.publish_tail, wire]
         return keys, args, head
 
     async def position(self, channel: str) -> StreamPosition:
@@ -242,20 +288,32 @@ class ChannelScripts:
         return _history_of(channel, since, limit, epoch_raw, top, flat)
 
 
-def published(channel: str, head: str, reply: Any) -> Envelope:
-    """Build the envelope of the publish script's reply (``head``: see ``ChannelScripts.publish_request``)."""
+def published(channel: str, head: str, reply: Any, headers: Mapping[str, str] | None) -> Envelope:
+    """Build the envelope of the publish script's reply (``head``: see ``ChannelScripts.publish_request``).
+
+    A duplicate (an idempotency key seen before) is the first publish's envelope, without ``headers``.
+    """
     seq, epoch, duplicate, stored = reply
-    data = text(stored) if duplicate and stored is not None else f"{head}{seq}}}"
-    return Envelope(channel, int(seq), text(epoch), data)
+    if duplicate:
+        data = text(stored) if stored is not None else f"{head}{seq}}}"
+        return Envelope(channel, int(seq), text(epoch), data)
+    return Envelope(channel, int(seq), text(epoch), f"{head}{seq}}}", headers)
 
 
 def _history_of(channel: str, since: int, limit: int, epoch_raw: Any, top: Any, flat: Any) -> History:
-    """Build the :class:`History` of the ``history`` script's reply: epoch, stream top, flat id/data pairs."""
+    """Build the :class:`History` of the ``history`` script's reply: epoch, stream top, flat
+    id/data/headers triples."""
     epoch = text(epoch_raw)
     seq = int(top)
     envelopes = tuple(
-        Envelope(channel, int(text(flat[i]).partition("-")[0]), epoch, text(flat[i + 1]))
-        for i in range(0, len(flat), 2)
+        Envelope(
+            channel,
+            int(text(flat[i]).partition("-")[0]),
+            epoch,
+            text(flat[i + 1]),
+            decode_headers(flat[i + 2]) if flat[i + 2] else None,
+        )
+        for i in range(0, len(flat), 3)
     )
     missed = seq - since
     complete = missed <= 0 or (missed <= limit and len(envelopes) == missed)

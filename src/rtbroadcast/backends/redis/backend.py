@@ -101,6 +101,7 @@ class RedisBackend(RedisPresenceMixin):
     """
 
     name = "redis"
+    supports_headers = True
 
     def __init__(
         self,
@@ -415,7 +416,14 @@ class RedisBackend(RedisPresenceMixin):
 
     # -- publishing and reading ---------------------------------------------------------------------
 
-    async def publish(self, channel: str, payload: str, *, idempotency_key: str | None = None) -> Envelope:
+    async def publish(
+        self,
+        channel: str,
+        payload: str,
+        *,
+        idempotency_key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Envelope:
         """Assign the next seq, append to the channel's stream and PUBLISH, in one Lua script.
 
         A publish that times out after Redis received it may still have been applied; retry with the same
@@ -426,13 +434,13 @@ class RedisBackend(RedisPresenceMixin):
             BackendUnavailable: Redis cannot be reached within the timeout.
             BackendError: Redis refused the script.
         """
-        keys, args, head = self._scripts.publish_request(channel, payload, idempotency_key)
+        keys, args, head = self._scripts.publish_request(channel, payload, idempotency_key, headers)
         try:
             reply = await self._run(SCRIPTS["publish"], keys, args, "publish")
         except BackendError:
             self._publish_errors += 1
             raise
-        return published(channel, head, reply)
+        return published(channel, head, reply, headers)
 
     async def position(self, channel: str) -> StreamPosition:
         """Return the channel's epoch and seq, read together; creates the epoch of a new channel.
