@@ -24,8 +24,8 @@ import asyncio
 import logging
 import socket
 from collections import deque
-from collections.abc import Callable
-from typing import Any, TypeVar, cast
+from collections.abc import Callable, Sequence
+from typing import Any, Final, TypeVar, cast
 
 import hiredis
 from redis.asyncio.connection import AbstractConnection
@@ -33,16 +33,49 @@ from redis.exceptions import AuthenticationError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-__all__ = ["CommandPipe", "check_login", "connect", "login_commands", "open_pipe", "pack"]
+__all__ = [
+    "CommandPipe",
+    "PushConnection",
+    "check_login",
+    "connect",
+    "login_commands",
+    "open_pipe",
+    "open_push",
+    "pack",
+    "pack_after",
+]
 
 logger = logging.getLogger("rtbroadcast.redis")
 
 _P = TypeVar("_P", bound=asyncio.BaseProtocol)
 
 
+# The RESP headers of arrays and bulk strings of the common lengths, made once: formatting them per part
+# was most of what packing a publish cost.
+_ARRAY_HEADS: Final = tuple(b"*%d\r\n" % n for n in range(64))
+_BULK_HEADS: Final = tuple(b"$%d\r\n" % n for n in range(1024))
+
+
 def pack(*parts: bytes) -> bytes:
     """Encode one command in RESP: an array of bulk strings."""
-    return b"".join([b"*%d\r\n" % len(parts), *[b"$%d\r\n%s\r\n" % (len(p), p) for p in parts]])
+    return pack_after(b"", len(parts), parts)
+
+
+def pack_after(packed: bytes, count: int, *groups: Sequence[bytes]) -> bytes:
+    """Encode a command of ``count`` bulk strings: those already in ``packed``, then those of ``groups``.
+
+    ``packed`` is what :func:`pack` makes of the leading ones, without its array header (``*<n>\\r\\n``):
+    a command's fixed head, encoded once.
+    """
+    chunks = [_ARRAY_HEADS[count] if count < 64 else b"*%d\r\n" % count, packed]
+    append = chunks.append
+    for parts in groups:
+        for part in parts:
+            size = len(part)
+            append(_BULK_HEADS[size] if size < 1024 else b"$%d\r\n" % size)
+            append(part)
+            append(b"\r\n")
+    return b"".join(chunks)
 
 
 class CommandPipe(asyncio.Protocol):
@@ -175,6 +208,108 @@ class CommandPipe(asyncio.Protocol):
             self._transport.abort()  # mid-reply or stalled: this connection is never used again
         elif not self._lost.done():
             self._lost.set_result(None)
+
+
+class PushConnection(asyncio.Protocol):
+    """A connection whose replies go, as they are parsed, to a callback: a PUB/SUB subscriber's.
+
+    Messages are parsed by ``hiredis`` in ``data_received`` and handed to :attr:`on_reply` there, with no
+    task, stream or timer per message (what reading them through redis-py cost). The replies to the login
+    commands (:func:`open_push`) are taken before any reaches the callback. :attr:`lost` resolves, to the
+    error, once the connection failed or was closed; :attr:`last_heard` (the loop time of the last data
+    received) and :attr:`chunks` (how many were received) are for a keepalive.
+
+    Build it with :func:`open_push`.
+    """
+
+    def __init__(self, *, where: str) -> None:
+        self.where = where
+        self._loop = asyncio.get_running_loop()
+        self._reader = hiredis.Reader(protocolError=RedisConnectionError, replyError=ResponseError)
+        self._transport: asyncio.Transport | None = None
+        #: Called with every reply after the login ones.
+        self.on_reply: Callable[[Any], None] = _ignore
+        #: Resolves to why the connection ended (it never raises).
+        self.lost: asyncio.Future[BaseException] = self._loop.create_future()
+        self.last_heard = self._loop.time()
+        self.chunks = 0
+        self._login: deque[asyncio.Future[Any]] = deque()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Keep the transport."""
+        self._transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        """Parse replies and hand each to its login request or to :attr:`on_reply`, in order."""
+        self.last_heard = self._loop.time()
+        self.chunks += 1
+        reader = self._reader
+        reader.feed(data)
+        try:
+            while (reply := reader.gets()) is not False:
+                if self._login:
+                    future = self._login.popleft()
+                    if not future.done():
+                        future.set_result(reply)
+                else:
+                    self.on_reply(reply)
+                if self._transport is None:
+                    return  # closed by the callback
+        except RedisConnectionError as exc:  # a protocol error: nothing after it can be trusted
+            self.close(exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Resolve :attr:`lost` and fail the login requests still waiting."""
+        self.close(RedisConnectionError(f"lost the PUB/SUB connection to {self.where}: {exc or 'closed'}"))
+
+    def send(self, *commands: bytes) -> None:
+        """Write packed commands (see :func:`pack`); nothing when the connection is closed."""
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            transport.writelines(commands)
+
+    def request(self, command: bytes) -> asyncio.Future[Any]:
+        """Send a command whose reply is not for :attr:`on_reply` (the login); its future gets the reply."""
+        future: asyncio.Future[Any] = self._loop.create_future()
+        self._login.append(future)
+        self.send(command)
+        return future
+
+    def close(self, exc: BaseException) -> None:
+        """Close the connection at once, with ``exc`` as the reason :attr:`lost` gives. Never raises."""
+        if not self.lost.done():
+            self.lost.set_result(exc)
+        login, self._login = self._login, deque()
+        for future in login:
+            if not future.done():
+                future.set_exception(exc)
+        transport, self._transport = self._transport, None
+        if transport is not None:
+            transport.abort()
+
+
+def _ignore(reply: Any) -> None:
+    pass
+
+
+async def open_push(template: AbstractConnection, *, where: str) -> PushConnection:
+    """Connect where ``template`` (a redis-py connection, never connected itself) would, and log in alike.
+
+    The caller bounds the time (``asyncio.timeout``); on any failure the connection is closed.
+
+    Raises:
+        redis.exceptions.ConnectionError: the server cannot be reached or refused the login.
+        OSError: the socket could not be opened.
+    """
+    push = await connect(template, lambda: PushConnection(where=where))
+    try:
+        steps = await login_commands(template)
+        replies = await asyncio.gather(*(push.request(command) for _, command in steps))
+        check_login(steps, replies, where)
+    except BaseException as exc:
+        push.close(exc)
+        raise
+    return push
 
 
 async def open_pipe(template: AbstractConnection, *, request_timeout: float, where: str) -> CommandPipe:

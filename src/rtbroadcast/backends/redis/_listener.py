@@ -23,21 +23,23 @@ import random
 import time
 from collections import deque
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from redis.asyncio.connection import AbstractConnection
-from redis.exceptions import RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ...errors import BackendUnavailable
+from .._redis_pipe import PushConnection, pack
 from ..base import BackendListener
 from ._presence import is_presence_message
 from ._shared import RECONNECTED, UNREACHABLE, envelope_of, reconnect_pause, text
 
 if TYPE_CHECKING:
+    from ._keys import KeyLayout
     from ._presence import RedisPresence
 
-__all__ = ["PubSubListener", "State", "close_connection"]
+__all__ = ["PubSubListener", "State"]
 
 logger = logging.getLogger("rtbroadcast.redis")
 
@@ -67,22 +69,15 @@ class _Host(Protocol):
     _last_error: str | None
     _listener: BackendListener | None
     _presence: RedisPresence
+    _keys: KeyLayout
 
-    async def _open(self) -> AbstractConnection: ...
+    async def _open(self) -> PushConnection: ...
 
     async def _drop_idle_connections(self) -> None: ...
 
     def _note_error(self, exc: BaseException) -> None: ...
 
     def _where(self) -> str: ...
-
-
-async def close_connection(conn: AbstractConnection) -> None:
-    """Close ``conn`` without waiting for the server. Never raises."""
-    try:
-        await conn.disconnect(nowait=True)
-    except Exception as exc:
-        logger.debug("closing a Redis connection failed: %r", exc)
 
 
 class PubSubListener:
@@ -97,8 +92,18 @@ class PubSubListener:
         self.state = State.NEW
         self._task: asyncio.Task[None] | None = None
         # The PUB/SUB connection while it is up and subscribed; None while reconnecting.
-        self._conn: AbstractConnection | None = None
-        self._handover: AbstractConnection | None = None
+        self._conn: PushConnection | None = None
+        self._handover: PushConnection | None = None
+        # While a connection is being (re)subscribed: the channels it subscribes, those Redis has not
+        # confirmed yet, and whether to announce an interruption once it has (after a reconnect).
+        self._restoring: dict[str, str] = {}
+        self._outstanding: set[str] = set()
+        self._announce = False
+        # The keepalive of the current connection: its timer, and when the unanswered PING went out (with
+        # how many chunks the connection had received then: loop time has only millisecond steps).
+        self._ping_timer: asyncio.TimerHandle | None = None
+        self._pinged_at: float | None = None
+        self._pinged_chunks = 0
         # Channels this process wants (channel -> PUB/SUB name), and the way back.
         self.channels: dict[str, str] = {}
         self._names: dict[str, str] = {}
@@ -118,7 +123,7 @@ class PubSubListener:
 
     # -- what the backend calls ---------------------------------------------------------------------
 
-    def start(self, conn: AbstractConnection) -> None:
+    def start(self, conn: PushConnection) -> None:
         """Mark the backend connected and start the task that reads ``conn`` (already connected)."""
         self.state = State.CONNECTED
         self._random.seed()  # from os.urandom: a process forked after the backend was made has its own
@@ -140,7 +145,7 @@ class PubSubListener:
         self._fail_waiters(exc)
         for conn in (self._conn, self._handover):
             if conn is not None:
-                await close_connection(conn)
+                conn.close(RedisConnectionError("the Redis backend was disconnected"))
         self._conn = self._handover = None
         self.channels.clear()
         self._names.clear()
@@ -171,11 +176,8 @@ class PubSubListener:
             self._orphans.setdefault(name, []).append(waiter)
         else:
             self._waiters.setdefault(name, deque()).append([waiter])
-            try:
-                await conn.send_command("SUBSCRIBE", name, check_health=False)
-            except (*UNREACHABLE, RedisError) as exc:
-                # The listener sees the broken connection too; its reconnect subscribes this channel.
-                logger.debug("SUBSCRIBE %s failed, leaving it to the reconnect: %r", name, exc)
+            # A connection that broke meanwhile takes nothing; the listener's reconnect subscribes it.
+            conn.send(pack(b"SUBSCRIBE", host._keys.encode(name)))
         try:
             async with asyncio.timeout(host._timeout):
                 await waiter
@@ -189,7 +191,7 @@ class PubSubListener:
                 logger.warning(
                     "no SUBSCRIBE confirmation from Redis within %s s; reconnecting", host._timeout
                 )
-                await close_connection(conn)
+                conn.close(RedisTimeoutError(f"no SUBSCRIBE confirmation within {host._timeout} s"))
             raise BackendUnavailable(
                 f"cannot subscribe to {channel!r} on Redis at {host._where()}: "
                 f"not confirmed within {host._timeout} s ({host._last_error or 'no error recorded'})"
@@ -206,12 +208,8 @@ class PubSubListener:
             return
         self._names.pop(name, None)
         conn = self._conn
-        if conn is None:
-            return  # the reconnect subscribes only what is still wanted
-        try:
-            await conn.send_command("UNSUBSCRIBE", name, check_health=False)
-        except (*UNREACHABLE, RedisError) as exc:
-            logger.debug("UNSUBSCRIBE %s failed (the reconnect will not resubscribe it): %r", name, exc)
+        if conn is not None:  # else the reconnect subscribes only what is still wanted
+            conn.send(pack(b"UNSUBSCRIBE", self._host._keys.encode(name)))
 
     def _fail_waiters(self, exc: BaseException) -> None:
         for entries in self._waiters.values():
@@ -252,7 +250,8 @@ class PubSubListener:
                     )
             finally:
                 self._conn = None
-                await close_connection(conn)
+                self._stop_pings()
+                conn.close(RedisConnectionError("the PUB/SUB connection was given up"))
             conn = None
             reconnected = True
             if self.down_since is None:
@@ -260,7 +259,7 @@ class PubSubListener:
             if self.state is State.CONNECTED:
                 self.state = State.RECONNECTING
 
-    async def _reconnect(self) -> AbstractConnection:
+    async def _reconnect(self) -> PushConnection:
         """Open a new connection, waiting with capped exponential backoff and jitter between attempts.
 
         Raises:
@@ -284,8 +283,12 @@ class PubSubListener:
                 if host._max_attempts is not None and self.attempts >= host._max_attempts:
                     raise _ListenerGaveUp(self.attempts) from exc
 
-    async def _serve(self, conn: AbstractConnection, *, announce: bool) -> None:
-        """Subscribe every wanted channel on ``conn``, then read messages until it fails."""
+    async def _serve(self, conn: PushConnection, *, announce: bool) -> None:
+        """Subscribe every wanted channel on ``conn``, then deliver its messages until it fails.
+
+        Messages are handled as they are parsed (:meth:`_on_reply`, called from the connection's
+        ``data_received``); this coroutine only waits for the connection's end, and raises its error.
+        """
         # Gather whoever waits for a subscription: their SUBSCRIBE went to a dead connection, or was made
         # while there was none. Between setting _conn and taking the snapshot nothing awaits, so a
         # subscribe() call either is in the snapshot or sends its own SUBSCRIBE on the new connection.
@@ -300,48 +303,86 @@ class PubSubListener:
         self._conn = conn
         channels = dict(self.channels)
         names = list(channels.values())
-        outstanding = set(names)
+        self._restoring = channels
+        self._outstanding = set(names)
+        self._announce = announce
         for name in names:
             self._waiters[name] = deque([pending.pop(name, [])])
         for waiters in pending.values():  # unsubscribed meanwhile: nothing to wait for
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_result(None)
+        conn.on_reply = self._on_reply
+        self._start_pings(conn)
         if names:
-            await conn.send_command("SUBSCRIBE", *names, check_health=False)
+            encode = self._host._keys.encode
+            conn.send(pack(b"SUBSCRIBE", *(encode(name) for name in names)))
         else:
             self._restored(channels, announce)
-        ping_interval = self._host._ping_interval
-        pinged = False
-        while True:
-            response = await conn.read_response(
-                timeout=ping_interval, disconnect_on_error=False, push_request=True
-            )
-            if response is None:
-                if pinged:
-                    raise RedisTimeoutError(f"no answer to PING within {ping_interval} s")
-                await conn.send_command("PING", check_health=False)
-                pinged = True
-                continue
-            pinged = False
-            if not isinstance(response, list) or len(response) < 2:
-                continue  # PONG outside subscribed mode (RESP3)
-            kind = text(response[0])
-            if kind == "message":
-                self._deliver(text(response[1]), response[2])
-            elif kind == "subscribe":
-                name = text(response[1])
-                in_flight = self._waiters.get(name)
-                if in_flight:
-                    for waiter in in_flight.popleft():
-                        if not waiter.done():
-                            waiter.set_result(None)
-                    if not in_flight:
-                        del self._waiters[name]
-                if outstanding:
-                    outstanding.discard(name)
-                    if not outstanding:
-                        self._restored(channels, announce)
+        raise await conn.lost
+
+    def _on_reply(self, reply: Any) -> None:
+        """Handle one reply on the PUB/SUB connection: a message, a confirmation, a PONG or an error."""
+        if type(reply) is list and len(reply) > 2:
+            kind = reply[0]
+            if kind == b"message":
+                self._deliver(reply[1], reply[2])
+            elif kind == b"subscribe":
+                self._confirmed(text(reply[1]))
+            return
+        if isinstance(reply, ResponseError):
+            # A refused SUBSCRIBE (an ACL, say): start over on a new connection, backing off, as before.
+            conn = self._conn
+            if conn is not None:
+                conn.close(reply)
+
+    def _confirmed(self, name: str) -> None:
+        in_flight = self._waiters.get(name)
+        if in_flight:
+            for waiter in in_flight.popleft():
+                if not waiter.done():
+                    waiter.set_result(None)
+            if not in_flight:
+                del self._waiters[name]
+        outstanding = self._outstanding
+        if outstanding:
+            outstanding.discard(name)
+            if not outstanding:
+                self._restored(self._restoring, self._announce)
+
+    # -- the keepalive --------------------------------------------------------------------------------
+
+    def _start_pings(self, conn: PushConnection) -> None:
+        self._pinged_at = None
+        self._ping_timer = asyncio.get_running_loop().call_at(
+            conn.last_heard + self._host._ping_interval, self._tick, conn
+        )
+
+    def _stop_pings(self) -> None:
+        if self._ping_timer is not None:
+            self._ping_timer.cancel()
+            self._ping_timer = None
+
+    def _tick(self, conn: PushConnection) -> None:
+        """PING after ``ping_interval`` of silence; give the connection up after as long again unanswered."""
+        loop = asyncio.get_running_loop()
+        now, interval = loop.time(), self._host._ping_interval
+        pinged_at = self._pinged_at
+        if pinged_at is not None and conn.chunks != self._pinged_chunks:
+            pinged_at = self._pinged_at = None  # heard from since: alive
+        if pinged_at is not None:
+            if now - pinged_at >= interval:
+                self._ping_timer = None
+                conn.close(RedisTimeoutError(f"no answer to PING within {interval} s"))
+                return
+            due = pinged_at + interval
+        elif now - conn.last_heard >= interval:
+            conn.send(pack(b"PING"))
+            self._pinged_at, self._pinged_chunks = now, conn.chunks
+            due = now + interval
+        else:
+            due = conn.last_heard + interval
+        self._ping_timer = loop.call_at(due, self._tick, conn)
 
     def _restored(self, channels: Mapping[str, str], announce: bool) -> None:
         """Mark the connection as up; after a reconnect, tell the listener what it may have missed."""
@@ -369,12 +410,12 @@ class PubSubListener:
                 self.listener_errors += 1
                 logger.exception("the backend listener failed in on_interruption()")
 
-    def _deliver(self, name: str, message: bytes | str) -> None:
-        channel = self._names.get(name)
+    def _deliver(self, name: bytes, message: bytes) -> None:
+        channel = self._names.get(name.decode())
         listener = self._host._listener
         if channel is None or listener is None:
             return  # unsubscribed while the message was on its way
-        body = text(message)
+        body = message.decode()
         if is_presence_message(body):
             self._host._presence.deliver(channel, body)
             return

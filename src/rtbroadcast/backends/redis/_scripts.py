@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from typing import Final
 
-from .._redis_pipe import pack
+from .._redis_pipe import pack, pack_after
 
 __all__ = [
     "CLUSTER_SCRIPTS",
@@ -195,7 +195,7 @@ return {epoch, top, out}
 class Script:
     """A Lua script, ready to be sent: ``EVALSHA`` while Redis has it cached, ``EVAL`` when it has not."""
 
-    __slots__ = ("body", "eval_head", "evalsha_head", "load")
+    __slots__ = ("_evalsha_heads", "body", "eval_head", "evalsha_head", "load")
 
     def __init__(self, body: str) -> None:
         self.body = body.encode()
@@ -203,9 +203,14 @@ class Script:
         self.evalsha_head = (b"EVALSHA", sha)
         self.eval_head = (b"EVAL", self.body)
         self.load = pack(b"SCRIPT", b"LOAD", self.body)
+        # "EVALSHA <sha> <number of keys>" packed once per number of keys (the scripts take up to 3).
+        self._evalsha_heads = [pack(*self.evalsha_head, b"%d" % n).partition(b"\r\n")[2] for n in range(4)]
 
     def evalsha(self, keys: list[bytes], args: list[bytes]) -> bytes:
-        return pack(*self.evalsha_head, b"%d" % len(keys), *keys, *args)
+        count = len(keys)
+        if count < 4:
+            return pack_after(self._evalsha_heads[count], 3 + count + len(args), keys, args)
+        return pack(*self.evalsha_head, b"%d" % count, *keys, *args)
 
     def eval(self, keys: list[bytes], args: list[bytes]) -> bytes:
         return pack(*self.eval_head, b"%d" % len(keys), *keys, *args)

@@ -28,10 +28,10 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from ..._config import optional_count, redact_url, seconds
 from ...errors import BackendError, BackendUnavailable, ConfigurationError, StateError
 from ...presence import DEFAULT_PRESENCE_HEARTBEAT
-from .._redis_pipe import CommandPipe, open_pipe
+from .._redis_pipe import CommandPipe, PushConnection, open_pipe, open_push
 from ..base import BackendListener, Envelope, History, StreamPosition
 from ._keys import KeyLayout, check_key_prefix, pubsub_suffix
-from ._listener import PubSubListener, State, close_connection
+from ._listener import PubSubListener, State
 from ._options import SCHEMES, check_redis_py_url, read_option, split_url
 from ._presence import RedisPresence, RedisPresenceMixin
 from ._scripts import SCRIPTS, Script
@@ -49,6 +49,7 @@ from ._shared import (
     check_reconnect_delay,
     consume,
     is_transient,
+    published,
 )
 
 __all__ = ["DEFAULT_MAX_CONNECTIONS", "RedisBackend"]
@@ -236,7 +237,7 @@ class RedisBackend(RedisPresenceMixin):
                 async with asyncio.timeout(self._timeout):
                     await self._open_pipe()
             except BaseException:
-                await close_connection(conn)
+                conn.close(RedisConnectionError("the command connection could not be opened"))
                 raise
         except BaseException as exc:
             await self._close_pipe()
@@ -417,7 +418,7 @@ class RedisBackend(RedisPresenceMixin):
 
     async def _pipe_template(self) -> AbstractConnection:
         """Return a connection object that is never connected: it says where and how (TLS, login) the
-        command connection connects."""
+        command connection, and the PUB/SUB connection of one Redis, connect."""
         assert self._client is not None
         pool = self._client.connection_pool
         return pool.connection_class(**pool.connection_kwargs)
@@ -471,11 +472,13 @@ class RedisBackend(RedisPresenceMixin):
             BackendUnavailable: Redis cannot be reached within the timeout.
             BackendError: Redis refused the script.
         """
+        keys, args, head = self._scripts.publish_request(channel, payload, idempotency_key, headers)
         try:
-            return await self._scripts.publish(channel, payload, idempotency_key, headers)
+            reply = await self._run(self._script_set["publish"], keys, args, "publish")
         except BackendError:
             self._publish_errors += 1
             raise
+        return published(channel, head, reply, headers)
 
     async def position(self, channel: str) -> StreamPosition:
         """Return the channel's epoch and seq, read together; creates the epoch of a new channel.
@@ -515,26 +518,15 @@ class RedisBackend(RedisPresenceMixin):
 
     # -- connections of our own ---------------------------------------------------------------------
 
-    async def _open(self, **overrides: Any) -> AbstractConnection:
-        """Open a connection of our own (PUB/SUB, or the command pipe), outside the client's pool.
+    async def _open(self) -> PushConnection:
+        """Open the PUB/SUB connection, of our own, outside the client's pool (see ``_redis_pipe``).
 
         Raises:
             redis.exceptions.ConnectionError, TimeoutError: Redis cannot be reached.
+            OSError: the socket could not be opened.
         """
-        assert self._client is not None
-        pool = self._client.connection_pool
-        kwargs = dict(pool.connection_kwargs)
-        # This connection is the listener's alone: no retries of its own (we reconnect, and we must know
-        # when we did), no health checks that would read replies our loop expects.
-        kwargs.update(retry=Retry(NoBackoff(), 0), health_check_interval=0, **overrides)
-        conn: AbstractConnection = pool.connection_class(**kwargs)
-        try:
-            async with asyncio.timeout(self._timeout):
-                await conn.connect()  # type: ignore[no-untyped-call]  # untyped in redis-py
-        except BaseException:
-            await close_connection(conn)
-            raise
-        return conn
+        async with asyncio.timeout(self._timeout):
+            return await open_push(await self._pipe_template(), where=self._where())
 
     async def _drop_idle_connections(self) -> None:
         """Close the client pool's idle connections: after an outage they may lead to a dead server."""

@@ -41,8 +41,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from ..._config import count, parse_query, redact_url
 from ...errors import ConfigurationError
-from .._redis_pipe import CommandPipe, open_pipe, pack
-from ._listener import close_connection
+from .._redis_pipe import CommandPipe, PushConnection, open_pipe, open_push, pack
 from ._options import URL_OPTIONS, check_redis_py_url
 from ._scripts import NODE_SCRIPTS, Script
 from ._shared import UNREACHABLE, error_code, text
@@ -366,8 +365,12 @@ class RedisSentinelBackend(RedisBackend):
 
     async def _pipe_template(self) -> AbstractConnection:
         """Return where the command connection goes: the master the Sentinels name now."""
-        assert self._client is not None
         host, port = self._discovered = await self._discover()
+        return self._template(host, port)
+
+    def _template(self, host: str, port: int) -> AbstractConnection:
+        """A connection object that is never connected: how (TLS, login) to connect to ``host:port``."""
+        assert self._client is not None
         kwargs = dict(self._client.connection_pool.connection_kwargs)
         kwargs.pop("connection_pool", None)
         connection_class = SSLConnection if self._tls else Connection
@@ -439,28 +442,28 @@ class RedisSentinelBackend(RedisBackend):
             )
             pipe.abort("closed: its server is no longer the master")
 
-    async def _open(self, **overrides: Any) -> AbstractConnection:
-        """Open a PUB/SUB connection to the master the Sentinels name, and check that it is the master.
+    async def _open(self) -> PushConnection:
+        """Open the PUB/SUB connection to the master the Sentinels name, and check that it is the master.
 
         Raises:
             redis.exceptions.ConnectionError, TimeoutError: no master can be found or reached.
         """
-        conn = await super()._open(**overrides)
-        try:
-            async with asyncio.timeout(self._timeout):
-                await conn.send_command("ROLE", check_health=False)
-                role = await conn.read_response(disconnect_on_error=False)
-        except BaseException:
-            await close_connection(conn)
-            raise
-        if not isinstance(role, list) or not role or text(role[0]) != "master":
-            await close_connection(conn)
-            where = f"{getattr(conn, 'host', '?')}:{getattr(conn, 'port', '?')}"
-            raise RedisConnectionError(
-                f"{where}, which the Sentinels name as the master of {self._service!r}, is not one "
-                f"(ROLE: {role!r:.60}); the Sentinels may not have finished a failover"
-            )
-        return conn
+        async with asyncio.timeout(self._timeout):
+            host, port = await self._discover()
+            push = await open_push(self._template(host, port), where=self._where())
+            try:
+                role = await push.request(pack(b"ROLE"))
+            except BaseException as exc:
+                push.close(exc)
+                raise
+        if isinstance(role, list) and role and text(role[0]) == "master":
+            return push
+        refused = RedisConnectionError(
+            f"{host}:{port}, which the Sentinels name as the master of {self._service!r}, is not one "
+            f"(ROLE: {role!r:.60}); the Sentinels may not have finished a failover"
+        )
+        push.close(refused)
+        raise refused
 
 
 class _Master(NamedTuple):
