@@ -101,11 +101,11 @@ class Settings:
         return cls(
             database_url=env.get("DATABASE_URL") or DEFAULT_DATABASE_URL,
             broadcast_url=env.get("BROADCAST_URL") or "memory://",
-            heartbeat_interval=_positive(env, "HEARTBEAT_INTERVAL", 25.0),
-            heartbeat_timeout=_positive(env, "HEARTBEAT_TIMEOUT", 10.0),
+            heartbeat_interval=_seconds(env, "HEARTBEAT_INTERVAL", 25.0),
+            heartbeat_timeout=_seconds(env, "HEARTBEAT_TIMEOUT", 10.0),
             demo=_flag(env, "DEMO", False),
             outbox=_flag(env, "OUTBOX", True),
-            outbox_retention=_seconds(env, "OUTBOX_RETENTION", DEFAULT_OUTBOX_RETENTION),
+            outbox_retention=_seconds(env, "OUTBOX_RETENTION", DEFAULT_OUTBOX_RETENTION, zero=True),
             log_level=_log_level(env),
             token_secret=env.get("RESTAURANT_TOKEN_SECRET") or None,
             allow_legacy_unauthenticated=_flag(env, "RESTAURANT_ALLOW_LEGACY_UNAUTHENTICATED", False),
@@ -130,7 +130,8 @@ def _origins(env: Mapping[str, str]) -> tuple[str, ...] | None:
     return origins
 
 
-def _positive(env: Mapping[str, str], name: str, default: float) -> float:
+def _seconds(env: Mapping[str, str], name: str, default: float, *, zero: bool = False) -> float:
+    """A finite number of seconds: more than zero, or (``zero``) zero or more."""
     raw = env.get(name)
     if not raw:
         return default
@@ -138,22 +139,8 @@ def _positive(env: Mapping[str, str], name: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         raise ValueError(f"{name} must be a number of seconds, not {raw!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a positive, finite number of seconds, not {raw!r}")
-    return value
-
-
-def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
-    """A finite number of seconds, zero allowed."""
-    raw = env.get(name)
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be a number of seconds, not {raw!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number of seconds >= 0, not {raw!r}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        raise ValueError(f"{name} must be a finite number of seconds {'>=' if zero else '>'} 0, not {raw!r}")
     return value
 
 
