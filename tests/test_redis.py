@@ -27,8 +27,8 @@ from rtbroadcast import (
     Received,
     load_backend,
 )
+from rtbroadcast.backends._reconnect import reconnect_pause
 from rtbroadcast.backends.redis import RedisBackend
-from rtbroadcast.backends.redis._shared import reconnect_pause
 
 from .redis_support import RedisServer, free_port, redis_server_binary
 from .support import MS, no_task_left, until

@@ -46,7 +46,6 @@ import asyncpg.exceptions
 from .._config import (
     count,
     did_you_mean,
-    is_seconds,
     optional_count,
     optional_seconds,
     redact_url,
@@ -54,6 +53,7 @@ from .._config import (
 )
 from ..errors import BackendError, BackendUnavailable, ConfigurationError, StateError
 from ..protocol import seq_prefix
+from ._reconnect import check_reconnect_delay, reconnect_pause
 from .base import Backend, BackendListener, Envelope, History, StreamPosition, decode_headers, encode_headers
 
 __all__ = ["DEFAULT_SCHEMA", "PostgresBackend", "schema_sql"]
@@ -328,13 +328,7 @@ class PostgresBackend(Backend):
         self._timeout = seconds("timeout", timeout)
         self._ping_interval = seconds("ping_interval", ping_interval)
         self._trim_interval = seconds("trim_interval", trim_interval)
-        delays = tuple(reconnect_delay) if isinstance(reconnect_delay, tuple | list) else ()
-        if len(delays) != 2 or not all(map(is_seconds, delays)) or delays[0] > delays[1]:
-            raise ConfigurationError(
-                "reconnect_delay must be (first, most) seconds with 0 < first <= most, "
-                f"not {reconnect_delay!r}"
-            )
-        self._reconnect_delay = (float(delays[0]), float(delays[1]))
+        self._reconnect_delay = check_reconnect_delay(reconnect_delay)
         self._max_attempts = optional_count("max_reconnect_attempts", max_reconnect_attempts, minimum=1)
         self._max_connections = count("max_connections", max_connections, minimum=1)
         self._url = url
@@ -1008,11 +1002,8 @@ class PostgresBackend(Backend):
         Raises:
             _ListenerGaveUp: ``max_reconnect_attempts`` failed in a row.
         """
-        first, most = self._reconnect_delay
         while True:
-            delay = min(most, first * 2 ** min(self._attempts, 32))
-            # Jitter spreads the reconnects of many processes after a server restart.
-            await asyncio.sleep(_JITTER.uniform(delay / 2, delay))
+            await asyncio.sleep(reconnect_pause(_JITTER, self._attempts, self._reconnect_delay))
             self._attempts += 1
             try:
                 return await self._open()

@@ -40,6 +40,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .._config import optional_count, redact_url, seconds
 from ..errors import BackendError, BackendUnavailable, ConfigurationError, StateError
+from ._reconnect import check_reconnect_delay, reconnect_pause
 from ._redis_pipe import CommandPipe, check_login, connect, login_commands, open_pipe, pack
 from .base import Backend, BackendListener, Envelope, History, StreamPosition
 from .redis._keys import KeyLayout, check_key_prefix
@@ -58,10 +59,8 @@ from .redis._shared import (
     UNREACHABLE,
     ChannelScripts,
     ChannelSettings,
-    check_reconnect_delay,
     consume,
     envelope_of,
-    reconnect_pause,
     text,
 )
 

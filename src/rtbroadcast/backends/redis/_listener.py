@@ -30,10 +30,11 @@ from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ...errors import BackendUnavailable
+from .._reconnect import reconnect_pause
 from .._redis_pipe import PushConnection, pack
 from ..base import BackendListener
 from ._presence import is_presence_message
-from ._shared import RECONNECTED, UNREACHABLE, envelope_of, reconnect_pause, text
+from ._shared import RECONNECTED, UNREACHABLE, envelope_of, text
 
 if TYPE_CHECKING:
     from ._keys import KeyLayout

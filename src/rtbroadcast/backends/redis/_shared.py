@@ -17,8 +17,7 @@ from typing import Any, Final, Protocol
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ..._config import count, is_seconds, optional_seconds, seconds
-from ...errors import ConfigurationError
+from ..._config import count, optional_seconds, seconds
 from ...protocol import seq_prefix
 from ..base import Envelope, History, StreamPosition, decode_headers, encode_headers
 from ._keys import KeyLayout
@@ -38,11 +37,9 @@ __all__ = [
     "UNREACHABLE",
     "ChannelScripts",
     "ChannelSettings",
-    "check_reconnect_delay",
     "consume",
     "envelope_of",
     "published",
-    "reconnect_pause",
     "text",
 ]
 
@@ -141,33 +138,6 @@ os.register_at_fork(after_in_child=lambda: _epochs.seed(os.urandom(32)))
 
 def _candidate_epoch() -> bytes:
     return b"%016x" % _epochs.getrandbits(64)
-
-
-def check_reconnect_delay(reconnect_delay: object) -> tuple[float, float]:
-    """Return ``(first, most)`` seconds between reconnect attempts.
-
-    Raises:
-        ConfigurationError: not a pair of durations with ``0 < first <= most``.
-    """
-    delays = tuple(reconnect_delay) if isinstance(reconnect_delay, tuple | list) else ()
-    if len(delays) != 2 or not all(map(is_seconds, delays)) or delays[0] > delays[1]:
-        raise ConfigurationError(
-            f"reconnect_delay must be (first, most) seconds with 0 < first <= most, not {reconnect_delay!r}"
-        )
-    return (float(delays[0]), float(delays[1]))
-
-
-def reconnect_pause(rng: random.Random, failures: int, delays: tuple[float, float]) -> float:
-    """Return the seconds to wait before the next reconnect attempt, after ``failures`` in a row.
-
-    The delay doubles with each failure from ``first`` up to ``most`` (``delays``), and is drawn at random
-    from its upper half: jitter spreads the reconnects of many processes after a Redis restart. ``rng`` is
-    the backend's own generator, seeded when it connects, so that a service that seeds the ``random``
-    module (or a generator forked with the process) does not make every process wait alike.
-    """
-    first, most = delays
-    delay = min(most, first * 2 ** min(failures, 32))  # the exponent is capped: no overflow
-    return rng.uniform(delay / 2, delay)
 
 
 def envelope_of(channel: str, message: str) -> Envelope:

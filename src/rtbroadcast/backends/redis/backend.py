@@ -28,6 +28,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from ..._config import optional_count, redact_url, seconds
 from ...errors import BackendError, BackendUnavailable, ConfigurationError, StateError
 from ...presence import DEFAULT_PRESENCE_HEARTBEAT
+from .._reconnect import check_reconnect_delay
 from .._redis_pipe import CommandPipe, PushConnection, open_pipe, open_push
 from ..base import BackendListener, Envelope, History, StreamPosition
 from ._keys import KeyLayout, check_key_prefix, pubsub_suffix
@@ -46,7 +47,6 @@ from ._shared import (
     UNREACHABLE,
     ChannelScripts,
     ChannelSettings,
-    check_reconnect_delay,
     consume,
     is_transient,
     published,
