@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -470,3 +471,19 @@ async def test_a_publish_in_a_transaction_carries_headers(
     assert via_sqlalchemy.seq == 2
     history = await backend.history("c", 0, limit=10)
     assert [e.headers for e in history.envelopes] == [TRACED, TRACED]
+
+
+def test_processes_forked_after_import_draw_different_jitter() -> None:
+    # A server that imports the app and then forks its workers must not make them reconnect in step.
+    from rtbroadcast.backends import postgres
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its first draw, to the parent
+        os.write(write, repr(postgres._JITTER.random()).encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    child = float(os.read(read, 64))
+    os.close(read)
+    assert child != postgres._JITTER.random()

@@ -31,6 +31,7 @@ import datetime
 import enum
 import hashlib
 import logging
+import os
 import random
 import re
 import secrets
@@ -87,6 +88,8 @@ RECONNECTED: Final = "backend_reconnected"
 # Jitter of our own: the application's global random state is left alone (and Hypothesis, say, notices when
 # another thread draws from it).
 _JITTER = random.Random()
+# Processes forked after import (a pre-loading server's workers) must not back off in step.
+os.register_at_fork(after_in_child=_JITTER.seed)
 
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
