@@ -52,6 +52,17 @@ def ping(host: str, port: int, *, password: str | None = None, timeout: float = 
         return False
 
 
+def end(process: subprocess.Popen[bytes] | None) -> None:
+    """Stop ``process`` if it still runs: SIGTERM, then SIGKILL if it has not exited within 5 s."""
+    if process is not None and process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+
+
 class RedisServer:
     """A ``redis-server`` of the test's own, on a fixed port so that it can be killed and restarted.
 
@@ -129,13 +140,7 @@ class RedisServer:
 
     def close(self) -> None:
         """Stop the server and remove its directory."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        end(self.process)
         self.process = None
         self._dir.cleanup()
 
@@ -347,13 +352,7 @@ class SentinelServer:
 
     def close(self) -> None:
         """Stop the Sentinel."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        end(self.process)
         self.process = None
 
 
