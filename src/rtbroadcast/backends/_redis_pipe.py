@@ -113,6 +113,10 @@ class CommandPipe(asyncio.Protocol):
         """How many requests wait for their reply."""
         return len(self._pending)
 
+    def deadline(self) -> float:
+        """Return the loop time by which a request made now must be answered (``timeout`` from now)."""
+        return self._loop.time() + self._timeout
+
     def request(self, command: bytes, deadline: float | None = None) -> asyncio.Future[Any]:
         """Queue one packed command; its future resolves to the reply (``ResponseError`` for an error reply).
 

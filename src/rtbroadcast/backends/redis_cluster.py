@@ -515,7 +515,6 @@ class RedisClusterBackend(Backend):
             BackendError: Redis refused the command for another reason.
         """
         self._require(action)
-        deadline = asyncio.get_running_loop().time() + self._timeout
         slot = self._slots.get(keys[0])
         if slot is None:
             slot = self._slot_of(keys[0])
@@ -525,6 +524,8 @@ class RedisClusterBackend(Backend):
         node = self._topology.slots[slot]
         pipe = self._pipes.get(node.key) if node is not None else None
         if node is not None and pipe is not None and not pipe.closed:
+            # The pipe's clock, not asyncio.get_running_loop(): that costs a getpid() call.
+            deadline = pipe.deadline()
             try:
                 reply = await pipe.request(script.evalsha(keys, [*args, node.id]), deadline)
             except RedisConnectionError as exc:
@@ -539,6 +540,8 @@ class RedisClusterBackend(Backend):
                     return reply
                 if not str(reply).startswith(_REDIRECTED):
                     raise self._failure(reply, action) from reply
+        else:
+            deadline = asyncio.get_running_loop().time() + self._timeout
         return await self._run_carefully(script, keys, args, action, slot, deadline, retry)
 
     def _slot_of(self, key: bytes) -> int:

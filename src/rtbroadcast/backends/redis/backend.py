@@ -359,14 +359,19 @@ class RedisBackend(RedisPresenceMixin):
             BackendError: Redis refused the command for another reason.
         """
         self._require(action)
-        deadline = asyncio.get_running_loop().time() + self._timeout
+        deadline: float | None = None
         try:
             while True:
                 try:
                     pipe = self._pipe
                     if pipe is None or pipe.closed:
+                        if deadline is None:
+                            deadline = asyncio.get_running_loop().time() + self._timeout
                         async with asyncio.timeout_at(deadline):
                             pipe = await self._open_pipe()
+                    if deadline is None:
+                        # The pipe's clock, not asyncio.get_running_loop(): that costs a getpid() call.
+                        deadline = pipe.deadline()
                     reply = await self._send(pipe, script, keys, args, deadline)
                     if isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT"):
                         # Not run, so safe to send again; EVAL also puts it back in Redis's cache.
