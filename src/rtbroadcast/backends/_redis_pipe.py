@@ -36,6 +36,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 __all__ = [
     "CommandPipe",
     "PushConnection",
+    "array_head",
+    "bulks",
     "check_login",
     "connect",
     "login_commands",
@@ -56,6 +58,18 @@ _ARRAY_HEADS: Final = tuple(b"*%d\r\n" % n for n in range(64))
 _BULK_HEADS: Final = tuple(b"$%d\r\n" % n for n in range(1024))
 
 
+def array_head(count: int) -> bytes:
+    """Return the RESP header of an array of ``count`` elements."""
+    return _ARRAY_HEADS[count] if count < 64 else b"*%d\r\n" % count
+
+
+def bulks(*parts: bytes) -> bytes:
+    """Encode ``parts`` as RESP bulk strings, one after the other (the elements of an array, no header)."""
+    chunks: list[bytes] = []
+    _append_bulks(chunks, parts)
+    return b"".join(chunks)
+
+
 def pack(*parts: bytes) -> bytes:
     """Encode one command in RESP: an array of bulk strings."""
     return pack_after(b"", len(parts), parts)
@@ -64,18 +78,21 @@ def pack(*parts: bytes) -> bytes:
 def pack_after(packed: bytes, count: int, *groups: Sequence[bytes]) -> bytes:
     """Encode a command of ``count`` bulk strings: those already in ``packed``, then those of ``groups``.
 
-    ``packed`` is what :func:`pack` makes of the leading ones, without its array header (``*<n>\\r\\n``):
-    a command's fixed head, encoded once.
+    ``packed`` is what :func:`bulks` makes of the leading ones: a command's fixed head, encoded once.
     """
-    chunks = [_ARRAY_HEADS[count] if count < 64 else b"*%d\r\n" % count, packed]
-    append = chunks.append
+    chunks = [array_head(count), packed]
     for parts in groups:
-        for part in parts:
-            size = len(part)
-            append(_BULK_HEADS[size] if size < 1024 else b"$%d\r\n" % size)
-            append(part)
-            append(b"\r\n")
+        _append_bulks(chunks, parts)
     return b"".join(chunks)
+
+
+def _append_bulks(chunks: list[bytes], parts: Sequence[bytes]) -> None:
+    append = chunks.append
+    for part in parts:
+        size = len(part)
+        append(_BULK_HEADS[size] if size < 1024 else b"$%d\r\n" % size)
+        append(part)
+        append(b"\r\n")
 
 
 class CommandPipe(asyncio.Protocol):
