@@ -75,6 +75,20 @@ async def connected(url: str, **options: Any) -> tuple[RedisBackend, Recorder]:
     return backend, recorder
 
 
+#: The default meta_ttl, in ms.
+MONTH = 30 * 24 * 3600 * 1000
+
+# When the key expires, in ms of Redis's clock (within a ms or two: TIME and PTTL are two commands).
+_EXPIRES_AT = """
+local now = redis.call('TIME')
+return tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) + redis.call('PTTL', KEYS[1])
+"""
+
+
+async def expires_at(raw: redis.asyncio.Redis, key: str) -> int:
+    return int(await raw.eval(_EXPIRES_AT, 1, key))
+
+
 # -- keys and consistency -------------------------------------------------------------------------------
 
 
@@ -99,9 +113,9 @@ async def test_keys_are_hash_tagged_per_channel_and_expire(
     entries = await raw.xrange(keys["stream"])
     assert entries[0][0] == b"1-0" and entries[0][1][b"d"] == envelope.data.encode()
     assert await raw.get(keys["idempotency"] + "k") == f"{envelope.epoch}:1".encode()
-    month = 30 * 24 * 3600 * 1000
-    assert month - 60_000 < await raw.pttl(keys["meta"]) <= month
-    assert month - 60_000 < await raw.pttl(keys["stream"]) <= month  # no history_ttl: the channel's ttl
+    # A key gets its ttl and an eighth more, so that a busy channel need not refresh it on every publish.
+    assert MONTH <= await raw.pttl(keys["meta"]) <= MONTH * 9 // 8
+    assert MONTH <= await raw.pttl(keys["stream"]) <= MONTH * 9 // 8  # no history_ttl: the channel's ttl
     assert 3_500_000 < await raw.pttl(keys["idempotency"] + "k") <= 3_600_000
     assert sorted(await raw.keys(f"{redis_prefix}:*")) == sorted(
         k.encode() for k in (keys["meta"], keys["stream"], keys["idempotency"] + "k")
@@ -126,14 +140,129 @@ async def test_ttls_follow_the_options(redis_url: str, redis_prefix: str, raw: r
     try:
         await backend.publish("c", payload(1), idempotency_key="k")
         keys = backend.keys("c")
-        assert 590_000 < await raw.pttl(keys["meta"]) <= 600_000
-        assert 50_000 < await raw.pttl(keys["stream"]) <= 60_000
+        assert 600_000 <= await raw.pttl(keys["meta"]) <= 675_000
+        assert 60_000 <= await raw.pttl(keys["stream"]) <= 67_500
         assert 4_000 < await raw.pttl(keys["idempotency"] + "k") <= 5_000
         await raw.pexpire(keys["meta"], 1000)
         await backend.position("c")  # a read keeps a channel in use alive
-        assert await raw.pttl(keys["meta"]) > 590_000
+        assert 600_000 <= await raw.pttl(keys["meta"]) <= 675_000
     finally:
         await backend.disconnect()
+
+
+async def test_every_key_lives_its_ttl_after_a_publish_however_the_keys_were_left(
+    redis_url: str, redis_prefix: str, raw: redis.asyncio.Redis
+) -> None:
+    backend, _ = await connected(redis_url, key_prefix=redis_prefix, history_ttl=20, meta_ttl=40)
+    keys = backend.keys("c")
+
+    async def lives_its_ttl() -> None:
+        assert 20_000 <= await raw.pttl(keys["stream"]) <= 22_500
+        assert 40_000 <= await raw.pttl(keys["meta"]) <= 45_000
+
+    try:
+        await backend.publish("c", payload(1))  # a new channel
+        await lives_its_ttl()
+        await raw.delete(keys["stream"])  # evicted, or deleted by hand: XADD makes a new one, without ttl
+        await backend.publish("c", payload(2))
+        await lives_its_ttl()
+        await raw.persist(keys["stream"])
+        await raw.persist(keys["meta"])
+        await backend.publish("c", payload(3))
+        await lives_its_ttl()
+        # What versions before this one left: the exact ttls of their last publish, some time ago.
+        await raw.pexpire(keys["meta"], 5000)
+        await raw.pexpire(keys["stream"], 5000)
+        await backend.publish("c", payload(4))
+        await lives_its_ttl()
+        assert [e.seq for e in (await backend.history("c", 2, limit=10)).envelopes] == [3, 4]
+    finally:
+        await backend.disconnect()
+
+
+async def test_a_busy_channel_refreshes_a_ttl_only_once_it_runs_short(
+    redis_url: str, redis_prefix: str, raw: redis.asyncio.Redis
+) -> None:
+    backend, _ = await connected(redis_url, key_prefix=redis_prefix, history_ttl=60, meta_ttl=600)
+    keys = backend.keys("c")
+    try:
+        await backend.publish("c", payload(0))
+        meta_at, stream_at = await expires_at(raw, keys["meta"]), await expires_at(raw, keys["stream"])
+        for n in range(1, 5):
+            await backend.publish("c", payload(n))
+        # Every key still lives its ttl more: nothing refreshed, nothing moved.
+        assert abs(await expires_at(raw, keys["meta"]) - meta_at) <= 2
+        assert abs(await expires_at(raw, keys["stream"]) - stream_at) <= 2
+        # As if most of the ttls passed: the stream has a second more than its ttl left, the meta hash a
+        # second less than its own. Only the meta hash is refreshed.
+        await raw.pexpire(keys["stream"], 61_000)
+        await raw.pexpire(keys["meta"], 599_000)
+        await backend.publish("c", payload(5))
+        assert await raw.pttl(keys["stream"]) <= 61_000
+        assert 600_000 <= await raw.pttl(keys["meta"]) <= 675_000
+        await raw.pexpire(keys["stream"], 59_000)
+        await backend.publish("c", payload(6))
+        assert 60_000 <= await raw.pttl(keys["stream"]) <= 67_500
+    finally:
+        await backend.disconnect()
+
+
+async def test_a_read_keeps_a_channel_alive_and_never_shortens_it(
+    redis_url: str, redis_prefix: str, raw: redis.asyncio.Redis
+) -> None:
+    long, _ = await connected(redis_url, key_prefix=redis_prefix, meta_ttl=600)
+    short, _ = await connected(redis_url, key_prefix=redis_prefix, meta_ttl=60)
+    meta = long.keys("c")["meta"]
+    try:
+        await long.publish("c", payload(1))
+        before = await expires_at(raw, meta)
+        for reader in (short, long):
+            await reader.position("c")
+            await reader.history("c", 0, limit=10)
+        assert abs(await expires_at(raw, meta) - before) <= 2
+        # A reader whose ttl is longer than what is left extends the channel to its ttl.
+        await raw.pexpire(meta, 30_000)
+        await short.position("c")
+        assert 60_000 <= await raw.pttl(meta) <= 67_500
+        await long.history("c", 0, limit=10)
+        assert 600_000 <= await raw.pttl(meta) <= 675_000
+    finally:
+        await short.disconnect()
+        await long.disconnect()
+
+
+async def test_processes_with_different_ttls_each_keep_their_own(
+    redis_url: str, redis_prefix: str, raw: redis.asyncio.Redis
+) -> None:
+    # A short history and a long meta ttl, against one ttl for both in between: whichever published last,
+    # every key lives the ttl of each process that published to it, at least.
+    split, _ = await connected(redis_url, key_prefix=redis_prefix, history_ttl=60, meta_ttl=600)
+    one, _ = await connected(redis_url, key_prefix=redis_prefix, meta_ttl=120)
+    forever, _ = await connected(redis_url, key_prefix=redis_prefix, meta_ttl=None)
+    ttls = {split: (600_000, 60_000), one: (120_000, 120_000)}  # ms: meta hash, stream
+    try:
+        for channel, order in (("c", (split, one, split)), ("d", (one, split, one))):
+            keys = split.keys(channel)
+            meta_ms = stream_ms = 0
+            for backend in order:
+                await backend.publish(channel, payload(1))
+                meta_ms, stream_ms = max(meta_ms, ttls[backend][0]), max(stream_ms, ttls[backend][1])
+                assert await raw.pttl(keys["meta"]) >= meta_ms
+                assert await raw.pttl(keys["stream"]) >= stream_ms
+            await one.position(channel)
+            assert await raw.pttl(keys["meta"]) >= 600_000
+        # Between a process that keeps channels for good and one with a ttl, the last publish decides.
+        keys = split.keys("c")
+        await forever.publish("c", payload(2))
+        assert await raw.pttl(keys["meta"]) == -1
+        assert await raw.pttl(keys["stream"]) >= 120_000  # it keeps no stream for good: no history_ttl
+        await split.publish("c", payload(3))
+        assert 600_000 <= await raw.pttl(keys["meta"]) <= 675_000
+        await forever.publish("c", payload(4))
+        assert await raw.pttl(keys["meta"]) == -1
+    finally:
+        for backend in (split, one, forever):
+            await backend.disconnect()
 
 
 async def test_reading_a_channel_nobody_published_to_costs_little_for_long(
@@ -153,6 +282,15 @@ async def test_reading_a_channel_nobody_published_to_costs_little_for_long(
         assert await raw.pttl(meta) == -1
     finally:
         await backend.disconnect()
+    with_ttl, _ = await connected(redis_url, key_prefix=redis_prefix, meta_ttl=600, unpublished_ttl=60)
+    try:
+        meta = with_ttl.keys("ghost2")["meta"]
+        await with_ttl.position("ghost2")
+        assert 59_000 < await raw.pttl(meta) <= 60_000
+        await with_ttl.publish("ghost2", payload(1))  # the first publish gives it the ttl of a channel in use
+        assert 600_000 <= await raw.pttl(meta) <= 675_000
+    finally:
+        await with_ttl.disconnect()
     brief, _ = await connected(redis_url, key_prefix=redis_prefix, unpublished_ttl=0.2)
     try:
         for n in range(20):
@@ -214,6 +352,7 @@ async def test_a_stream_ahead_of_its_counter_is_dropped_not_fatal(
     await raw.hset(backend.keys("c")["meta"], "seq", 1)  # as if an old backup of the counter came back
     envelope = await backend.publish("c", payload(9))
     assert envelope.seq == 2
+    assert await raw.pttl(backend.keys("c")["stream"]) >= MONTH  # the new stream has its ttl
     history = await backend.history("c", 0, limit=10)
     assert not history.complete and [e.seq for e in history.envelopes] == [2]
 

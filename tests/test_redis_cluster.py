@@ -125,6 +125,38 @@ async def test_connecting_to_no_node_fails_fast() -> None:
     assert backend.stats()["state"] == "closed"
 
 
+# -- channels ---------------------------------------------------------------------------------------------
+
+
+async def test_a_channel_records_its_primary_and_another_primary_starts_a_new_epoch_with_its_ttls(
+    redis_cluster: RedisClusterFixture, connected: tuple[RedisClusterBackend, Recorder]
+) -> None:
+    backend, _ = connected
+    keys = backend.keys("c")
+    month = 30 * 24 * 3600 * 1000
+    client = redis.Redis(port=redis_cluster.primary_of(backend.slot("c")).port)
+    try:
+        first = await backend.publish("c", payload(1))
+        meta = client.hgetall(keys["meta"])
+        assert meta == {
+            b"epoch": first.epoch.encode(),
+            b"seq": b"1",
+            b"node": client.execute_command("CLUSTER MYID"),
+        }
+        assert month <= client.pttl(keys["meta"]) <= month * 9 // 8
+        assert month <= client.pttl(keys["stream"]) <= month * 9 // 8
+        # What a failover leaves behind, made by hand: a new epoch, whose first publish gives its keys their
+        # ttls (the read gave the hash the unpublished_ttl of a channel nobody published to).
+        client.hset(keys["meta"], "node", "0" * 40)
+        after = await backend.position("c")
+        assert after.epoch != first.epoch and after.seq == 0
+        assert (await backend.publish("c", payload(2))).seq == 1
+        assert client.pttl(keys["meta"]) >= month
+        assert client.pttl(keys["stream"]) >= month
+    finally:
+        client.close()
+
+
 # -- shards -----------------------------------------------------------------------------------------------
 
 

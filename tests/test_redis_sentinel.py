@@ -213,6 +213,14 @@ async def test_a_channel_written_by_another_master_starts_a_new_epoch(
         assert after.epoch != first.epoch and after.seq == 0
         assert (await backend.history("c", 0, limit=10)).envelopes == ()
         assert (await backend.publish("c", payload(3))).seq == 1
+        # The new epoch's first publish gives its keys their ttls (the reads above gave the hash the
+        # unpublished_ttl of a channel nobody published to).
+        client = redis.Redis(port=deployment.current_master().port)
+        try:
+            assert client.pttl(backend.keys("c")["meta"]) >= 30 * 24 * 3600 * 1000
+            assert client.pttl(backend.keys("c")["stream"]) >= 30 * 24 * 3600 * 1000
+        finally:
+            client.close()
     finally:
         await backend.disconnect()
 

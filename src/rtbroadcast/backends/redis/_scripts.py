@@ -33,6 +33,16 @@ __all__ = [
 # evicted, Redis restarted without persistence) starts a new epoch at seq 0, and its old history goes with
 # it: a stream must never hold entries of two epochs. Creating the epoch on reads too means a client that
 # connects before the first publish keeps its epoch when that publish happens.
+#
+# Every key lives at least its ttl after the channel's last publish (the meta hash: also after its last
+# read), without a refresh each time: a key whose PTTL is at least its ttl is left alone, and a refresh
+# gives it an eighth more than its ttl, so a busy channel refreshes once per eighth of its ttl. A refresh
+# only ever lengthens a key's life, so a process with a shorter ttl never cuts short the keys of one with a
+# longer, and a key that lost its ttl or was recreated without one (a new stream, a new epoch) gets it at
+# once.
+#
+# These scripts run on every publish and read: where Redis takes text, they pass text, because formatting
+# a Lua number costs about as much as a redis.call (seq is formatted once, for all its uses).
 
 _ENSURE_EPOCH = """
 local function ensure_epoch(meta, stream, candidate)
@@ -41,8 +51,14 @@ local function ensure_epoch(meta, stream, candidate)
     return epoch
   end
   redis.call('DEL', stream)
-  redis.call('HSET', meta, 'epoch', candidate, 'seq', 0)
+  redis.call('HSET', meta, 'epoch', candidate, 'seq', '0')
   return candidate
+end
+-- Make key live at least ttl ms more: leave it if it does, else give it ttl + ttl/8.
+local function keep(key, ttl)
+  if redis.call('PTTL', key) < ttl then
+    redis.call('PEXPIRE', key, ttl + math.floor(ttl / 8))
+  end
 end
 -- Keep a channel that is read alive, and return its seq. A channel nobody published to lives only
 -- unpublished_ms after its last read, so that reading random channel names costs little for long.
@@ -51,19 +67,20 @@ local function touch(meta, meta_ms, unpublished_ms)
   if seq == 0 then
     redis.call('PEXPIRE', meta, unpublished_ms)
   elseif meta_ms > 0 then
-    redis.call('PEXPIRE', meta, meta_ms)
+    keep(meta, meta_ms)
   end
   return seq
 end
-local function now_ms()
+-- Redis's clock in ms, as text: cut from TIME's text (seconds, microseconds), so that no number is formatted.
+local function clock()
   local now = redis.call('TIME')
-  return tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+  return now[1] .. string.sub('00000' .. now[2], -6, -4)
 end
 """
 
 # KEYS: meta, stream[, idempotency key]
 # ARGV: candidate epoch, payload head (the envelope text up to the seq), PUB/SUB channel,
-#       history size, history ttl ms (0: none), meta ttl ms (0: none), idempotency ttl ms,
+#       history size (0: no history), history ttl ms (0: none), meta ttl ms (0: none), idempotency ttl ms,
 #       headers (encode_headers' JSON; '' for none)
 # Returns {seq, epoch, duplicate (0/1), stored data of a duplicate or false}.
 # The message PUBLISHed is '<seq> <epoch> <data>', or with headers 'h <seq> <epoch> <headers>\n<data>' (the
@@ -73,7 +90,7 @@ _PUBLISH = (
     _ENSURE_EPOCH
     + """
 local meta, stream = KEYS[1], KEYS[2]
-local size, history_ms, meta_ms = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local size, history_ms, meta_ms = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
 local epoch = ensure_epoch(meta, stream, ARGV[1])
 if #KEYS == 3 then
   local seen = redis.call('GET', KEYS[3])
@@ -91,45 +108,50 @@ if #KEYS == 3 then
     end
   end
 end
-local seq = redis.call('HINCRBY', meta, 'seq', 1)
-local data = ARGV[2] .. seq .. '}'
+local seq = redis.call('HINCRBY', meta, 'seq', '1')
+local text = string.format('%d', seq)
+local data = ARGV[2] .. text .. '}'
 local headers = ARGV[8]
-if size > 0 then
-  local id = seq .. '-0'
-  local ms = now_ms()
-  local function append(call)
-    if headers == '' then
-      return call('XADD', stream, 'MAXLEN', '~', size, id, 'd', data, 't', ms)
-    end
-    return call('XADD', stream, 'MAXLEN', '~', size, id, 'd', data, 't', ms, 'h', headers)
+if size ~= '0' then
+  local id = text .. '-0'
+  local ms = clock()
+  -- (Written out rather than in a closure, which costs more than the lines save.)
+  local added
+  if headers == '' then
+    added = redis.pcall('XADD', stream, 'MAXLEN', '~', size, id, 'd', data, 't', ms)
+  else
+    added = redis.pcall('XADD', stream, 'MAXLEN', '~', size, id, 'd', data, 't', ms, 'h', headers)
   end
-  local added = append(redis.pcall)
   if type(added) == 'table' and added.err then
     -- The stream is ahead of the counter (a key was restored or edited by hand): drop the stale history
     -- rather than fail the publish; readers see incomplete history and resync.
     redis.call('DEL', stream)
-    append(redis.call)
+    if headers == '' then
+      redis.call('XADD', stream, 'MAXLEN', '~', size, id, 'd', data, 't', ms)
+    else
+      redis.call('XADD', stream, 'MAXLEN', '~', size, id, 'd', data, 't', ms, 'h', headers)
+    end
   end
   local stream_ms = history_ms
   if stream_ms == 0 then
     stream_ms = meta_ms
   end
   if stream_ms > 0 then
-    redis.call('PEXPIRE', stream, stream_ms)
+    keep(stream, stream_ms)
   end
 end
 if meta_ms > 0 then
-  redis.call('PEXPIRE', meta, meta_ms)
+  keep(meta, meta_ms)
 else
   redis.call('PERSIST', meta)  -- a read may have created it with the shorter ttl of unpublished channels
 end
 if #KEYS == 3 then
-  redis.call('SET', KEYS[3], epoch .. ':' .. seq, 'PX', ARGV[7])
+  redis.call('SET', KEYS[3], epoch .. ':' .. text, 'PX', ARGV[7])
 end
 if headers == '' then
-  redis.call('PUBLISH', ARGV[3], seq .. ' ' .. epoch .. ' ' .. data)
+  redis.call('PUBLISH', ARGV[3], text .. ' ' .. epoch .. ' ' .. data)
 else
-  redis.call('PUBLISH', ARGV[3], 'h ' .. seq .. ' ' .. epoch .. ' ' .. headers .. '\\n' .. data)
+  redis.call('PUBLISH', ARGV[3], 'h ' .. text .. ' ' .. epoch .. ' ' .. headers .. '\\n' .. data)
 end
 return {seq, epoch, 0, false}
 """
@@ -142,7 +164,7 @@ _POSITION = (
     _ENSURE_EPOCH
     + """
 local epoch = ensure_epoch(KEYS[1], KEYS[2], ARGV[1])
-local seq = touch(KEYS[1], tonumber(ARGV[2]), tonumber(ARGV[3]))
+local seq = touch(KEYS[1], tonumber(ARGV[2]), ARGV[3])
 return {epoch, seq}
 """
 )
@@ -156,7 +178,7 @@ _HISTORY = (
     + """
 local meta, stream = KEYS[1], KEYS[2]
 local epoch = ensure_epoch(meta, stream, ARGV[1])
-local top = touch(meta, tonumber(ARGV[2]), tonumber(ARGV[3]))
+local top = touch(meta, tonumber(ARGV[2]), ARGV[3])
 local since, limit, history_ms = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local out = {}
 if top > since and limit > 0 then
@@ -166,7 +188,7 @@ if top > since and limit > 0 then
   local entries = redis.call('XRANGE', stream, (since + 1) .. '-0', '+', 'COUNT', limit)
   local horizon = -1
   if history_ms > 0 then
-    horizon = now_ms() - history_ms
+    horizon = tonumber(clock()) - history_ms
   end
   for _, entry in ipairs(entries) do
     local fields = entry[2]
@@ -241,7 +263,7 @@ def node_script(body: str) -> str:
     return epoch
   end
   redis.call('DEL', stream)
-  redis.call('HSET', meta, 'epoch', candidate, 'seq', 0)
+  redis.call('HSET', meta, 'epoch', candidate, 'seq', '0')
   return candidate"""
     new_check = """  local found = redis.call('HMGET', meta, 'epoch', 'node')
   local epoch = found[1]
@@ -251,7 +273,7 @@ def node_script(body: str) -> str:
   -- A channel last written by another primary (a failover, which may have lost its last writes, or a slot
   -- migration): a new epoch, so that no client takes a seq it saw on the old primary for a new event.
   redis.call('DEL', stream)
-  redis.call('HSET', meta, 'epoch', candidate, 'seq', 0, 'node', ARGV[#ARGV])
+  redis.call('HSET', meta, 'epoch', candidate, 'seq', '0', 'node', ARGV[#ARGV])
   return candidate"""
     assert body.count(old_check) == 1
     return body.replace(old_check, new_check)
