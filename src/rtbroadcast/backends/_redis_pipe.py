@@ -1,9 +1,10 @@
 """One Redis command connection that carries many requests at once.
 
-Requests made during one turn of the event loop go out in one write; Redis answers them in order on the
-same connection, and each reply resolves its own request's future. So 64 concurrent publishes cost one
-round trip instead of 64, and a single publish at low load costs what it did (it is written at the end of
-the loop turn it was made in).
+Requests made during one turn of the event loop go out together, in writes of up to 16; Redis answers them
+in order on the same connection, and each reply resolves its own request's future. So 64 concurrent
+publishes cost a few writes instead of 64 round trips, Redis starts on the first ones while the rest are
+being made, and a single publish at low load costs what it did (it is written at the end of the loop turn
+it was made in).
 
 Each request keeps its own deadline: when the oldest unanswered request passes it, the connection is taken
 for stalled, closed, and every request still on it fails (its command may or may not have been applied,
@@ -56,6 +57,11 @@ _P = TypeVar("_P", bound=asyncio.BaseProtocol)
 # was most of what packing a publish cost.
 _ARRAY_HEADS: Final = tuple(b"*%d\r\n" % n for n in range(64))
 _BULK_HEADS: Final = tuple(b"$%d\r\n" % n for n in range(1024))
+
+# Requests of one loop turn go out together, but never more than this many in one write: Redis can then run
+# the first ones while the publishers make the next, instead of the two taking turns (64 publishers at once:
+# ~31k -> ~41k publishes/s on the bench's host).
+_FLUSH_AT: Final = 16
 
 
 def array_head(count: int) -> bytes:
@@ -152,6 +158,8 @@ class CommandPipe(asyncio.Protocol):
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
+        elif len(self._outgoing) >= _FLUSH_AT:
+            self._write()
         if self._timer is None:
             self._arm()
         return future
@@ -196,6 +204,9 @@ class CommandPipe(asyncio.Protocol):
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        self._write()
+
+    def _write(self) -> None:
         outgoing, self._outgoing = self._outgoing, []
         if self._error is None and self._transport is not None and outgoing:
             self._transport.writelines(outgoing)
