@@ -51,7 +51,7 @@ async def test_concurrent_publishes_share_round_trips(own: tuple[RedisBackend, r
     before = await reads_processed(admin)
     envelopes = await asyncio.gather(*(backend.publish(f"c{n % 8}", payload(n)) for n in range(200)))
     reads = await reads_processed(admin) - before - 1  # the INFO below is one read of the admin's
-    # One write per loop turn: 200 publishes reach Redis in a handful of reads, not 200.
+    # Writes of up to 16 requests: 200 publishes reach Redis in a dozen reads or so, not 200.
     assert reads <= 20, reads
     for n in range(8):
         assert [e.seq for e in envelopes[n::8]] == list(range(1, 26))
