@@ -26,6 +26,7 @@ from rtbroadcast.protocol import (
     ResumePoint,
     ResyncRequired,
     Welcome,
+    check_event_fields,
     check_event_payload,
     decode_client_frame,
     decode_server_frame,
@@ -197,9 +198,54 @@ def test_a_payload_is_accepted_exactly_when_clients_can_read_it_as_an_event(
     )
 
 
+def _read_as_json_loads_would(text: str) -> object:
+    """What ``json.loads`` makes of an event payload, with the rules of check_event_payload as hooks."""
+
+    def unique(pairs: list[tuple[str, object]]) -> dict[str, object]:
+        if len({key for key, _ in pairs}) != len(pairs):
+            raise ValueError("a key twice")
+        return dict(pairs)
+
+    def no_constant(name: str) -> object:
+        raise ValueError(name)
+
+    return json.loads(text, object_pairs_hook=unique, parse_constant=no_constant)
+
+
+json_ish = st.text(alphabet='{}[]":,. \n\t0123456789eE+-truefalsnNIiyaT\\u', max_size=40)
+
+
+@given(json_ish | st.builds(lambda obj, tail: json.dumps(obj) + tail, event_objects, json_ish))
+def test_the_payload_check_reads_json_as_the_json_module_does(text: str) -> None:
+    # check_event_payload calls the json module's C scanner directly (no decoder per call): it must accept
+    # and refuse exactly what json.loads does, and name JSON errors as json.loads would.
+    try:
+        expected: object = _read_as_json_loads_would(text.strip())
+    except (ValueError, RecursionError) as exc:
+        expected = exc
+    readable = isinstance(expected, dict)
+    if isinstance(expected, dict):
+        try:
+            check_event_fields(expected)
+        except InvalidEvent:
+            readable = False
+    try:
+        checked = check_event_payload(text)
+    except InvalidEvent as exc:
+        assert not readable
+        if isinstance(expected, json.JSONDecodeError):
+            assert str(exc) == f"event payload is not valid JSON: {expected}"
+        return
+    assert readable
+    assert checked == text.strip()
+
+
 @pytest.mark.parametrize(
     ("payload", "message"),
     [
+        ("", "not valid JSON: Expecting value: line 1 column 1 \\(char 0\\)"),
+        (" \n ", "not valid JSON: Expecting value"),
+        ('{"type":"a"} {"type":"b"}', "not valid JSON: Extra data: line 1 column 14 \\(char 13\\)"),
         ('{"type":"a","seq":1}', "may not carry 'seq'"),
         ('{"kind":"a"}', "needs a non-empty string 'type' \\(got none\\)"),
         ('{"type":7}', "needs a non-empty string 'type' \\(got 7\\)"),

@@ -4,14 +4,22 @@ each keeps its own result, error, deadline and idempotency."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio
+from hypothesis import given
+from hypothesis import strategies as st
 
 from rtbroadcast import BackendError, BackendUnavailable
+from rtbroadcast.backends._redis_pipe import bulks
 from rtbroadcast.backends.redis import RedisBackend
+from rtbroadcast.backends.redis._keys import KeyLayout
+from rtbroadcast.backends.redis._scripts import CLUSTER_SCRIPTS, NODE_SCRIPTS, SCRIPTS
+from rtbroadcast.backends.redis._shared import ChannelScripts, ChannelSettings
+from rtbroadcast.protocol import with_seq
 
 from .redis_support import RedisServer
 from .support import MS, until
@@ -43,7 +51,7 @@ async def test_concurrent_publishes_share_round_trips(own: tuple[RedisBackend, r
     before = await reads_processed(admin)
     envelopes = await asyncio.gather(*(backend.publish(f"c{n % 8}", payload(n)) for n in range(200)))
     reads = await reads_processed(admin) - before - 1  # the INFO below is one read of the admin's
-    # One write per loop turn: 200 publishes reach Redis in a handful of reads, not 200.
+    # Writes of up to 16 requests: 200 publishes reach Redis in a dozen reads or so, not 200.
     assert reads <= 20, reads
     for n in range(8):
         assert [e.seq for e in envelopes[n::8]] == list(range(1, 26))
@@ -152,3 +160,43 @@ async def test_a_restart_fails_in_flight_publishes_and_the_next_ones_reconnect(
         await until(lambda: backend.available)
     finally:
         await backend.disconnect()
+
+
+channel_names = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1, max_size=30)
+header_maps = st.none() | st.dictionaries(
+    st.sampled_from(["traceparent", "tracestate"]), st.text(max_size=40)
+)
+
+
+@given(
+    channel_names,
+    st.text(max_size=300),
+    st.none() | st.text(min_size=1, max_size=20),
+    header_maps,
+    st.integers(min_value=0, max_value=3),
+)
+def test_a_publish_packed_from_its_channels_parts_is_the_command_packed_whole(
+    channel: str, text: str, idempotency_key: str | None, headers: dict[str, str] | None, repeat: int
+) -> None:
+    # The publish keeps each channel's fixed arguments packed (a cache) and packs only what changes: it
+    # must send exactly the bytes that packing every argument would, first time and from the cache.
+    for scripts, extra in ((SCRIPTS, None), (CLUSTER_SCRIPTS, b"a" * 40), (NODE_SCRIPTS, b"r" * 40)):
+        layout = KeyLayout("rtb-test")
+        settings = ChannelSettings(
+            history_size=100, history_ttl=None, meta_ttl=60.0, unpublished_ttl=5.0, idempotency_ttl=30.0
+        )
+        channel_scripts = ChannelScripts(_never_run, scripts, layout, settings)
+        payload = json.dumps({"type": "t", "text": text})
+        for _ in range(repeat + 1):
+            keys, args, packed, head = channel_scripts.publish_request(
+                channel, payload, idempotency_key, headers
+            )
+            assert head + "1}" == with_seq(payload, 1)
+            if extra is not None:
+                args, packed = [*args, extra], packed + bulks(extra)
+            script = scripts["publish"]
+            assert script.evalsha(keys, args, packed=packed) == script.evalsha(keys, args)
+
+
+async def _never_run(*args: object, **kwargs: object) -> None:
+    raise AssertionError("no script runs in this test")

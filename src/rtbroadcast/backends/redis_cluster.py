@@ -41,7 +41,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from .._config import optional_count, redact_url, seconds
 from ..errors import BackendError, BackendUnavailable, ConfigurationError, StateError
 from ._reconnect import check_reconnect_delay, reconnect_pause
-from ._redis_pipe import CommandPipe, check_login, connect, login_commands, open_pipe, pack
+from ._redis_pipe import CommandPipe, bulks, check_login, connect, login_commands, open_pipe, pack
 from .base import Backend, BackendListener, Envelope, History, StreamPosition
 from .redis._keys import KeyLayout, check_key_prefix
 from .redis._options import URL_OPTIONS, check_redis_py_url, read_option
@@ -503,19 +503,20 @@ class RedisClusterBackend(Backend):
         action: str,
         *,
         retry: bool = False,
+        packed: bytes | None = None,
     ) -> Any:
         """Run a script on the primary of its keys' slot, following redirections, within the timeout.
 
         A redirection (``MOVED``, ``ASK``) or ``TRYAGAIN``/``CLUSTERDOWN`` means the script did not run, so
         it is sent again (after re-reading the slot map), as is a command that never left because its node
         could not be reached. A connection lost with the command on it is retried only with ``retry``.
+        ``packed``: ``keys`` and ``args`` already packed (see :meth:`Script.evalsha`).
 
         Raises:
             BackendUnavailable: the shard cannot be reached, or answered "not now", within the timeout.
             BackendError: Redis refused the command for another reason.
         """
         self._require(action)
-        deadline = asyncio.get_running_loop().time() + self._timeout
         slot = self._slots.get(keys[0])
         if slot is None:
             slot = self._slot_of(keys[0])
@@ -525,8 +526,14 @@ class RedisClusterBackend(Backend):
         node = self._topology.slots[slot]
         pipe = self._pipes.get(node.key) if node is not None else None
         if node is not None and pipe is not None and not pipe.closed:
+            # The pipe's clock, not asyncio.get_running_loop(): that costs a getpid() call.
+            deadline = pipe.deadline()
+            if packed is None:
+                command = script.evalsha(keys, [*args, node.id])
+            else:
+                command = script.evalsha(keys, [*args, node.id], packed=packed + bulks(node.id))
             try:
-                reply = await pipe.request(script.evalsha(keys, [*args, node.id]), deadline)
+                reply = await pipe.request(command, deadline)
             except RedisConnectionError as exc:
                 self._schedule_refresh()
                 if not retry:
@@ -539,6 +546,8 @@ class RedisClusterBackend(Backend):
                     return reply
                 if not str(reply).startswith(_REDIRECTED):
                     raise self._failure(reply, action) from reply
+        else:
+            deadline = asyncio.get_running_loop().time() + self._timeout
         return await self._run_carefully(script, keys, args, action, slot, deadline, retry)
 
     def _slot_of(self, key: bytes) -> int:

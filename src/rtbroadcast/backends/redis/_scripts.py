@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from typing import Final
 
-from .._redis_pipe import pack, pack_after
+from .._redis_pipe import array_head, bulks, pack, pack_after
 
 __all__ = [
     "CLUSTER_SCRIPTS",
@@ -226,11 +226,18 @@ class Script:
         self.eval_head = (b"EVAL", self.body)
         self.load = pack(b"SCRIPT", b"LOAD", self.body)
         # "EVALSHA <sha> <number of keys>" packed once per number of keys (the scripts take up to 3).
-        self._evalsha_heads = [pack(*self.evalsha_head, b"%d" % n).partition(b"\r\n")[2] for n in range(4)]
+        self._evalsha_heads = [bulks(*self.evalsha_head, b"%d" % n) for n in range(4)]
 
-    def evalsha(self, keys: list[bytes], args: list[bytes]) -> bytes:
+    def evalsha(self, keys: list[bytes], args: list[bytes], *, packed: bytes | None = None) -> bytes:
+        """Return ``EVALSHA`` of the script with ``keys`` and ``args``, packed.
+
+        ``packed``, if given, is what :func:`bulks` makes of ``keys`` and ``args`` (the caller built it from
+        parts it keeps packed, such as a channel's key names); it is used as it is.
+        """
         count = len(keys)
         if count < 4:
+            if packed is not None:
+                return b"".join((array_head(3 + count + len(args)), self._evalsha_heads[count], packed))
             return pack_after(self._evalsha_heads[count], 3 + count + len(args), keys, args)
         return pack(*self.evalsha_head, b"%d" % count, *keys, *args)
 

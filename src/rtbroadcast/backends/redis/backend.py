@@ -346,28 +346,41 @@ class RedisBackend(RedisPresenceMixin):
         return BackendUnavailable(f"cannot {action} on Redis at {self._where()}: {detail}")
 
     async def _run(
-        self, script: Script, keys: list[bytes], args: list[bytes], action: str, *, retry: bool = False
+        self,
+        script: Script,
+        keys: list[bytes],
+        args: list[bytes],
+        action: str,
+        *,
+        retry: bool = False,
+        packed: bytes | None = None,
     ) -> Any:
         """Run one of the scripts on the shared command connection within the timeout.
 
         With ``retry``, a connection error is retried once (within the same timeout): the connection may
         have died with a Redis restart that nobody used it through yet. Only scripts that may run twice
-        (reads) retry; a publish must not, since its first attempt may have been applied.
+        (reads) retry; a publish must not, since its first attempt may have been applied. ``packed``: see
+        :meth:`Script.evalsha`.
 
         Raises:
             BackendUnavailable: Redis cannot be reached, or answered "not now" (memory full, loading).
             BackendError: Redis refused the command for another reason.
         """
         self._require(action)
-        deadline = asyncio.get_running_loop().time() + self._timeout
+        deadline: float | None = None
         try:
             while True:
                 try:
                     pipe = self._pipe
                     if pipe is None or pipe.closed:
+                        if deadline is None:
+                            deadline = asyncio.get_running_loop().time() + self._timeout
                         async with asyncio.timeout_at(deadline):
                             pipe = await self._open_pipe()
-                    reply = await self._send(pipe, script, keys, args, deadline)
+                    if deadline is None:
+                        # The pipe's clock, not asyncio.get_running_loop(): that costs a getpid() call.
+                        deadline = pipe.deadline()
+                    reply = await self._send(pipe, script, keys, args, deadline, packed=packed)
                     if isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT"):
                         # Not run, so safe to send again; EVAL also puts it back in Redis's cache.
                         reply = await self._send(pipe, script, keys, args, deadline, cached=False)
@@ -435,13 +448,15 @@ class RedisBackend(RedisPresenceMixin):
         deadline: float,
         *,
         cached: bool = True,
+        packed: bytes | None = None,
     ) -> asyncio.Future[Any]:
         """Queue ``script`` on ``pipe`` (``EVALSHA``, or ``EVAL`` if not ``cached``); return its reply.
 
         Raises:
             redis.exceptions.ConnectionError: the pipe is closed.
         """
-        return pipe.request(script.evalsha(keys, args) if cached else script.eval(keys, args), deadline)
+        command = script.evalsha(keys, args, packed=packed) if cached else script.eval(keys, args)
+        return pipe.request(command, deadline)
 
     async def _close_pipe(self) -> None:
         task, self._pipe_opening = self._pipe_opening, None
@@ -472,9 +487,9 @@ class RedisBackend(RedisPresenceMixin):
             BackendUnavailable: Redis cannot be reached within the timeout.
             BackendError: Redis refused the script.
         """
-        keys, args, head = self._scripts.publish_request(channel, payload, idempotency_key, headers)
+        keys, args, packed, head = self._scripts.publish_request(channel, payload, idempotency_key, headers)
         try:
-            reply = await self._run(self._script_set["publish"], keys, args, "publish")
+            reply = await self._run(self._script_set["publish"], keys, args, "publish", packed=packed)
         except BackendError:
             self._publish_errors += 1
             raise

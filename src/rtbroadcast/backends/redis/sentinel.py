@@ -41,7 +41,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from ..._config import count, parse_query, redact_url
 from ...errors import ConfigurationError
-from .._redis_pipe import CommandPipe, PushConnection, open_pipe, open_push, pack
+from .._redis_pipe import CommandPipe, PushConnection, bulks, open_pipe, open_push, pack
 from ._options import URL_OPTIONS, check_redis_py_url
 from ._scripts import NODE_SCRIPTS, Script
 from ._shared import UNREACHABLE, error_code, text
@@ -417,12 +417,16 @@ class RedisSentinelBackend(RedisBackend):
         deadline: float,
         *,
         cached: bool = True,
+        packed: bytes | None = None,
     ) -> asyncio.Future[Any]:
         """Queue ``script`` with the replication ID of ``pipe``'s master as its last ARGV."""
         master = self._masters.get(pipe)
         if master is None:  # not a connection _pipe_opened() checked: never send a script on it
             raise RedisConnectionError(f"the command connection to {pipe.where} has no master recorded")
-        future = super()._send(pipe, script, keys, [*args, master.replid], deadline, cached=cached)
+        if packed is not None:
+            packed += bulks(master.replid)
+        args = [*args, master.replid]
+        future = super()._send(pipe, script, keys, args, deadline, cached=cached, packed=packed)
         future.add_done_callback(functools.partial(self._check_reply, pipe, master))
         return future
 
