@@ -212,7 +212,7 @@ def _read_as_json_loads_would(text: str) -> object:
     return json.loads(text, object_pairs_hook=unique, parse_constant=no_constant)
 
 
-json_ish = st.text(alphabet='{}[]":,. \n\t0123456789eE+-truefalsnNIiyaT\\u', max_size=40)
+json_ish = st.text(alphabet='{}[]":,. \n\t0123456789eE+-truefalsnNIiyaT\\u\ufeff', max_size=40)
 
 
 @given(json_ish | st.builds(lambda obj, tail: json.dumps(obj) + tail, event_objects, json_ish))

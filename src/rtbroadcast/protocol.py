@@ -829,7 +829,10 @@ def check_event_payload(payload: object) -> str:
     except RecursionError:
         raise InvalidEvent("event payload is nested too deeply") from None
     except StopIteration as exc:  # the scanner's "no value at this index"
-        raise _not_json(json.JSONDecodeError("Expecting value", text, exc.value)) from None
+        problem = (
+            "Unexpected UTF-8 BOM (decode using utf-8-sig)" if text[:1] == "\ufeff" else "Expecting value"
+        )
+        raise _not_json(json.JSONDecodeError(problem, text, exc.value)) from None
     except ValueError as exc:
         raise _not_json(exc) from None
     if end != len(text):  # at the next value, as json.loads() says (JSON whitespace in between)
