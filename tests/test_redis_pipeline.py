@@ -200,3 +200,19 @@ def test_a_publish_packed_from_its_channels_parts_is_the_command_packed_whole(
 
 async def _never_run(*args: object, **kwargs: object) -> None:
     raise AssertionError("no script runs in this test")
+
+
+def test_a_publish_packed_after_the_layout_changed_names_the_new_keys() -> None:
+    # connect() configures the layout (the database's PUB/SUB suffix, the client's encoding): what was
+    # packed under the old names must not be sent under the new ones.
+    layout = KeyLayout("rtb-test")
+    settings = ChannelSettings(
+        history_size=10, history_ttl=None, meta_ttl=None, unpublished_ttl=5.0, idempotency_ttl=30.0
+    )
+    channel_scripts = ChannelScripts(_never_run, SCRIPTS, layout, settings)
+    payload = json.dumps({"type": "t"})
+    channel_scripts.publish_request("c", payload, None, None)
+    layout.configure(pubsub_suffix=":db3", encoding=("utf-8", "strict"))
+    keys, args, packed, _ = channel_scripts.publish_request("c", payload, None, None)
+    assert args[2] == layout.pubsub("c").encode()
+    assert SCRIPTS["publish"].evalsha(keys, args, packed=packed) == SCRIPTS["publish"].evalsha(keys, args)

@@ -243,7 +243,9 @@ class ChannelScripts:
         self._settings = settings
         # Per channel, the publish's arguments that never change, packed once: the meta and stream keys, and
         # the PUB/SUB name with the settings. Packing them anew was most of what building a publish cost.
-        self._packed: dict[str, tuple[bytes, bytes]] = {}
+        # Each entry keeps the names it was packed from: names made anew (the layout was configured again
+        # on connect) are packed anew.
+        self._packed: dict[str, tuple[ChannelKeys, bytes, bytes]] = {}
 
     async def publish(
         self, channel: str, payload: str, idempotency_key: str | None, headers: Mapping[str, str] | None
@@ -264,7 +266,9 @@ class ChannelScripts:
         layout = self._keys
         names = layout.channel(channel)
         keys = [names.meta, names.stream]
-        fixed_keys, fixed_args = self._packed.get(channel) or self._pack_fixed(channel, names)
+        packed_from, fixed_keys, fixed_args = self._packed.get(channel) or self._pack_fixed(channel, names)
+        if packed_from is not names:
+            _, fixed_keys, fixed_args = self._pack_fixed(channel, names)
         if idempotency_key is not None:
             keys.append(layout.idempotency(names, idempotency_key))
             fixed_keys += bulks(keys[2])
@@ -286,10 +290,11 @@ class ChannelScripts:
         )
         return keys, args, packed, head
 
-    def _pack_fixed(self, channel: str, names: ChannelKeys) -> tuple[bytes, bytes]:
+    def _pack_fixed(self, channel: str, names: ChannelKeys) -> tuple[ChannelKeys, bytes, bytes]:
         if len(self._packed) >= 10_000:
             self._packed.clear()  # bounded, as the key names' cache is
         fixed = self._packed[channel] = (
+            names,
             bulks(names.meta, names.stream),
             bulks(names.pubsub, *self._settings.publish_tail),
         )
