@@ -4,8 +4,8 @@ Live fan-out travels over Redis PUB/SUB (one connection per process, ``_listener
 Stream per channel. One Lua script per publish (``_scripts``) assigns the seq, appends to the stream and
 PUBLISHes, so the live stream and the history can never disagree. Publishes and reads share one pipelined
 command connection per process: those made in one loop turn go out together, in writes of up to 16
-(``_redis_pipe``), each with its own reply, error and deadline. Key names: ``_keys``; URL options: ``_options``; presence:
-``_presence``.
+(``_redis_pipe``), each with its own reply, error and deadline. Key names: ``_keys``; URL options:
+``_options``; presence: ``_presence``.
 """
 
 from __future__ import annotations
