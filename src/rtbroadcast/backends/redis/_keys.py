@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import Final, NamedTuple
 
 from ...errors import ConfigurationError
+from .._redis_pipe import bulks
 
 __all__ = ["ChannelKeys", "KeyLayout", "check_key_prefix", "escape", "pubsub_suffix"]
 
@@ -60,12 +61,15 @@ def pubsub_suffix(db: int) -> str:
 
 
 class ChannelKeys(NamedTuple):
-    """A channel's key base (text) and, encoded for the wire, its meta and stream keys and PUB/SUB name."""
+    """A channel's key base (text) and, encoded for the wire, its meta and stream keys and PUB/SUB name;
+    ``packed_keys`` and ``packed_pubsub`` are the same names packed as RESP bulk strings, for the publish."""
 
     base: str
     meta: bytes
     stream: bytes
     pubsub: bytes
+    packed_keys: bytes
+    packed_pubsub: bytes
 
 
 class KeyLayout:
@@ -132,12 +136,10 @@ class KeyLayout:
                 self._cache.clear()
             base = self.base(channel)
             encoding, errors = self.encoding
-            found = ChannelKeys(
-                base,
-                f"{base}:meta".encode(encoding, errors),
-                f"{base}:stream".encode(encoding, errors),
-                (base + self.pubsub_suffix).encode(encoding, errors),
-            )
+            meta = f"{base}:meta".encode(encoding, errors)
+            stream = f"{base}:stream".encode(encoding, errors)
+            pubsub = (base + self.pubsub_suffix).encode(encoding, errors)
+            found = ChannelKeys(base, meta, stream, pubsub, bulks(meta, stream), bulks(pubsub))
             self._cache[channel] = found
         return found
 

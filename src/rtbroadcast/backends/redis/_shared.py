@@ -21,7 +21,7 @@ from ..._config import count, optional_seconds, seconds
 from ...protocol import seq_prefix
 from .._redis_pipe import bulks
 from ..base import Envelope, History, StreamPosition, decode_headers, encode_headers
-from ._keys import ChannelKeys, KeyLayout
+from ._keys import KeyLayout
 from ._scripts import Script
 
 __all__ = [
@@ -173,6 +173,7 @@ class ChannelSettings:
         "history_size",
         "idempotency_ms",
         "meta_ms",
+        "packed_publish_tail",
         "position_tail",
         "publish_tail",
         "unpublished_ms",
@@ -192,10 +193,11 @@ class ChannelSettings:
         self.meta_ms = _ms(optional_seconds("meta_ttl", meta_ttl))
         self.unpublished_ms = _ms(seconds("unpublished_ttl", unpublished_ttl))
         self.idempotency_ms = _ms(seconds("idempotency_ttl", idempotency_ttl))
-        #: The last ARGV of the publish and position scripts (see _scripts).
+        #: The last ARGV of the publish and position scripts (see _scripts); the publish's also packed.
         self.publish_tail = [
             b"%d" % n for n in (self.history_size, self.history_ms, self.meta_ms, self.idempotency_ms)
         ]
+        self.packed_publish_tail = bulks(*self.publish_tail)
         self.position_tail = [b"%d" % self.meta_ms, b"%d" % self.unpublished_ms]
 
 
@@ -232,7 +234,7 @@ class ChannelScripts:
         settings: the backend's history size and ttls.
     """
 
-    __slots__ = ("_keys", "_packed", "_run", "_scripts", "_settings")
+    __slots__ = ("_keys", "_run", "_scripts", "_settings")
 
     def __init__(
         self, run: RunScript, scripts: dict[str, Script], keys: KeyLayout, settings: ChannelSettings
@@ -241,11 +243,6 @@ class ChannelScripts:
         self._scripts = scripts
         self._keys = keys
         self._settings = settings
-        # Per channel, the publish's arguments that never change, packed once: the meta and stream keys, and
-        # the PUB/SUB name with the settings. Packing them anew was most of what building a publish cost.
-        # Each entry keeps the names it was packed from: names made anew (the layout was configured again
-        # on connect) are packed anew.
-        self._packed: dict[str, tuple[ChannelKeys, bytes, bytes]] = {}
 
     async def publish(
         self, channel: str, payload: str, idempotency_key: str | None, headers: Mapping[str, str] | None
@@ -266,39 +263,31 @@ class ChannelScripts:
         layout = self._keys
         names = layout.channel(channel)
         keys = [names.meta, names.stream]
-        packed_from, fixed_keys, fixed_args = self._packed.get(channel) or self._pack_fixed(channel, names)
-        if packed_from is not names:
-            _, fixed_keys, fixed_args = self._pack_fixed(channel, names)
+        # What never changes comes packed (the names from the layout's cache, the settings once): packing
+        # every argument anew was most of what building a publish cost.
+        packed_keys = names.packed_keys
         if idempotency_key is not None:
             keys.append(layout.idempotency(names, idempotency_key))
-            fixed_keys += bulks(keys[2])
+            packed_keys += bulks(keys[2])
         head = seq_prefix(payload)
         epoch = _candidate_epoch()
         text = layout.encode(head)
         wire = encode_headers(headers).encode() if headers else b""
-        args = [epoch, text, names.pubsub, *self._settings.publish_tail, wire]
+        settings = self._settings
+        args = [epoch, text, names.pubsub, *settings.publish_tail, wire]
         # The fixed parts around the three that change, in one formatting (the cheapest way, measured).
-        packed = b"%b$%d\r\n%b\r\n$%d\r\n%b\r\n%b$%d\r\n%b\r\n" % (
-            fixed_keys,
+        packed = b"%b$%d\r\n%b\r\n$%d\r\n%b\r\n%b%b$%d\r\n%b\r\n" % (
+            packed_keys,
             len(epoch),
             epoch,
             len(text),
             text,
-            fixed_args,
+            names.packed_pubsub,
+            settings.packed_publish_tail,
             len(wire),
             wire,
         )
         return keys, args, packed, head
-
-    def _pack_fixed(self, channel: str, names: ChannelKeys) -> tuple[ChannelKeys, bytes, bytes]:
-        if len(self._packed) >= 10_000:
-            self._packed.clear()  # bounded, as the key names' cache is
-        fixed = self._packed[channel] = (
-            names,
-            bulks(names.meta, names.stream),
-            bulks(names.pubsub, *self._settings.publish_tail),
-        )
-        return fixed
 
     async def position(self, channel: str) -> StreamPosition:
         """Run the position script: the channel's epoch and seq; creates the epoch of a new channel."""
