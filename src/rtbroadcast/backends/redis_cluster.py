@@ -528,10 +528,8 @@ class RedisClusterBackend(Backend):
         if node is not None and pipe is not None and not pipe.closed:
             # The pipe's clock, not asyncio.get_running_loop(): that costs a getpid() call.
             deadline = pipe.deadline()
-            if packed is None:
-                command = script.evalsha(keys, [*args, node.id])
-            else:
-                command = script.evalsha(keys, [*args, node.id], packed=packed + bulks(node.id))
+            with_id = None if packed is None else packed + bulks(node.id)
+            command = script.evalsha(keys, [*args, node.id], packed=with_id)
             try:
                 reply = await pipe.request(command, deadline)
             except RedisConnectionError as exc:
